@@ -1,0 +1,169 @@
+//! Message types. bincode encodes enum variants by index: variants are only ever appended,
+//! and `Hello` stays variant 0 of [`AgentToCoordinator`] forever.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bulk::DataHeader;
+
+/// Facts about the agent's host, read with sysinfo when the agent connects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct HostFacts {
+    pub hostname: String,
+    pub os: String,
+    pub cpus: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// The agent's work directory, and the free space of the filesystem holding it.
+    pub work_dir: String,
+    pub work_dir_free_bytes: u64,
+}
+
+/// First message on the control stream, exactly once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_major: u32,
+    pub protocol_minor: u32,
+    pub agent_version: String,
+    /// Must equal the agent id in the client certificate.
+    pub agent_id: String,
+    pub host: HostFacts,
+    /// Scheduling labels (`partition=bigmem`), as `key=value` pairs.
+    pub labels: Vec<(String, String)>,
+    /// Steps the agent runs at once.
+    pub slots: u32,
+    /// Cloud or VM instance this agent runs on, when provisioned by the coordinator.
+    pub instance_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub seq: u64,
+    pub memory_available_bytes: u64,
+    pub work_dir_free_bytes: u64,
+    /// One-minute load average of the host.
+    pub load_average: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentToCoordinator {
+    Hello(Hello),
+    Heartbeat(Heartbeat),
+    GoingAway { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol_major: u32,
+    pub protocol_minor: u32,
+    pub coordinator_version: String,
+    pub agent_id: String,
+    pub heartbeat_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorToAgent {
+    Welcome(Welcome),
+    HeartbeatAck { seq: u64 },
+    GoingAway { reason: String },
+}
+
+/// An error that crosses the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    Internal,
+    InvalidRequest,
+    NotFound,
+    Unauthorized,
+    /// A tar stream was refused (hostile entry, over the size limit, bad digest).
+    RefusedArchive,
+    Io,
+}
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for RemoteError {}
+
+/// What a finished transfer moved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferSummary {
+    /// Raw bytes on the stream (after compression).
+    pub wire_bytes: u64,
+    /// Bytes of file content packed or unpacked.
+    pub content_bytes: u64,
+    /// Entries (files, directories, links) in the tree.
+    pub entries: u64,
+    pub elapsed_ms: u64,
+}
+
+/// First frame on a bulk stream, from the side that opened it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BulkRequest {
+    /// A tree follows (header, raw bytes, trailer); unpack it into `dest` on the receiver.
+    Put { dest: String, data: DataHeader },
+    /// Pack the tree at `src` and send it back in the reply.
+    Get { src: String, compression: crate::Compression },
+}
+
+/// Frames the side that accepted a bulk stream sends back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BulkReply {
+    /// The `Put` was verified and stored.
+    Stored(TransferSummary),
+    /// Answer to `Get`: a tree follows (raw bytes, trailer).
+    Data(DataHeader),
+    Error(RemoteError),
+}
+
+/// The one request of an enrollment connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub protocol_major: u32,
+    pub token: String,
+    /// PKCS#10 certificate signing request (PEM); the private key stays on the agent.
+    pub csr_pem: String,
+    /// Name the agent asks for; the coordinator makes it unique.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EnrollResponse {
+    Enrolled { agent_id: String, cert_pem: String },
+    Refused(RemoteError),
+}
+
+/// A connected agent as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub agent_id: String,
+    pub address: String,
+    pub host: HostFacts,
+    pub connected_for_ms: u64,
+    pub last_heartbeat_ms_ago: u64,
+    pub load_average: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    ListAgents,
+    /// Send the coordinator-side tree `src` to `dest` on `agent`.
+    Push { agent: String, src: String, dest: String, compression: crate::Compression },
+    /// Fetch the agent-side tree `src` into the coordinator-side `dest`.
+    Pull { agent: String, src: String, dest: String, compression: crate::Compression },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AdminResponse {
+    Agents(Vec<AgentInfo>),
+    TransferDone(TransferSummary),
+    Error(RemoteError),
+}
