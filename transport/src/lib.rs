@@ -1,1 +1,14 @@
-pub fn placeholder() {}
+//! Everything that moves bytes between coordinator and agent: QUIC endpoints with mutual TLS
+//! ([`endpoint`], [`pki`]), framed control messages ([`framed`]) and tar streams ([`tree`],
+//! [`bulk`]). The coordinator and the agent both build on it; neither names quinn's
+//! configuration, rcgen or tar directly.
+
+pub mod bulk;
+pub mod endpoint;
+pub mod framed;
+pub mod pki;
+pub mod tree;
+
+pub use bulk::{BulkError, recv_tree, send_tree};
+pub use framed::{FrameError, read_frame, write_frame};
+pub use tree::{TreeError, UnpackLimits};

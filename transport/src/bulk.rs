@@ -1,0 +1,277 @@
+//! Trees over QUIC streams: tar (optionally zstd) bytes followed by a [`Trailer`].
+//!
+//! The tar work runs on a blocking thread; chunks of [`CHUNK`] bytes cross a bounded channel
+//! to or from the QUIC stream, so memory per transfer stays at a few MiB whatever the tree.
+//! The sender does not write the header frame nor finish the stream: callers own the framing
+//! around the raw bytes.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use protocol::{Compression, TRAILER_LEN, TransferSummary, Trailer};
+use tokio::sync::mpsc;
+
+use crate::tree::{self, Staging, TreeError, UnpackLimits};
+
+/// Size of the chunks that cross between the tar thread and the QUIC stream.
+pub const CHUNK: usize = 256 * 1024;
+/// Chunks in flight between the two: bounds the memory of one transfer.
+const CHANNEL_DEPTH: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BulkError {
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error("transfer corrupted: {0}")]
+    Corrupt(String),
+    #[error("stream error: {0}")]
+    Stream(String),
+    #[error("the peer stopped the transfer")]
+    Cancelled,
+}
+
+impl BulkError {
+    /// The wire error code that describes this failure to the peer.
+    pub fn code(&self) -> protocol::ErrorCode {
+        match self {
+            BulkError::Tree(TreeError::Io { .. }) => protocol::ErrorCode::Io,
+            BulkError::Tree(_) | BulkError::Corrupt(_) => protocol::ErrorCode::RefusedArchive,
+            BulkError::Stream(_) | BulkError::Cancelled => protocol::ErrorCode::Io,
+        }
+    }
+}
+
+/// Writes to a channel in [`CHUNK`]-sized pieces, hashing and counting what passes.
+struct ChannelWriter {
+    tx: mpsc::Sender<Bytes>,
+    buf: BytesMut,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl ChannelWriter {
+    fn flush_chunk(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        self.hasher.update(&chunk);
+        self.bytes += chunk.len() as u64;
+        self.buf.reserve(CHUNK);
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "transfer stream closed"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= CHUNK {
+            self.flush_chunk()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_chunk()
+    }
+}
+
+/// Packs `src` and writes the raw bytes plus the trailer to `send`.
+pub async fn send_tree(
+    send: &mut quinn::SendStream,
+    src: PathBuf,
+    compression: Compression,
+) -> Result<TransferSummary, BulkError> {
+    let started = Instant::now();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let packer = tokio::task::spawn_blocking(move || -> Result<(tree::TreeStats, Trailer), TreeError> {
+        let mut w = ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK), hasher: blake3::Hasher::new(), bytes: 0 };
+        let stats = match compression {
+            Compression::None => tree::pack(&src, &mut w)?,
+            Compression::Zstd { level } => {
+                let mut enc = zstd::stream::write::Encoder::new(&mut w, level)
+                    .map_err(|e| TreeError::Io { context: "starting zstd".into(), source: e })?;
+                let stats = tree::pack(&src, &mut enc)?;
+                enc.finish().map_err(|e| TreeError::Io { context: "finishing zstd".into(), source: e })?;
+                stats
+            }
+        };
+        w.flush().map_err(|e| TreeError::Io { context: "flushing stream".into(), source: e })?;
+        let trailer = Trailer { bytes: w.bytes, digest: *w.hasher.finalize().as_bytes() };
+        Ok((stats, trailer))
+    });
+    let mut write_err = None;
+    while let Some(chunk) = rx.recv().await {
+        if let Err(e) = send.write_chunk(chunk).await {
+            write_err = Some(e);
+            break;
+        }
+    }
+    drop(rx);
+    let packed = packer.await.map_err(|e| BulkError::Stream(format!("packer task failed: {e}")))?;
+    if let Some(e) = write_err {
+        return Err(match e {
+            quinn::WriteError::Stopped(_) => BulkError::Cancelled,
+            other => BulkError::Stream(other.to_string()),
+        });
+    }
+    let (stats, trailer) = match packed {
+        Ok(v) => v,
+        Err(e) => {
+            // Tell the receiver the stream is bad rather than letting it look truncated.
+            let _ = send.reset(quinn::VarInt::from_u32(1));
+            return Err(e.into());
+        }
+    };
+    send.write_all(&trailer.encode()).await.map_err(|e| BulkError::Stream(e.to_string()))?;
+    Ok(TransferSummary {
+        wire_bytes: trailer.bytes,
+        content_bytes: stats.content_bytes,
+        entries: stats.entries,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+enum Piece {
+    Data(Bytes),
+    End(Result<Trailer, String>),
+}
+
+/// Reads chunks from a channel, hashing and counting them; remembers the trailer.
+struct ChannelReader {
+    rx: mpsc::Receiver<Piece>,
+    current: Bytes,
+    hasher: blake3::Hasher,
+    bytes: u64,
+    wire_limit: u64,
+    end: Option<Result<Trailer, String>>,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            if self.end.is_some() {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Piece::Data(b)) => {
+                    self.hasher.update(&b);
+                    self.bytes += b.len() as u64;
+                    if self.bytes > self.wire_limit {
+                        return Err(io::Error::other(format!(
+                            "stream exceeds the limit of {} bytes",
+                            self.wire_limit
+                        )));
+                    }
+                    self.current = b;
+                }
+                Some(Piece::End(end)) => self.end = Some(end),
+                None => self.end = Some(Err("transfer stream closed".into())),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Reads raw bytes plus trailer from `recv`, unpacks them into `dest` through a staging
+/// directory, and commits only when the byte count and digest match the trailer.
+pub async fn recv_tree(
+    recv: &mut quinn::RecvStream,
+    dest: PathBuf,
+    compression: Compression,
+    limits: UnpackLimits,
+) -> Result<TransferSummary, BulkError> {
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel::<Piece>(CHANNEL_DEPTH);
+    let unpacker = tokio::task::spawn_blocking(move || -> Result<TransferSummary, BulkError> {
+        let staging = Staging::new(&dest)?;
+        // The wire may carry a little more than the tar stream (compression framing).
+        let wire_limit = limits.max_bytes.saturating_add(limits.max_bytes / 8 + (1 << 20));
+        let mut reader = ChannelReader { rx, current: Bytes::new(), hasher: blake3::Hasher::new(), bytes: 0, wire_limit, end: None };
+        let stats = match compression {
+            Compression::None => tree::unpack(&mut reader, staging.path(), limits),
+            Compression::Zstd { .. } => {
+                let dec = zstd::stream::read::Decoder::new(&mut reader)
+                    .map_err(|e| TreeError::Io { context: "starting zstd".into(), source: e })?;
+                tree::unpack(dec, staging.path(), limits)
+            }
+        };
+        // A refused entry ends the transfer now; dropping the reader stops the sender.
+        let stats = stats?;
+        // Read to the end so the digest covers everything the sender sent.
+        let mut sink = [0u8; 64 * 1024];
+        while reader.end.is_none() || !reader.current.is_empty() {
+            match reader.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(BulkError::Corrupt(e.to_string())),
+            }
+        }
+        let trailer = match reader.end.take() {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => return Err(BulkError::Corrupt(e)),
+            None => return Err(BulkError::Corrupt("stream ended without a trailer".into())),
+        };
+        if trailer.bytes != reader.bytes {
+            return Err(BulkError::Corrupt(format!(
+                "trailer says {} bytes, received {}",
+                trailer.bytes, reader.bytes
+            )));
+        }
+        if trailer.digest != *reader.hasher.finalize().as_bytes() {
+            return Err(BulkError::Corrupt("BLAKE3 digest does not match".into()));
+        }
+        staging.commit()?;
+        Ok(TransferSummary {
+            wire_bytes: trailer.bytes,
+            content_bytes: stats.content_bytes,
+            entries: stats.entries,
+            elapsed_ms: 0,
+        })
+    });
+
+    // Feed chunks, always holding back the last TRAILER_LEN bytes: they may be the trailer.
+    let mut tail = BytesMut::new();
+    let end: Result<Trailer, String> = loop {
+        match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                tail.extend_from_slice(&chunk.bytes);
+                if tail.len() > TRAILER_LEN {
+                    let data = tail.split_to(tail.len() - TRAILER_LEN).freeze();
+                    if tx.send(Piece::Data(data)).await.is_err() {
+                        break Err("unpacker stopped".into());
+                    }
+                }
+            }
+            Ok(None) => {
+                let raw: Option<&[u8; TRAILER_LEN]> = tail.as_ref().try_into().ok();
+                break match raw.and_then(Trailer::decode) {
+                    Some(t) => Ok(t),
+                    None => Err("stream ended without a valid trailer".into()),
+                };
+            }
+            Err(e) => break Err(format!("stream error: {e}")),
+        }
+    };
+    let stream_failed = end.is_err();
+    let _ = tx.send(Piece::End(end)).await;
+    drop(tx);
+    let result = unpacker.await.map_err(|e| BulkError::Stream(format!("unpacker task failed: {e}")))?;
+    if result.is_err() && !stream_failed {
+        // Tell the sender to stop if it is still sending.
+        let _ = recv.stop(quinn::VarInt::from_u32(1));
+    }
+    result.map(|mut s| {
+        s.elapsed_ms = started.elapsed().as_millis() as u64;
+        s
+    })
+}
