@@ -187,7 +187,8 @@ fn client_params(common_name: &str, days: i64) -> CertificateParams {
 /// A key pair generated on the agent and the CSR to send for it.
 pub fn generate_csr(common_name: &str) -> Result<(String, String)> {
     let key = KeyPair::generate()?;
-    let params = client_params(common_name, 1);
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, common_name);
     let csr = params.serialize_request(&key)?;
     Ok((csr.pem()?, key.serialize_pem()))
 }
