@@ -7,6 +7,7 @@ pub mod bulk;
 pub mod endpoint;
 pub mod framed;
 pub mod pki;
+pub mod telemetry;
 pub mod tree;
 
 pub use bulk::{BulkError, recv_tree, send_tree};

@@ -1,0 +1,521 @@
+//! The coordinator's QUIC server: enrollment, agent control streams, operator requests.
+//!
+//! Every incoming connection is sorted by ALPN. Enrollment connections are the only ones
+//! accepted without a client certificate. Agent and admin connections are checked before any
+//! stream is read: a certificate must be present, known to the state database, not revoked
+//! and of the right role; each refusal is one log line and the connection is closed with a
+//! [`CloseCode`] and reason. Nothing a peer sends can stop the accept loop.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use protocol::{
+    AdminRequest, AdminResponse, AgentInfo, AgentToCoordinator, BulkReply, BulkRequest, CloseCode,
+    CoordinatorToAgent, DataHeader, EnrollRequest, EnrollResponse, ErrorCode, HostFacts, RemoteError,
+    TransferSummary, Welcome,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+use transport::{framed, pki, tree::UnpackLimits};
+
+use crate::state::{Role, State};
+
+/// Largest control or request frame the coordinator accepts.
+const MAX_CONTROL_FRAME: usize = 1024 * 1024;
+/// Time a peer has to open its first stream and send its first message.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct ServerConfig {
+    pub heartbeat_interval: Duration,
+    /// Heartbeats missed in a row before an agent counts as lost.
+    pub heartbeats_missed: u32,
+    pub client_cert_days: i64,
+    pub unpack_limits: UnpackLimits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeats_missed: 3,
+            client_cert_days: 365,
+            unpack_limits: UnpackLimits::default(),
+        }
+    }
+}
+
+struct ConnectedAgent {
+    conn: quinn::Connection,
+    conn_serial: u64,
+    addr: SocketAddr,
+    host: HostFacts,
+    connected_at: Instant,
+    last_heartbeat: Instant,
+    load_average: f64,
+}
+
+pub struct Coordinator {
+    state: Arc<State>,
+    ca: pki::Ca,
+    config: ServerConfig,
+    agents: Mutex<HashMap<String, ConnectedAgent>>,
+    next_serial: std::sync::atomic::AtomicU64,
+}
+
+impl Coordinator {
+    pub fn new(state: Arc<State>, ca: pki::Ca, config: ServerConfig) -> Arc<Self> {
+        Arc::new(Self {
+            state,
+            ca,
+            config,
+            agents: Mutex::new(HashMap::new()),
+            next_serial: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+
+    fn agents(&self) -> std::sync::MutexGuard<'_, HashMap<String, ConnectedAgent>> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn agent_infos(&self) -> Vec<AgentInfo> {
+        let now = Instant::now();
+        let mut out: Vec<AgentInfo> = self
+            .agents()
+            .iter()
+            .map(|(id, a)| AgentInfo {
+                agent_id: id.clone(),
+                address: a.addr.to_string(),
+                host: a.host.clone(),
+                connected_for_ms: now.duration_since(a.connected_at).as_millis() as u64,
+                last_heartbeat_ms_ago: now.duration_since(a.last_heartbeat).as_millis() as u64,
+                load_average: a.load_average,
+            })
+            .collect();
+        out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        out
+    }
+
+    fn connection_of(&self, agent: &str) -> Option<quinn::Connection> {
+        self.agents().get(agent).map(|a| a.conn.clone())
+    }
+}
+
+/// Serves until `shutdown` is cancelled, then tells every agent it is going away.
+pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Coordinator>, shutdown: CancellationToken) {
+    let mut tasks = JoinSet::new();
+    tasks.spawn(revocation_watch(coord.clone(), shutdown.clone()));
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let coord = coord.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(peer = %remote, "refused connection: TLS handshake failed: {e}");
+                    return;
+                }
+            };
+            handle_connection(coord, conn, shutdown).await;
+        });
+        // Reap finished connection tasks so the set does not grow with every connection.
+        while tasks.try_join_next().is_some() {}
+    }
+    // Control loops send GoingAway on their own streams when they see the cancellation.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while !coord.agents().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let conns: Vec<quinn::Connection> = coord.agents().values().map(|a| a.conn.clone()).collect();
+    for conn in conns {
+        conn.close(close_code(CloseCode::GoingAway), b"coordinator shutting down");
+    }
+    tasks.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+fn close_code(code: CloseCode) -> quinn::VarInt {
+    quinn::VarInt::from_u32(code as u32)
+}
+
+fn refuse(conn: &quinn::Connection, code: CloseCode, reason: &str) {
+    warn!(peer = %conn.remote_address(), "refused connection: {reason}");
+    conn.close(close_code(code), reason.as_bytes());
+}
+
+async fn handle_connection(coord: Arc<Coordinator>, conn: quinn::Connection, shutdown: CancellationToken) {
+    let alpn = transport::endpoint::alpn(&conn).unwrap_or_default();
+    if alpn == protocol::ALPN_ENROLL {
+        handle_enroll(&coord, &conn).await;
+        return;
+    }
+    let role = if alpn == protocol::ALPN_AGENT {
+        Role::Agent
+    } else if alpn == protocol::ALPN_ADMIN {
+        Role::Admin
+    } else {
+        refuse(&conn, CloseCode::VersionMismatch, "unsupported protocol");
+        return;
+    };
+    let Some(der) = transport::endpoint::peer_certificate(&conn) else {
+        refuse(&conn, CloseCode::Unauthorized, "no client certificate");
+        return;
+    };
+    let fp = pki::fingerprint(&der);
+    let record = match coord.state.lookup_cert(&fp) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            refuse(&conn, CloseCode::Unauthorized, "client certificate was not issued to any enrolled agent");
+            return;
+        }
+        Err(e) => {
+            refuse(&conn, CloseCode::Unauthorized, &format!("state database error: {e:#}"));
+            return;
+        }
+    };
+    if record.revoked {
+        refuse(&conn, CloseCode::Unauthorized, &format!("certificate of agent {} is revoked", record.agent_id));
+        return;
+    }
+    if record.role != role {
+        refuse(&conn, CloseCode::Unauthorized, &format!("certificate of {} is not allowed on this protocol", record.agent_id));
+        return;
+    }
+    match role {
+        Role::Agent => {
+            let span = info_span!("agent", agent = %record.agent_id, peer = %conn.remote_address());
+            handle_agent(coord, conn, record.agent_id, shutdown).instrument(span).await
+        }
+        Role::Admin => handle_admin(coord, conn).await,
+    }
+}
+
+async fn handle_enroll(coord: &Coordinator, conn: &quinn::Connection) {
+    let peer = conn.remote_address();
+    let result = async {
+        let (mut send, mut recv) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| anyhow!("no request within {FIRST_MESSAGE_TIMEOUT:?}"))??;
+        let req: EnrollRequest = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, framed::read_frame(&mut recv, 64 * 1024))
+            .await
+            .map_err(|_| anyhow!("no request within {FIRST_MESSAGE_TIMEOUT:?}"))??
+            .ok_or_else(|| anyhow!("stream closed before the enrollment request"))?;
+        let response = if req.protocol_major != protocol::PROTOCOL_MAJOR {
+            EnrollResponse::Refused(RemoteError {
+                code: ErrorCode::InvalidRequest,
+                message: format!(
+                    "protocol version mismatch: coordinator speaks {}, agent speaks {}",
+                    protocol::PROTOCOL_MAJOR,
+                    req.protocol_major
+                ),
+            })
+        } else {
+            let name = req.name.clone().unwrap_or_else(|| "agent".into());
+            let days = coord.config.client_cert_days;
+            match coord.state.enroll(
+                &req.token,
+                &name,
+                |id| coord.ca.sign_client_csr(&req.csr_pem, id, days),
+                |pem| {
+                    let der = pki::CertKey { cert_pem: pem.to_string(), key_pem: String::new() }.cert_der()?;
+                    Ok(pki::fingerprint(&der))
+                },
+            ) {
+                Ok((agent_id, cert_pem)) => {
+                    info!(agent = %agent_id, peer = %peer, "agent enrolled");
+                    EnrollResponse::Enrolled { agent_id, cert_pem }
+                }
+                Err(refusal) => {
+                    warn!(peer = %peer, "refused enrollment: {refusal}");
+                    EnrollResponse::Refused(RemoteError { code: ErrorCode::Unauthorized, message: refusal.to_string() })
+                }
+            }
+        };
+        framed::write_frame(&mut send, &response).await?;
+        send.finish()?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        warn!(peer = %peer, "refused enrollment: {e:#}");
+        conn.close(close_code(CloseCode::ProtocolViolation), format!("{e:#}").as_bytes());
+    }
+}
+
+async fn handle_agent(coord: Arc<Coordinator>, conn: quinn::Connection, agent_id: String, shutdown: CancellationToken) {
+    let first = async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| (CloseCode::Normal, format!("connection lost: {e}")))?;
+        let msg = framed::read_frame::<AgentToCoordinator, _>(&mut recv, MAX_CONTROL_FRAME)
+            .await
+            .map_err(|e| (CloseCode::ProtocolViolation, format!("malformed first message: {e}")))?;
+        Ok::<_, (CloseCode, String)>((send, recv, msg))
+    };
+    let (mut send, mut recv, hello) = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first).await {
+        Err(_) => return refuse(&conn, CloseCode::ProtocolViolation, "no Hello within 10s"),
+        Ok(Err((code, reason))) => return refuse(&conn, code, &reason),
+        Ok(Ok((s, r, Some(AgentToCoordinator::Hello(h))))) => (s, r, h),
+        Ok(Ok((_, _, Some(_)))) => return refuse(&conn, CloseCode::ProtocolViolation, "first message was not Hello"),
+        Ok(Ok((_, _, None))) => return refuse(&conn, CloseCode::ProtocolViolation, "control stream closed before Hello"),
+    };
+    if hello.protocol_major != protocol::PROTOCOL_MAJOR {
+        let reason = format!(
+            "protocol version mismatch: coordinator speaks {}.{}, agent speaks {}.{}",
+            protocol::PROTOCOL_MAJOR,
+            protocol::PROTOCOL_MINOR,
+            hello.protocol_major,
+            hello.protocol_minor
+        );
+        return refuse(&conn, CloseCode::VersionMismatch, &reason);
+    }
+    if hello.agent_id != agent_id {
+        return refuse(
+            &conn,
+            CloseCode::Unauthorized,
+            &format!("Hello names agent {} but the certificate belongs to {agent_id}", hello.agent_id),
+        );
+    }
+    let serial = coord.next_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = Instant::now();
+    let previous = coord.agents().insert(
+        agent_id.clone(),
+        ConnectedAgent {
+            conn: conn.clone(),
+            conn_serial: serial,
+            addr: conn.remote_address(),
+            host: hello.host.clone(),
+            connected_at: now,
+            last_heartbeat: now,
+            load_average: 0.0,
+        },
+    );
+    if let Some(prev) = previous {
+        prev.conn.close(close_code(CloseCode::Replaced), b"replaced by a newer connection of the same agent");
+    }
+    let host_json = serde_json::to_string(&hello.host).unwrap_or_default();
+    if let Err(e) = coord.state.record_seen(&agent_id, &conn.remote_address().to_string(), &host_json) {
+        warn!("could not record agent in state database: {e:#}");
+    }
+    info!(
+        hostname = %hello.host.hostname,
+        cpus = hello.host.cpus,
+        memory_total_bytes = hello.host.memory_total_bytes,
+        work_dir_free_bytes = hello.host.work_dir_free_bytes,
+        agent_version = %hello.agent_version,
+        "agent joined"
+    );
+    let welcome = CoordinatorToAgent::Welcome(Welcome {
+        protocol_major: protocol::PROTOCOL_MAJOR,
+        protocol_minor: protocol::PROTOCOL_MINOR,
+        coordinator_version: env!("CARGO_PKG_VERSION").into(),
+        agent_id: agent_id.clone(),
+        heartbeat_interval_ms: coord.config.heartbeat_interval.as_millis() as u64,
+    });
+    let reason = match framed::write_frame(&mut send, &welcome).await {
+        Err(e) => format!("could not send Welcome: {e}"),
+        Ok(()) => control_loop(&coord, &conn, &agent_id, &mut send, &mut recv, &shutdown).await,
+    };
+    let mut agents = coord.agents();
+    if agents.get(&agent_id).is_some_and(|a| a.conn_serial == serial) {
+        agents.remove(&agent_id);
+        drop(agents);
+        info!(reason = %reason, "agent left");
+    }
+}
+
+/// Reads control messages until the agent leaves or goes silent; returns why it ended.
+async fn control_loop(
+    coord: &Coordinator,
+    conn: &quinn::Connection,
+    agent_id: &str,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    shutdown: &CancellationToken,
+) -> String {
+    let allowed = coord.config.heartbeat_interval * coord.config.heartbeats_missed.max(1);
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let bye = CoordinatorToAgent::GoingAway { reason: "coordinator shutting down".into() };
+                let _ = framed::write_frame(send, &bye).await;
+                let _ = send.finish();
+                conn.close(close_code(CloseCode::GoingAway), b"coordinator shutting down");
+                return "coordinator shutting down".into();
+            }
+            r = tokio::time::timeout(allowed, framed::read_frame::<AgentToCoordinator, _>(recv, MAX_CONTROL_FRAME)) => r,
+        };
+        match msg {
+            Err(_) => {
+                let reason = format!("heartbeats missed for {}ms", allowed.as_millis());
+                warn!(reason = %reason, "agent lost");
+                conn.close(close_code(CloseCode::HeartbeatTimeout), reason.as_bytes());
+                return reason;
+            }
+            Ok(Err(e)) => {
+                if let Some(reason) = conn.close_reason() {
+                    return format!("connection closed: {reason}");
+                }
+                let reason = format!("malformed control message: {e}");
+                warn!(reason = %reason, "closing agent connection");
+                conn.close(close_code(CloseCode::ProtocolViolation), reason.as_bytes());
+                return reason;
+            }
+            Ok(Ok(None)) => return "control stream closed".into(),
+            Ok(Ok(Some(AgentToCoordinator::Heartbeat(hb)))) => {
+                if let Some(a) = coord.agents().get_mut(agent_id) {
+                    a.last_heartbeat = Instant::now();
+                    a.load_average = hb.load_average;
+                    a.host.memory_available_bytes = hb.memory_available_bytes;
+                    a.host.work_dir_free_bytes = hb.work_dir_free_bytes;
+                }
+                tracing::debug!(seq = hb.seq, "heartbeat");
+                if let Err(e) = framed::write_frame(send, &CoordinatorToAgent::HeartbeatAck { seq: hb.seq }).await {
+                    return format!("could not answer heartbeat: {e}");
+                }
+            }
+            Ok(Ok(Some(AgentToCoordinator::GoingAway { reason }))) => {
+                conn.close(close_code(CloseCode::Normal), b"bye");
+                return format!("going away: {reason}");
+            }
+            Ok(Ok(Some(AgentToCoordinator::Hello(_)))) => {
+                let reason = "second Hello on the control stream".to_string();
+                conn.close(close_code(CloseCode::ProtocolViolation), reason.as_bytes());
+                return reason;
+            }
+        }
+    }
+}
+
+/// Closes connections of agents revoked while connected (revocation is done by another
+/// process, `pype-coordinator agent revoke`, through the state database).
+async fn revocation_watch(coord: Arc<Coordinator>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let Ok(revoked) = coord.state.revoked_ids() else { continue };
+        let agents = coord.agents();
+        for id in revoked {
+            if let Some(a) = agents.get(&id) {
+                warn!(agent = %id, "closing connection of revoked agent");
+                a.conn.close(close_code(CloseCode::Unauthorized), b"certificate revoked");
+            }
+        }
+    }
+}
+
+async fn handle_admin(coord: Arc<Coordinator>, conn: quinn::Connection) {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let coord = coord.clone();
+        tokio::spawn(async move {
+            let response = match framed::read_frame::<AdminRequest, _>(&mut recv, MAX_CONTROL_FRAME).await {
+                Ok(Some(req)) => admin_request(&coord, req).await,
+                Ok(None) => return,
+                Err(e) => AdminResponse::Error(RemoteError { code: ErrorCode::InvalidRequest, message: e.to_string() }),
+            };
+            let _ = framed::write_frame(&mut send, &response).await;
+            let _ = send.finish();
+        });
+    }
+}
+
+async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse {
+    let result = match req {
+        AdminRequest::ListAgents => return AdminResponse::Agents(coord.agent_infos()),
+        AdminRequest::Push { agent, src, dest, compression } => push(coord, &agent, src.into(), &dest, compression).await,
+        AdminRequest::Pull { agent, src, dest, compression } => pull(coord, &agent, &src, dest.into(), compression).await,
+    };
+    match result {
+        Ok(summary) => AdminResponse::TransferDone(summary),
+        Err(e) => AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: format!("{e:#}") }),
+    }
+}
+
+fn log_transfer(direction: &str, agent: &str, s: &TransferSummary) {
+    let mb_s = if s.elapsed_ms > 0 { s.content_bytes as f64 / 1e6 / (s.elapsed_ms as f64 / 1e3) } else { 0.0 };
+    info!(
+        agent = %agent,
+        direction,
+        bytes = s.content_bytes,
+        wire_bytes = s.wire_bytes,
+        entries = s.entries,
+        elapsed_ms = s.elapsed_ms,
+        mb_per_s = format!("{mb_s:.1}"),
+        "transfer done"
+    );
+}
+
+/// Sends the local tree `src` to `dest` on `agent`.
+pub async fn push(
+    coord: &Coordinator,
+    agent: &str,
+    src: PathBuf,
+    dest: &str,
+    compression: protocol::Compression,
+) -> Result<TransferSummary> {
+    let conn = coord.connection_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
+    let started = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await.context("opening transfer stream")?;
+    let header = BulkRequest::Put { dest: dest.to_string(), data: DataHeader { expected_bytes: None, compression } };
+    framed::write_frame(&mut send, &header).await?;
+    let sent = transport::send_tree(&mut send, src.clone(), compression).await;
+    if sent.is_ok() {
+        let _ = send.finish();
+    }
+    let reply = framed::read_frame::<BulkReply, _>(&mut recv, MAX_CONTROL_FRAME).await;
+    let sent = sent.with_context(|| format!("sending {}", src.display()))?;
+    match reply.context("reading transfer reply")? {
+        Some(BulkReply::Stored(mut summary)) => {
+            summary.elapsed_ms = started.elapsed().as_millis() as u64;
+            summary.wire_bytes = sent.wire_bytes;
+            log_transfer("push", agent, &summary);
+            Ok(summary)
+        }
+        Some(BulkReply::Error(e)) => Err(anyhow!("agent {agent} refused the transfer: {}", e.message)),
+        Some(BulkReply::Data(_)) | None => Err(anyhow!("agent {agent} sent no transfer reply")),
+    }
+}
+
+/// Fetches the tree `src` from `agent` into the local `dest`.
+pub async fn pull(
+    coord: &Coordinator,
+    agent: &str,
+    src: &str,
+    dest: PathBuf,
+    compression: protocol::Compression,
+) -> Result<TransferSummary> {
+    let conn = coord.connection_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
+    let started = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await.context("opening transfer stream")?;
+    framed::write_frame(&mut send, &BulkRequest::Get { src: src.to_string(), compression }).await?;
+    send.finish()?;
+    match framed::read_frame::<BulkReply, _>(&mut recv, MAX_CONTROL_FRAME).await.context("reading transfer reply")? {
+        Some(BulkReply::Data(header)) => {
+            let mut summary = transport::recv_tree(&mut recv, dest, header.compression, coord.config.unpack_limits)
+                .await
+                .with_context(|| format!("receiving {src} from {agent}"))?;
+            summary.elapsed_ms = started.elapsed().as_millis() as u64;
+            log_transfer("pull", agent, &summary);
+            Ok(summary)
+        }
+        Some(BulkReply::Error(e)) => Err(anyhow!("agent {agent} could not send {src}: {}", e.message)),
+        Some(BulkReply::Stored(_)) | None => Err(anyhow!("agent {agent} sent no data")),
+    }
+}
