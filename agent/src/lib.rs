@@ -1,0 +1,138 @@
+//! `pype-agent`: runs on each worker, connects to the coordinator over QUIC with mutual TLS,
+//! and moves trees to and from it. `main.rs` only calls [`cli_main`].
+
+pub mod facts;
+pub mod session;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use transport::telemetry::LogFormat;
+use transport::tree::UnpackLimits;
+
+/// Runs pype steps on this worker for a coordinator.
+#[derive(Parser, Debug)]
+#[command(name = "pype-agent", version)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "human", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Connect to a coordinator and serve it until SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Coordinator address, HOST:PORT.
+    #[arg(long, env = "PYPE_COORDINATOR")]
+    coordinator: String,
+    /// CA certificate of the coordinator (default: the copy kept in the state dir).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Enrollment token (needed once, when the state dir holds no certificate).
+    #[arg(long, env = "PYPE_TOKEN")]
+    token: Option<String>,
+    /// State directory: certificate, key, CA copy.
+    #[arg(long, env = "PYPE_AGENT_STATE_DIR", default_value = "/var/lib/pype/agent")]
+    state_dir: PathBuf,
+    /// Work directory for steps and transfers (default: <state-dir>/work).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Name to enroll under (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Scheduling label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Steps this agent runs at once.
+    #[arg(long, default_value_t = 1)]
+    slots: u32,
+    /// Instance id, when the coordinator provisioned this machine.
+    #[arg(long, env = "PYPE_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// First reconnect delay, doubled per failed attempt (with jitter).
+    #[arg(long, default_value_t = 200)]
+    min_backoff_ms: u64,
+    /// Longest reconnect delay.
+    #[arg(long, default_value_t = 30_000)]
+    max_backoff_ms: u64,
+    /// Largest tree accepted in one transfer, in bytes.
+    #[arg(long, default_value_t = 1 << 40)]
+    max_transfer_bytes: u64,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("invalid label {s:?}: expected KEY=VALUE"))
+}
+
+pub fn cli_main() -> ExitCode {
+    let cli = Cli::parse();
+    transport::telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => runtime.block_on(run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let ca_path = args.ca.clone().unwrap_or_else(|| args.state_dir.join("ca.pem"));
+    let ca_pem = std::fs::read_to_string(&ca_path)
+        .with_context(|| format!("reading CA certificate {} (pass --ca)", ca_path.display()))?;
+    let work_dir = args.work_dir.clone().unwrap_or_else(|| args.state_dir.join("work"));
+    let cfg = session::AgentConfig {
+        coordinator: args.coordinator,
+        ca_pem,
+        state_dir: args.state_dir,
+        work_dir,
+        name: args.name,
+        token: args.token,
+        labels: args.labels,
+        slots: args.slots.max(1),
+        instance_id: args.instance_id,
+        min_backoff: Duration::from_millis(args.min_backoff_ms.max(1)),
+        max_backoff: Duration::from_millis(args.max_backoff_ms.max(args.min_backoff_ms).max(1)),
+        unpack_limits: UnpackLimits { max_bytes: args.max_transfer_bytes },
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    session::run(cfg, shutdown).await.map_err(|e| anyhow!("{e:#}"))
+}

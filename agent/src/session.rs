@@ -1,0 +1,353 @@
+//! The agent's connection to its coordinator: enrollment, then a reconnect loop with jittered
+//! exponential backoff around one session (Hello, heartbeats, bulk streams).
+//!
+//! When the connection drops, running transfers fail with it and the loop reconnects; the
+//! certificate stays in the state dir, so a coordinator restart costs one handshake.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use protocol::{
+    AgentToCoordinator, BulkReply, BulkRequest, CloseCode, CoordinatorToAgent, DataHeader, EnrollRequest,
+    EnrollResponse, ErrorCode, Heartbeat, Hello, RemoteError,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+use transport::{endpoint, framed, pki, tree::UnpackLimits};
+
+use crate::facts;
+
+const MAX_CONTROL_FRAME: usize = 1024 * 1024;
+
+pub struct AgentConfig {
+    /// `HOST:PORT` as the operator gave it; the host is also the TLS server name.
+    pub coordinator: String,
+    pub ca_pem: String,
+    pub state_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub name: Option<String>,
+    pub token: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub slots: u32,
+    pub instance_id: Option<String>,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    pub unpack_limits: UnpackLimits,
+}
+
+/// The agent's certificate, key and id, kept in the state dir.
+pub struct Identity {
+    pub agent_id: String,
+    pub cert: pki::CertKey,
+}
+
+impl Identity {
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let Some(cert) = pki::CertKey::load(dir, "agent")? else { return Ok(None) };
+        let der = cert.cert_der()?;
+        let agent_id = pki::common_name(&der)?;
+        Ok(Some(Self { agent_id, cert }))
+    }
+}
+
+fn server_name(coordinator: &str) -> String {
+    match coordinator.parse::<SocketAddr>() {
+        Ok(sa) => sa.ip().to_string(),
+        Err(_) => coordinator.rsplit_once(':').map_or(coordinator, |(h, _)| h).trim_matches(['[', ']']).to_string(),
+    }
+}
+
+async fn resolve(coordinator: &str) -> Result<SocketAddr> {
+    tokio::net::lookup_host(coordinator)
+        .await
+        .with_context(|| format!("resolving coordinator address {coordinator}"))?
+        .next()
+        .ok_or_else(|| anyhow!("coordinator address {coordinator} resolves to nothing"))
+}
+
+/// Enrolls with `token`: the key pair is generated here and only the CSR is sent.
+pub async fn enroll(cfg: &AgentConfig, token: &str) -> Result<Identity> {
+    let addr = resolve(&cfg.coordinator).await?;
+    let tuning = endpoint::Tuning::default();
+    let ep = endpoint::client(addr, &tuning)?;
+    let tls = pki::client_tls(&cfg.ca_pem, None, protocol::ALPN_ENROLL)?;
+    let conn = ep
+        .connect_with(endpoint::client_config(tls, &tuning)?, addr, &server_name(&cfg.coordinator))?
+        .await
+        .with_context(|| format!("connecting to coordinator {} to enroll", cfg.coordinator))?;
+    let name = cfg.name.clone().unwrap_or_else(|| facts::host_facts(&cfg.work_dir).hostname);
+    let (csr_pem, key_pem) = pki::generate_csr(&name)?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let req = EnrollRequest { protocol_major: protocol::PROTOCOL_MAJOR, token: token.to_string(), csr_pem, name: Some(name) };
+    framed::write_frame(&mut send, &req).await?;
+    send.finish()?;
+    let resp = framed::read_frame::<EnrollResponse, _>(&mut recv, MAX_CONTROL_FRAME)
+        .await
+        .map_err(|e| match conn.close_reason() {
+            Some(reason) => anyhow!("enrollment refused: {reason}"),
+            None => anyhow!("enrollment failed: {e}"),
+        })?
+        .ok_or_else(|| anyhow!("coordinator closed enrollment without an answer"))?;
+    conn.close(quinn::VarInt::from_u32(0), b"enrolled");
+    ep.wait_idle().await;
+    match resp {
+        EnrollResponse::Enrolled { agent_id, cert_pem } => {
+            let cert = pki::CertKey { cert_pem, key_pem };
+            std::fs::create_dir_all(&cfg.state_dir)?;
+            cert.save(&cfg.state_dir, "agent")?;
+            pki::write_file(&cfg.state_dir.join("ca.pem"), cfg.ca_pem.as_bytes(), 0o644)?;
+            info!(agent = %agent_id, "enrolled");
+            Ok(Identity { agent_id, cert })
+        }
+        EnrollResponse::Refused(e) => bail!("enrollment refused: {}", e.message),
+    }
+}
+
+/// How a session ended.
+enum Ended {
+    /// Shutdown requested locally: stop.
+    Shutdown,
+    /// Connection lost; reconnect.
+    Lost(String),
+    /// The coordinator will never accept this agent as it is (revoked, other version): stop.
+    Fatal(String),
+}
+
+/// Runs until `shutdown`: connect, serve, reconnect with jittered exponential backoff.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
+    let identity = match Identity::load(&cfg.state_dir)? {
+        Some(id) => id,
+        None => {
+            let token = cfg.token.clone().ok_or_else(|| {
+                anyhow!("no certificate in {} and no --token to enroll with", cfg.state_dir.display())
+            })?;
+            enroll(&cfg, &token).await?
+        }
+    };
+    std::fs::create_dir_all(&cfg.work_dir)
+        .with_context(|| format!("creating work dir {}", cfg.work_dir.display()))?;
+    let tuning = endpoint::Tuning::default();
+    let mut backoff = cfg.min_backoff;
+    let mut ep: Option<quinn::Endpoint> = None;
+    loop {
+        let attempt_started = Instant::now();
+        let span = info_span!("session", agent = %identity.agent_id, coordinator = %cfg.coordinator);
+        let ended = session(&cfg, &identity, &tuning, &mut ep, &shutdown).instrument(span).await;
+        match ended {
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::Fatal(reason)) => bail!("{reason}"),
+            Ok(Ended::Lost(reason)) => warn!(reason = %reason, "lost coordinator"),
+            Err(e) => warn!("cannot reach coordinator {}: {e:#}", cfg.coordinator),
+        }
+        // A session that lasted a while starts the backoff afresh.
+        if attempt_started.elapsed() > cfg.max_backoff {
+            backoff = cfg.min_backoff;
+        }
+        let delay = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        debug!(delay_ms = delay.as_millis() as u64, "reconnecting");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        backoff = (backoff * 2).min(cfg.max_backoff);
+    }
+}
+
+fn close_reason_of(err: &quinn::ConnectionError) -> Option<(CloseCode, String)> {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let code = u32::try_from(c.error_code.into_inner()).ok().and_then(CloseCode::from_u32)?;
+            Some((code, String::from_utf8_lossy(&c.reason).into_owned()))
+        }
+        _ => None,
+    }
+}
+
+fn classify(err: &quinn::ConnectionError) -> Ended {
+    match close_reason_of(err) {
+        Some((CloseCode::VersionMismatch, r)) => Ended::Fatal(format!("coordinator refused this agent: {r}")),
+        Some((CloseCode::Unauthorized, r)) => {
+            Ended::Fatal(format!("coordinator refused this agent's certificate: {r}; enroll again with a new token"))
+        }
+        Some((_, r)) => Ended::Lost(format!("coordinator closed the connection: {r}")),
+        None => Ended::Lost(err.to_string()),
+    }
+}
+
+async fn session(
+    cfg: &AgentConfig,
+    identity: &Identity,
+    tuning: &endpoint::Tuning,
+    ep: &mut Option<quinn::Endpoint>,
+    shutdown: &CancellationToken,
+) -> Result<Ended> {
+    let addr = resolve(&cfg.coordinator).await?;
+    if ep.is_none() {
+        *ep = Some(endpoint::client(addr, tuning)?);
+    }
+    let Some(endpoint) = ep.as_ref() else { unreachable!("endpoint set above") };
+    let tls = pki::client_tls(&cfg.ca_pem, Some(&identity.cert), protocol::ALPN_AGENT)?;
+    let connecting = endpoint.connect_with(endpoint::client_config(tls, tuning)?, addr, &server_name(&cfg.coordinator))?;
+    let conn = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+        c = connecting => c.context("QUIC handshake")?,
+    };
+    let (mut send, mut recv) = conn.open_bi().await.context("opening control stream")?;
+    let hello = AgentToCoordinator::Hello(Hello {
+        protocol_major: protocol::PROTOCOL_MAJOR,
+        protocol_minor: protocol::PROTOCOL_MINOR,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        agent_id: identity.agent_id.clone(),
+        host: facts::host_facts(&cfg.work_dir),
+        labels: cfg.labels.clone(),
+        slots: cfg.slots,
+        instance_id: cfg.instance_id.clone(),
+    });
+    framed::write_frame(&mut send, &hello).await.context("sending Hello")?;
+    let welcome = match tokio::time::timeout(Duration::from_secs(10), framed::read_frame::<CoordinatorToAgent, _>(&mut recv, MAX_CONTROL_FRAME)).await {
+        Err(_) => return Ok(Ended::Lost("no Welcome within 10s".into())),
+        Ok(Ok(Some(CoordinatorToAgent::Welcome(w)))) => w,
+        Ok(Ok(Some(other))) => return Ok(Ended::Lost(format!("expected Welcome, got {other:?}"))),
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            let err = conn.closed().await;
+            return Ok(classify(&err));
+        }
+    };
+    info!(
+        coordinator_version = %welcome.coordinator_version,
+        heartbeat_interval_ms = welcome.heartbeat_interval_ms,
+        "connected to coordinator"
+    );
+
+    // Frames from the coordinator arrive through a task, so the loop below can select on them.
+    let (frames_tx, mut frames) = mpsc::channel::<Result<CoordinatorToAgent, String>>(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = match framed::read_frame::<CoordinatorToAgent, _>(&mut recv, MAX_CONTROL_FRAME).await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err("control stream closed".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let stop = msg.is_err();
+            if frames_tx.send(msg).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let bulk = tokio::spawn(accept_bulk(conn.clone(), cfg.work_dir.clone(), cfg.unpack_limits));
+    let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(50));
+    let mut ticker = tokio::time::interval(interval);
+    let mut seq = 0u64;
+    let ended = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let bye = AgentToCoordinator::GoingAway { reason: "agent shutting down".into() };
+                let _ = framed::write_frame(&mut send, &bye).await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                conn.close(quinn::VarInt::from_u32(CloseCode::GoingAway as u32), b"agent shutting down");
+                break Ended::Shutdown;
+            }
+            _ = ticker.tick() => {
+                seq += 1;
+                let hb = AgentToCoordinator::Heartbeat(Heartbeat {
+                    seq,
+                    memory_available_bytes: facts::available_memory(),
+                    work_dir_free_bytes: facts::free_bytes(&cfg.work_dir),
+                    load_average: facts::load_average(),
+                });
+                if framed::write_frame(&mut send, &hb).await.is_err() {
+                    break classify(&conn.closed().await);
+                }
+            }
+            frame = frames.recv() => match frame {
+                Some(Ok(CoordinatorToAgent::HeartbeatAck { .. })) => {}
+                Some(Ok(CoordinatorToAgent::GoingAway { reason })) => {
+                    info!(reason = %reason, "coordinator going away");
+                }
+                Some(Ok(CoordinatorToAgent::Welcome(_))) => {
+                    conn.close(quinn::VarInt::from_u32(CloseCode::ProtocolViolation as u32), b"second Welcome");
+                    break Ended::Lost("coordinator sent a second Welcome".into());
+                }
+                Some(Err(_)) | None => {
+                    let closed = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    break match closed {
+                        Ok(err) => classify(&err),
+                        Err(_) => {
+                            conn.close(quinn::VarInt::from_u32(CloseCode::ProtocolViolation as u32), b"control stream ended");
+                            Ended::Lost("control stream ended".into())
+                        }
+                    };
+                }
+            },
+        }
+    };
+    reader.abort();
+    bulk.abort();
+    if matches!(ended, Ended::Shutdown) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    }
+    Ok(ended)
+}
+
+/// Serves bulk streams the coordinator opens, each on its own task.
+async fn accept_bulk(conn: quinn::Connection, work_dir: PathBuf, limits: UnpackLimits) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let work_dir = work_dir.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_bulk(send, recv, &work_dir, limits).await {
+                warn!("transfer failed: {e:#}");
+            }
+        });
+    }
+}
+
+fn resolve_path(work_dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() { p.to_path_buf() } else { work_dir.join(p) }
+}
+
+async fn handle_bulk(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    work_dir: &Path,
+    limits: UnpackLimits,
+) -> Result<()> {
+    let req = framed::read_frame::<BulkRequest, _>(&mut recv, MAX_CONTROL_FRAME)
+        .await?
+        .ok_or_else(|| anyhow!("transfer stream closed before its request"))?;
+    match req {
+        BulkRequest::Put { dest, data } => {
+            let dest = resolve_path(work_dir, &dest);
+            let reply = match transport::recv_tree(&mut recv, dest.clone(), data.compression, limits).await {
+                Ok(summary) => {
+                    info!(dest = %dest.display(), bytes = summary.content_bytes, entries = summary.entries, elapsed_ms = summary.elapsed_ms, "received tree");
+                    BulkReply::Stored(summary)
+                }
+                Err(e) => {
+                    warn!(dest = %dest.display(), "refused transfer: {e}");
+                    BulkReply::Error(RemoteError { code: e.code(), message: e.to_string() })
+                }
+            };
+            framed::write_frame(&mut send, &reply).await?;
+            send.finish()?;
+        }
+        BulkRequest::Get { src, compression } => {
+            let src = resolve_path(work_dir, &src);
+            if let Err(e) = std::fs::symlink_metadata(&src) {
+                let err = RemoteError { code: ErrorCode::NotFound, message: format!("{}: {e}", src.display()) };
+                framed::write_frame(&mut send, &BulkReply::Error(err)).await?;
+                send.finish()?;
+                return Ok(());
+            }
+            framed::write_frame(&mut send, &BulkReply::Data(DataHeader { expected_bytes: None, compression })).await?;
+            let summary = transport::send_tree(&mut send, src.clone(), compression).await?;
+            send.finish()?;
+            info!(src = %src.display(), bytes = summary.content_bytes, entries = summary.entries, "sent tree");
+        }
+    }
+    Ok(())
+}
