@@ -21,6 +21,8 @@ use transport::{endpoint, framed, pki, tree::UnpackLimits};
 use crate::facts;
 
 const MAX_CONTROL_FRAME: usize = 1024 * 1024;
+/// Longest a QUIC handshake may take before the attempt counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct AgentConfig {
     /// `HOST:PORT` as the operator gave it; the host is also the TLS server name.
@@ -193,7 +195,9 @@ async fn session(
     let connecting = endpoint.connect_with(endpoint::client_config(tls, tuning)?, addr, &server_name(&cfg.coordinator))?;
     let conn = tokio::select! {
         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
-        c = connecting => c.context("QUIC handshake")?,
+        c = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => {
+            c.map_err(|_| anyhow!("no QUIC handshake within {CONNECT_TIMEOUT:?}"))?.context("QUIC handshake")?
+        }
     };
     let (mut send, mut recv) = conn.open_bi().await.context("opening control stream")?;
     let hello = AgentToCoordinator::Hello(Hello {
@@ -241,6 +245,10 @@ async fn session(
     let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(50));
     let mut ticker = tokio::time::interval(interval);
     let mut seq = 0u64;
+    // Three intervals without any frame from the coordinator: it is gone (a killed process
+    // sends no close; QUIC's idle timeout alone would take much longer).
+    let silence_limit = interval * 3;
+    let mut last_heard = Instant::now();
     let ended = loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -252,6 +260,11 @@ async fn session(
                 break Ended::Shutdown;
             }
             _ = ticker.tick() => {
+                if last_heard.elapsed() > silence_limit {
+                    let reason = format!("no answer from coordinator for {}ms", silence_limit.as_millis());
+                    conn.close(quinn::VarInt::from_u32(CloseCode::HeartbeatTimeout as u32), reason.as_bytes());
+                    break Ended::Lost(reason);
+                }
                 seq += 1;
                 let hb = AgentToCoordinator::Heartbeat(Heartbeat {
                     seq,
@@ -264,7 +277,7 @@ async fn session(
                 }
             }
             frame = frames.recv() => match frame {
-                Some(Ok(CoordinatorToAgent::HeartbeatAck { .. })) => {}
+                Some(Ok(CoordinatorToAgent::HeartbeatAck { .. })) => last_heard = Instant::now(),
                 Some(Ok(CoordinatorToAgent::GoingAway { reason })) => {
                     info!(reason = %reason, "coordinator going away");
                 }

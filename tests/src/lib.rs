@@ -1,0 +1,243 @@
+//! Helpers for end-to-end tests: start the real coordinator and agent binaries on 127.0.0.1,
+//! wait for the log lines they print (never a sleep), and show everything on failure.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Paths of the binaries under test; set by the integration tests from `CARGO_BIN_EXE_*`.
+pub struct Bins {
+    pub coordinator: PathBuf,
+    pub agent: PathBuf,
+}
+
+type Lines = Arc<(Mutex<Vec<String>>, Condvar)>;
+
+/// A child process whose stderr is captured line by line.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    lines: Lines,
+    cmdline: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        let cmdline = format!("{cmd:?}");
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmdline}: {e}"));
+        let lines: Lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stderr = child.stderr.take().expect("stderr piped");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (lock, cv) = &*sink;
+                lock.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        Proc { name: name.to_string(), child, lines, cmdline }
+    }
+
+    /// Waits until a log line contains every one of `needles`; returns it.
+    pub fn wait_for(&self, needles: &[&str], timeout: Duration) -> String {
+        self.wait_for_nth(needles, 1, timeout)
+    }
+
+    /// Waits until `n` log lines contain every one of `needles`; returns the n-th.
+    pub fn wait_for_nth(&self, needles: &[&str], n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.lines;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            let hits: Vec<&String> = lines.iter().filter(|l| needles.iter().all(|n| l.contains(n))).collect();
+            if hits.len() >= n {
+                return hits[n - 1].clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(lines);
+                panic!("{}: no log line with {needles:?} (x{n}) within {timeout:?}\n{}", self.name, self.dump());
+            }
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn count(&self, needles: &[&str]) -> usize {
+        self.lines.0.lock().unwrap().iter().filter(|l| needles.iter().all(|n| l.contains(n))).count()
+    }
+
+    pub fn dump(&self) -> String {
+        format!("--- {} ({})\n{}\n---", self.name, self.cmdline, self.lines.0.lock().unwrap().join("\n"))
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for exit; panics with the logs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not exit within {timeout:?}\n{}", self.name, self.dump());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", self.dump());
+        }
+    }
+}
+
+/// A coordinator with its own state dir.
+pub struct Coord {
+    pub proc: Proc,
+    pub state_dir: PathBuf,
+    pub addr: SocketAddr,
+}
+
+pub const HEARTBEAT_MS: u64 = 200;
+pub const T: Duration = Duration::from_secs(20);
+
+impl Coord {
+    pub fn start(bins: &Bins, state_dir: &Path, listen: &str) -> Coord {
+        let mut cmd = Command::new(&bins.coordinator);
+        cmd.arg("--state-dir").arg(state_dir).arg("serve").arg("--listen").arg(listen);
+        cmd.arg("--heartbeat-interval-ms").arg(HEARTBEAT_MS.to_string());
+        let proc = Proc::spawn("coordinator", cmd);
+        let line = proc.wait_for(&["coordinator listening"], T);
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Coord { proc, state_dir: state_dir.to_path_buf(), addr }
+    }
+
+    /// Runs a `pype-coordinator` subcommand against this state dir; returns (ok, stdout, stderr).
+    pub fn cli(&self, bins: &Bins, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(&bins.coordinator)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(args)
+            .output()
+            .expect("running pype-coordinator");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    pub fn cli_ok(&self, bins: &Bins, args: &[&str]) -> String {
+        let (ok, out, err) = self.cli(bins, args);
+        assert!(ok, "pype-coordinator {args:?} failed:\n{out}\n{err}\n{}", self.proc.dump());
+        out
+    }
+
+    pub fn token(&self, bins: &Bins, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(extra);
+        self.cli_ok(bins, &args).trim().to_string()
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.state_dir.join("ca.pem")
+    }
+}
+
+/// Starts an agent; `token` may be None when its state dir already holds a certificate.
+pub fn start_agent(bins: &Bins, coord: &Coord, dir: &Path, name: &str, token: Option<&str>) -> Proc {
+    let mut cmd = Command::new(&bins.agent);
+    cmd.arg("run")
+        .arg("--coordinator")
+        .arg(coord.addr.to_string())
+        .arg("--ca")
+        .arg(coord.ca())
+        .arg("--state-dir")
+        .arg(dir)
+        .arg("--name")
+        .arg(name)
+        .arg("--min-backoff-ms")
+        .arg("50")
+        .arg("--max-backoff-ms")
+        .arg("500");
+    if let Some(t) = token {
+        cmd.arg("--token").arg(t);
+    }
+    Proc::spawn(&format!("agent {name}"), cmd)
+}
+
+/// A deterministic pseudo-random byte source (xorshift), for test data without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// One entry of a tree as compared by the round-trip tests.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub path: PathBuf,
+    pub kind: &'static str,
+    pub mode: u32,
+    pub mtime: i64,
+    /// BLAKE3 of file contents, or the link target.
+    pub content: String,
+}
+
+/// Every entry under `root` (not `root` itself), sorted, with contents hashed.
+pub fn manifest(root: &Path) -> Vec<Entry> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let rel_child = rel.join(e.file_name());
+            let path = e.path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let (kind, content) = if meta.is_dir() {
+                stack.push(rel_child.clone());
+                ("dir", String::new())
+            } else if meta.file_type().is_symlink() {
+                ("symlink", std::fs::read_link(&path).unwrap().display().to_string())
+            } else {
+                let mut h = blake3::Hasher::new();
+                h.update_reader(std::fs::File::open(&path).unwrap()).unwrap();
+                ("file", h.finalize().to_hex().to_string())
+            };
+            let mode = if kind == "symlink" { 0 } else { meta.mode() & 0o7777 };
+            out.push(Entry { path: rel_child, kind, mode, mtime: meta.mtime(), content });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
