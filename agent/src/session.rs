@@ -196,7 +196,16 @@ async fn session(
     let conn = tokio::select! {
         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
         c = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => {
-            c.map_err(|_| anyhow!("no QUIC handshake within {CONNECT_TIMEOUT:?}"))?.context("QUIC handshake")?
+            match c.map_err(|_| anyhow!("no QUIC handshake within {CONNECT_TIMEOUT:?}"))? {
+                Ok(conn) => conn,
+                Err(e) if endpoint::is_alpn_mismatch(&e) => {
+                    return Ok(Ended::Fatal(format!(
+                        "protocol version mismatch: the coordinator does not speak {}",
+                        String::from_utf8_lossy(protocol::ALPN_AGENT)
+                    )));
+                }
+                Err(e) => return Err(anyhow!(e).context("QUIC handshake")),
+            }
         }
     };
     let (mut send, mut recv) = conn.open_bi().await.context("opening control stream")?;

@@ -123,6 +123,14 @@ pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Coordinator>, shutdown: C
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
+                Err(e) if transport::endpoint::is_alpn_mismatch(&e) => {
+                    warn!(
+                        peer = %remote,
+                        "refused connection: protocol version mismatch: the peer does not speak {} (TLS handshake failed: {e})",
+                        String::from_utf8_lossy(protocol::ALPN_AGENT)
+                    );
+                    return;
+                }
                 Err(e) => {
                     warn!(peer = %remote, "refused connection: TLS handshake failed: {e}");
                     return;

@@ -134,3 +134,9 @@ pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     let data = data.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?;
     data.protocol
 }
+
+/// TLS alert `no_application_protocol` (120): the peers share no ALPN, i.e. no protocol major.
+pub fn is_alpn_mismatch(err: &quinn::ConnectionError) -> bool {
+    matches!(err, quinn::ConnectionError::TransportError(te) if te.code == quinn::TransportErrorCode::crypto(120))
+        || matches!(err, quinn::ConnectionError::ConnectionClosed(cc) if cc.error_code == quinn::TransportErrorCode::crypto(120))
+}

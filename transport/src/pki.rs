@@ -97,7 +97,10 @@ impl Ca {
         let key = KeyPair::generate().context("generating CA key")?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, CA_COMMON_NAME);
+        // A unique name per CA, so a certificate from another coordinator's CA is reported as
+        // "unknown issuer" rather than as a bad signature.
+        let id: u32 = rand::random();
+        params.distinguished_name.push(DnType::CommonName, format!("{CA_COMMON_NAME} {id:08x}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         validity(&mut params, 3650);

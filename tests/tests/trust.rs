@@ -1,0 +1,216 @@
+//! The coordinator refuses every untrusted peer before any application message, logs one line
+//! saying why, and keeps serving the agents it trusts.
+
+use std::time::Duration;
+
+use protocol::{AgentToCoordinator, Hello, HostFacts};
+use tests::{Bins, Coord, T, closed_reason, connect, start_agent};
+use transport::{framed, pki};
+
+fn bins() -> Bins {
+    Bins { coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(), agent: env!("CARGO_BIN_EXE_e2e-agent").into() }
+}
+
+fn state_ca(coord: &Coord) -> pki::Ca {
+    let ck = pki::CertKey::load(&coord.state_dir, "ca").unwrap().unwrap();
+    pki::Ca::from_cert_key(ck).unwrap()
+}
+
+fn hello(agent_id: &str, major: u32) -> AgentToCoordinator {
+    AgentToCoordinator::Hello(Hello {
+        protocol_major: major,
+        protocol_minor: 0,
+        agent_version: "test".into(),
+        agent_id: agent_id.into(),
+        host: HostFacts::default(),
+        labels: vec![],
+        slots: 1,
+        instance_id: None,
+    })
+}
+
+/// Enrolls an identity for the test itself, through the real enrollment path.
+async fn enroll_identity(coord: &Coord, b: &Bins, dir: &std::path::Path, name: &str) -> agent::session::Identity {
+    let token = coord.token(b, &[]);
+    let cfg = agent::session::AgentConfig {
+        coordinator: coord.addr.to_string(),
+        ca_pem: std::fs::read_to_string(coord.ca()).unwrap(),
+        state_dir: dir.to_path_buf(),
+        work_dir: dir.join("work"),
+        name: Some(name.into()),
+        token: Some(token.clone()),
+        labels: vec![],
+        slots: 1,
+        instance_id: None,
+        min_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+        unpack_limits: Default::default(),
+    };
+    agent::session::enroll(&cfg, &token).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_peers_are_refused_and_others_keep_working() {
+    let b = bins();
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coord::start(&b, &tmp.path().join("coord"), "127.0.0.1:0");
+    let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
+    let healthy = start_agent(&b, &coord, &tmp.path().join("healthy"), "healthy", Some(&coord.token(&b, &[])));
+    coord.proc.wait_for(&["agent joined", "healthy"], T);
+
+    // No client certificate.
+    let conn = connect(coord.addr, &ca_pem, None, protocol::ALPN_AGENT).await.unwrap();
+    let reason = closed_reason(&conn, T).await;
+    assert!(reason.contains("no client certificate"), "{reason}");
+    coord.proc.wait_for(&["refused connection", "no client certificate"], T);
+    // Nor on the admin protocol.
+    let conn = connect(coord.addr, &ca_pem, None, protocol::ALPN_ADMIN).await.unwrap();
+    assert!(closed_reason(&conn, T).await.contains("no client certificate"));
+
+    // A certificate from another CA fails the TLS handshake.
+    let other_ca = pki::Ca::generate().unwrap();
+    let forged = other_ca.issue_client("healthy", 30).unwrap();
+    let r = connect(coord.addr, &ca_pem, Some(&forged), protocol::ALPN_AGENT).await;
+    if let Ok(conn) = r {
+        let reason = closed_reason(&conn, T).await;
+        assert!(!reason.contains("still open"), "{reason}");
+    }
+    coord.proc.wait_for(&["refused connection", "TLS handshake failed", "UnknownIssuer"], T);
+
+    // An expired certificate from the right CA.
+    let ca = state_ca(&coord);
+    let expired = ca.issue_expired_client("healthy").unwrap();
+    if let Ok(conn) = connect(coord.addr, &ca_pem, Some(&expired), protocol::ALPN_AGENT).await {
+        assert!(!closed_reason(&conn, T).await.contains("still open"));
+    }
+    coord.proc.wait_for(&["refused connection", "TLS handshake failed", "certificate expired"], T);
+
+    // A valid certificate from the right CA that enrollment never issued.
+    let stray = ca.issue_client("healthy", 30).unwrap();
+    let conn = connect(coord.addr, &ca_pem, Some(&stray), protocol::ALPN_AGENT).await.unwrap();
+    assert!(closed_reason(&conn, T).await.contains("not issued to any enrolled agent"));
+
+    // An agent certificate is not an admin certificate.
+    let me = enroll_identity(&coord, &b, &tmp.path().join("me"), "prober").await;
+    let conn = connect(coord.addr, &ca_pem, Some(&me.cert), protocol::ALPN_ADMIN).await.unwrap();
+    assert!(closed_reason(&conn, T).await.contains("not allowed on this protocol"));
+
+    // Another major version: the ALPN does not match, the handshake fails on both sides.
+    let err = connect(coord.addr, &ca_pem, Some(&me.cert), b"pype/2").await.unwrap_err();
+    assert!(format!("{err:#}").to_lowercase().contains("protocol"), "{err:#}");
+    coord.proc.wait_for(&["refused connection", "protocol version mismatch", "does not speak pype/1"], T);
+
+    // A Hello claiming another major version, or another agent's id.
+    for (msg, expect) in [
+        (hello("prober", 2), "protocol version mismatch: coordinator speaks 1.0, agent speaks 2.0"),
+        (hello("healthy", 1), "certificate belongs to prober"),
+    ] {
+        let conn = connect(coord.addr, &ca_pem, Some(&me.cert), protocol::ALPN_AGENT).await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        framed::write_frame(&mut send, &msg).await.unwrap();
+        let reason = closed_reason(&conn, T).await;
+        assert!(reason.contains(expect), "{reason}");
+        coord.proc.wait_for(&["refused connection", expect], T);
+    }
+
+    // Tokens: used up, expired, unknown.
+    let once = coord.token(&b, &["--uses", "1"]);
+    let mut first = start_agent(&b, &coord, &tmp.path().join("t1"), "t1", Some(&once));
+    first.wait_for(&["connected to coordinator"], T);
+    let mut second = start_agent(&b, &coord, &tmp.path().join("t2"), "t2", Some(&once));
+    assert!(!second.wait_exit(T).success());
+    second.wait_for(&["enrollment refused", "enrollment token used up"], T);
+    coord.proc.wait_for(&["refused enrollment", "used up"], T);
+    let stale = coord.token(&b, &["--ttl", "0s"]);
+    let mut third = start_agent(&b, &coord, &tmp.path().join("t3"), "t3", Some(&stale));
+    assert!(!third.wait_exit(T).success());
+    third.wait_for(&["enrollment token expired"], T);
+    let mut fourth = start_agent(&b, &coord, &tmp.path().join("t4"), "t4", Some("pype1.0000"));
+    assert!(!fourth.wait_exit(T).success());
+    fourth.wait_for(&["unknown enrollment token"], T);
+    assert!(!tmp.path().join("t2/agent.key").exists(), "refused agent kept a certificate");
+
+    // Revocation: the connected agent is cut off and cannot come back.
+    coord.cli_ok(&b, &["agent", "revoke", "t1"]);
+    assert!(!first.wait_exit(T).success());
+    first.wait_for(&["revoked"], T);
+    coord.proc.wait_for(&["closing connection of revoked agent", "t1"], T);
+    let mut again = start_agent(&b, &coord, &tmp.path().join("t1"), "t1", None);
+    assert!(!again.wait_exit(T).success());
+    coord.proc.wait_for(&["refused connection", "certificate of agent t1 is revoked"], T);
+
+    // Through all of this the healthy agent stayed connected and heartbeating.
+    assert_eq!(coord.proc.count(&["agent joined", "healthy"]), 1);
+    assert_eq!(coord.proc.count(&["agent left", "healthy"]), 0);
+    let listing = coord.cli_ok(&b, &["agents"]);
+    assert!(listing.contains("healthy"), "{listing}");
+    drop(healthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_and_truncated_control_frames() {
+    let b = bins();
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coord::start(&b, &tmp.path().join("coord"), "127.0.0.1:0");
+    let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
+    let healthy = start_agent(&b, &coord, &tmp.path().join("healthy"), "healthy", Some(&coord.token(&b, &[])));
+    coord.proc.wait_for(&["agent joined", "healthy"], T);
+    let me = enroll_identity(&coord, &b, &tmp.path().join("me"), "fuzzer").await;
+
+    let valid_hello = protocol::codec::encode(&hello("fuzzer", 1)).unwrap();
+    let mut rng = tests::Rng(0x5EED_1234_ABCD_0001);
+    let cases = 300;
+    for case in 0..cases {
+        let bytes: Vec<u8> = match case % 6 {
+            // Pure noise.
+            0 => {
+                let mut v = vec![0u8; (rng.next() % 200) as usize + 1];
+                rng.fill(&mut v);
+                v
+            }
+            // A Hello cut short.
+            1 => valid_hello[..(rng.next() as usize % (valid_hello.len() - 1)) + 1].to_vec(),
+            // A Hello with a flipped byte in its payload.
+            2 => {
+                let mut v = valid_hello.clone();
+                let i = 4 + rng.next() as usize % (v.len() - 4);
+                v[i] ^= (rng.next() as u8) | 1;
+                v
+            }
+            // A length prefix far over the limit.
+            3 => {
+                let mut v = (u32::MAX - (rng.next() as u32 % 1000)).to_be_bytes().to_vec();
+                v.extend_from_slice(&[0; 16]);
+                v
+            }
+            // A Hello followed by garbage in place of heartbeats.
+            4 => {
+                let mut v = valid_hello.clone();
+                let mut g = vec![0u8; 32];
+                rng.fill(&mut g);
+                v.extend_from_slice(&g);
+                v
+            }
+            // A zero-length frame.
+            _ => vec![0, 0, 0, 0],
+        };
+        let conn = connect(coord.addr, &ca_pem, Some(&me.cert), protocol::ALPN_AGENT).await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut send, &bytes).await;
+        let _ = send.finish();
+        let reason = closed_reason(&conn, Duration::from_secs(15)).await;
+        assert!(!reason.contains("still open"), "case {case}: connection left open after {bytes:02x?}");
+        conn.close(0u32.into(), b"");
+    }
+
+    // The coordinator is still up and the healthy agent never noticed.
+    assert_eq!(coord.proc.count(&["agent left", "healthy"]), 0);
+    assert!(coord.cli_ok(&b, &["agents"]).contains("healthy"));
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"still works").unwrap();
+    let dest = tmp.path().join("dest");
+    coord.cli_ok(&b, &["push", "healthy", src.to_str().unwrap(), dest.to_str().unwrap()]);
+    assert_eq!(std::fs::read(dest.join("f")).unwrap(), b"still works");
+    drop(healthy);
+}
