@@ -45,8 +45,8 @@ async fn deliver(raw: Vec<u8>, reset: bool) -> (Result<protocol::TransferSummary
             send.reset(7u32.into()).unwrap();
         } else {
             send.finish().unwrap();
+            let _ = send.stopped().await;
         }
-        let _ = send.stopped().await;
         client
     });
     let mut recv = server.accept_uni().await.unwrap();
@@ -91,7 +91,10 @@ async fn digest_and_count_are_verified() {
         ("sender reset", tar[..tar.len() / 2].to_vec(), true, "stream error"),
     ];
     for (name, raw, reset, expect) in cases {
-        let (result, listing) = deliver(raw, reset).await;
+        eprintln!("case: {name}");
+        let (result, listing) = tokio::time::timeout(std::time::Duration::from_secs(20), deliver(raw, reset))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: transfer hung"));
         let err = result.expect_err(name).to_string();
         assert!(err.contains(expect), "{name}: {err}");
         assert_eq!(listing, vec!["dest", "marker"], "{name}: something stayed behind");
