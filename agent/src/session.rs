@@ -58,7 +58,9 @@ impl Identity {
 fn server_name(coordinator: &str) -> String {
     match coordinator.parse::<SocketAddr>() {
         Ok(sa) => sa.ip().to_string(),
-        Err(_) => coordinator.rsplit_once(':').map_or(coordinator, |(h, _)| h).trim_matches(['[', ']']).to_string(),
+        Err(_) => {
+            coordinator.rsplit_once(':').map_or(coordinator, |(h, _)| h).trim_matches(['[', ']']).to_string()
+        }
     }
 }
 
@@ -83,7 +85,12 @@ pub async fn enroll(cfg: &AgentConfig, token: &str) -> Result<Identity> {
     let name = cfg.name.clone().unwrap_or_else(|| facts::host_facts(&cfg.work_dir).hostname);
     let (csr_pem, key_pem) = pki::generate_csr(&name)?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    let req = EnrollRequest { protocol_major: protocol::PROTOCOL_MAJOR, token: token.to_string(), csr_pem, name: Some(name) };
+    let req = EnrollRequest {
+        protocol_major: protocol::PROTOCOL_MAJOR,
+        token: token.to_string(),
+        csr_pem,
+        name: Some(name),
+    };
     framed::write_frame(&mut send, &req).await?;
     send.finish()?;
     let resp = framed::read_frame::<EnrollResponse, _>(&mut recv, MAX_CONTROL_FRAME)
@@ -171,9 +178,9 @@ fn close_reason_of(err: &quinn::ConnectionError) -> Option<(CloseCode, String)> 
 fn classify(err: &quinn::ConnectionError) -> Ended {
     match close_reason_of(err) {
         Some((CloseCode::VersionMismatch, r)) => Ended::Fatal(format!("coordinator refused this agent: {r}")),
-        Some((CloseCode::Unauthorized, r)) => {
-            Ended::Fatal(format!("coordinator refused this agent's certificate: {r}; enroll again with a new token"))
-        }
+        Some((CloseCode::Unauthorized, r)) => Ended::Fatal(format!(
+            "coordinator refused this agent's certificate: {r}; enroll again with a new token"
+        )),
         Some((_, r)) => Ended::Lost(format!("coordinator closed the connection: {r}")),
         None => Ended::Lost(err.to_string()),
     }
@@ -192,7 +199,8 @@ async fn session(
     }
     let Some(endpoint) = ep.as_ref() else { unreachable!("endpoint set above") };
     let tls = pki::client_tls(&cfg.ca_pem, Some(&identity.cert), protocol::ALPN_AGENT)?;
-    let connecting = endpoint.connect_with(endpoint::client_config(tls, tuning)?, addr, &server_name(&cfg.coordinator))?;
+    let connecting =
+        endpoint.connect_with(endpoint::client_config(tls, tuning)?, addr, &server_name(&cfg.coordinator))?;
     let conn = tokio::select! {
         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
         c = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => {
@@ -220,7 +228,12 @@ async fn session(
         instance_id: cfg.instance_id.clone(),
     });
     framed::write_frame(&mut send, &hello).await.context("sending Hello")?;
-    let welcome = match tokio::time::timeout(Duration::from_secs(10), framed::read_frame::<CoordinatorToAgent, _>(&mut recv, MAX_CONTROL_FRAME)).await {
+    let welcome = match tokio::time::timeout(
+        Duration::from_secs(10),
+        framed::read_frame::<CoordinatorToAgent, _>(&mut recv, MAX_CONTROL_FRAME),
+    )
+    .await
+    {
         Err(_) => return Ok(Ended::Lost("no Welcome within 10s".into())),
         Ok(Ok(Some(CoordinatorToAgent::Welcome(w)))) => w,
         Ok(Ok(Some(other))) => return Ok(Ended::Lost(format!("expected Welcome, got {other:?}"))),
@@ -360,12 +373,17 @@ async fn handle_bulk(
         BulkRequest::Get { src, compression } => {
             let src = resolve_path(work_dir, &src);
             if let Err(e) = std::fs::symlink_metadata(&src) {
-                let err = RemoteError { code: ErrorCode::NotFound, message: format!("{}: {e}", src.display()) };
+                let err =
+                    RemoteError { code: ErrorCode::NotFound, message: format!("{}: {e}", src.display()) };
                 framed::write_frame(&mut send, &BulkReply::Error(err)).await?;
                 send.finish()?;
                 return Ok(());
             }
-            framed::write_frame(&mut send, &BulkReply::Data(DataHeader { expected_bytes: None, compression })).await?;
+            framed::write_frame(
+                &mut send,
+                &BulkReply::Data(DataHeader { expected_bytes: None, compression }),
+            )
+            .await?;
             let summary = transport::send_tree(&mut send, src.clone(), compression).await?;
             send.finish()?;
             info!(src = %src.display(), bytes = summary.content_bytes, entries = summary.entries, "sent tree");

@@ -110,7 +110,8 @@ enum AgentCommand {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 30m, 1h, 7d"))?;
+    let n: u64 =
+        num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 30m, 1h, 7d"))?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,
@@ -174,38 +175,46 @@ async fn run_cli(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Agents { coordinator } => {
-            match admin(&dir, coordinator, AdminRequest::ListAgents).await? {
-                AdminResponse::Agents(agents) => {
+        Command::Agents { coordinator } => match admin(&dir, coordinator, AdminRequest::ListAgents).await? {
+            AdminResponse::Agents(agents) => {
+                println!(
+                    "{:<24} {:<22} {:<16} {:>4} {:>10} {:>6} {:>8}",
+                    "AGENT", "ADDRESS", "HOST", "CPUS", "MEM_AVAIL", "LOAD", "LAST_HB"
+                );
+                for a in agents {
                     println!(
-                        "{:<24} {:<22} {:<16} {:>4} {:>10} {:>6} {:>8}",
-                        "AGENT", "ADDRESS", "HOST", "CPUS", "MEM_AVAIL", "LOAD", "LAST_HB"
+                        "{:<24} {:<22} {:<16} {:>4} {:>9}M {:>6.2} {:>6}ms",
+                        a.agent_id,
+                        a.address,
+                        a.host.hostname,
+                        a.host.cpus,
+                        a.host.memory_available_bytes / (1 << 20),
+                        a.load_average,
+                        a.last_heartbeat_ms_ago
                     );
-                    for a in agents {
-                        println!(
-                            "{:<24} {:<22} {:<16} {:>4} {:>9}M {:>6.2} {:>6}ms",
-                            a.agent_id,
-                            a.address,
-                            a.host.hostname,
-                            a.host.cpus,
-                            a.host.memory_available_bytes / (1 << 20),
-                            a.load_average,
-                            a.last_heartbeat_ms_ago
-                        );
-                    }
-                    Ok(())
                 }
-                other => Err(unexpected(other)),
+                Ok(())
             }
-        }
+            other => Err(unexpected(other)),
+        },
         Command::Push { agent, src, dest, zstd, coordinator } => {
             let src = std::path::absolute(&src).with_context(|| format!("resolving {}", src.display()))?;
-            let req = AdminRequest::Push { agent, src: src.to_string_lossy().into_owned(), dest, compression: compression(zstd) };
+            let req = AdminRequest::Push {
+                agent,
+                src: src.to_string_lossy().into_owned(),
+                dest,
+                compression: compression(zstd),
+            };
             print_transfer(admin(&dir, coordinator, req).await?)
         }
         Command::Pull { agent, src, dest, zstd, coordinator } => {
             let dest = std::path::absolute(&dest).with_context(|| format!("resolving {}", dest.display()))?;
-            let req = AdminRequest::Pull { agent, src, dest: dest.to_string_lossy().into_owned(), compression: compression(zstd) };
+            let req = AdminRequest::Pull {
+                agent,
+                src,
+                dest: dest.to_string_lossy().into_owned(),
+                compression: compression(zstd),
+            };
             print_transfer(admin(&dir, coordinator, req).await?)
         }
     }
@@ -243,7 +252,12 @@ fn print_transfer(resp: AdminResponse) -> Result<()> {
 
 const ADDR_FILE: &str = "coordinator.addr";
 
-async fn serve(dir: &Path, listen: SocketAddr, advertise: &[String], heartbeat_interval: Duration) -> Result<()> {
+async fn serve(
+    dir: &Path,
+    listen: SocketAddr,
+    advertise: &[String],
+    heartbeat_interval: Duration,
+) -> Result<()> {
     let state = Arc::new(state::State::open(dir)?);
     let names = trust::server_names(listen, advertise);
     let identity = trust::setup(dir, &names, &state)?;
@@ -272,7 +286,8 @@ async fn serve(dir: &Path, listen: SocketAddr, advertise: &[String], heartbeat_i
 /// Resolves on SIGTERM or SIGINT.
 pub async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         std::future::pending::<()>().await;
         return;
     };
@@ -289,14 +304,17 @@ async fn admin(dir: &Path, addr: Option<SocketAddr>, req: AdminRequest) -> Resul
         None => {
             let path = dir.join(ADDR_FILE);
             std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {} (is `pype-coordinator serve` running?)", path.display()))?
+                .with_context(|| {
+                    format!("reading {} (is `pype-coordinator serve` running?)", path.display())
+                })?
                 .trim()
                 .parse()
                 .with_context(|| format!("parsing {}", path.display()))?
         }
     };
     let ca = std::fs::read_to_string(dir.join("ca.pem")).context("reading ca.pem from the state dir")?;
-    let admin = pki::CertKey::load(dir, "admin")?.ok_or_else(|| anyhow!("no admin certificate in {}", dir.display()))?;
+    let admin = pki::CertKey::load(dir, "admin")?
+        .ok_or_else(|| anyhow!("no admin certificate in {}", dir.display()))?;
     let tuning = endpoint::Tuning::default();
     let tls = pki::client_tls(&ca, Some(&admin), protocol::ALPN_ADMIN)?;
     let ep = endpoint::client(addr, &tuning)?;

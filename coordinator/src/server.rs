@@ -194,11 +194,19 @@ async fn handle_connection(coord: Arc<Coordinator>, conn: quinn::Connection, shu
         }
     };
     if record.revoked {
-        refuse(&conn, CloseCode::Unauthorized, &format!("certificate of agent {} is revoked", record.agent_id));
+        refuse(
+            &conn,
+            CloseCode::Unauthorized,
+            &format!("certificate of agent {} is revoked", record.agent_id),
+        );
         return;
     }
     if record.role != role {
-        refuse(&conn, CloseCode::Unauthorized, &format!("certificate of {} is not allowed on this protocol", record.agent_id));
+        refuse(
+            &conn,
+            CloseCode::Unauthorized,
+            &format!("certificate of {} is not allowed on this protocol", record.agent_id),
+        );
         return;
     }
     match role {
@@ -216,10 +224,11 @@ async fn handle_enroll(coord: &Coordinator, conn: &quinn::Connection) {
         let (mut send, mut recv) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.accept_bi())
             .await
             .map_err(|_| anyhow!("no request within {FIRST_MESSAGE_TIMEOUT:?}"))??;
-        let req: EnrollRequest = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, framed::read_frame(&mut recv, 64 * 1024))
-            .await
-            .map_err(|_| anyhow!("no request within {FIRST_MESSAGE_TIMEOUT:?}"))??
-            .ok_or_else(|| anyhow!("stream closed before the enrollment request"))?;
+        let req: EnrollRequest =
+            tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, framed::read_frame(&mut recv, 64 * 1024))
+                .await
+                .map_err(|_| anyhow!("no request within {FIRST_MESSAGE_TIMEOUT:?}"))??
+                .ok_or_else(|| anyhow!("stream closed before the enrollment request"))?;
         let response = if req.protocol_major != protocol::PROTOCOL_MAJOR {
             EnrollResponse::Refused(RemoteError {
                 code: ErrorCode::InvalidRequest,
@@ -237,7 +246,8 @@ async fn handle_enroll(coord: &Coordinator, conn: &quinn::Connection) {
                 &name,
                 |id| coord.ca.sign_client_csr(&req.csr_pem, id, days),
                 |pem| {
-                    let der = pki::CertKey { cert_pem: pem.to_string(), key_pem: String::new() }.cert_der()?;
+                    let der =
+                        pki::CertKey { cert_pem: pem.to_string(), key_pem: String::new() }.cert_der()?;
                     Ok(pki::fingerprint(&der))
                 },
             ) {
@@ -247,7 +257,10 @@ async fn handle_enroll(coord: &Coordinator, conn: &quinn::Connection) {
                 }
                 Err(refusal) => {
                     warn!(peer = %peer, "refused enrollment: {refusal}");
-                    EnrollResponse::Refused(RemoteError { code: ErrorCode::Unauthorized, message: refusal.to_string() })
+                    EnrollResponse::Refused(RemoteError {
+                        code: ErrorCode::Unauthorized,
+                        message: refusal.to_string(),
+                    })
                 }
             }
         };
@@ -263,9 +276,15 @@ async fn handle_enroll(coord: &Coordinator, conn: &quinn::Connection) {
     }
 }
 
-async fn handle_agent(coord: Arc<Coordinator>, conn: quinn::Connection, agent_id: String, shutdown: CancellationToken) {
+async fn handle_agent(
+    coord: Arc<Coordinator>,
+    conn: quinn::Connection,
+    agent_id: String,
+    shutdown: CancellationToken,
+) {
     let first = async {
-        let (send, mut recv) = conn.accept_bi().await.map_err(|e| (CloseCode::Normal, format!("connection lost: {e}")))?;
+        let (send, mut recv) =
+            conn.accept_bi().await.map_err(|e| (CloseCode::Normal, format!("connection lost: {e}")))?;
         let msg = framed::read_frame::<AgentToCoordinator, _>(&mut recv, MAX_CONTROL_FRAME)
             .await
             .map_err(|e| (CloseCode::ProtocolViolation, format!("malformed first message: {e}")))?;
@@ -275,8 +294,12 @@ async fn handle_agent(coord: Arc<Coordinator>, conn: quinn::Connection, agent_id
         Err(_) => return refuse(&conn, CloseCode::ProtocolViolation, "no Hello within 10s"),
         Ok(Err((code, reason))) => return refuse(&conn, code, &reason),
         Ok(Ok((s, r, Some(AgentToCoordinator::Hello(h))))) => (s, r, h),
-        Ok(Ok((_, _, Some(_)))) => return refuse(&conn, CloseCode::ProtocolViolation, "first message was not Hello"),
-        Ok(Ok((_, _, None))) => return refuse(&conn, CloseCode::ProtocolViolation, "control stream closed before Hello"),
+        Ok(Ok((_, _, Some(_)))) => {
+            return refuse(&conn, CloseCode::ProtocolViolation, "first message was not Hello");
+        }
+        Ok(Ok((_, _, None))) => {
+            return refuse(&conn, CloseCode::ProtocolViolation, "control stream closed before Hello");
+        }
     };
     if hello.protocol_major != protocol::PROTOCOL_MAJOR {
         let reason = format!(
@@ -389,7 +412,9 @@ async fn control_loop(
                     a.host.work_dir_free_bytes = hb.work_dir_free_bytes;
                 }
                 tracing::debug!(seq = hb.seq, "heartbeat");
-                if let Err(e) = framed::write_frame(send, &CoordinatorToAgent::HeartbeatAck { seq: hb.seq }).await {
+                if let Err(e) =
+                    framed::write_frame(send, &CoordinatorToAgent::HeartbeatAck { seq: hb.seq }).await
+                {
                     return format!("could not answer heartbeat: {e}");
                 }
             }
@@ -436,7 +461,10 @@ async fn handle_admin(coord: Arc<Coordinator>, conn: quinn::Connection) {
             let response = match framed::read_frame::<AdminRequest, _>(&mut recv, MAX_CONTROL_FRAME).await {
                 Ok(Some(req)) => admin_request(&coord, req).await,
                 Ok(None) => return,
-                Err(e) => AdminResponse::Error(RemoteError { code: ErrorCode::InvalidRequest, message: e.to_string() }),
+                Err(e) => AdminResponse::Error(RemoteError {
+                    code: ErrorCode::InvalidRequest,
+                    message: e.to_string(),
+                }),
             };
             let _ = framed::write_frame(&mut send, &response).await;
             let _ = send.finish();
@@ -447,8 +475,12 @@ async fn handle_admin(coord: Arc<Coordinator>, conn: quinn::Connection) {
 async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse {
     let result = match req {
         AdminRequest::ListAgents => return AdminResponse::Agents(coord.agent_infos()),
-        AdminRequest::Push { agent, src, dest, compression } => push(coord, &agent, src.into(), &dest, compression).await,
-        AdminRequest::Pull { agent, src, dest, compression } => pull(coord, &agent, &src, dest.into(), compression).await,
+        AdminRequest::Push { agent, src, dest, compression } => {
+            push(coord, &agent, src.into(), &dest, compression).await
+        }
+        AdminRequest::Pull { agent, src, dest, compression } => {
+            pull(coord, &agent, &src, dest.into(), compression).await
+        }
     };
     match result {
         Ok(summary) => AdminResponse::TransferDone(summary),
@@ -457,7 +489,8 @@ async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse 
 }
 
 fn log_transfer(direction: &str, agent: &str, s: &TransferSummary) {
-    let mb_s = if s.elapsed_ms > 0 { s.content_bytes as f64 / 1e6 / (s.elapsed_ms as f64 / 1e3) } else { 0.0 };
+    let mb_s =
+        if s.elapsed_ms > 0 { s.content_bytes as f64 / 1e6 / (s.elapsed_ms as f64 / 1e3) } else { 0.0 };
     info!(
         agent = %agent,
         direction,
@@ -481,7 +514,8 @@ pub async fn push(
     let conn = coord.connection_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
     let started = Instant::now();
     let (mut send, mut recv) = conn.open_bi().await.context("opening transfer stream")?;
-    let header = BulkRequest::Put { dest: dest.to_string(), data: DataHeader { expected_bytes: None, compression } };
+    let header =
+        BulkRequest::Put { dest: dest.to_string(), data: DataHeader { expected_bytes: None, compression } };
     framed::write_frame(&mut send, &header).await?;
     let sent = transport::send_tree(&mut send, src.clone(), compression).await;
     if sent.is_ok() {
@@ -514,11 +548,15 @@ pub async fn pull(
     let (mut send, mut recv) = conn.open_bi().await.context("opening transfer stream")?;
     framed::write_frame(&mut send, &BulkRequest::Get { src: src.to_string(), compression }).await?;
     send.finish()?;
-    match framed::read_frame::<BulkReply, _>(&mut recv, MAX_CONTROL_FRAME).await.context("reading transfer reply")? {
+    match framed::read_frame::<BulkReply, _>(&mut recv, MAX_CONTROL_FRAME)
+        .await
+        .context("reading transfer reply")?
+    {
         Some(BulkReply::Data(header)) => {
-            let mut summary = transport::recv_tree(&mut recv, dest, header.compression, coord.config.unpack_limits)
-                .await
-                .with_context(|| format!("receiving {src} from {agent}"))?;
+            let mut summary =
+                transport::recv_tree(&mut recv, dest, header.compression, coord.config.unpack_limits)
+                    .await
+                    .with_context(|| format!("receiving {src} from {agent}"))?;
             summary.elapsed_ms = started.elapsed().as_millis() as u64;
             log_transfer("pull", agent, &summary);
             Ok(summary)

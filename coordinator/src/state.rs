@@ -129,9 +129,11 @@ impl State {
         let mut db = self.db();
         let tx = db.transaction().map_err(|e| other(e.into()))?;
         let row: Option<(u64, i64)> = tx
-            .query_row("SELECT expires_at, uses_left FROM tokens WHERE hash = ?1", params![token_hash(token)], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT expires_at, uses_left FROM tokens WHERE hash = ?1",
+                params![token_hash(token)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()
             .map_err(|e| other(e.into()))?;
         let Some((expires_at, uses_left)) = row else { return Err(EnrollRefusal::UnknownToken) };
@@ -272,7 +274,8 @@ mod tests {
         assert!(matches!(enroll(&state, "pype1.nope", "x"), Err(EnrollRefusal::UnknownToken)));
         // Only the hash is stored.
         let db = state.db();
-        let found: i64 = db.query_row("SELECT count(*) FROM tokens WHERE hash = ?1", params![t], |r| r.get(0)).unwrap();
+        let found: i64 =
+            db.query_row("SELECT count(*) FROM tokens WHERE hash = ?1", params![t], |r| r.get(0)).unwrap();
         assert_eq!(found, 0);
     }
 

@@ -36,7 +36,10 @@ pub fn server_names(listen: SocketAddr, advertise: &[String]) -> Vec<String> {
             Ok(sa) => sa.ip().to_string(),
             Err(_) => match a.parse::<IpAddr>() {
                 Ok(ip) => ip.to_string(),
-                Err(_) => a.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(a.clone(), |(h, _)| h.to_string()),
+                Err(_) => a
+                    .rsplit_once(':')
+                    .filter(|(_, p)| p.parse::<u16>().is_ok())
+                    .map_or(a.clone(), |(h, _)| h.to_string()),
             },
         };
         names.push(name);

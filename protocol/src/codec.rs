@@ -34,9 +34,7 @@ fn options(limit: usize) -> impl Options {
 
 /// Encodes `msg` as one frame (header plus payload).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
-    let payload = options(MAX_FRAME_LEN)
-        .serialize(msg)
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let payload = options(MAX_FRAME_LEN).serialize(msg).map_err(|e| CodecError::Malformed(e.to_string()))?;
     if payload.len() > MAX_FRAME_LEN {
         return Err(CodecError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
     }
@@ -65,9 +63,7 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     if payload.len() > MAX_FRAME_LEN {
         return Err(CodecError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
     }
-    options(payload.len())
-        .deserialize(payload)
-        .map_err(|e| CodecError::Malformed(e.to_string()))
+    options(payload.len()).deserialize(payload).map_err(|e| CodecError::Malformed(e.to_string()))
 }
 
 /// Decodes a whole frame held in memory (header plus payload).

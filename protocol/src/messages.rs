@@ -156,9 +156,19 @@ pub struct AgentInfo {
 pub enum AdminRequest {
     ListAgents,
     /// Send the coordinator-side tree `src` to `dest` on `agent`.
-    Push { agent: String, src: String, dest: String, compression: crate::Compression },
+    Push {
+        agent: String,
+        src: String,
+        dest: String,
+        compression: crate::Compression,
+    },
     /// Fetch the agent-side tree `src` into the coordinator-side `dest`.
-    Pull { agent: String, src: String, dest: String, compression: crate::Compression },
+    Pull {
+        agent: String,
+        src: String,
+        dest: String,
+        compression: crate::Compression,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! Pins the encoded bytes of `Hello`: if this test fails, the wire format changed and old
 //! agents can no longer talk to new coordinators. Bump `PROTOCOL_MAJOR` instead of editing it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use protocol::{AgentToCoordinator, Hello, HostFacts, codec};
 
@@ -31,18 +32,29 @@ fn hello_bytes_are_pinned() {
     let expected = concat!(
         "0000007a", // frame length (122)
         "00000000", // variant 0: Hello
-        "01000000", "00000000", // protocol_major, protocol_minor
-        "0500000000000000", "302e312e30", // agent_version "0.1.0"
-        "0200000000000000", "6131", // agent_id "a1"
-        "0100000000000000", "68", // hostname "h"
-        "0100000000000000", "4c", // os "L"
+        "01000000",
+        "00000000", // protocol_major, protocol_minor
+        "0500000000000000",
+        "302e312e30", // agent_version "0.1.0"
+        "0200000000000000",
+        "6131", // agent_id "a1"
+        "0100000000000000",
+        "68", // hostname "h"
+        "0100000000000000",
+        "4c",       // os "L"
         "02000000", // cpus
-        "0004000000000000", "0002000000000000", // memory total / available
-        "0200000000000000", "2f77", // work_dir "/w"
+        "0004000000000000",
+        "0002000000000000", // memory total / available
+        "0200000000000000",
+        "2f77",             // work_dir "/w"
         "0010000000000000", // work_dir_free_bytes
-        "0100000000000000", "0100000000000000", "6b", "0100000000000000", "76", // labels
+        "0100000000000000",
+        "0100000000000000",
+        "6b",
+        "0100000000000000",
+        "76",       // labels
         "01000000", // slots
-        "00", // instance_id: None
+        "00",       // instance_id: None
     );
     assert_eq!(hex, expected);
     let back: AgentToCoordinator = codec::decode_frame(&frame).unwrap();

@@ -1,5 +1,6 @@
 //! Helpers for end-to-end tests: start the real coordinator and agent binaries on 127.0.0.1,
 //! wait for the log lines they print (never a sleep), and show everything on failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -61,7 +62,11 @@ impl Proc {
             let now = Instant::now();
             if now >= deadline {
                 drop(lines);
-                panic!("{}: no log line with {needles:?} (x{n}) within {timeout:?}\n{}", self.name, self.dump());
+                panic!(
+                    "{}: no log line with {needles:?} (x{n}) within {timeout:?}\n{}",
+                    self.name,
+                    self.dump()
+                );
             }
             lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
         }
@@ -141,7 +146,11 @@ impl Coord {
             .args(args)
             .output()
             .expect("running pype-coordinator");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn cli_ok(&self, bins: &Bins, args: &[&str]) -> String {
@@ -187,7 +196,7 @@ pub fn start_agent(bins: &Bins, coord: &Coord, dir: &Path, name: &str, token: Op
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -196,7 +205,7 @@ impl Rng {
 
     pub fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
+            let v = self.next_u64().to_le_bytes();
             chunk.copy_from_slice(&v[..chunk.len()]);
         }
     }

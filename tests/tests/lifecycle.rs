@@ -1,11 +1,15 @@
 //! Agents enroll, connect, heartbeat, reconnect, get lost and leave: real processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::time::Duration;
 
 use tests::{Bins, Coord, T, start_agent};
 
 fn bins() -> Bins {
-    Bins { coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(), agent: env!("CARGO_BIN_EXE_e2e-agent").into() }
+    Bins {
+        coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(),
+        agent: env!("CARGO_BIN_EXE_e2e-agent").into(),
+    }
 }
 
 #[test]

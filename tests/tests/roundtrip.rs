@@ -1,5 +1,6 @@
 //! A large, awkward tree pushed to an agent and pulled back through the real binaries arrives
 //! byte-identical with modes, mtimes and links preserved.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -8,7 +9,10 @@ use std::path::Path;
 use tests::{Bins, Coord, T, manifest, start_agent};
 
 fn bins() -> Bins {
-    Bins { coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(), agent: env!("CARGO_BIN_EXE_e2e-agent").into() }
+    Bins {
+        coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(),
+        agent: env!("CARGO_BIN_EXE_e2e-agent").into(),
+    }
 }
 
 fn build_tree(root: &Path) {
@@ -19,7 +23,7 @@ fn build_tree(root: &Path) {
         let dir = root.join(format!("many/d{d:03}"));
         std::fs::create_dir_all(&dir).unwrap();
         for f in 0..100 {
-            let mut buf = vec![0u8; (rng.next() % 2048) as usize];
+            let mut buf = vec![0u8; (rng.next_u64() % 2048) as usize];
             rng.fill(&mut buf);
             std::fs::write(dir.join(format!("f{f:03}.dat")), &buf).unwrap();
         }
@@ -112,7 +116,8 @@ fn pull_of_a_missing_path_is_a_clear_error() {
     let token = coord.token(&b, &[]);
     let _agent = start_agent(&b, &coord, &tmp.path().join("agent"), "a", Some(&token));
     coord.proc.wait_for(&["agent joined"], T);
-    let (ok, _, err) = coord.cli(&b, &["pull", "a", "/nonexistent/pype", tmp.path().join("x").to_str().unwrap()]);
+    let (ok, _, err) =
+        coord.cli(&b, &["pull", "a", "/nonexistent/pype", tmp.path().join("x").to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("/nonexistent/pype"), "{err}");
     let (ok, _, err) = coord.cli(&b, &["push", "nobody", tmp.path().to_str().unwrap(), "/tmp/x"]);

@@ -1,5 +1,6 @@
 //! The coordinator refuses every untrusted peer before any application message, logs one line
 //! saying why, and keeps serving the agents it trusts.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::time::Duration;
 
@@ -8,7 +9,10 @@ use tests::{Bins, Coord, T, closed_reason, connect, start_agent};
 use transport::{framed, pki};
 
 fn bins() -> Bins {
-    Bins { coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(), agent: env!("CARGO_BIN_EXE_e2e-agent").into() }
+    Bins {
+        coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(),
+        agent: env!("CARGO_BIN_EXE_e2e-agent").into(),
+    }
 }
 
 fn state_ca(coord: &Coord) -> pki::Ca {
@@ -30,7 +34,12 @@ fn hello(agent_id: &str, major: u32) -> AgentToCoordinator {
 }
 
 /// Enrolls an identity for the test itself, through the real enrollment path.
-async fn enroll_identity(coord: &Coord, b: &Bins, dir: &std::path::Path, name: &str) -> agent::session::Identity {
+async fn enroll_identity(
+    coord: &Coord,
+    b: &Bins,
+    dir: &std::path::Path,
+    name: &str,
+) -> agent::session::Identity {
     let token = coord.token(b, &[]);
     let cfg = agent::session::AgentConfig {
         coordinator: coord.addr.to_string(),
@@ -55,7 +64,8 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
     let tmp = tempfile::tempdir().unwrap();
     let coord = Coord::start(&b, &tmp.path().join("coord"), "127.0.0.1:0");
     let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
-    let healthy = start_agent(&b, &coord, &tmp.path().join("healthy"), "healthy", Some(&coord.token(&b, &[])));
+    let healthy =
+        start_agent(&b, &coord, &tmp.path().join("healthy"), "healthy", Some(&coord.token(&b, &[])));
     coord.proc.wait_for(&["agent joined", "healthy"], T);
 
     // No client certificate.
@@ -153,7 +163,8 @@ async fn random_and_truncated_control_frames() {
     let tmp = tempfile::tempdir().unwrap();
     let coord = Coord::start(&b, &tmp.path().join("coord"), "127.0.0.1:0");
     let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
-    let healthy = start_agent(&b, &coord, &tmp.path().join("healthy"), "healthy", Some(&coord.token(&b, &[])));
+    let healthy =
+        start_agent(&b, &coord, &tmp.path().join("healthy"), "healthy", Some(&coord.token(&b, &[])));
     coord.proc.wait_for(&["agent joined", "healthy"], T);
     let me = enroll_identity(&coord, &b, &tmp.path().join("me"), "fuzzer").await;
 
@@ -164,22 +175,22 @@ async fn random_and_truncated_control_frames() {
         let bytes: Vec<u8> = match case % 6 {
             // Pure noise.
             0 => {
-                let mut v = vec![0u8; (rng.next() % 200) as usize + 1];
+                let mut v = vec![0u8; (rng.next_u64() % 200) as usize + 1];
                 rng.fill(&mut v);
                 v
             }
             // A Hello cut short.
-            1 => valid_hello[..(rng.next() as usize % (valid_hello.len() - 1)) + 1].to_vec(),
+            1 => valid_hello[..(rng.next_u64() as usize % (valid_hello.len() - 1)) + 1].to_vec(),
             // A Hello with a flipped byte in its payload.
             2 => {
                 let mut v = valid_hello.clone();
-                let i = 4 + rng.next() as usize % (v.len() - 4);
-                v[i] ^= (rng.next() as u8) | 1;
+                let i = 4 + rng.next_u64() as usize % (v.len() - 4);
+                v[i] ^= (rng.next_u64() as u8) | 1;
                 v
             }
             // A length prefix far over the limit.
             3 => {
-                let mut v = (u32::MAX - (rng.next() as u32 % 1000)).to_be_bytes().to_vec();
+                let mut v = (u32::MAX - (rng.next_u64() as u32 % 1000)).to_be_bytes().to_vec();
                 v.extend_from_slice(&[0; 16]);
                 v
             }

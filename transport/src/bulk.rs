@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use protocol::{Compression, TRAILER_LEN, TransferSummary, Trailer};
+use protocol::{Compression, TRAILER_LEN, Trailer, TransferSummary};
 use tokio::sync::mpsc;
 
 use crate::tree::{self, Staging, TreeError, UnpackLimits};
@@ -91,7 +91,12 @@ pub async fn send_tree(
     let started = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let packer = tokio::task::spawn_blocking(move || -> Result<(tree::TreeStats, Trailer), TreeError> {
-        let mut w = ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK), hasher: blake3::Hasher::new(), bytes: 0 };
+        let mut w = ChannelWriter {
+            tx,
+            buf: BytesMut::with_capacity(CHUNK),
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        };
         let stats = match compression {
             Compression::None => tree::pack(&src, &mut w)?,
             Compression::Zstd { level } => {
@@ -196,7 +201,14 @@ pub async fn recv_tree(
         let staging = Staging::new(&dest)?;
         // The wire may carry a little more than the tar stream (compression framing).
         let wire_limit = limits.max_bytes.saturating_add(limits.max_bytes / 8 + (1 << 20));
-        let mut reader = ChannelReader { rx, current: Bytes::new(), hasher: blake3::Hasher::new(), bytes: 0, wire_limit, end: None };
+        let mut reader = ChannelReader {
+            rx,
+            current: Bytes::new(),
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+            wire_limit,
+            end: None,
+        };
         let stats = match compression {
             Compression::None => tree::unpack(&mut reader, staging.path(), limits),
             Compression::Zstd { .. } => {

@@ -105,9 +105,8 @@ pub fn server(addr: SocketAddr, tls: rustls::ServerConfig, tuning: &Tuning) -> R
 
 /// A client endpoint bound to an ephemeral port of the right address family.
 pub fn client(remote: SocketAddr, tuning: &Tuning) -> Result<quinn::Endpoint> {
-    let local: SocketAddr = if remote.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-        .parse()
-        .context("local address")?;
+    let local: SocketAddr =
+        if remote.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().context("local address")?;
     let socket = bind_socket(local, tuning.socket_buffer_bytes)?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
         .context("starting QUIC endpoint")

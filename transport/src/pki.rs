@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -50,8 +50,7 @@ impl CertKey {
         Ok(Some(Self {
             cert_pem: std::fs::read_to_string(&cert)
                 .with_context(|| format!("reading {}", cert.display()))?,
-            key_pem: std::fs::read_to_string(&key)
-                .with_context(|| format!("reading {}", key.display()))?,
+            key_pem: std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?,
         }))
     }
 }
@@ -112,8 +111,7 @@ impl Ca {
 
     pub fn from_cert_key(cert_key: CertKey) -> Result<Self> {
         let key = KeyPair::from_pem(&cert_key.key_pem).context("parsing CA key")?;
-        let issuer =
-            Issuer::from_ca_cert_pem(&cert_key.cert_pem, key).context("parsing CA certificate")?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_key.cert_pem, key).context("parsing CA certificate")?;
         Ok(Self { cert_key, issuer })
     }
 
@@ -203,14 +201,9 @@ pub fn fingerprint(der: &[u8]) -> String {
 
 /// The subject common name of a DER certificate.
 pub fn common_name(der: &[u8]) -> Result<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| anyhow::anyhow!("parsing certificate: {e}"))?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned);
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| anyhow::anyhow!("parsing certificate: {e}"))?;
+    let cn = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned);
     match cn {
         Some(cn) => Ok(cn),
         None => bail!("certificate has no common name"),
@@ -244,11 +237,13 @@ fn roots(ca_pem: &str) -> Result<rustls::RootCertStore> {
 /// enrollment works; the coordinator refuses them on every other ALPN before reading anything.
 pub fn server_tls(ca_pem: &str, server: &CertKey, alpns: &[&[u8]]) -> Result<rustls::ServerConfig> {
     let provider = crypto_provider();
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .context("building client certificate verifier")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca_pem)?),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("building client certificate verifier")?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

@@ -58,12 +58,14 @@ pub fn pack(src: &Path, out: impl Write) -> Result<TreeStats, TreeError> {
     let mut builder = tar::Builder::new(io::BufWriter::with_capacity(COPY_BUF, out));
     builder.follow_symlinks(false);
     let mut stats = TreeStats::default();
-    let meta = fs::symlink_metadata(src).map_err(|e| TreeError::io(format!("reading {}", src.display()), e))?;
+    let meta =
+        fs::symlink_metadata(src).map_err(|e| TreeError::io(format!("reading {}", src.display()), e))?;
     if meta.is_file() {
         let name = src.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("file"));
         append_file(&mut builder, src, &name, &meta, &mut stats)?;
     } else if meta.is_dir() {
-        let root = fs::canonicalize(src).map_err(|e| TreeError::io(format!("resolving {}", src.display()), e))?;
+        let root =
+            fs::canonicalize(src).map_err(|e| TreeError::io(format!("resolving {}", src.display()), e))?;
         pack_dir(&mut builder, &root, Path::new(""), &mut stats)?;
     } else {
         return Err(TreeError::refused(src, "not a regular file or directory"));
@@ -224,13 +226,15 @@ impl Drop for Staging {
 }
 
 fn remove_any(path: &Path) -> Result<(), TreeError> {
-    let meta = fs::symlink_metadata(path).map_err(|e| TreeError::io(format!("reading {}", path.display()), e))?;
+    let meta =
+        fs::symlink_metadata(path).map_err(|e| TreeError::io(format!("reading {}", path.display()), e))?;
     let r = if meta.is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
     r.map_err(|e| TreeError::io(format!("removing {}", path.display()), e))
 }
 
 fn merge_dir(from: &Path, into: &Path) -> Result<(), TreeError> {
-    let from_meta = fs::symlink_metadata(from).map_err(|e| TreeError::io(format!("reading {}", from.display()), e))?;
+    let from_meta =
+        fs::symlink_metadata(from).map_err(|e| TreeError::io(format!("reading {}", from.display()), e))?;
     for entry in fs::read_dir(from).map_err(|e| TreeError::io(format!("listing {}", from.display()), e))? {
         let entry = entry.map_err(|e| TreeError::io(format!("listing {}", from.display()), e))?;
         let src = entry.path();
@@ -240,9 +244,11 @@ fn merge_dir(from: &Path, into: &Path) -> Result<(), TreeError> {
             Ok(m) if m.is_dir() && src_is_dir => merge_dir(&src, &dst)?,
             Ok(m) if m.is_dir() || src_is_dir => {
                 remove_any(&dst)?;
-                fs::rename(&src, &dst).map_err(|e| TreeError::io(format!("moving into {}", dst.display()), e))?;
+                fs::rename(&src, &dst)
+                    .map_err(|e| TreeError::io(format!("moving into {}", dst.display()), e))?;
             }
-            _ => fs::rename(&src, &dst).map_err(|e| TreeError::io(format!("moving into {}", dst.display()), e))?,
+            _ => fs::rename(&src, &dst)
+                .map_err(|e| TreeError::io(format!("moving into {}", dst.display()), e))?,
         }
     }
     // Keep the merged directory's mode and mtime as sent.
@@ -276,10 +282,14 @@ pub fn resolves_inside(root: &Path, link: &Path, target: &Path) -> bool {
     }
     let mut stack: Vec<OsString> = link
         .parent()
-        .map(|p| p.components().filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            _ => None,
-        }).collect())
+        .map(|p| {
+            p.components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n.to_os_string()),
+                    _ => None,
+                })
+                .collect()
+        })
         .unwrap_or_default();
     let mut hops = 0;
     walk_target(root, &mut stack, target, &mut hops)
@@ -397,11 +407,14 @@ pub fn unpack(input: impl Read, staging: &Path, limits: UnpackLimits) -> Result<
                     .map_err(|e| TreeError::io(format!("creating {}", out.display()), e))?;
                 let mut written = 0u64;
                 loop {
-                    let n = entry.read(&mut buf).map_err(|e| map_read_err(format!("reading {}", raw_path.display()), e))?;
+                    let n = entry
+                        .read(&mut buf)
+                        .map_err(|e| map_read_err(format!("reading {}", raw_path.display()), e))?;
                     if n == 0 {
                         break;
                     }
-                    file.write_all(&buf[..n]).map_err(|e| TreeError::io(format!("writing {}", out.display()), e))?;
+                    file.write_all(&buf[..n])
+                        .map_err(|e| TreeError::io(format!("writing {}", out.display()), e))?;
                     written += n as u64;
                 }
                 file.set_permissions(fs::Permissions::from_mode(mode))
@@ -425,7 +438,11 @@ pub fn unpack(input: impl Read, staging: &Path, limits: UnpackLimits) -> Result<
                 prepare_leaf(staging, &rel, &mut known_dirs, &raw_path)?;
                 std::os::unix::fs::symlink(&target, &out)
                     .map_err(|e| TreeError::io(format!("creating link {}", out.display()), e))?;
-                let _ = filetime::set_symlink_file_times(&out, FileTime::from_unix_time(mtime as i64, 0), FileTime::from_unix_time(mtime as i64, 0));
+                let _ = filetime::set_symlink_file_times(
+                    &out,
+                    FileTime::from_unix_time(mtime as i64, 0),
+                    FileTime::from_unix_time(mtime as i64, 0),
+                );
                 links.push((rel, target));
             }
             tar::EntryType::Link => {
@@ -435,7 +452,10 @@ pub fn unpack(input: impl Read, staging: &Path, limits: UnpackLimits) -> Result<
                     .ok_or_else(|| TreeError::refused(&raw_path, "hardlink without a target"))?
                     .into_owned();
                 let target_rel = sanitize(&target).map_err(|_| {
-                    TreeError::refused(&raw_path, format!("hardlink to {} points outside the destination", target.display()))
+                    TreeError::refused(
+                        &raw_path,
+                        format!("hardlink to {} points outside the destination", target.display()),
+                    )
                 })?;
                 // The target must be a regular file already unpacked, reached without symlinks.
                 if !no_symlink_ancestors(staging, &target_rel)
@@ -453,7 +473,9 @@ pub fn unpack(input: impl Read, staging: &Path, limits: UnpackLimits) -> Result<
             tar::EntryType::Char | tar::EntryType::Block => {
                 return Err(TreeError::refused(&raw_path, "device entries are not accepted"));
             }
-            tar::EntryType::Fifo => return Err(TreeError::refused(&raw_path, "fifo entries are not accepted")),
+            tar::EntryType::Fifo => {
+                return Err(TreeError::refused(&raw_path, "fifo entries are not accepted"));
+            }
             other => {
                 return Err(TreeError::refused(&raw_path, format!("entry type {other:?} is not accepted")));
             }
@@ -478,7 +500,7 @@ pub fn unpack(input: impl Read, staging: &Path, limits: UnpackLimits) -> Result<
         }
     }
     // Directories last, deepest first, so read-only modes do not block their own contents.
-    dirs.sort_by(|a, b| b.0.components().count().cmp(&a.0.components().count()));
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
     for (rel, mode, mtime) in dirs {
         let p = staging.join(&rel);
         fs::set_permissions(&p, fs::Permissions::from_mode(mode | 0o700))
@@ -530,7 +552,12 @@ fn ensure_dir(root: &Path, rel: &Path, known: &mut HashSet<PathBuf>, entry: &Pat
 
 /// Prepares the parent directories of a file or link entry and removes an earlier entry of the
 /// same name (a later entry wins, as with tar), never a directory.
-fn prepare_leaf(root: &Path, rel: &Path, known: &mut HashSet<PathBuf>, entry: &Path) -> Result<(), TreeError> {
+fn prepare_leaf(
+    root: &Path,
+    rel: &Path,
+    known: &mut HashSet<PathBuf>,
+    entry: &Path,
+) -> Result<(), TreeError> {
     if let Some(parent) = rel.parent()
         && !parent.as_os_str().is_empty()
     {

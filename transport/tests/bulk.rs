@@ -1,5 +1,6 @@
 //! Bulk streams over a real QUIC connection on 127.0.0.1: the receiver accepts nothing whose
 //! byte count or BLAKE3 digest disagrees with the trailer, and leaves nothing behind.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::path::Path;
 
@@ -15,7 +16,8 @@ async fn pair() -> (quinn::Endpoint, quinn::Connection, quinn::Connection) {
     let addr = server.local_addr().unwrap();
     let client = endpoint::client(addr, &tuning).unwrap();
     let ctls = pki::client_tls(&ca.cert_key.cert_pem, None, b"test").unwrap();
-    let connecting = client.connect_with(endpoint::client_config(ctls, &tuning).unwrap(), addr, "127.0.0.1").unwrap();
+    let connecting =
+        client.connect_with(endpoint::client_config(ctls, &tuning).unwrap(), addr, "127.0.0.1").unwrap();
     let (c, s) = tokio::join!(connecting, async { server.accept().await.unwrap().await });
     (client, c.unwrap(), s.unwrap())
 }
@@ -32,7 +34,10 @@ fn sample_tar(dir: &Path) -> Vec<u8> {
 
 /// Sends `raw` as the whole stream, receives it into a destination holding a marker, and
 /// returns the receiver's result and the destination listing.
-async fn deliver(raw: Vec<u8>, reset: bool) -> (Result<protocol::TransferSummary, transport::BulkError>, Vec<String>) {
+async fn deliver(
+    raw: Vec<u8>,
+    reset: bool,
+) -> (Result<protocol::TransferSummary, transport::BulkError>, Vec<String>) {
     let (_client_ep, client, server) = pair().await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("dest");
@@ -116,9 +121,14 @@ async fn send_and_receive_with_zstd() {
     });
     let dest = tempfile::tempdir().unwrap();
     let mut recv = server.accept_uni().await.unwrap();
-    let got = transport::recv_tree(&mut recv, dest.path().join("out"), Compression::Zstd { level: 3 }, Default::default())
-        .await
-        .unwrap();
+    let got = transport::recv_tree(
+        &mut recv,
+        dest.path().join("out"),
+        Compression::Zstd { level: 3 },
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let sent = sender.await.unwrap();
     assert_eq!(got.wire_bytes, sent.wire_bytes);
     assert!(sent.wire_bytes < sent.content_bytes / 10, "zstd did not compress: {sent:?}");

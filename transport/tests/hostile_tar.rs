@@ -1,4 +1,5 @@
 //! Crafted archives that must be refused, leaving the destination as it was.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::fs;
 use std::path::Path;
@@ -41,10 +42,8 @@ fn craft(entries: &[E]) -> Vec<u8> {
 }
 
 fn listing(dir: &Path) -> Vec<String> {
-    let mut out: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut out: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     out.sort();
     out
 }

@@ -1,1 +1,3 @@
-fn main() -> std::process::ExitCode { coordinator::cli_main() }
+fn main() -> std::process::ExitCode {
+    coordinator::cli_main()
+}
