@@ -170,10 +170,12 @@ def main():
         hwm = (0, 0)
 
         def dest():
-            d = os.path.join(work, "dest", str(time.monotonic_ns()))
-            return d
+            parent = os.path.join(work, "dest")
+            os.makedirs(parent, exist_ok=True)
+            return os.path.join(parent, str(time.monotonic_ns()))
 
         def run(name, dataset, fn):
+            print(f"running {name} on {os.path.basename(dataset)}", file=sys.stderr, flush=True)
             times = []
             for _ in range(args.reps):
                 d = dest()
