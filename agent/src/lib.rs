@@ -81,23 +81,8 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 pub fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     transport::telemetry::init(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = match cli.command {
-        Command::Run(args) => runtime.block_on(run(args)),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+    match cli.command {
+        Command::Run(args) => transport::cli::block_on_main(run(args)),
     }
 }
 
@@ -123,15 +108,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        transport::cli::shutdown_signal().await;
         tracing::info!("shutting down");
         stop.cancel();
     });

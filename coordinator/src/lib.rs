@@ -125,20 +125,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     transport::telemetry::init(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run_cli(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    transport::cli::block_on_main(run_cli(cli))
 }
 
 async fn run_cli(cli: Cli) -> Result<()> {
@@ -275,26 +262,12 @@ async fn serve(
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        transport::cli::shutdown_signal().await;
         tracing::info!("shutting down");
         signal.cancel();
     });
     server::run(endpoint, coord, shutdown).await;
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 /// Sends one operator request to the running coordinator with the admin identity.

@@ -4,6 +4,7 @@
 //! configuration, rcgen or tar directly.
 
 pub mod bulk;
+pub mod cli;
 pub mod endpoint;
 pub mod framed;
 pub mod pki;
