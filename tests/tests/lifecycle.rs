@@ -96,3 +96,19 @@ fn agent_waits_for_a_coordinator_that_is_not_there_yet() {
     let coord = Coord::start(&b, &dir, &addr.to_string());
     coord.proc.wait_for(&["agent joined", "early"], T);
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let b = bins();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(&b.coordinator);
+    cmd.args(["--log-format", "json", "--state-dir"]).arg(tmp.path()).args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let proc = tests::Proc::spawn("coordinator (json)", cmd);
+    let line = proc.wait_for(&["coordinator listening"], T);
+    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    assert!(line.contains("\"level\":\"INFO\"") && line.contains("\"addr\":\"127.0.0.1:"), "{line}");
+}
