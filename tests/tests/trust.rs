@@ -58,15 +58,21 @@ async fn enroll_identity(
     agent::session::enroll(&cfg, &token).await.unwrap()
 }
 
+/// A coordinator, its CA certificate, and one well-behaved agent that every test checks is
+/// never disturbed by what the others do.
+fn coordinator_with_healthy_agent(b: &Bins, dir: &std::path::Path) -> (Coord, String, tests::Proc) {
+    let coord = Coord::start(b, &dir.join("coord"), "127.0.0.1:0");
+    let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
+    let healthy = start_agent(b, &coord, &dir.join("healthy"), "healthy", Some(&coord.token(b, &[])));
+    coord.proc.wait_for(&["agent joined", "healthy"], T);
+    (coord, ca_pem, healthy)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_peers_are_refused_and_others_keep_working() {
     let b = bins();
     let tmp = tempfile::tempdir().unwrap();
-    let coord = Coord::start(&b, &tmp.path().join("coord"), "127.0.0.1:0");
-    let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
-    let healthy =
-        start_agent(&b, &coord, &tmp.path().join("healthy"), "healthy", Some(&coord.token(&b, &[])));
-    coord.proc.wait_for(&["agent joined", "healthy"], T);
+    let (coord, ca_pem, healthy) = coordinator_with_healthy_agent(&b, tmp.path());
 
     // No client certificate.
     let conn = connect(coord.addr, &ca_pem, None, protocol::ALPN_AGENT).await.unwrap();
@@ -161,11 +167,7 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
 async fn random_and_truncated_control_frames() {
     let b = bins();
     let tmp = tempfile::tempdir().unwrap();
-    let coord = Coord::start(&b, &tmp.path().join("coord"), "127.0.0.1:0");
-    let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
-    let healthy =
-        start_agent(&b, &coord, &tmp.path().join("healthy"), "healthy", Some(&coord.token(&b, &[])));
-    coord.proc.wait_for(&["agent joined", "healthy"], T);
+    let (coord, ca_pem, healthy) = coordinator_with_healthy_agent(&b, tmp.path());
     let me = enroll_identity(&coord, &b, &tmp.path().join("me"), "fuzzer").await;
 
     let valid_hello = protocol::codec::encode(&hello("fuzzer", 1)).unwrap();
