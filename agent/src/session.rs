@@ -197,7 +197,7 @@ async fn session(
     if ep.is_none() {
         *ep = Some(endpoint::client(addr, tuning)?);
     }
-    let Some(endpoint) = ep.as_ref() else { unreachable!("endpoint set above") };
+    let endpoint = ep.as_ref().ok_or_else(|| anyhow!("no QUIC endpoint"))?;
     let tls = pki::client_tls(&cfg.ca_pem, Some(&identity.cert), protocol::ALPN_AGENT)?;
     let connecting =
         endpoint.connect_with(endpoint::client_config(tls, tuning)?, addr, &server_name(&cfg.coordinator))?;
