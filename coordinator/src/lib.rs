@@ -3,6 +3,8 @@
 
 pub mod server;
 pub mod state;
+pub mod stepfile;
+pub mod store;
 pub mod trust;
 
 use std::net::SocketAddr;
@@ -73,6 +75,32 @@ enum Command {
         #[arg(long)]
         coordinator: Option<SocketAddr>,
     },
+    /// Store local files or directories as one snapshot and add their registry entries.
+    Import {
+        /// Absolute paths; each becomes an entry keyed by its path.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Registry file to merge the new entries into (printed on stdout otherwise).
+        #[arg(long)]
+        registry: Option<PathBuf>,
+    },
+    /// Single steps, for operators and tests.
+    Step {
+        #[command(subcommand)]
+        command: StepCommand,
+    },
+    /// Ask an agent's storage backend which outputs exist: one `PATH<TAB>SIZE|missing` line each.
+    CheckOutputs {
+        #[arg(long)]
+        agent: String,
+        /// Registry the agent resolves the paths with (snapshot backend).
+        #[arg(long)]
+        registry: Option<PathBuf>,
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long)]
+        coordinator: Option<SocketAddr>,
+    },
     /// Fetch a directory tree from an agent to the coordinator's host.
     Pull {
         agent: String,
@@ -80,6 +108,28 @@ enum Command {
         dest: PathBuf,
         #[arg(long)]
         zstd: Option<i32>,
+        #[arg(long)]
+        coordinator: Option<SocketAddr>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StepCommand {
+    /// Run one step file on an agent; its output goes to stderr, its outcome (JSON) to stdout.
+    /// Exits non-zero when the step fails.
+    Run {
+        #[arg(long)]
+        agent: String,
+        step: PathBuf,
+        /// Registry to hand the agent and to merge the step's new entries into.
+        #[arg(long)]
+        registry: Option<PathBuf>,
+        #[arg(long)]
+        coordinator: Option<SocketAddr>,
+    },
+    /// Cancel a running attempt.
+    Cancel {
+        attempt_id: u64,
         #[arg(long)]
         coordinator: Option<SocketAddr>,
     },
@@ -194,6 +244,105 @@ async fn run_cli(cli: Cli) -> Result<()> {
             };
             print_transfer(admin(&dir, coordinator, req).await?)
         }
+        Command::Import { paths, registry } => {
+            let mut abs = Vec::with_capacity(paths.len());
+            for p in paths {
+                abs.push(std::path::absolute(&p).with_context(|| format!("resolving {}", p.display()))?);
+            }
+            let store = store::LocalStore::open_dir(dir.join("snapshots"))?;
+            let meta = tokio::task::spawn_blocking(move || {
+                let meta = store.import(&abs)?;
+                anyhow::Ok((meta, abs))
+            })
+            .await??;
+            let (meta, abs) = meta;
+            let mut new = protocol::Registry::default();
+            for p in abs {
+                let key = p.to_string_lossy().into_owned();
+                let in_snapshot_path = key.trim_start_matches('/').to_string();
+                new.entries.insert(
+                    key,
+                    protocol::RegistryEntry {
+                        snapshot_id: meta.snapshot_id.clone(),
+                        in_snapshot_path,
+                        bind_path: None,
+                        produced_by: None,
+                    },
+                );
+            }
+            eprintln!(
+                "imported {} entries ({} bytes, {} stored) as {}",
+                meta.entries, meta.content_bytes, meta.wire_bytes, meta.snapshot_id
+            );
+            match registry {
+                Some(path) => {
+                    let mut reg = stepfile::read_registry(&path)?;
+                    reg.merge(new.entries);
+                    stepfile::write_registry(&path, &reg)
+                }
+                None => {
+                    print!("{}", new.to_json());
+                    Ok(())
+                }
+            }
+        }
+        Command::Step { command: StepCommand::Run { agent, step, registry, coordinator } } => {
+            let reg = match &registry {
+                Some(p) => stepfile::read_registry(p)?,
+                None => protocol::Registry::default(),
+            };
+            let spec = stepfile::load(&step, &reg)?;
+            let req = AdminRequest::RunStep { agent, spec: Box::new(spec) };
+            let last = admin_stream(&dir, coordinator, req, |frame| match frame {
+                AdminResponse::StepStarted { backend, view } => {
+                    eprintln!("[pype] step started (backend {backend}, view {view})");
+                }
+                AdminResponse::StepOutput(lines) => {
+                    for l in lines {
+                        eprintln!("{}", l.line);
+                    }
+                }
+                _ => {}
+            })
+            .await?;
+            let AdminResponse::StepDone(outcome) = last else { return Err(unexpected(last)) };
+            if let Some(path) = &registry {
+                let mut reg = stepfile::read_registry(path)?;
+                reg.merge(outcome.new_entries.iter().cloned());
+                stepfile::write_registry(path, &reg)?;
+            }
+            println!("{}", outcome_json(&outcome));
+            if !outcome.succeeded() {
+                bail!(
+                    "step ended with {:?}{}",
+                    outcome.exit,
+                    outcome.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Step { command: StepCommand::Cancel { attempt_id, coordinator } } => {
+            match admin(&dir, coordinator, AdminRequest::CancelStep { attempt_id }).await? {
+                AdminResponse::Done => Ok(()),
+                other => Err(unexpected(other)),
+            }
+        }
+        Command::CheckOutputs { agent, registry, paths, coordinator } => {
+            let reg = match &registry {
+                Some(p) => stepfile::read_registry(p)?,
+                None => protocol::Registry::default(),
+            };
+            let registry = reg.relevant(paths.iter().map(String::as_str), &[]);
+            match admin(&dir, coordinator, AdminRequest::CheckOutputs { agent, paths, registry }).await? {
+                AdminResponse::Outputs(sizes) => {
+                    for (p, size) in sizes {
+                        println!("{p}\t{}", size.map_or("missing".to_string(), |s| s.to_string()));
+                    }
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
         Command::Pull { agent, src, dest, zstd, coordinator } => {
             let dest = std::path::absolute(&dest).with_context(|| format!("resolving {}", dest.display()))?;
             let req = AdminRequest::Pull {
@@ -258,7 +407,8 @@ async fn serve(
     pki::write_file(&dir.join(ADDR_FILE), local.to_string().as_bytes(), 0o644)?;
     tracing::info!(addr = %local, state_dir = %dir.display(), "coordinator listening");
     let config = server::ServerConfig { heartbeat_interval, ..Default::default() };
-    let coord = server::Coordinator::new(state, identity.ca, config);
+    let store = Arc::new(store::LocalStore::open_dir(dir.join("snapshots"))?);
+    let coord = server::Coordinator::new(state, identity.ca, config, store);
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -270,8 +420,38 @@ async fn serve(
     Ok(())
 }
 
+fn outcome_json(o: &protocol::StepOutcome) -> String {
+    let outputs: serde_json::Map<String, serde_json::Value> =
+        o.outputs.iter().map(|(p, s)| (p.clone(), serde_json::json!(s))).collect();
+    let mut new = protocol::Registry::default();
+    new.merge(o.new_entries.iter().cloned());
+    let new_entries: serde_json::Value = serde_json::from_str(&new.to_json()).unwrap_or_default();
+    serde_json::json!({
+        "attempt_id": o.attempt_id,
+        "exit": format!("{:?}", o.exit),
+        "succeeded": o.succeeded(),
+        "error": o.error,
+        "backend": o.backend,
+        "elapsed_ms": o.elapsed_ms,
+        "outputs": outputs,
+        "new_entries": new_entries,
+    })
+    .to_string()
+}
+
 /// Sends one operator request to the running coordinator with the admin identity.
 async fn admin(dir: &Path, addr: Option<SocketAddr>, req: AdminRequest) -> Result<AdminResponse> {
+    admin_stream(dir, addr, req, |_| {}).await
+}
+
+/// Like [`admin`], for requests answered with progress frames before the last one:
+/// `progress` sees every `StepStarted`/`StepOutput`, the final frame is returned.
+async fn admin_stream(
+    dir: &Path,
+    addr: Option<SocketAddr>,
+    req: AdminRequest,
+    mut progress: impl FnMut(AdminResponse),
+) -> Result<AdminResponse> {
     let addr = match addr {
         Some(a) => a,
         None => {
@@ -298,9 +478,15 @@ async fn admin(dir: &Path, addr: Option<SocketAddr>, req: AdminRequest) -> Resul
     let (mut send, mut recv) = conn.open_bi().await?;
     framed::write_frame(&mut send, &req).await?;
     send.finish()?;
-    let resp = framed::read_frame::<AdminResponse, _>(&mut recv, protocol::MAX_FRAME_LEN)
-        .await?
-        .ok_or_else(|| anyhow!("coordinator closed the request without an answer"))?;
+    let resp = loop {
+        let frame = framed::read_frame::<AdminResponse, _>(&mut recv, protocol::MAX_FRAME_LEN)
+            .await?
+            .ok_or_else(|| anyhow!("coordinator closed the request without an answer"))?;
+        match frame {
+            AdminResponse::StepStarted { .. } | AdminResponse::StepOutput(_) => progress(frame),
+            last => break last,
+        }
+    };
     conn.close(quinn::VarInt::from_u32(0), b"done");
     ep.wait_idle().await;
     Ok(resp)

@@ -14,16 +14,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use protocol::{
-    AdminRequest, AdminResponse, AgentInfo, AgentToCoordinator, BulkReply, BulkRequest, CloseCode,
-    CoordinatorToAgent, DataHeader, EnrollRequest, EnrollResponse, ErrorCode, HostFacts, RemoteError,
-    TransferSummary, Welcome,
+    AdminRequest, AdminResponse, AgentInfo, AgentToCoordinator, BulkReply, BulkRequest, CloseCode, Compression,
+    CoordinatorToAgent, DataHeader, EnrollRequest, EnrollResponse, ErrorCode, HostFacts, LogLine, RegistryEntry,
+    RemoteError, SnapshotReply, SnapshotRequest, StepOutcome, StepSpec, TransferSummary, Welcome,
 };
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 use transport::{framed, pki, tree::UnpackLimits};
 
 use crate::state::{Role, State};
+use crate::store::SnapshotStore;
+
+/// Control messages queued for one agent's control stream.
+const OUTBOX_DEPTH: usize = 256;
 
 /// Largest control or request frame the coordinator accepts.
 const MAX_CONTROL_FRAME: usize = 1024 * 1024;
@@ -57,25 +62,126 @@ struct ConnectedAgent {
     connected_at: Instant,
     last_heartbeat: Instant,
     load_average: f64,
+    outbox: mpsc::Sender<CoordinatorToAgent>,
 }
+
+/// What happens to a dispatched attempt, in order: `Started`, any number of `Output`,
+/// one `Finished`.
+#[derive(Debug, Clone)]
+pub enum StepEvent {
+    Started { backend: String, view: String },
+    Output(Vec<LogLine>),
+    Finished(StepOutcome),
+}
+
+struct Attempt {
+    agent: String,
+    events: mpsc::UnboundedSender<StepEvent>,
+}
+
+type CheckReply = Result<Vec<(String, Option<u64>)>, RemoteError>;
 
 pub struct Coordinator {
     state: Arc<State>,
     ca: pki::Ca,
     config: ServerConfig,
+    store: Arc<dyn SnapshotStore>,
     agents: Mutex<HashMap<String, ConnectedAgent>>,
+    attempts: Mutex<HashMap<u64, Attempt>>,
+    checks: Mutex<HashMap<u64, oneshot::Sender<CheckReply>>>,
     next_serial: std::sync::atomic::AtomicU64,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Coordinator {
-    pub fn new(state: Arc<State>, ca: pki::Ca, config: ServerConfig) -> Arc<Self> {
+    pub fn new(state: Arc<State>, ca: pki::Ca, config: ServerConfig, store: Arc<dyn SnapshotStore>) -> Arc<Self> {
         Arc::new(Self {
             state,
             ca,
             config,
+            store,
             agents: Mutex::new(HashMap::new()),
+            attempts: Mutex::new(HashMap::new()),
+            checks: Mutex::new(HashMap::new()),
             next_serial: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn outbox_of(&self, agent: &str) -> Option<mpsc::Sender<CoordinatorToAgent>> {
+        self.agents().get(agent).map(|a| a.outbox.clone())
+    }
+
+    /// Sends `spec` to `agent` and returns the attempt's events. An `attempt_id` of 0 is
+    /// replaced by a fresh one (returned). The attempt stays registered until it finishes,
+    /// across reconnects of the agent.
+    pub async fn run_step(
+        &self,
+        agent: &str,
+        mut spec: StepSpec,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<StepEvent>)> {
+        if spec.attempt_id == 0 {
+            spec.attempt_id = (rand::random::<u64>() >> 12) | 1;
+        }
+        let attempt_id = spec.attempt_id;
+        let outbox = self.outbox_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.attempts).insert(attempt_id, Attempt { agent: agent.to_string(), events: tx });
+        info!(agent = %agent, run = %spec.run, step = %spec.step, attempt = attempt_id, "step dispatched");
+        if outbox.send(CoordinatorToAgent::RunStep(Box::new(spec))).await.is_err() {
+            lock(&self.attempts).remove(&attempt_id);
+            return Err(anyhow!("agent {agent} disconnected"));
+        }
+        Ok((attempt_id, rx))
+    }
+
+    /// Asks the agent running `attempt_id` to stop it.
+    pub async fn cancel_step(&self, attempt_id: u64, reason: &str) -> Result<()> {
+        let agent = lock(&self.attempts)
+            .get(&attempt_id)
+            .map(|a| a.agent.clone())
+            .ok_or_else(|| anyhow!("no running attempt {attempt_id}"))?;
+        let outbox = self.outbox_of(&agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
+        outbox
+            .send(CoordinatorToAgent::CancelStep { attempt_id, reason: reason.to_string() })
+            .await
+            .map_err(|_| anyhow!("agent {agent} disconnected"))
+    }
+
+    /// `check_outputs(paths)` through `agent`'s backend.
+    pub async fn check_outputs(
+        &self,
+        agent: &str,
+        paths: Vec<String>,
+        registry: Vec<(String, RegistryEntry)>,
+    ) -> Result<Vec<(String, Option<u64>)>> {
+        let outbox = self.outbox_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
+        let request_id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.checks).insert(request_id, tx);
+        let sent = outbox.send(CoordinatorToAgent::CheckOutputs { request_id, paths, registry }).await;
+        if sent.is_err() {
+            lock(&self.checks).remove(&request_id);
+            return Err(anyhow!("agent {agent} disconnected"));
+        }
+        match tokio::time::timeout(Duration::from_secs(300), rx).await {
+            Ok(Ok(Ok(sizes))) => Ok(sizes),
+            Ok(Ok(Err(e))) => Err(anyhow!("agent {agent} could not check outputs: {}", e.message)),
+            Ok(Err(_)) | Err(_) => {
+                lock(&self.checks).remove(&request_id);
+                Err(anyhow!("agent {agent} did not answer the output check"))
+            }
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn SnapshotStore> {
+        &self.store
     }
 
     fn agents(&self) -> std::sync::MutexGuard<'_, HashMap<String, ConnectedAgent>> {
@@ -318,8 +424,9 @@ async fn handle_agent(
             &format!("Hello names agent {} but the certificate belongs to {agent_id}", hello.agent_id),
         );
     }
-    let serial = coord.next_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let serial = coord.next_id();
     let now = Instant::now();
+    let (outbox, mut outbox_rx) = mpsc::channel(OUTBOX_DEPTH);
     let previous = coord.agents().insert(
         agent_id.clone(),
         ConnectedAgent {
@@ -330,6 +437,7 @@ async fn handle_agent(
             connected_at: now,
             last_heartbeat: now,
             load_average: 0.0,
+            outbox,
         },
     );
     if let Some(prev) = previous {
@@ -356,7 +464,13 @@ async fn handle_agent(
     });
     let reason = match framed::write_frame(&mut send, &welcome).await {
         Err(e) => format!("could not send Welcome: {e}"),
-        Ok(()) => control_loop(&coord, &conn, &agent_id, &mut send, &mut recv, &shutdown).await,
+        Ok(()) => {
+            let streams = tokio::spawn(serve_snapshot_streams(coord.clone(), conn.clone()).in_current_span());
+            let reason =
+                control_loop(&coord, &conn, &agent_id, &mut send, &mut recv, &mut outbox_rx, &shutdown).await;
+            streams.abort();
+            reason
+        }
     };
     let mut agents = coord.agents();
     if agents.get(&agent_id).is_some_and(|a| a.conn_serial == serial) {
@@ -373,11 +487,18 @@ async fn control_loop(
     agent_id: &str,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
+    outbox: &mut mpsc::Receiver<CoordinatorToAgent>,
     shutdown: &CancellationToken,
 ) -> String {
     let allowed = coord.config.heartbeat_interval * coord.config.heartbeats_missed.max(1);
     loop {
         let msg = tokio::select! {
+            Some(out) = outbox.recv() => {
+                if let Err(e) = framed::write_frame(send, &out).await {
+                    return format!("could not send to agent: {e}");
+                }
+                continue;
+            }
             _ = shutdown.cancelled() => {
                 let bye = CoordinatorToAgent::GoingAway { reason: "coordinator shutting down".into() };
                 let _ = framed::write_frame(send, &bye).await;
@@ -427,8 +548,158 @@ async fn control_loop(
                 conn.close(close_code(CloseCode::ProtocolViolation), reason.as_bytes());
                 return reason;
             }
+            Ok(Ok(Some(AgentToCoordinator::StepStarted { attempt_id, backend, view }))) => {
+                info!(attempt = attempt_id, backend = %backend, view = %view, "step started");
+                route(coord, attempt_id, StepEvent::Started { backend, view });
+            }
+            Ok(Ok(Some(AgentToCoordinator::StepOutput { attempt_id, lines }))) => {
+                route(coord, attempt_id, StepEvent::Output(lines));
+            }
+            Ok(Ok(Some(AgentToCoordinator::StepFinished(outcome)))) => {
+                let attempt_id = outcome.attempt_id;
+                let known = lock(&coord.attempts).remove(&attempt_id);
+                match known {
+                    Some(a) => {
+                        info!(
+                            attempt = attempt_id,
+                            exit = ?outcome.exit,
+                            backend = %outcome.backend,
+                            new_entries = outcome.new_entries.len(),
+                            elapsed_ms = outcome.elapsed_ms,
+                            error = outcome.error.as_deref().unwrap_or(""),
+                            "step finished"
+                        );
+                        let _ = a.events.send(StepEvent::Finished(outcome));
+                    }
+                    None => warn!(attempt = attempt_id, "discarding the result of an attempt nobody waits for"),
+                }
+                if let Err(e) = framed::write_frame(send, &CoordinatorToAgent::StepResultAck { attempt_id }).await {
+                    return format!("could not acknowledge a result: {e}");
+                }
+            }
+            Ok(Ok(Some(AgentToCoordinator::OutputsChecked { request_id, result }))) => {
+                if let Some(tx) = lock(&coord.checks).remove(&request_id) {
+                    let _ = tx.send(result);
+                }
+            }
         }
     }
+}
+
+fn route(coord: &Coordinator, attempt_id: u64, event: StepEvent) {
+    if let Some(a) = lock(&coord.attempts).get(&attempt_id) {
+        let _ = a.events.send(event);
+    }
+}
+
+/// Serves the streams an agent opens after its control stream: snapshot fetches, stores and
+/// index lookups, each on its own task.
+async fn serve_snapshot_streams(coord: Arc<Coordinator>, conn: quinn::Connection) {
+    let mut tasks = JoinSet::new();
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let coord = coord.clone();
+        tasks.spawn(
+            async move {
+                if let Err(e) = snapshot_stream(&coord, send, recv).await {
+                    warn!("snapshot request failed: {e:#}");
+                }
+            }
+            .in_current_span(),
+        );
+        while tasks.try_join_next().is_some() {}
+    }
+}
+
+async fn snapshot_stream(coord: &Coordinator, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<()> {
+    let req = framed::read_frame::<SnapshotRequest, _>(&mut recv, MAX_CONTROL_FRAME)
+        .await?
+        .ok_or_else(|| anyhow!("stream closed before its request"))?;
+    let store = coord.store.clone();
+    let reply_err = |code, message: String| SnapshotReply::Error(RemoteError { code, message });
+    match req {
+        SnapshotRequest::Fetch { snapshot_id } => {
+            let id = snapshot_id.clone();
+            let opened = tokio::task::spawn_blocking(move || store.open(&id)).await?;
+            let (path, digest) = match opened {
+                Ok(v) => v,
+                Err(e) => {
+                    framed::write_frame(&mut send, &reply_err(ErrorCode::NotFound, format!("{e:#}"))).await?;
+                    send.finish()?;
+                    return Ok(());
+                }
+            };
+            let started = Instant::now();
+            let header = DataHeader { expected_bytes: None, compression: Compression::Zstd { level: 0 } };
+            framed::write_frame(&mut send, &SnapshotReply::Data(header)).await?;
+            let bytes = transport::bulk::send_file(&mut send, &path, Some(digest))
+                .await
+                .with_context(|| format!("sending snapshot {snapshot_id}"))?;
+            send.finish()?;
+            let _ = send.stopped().await;
+            info!(snapshot = %snapshot_id, wire_bytes = bytes, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot served");
+        }
+        SnapshotRequest::Store { data } => {
+            if !matches!(data.compression, Compression::Zstd { .. }) {
+                framed::write_frame(
+                    &mut send,
+                    &reply_err(ErrorCode::InvalidRequest, "snapshots are stored as zstd streams".into()),
+                )
+                .await?;
+                send.finish()?;
+                return Ok(());
+            }
+            let started = Instant::now();
+            let tmp = store.incoming_path()?;
+            let reply = match transport::bulk::recv_file(&mut recv, &tmp, coord.config.unpack_limits.max_bytes).await
+            {
+                Err(e) => reply_err(e.code(), e.to_string()),
+                Ok(trailer) => {
+                    let t = tmp.clone();
+                    match tokio::task::spawn_blocking(move || store.ingest(&t, &trailer)).await? {
+                        Ok(meta) => {
+                            info!(
+                                snapshot = %meta.snapshot_id,
+                                bytes = meta.content_bytes,
+                                wire_bytes = meta.wire_bytes,
+                                entries = meta.entries,
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "snapshot stored"
+                            );
+                            SnapshotReply::Stored(meta.info())
+                        }
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&tmp);
+                            reply_err(ErrorCode::RefusedArchive, format!("{e:#}"))
+                        }
+                    }
+                }
+            };
+            framed::write_frame(&mut send, &reply).await?;
+            send.finish()?;
+        }
+        SnapshotRequest::Stat { queries } => {
+            let sizes = tokio::task::spawn_blocking(move || {
+                let mut metas: HashMap<String, Option<crate::store::SnapshotMeta>> = HashMap::new();
+                let mut out = Vec::with_capacity(queries.len());
+                for (id, path) in queries {
+                    if !metas.contains_key(&id) {
+                        let m = store.meta(&id)?;
+                        metas.insert(id.clone(), m);
+                    }
+                    out.push(metas.get(&id).and_then(|m| m.as_ref()).and_then(|m| m.size_of(&path)));
+                }
+                anyhow::Ok(out)
+            })
+            .await?;
+            let reply = match sizes {
+                Ok(s) => SnapshotReply::Sizes(s),
+                Err(e) => reply_err(ErrorCode::InvalidRequest, format!("{e:#}")),
+            };
+            framed::write_frame(&mut send, &reply).await?;
+            send.finish()?;
+        }
+    }
+    Ok(())
 }
 
 /// Closes connections of agents revoked while connected (revocation is done by another
@@ -459,6 +730,9 @@ async fn handle_admin(coord: Arc<Coordinator>, conn: quinn::Connection) {
         let coord = coord.clone();
         tokio::spawn(async move {
             let response = match framed::read_frame::<AdminRequest, _>(&mut recv, MAX_CONTROL_FRAME).await {
+                Ok(Some(AdminRequest::RunStep { agent, spec })) => {
+                    admin_run_step(&coord, &agent, *spec, &mut send).await
+                }
                 Ok(Some(req)) => admin_request(&coord, req).await,
                 Ok(None) => return,
                 Err(e) => AdminResponse::Error(RemoteError {
@@ -481,11 +755,51 @@ async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse 
         AdminRequest::Pull { agent, src, dest, compression } => {
             pull(coord, &agent, &src, dest.into(), compression).await
         }
+        AdminRequest::CheckOutputs { agent, paths, registry } => {
+            return match coord.check_outputs(&agent, paths, registry).await {
+                Ok(sizes) => AdminResponse::Outputs(sizes),
+                Err(e) => AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: format!("{e:#}") }),
+            };
+        }
+        AdminRequest::CancelStep { attempt_id } => {
+            return match coord.cancel_step(attempt_id, "cancelled by the operator").await {
+                Ok(()) => AdminResponse::Done,
+                Err(e) => AdminResponse::Error(RemoteError { code: ErrorCode::NotFound, message: format!("{e:#}") }),
+            };
+        }
+        AdminRequest::RunStep { .. } => unreachable_run_step(),
     };
     match result {
         Ok(summary) => AdminResponse::TransferDone(summary),
         Err(e) => AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: format!("{e:#}") }),
     }
+}
+
+fn unreachable_run_step() -> Result<TransferSummary> {
+    Err(anyhow!("RunStep is answered as a stream"))
+}
+
+/// Runs a step for an operator, streaming its events as admin frames; returns the last one.
+async fn admin_run_step(
+    coord: &Coordinator,
+    agent: &str,
+    spec: StepSpec,
+    send: &mut quinn::SendStream,
+) -> AdminResponse {
+    let (_, mut events) = match coord.run_step(agent, spec).await {
+        Ok(v) => v,
+        Err(e) => return AdminResponse::Error(RemoteError { code: ErrorCode::NotFound, message: format!("{e:#}") }),
+    };
+    while let Some(event) = events.recv().await {
+        let frame = match event {
+            StepEvent::Started { backend, view } => AdminResponse::StepStarted { backend, view },
+            StepEvent::Output(lines) => AdminResponse::StepOutput(lines),
+            StepEvent::Finished(outcome) => return AdminResponse::StepDone(outcome),
+        };
+        // The operator may go away; the step goes on and its result is still recorded.
+        let _ = framed::write_frame(send, &frame).await;
+    }
+    AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: "the attempt was dropped".into() })
 }
 
 fn log_transfer(direction: &str, agent: &str, s: &TransferSummary) {

@@ -23,10 +23,14 @@
 pub mod bulk;
 pub mod codec;
 mod messages;
+pub mod registry;
+pub mod step;
 
 pub use bulk::{Compression, DataHeader, TRAILER_LEN, Trailer};
 pub use codec::{CodecError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use messages::*;
+pub use registry::{Registry, RegistryEntry};
+pub use step::*;
 
 /// Major protocol version: carried in the ALPN string; peers with different majors never talk.
 pub const PROTOCOL_MAJOR: u32 = 1;

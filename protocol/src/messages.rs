@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bulk::DataHeader;
+use crate::registry::RegistryEntry;
+use crate::step::{LogLine, StepOutcome, StepSpec};
 
 /// Facts about the agent's host, read with sysinfo when the agent connects.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -49,6 +51,15 @@ pub enum AgentToCoordinator {
     Hello(Hello),
     Heartbeat(Heartbeat),
     GoingAway { reason: String },
+    /// The attempt passed its setup and the snippet is starting.
+    StepStarted { attempt_id: u64, backend: String, view: String },
+    /// Lines the snippet wrote, batched; the agent's log files hold the full output.
+    StepOutput { attempt_id: u64, lines: Vec<LogLine> },
+    /// The attempt ended (success or not) and its cleanup ran. Sent again after a reconnect
+    /// until the coordinator answers [`CoordinatorToAgent::StepResultAck`].
+    StepFinished(StepOutcome),
+    /// Answer to [`CoordinatorToAgent::CheckOutputs`].
+    OutputsChecked { request_id: u64, result: Result<Vec<(String, Option<u64>)>, RemoteError> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +76,14 @@ pub enum CoordinatorToAgent {
     Welcome(Welcome),
     HeartbeatAck { seq: u64 },
     GoingAway { reason: String },
+    /// Run one step attempt through the agent's storage backend.
+    RunStep(Box<StepSpec>),
+    /// Stop a running attempt: its process group is killed and its cleanup runs.
+    CancelStep { attempt_id: u64, reason: String },
+    /// The coordinator has recorded this attempt's outcome; the agent may forget it.
+    StepResultAck { attempt_id: u64 },
+    /// Answer `check_outputs(paths)` through the agent's backend, after merging `registry`.
+    CheckOutputs { request_id: u64, paths: Vec<String>, registry: Vec<(String, RegistryEntry)> },
 }
 
 /// An error that crosses the wire.
@@ -169,11 +188,53 @@ pub enum AdminRequest {
         dest: String,
         compression: crate::Compression,
     },
+    /// Run one step attempt on `agent`; the answer is a stream of `StepStarted`,
+    /// `StepOutput` and one final `StepDone` (or `Error`).
+    RunStep { agent: String, spec: Box<StepSpec> },
+    /// Ask `agent`'s backend which of `paths` exist.
+    CheckOutputs { agent: String, paths: Vec<String>, registry: Vec<(String, RegistryEntry)> },
+    /// Cancel a running attempt wherever it runs.
+    CancelStep { attempt_id: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AdminResponse {
     Agents(Vec<AgentInfo>),
     TransferDone(TransferSummary),
+    Error(RemoteError),
+    StepStarted { backend: String, view: String },
+    StepOutput(Vec<LogLine>),
+    StepDone(StepOutcome),
+    Outputs(Vec<(String, Option<u64>)>),
+    Done,
+}
+
+/// First frame of a stream the agent opens to the coordinator's snapshot store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SnapshotRequest {
+    /// Send snapshot `snapshot_id`: the reply is `Data`, raw bytes and a trailer.
+    Fetch { snapshot_id: String },
+    /// A snapshot follows (raw bytes and a trailer); store it and answer `Stored`.
+    Store { data: DataHeader },
+    /// Sizes of `(snapshot_id, in_snapshot_path)` pairs from the store's index.
+    Stat { queries: Vec<(String, String)> },
+}
+
+/// What a stored snapshot holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub snapshot_id: String,
+    /// Bytes of the stored (compressed) stream.
+    pub wire_bytes: u64,
+    /// Bytes of file content.
+    pub content_bytes: u64,
+    pub entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SnapshotReply {
+    Data(DataHeader),
+    Stored(SnapshotInfo),
+    Sizes(Vec<Option<u64>>),
     Error(RemoteError),
 }

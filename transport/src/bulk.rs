@@ -287,3 +287,160 @@ pub async fn recv_tree(
         s
     })
 }
+
+/// Sends the stored stream at `path` verbatim, then its trailer. When `expected` names the
+/// digest recorded at store time and the bytes read now differ (corruption at rest), the
+/// stream is reset instead of trailed, so the receiver never commits it.
+pub async fn send_file(
+    send: &mut quinn::SendStream,
+    path: &std::path::Path,
+    expected: Option<[u8; 32]>,
+) -> Result<u64, BulkError> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| BulkError::Tree(TreeError::Io { context: format!("opening {}", path.display()), source: e }))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut bytes = 0u64;
+    loop {
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        let n = file
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| BulkError::Tree(TreeError::Io { context: format!("reading {}", path.display()), source: e }))?;
+        if n == 0 {
+            break;
+        }
+        let chunk = buf.freeze();
+        hasher.update(&chunk);
+        bytes += n as u64;
+        send.write_chunk(chunk).await.map_err(|e| match e {
+            quinn::WriteError::Stopped(_) => BulkError::Cancelled,
+            other => BulkError::Stream(other.to_string()),
+        })?;
+    }
+    let digest = *hasher.finalize().as_bytes();
+    if let Some(want) = expected
+        && want != digest
+    {
+        let _ = send.reset(quinn::VarInt::from_u32(1));
+        return Err(BulkError::Corrupt(format!("{} does not match its recorded BLAKE3 digest", path.display())));
+    }
+    send.write_all(&Trailer { bytes, digest }.encode()).await.map_err(|e| BulkError::Stream(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// Receives raw bytes plus trailer from `recv` into the new file `path` (fsynced), checking
+/// the byte count, the `max_bytes` limit and the digest. On any failure the file is removed.
+pub async fn recv_file(
+    recv: &mut quinn::RecvStream,
+    path: &std::path::Path,
+    max_bytes: u64,
+) -> Result<Trailer, BulkError> {
+    let result = recv_file_inner(recv, path, max_bytes).await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(path).await;
+        let _ = recv.stop(quinn::VarInt::from_u32(1));
+    }
+    result
+}
+
+async fn recv_file_inner(
+    recv: &mut quinn::RecvStream,
+    path: &std::path::Path,
+    max_bytes: u64,
+) -> Result<Trailer, BulkError> {
+    use tokio::io::AsyncWriteExt;
+    let io_err = |context: String| move |e| BulkError::Tree(TreeError::Io { context, source: e });
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .await
+        .map_err(io_err(format!("creating {}", path.display())))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut bytes = 0u64;
+    let mut tail = BytesMut::new();
+    loop {
+        match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                tail.extend_from_slice(&chunk.bytes);
+                if tail.len() > TRAILER_LEN {
+                    let data = tail.split_to(tail.len() - TRAILER_LEN);
+                    bytes += data.len() as u64;
+                    if bytes > max_bytes {
+                        return Err(BulkError::Tree(TreeError::TooLarge { limit: max_bytes }));
+                    }
+                    hasher.update(&data);
+                    file.write_all(&data).await.map_err(io_err(format!("writing {}", path.display())))?;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return Err(BulkError::Stream(format!("stream error: {e}"))),
+        }
+    }
+    let raw: Option<&[u8; TRAILER_LEN]> = tail.as_ref().try_into().ok();
+    let trailer = raw
+        .and_then(Trailer::decode)
+        .ok_or_else(|| BulkError::Corrupt("stream ended without a valid trailer".into()))?;
+    if trailer.bytes != bytes {
+        return Err(BulkError::Corrupt(format!("trailer says {} bytes, received {bytes}", trailer.bytes)));
+    }
+    if trailer.digest != *hasher.finalize().as_bytes() {
+        return Err(BulkError::Corrupt("BLAKE3 digest does not match".into()));
+    }
+    file.flush().await.map_err(io_err(format!("writing {}", path.display())))?;
+    file.sync_all().await.map_err(io_err(format!("syncing {}", path.display())))?;
+    Ok(trailer)
+}
+
+/// Sends a selection of paths under `root` (see [`tree::pack_paths`]) as a zstd tar stream
+/// plus trailer.
+pub async fn send_paths(
+    send: &mut quinn::SendStream,
+    root: PathBuf,
+    paths: Vec<PathBuf>,
+    level: i32,
+) -> Result<TransferSummary, BulkError> {
+    let started = Instant::now();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let packer = tokio::task::spawn_blocking(move || -> Result<(tree::TreeStats, Trailer), TreeError> {
+        let mut w =
+            ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK), hasher: blake3::Hasher::new(), bytes: 0 };
+        let mut enc = zstd::stream::write::Encoder::new(&mut w, level)
+            .map_err(|e| TreeError::Io { context: "starting zstd".into(), source: e })?;
+        let stats = tree::pack_paths(&root, &paths, &mut enc)?;
+        enc.finish().map_err(|e| TreeError::Io { context: "finishing zstd".into(), source: e })?;
+        w.flush().map_err(|e| TreeError::Io { context: "flushing stream".into(), source: e })?;
+        Ok((stats, Trailer { bytes: w.bytes, digest: *w.hasher.finalize().as_bytes() }))
+    });
+    let mut write_err = None;
+    while let Some(chunk) = rx.recv().await {
+        if let Err(e) = send.write_chunk(chunk).await {
+            write_err = Some(e);
+            break;
+        }
+    }
+    drop(rx);
+    let packed = packer.await.map_err(|e| BulkError::Stream(format!("packer task failed: {e}")))?;
+    if let Some(e) = write_err {
+        return Err(match e {
+            quinn::WriteError::Stopped(_) => BulkError::Cancelled,
+            other => BulkError::Stream(other.to_string()),
+        });
+    }
+    let (stats, trailer) = match packed {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = send.reset(quinn::VarInt::from_u32(1));
+            return Err(e.into());
+        }
+    };
+    send.write_all(&trailer.encode()).await.map_err(|e| BulkError::Stream(e.to_string()))?;
+    Ok(TransferSummary {
+        wire_bytes: trailer.bytes,
+        content_bytes: stats.content_bytes,
+        entries: stats.entries,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}

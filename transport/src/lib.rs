@@ -3,6 +3,7 @@
 //! [`bulk`]). The coordinator and the agent both build on it; neither names quinn's
 //! configuration, rcgen or tar directly.
 
+pub mod archive;
 pub mod bulk;
 pub mod cli;
 pub mod endpoint;

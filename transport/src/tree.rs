@@ -580,3 +580,154 @@ pub fn unpack_into(input: impl Read, dest: &Path, limits: UnpackLimits) -> Resul
     staging.commit()?;
     Ok(stats)
 }
+
+/// Packs the entries `paths` (relative to `root`, each a file, symlink or directory) into
+/// `out` at their relative paths, preceded by entries for their parent directories. This is
+/// how a snapshot holds outputs: `/results/a.txt` harvested from a view rooted at `root` is
+/// the entry `results/a.txt`.
+pub fn pack_paths(root: &Path, paths: &[PathBuf], out: impl Write) -> Result<TreeStats, TreeError> {
+    let mut builder = tar::Builder::new(io::BufWriter::with_capacity(COPY_BUF, out));
+    builder.follow_symlinks(false);
+    let mut stats = TreeStats::default();
+    let mut emitted: HashSet<PathBuf> = HashSet::new();
+    let mut sorted: Vec<PathBuf> = Vec::with_capacity(paths.len());
+    for p in paths {
+        sorted.push(sanitize(p)?);
+    }
+    sorted.sort();
+    sorted.dedup();
+    for rel in &sorted {
+        if rel.as_os_str().is_empty() {
+            return Err(TreeError::refused(rel, "cannot pack the whole root as an entry"));
+        }
+        // Skip paths inside a directory packed already.
+        if rel.ancestors().skip(1).any(|a| emitted.contains(a) && sorted.binary_search(&a.to_path_buf()).is_ok()) {
+            continue;
+        }
+        let mut parents: Vec<&Path> =
+            rel.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).collect();
+        parents.reverse();
+        for parent in parents {
+            if emitted.insert(parent.to_path_buf()) {
+                let abs = root.join(parent);
+                let meta = fs::symlink_metadata(&abs)
+                    .map_err(|e| TreeError::io(format!("reading {}", abs.display()), e))?;
+                if !meta.is_dir() {
+                    return Err(TreeError::refused(parent, "parent is not a directory"));
+                }
+                append_dir(&mut builder, parent, &meta, &mut stats, &abs)?;
+            }
+        }
+        let abs = root.join(rel);
+        let meta =
+            fs::symlink_metadata(&abs).map_err(|e| TreeError::io(format!("reading {}", abs.display()), e))?;
+        let ft = meta.file_type();
+        emitted.insert(rel.clone());
+        if ft.is_dir() {
+            append_dir(&mut builder, rel, &meta, &mut stats, &abs)?;
+            pack_dir(&mut builder, root, rel, &mut stats)?;
+        } else if ft.is_file() {
+            append_file(&mut builder, &abs, rel, &meta, &mut stats)?;
+        } else if ft.is_symlink() {
+            append_symlink(&mut builder, root, rel, &meta, &mut stats, &abs)?;
+        } else {
+            return Err(TreeError::refused(rel, "device, fifo or socket cannot be packed"));
+        }
+    }
+    let inner = builder.into_inner().map_err(|e| TreeError::io("finishing tar stream", e))?;
+    inner
+        .into_inner()
+        .map_err(|e| TreeError::io("flushing tar stream", e.into_error()))?
+        .flush()
+        .map_err(|e| TreeError::io("flushing tar stream", e))?;
+    Ok(stats)
+}
+
+fn append_dir<W: Write>(
+    builder: &mut tar::Builder<W>,
+    rel: &Path,
+    meta: &fs::Metadata,
+    stats: &mut TreeStats,
+    abs: &Path,
+) -> Result<(), TreeError> {
+    let mut header = base_header(meta, tar::EntryType::Directory);
+    header.set_size(0);
+    builder
+        .append_data(&mut header, rel, io::empty())
+        .map_err(|e| TreeError::io(format!("packing {}", abs.display()), e))?;
+    stats.entries += 1;
+    Ok(())
+}
+
+fn append_symlink<W: Write>(
+    builder: &mut tar::Builder<W>,
+    root: &Path,
+    rel: &Path,
+    meta: &fs::Metadata,
+    stats: &mut TreeStats,
+    abs: &Path,
+) -> Result<(), TreeError> {
+    let target =
+        fs::read_link(abs).map_err(|e| TreeError::io(format!("reading link {}", abs.display()), e))?;
+    if !resolves_inside(root, rel, &target) {
+        return Err(TreeError::refused(rel, format!("symlink to {} points outside the tree", target.display())));
+    }
+    let mut header = base_header(meta, tar::EntryType::Symlink);
+    header.set_size(0);
+    builder
+        .append_link(&mut header, rel, &target)
+        .map_err(|e| TreeError::io(format!("packing {}", abs.display()), e))?;
+    stats.entries += 1;
+    Ok(())
+}
+
+/// What an archive entry is, for an index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Hardlink,
+}
+
+/// One entry of an archive's index.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IndexEntry {
+    /// Relative path, without `./` or a leading `/`.
+    pub path: String,
+    pub kind: EntryKind,
+    /// Content bytes (0 for everything but files).
+    pub size: u64,
+}
+
+/// Lists a tar stream without writing anything: the index of a stored snapshot. Entries
+/// that [`unpack`] would refuse by name (absolute, `..`, devices) are refused here too.
+pub fn list(input: impl Read, limits: UnpackLimits) -> Result<(Vec<IndexEntry>, TreeStats), TreeError> {
+    let mut archive = tar::Archive::new(Limited { inner: input, read: 0, limit: limits.max_bytes });
+    let mut out = Vec::new();
+    let mut stats = TreeStats::default();
+    let entries = archive.entries().map_err(|e| map_read_err("reading tar stream", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| map_read_err("reading tar entry", e))?;
+        let raw_path = entry.path().map_err(|e| map_read_err("reading entry path", e))?.into_owned();
+        let kind = match entry.header().entry_type() {
+            tar::EntryType::XGlobalHeader => continue,
+            tar::EntryType::Directory => EntryKind::Dir,
+            tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
+            tar::EntryType::Symlink => EntryKind::Symlink,
+            tar::EntryType::Link => EntryKind::Hardlink,
+            other => return Err(TreeError::refused(&raw_path, format!("entry type {other:?} is not accepted"))),
+        };
+        let rel = sanitize(&raw_path)?;
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let size = if kind == EntryKind::File { entry.size() } else { 0 };
+        stats.entries += 1;
+        stats.content_bytes += size;
+        let path = rel.to_str().ok_or_else(|| TreeError::refused(&raw_path, "path is not UTF-8"))?.to_string();
+        out.push(IndexEntry { path, kind, size });
+    }
+    Ok((out, stats))
+}

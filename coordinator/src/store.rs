@@ -1,0 +1,219 @@
+//! The snapshot store. Each snapshot is one stored archive (zstd tar, see
+//! [`transport::archive`]) plus an index of its entries and sizes, so `check_outputs` is
+//! answered without touching the archive. The embedded default, [`LocalStore`], keeps both in
+//! a directory of the state dir; an object store can implement [`SnapshotStore`] later.
+//!
+//! Snapshot ids are content addresses: `snap-` and the first 32 hex digits of the BLAKE3
+//! digest of the stored bytes, so storing the same outputs twice stores them once.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use protocol::{SnapshotInfo, Trailer, registry::valid_snapshot_id};
+use serde::{Deserialize, Serialize};
+use transport::tree::{EntryKind, IndexEntry, UnpackLimits};
+
+/// Compression level of archives the coordinator writes itself (imports).
+const IMPORT_ZSTD_LEVEL: i32 = 3;
+
+/// What the store keeps beside each archive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub snapshot_id: String,
+    pub wire_bytes: u64,
+    pub content_bytes: u64,
+    pub entries: u64,
+    /// BLAKE3 of the stored bytes, hex.
+    pub digest: String,
+    pub created_at: i64,
+    pub files: Vec<IndexEntry>,
+}
+
+impl SnapshotMeta {
+    pub fn info(&self) -> SnapshotInfo {
+        SnapshotInfo {
+            snapshot_id: self.snapshot_id.clone(),
+            wire_bytes: self.wire_bytes,
+            content_bytes: self.content_bytes,
+            entries: self.entries,
+        }
+    }
+
+    /// Size of `in_snapshot_path` (leading `/` ignored): a file's length, the total of the
+    /// files below a directory, 0 for a link; `None` when the snapshot does not hold it.
+    pub fn size_of(&self, in_snapshot_path: &str) -> Option<u64> {
+        let p = in_snapshot_path.trim_start_matches('/').trim_end_matches('/');
+        if p.is_empty() {
+            return Some(self.content_bytes);
+        }
+        let i = self.files.binary_search_by(|e| e.path.as_str().cmp(p)).ok()?;
+        let e = &self.files[i];
+        match e.kind {
+            EntryKind::File => Some(e.size),
+            EntryKind::Symlink | EntryKind::Hardlink => Some(0),
+            EntryKind::Dir => {
+                let prefix = format!("{p}/");
+                Some(self.files[i + 1..].iter().take_while(|f| f.path.starts_with(&prefix)).map(|f| f.size).sum())
+            }
+        }
+    }
+}
+
+/// Where snapshots live. Methods block (file IO); async callers use `spawn_blocking`.
+pub trait SnapshotStore: Send + Sync {
+    /// A fresh path for an incoming stream, on the same filesystem as the store.
+    fn incoming_path(&self) -> Result<PathBuf>;
+    /// Takes a verified stream file (see [`transport::bulk::recv_file`]) into the store.
+    fn ingest(&self, file: &Path, trailer: &Trailer) -> Result<SnapshotMeta>;
+    /// The stored bytes of a snapshot and their recorded digest, for streaming.
+    fn open(&self, snapshot_id: &str) -> Result<(PathBuf, [u8; 32])>;
+    fn meta(&self, snapshot_id: &str) -> Result<Option<SnapshotMeta>>;
+    fn list(&self) -> Result<Vec<String>>;
+    fn remove(&self, snapshot_id: &str) -> Result<()>;
+}
+
+pub struct LocalStore {
+    dir: PathBuf,
+    limits: UnpackLimits,
+}
+
+impl LocalStore {
+    pub fn open_dir(dir: PathBuf) -> Result<Self> {
+        fs::create_dir_all(dir.join("incoming")).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir, limits: UnpackLimits::default() })
+    }
+
+    fn data_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.tar.zst"))
+    }
+
+    fn meta_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    /// Packs local paths (absolute) into one snapshot, laid out at their absolute paths.
+    pub fn import(&self, paths: &[PathBuf]) -> Result<SnapshotMeta> {
+        let mut rels = Vec::with_capacity(paths.len());
+        for p in paths {
+            if !p.is_absolute() {
+                bail!("{} is not an absolute path", p.display());
+            }
+            fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?;
+            rels.push(p.strip_prefix("/").map(Path::to_path_buf).unwrap_or_else(|_| p.clone()));
+        }
+        let tmp = self.incoming_path()?;
+        let (trailer, _) = transport::archive::write(Path::new("/"), &rels, &tmp, IMPORT_ZSTD_LEVEL)
+            .context("packing the imported paths")?;
+        let meta = self.ingest(&tmp, &trailer);
+        let _ = fs::remove_file(&tmp);
+        meta
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl SnapshotStore for LocalStore {
+    fn incoming_path(&self) -> Result<PathBuf> {
+        Ok(self.dir.join("incoming").join(format!("{:016x}.part", rand::random::<u64>())))
+    }
+
+    fn ingest(&self, file: &Path, trailer: &Trailer) -> Result<SnapshotMeta> {
+        let id = format!("snap-{}", hex::encode(&trailer.digest[..16]));
+        if let Some(meta) = self.meta(&id)? {
+            // Same bytes stored before: keep the old copy.
+            let _ = fs::remove_file(file);
+            return Ok(meta);
+        }
+        let (mut files, stats) =
+            transport::archive::index(file, self.limits).with_context(|| format!("indexing snapshot {id}"))?;
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        files.dedup_by(|later, earlier| later.path == earlier.path);
+        let meta = SnapshotMeta {
+            snapshot_id: id.clone(),
+            wire_bytes: trailer.bytes,
+            content_bytes: stats.content_bytes,
+            entries: stats.entries,
+            digest: hex::encode(trailer.digest),
+            created_at: now_secs(),
+            files,
+        };
+        fs::rename(file, self.data_path(&id)).with_context(|| format!("storing snapshot {id}"))?;
+        let json = serde_json::to_vec(&meta)?;
+        // The index is written last: its presence means the snapshot is complete.
+        transport::pki::write_file(&self.meta_path(&id), &json, 0o644)?;
+        Ok(meta)
+    }
+
+    fn open(&self, snapshot_id: &str) -> Result<(PathBuf, [u8; 32])> {
+        let meta = self.meta(snapshot_id)?.ok_or_else(|| anyhow!("snapshot {snapshot_id} is not in the store"))?;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(&meta.digest, &mut digest)
+            .map_err(|e| anyhow!("index of snapshot {snapshot_id} has a bad digest: {e}"))?;
+        Ok((self.data_path(snapshot_id), digest))
+    }
+
+    fn meta(&self, snapshot_id: &str) -> Result<Option<SnapshotMeta>> {
+        if !valid_snapshot_id(snapshot_id) {
+            bail!("invalid snapshot id {snapshot_id:?}");
+        }
+        let path = self.meta_path(snapshot_id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let meta = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Some(meta))
+    }
+
+    fn list(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).with_context(|| format!("listing {}", self.dir.display()))? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".json") {
+                out.push(id.to_string());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn remove(&self, snapshot_id: &str) -> Result<()> {
+        if !valid_snapshot_id(snapshot_id) {
+            bail!("invalid snapshot id {snapshot_id:?}");
+        }
+        let _ = fs::remove_file(self.meta_path(snapshot_id));
+        let _ = fs::remove_file(self.data_path(snapshot_id));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_indexes_and_dedups() {
+        let src = tempfile::tempdir().unwrap();
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_dir(store_dir.path().join("s")).unwrap();
+        let d = src.path().join("dir");
+        fs::create_dir_all(d.join("sub")).unwrap();
+        fs::write(d.join("a.txt"), b"hello").unwrap();
+        fs::write(d.join("sub/b.txt"), b"world!!").unwrap();
+        fs::write(src.path().join("empty"), b"").unwrap();
+        let meta = store.import(&[d.clone(), src.path().join("empty")]).unwrap();
+        let rel = |p: &Path| p.strip_prefix("/").unwrap().to_string_lossy().into_owned();
+        assert_eq!(meta.size_of(&rel(&d.join("a.txt"))), Some(5));
+        assert_eq!(meta.size_of(&format!("/{}", rel(&d))), Some(12));
+        assert_eq!(meta.size_of(&rel(&src.path().join("empty"))), Some(0));
+        assert_eq!(meta.size_of(&rel(&src.path().join("missing"))), None);
+        let again = store.import(&[d, src.path().join("empty")]).unwrap();
+        assert_eq!(again.snapshot_id, meta.snapshot_id);
+        assert_eq!(store.list().unwrap(), vec![meta.snapshot_id.clone()]);
+        assert!(store.meta("../x").is_err());
+    }
+}

@@ -1,0 +1,86 @@
+//! Stored archives: a zstd-compressed tar file with the BLAKE3 digest of its bytes, the form
+//! in which the coordinator keeps snapshots and the bytes it streams verbatim to agents.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use protocol::Trailer;
+
+use crate::tree::{self, IndexEntry, TreeError, TreeStats, UnpackLimits};
+
+/// Counts and hashes what passes through to the inner writer.
+struct Hashing<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn io_err(context: String) -> impl FnOnce(io::Error) -> TreeError {
+    move |source| TreeError::Io { context, source }
+}
+
+/// Packs `paths` under `root` (see [`tree::pack_paths`]) into the new file `dest` as zstd at
+/// `level`, fsynced. Returns the byte count and digest of the file, and what was packed.
+pub fn write(root: &Path, paths: &[PathBuf], dest: &Path, level: i32) -> Result<(Trailer, TreeStats), TreeError> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(io_err(format!("creating {}", dest.display())))?;
+    let mut w = Hashing { inner: io::BufWriter::with_capacity(tree::COPY_BUF, file), hasher: blake3::Hasher::new(), bytes: 0 };
+    let packed = (|| {
+        let mut enc = zstd::stream::write::Encoder::new(&mut w, level).map_err(io_err("starting zstd".into()))?;
+        let stats = tree::pack_paths(root, paths, &mut enc)?;
+        enc.finish().map_err(io_err("finishing zstd".into()))?;
+        Ok::<_, TreeError>(stats)
+    })();
+    let stats = match packed {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = fs::remove_file(dest);
+            return Err(e);
+        }
+    };
+    let trailer = Trailer { bytes: w.bytes, digest: *w.hasher.finalize().as_bytes() };
+    let file = w.inner.into_inner().map_err(|e| TreeError::Io { context: format!("writing {}", dest.display()), source: e.into_error() })?;
+    file.sync_all().map_err(io_err(format!("syncing {}", dest.display())))?;
+    Ok((trailer, stats))
+}
+
+/// Reads the archive at `path` and lists its entries.
+pub fn index(path: &Path, limits: UnpackLimits) -> Result<(Vec<IndexEntry>, TreeStats), TreeError> {
+    let file = fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let dec = zstd::stream::read::Decoder::new(file).map_err(io_err("starting zstd".into()))?;
+    tree::list(dec, limits)
+}
+
+/// The BLAKE3 digest and length of a file.
+pub fn digest(path: &Path) -> Result<Trailer, TreeError> {
+    let mut file = fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; tree::COPY_BUF];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(format!("reading {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(Trailer { bytes, digest: *hasher.finalize().as_bytes() })
+}
