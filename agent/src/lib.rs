@@ -1,8 +1,17 @@
 //! `pype-agent`: runs on each worker, connects to the coordinator over QUIC with mutual TLS,
 //! and moves trees to and from it. `main.rs` only calls [`cli_main`].
 
+pub mod backend;
+pub mod cache;
+pub mod exec;
 pub mod facts;
+pub mod mounts;
+pub mod remote;
+pub mod runner;
 pub mod session;
+pub mod settings;
+pub mod step;
+pub mod subst;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,10 +42,15 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Coordinator address, HOST:PORT.
+    /// Agent config file: `KEY=VALUE` lines (PYPE_OVERLAY_MODE, PYPE_OVERLAY_SCRATCH,
+    /// PYPE_SNAPSHOT_REGISTRY, PYPE_QUEUES, PYPE_CACHE_SIZE_BYTES, PYPE_COORDINATOR, ...);
+    /// the environment overrides it.
+    #[arg(long, env = "PYPE_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Coordinator address, HOST:PORT (or PYPE_COORDINATOR in the config file).
     #[arg(long, env = "PYPE_COORDINATOR")]
-    coordinator: String,
-    /// CA certificate of the coordinator (default: the copy kept in the state dir).
+    coordinator: Option<String>,
+    /// CA certificate of the coordinator (default: PYPE_CA, else the copy kept in the state dir).
     #[arg(long)]
     ca: Option<PathBuf>,
     /// Enrollment token (needed once, when the state dir holds no certificate).
@@ -87,20 +101,35 @@ pub fn cli_main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let ca_path = args.ca.clone().unwrap_or_else(|| args.state_dir.join("ca.pem"));
+    let file = match &args.config {
+        Some(p) => settings::ConfigFile::load(p)?,
+        None => settings::ConfigFile::default(),
+    };
+    let coordinator = args
+        .coordinator
+        .clone()
+        .or_else(|| file.get("PYPE_COORDINATOR"))
+        .ok_or_else(|| anyhow!("no coordinator address: pass --coordinator or set PYPE_COORDINATOR"))?;
+    let ca_path = args
+        .ca
+        .clone()
+        .or_else(|| file.get("PYPE_CA").map(PathBuf::from))
+        .unwrap_or_else(|| args.state_dir.join("ca.pem"));
     let ca_pem = std::fs::read_to_string(&ca_path)
         .with_context(|| format!("reading CA certificate {} (pass --ca)", ca_path.display()))?;
     let work_dir = args.work_dir.clone().unwrap_or_else(|| args.state_dir.join("work"));
+    let settings = settings::Settings::from_config(&file, &work_dir)?;
     let cfg = session::AgentConfig {
-        coordinator: args.coordinator,
+        settings,
+        coordinator,
         ca_pem,
         state_dir: args.state_dir,
         work_dir,
         name: args.name,
-        token: args.token,
+        token: args.token.or_else(|| file.get("PYPE_TOKEN")),
         labels: args.labels,
         slots: args.slots.max(1),
-        instance_id: args.instance_id,
+        instance_id: args.instance_id.or_else(|| file.get("PYPE_INSTANCE_ID")),
         min_backoff: Duration::from_millis(args.min_backoff_ms.max(1)),
         max_backoff: Duration::from_millis(args.max_backoff_ms.max(args.min_backoff_ms).max(1)),
         unpack_limits: UnpackLimits { max_bytes: args.max_transfer_bytes },

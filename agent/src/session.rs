@@ -13,12 +13,22 @@ use protocol::{
     AgentToCoordinator, BulkReply, BulkRequest, CloseCode, CoordinatorToAgent, DataHeader, EnrollRequest,
     EnrollResponse, ErrorCode, Heartbeat, Hello, RemoteError,
 };
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use transport::{endpoint, framed, pki, tree::UnpackLimits};
 
+use crate::cache::Cache;
 use crate::facts;
+use crate::remote::QuicRemote;
+use crate::runner::Runner;
+use crate::settings::Settings;
+use crate::step::{self, Steps};
+
+/// Control messages queued for the coordinator.
+const OUTBOX_DEPTH: usize = 4096;
 
 const MAX_CONTROL_FRAME: usize = 1024 * 1024;
 /// Longest a QUIC handshake may take before the attempt counts as failed.
@@ -38,6 +48,7 @@ pub struct AgentConfig {
     pub min_backoff: Duration,
     pub max_backoff: Duration,
     pub unpack_limits: UnpackLimits,
+    pub settings: Settings,
 }
 
 /// The agent's certificate, key and id, kept in the state dir.
@@ -138,15 +149,38 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     };
     std::fs::create_dir_all(&cfg.work_dir)
         .with_context(|| format!("creating work dir {}", cfg.work_dir.display()))?;
+    step::sweep_leftovers(&cfg.settings);
+    let cache = Cache::open(cfg.state_dir.join("cache"), cfg.settings.cache_size_bytes)?;
+    let (conn_tx, conn_rx) = watch::channel(None);
+    let (outbox_tx, mut outbox) = mpsc::channel(OUTBOX_DEPTH);
+    let steps = Steps {
+        settings: Arc::new(cfg.settings.clone()),
+        cache,
+        remote: Arc::new(QuicRemote::new(conn_rx, cfg.unpack_limits)),
+        registry_lock: Default::default(),
+    };
+    info!(
+        backend = %cfg.settings.overlay_mode,
+        registry = %cfg.settings.snapshot_registry.display(),
+        work_dir = %cfg.work_dir.display(),
+        "agent ready"
+    );
+    let runner = Runner::new(steps, outbox_tx);
+    let mut link = Link { conn: conn_tx, outbox: &mut outbox, runner: &runner };
     let tuning = endpoint::Tuning::default();
     let mut backoff = cfg.min_backoff;
     let mut ep: Option<quinn::Endpoint> = None;
     loop {
         let attempt_started = Instant::now();
         let span = info_span!("session", agent = %identity.agent_id, coordinator = %cfg.coordinator);
-        let ended = session(&cfg, &identity, &tuning, &mut ep, &shutdown).instrument(span).await;
+        let ended = session(&cfg, &identity, &tuning, &mut ep, &shutdown, &mut link).instrument(span).await;
+        let _ = link.conn.send(None);
         match ended {
             Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::Fatal(reason)) if runner.running() > 0 => {
+                runner.shutdown().await;
+                bail!("{reason}")
+            }
             Ok(Ended::Fatal(reason)) => bail!("{reason}"),
             Ok(Ended::Lost(reason)) => warn!(reason = %reason, "lost coordinator"),
             Err(e) => warn!("cannot reach coordinator {}: {e:#}", cfg.coordinator),
@@ -158,7 +192,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         let delay = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
         debug!(delay_ms = delay.as_millis() as u64, "reconnecting");
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                runner.shutdown().await;
+                return Ok(());
+            }
             _ = tokio::time::sleep(delay) => {}
         }
         backoff = (backoff * 2).min(cfg.max_backoff);
@@ -186,12 +223,20 @@ fn classify(err: &quinn::ConnectionError) -> Ended {
     }
 }
 
+/// What a session shares with the steps: the current connection, the messages they send.
+struct Link<'a> {
+    conn: watch::Sender<Option<quinn::Connection>>,
+    outbox: &'a mut mpsc::Receiver<AgentToCoordinator>,
+    runner: &'a Arc<Runner>,
+}
+
 async fn session(
     cfg: &AgentConfig,
     identity: &Identity,
     tuning: &endpoint::Tuning,
     ep: &mut Option<quinn::Endpoint>,
     shutdown: &CancellationToken,
+    link: &mut Link<'_>,
 ) -> Result<Ended> {
     let addr = resolve(&cfg.coordinator).await?;
     if ep.is_none() {
@@ -202,7 +247,10 @@ async fn session(
     let connecting =
         endpoint.connect_with(endpoint::client_config(tls, tuning)?, addr, &server_name(&cfg.coordinator))?;
     let conn = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+        _ = shutdown.cancelled() => {
+            link.runner.shutdown().await;
+            return Ok(Ended::Shutdown);
+        }
         c = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => {
             match c.map_err(|_| anyhow!("no QUIC handshake within {CONNECT_TIMEOUT:?}"))? {
                 Ok(conn) => conn,
@@ -247,6 +295,13 @@ async fn session(
         heartbeat_interval_ms = welcome.heartbeat_interval_ms,
         "connected to coordinator"
     );
+    // Output queued for an earlier connection is stale; results are re-sent from `pending`.
+    while link.outbox.try_recv().is_ok() {}
+    for outcome in link.runner.unacknowledged() {
+        info!(attempt = outcome.attempt_id, "reporting a result finished while disconnected");
+        framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome)).await?;
+    }
+    let _ = link.conn.send(Some(conn.clone()));
 
     // Frames from the coordinator arrive through a task, so the loop below can select on them.
     let (frames_tx, mut frames) = mpsc::channel::<Result<CoordinatorToAgent, String>>(16);
@@ -274,6 +329,11 @@ async fn session(
     let ended = loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
+                link.runner.shutdown().await;
+                // Results of the attempts just cancelled, then goodbye.
+                while let Ok(msg) = link.outbox.try_recv() {
+                    let _ = framed::write_frame(&mut send, &msg).await;
+                }
                 let bye = AgentToCoordinator::GoingAway { reason: "agent shutting down".into() };
                 let _ = framed::write_frame(&mut send, &bye).await;
                 let _ = send.finish();
@@ -298,8 +358,29 @@ async fn session(
                     break classify(&conn.closed().await);
                 }
             }
+            Some(msg) = link.outbox.recv() => {
+                if framed::write_frame(&mut send, &msg).await.is_err() {
+                    break classify(&conn.closed().await);
+                }
+            }
             frame = frames.recv() => match frame {
                 Some(Ok(CoordinatorToAgent::HeartbeatAck { .. })) => last_heard = Instant::now(),
+                Some(Ok(CoordinatorToAgent::RunStep(spec))) => {
+                    last_heard = Instant::now();
+                    link.runner.start(*spec);
+                }
+                Some(Ok(CoordinatorToAgent::CancelStep { attempt_id, reason })) => {
+                    last_heard = Instant::now();
+                    link.runner.cancel(attempt_id, &reason);
+                }
+                Some(Ok(CoordinatorToAgent::StepResultAck { attempt_id })) => {
+                    last_heard = Instant::now();
+                    link.runner.ack(attempt_id);
+                }
+                Some(Ok(CoordinatorToAgent::CheckOutputs { request_id, paths, registry })) => {
+                    last_heard = Instant::now();
+                    link.runner.check_outputs(request_id, paths, registry);
+                }
                 Some(Ok(CoordinatorToAgent::GoingAway { reason })) => {
                     info!(reason = %reason, "coordinator going away");
                 }

@@ -1,0 +1,153 @@
+//! Runs a snippet: `bash -c` with `set -eo pipefail`, in its own process group (killed whole
+//! on cancel or timeout: SIGTERM, then SIGKILL after a grace period), optionally inside a
+//! private mount namespace, with stdout and stderr written to log files and sent on as lines.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use protocol::{LogLine, OutputStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::mounts::NsPlan;
+
+/// Time between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Longest line sent to the coordinator; longer output is cut into pieces of this size.
+const MAX_LINE: usize = 64 * 1024;
+
+pub struct ExecSpec {
+    pub script: String,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    pub stdout_log: PathBuf,
+    pub stderr_log: PathBuf,
+    pub timeout: Option<Duration>,
+    pub namespace: Option<NsPlan>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecEnd {
+    Exited(i32),
+    Signalled(i32),
+    TimedOut,
+    Cancelled,
+}
+
+fn kill_group(pgid: i32, signal: i32) {
+    if pgid > 0 {
+        // SAFETY: kill has no memory-safety preconditions; a negative pid names the group.
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+}
+
+/// Runs the snippet to its end. `lines` receives its output (dropped when the receiver lags
+/// behind by more than the channel holds: the log files keep everything).
+pub async fn run(spec: ExecSpec, cancel: &CancellationToken, lines: mpsc::Sender<LogLine>) -> Result<ExecEnd> {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("set -eo pipefail\n{}", spec.script))
+        .current_dir(&spec.cwd)
+        .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(plan) = spec.namespace {
+        // SAFETY: the closure only makes system calls on strings prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || plan.enter());
+        }
+    }
+    let mut child = cmd.spawn().context("starting bash")?;
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let out = child.stdout.take().map(|s| tokio::spawn(pump(s, spec.stdout_log.clone(), OutputStream::Stdout, lines.clone())));
+    let err = child.stderr.take().map(|s| tokio::spawn(pump(s, spec.stderr_log.clone(), OutputStream::Stderr, lines)));
+    let deadline = async {
+        match spec.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let forced = tokio::select! {
+        status = child.wait() => {
+            let status = status.context("waiting for bash")?;
+            // Whatever the snippet left running in its group goes with it.
+            kill_group(pgid, libc::SIGKILL);
+            finish(out, err).await;
+            use std::os::unix::process::ExitStatusExt;
+            return Ok(match (status.code(), status.signal()) {
+                (Some(c), _) => ExecEnd::Exited(c),
+                (None, Some(s)) => ExecEnd::Signalled(s),
+                (None, None) => ExecEnd::Exited(-1),
+            });
+        }
+        _ = cancel.cancelled() => ExecEnd::Cancelled,
+        _ = deadline => ExecEnd::TimedOut,
+    };
+    kill_group(pgid, libc::SIGTERM);
+    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+        kill_group(pgid, libc::SIGKILL);
+        let _ = child.wait().await;
+    }
+    kill_group(pgid, libc::SIGKILL);
+    finish(out, err).await;
+    Ok(forced)
+}
+
+async fn finish(out: Option<tokio::task::JoinHandle<()>>, err: Option<tokio::task::JoinHandle<()>>) {
+    for h in [out, err].into_iter().flatten() {
+        // A grandchild holding the pipe open must not hold the step: give up after a while.
+        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+    }
+}
+
+/// Copies a pipe to its log file and cuts it into lines for the coordinator.
+async fn pump(mut pipe: impl AsyncRead + Unpin, log: PathBuf, stream: OutputStream, lines: mpsc::Sender<LogLine>) {
+    let mut file = match tokio::fs::OpenOptions::new().create(true).append(true).open(&log).await {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(path = %log.display(), "cannot write step log: {e}");
+            None
+        }
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut partial: Vec<u8> = Vec::new();
+    let send = |bytes: &[u8]| {
+        let line = String::from_utf8_lossy(bytes).into_owned();
+        let _ = lines.try_send(LogLine { stream, line });
+    };
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(f) = file.as_mut() {
+            let _ = f.write_all(&buf[..n]).await;
+        }
+        partial.extend_from_slice(&buf[..n]);
+        let mut start = 0;
+        while let Some(i) = partial[start..].iter().position(|b| *b == b'\n') {
+            send(&partial[start..start + i]);
+            start += i + 1;
+        }
+        partial.drain(..start);
+        while partial.len() >= MAX_LINE {
+            send(&partial[..MAX_LINE]);
+            partial.drain(..MAX_LINE);
+        }
+    }
+    if !partial.is_empty() {
+        send(&partial);
+    }
+    if let Some(f) = file.as_mut() {
+        let _ = f.flush().await;
+    }
+}

@@ -1,0 +1,100 @@
+//! The coordinator's snapshot store as the agent reaches it: fetch a snapshot into a
+//! directory, store a selection of paths as a new snapshot, and look up sizes in the store's
+//! index. [`QuicRemote`] opens one stream per request on the current connection.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_trait::async_trait;
+use protocol::{Compression, DataHeader, SnapshotInfo, SnapshotReply, SnapshotRequest, TransferSummary};
+use tokio::sync::watch;
+use transport::{framed, tree::UnpackLimits};
+
+const MAX_REPLY_FRAME: usize = 8 * 1024 * 1024;
+/// zstd level of the snapshots the agent stores.
+const STORE_ZSTD_LEVEL: i32 = 3;
+/// How long a request waits for the agent to be connected.
+const CONNECTION_WAIT: Duration = Duration::from_secs(120);
+
+#[async_trait]
+pub trait SnapshotRemote: Send + Sync {
+    /// Unpacks snapshot `id` into `dest` (committed only when complete and verified).
+    async fn fetch(&self, id: &str, dest: &Path) -> Result<TransferSummary>;
+    /// Stores `paths` (relative to `root`) as one snapshot.
+    async fn store(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo>;
+    /// Sizes of `(snapshot_id, in_snapshot_path)` pairs, from the store's index.
+    async fn stat(&self, queries: Vec<(String, String)>) -> Result<Vec<Option<u64>>>;
+}
+
+/// Requests over the agent's QUIC connection, whichever connection is current.
+pub struct QuicRemote {
+    conn: watch::Receiver<Option<quinn::Connection>>,
+    limits: UnpackLimits,
+}
+
+impl QuicRemote {
+    pub fn new(conn: watch::Receiver<Option<quinn::Connection>>, limits: UnpackLimits) -> Self {
+        Self { conn, limits }
+    }
+
+    async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+        let mut rx = self.conn.clone();
+        let conn = tokio::time::timeout(CONNECTION_WAIT, rx.wait_for(|c| c.is_some()))
+            .await
+            .map_err(|_| anyhow!("not connected to the coordinator for {CONNECTION_WAIT:?}"))?
+            .map_err(|_| anyhow!("agent is shutting down"))?
+            .clone()
+            .ok_or_else(|| anyhow!("not connected to the coordinator"))?;
+        conn.open_bi().await.context("opening a snapshot stream")
+    }
+}
+
+fn refused(e: protocol::RemoteError) -> anyhow::Error {
+    anyhow!("coordinator: {}", e.message)
+}
+
+#[async_trait]
+impl SnapshotRemote for QuicRemote {
+    async fn fetch(&self, id: &str, dest: &Path) -> Result<TransferSummary> {
+        let (mut send, mut recv) = self.open().await?;
+        framed::write_frame(&mut send, &SnapshotRequest::Fetch { snapshot_id: id.to_string() }).await?;
+        send.finish()?;
+        match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
+            Some(SnapshotReply::Data(header)) => transport::recv_tree(&mut recv, dest.to_path_buf(), header.compression, self.limits)
+                .await
+                .with_context(|| format!("receiving snapshot {id}")),
+            Some(SnapshotReply::Error(e)) => Err(refused(e)).with_context(|| format!("fetching snapshot {id}")),
+            other => bail!("unexpected answer to a snapshot fetch: {other:?}"),
+        }
+    }
+
+    async fn store(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo> {
+        let (mut send, mut recv) = self.open().await?;
+        let data = DataHeader { expected_bytes: None, compression: Compression::Zstd { level: STORE_ZSTD_LEVEL } };
+        framed::write_frame(&mut send, &SnapshotRequest::Store { data }).await?;
+        let sent = transport::bulk::send_paths(&mut send, root.to_path_buf(), paths, STORE_ZSTD_LEVEL).await;
+        if sent.is_ok() {
+            let _ = send.finish();
+        }
+        let reply = framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await;
+        sent.context("sending outputs to the coordinator")?;
+        match reply.context("reading the store reply")? {
+            Some(SnapshotReply::Stored(info)) => Ok(info),
+            Some(SnapshotReply::Error(e)) => Err(refused(e)).context("storing a snapshot"),
+            other => bail!("unexpected answer to a snapshot store: {other:?}"),
+        }
+    }
+
+    async fn stat(&self, queries: Vec<(String, String)>) -> Result<Vec<Option<u64>>> {
+        let n = queries.len();
+        let (mut send, mut recv) = self.open().await?;
+        framed::write_frame(&mut send, &SnapshotRequest::Stat { queries }).await?;
+        send.finish()?;
+        match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
+            Some(SnapshotReply::Sizes(s)) if s.len() == n => Ok(s),
+            Some(SnapshotReply::Error(e)) => Err(refused(e)).context("looking up outputs in the snapshot index"),
+            other => bail!("unexpected answer to a snapshot lookup: {other:?}"),
+        }
+    }
+}

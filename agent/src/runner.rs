@@ -1,0 +1,149 @@
+//! The agent's steps across connections: attempts keep running when the connection drops,
+//! their results wait in `pending` until the coordinator acknowledges them (they are sent
+//! again after each reconnect), and shutdown cancels every attempt and waits for its cleanup.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::{AgentToCoordinator, LogLine, RegistryEntry, RemoteError, StepOutcome, StepSpec};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::step::Steps;
+
+/// Lines buffered per attempt before output is dropped (the log files keep it all).
+const LINE_BUFFER: usize = 8192;
+/// Most lines in one `StepOutput` message.
+const LINES_PER_MESSAGE: usize = 512;
+/// Longest wait for running attempts to clean up at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+pub struct Runner {
+    steps: Steps,
+    outbox: mpsc::Sender<AgentToCoordinator>,
+    running: Mutex<HashMap<u64, CancellationToken>>,
+    pending: Mutex<BTreeMap<u64, StepOutcome>>,
+    tasks: TaskTracker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Runner {
+    pub fn new(steps: Steps, outbox: mpsc::Sender<AgentToCoordinator>) -> Arc<Self> {
+        Arc::new(Self {
+            steps,
+            outbox,
+            running: Mutex::new(HashMap::new()),
+            pending: Mutex::new(BTreeMap::new()),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    pub fn running(&self) -> usize {
+        lock(&self.running).len()
+    }
+
+    /// Starts an attempt unless it is running or finished already (a coordinator that
+    /// re-sends an assignment after a reconnect gets the result again instead).
+    pub fn start(self: &Arc<Self>, spec: StepSpec) {
+        let attempt_id = spec.attempt_id;
+        if lock(&self.running).contains_key(&attempt_id) {
+            warn!(attempt = attempt_id, "attempt is running already");
+            return;
+        }
+        if let Some(done) = lock(&self.pending).get(&attempt_id).cloned() {
+            let _ = self.outbox.try_send(AgentToCoordinator::StepFinished(done));
+            return;
+        }
+        let cancel = CancellationToken::new();
+        lock(&self.running).insert(attempt_id, cancel.clone());
+        let me = self.clone();
+        let span = info_span!("step", run = %spec.run, step = %spec.step, attempt = attempt_id);
+        self.tasks.spawn(
+            async move {
+                info!("step received");
+                let (tx, rx) = mpsc::channel::<LogLine>(LINE_BUFFER);
+                let forward = tokio::spawn(forward_lines(attempt_id, rx, me.outbox.clone()));
+                let outbox = me.outbox.clone();
+                let on_start = Box::new(move |backend: &str, view: &str| {
+                    let _ = outbox.try_send(AgentToCoordinator::StepStarted {
+                        attempt_id,
+                        backend: backend.to_string(),
+                        view: view.to_string(),
+                    });
+                });
+                let outcome = me.steps.run(spec, cancel, tx, on_start).await;
+                let _ = forward.await;
+                info!(exit = ?outcome.exit, elapsed_ms = outcome.elapsed_ms, error = outcome.error.as_deref().unwrap_or(""), "step finished");
+                lock(&me.pending).insert(attempt_id, outcome.clone());
+                lock(&me.running).remove(&attempt_id);
+                let _ = me.outbox.send(AgentToCoordinator::StepFinished(outcome)).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    pub fn cancel(&self, attempt_id: u64, reason: &str) {
+        match lock(&self.running).get(&attempt_id) {
+            Some(token) => {
+                info!(attempt = attempt_id, reason = %reason, "cancelling step");
+                token.cancel();
+            }
+            None => warn!(attempt = attempt_id, "cancel for an attempt that is not running"),
+        }
+    }
+
+    pub fn ack(&self, attempt_id: u64) {
+        lock(&self.pending).remove(&attempt_id);
+    }
+
+    /// Results not yet acknowledged, to send again on a new connection.
+    pub fn unacknowledged(&self) -> Vec<StepOutcome> {
+        lock(&self.pending).values().cloned().collect()
+    }
+
+    pub fn check_outputs(self: &Arc<Self>, request_id: u64, paths: Vec<String>, registry: Vec<(String, RegistryEntry)>) {
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            let result = me.steps.check_outputs(&paths, &registry).await.map_err(|e| RemoteError {
+                code: protocol::ErrorCode::Internal,
+                message: format!("{e:#}"),
+            });
+            let _ = me.outbox.send(AgentToCoordinator::OutputsChecked { request_id, result }).await;
+        });
+    }
+
+    /// Cancels every running attempt and waits (bounded) for their cleanup.
+    pub async fn shutdown(&self) {
+        let tokens: Vec<CancellationToken> = lock(&self.running).values().cloned().collect();
+        if !tokens.is_empty() {
+            info!(steps = tokens.len(), "cancelling running steps before shutdown");
+        }
+        for t in tokens {
+            t.cancel();
+        }
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait()).await.is_err() {
+            warn!("steps did not finish their cleanup within {SHUTDOWN_GRACE:?}");
+        }
+    }
+}
+
+async fn forward_lines(attempt_id: u64, mut rx: mpsc::Receiver<LogLine>, outbox: mpsc::Sender<AgentToCoordinator>) {
+    while let Some(first) = rx.recv().await {
+        let mut lines = vec![first];
+        while lines.len() < LINES_PER_MESSAGE {
+            match rx.try_recv() {
+                Ok(l) => lines.push(l),
+                Err(_) => break,
+            }
+        }
+        // Output is best effort: the log files on the agent keep all of it.
+        let _ = outbox.try_send(AgentToCoordinator::StepOutput { attempt_id, lines });
+    }
+}

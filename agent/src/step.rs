@@ -1,0 +1,340 @@
+//! One step attempt through its storage backend, in the seed design's order.
+//!
+//! `run`: resolve the backend once, `prepare_inputs`, `restore_program` when the step names a
+//! program (a profile build calls `prepare_build` instead), `prepare_outputs`, then either a
+//! private mount namespace showing the view at the original paths or path substitution, then
+//! the snippet. `close`: on exit code 0, `harvest` each distinct scratch dir with
+//! `harvest = true` (a build calls `stage_program` per artifact); then `cleanup`, always:
+//! after failure, timeout, cancellation and agent shutdown alike.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use protocol::{LogLine, Registry, RegistryEntry, StepExit, StepKind, StepOutcome, StepSpec};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backend::{self, OverlayVolume, StepContext, StorageBackend, View};
+use crate::cache::{Cache, remove_tree};
+use crate::exec::{self, ExecEnd, ExecSpec};
+use crate::mounts::{self, NsPlan};
+use crate::remote::SnapshotRemote;
+use crate::settings::Settings;
+use crate::subst;
+
+/// What every attempt on this agent shares.
+#[derive(Clone)]
+pub struct Steps {
+    pub settings: Arc<Settings>,
+    pub cache: Arc<Cache>,
+    pub remote: Arc<dyn SnapshotRemote>,
+    /// Serializes read-modify-write of the agent's registry file.
+    pub registry_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Called once the snippet is about to start: backend name and how the view is shown.
+pub type OnStart = Box<dyn FnOnce(&str, &str) + Send>;
+
+impl Steps {
+    pub fn step_dir(&self, attempt_id: u64) -> PathBuf {
+        self.settings.work_dir.join("steps").join(format!("attempt-{attempt_id}"))
+    }
+
+    pub fn log_dir(&self, spec: &StepSpec) -> PathBuf {
+        self.settings.work_dir.join("logs").join(format!("attempt-{}", spec.attempt_id))
+    }
+
+    fn context(&self, attempt_id: u64, run: &str, step: &str) -> StepContext {
+        StepContext {
+            settings: self.settings.clone(),
+            attempt_id,
+            run: run.to_string(),
+            step: step.to_string(),
+            step_dir: self.step_dir(attempt_id),
+            cache: self.cache.clone(),
+            remote: self.remote.clone(),
+        }
+    }
+
+    /// Merges `entries` into the agent's registry file (atomically rewritten).
+    pub async fn merge_registry(&self, entries: &[(String, RegistryEntry)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let _g = self.registry_lock.lock().await;
+        let path = &self.settings.snapshot_registry;
+        let mut reg = match std::fs::read_to_string(path) {
+            Ok(t) => Registry::parse(&t).with_context(|| format!("reading {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if reg.merge(entries.iter().cloned()) > 0 {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            transport::pki::write_file(path, reg.to_json().as_bytes(), 0o644)?;
+        }
+        Ok(())
+    }
+
+    /// `check_outputs` through a fresh backend (its cleanup runs too).
+    pub async fn check_outputs(&self, paths: &[String], registry: &[(String, RegistryEntry)]) -> Result<Vec<(String, Option<u64>)>> {
+        self.merge_registry(registry).await?;
+        let id = rand::random::<u64>() >> 1;
+        let ctx = self.context(id, "check", "check");
+        let mut b = backend::resolve_backend(&ctx).await?;
+        let r = b.check_outputs(paths).await;
+        let c = b.cleanup().await;
+        let sizes = r?;
+        c?;
+        Ok(paths.iter().map(|p| (p.clone(), sizes.get(p).copied().flatten())).collect())
+    }
+
+    /// Runs one attempt to its end; never fails: every failure is in the outcome.
+    pub async fn run(
+        &self,
+        spec: StepSpec,
+        cancel: CancellationToken,
+        lines: mpsc::Sender<LogLine>,
+        on_start: OnStart,
+    ) -> StepOutcome {
+        let started = Instant::now();
+        let mut outcome = StepOutcome {
+            attempt_id: spec.attempt_id,
+            exit: StepExit::SetupFailed,
+            error: None,
+            backend: self.settings.overlay_mode.clone(),
+            outputs: Vec::new(),
+            new_entries: Vec::new(),
+            elapsed_ms: 0,
+        };
+        if let Err(e) = self.merge_registry(&spec.registry).await {
+            outcome.error = Some(format!("{e:#}"));
+            return outcome;
+        }
+        let ctx = self.context(spec.attempt_id, &spec.run, &spec.step);
+        let mut backend = match backend::resolve_backend(&ctx).await {
+            Ok(b) => b,
+            Err(e) => {
+                outcome.error = Some(format!("{e:#}"));
+                return outcome;
+            }
+        };
+        outcome.backend = backend.name().to_string();
+        let result = self.run_with(&spec, backend.as_mut(), &cancel, lines, on_start, &mut outcome).await;
+        if let Err(e) = result {
+            outcome.error = Some(format!("{e:#}"));
+        }
+        // Cleanup, always.
+        if let Err(e) = backend.cleanup().await {
+            warn!(attempt = spec.attempt_id, "cleanup failed: {e:#}");
+            let msg = format!("cleanup failed: {e:#}");
+            outcome.error = Some(match outcome.error.take() {
+                Some(prev) => format!("{prev}; {msg}"),
+                None => msg,
+            });
+        }
+        let step_dir = self.step_dir(spec.attempt_id);
+        if step_dir.exists() && mounts::mounts_under(&step_dir).is_empty() {
+            remove_tree(&step_dir);
+        }
+        outcome.new_entries = backend.take_new_entries();
+        if let Err(e) = self.merge_registry(&outcome.new_entries).await {
+            warn!("could not record new registry entries: {e:#}");
+        }
+        if !outcome.new_entries.is_empty() {
+            let mut reg = Registry::default();
+            reg.merge(outcome.new_entries.iter().cloned());
+            let path = self.log_dir(&spec).join("snapshot_registry.json");
+            if let Err(e) = transport::pki::write_file(&path, reg.to_json().as_bytes(), 0o644) {
+                warn!(path = %path.display(), "could not write: {e:#}");
+            }
+        }
+        outcome.elapsed_ms = started.elapsed().as_millis() as u64;
+        outcome
+    }
+
+    async fn run_with(
+        &self,
+        spec: &StepSpec,
+        backend: &mut dyn StorageBackend,
+        cancel: &CancellationToken,
+        lines: mpsc::Sender<LogLine>,
+        on_start: OnStart,
+        outcome: &mut StepOutcome,
+    ) -> Result<()> {
+        let log_dir = self.log_dir(spec);
+        let cwd = self.step_dir(spec.attempt_id).join("cwd");
+        for d in [&log_dir, &cwd] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let mut ovs: Vec<OverlayVolume> = Vec::new();
+        backend.prepare_inputs(&spec.inputs, &mut ovs).await.context("prepare_inputs")?;
+        let (outputs, harvest): (Vec<String>, BTreeMap<String, bool>) = match &spec.kind {
+            StepKind::Run => {
+                if let Some(p) = &spec.program {
+                    backend.restore_program(&p.profile, &p.key).await.context("restore_program")?;
+                }
+                let h = spec.outputs.iter().map(|o| (o.clone(), !spec.no_harvest.contains(o))).collect();
+                (spec.outputs.clone(), h)
+            }
+            StepKind::Build { profile, programs } => {
+                let paths: Vec<String> = programs.iter().map(|p| p.artifact_path.clone()).collect();
+                let keys: Vec<String> =
+                    programs.iter().map(|p| protocol::registry::program_key(profile, &p.key)).collect();
+                backend.prepare_build(&paths, &keys).await.context("prepare_build")?;
+                let h = paths.iter().map(|p| (p.clone(), false)).collect();
+                (paths, h)
+            }
+        };
+        backend.prepare_outputs(&outputs, &harvest, &mut ovs).await.context("prepare_outputs")?;
+        if cancel.is_cancelled() {
+            outcome.exit = StepExit::Cancelled;
+            return Ok(());
+        }
+
+        // Show the view: a private namespace when possible, else rewrite paths.
+        let mut created: Vec<PathBuf> = Vec::new();
+        let (namespace, pairs, how) = match backend.view() {
+            View::Host => (None, Vec::new(), "host paths".to_string()),
+            View::Mounts(m) if self.settings.mount_namespace && mounts::can_mount() => {
+                for mnt in &m {
+                    let target = match mnt {
+                        mounts::NsMount::Bind { dst, .. } => dst,
+                        mounts::NsMount::Overlay { target, .. } => target,
+                    };
+                    create_missing(target, &mut created)?;
+                }
+                (Some(NsPlan::new(&m).context("preparing the mount namespace")?), Vec::new(), "mount namespace".into())
+            }
+            View::Mounts(_) | View::RewriteOnly => {
+                let pairs: Vec<(String, String)> = ovs.iter().map(|v| (v.path.clone(), v.bind_file.clone())).collect();
+                (None, pairs, "rewritten paths".into())
+            }
+        };
+        let script = subst::substitute(&spec.command, &pairs);
+        let mut env: Vec<(String, String)> =
+            spec.env.iter().map(|(k, v)| (k.clone(), subst::substitute(v, &pairs))).collect();
+        let effective = |p: &str| subst::substitute(p, &pairs);
+        for (i, p) in spec.inputs.iter().enumerate() {
+            env.push((format!("PYPE_INPUT_{}", i + 1), effective(p)));
+        }
+        for (i, p) in outputs.iter().enumerate() {
+            env.push((format!("PYPE_OUTPUT_{}", i + 1), effective(p)));
+        }
+        std::fs::write(log_dir.join("command.sh"), &script).context("writing command.sh")?;
+        info!(attempt = spec.attempt_id, backend = %backend.name(), view = %how, "running snippet");
+        on_start(backend.name(), &how);
+        let end = exec::run(
+            ExecSpec {
+                script,
+                env,
+                cwd,
+                stdout_log: log_dir.join("stdout.log"),
+                stderr_log: log_dir.join("stderr.log"),
+                timeout: spec.timeout_secs.map(Duration::from_secs),
+                namespace,
+            },
+            cancel,
+            lines,
+        )
+        .await;
+        for d in created.iter().rev() {
+            // Only directories this attempt created, and only while still empty.
+            let _ = std::fs::remove_dir(d);
+        }
+        let end = end?;
+        outcome.exit = match end {
+            ExecEnd::Exited(c) => StepExit::Exited(c),
+            ExecEnd::Signalled(s) => StepExit::Signalled(s),
+            ExecEnd::TimedOut => StepExit::TimedOut,
+            ExecEnd::Cancelled => StepExit::Cancelled,
+        };
+        if end != ExecEnd::Exited(0) {
+            outcome.error = Some(match end {
+                ExecEnd::Exited(c) => format!("snippet exited with code {c}"),
+                ExecEnd::Signalled(s) => format!("snippet killed by signal {s}"),
+                ExecEnd::TimedOut => format!("timed out after {}s", spec.timeout_secs.unwrap_or(0)),
+                ExecEnd::Cancelled => "cancelled".into(),
+            });
+            return Ok(());
+        }
+
+        // Close: harvest on success.
+        let closed = async {
+            match &spec.kind {
+                StepKind::Run => {
+                    let mut seen = BTreeSet::new();
+                    for v in ovs.iter().filter(|v| v.harvest) {
+                        if seen.insert(v.scratch_dir.clone()) {
+                            backend.harvest(Path::new(&v.scratch_dir), Path::new(&v.original_dir)).await.context("harvest")?;
+                        }
+                    }
+                }
+                StepKind::Build { profile, programs } => {
+                    for p in programs {
+                        backend.stage_program(profile, &p.key, Path::new(&p.artifact_path)).await.context("stage_program")?;
+                    }
+                }
+            }
+            anyhow::Ok(())
+        };
+        if let Err(e) = closed.await {
+            outcome.exit = StepExit::HarvestFailed;
+            return Err(e);
+        }
+        // Outputs as the backend now sees them (after harvest: at their real place).
+        match backend.check_outputs(&outputs).await {
+            Ok(sizes) => outcome.outputs = outputs.iter().map(|o| (o.clone(), sizes.get(o).copied().flatten())).collect(),
+            Err(e) => warn!("check_outputs after harvest failed: {e:#}"),
+        }
+        Ok(())
+    }
+}
+
+/// Creates `dir` and missing parents, recording each one created (outermost first).
+fn create_missing(dir: &Path, created: &mut Vec<PathBuf>) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.exists() {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        cur = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        std::fs::create_dir(&d).with_context(|| format!("creating mount point {}", d.display()))?;
+        created.push(d);
+    }
+    Ok(())
+}
+
+/// Removes what attempts of an earlier agent process left: mounts and step directories under
+/// `<work>/steps`, and `attempt-*` scratch dirs under the overlay scratch root.
+pub fn sweep_leftovers(settings: &Settings) {
+    let steps = settings.work_dir.join("steps");
+    for m in mounts::mounts_under(&settings.work_dir) {
+        match mounts::unmount(&m) {
+            Ok(()) => warn!(mount = %m.display(), "unmounted a leftover of an earlier agent"),
+            Err(e) => warn!(mount = %m.display(), "cannot unmount a leftover: {e}"),
+        }
+    }
+    let mut roots = vec![steps];
+    if let Ok(s) = settings.scratch_root() {
+        roots.push(s);
+    }
+    for root in roots {
+        let Ok(rd) = std::fs::read_dir(&root) else { continue };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("attempt-") {
+                warn!(path = %e.path().display(), "removing a leftover of an earlier agent");
+                remove_tree(&e.path());
+            }
+        }
+    }
+}
