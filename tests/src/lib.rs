@@ -172,7 +172,22 @@ impl Coord {
 
 /// Starts an agent; `token` may be None when its state dir already holds a certificate.
 pub fn start_agent(bins: &Bins, coord: &Coord, dir: &Path, name: &str, token: Option<&str>) -> Proc {
+    start_agent_env(bins, coord, dir, name, token, &[])
+}
+
+/// Like [`start_agent`], with extra environment variables (`PYPE_OVERLAY_MODE`, ...).
+pub fn start_agent_env(
+    bins: &Bins,
+    coord: &Coord,
+    dir: &Path,
+    name: &str,
+    token: Option<&str>,
+    env: &[(&str, &str)],
+) -> Proc {
     let mut cmd = Command::new(&bins.agent);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     cmd.arg("run")
         .arg("--coordinator")
         .arg(coord.addr.to_string())
