@@ -59,7 +59,8 @@ impl Cache {
                 let size = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
                 match size {
                     Some(size) if dir.join(id).is_dir() => {
-                        let last_used = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+                        let last_used =
+                            e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
                         entries.insert(id.to_string(), Entry { size, last_used, pins: 0 });
                     }
                     _ => {
@@ -115,8 +116,15 @@ impl Cache {
         let summary = remote.fetch(id, &dest).await?;
         let d = dest.clone();
         tokio::task::spawn_blocking(move || make_read_only(&d)).await??;
-        transport::pki::write_file(&self.dir.join(format!("{id}.size")), summary.content_bytes.to_string().as_bytes(), 0o644)?;
-        self.lock().insert(id.to_string(), Entry { size: summary.content_bytes, last_used: SystemTime::now(), pins: 0 });
+        transport::pki::write_file(
+            &self.dir.join(format!("{id}.size")),
+            summary.content_bytes.to_string().as_bytes(),
+            0o644,
+        )?;
+        self.lock().insert(
+            id.to_string(),
+            Entry { size: summary.content_bytes, last_used: SystemTime::now(), pins: 0 },
+        );
         info!(
             snapshot = %id,
             bytes = summary.content_bytes,
@@ -184,7 +192,11 @@ pub fn remove_tree(p: &Path) {
             while let Some(d) = stack.pop() {
                 let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o755));
                 if let Ok(rd) = fs::read_dir(&d) {
-                    stack.extend(rd.flatten().filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false)).map(|e| e.path()));
+                    stack.extend(
+                        rd.flatten()
+                            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                            .map(|e| e.path()),
+                    );
                 }
             }
             fs::remove_dir_all(p)

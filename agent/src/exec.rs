@@ -28,6 +28,28 @@ pub struct ExecSpec {
     pub stderr_log: PathBuf,
     pub timeout: Option<Duration>,
     pub namespace: Option<NsPlan>,
+    /// Where to record the process group (pid and start time), so a later agent can kill
+    /// what a killed agent left running.
+    pub pid_file: PathBuf,
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of `/proc/PID/stat`).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(") ").next()?.split(' ').nth(19)?.parse().ok()
+}
+
+/// Kills the process group recorded in `pid_file` if its leader is still the same process.
+pub fn kill_recorded(pid_file: &std::path::Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(pid_file) else { return false };
+    let mut it = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+    let (Some(Some(pid)), Some(Some(started))) = (it.next(), it.next()) else { return false };
+    let pid = pid as i32;
+    if start_time(pid) == Some(started) {
+        kill_group(pid, libc::SIGKILL);
+        return true;
+    }
+    false
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +71,11 @@ fn kill_group(pgid: i32, signal: i32) {
 
 /// Runs the snippet to its end. `lines` receives its output (dropped when the receiver lags
 /// behind by more than the channel holds: the log files keep everything).
-pub async fn run(spec: ExecSpec, cancel: &CancellationToken, lines: mpsc::Sender<LogLine>) -> Result<ExecEnd> {
+pub async fn run(
+    spec: ExecSpec,
+    cancel: &CancellationToken,
+    lines: mpsc::Sender<LogLine>,
+) -> Result<ExecEnd> {
     let mut cmd = Command::new("bash");
     cmd.arg("-c")
         .arg(format!("set -eo pipefail\n{}", spec.script))
@@ -68,8 +94,17 @@ pub async fn run(spec: ExecSpec, cancel: &CancellationToken, lines: mpsc::Sender
     }
     let mut child = cmd.spawn().context("starting bash")?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-    let out = child.stdout.take().map(|s| tokio::spawn(pump(s, spec.stdout_log.clone(), OutputStream::Stdout, lines.clone())));
-    let err = child.stderr.take().map(|s| tokio::spawn(pump(s, spec.stderr_log.clone(), OutputStream::Stderr, lines)));
+    if let Some(started) = start_time(pgid) {
+        let _ = std::fs::write(&spec.pid_file, format!("{pgid} {started}\n"));
+    }
+    let out = child
+        .stdout
+        .take()
+        .map(|s| tokio::spawn(pump(s, spec.stdout_log.clone(), OutputStream::Stdout, lines.clone())));
+    let err = child
+        .stderr
+        .take()
+        .map(|s| tokio::spawn(pump(s, spec.stderr_log.clone(), OutputStream::Stderr, lines)));
     let deadline = async {
         match spec.timeout {
             Some(t) => tokio::time::sleep(t).await,
@@ -110,7 +145,12 @@ async fn finish(out: Option<tokio::task::JoinHandle<()>>, err: Option<tokio::tas
 }
 
 /// Copies a pipe to its log file and cuts it into lines for the coordinator.
-async fn pump(mut pipe: impl AsyncRead + Unpin, log: PathBuf, stream: OutputStream, lines: mpsc::Sender<LogLine>) {
+async fn pump(
+    mut pipe: impl AsyncRead + Unpin,
+    log: PathBuf,
+    stream: OutputStream,
+    lines: mpsc::Sender<LogLine>,
+) {
     let mut file = match tokio::fs::OpenOptions::new().create(true).append(true).open(&log).await {
         Ok(f) => Some(f),
         Err(e) => {

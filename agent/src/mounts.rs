@@ -13,7 +13,8 @@ pub fn can_mount() -> bool {
 }
 
 fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other(format!("{} contains a NUL byte", p.display())))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other(format!("{} contains a NUL byte", p.display())))
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {
@@ -24,7 +25,9 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 fn overlay_safe(p: &Path) -> io::Result<&str> {
     let s = p.to_str().ok_or_else(|| io::Error::other(format!("{} is not UTF-8", p.display())))?;
     if s.contains([':', ',', '\\']) {
-        return Err(io::Error::other(format!("{s} contains ':', ',' or '\\', which overlayfs options cannot carry")));
+        return Err(io::Error::other(format!(
+            "{s} contains ':', ',' or '\\', which overlayfs options cannot carry"
+        )));
     }
     Ok(s)
 }
@@ -34,7 +37,12 @@ fn overlay_options(lowers: &[PathBuf], upper: &Path, work: &Path) -> io::Result<
     for l in lowers {
         lower.push(overlay_safe(l)?);
     }
-    let opts = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), overlay_safe(upper)?, overlay_safe(work)?);
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        overlay_safe(upper)?,
+        overlay_safe(work)?
+    );
     // mount(2) takes at most a page of options.
     if opts.len() >= 4096 {
         return Err(io::Error::other(format!(
@@ -111,8 +119,11 @@ pub enum NsMount {
 
 /// [`NsMount`]s turned into C strings before `fork`, so the child allocates nothing.
 pub struct NsPlan {
-    steps: Vec<(Option<CString>, CString, Option<CString>, libc::c_ulong, Option<CString>)>,
+    steps: Vec<MountCall>,
 }
+
+/// The arguments of one `mount(2)`: source, target, fs type, flags, data.
+type MountCall = (Option<CString>, CString, Option<CString>, libc::c_ulong, Option<CString>);
 
 impl NsPlan {
     pub fn new(mounts: &[NsMount]) -> io::Result<Self> {
@@ -181,6 +192,9 @@ mod tests {
     fn overlay_options_refuse_separators() {
         let p = |s: &str| PathBuf::from(s);
         assert!(overlay_options(&[p("/a:b")], &p("/u"), &p("/w")).is_err());
-        assert_eq!(overlay_options(&[p("/a"), p("/b")], &p("/u"), &p("/w")).unwrap(), "lowerdir=/a:/b,upperdir=/u,workdir=/w");
+        assert_eq!(
+            overlay_options(&[p("/a"), p("/b")], &p("/u"), &p("/w")).unwrap(),
+            "lowerdir=/a:/b,upperdir=/u,workdir=/w"
+        );
     }
 }

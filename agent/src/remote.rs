@@ -61,17 +61,22 @@ impl SnapshotRemote for QuicRemote {
         framed::write_frame(&mut send, &SnapshotRequest::Fetch { snapshot_id: id.to_string() }).await?;
         send.finish()?;
         match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
-            Some(SnapshotReply::Data(header)) => transport::recv_tree(&mut recv, dest.to_path_buf(), header.compression, self.limits)
-                .await
-                .with_context(|| format!("receiving snapshot {id}")),
-            Some(SnapshotReply::Error(e)) => Err(refused(e)).with_context(|| format!("fetching snapshot {id}")),
+            Some(SnapshotReply::Data(header)) => {
+                transport::recv_tree(&mut recv, dest.to_path_buf(), header.compression, self.limits)
+                    .await
+                    .with_context(|| format!("receiving snapshot {id}"))
+            }
+            Some(SnapshotReply::Error(e)) => {
+                Err(refused(e)).with_context(|| format!("fetching snapshot {id}"))
+            }
             other => bail!("unexpected answer to a snapshot fetch: {other:?}"),
         }
     }
 
     async fn store(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo> {
         let (mut send, mut recv) = self.open().await?;
-        let data = DataHeader { expected_bytes: None, compression: Compression::Zstd { level: STORE_ZSTD_LEVEL } };
+        let data =
+            DataHeader { expected_bytes: None, compression: Compression::Zstd { level: STORE_ZSTD_LEVEL } };
         framed::write_frame(&mut send, &SnapshotRequest::Store { data }).await?;
         let sent = transport::bulk::send_paths(&mut send, root.to_path_buf(), paths, STORE_ZSTD_LEVEL).await;
         if sent.is_ok() {
@@ -93,7 +98,9 @@ impl SnapshotRemote for QuicRemote {
         send.finish()?;
         match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
             Some(SnapshotReply::Sizes(s)) if s.len() == n => Ok(s),
-            Some(SnapshotReply::Error(e)) => Err(refused(e)).context("looking up outputs in the snapshot index"),
+            Some(SnapshotReply::Error(e)) => {
+                Err(refused(e)).context("looking up outputs in the snapshot index")
+            }
             other => bail!("unexpected answer to a snapshot lookup: {other:?}"),
         }
     }

@@ -107,13 +107,19 @@ impl Runner {
         lock(&self.pending).values().cloned().collect()
     }
 
-    pub fn check_outputs(self: &Arc<Self>, request_id: u64, paths: Vec<String>, registry: Vec<(String, RegistryEntry)>) {
+    pub fn check_outputs(
+        self: &Arc<Self>,
+        request_id: u64,
+        paths: Vec<String>,
+        registry: Vec<(String, RegistryEntry)>,
+    ) {
         let me = self.clone();
         self.tasks.spawn(async move {
-            let result = me.steps.check_outputs(&paths, &registry).await.map_err(|e| RemoteError {
-                code: protocol::ErrorCode::Internal,
-                message: format!("{e:#}"),
-            });
+            let result = me
+                .steps
+                .check_outputs(&paths, &registry)
+                .await
+                .map_err(|e| RemoteError { code: protocol::ErrorCode::Internal, message: format!("{e:#}") });
             let _ = me.outbox.send(AgentToCoordinator::OutputsChecked { request_id, result }).await;
         });
     }
@@ -134,7 +140,11 @@ impl Runner {
     }
 }
 
-async fn forward_lines(attempt_id: u64, mut rx: mpsc::Receiver<LogLine>, outbox: mpsc::Sender<AgentToCoordinator>) {
+async fn forward_lines(
+    attempt_id: u64,
+    mut rx: mpsc::Receiver<LogLine>,
+    outbox: mpsc::Sender<AgentToCoordinator>,
+) {
     while let Some(first) = rx.recv().await {
         let mut lines = vec![first];
         while lines.len() < LINES_PER_MESSAGE {

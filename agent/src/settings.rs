@@ -60,7 +60,8 @@ pub struct ConfigFile {
 
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading agent config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading agent config {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in agent config {}", path.display()))
     }
 
@@ -107,12 +108,16 @@ impl Settings {
     pub fn from_config(cfg: &ConfigFile, work_dir: &Path) -> Result<Self> {
         let cache_size_bytes = match cfg.get("PYPE_CACHE_SIZE_BYTES") {
             None => DEFAULT_CACHE_SIZE_BYTES,
-            Some(v) => v.parse().with_context(|| format!("PYPE_CACHE_SIZE_BYTES={v:?} is not a number of bytes"))?,
+            Some(v) => {
+                v.parse().with_context(|| format!("PYPE_CACHE_SIZE_BYTES={v:?} is not a number of bytes"))?
+            }
         };
         Ok(Self {
             overlay_mode: cfg.get("PYPE_OVERLAY_MODE").unwrap_or_else(|| "direct".into()),
             overlay_scratch: cfg.get("PYPE_OVERLAY_SCRATCH"),
-            snapshot_registry: cfg.get("PYPE_SNAPSHOT_REGISTRY").map_or_else(|| PathBuf::from(DEFAULT_REGISTRY), PathBuf::from),
+            snapshot_registry: cfg
+                .get("PYPE_SNAPSHOT_REGISTRY")
+                .map_or_else(|| PathBuf::from(DEFAULT_REGISTRY), PathBuf::from),
             queues: cfg
                 .get("PYPE_QUEUES")
                 .map(|q| q.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect())
@@ -171,7 +176,8 @@ mod tests {
 
     #[test]
     fn config_file_lines() {
-        let cfg = ConfigFile::parse("# comment\nexport PYPE_OVERLAY_MODE=overlay\nPYPE_QUEUES='/a:/b'\n\n").unwrap();
+        let cfg = ConfigFile::parse("# comment\nexport PYPE_OVERLAY_MODE=overlay\nPYPE_QUEUES='/a:/b'\n\n")
+            .unwrap();
         assert_eq!(cfg.values["PYPE_OVERLAY_MODE"], "overlay");
         assert_eq!(cfg.values["PYPE_QUEUES"], "/a:/b");
         let err = ConfigFile::parse("PYPE_OVERLAY_MOOD=x").unwrap_err();

@@ -82,7 +82,11 @@ impl Steps {
     }
 
     /// `check_outputs` through a fresh backend (its cleanup runs too).
-    pub async fn check_outputs(&self, paths: &[String], registry: &[(String, RegistryEntry)]) -> Result<Vec<(String, Option<u64>)>> {
+    pub async fn check_outputs(
+        &self,
+        paths: &[String],
+        registry: &[(String, RegistryEntry)],
+    ) -> Result<Vec<(String, Option<u64>)>> {
         self.merge_registry(registry).await?;
         let id = rand::random::<u64>() >> 1;
         let ctx = self.context(id, "check", "check");
@@ -209,10 +213,15 @@ impl Steps {
                     };
                     create_missing(target, &mut created)?;
                 }
-                (Some(NsPlan::new(&m).context("preparing the mount namespace")?), Vec::new(), "mount namespace".into())
+                (
+                    Some(NsPlan::new(&m).context("preparing the mount namespace")?),
+                    Vec::new(),
+                    "mount namespace".into(),
+                )
             }
             View::Mounts(_) | View::RewriteOnly => {
-                let pairs: Vec<(String, String)> = ovs.iter().map(|v| (v.path.clone(), v.bind_file.clone())).collect();
+                let pairs: Vec<(String, String)> =
+                    ovs.iter().map(|v| (v.path.clone(), v.bind_file.clone())).collect();
                 (None, pairs, "rewritten paths".into())
             }
         };
@@ -238,6 +247,7 @@ impl Steps {
                 stderr_log: log_dir.join("stderr.log"),
                 timeout: spec.timeout_secs.map(Duration::from_secs),
                 namespace,
+                pid_file: self.step_dir(spec.attempt_id).join("pid"),
             },
             cancel,
             lines,
@@ -271,13 +281,19 @@ impl Steps {
                     let mut seen = BTreeSet::new();
                     for v in ovs.iter().filter(|v| v.harvest) {
                         if seen.insert(v.scratch_dir.clone()) {
-                            backend.harvest(Path::new(&v.scratch_dir), Path::new(&v.original_dir)).await.context("harvest")?;
+                            backend
+                                .harvest(Path::new(&v.scratch_dir), Path::new(&v.original_dir))
+                                .await
+                                .context("harvest")?;
                         }
                     }
                 }
                 StepKind::Build { profile, programs } => {
                     for p in programs {
-                        backend.stage_program(profile, &p.key, Path::new(&p.artifact_path)).await.context("stage_program")?;
+                        backend
+                            .stage_program(profile, &p.key, Path::new(&p.artifact_path))
+                            .await
+                            .context("stage_program")?;
                     }
                 }
             }
@@ -289,7 +305,10 @@ impl Steps {
         }
         // Outputs as the backend now sees them (after harvest: at their real place).
         match backend.check_outputs(&outputs).await {
-            Ok(sizes) => outcome.outputs = outputs.iter().map(|o| (o.clone(), sizes.get(o).copied().flatten())).collect(),
+            Ok(sizes) => {
+                outcome.outputs =
+                    outputs.iter().map(|o| (o.clone(), sizes.get(o).copied().flatten())).collect()
+            }
             Err(e) => warn!("check_outputs after harvest failed: {e:#}"),
         }
         Ok(())
@@ -318,6 +337,13 @@ fn create_missing(dir: &Path, created: &mut Vec<PathBuf>) -> Result<()> {
 /// `<work>/steps`, and `attempt-*` scratch dirs under the overlay scratch root.
 pub fn sweep_leftovers(settings: &Settings) {
     let steps = settings.work_dir.join("steps");
+    if let Ok(rd) = std::fs::read_dir(&steps) {
+        for e in rd.flatten() {
+            if exec::kill_recorded(&e.path().join("pid")) {
+                warn!(step_dir = %e.path().display(), "killed a snippet an earlier agent left running");
+            }
+        }
+    }
     for m in mounts::mounts_under(&settings.work_dir) {
         match mounts::unmount(&m) {
             Ok(()) => warn!(mount = %m.display(), "unmounted a leftover of an earlier agent"),

@@ -6,12 +6,17 @@
 
 /// Characters that may end a path in shell text (beside the end of the text and `/`).
 fn ends_path(c: char) -> bool {
-    c.is_whitespace() || matches!(c, '/' | '\'' | '"' | '`' | ';' | '|' | '&' | '(' | ')' | '<' | '>' | ',' | ':' | '}' | ']' | '=')
+    c.is_whitespace()
+        || matches!(
+            c,
+            '/' | '\'' | '"' | '`' | ';' | '|' | '&' | '(' | ')' | '<' | '>' | ',' | ':' | '}' | ']' | '='
+        )
 }
 
 /// Characters that may stand before a path.
 fn starts_path(c: char) -> bool {
-    c.is_whitespace() || matches!(c, '\'' | '"' | '`' | '=' | ':' | ';' | '|' | '&' | '(' | '<' | '>' | '{' | '[' | ',')
+    c.is_whitespace()
+        || matches!(c, '\'' | '"' | '`' | '=' | ':' | ';' | '|' | '&' | '(' | '<' | '>' | '{' | '[' | ',')
 }
 
 /// Rewrites `text`, replacing each `from` by its `to` (see the module docs).

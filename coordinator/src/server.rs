@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use protocol::{
-    AdminRequest, AdminResponse, AgentInfo, AgentToCoordinator, BulkReply, BulkRequest, CloseCode, Compression,
-    CoordinatorToAgent, DataHeader, EnrollRequest, EnrollResponse, ErrorCode, HostFacts, LogLine, RegistryEntry,
-    RemoteError, SnapshotReply, SnapshotRequest, StepOutcome, StepSpec, TransferSummary, Welcome,
+    AdminRequest, AdminResponse, AgentInfo, AgentToCoordinator, BulkReply, BulkRequest, CloseCode,
+    Compression, CoordinatorToAgent, DataHeader, EnrollRequest, EnrollResponse, ErrorCode, HostFacts,
+    LogLine, RegistryEntry, RemoteError, SnapshotReply, SnapshotRequest, StepOutcome, StepSpec,
+    TransferSummary, Welcome,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -97,7 +98,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Coordinator {
-    pub fn new(state: Arc<State>, ca: pki::Ca, config: ServerConfig, store: Arc<dyn SnapshotStore>) -> Arc<Self> {
+    pub fn new(
+        state: Arc<State>,
+        ca: pki::Ca,
+        config: ServerConfig,
+        store: Arc<dyn SnapshotStore>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             state,
             ca,
@@ -571,9 +577,13 @@ async fn control_loop(
                         );
                         let _ = a.events.send(StepEvent::Finished(outcome));
                     }
-                    None => warn!(attempt = attempt_id, "discarding the result of an attempt nobody waits for"),
+                    None => {
+                        warn!(attempt = attempt_id, "discarding the result of an attempt nobody waits for")
+                    }
                 }
-                if let Err(e) = framed::write_frame(send, &CoordinatorToAgent::StepResultAck { attempt_id }).await {
+                if let Err(e) =
+                    framed::write_frame(send, &CoordinatorToAgent::StepResultAck { attempt_id }).await
+                {
                     return format!("could not acknowledge a result: {e}");
                 }
             }
@@ -610,7 +620,11 @@ async fn serve_snapshot_streams(coord: Arc<Coordinator>, conn: quinn::Connection
     }
 }
 
-async fn snapshot_stream(coord: &Coordinator, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<()> {
+async fn snapshot_stream(
+    coord: &Coordinator,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<()> {
     let req = framed::read_frame::<SnapshotRequest, _>(&mut recv, MAX_CONTROL_FRAME)
         .await?
         .ok_or_else(|| anyhow!("stream closed before its request"))?;
@@ -650,30 +664,31 @@ async fn snapshot_stream(coord: &Coordinator, mut send: quinn::SendStream, mut r
             }
             let started = Instant::now();
             let tmp = store.incoming_path()?;
-            let reply = match transport::bulk::recv_file(&mut recv, &tmp, coord.config.unpack_limits.max_bytes).await
-            {
-                Err(e) => reply_err(e.code(), e.to_string()),
-                Ok(trailer) => {
-                    let t = tmp.clone();
-                    match tokio::task::spawn_blocking(move || store.ingest(&t, &trailer)).await? {
-                        Ok(meta) => {
-                            info!(
-                                snapshot = %meta.snapshot_id,
-                                bytes = meta.content_bytes,
-                                wire_bytes = meta.wire_bytes,
-                                entries = meta.entries,
-                                elapsed_ms = started.elapsed().as_millis() as u64,
-                                "snapshot stored"
-                            );
-                            SnapshotReply::Stored(meta.info())
-                        }
-                        Err(e) => {
-                            let _ = std::fs::remove_file(&tmp);
-                            reply_err(ErrorCode::RefusedArchive, format!("{e:#}"))
+            let reply =
+                match transport::bulk::recv_file(&mut recv, &tmp, coord.config.unpack_limits.max_bytes).await
+                {
+                    Err(e) => reply_err(e.code(), e.to_string()),
+                    Ok(trailer) => {
+                        let t = tmp.clone();
+                        match tokio::task::spawn_blocking(move || store.ingest(&t, &trailer)).await? {
+                            Ok(meta) => {
+                                info!(
+                                    snapshot = %meta.snapshot_id,
+                                    bytes = meta.content_bytes,
+                                    wire_bytes = meta.wire_bytes,
+                                    entries = meta.entries,
+                                    elapsed_ms = started.elapsed().as_millis() as u64,
+                                    "snapshot stored"
+                                );
+                                SnapshotReply::Stored(meta.info())
+                            }
+                            Err(e) => {
+                                let _ = std::fs::remove_file(&tmp);
+                                reply_err(ErrorCode::RefusedArchive, format!("{e:#}"))
+                            }
                         }
                     }
-                }
-            };
+                };
             framed::write_frame(&mut send, &reply).await?;
             send.finish()?;
         }
@@ -758,13 +773,17 @@ async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse 
         AdminRequest::CheckOutputs { agent, paths, registry } => {
             return match coord.check_outputs(&agent, paths, registry).await {
                 Ok(sizes) => AdminResponse::Outputs(sizes),
-                Err(e) => AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: format!("{e:#}") }),
+                Err(e) => {
+                    AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: format!("{e:#}") })
+                }
             };
         }
         AdminRequest::CancelStep { attempt_id } => {
             return match coord.cancel_step(attempt_id, "cancelled by the operator").await {
                 Ok(()) => AdminResponse::Done,
-                Err(e) => AdminResponse::Error(RemoteError { code: ErrorCode::NotFound, message: format!("{e:#}") }),
+                Err(e) => {
+                    AdminResponse::Error(RemoteError { code: ErrorCode::NotFound, message: format!("{e:#}") })
+                }
             };
         }
         AdminRequest::RunStep { .. } => unreachable_run_step(),
@@ -788,7 +807,12 @@ async fn admin_run_step(
 ) -> AdminResponse {
     let (_, mut events) = match coord.run_step(agent, spec).await {
         Ok(v) => v,
-        Err(e) => return AdminResponse::Error(RemoteError { code: ErrorCode::NotFound, message: format!("{e:#}") }),
+        Err(e) => {
+            return AdminResponse::Error(RemoteError {
+                code: ErrorCode::NotFound,
+                message: format!("{e:#}"),
+            });
+        }
     };
     while let Some(event) = events.recv().await {
         let frame = match event {

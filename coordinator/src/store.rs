@@ -54,7 +54,13 @@ impl SnapshotMeta {
             EntryKind::Symlink | EntryKind::Hardlink => Some(0),
             EntryKind::Dir => {
                 let prefix = format!("{p}/");
-                Some(self.files[i + 1..].iter().take_while(|f| f.path.starts_with(&prefix)).map(|f| f.size).sum())
+                Some(
+                    self.files[i + 1..]
+                        .iter()
+                        .take_while(|f| f.path.starts_with(&prefix))
+                        .map(|f| f.size)
+                        .sum(),
+                )
             }
         }
     }
@@ -112,7 +118,10 @@ impl LocalStore {
 }
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl SnapshotStore for LocalStore {
@@ -127,8 +136,8 @@ impl SnapshotStore for LocalStore {
             let _ = fs::remove_file(file);
             return Ok(meta);
         }
-        let (mut files, stats) =
-            transport::archive::index(file, self.limits).with_context(|| format!("indexing snapshot {id}"))?;
+        let (mut files, stats) = transport::archive::index(file, self.limits)
+            .with_context(|| format!("indexing snapshot {id}"))?;
         files.sort_by(|a, b| a.path.cmp(&b.path));
         files.dedup_by(|later, earlier| later.path == earlier.path);
         let meta = SnapshotMeta {
@@ -148,7 +157,8 @@ impl SnapshotStore for LocalStore {
     }
 
     fn open(&self, snapshot_id: &str) -> Result<(PathBuf, [u8; 32])> {
-        let meta = self.meta(snapshot_id)?.ok_or_else(|| anyhow!("snapshot {snapshot_id} is not in the store"))?;
+        let meta =
+            self.meta(snapshot_id)?.ok_or_else(|| anyhow!("snapshot {snapshot_id} is not in the store"))?;
         let mut digest = [0u8; 32];
         hex::decode_to_slice(&meta.digest, &mut digest)
             .map_err(|e| anyhow!("index of snapshot {snapshot_id} has a bad digest: {e}"))?;

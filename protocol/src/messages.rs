@@ -50,16 +50,28 @@ pub struct Heartbeat {
 pub enum AgentToCoordinator {
     Hello(Hello),
     Heartbeat(Heartbeat),
-    GoingAway { reason: String },
+    GoingAway {
+        reason: String,
+    },
     /// The attempt passed its setup and the snippet is starting.
-    StepStarted { attempt_id: u64, backend: String, view: String },
+    StepStarted {
+        attempt_id: u64,
+        backend: String,
+        view: String,
+    },
     /// Lines the snippet wrote, batched; the agent's log files hold the full output.
-    StepOutput { attempt_id: u64, lines: Vec<LogLine> },
+    StepOutput {
+        attempt_id: u64,
+        lines: Vec<LogLine>,
+    },
     /// The attempt ended (success or not) and its cleanup ran. Sent again after a reconnect
     /// until the coordinator answers [`CoordinatorToAgent::StepResultAck`].
     StepFinished(StepOutcome),
     /// Answer to [`CoordinatorToAgent::CheckOutputs`].
-    OutputsChecked { request_id: u64, result: Result<Vec<(String, Option<u64>)>, RemoteError> },
+    OutputsChecked {
+        request_id: u64,
+        result: Result<Vec<(String, Option<u64>)>, RemoteError>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,16 +86,29 @@ pub struct Welcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CoordinatorToAgent {
     Welcome(Welcome),
-    HeartbeatAck { seq: u64 },
-    GoingAway { reason: String },
+    HeartbeatAck {
+        seq: u64,
+    },
+    GoingAway {
+        reason: String,
+    },
     /// Run one step attempt through the agent's storage backend.
     RunStep(Box<StepSpec>),
     /// Stop a running attempt: its process group is killed and its cleanup runs.
-    CancelStep { attempt_id: u64, reason: String },
+    CancelStep {
+        attempt_id: u64,
+        reason: String,
+    },
     /// The coordinator has recorded this attempt's outcome; the agent may forget it.
-    StepResultAck { attempt_id: u64 },
+    StepResultAck {
+        attempt_id: u64,
+    },
     /// Answer `check_outputs(paths)` through the agent's backend, after merging `registry`.
-    CheckOutputs { request_id: u64, paths: Vec<String>, registry: Vec<(String, RegistryEntry)> },
+    CheckOutputs {
+        request_id: u64,
+        paths: Vec<String>,
+        registry: Vec<(String, RegistryEntry)>,
+    },
 }
 
 /// An error that crosses the wire.
@@ -190,11 +215,20 @@ pub enum AdminRequest {
     },
     /// Run one step attempt on `agent`; the answer is a stream of `StepStarted`,
     /// `StepOutput` and one final `StepDone` (or `Error`).
-    RunStep { agent: String, spec: Box<StepSpec> },
+    RunStep {
+        agent: String,
+        spec: Box<StepSpec>,
+    },
     /// Ask `agent`'s backend which of `paths` exist.
-    CheckOutputs { agent: String, paths: Vec<String>, registry: Vec<(String, RegistryEntry)> },
+    CheckOutputs {
+        agent: String,
+        paths: Vec<String>,
+        registry: Vec<(String, RegistryEntry)>,
+    },
     /// Cancel a running attempt wherever it runs.
-    CancelStep { attempt_id: u64 },
+    CancelStep {
+        attempt_id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -43,13 +43,23 @@ impl Fx {
         std::fs::create_dir_all(dir.path().join("results")).unwrap();
         let coord = Coord::start(&bins, &dir.path().join("coord"), "127.0.0.1:0");
         let token = coord.token(&bins, &[]);
-        let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        env.push(("PYPE_SNAPSHOT_REGISTRY".into(), dir.path().join("agent-registry.json").display().to_string()));
+        let mut env: Vec<(String, String)> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        env.push((
+            "PYPE_SNAPSHOT_REGISTRY".into(),
+            dir.path().join("agent-registry.json").display().to_string(),
+        ));
         let agent = Self::spawn_agent(&bins, &coord, dir.path(), Some(&token), &env);
         Fx { dir, bins, coord, agent, env }
     }
 
-    fn spawn_agent(bins: &Bins, coord: &Coord, dir: &Path, token: Option<&str>, env: &[(String, String)]) -> Proc {
+    fn spawn_agent(
+        bins: &Bins,
+        coord: &Coord,
+        dir: &Path,
+        token: Option<&str>,
+        env: &[(String, String)],
+    ) -> Proc {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let agent = start_agent_env(bins, coord, &dir.join("agent"), "a1", token, &env);
         agent.wait_for(&["connected to coordinator"], T);
@@ -183,14 +193,22 @@ outputs = ["{d}/results/my out ü.txt", "{d}/results/tree", "{d}/results/never-w
     assert_eq!(outcome["outputs"][fx.p("results/never-written")], Value::Null);
     // The outputs went to the store, not to the host paths.
     assert!(!Path::new(&fx.p("results/my out ü.txt")).exists());
-    assert!(!Path::new(&fx.p("results/undeclared.tmp")).exists());
+    // Undeclared paths are not part of the view: in a namespace they land in the merged view
+    // and vanish with it; with rewritten paths they are written on the host, never harvested.
+    let undeclared = Path::new(&fx.p("results/undeclared.tmp")).exists();
+    assert_eq!(undeclared, expect_view == "rewritten paths");
     let reg = fx.registry_json();
     assert_eq!(reg[fx.p("results/tree")]["in_snapshot_path"], fx.p("results/tree").trim_start_matches('/'));
     assert!(reg[fx.p("results/tree")]["produced_by"]["attempt"].is_u64());
     fx.assert_clean();
 
     // check_outputs answers from the coordinator's index.
-    let sizes = fx.check_outputs(&["results/my out ü.txt", "results/tree", "results/tree/sub/leaf.txt", "results/nope"]);
+    let sizes = fx.check_outputs(&[
+        "results/my out ü.txt",
+        "results/tree",
+        "results/tree/sub/leaf.txt",
+        "results/nope",
+    ]);
     assert_eq!(sizes, vec!["11", "5", "5", "missing"]);
 
     // A second step reads the first one's outputs and one of the imported inputs again.
@@ -216,7 +234,8 @@ outputs = ["{d}/results/count.txt"]
     assert_eq!(fx.coord.proc.count(&["snapshot served", &imported]), 1);
     fx.assert_clean();
     let agent_reg: Value =
-        serde_json::from_str(&std::fs::read_to_string(fx.dir.path().join("agent-registry.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fx.dir.path().join("agent-registry.json")).unwrap())
+            .unwrap();
     assert!(agent_reg.get(fx.p("results/count.txt")).is_some(), "the agent keeps its registry: {agent_reg}");
 }
 
@@ -231,7 +250,11 @@ fn snapshot_backend_with_overlayfs_and_mount_namespace() {
 #[test]
 fn snapshot_backend_with_hardlinked_view_and_rewritten_paths() {
     snapshot_pipeline(
-        &[("PYPE_OVERLAY_MODE", "snapshot"), ("PYPE_OVERLAY_MOUNT", "never"), ("PYPE_MOUNT_NAMESPACE", "never")],
+        &[
+            ("PYPE_OVERLAY_MODE", "snapshot"),
+            ("PYPE_OVERLAY_MOUNT", "never"),
+            ("PYPE_MOUNT_NAMESPACE", "never"),
+        ],
         "rewritten paths",
     );
 }
@@ -241,7 +264,10 @@ fn snapshot_backend_with_overlayfs_and_rewritten_paths() {
     if !can_mount() {
         return;
     }
-    snapshot_pipeline(&[("PYPE_OVERLAY_MODE", "snapshot"), ("PYPE_MOUNT_NAMESPACE", "never")], "rewritten paths");
+    snapshot_pipeline(
+        &[("PYPE_OVERLAY_MODE", "snapshot"), ("PYPE_MOUNT_NAMESPACE", "never")],
+        "rewritten paths",
+    );
 }
 
 #[test]
@@ -275,8 +301,10 @@ timeout_secs = 1
     assert_eq!(outcome["exit"], "TimedOut");
     assert_eq!(keys(&outcome["new_entries"]), Vec::<String>::new());
     let pid: i32 = std::fs::read_to_string(fx.p("bg.pid")).unwrap().trim().parse().unwrap();
-    // SAFETY: signal 0 only checks whether the process exists.
-    assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "background child {pid} survived the timeout");
+    // Dead, or a zombie waiting for its new parent to reap it.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let alive = !state.is_empty() && state.rsplit(") ").next().is_some_and(|rest| !rest.starts_with('Z'));
+    assert!(!alive, "background child {pid} survived the timeout: {state}");
     fx.assert_clean();
 
     // Cancel from the coordinator.
@@ -325,7 +353,7 @@ fn killed_agent_leaves_mounts_and_scratch_that_the_next_start_removes() {
     std::fs::write(
         &file,
         format!(
-            "command = \"sleep 300\"\ninputs = [\"{0}/data/a.txt\"]\noutputs = [\"{0}/results/x\"]\n",
+            "command = \"sleep 300 & echo $! > {0}/bg.pid; wait\"\ninputs = [\"{0}/data/a.txt\"]\noutputs = [\"{0}/results/x\"]\n",
             fx.dir.path().display()
         ),
     )
@@ -333,20 +361,35 @@ fn killed_agent_leaves_mounts_and_scratch_that_the_next_start_removes() {
     let mut runner = std::process::Command::new(&fx.bins.coordinator)
         .arg("--state-dir")
         .arg(&fx.coord.state_dir)
-        .args(["step", "run", "--agent", "a1"])
+        .args(["step", "run", "--agent", "a1", "--registry"])
+        .arg(fx.registry())
         .arg(&file)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     fx.agent.wait_for(&["running snippet"], T);
+    let deadline = std::time::Instant::now() + T;
+    let pid = loop {
+        match std::fs::read_to_string(fx.p("bg.pid")) {
+            Ok(p) if p.ends_with('\n') => break p,
+            _ if std::time::Instant::now() > deadline => {
+                panic!("the snippet never wrote bg.pid\n{}", fx.agent.dump())
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
     fx.agent.signal(libc::SIGKILL);
     fx.agent.wait_exit(T);
     assert_eq!(fx.mounts().len(), 1, "the killed agent's overlay is still mounted");
     assert_eq!(fx.step_dirs().len(), 1);
+    assert!(Path::new(&format!("/proc/{}", pid.trim())).exists());
     fx.restart_agent();
+    fx.agent.wait_for(&["killed a snippet an earlier agent left running"], T);
     fx.agent.wait_for(&["unmounted a leftover"], T);
     fx.assert_clean();
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+    assert!(state.is_empty() || state.contains(") Z"), "the left-over snippet still runs: {state}");
     let _ = runner.kill();
     let _ = runner.wait();
 }
@@ -439,7 +482,10 @@ outputs = ["{d}/results/out.txt", "{d}/results/dir ü", "{d}/data/beside.txt"]
 "#,
     );
     assert_eq!(std::fs::read_to_string(fx.p("results/out.txt")).unwrap(), "keep me\n");
-    assert!(!Path::new(&fx.p("results/undeclared.txt")).exists(), "undeclared scratch file was harvested");
+    // Undeclared files: in a namespace they stay in scratch; with rewritten paths they are
+    // written in place on the host (bio-pype's behaviour), never through scratch.
+    let in_namespace = !env.contains(&("PYPE_MOUNT_NAMESPACE", "never"));
+    assert_eq!(Path::new(&fx.p("results/undeclared.txt")).exists(), !in_namespace);
     assert_eq!(std::fs::read_link(fx.p("results/dir ü/l")).unwrap(), Path::new("f"));
     assert_eq!(std::fs::read_to_string(fx.p("data/beside.txt")).unwrap(), "beside\n");
     assert_eq!(outcome["outputs"][fx.p("results/out.txt")], 8);
@@ -479,7 +525,10 @@ env = { GREETING = "hi" }
     );
     assert_eq!(outcome["backend"], "direct");
     assert_eq!(std::fs::read_to_string(fx.p("results/x")).unwrap(), "abc");
-    assert_eq!(fx.check_outputs(&["results/x", "results/empty", "results/missing"]), vec!["3", "0", "missing"]);
+    assert_eq!(
+        fx.check_outputs(&["results/x", "results/empty", "results/missing"]),
+        vec!["3", "0", "missing"]
+    );
 }
 
 #[test]

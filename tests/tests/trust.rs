@@ -54,6 +54,7 @@ async fn enroll_identity(
         min_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(500),
         unpack_limits: Default::default(),
+        settings: agent::settings::Settings::from_config(&Default::default(), &dir.join("work")).unwrap(),
     };
     agent::session::enroll(&cfg, &token).await.unwrap()
 }

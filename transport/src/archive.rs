@@ -35,15 +35,25 @@ fn io_err(context: String) -> impl FnOnce(io::Error) -> TreeError {
 
 /// Packs `paths` under `root` (see [`tree::pack_paths`]) into the new file `dest` as zstd at
 /// `level`, fsynced. Returns the byte count and digest of the file, and what was packed.
-pub fn write(root: &Path, paths: &[PathBuf], dest: &Path, level: i32) -> Result<(Trailer, TreeStats), TreeError> {
+pub fn write(
+    root: &Path,
+    paths: &[PathBuf],
+    dest: &Path,
+    level: i32,
+) -> Result<(Trailer, TreeStats), TreeError> {
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(dest)
         .map_err(io_err(format!("creating {}", dest.display())))?;
-    let mut w = Hashing { inner: io::BufWriter::with_capacity(tree::COPY_BUF, file), hasher: blake3::Hasher::new(), bytes: 0 };
+    let mut w = Hashing {
+        inner: io::BufWriter::with_capacity(tree::COPY_BUF, file),
+        hasher: blake3::Hasher::new(),
+        bytes: 0,
+    };
     let packed = (|| {
-        let mut enc = zstd::stream::write::Encoder::new(&mut w, level).map_err(io_err("starting zstd".into()))?;
+        let mut enc =
+            zstd::stream::write::Encoder::new(&mut w, level).map_err(io_err("starting zstd".into()))?;
         let stats = tree::pack_paths(root, paths, &mut enc)?;
         enc.finish().map_err(io_err("finishing zstd".into()))?;
         Ok::<_, TreeError>(stats)
@@ -56,7 +66,10 @@ pub fn write(root: &Path, paths: &[PathBuf], dest: &Path, level: i32) -> Result<
         }
     };
     let trailer = Trailer { bytes: w.bytes, digest: *w.hasher.finalize().as_bytes() };
-    let file = w.inner.into_inner().map_err(|e| TreeError::Io { context: format!("writing {}", dest.display()), source: e.into_error() })?;
+    let file = w.inner.into_inner().map_err(|e| TreeError::Io {
+        context: format!("writing {}", dest.display()),
+        source: e.into_error(),
+    })?;
     file.sync_all().map_err(io_err(format!("syncing {}", dest.display())))?;
     Ok((trailer, stats))
 }

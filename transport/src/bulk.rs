@@ -297,17 +297,16 @@ pub async fn send_file(
     expected: Option<[u8; 32]>,
 ) -> Result<u64, BulkError> {
     use tokio::io::AsyncReadExt;
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| BulkError::Tree(TreeError::Io { context: format!("opening {}", path.display()), source: e }))?;
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| {
+        BulkError::Tree(TreeError::Io { context: format!("opening {}", path.display()), source: e })
+    })?;
     let mut hasher = blake3::Hasher::new();
     let mut bytes = 0u64;
     loop {
         let mut buf = BytesMut::with_capacity(CHUNK);
-        let n = file
-            .read_buf(&mut buf)
-            .await
-            .map_err(|e| BulkError::Tree(TreeError::Io { context: format!("reading {}", path.display()), source: e }))?;
+        let n = file.read_buf(&mut buf).await.map_err(|e| {
+            BulkError::Tree(TreeError::Io { context: format!("reading {}", path.display()), source: e })
+        })?;
         if n == 0 {
             break;
         }
@@ -324,9 +323,14 @@ pub async fn send_file(
         && want != digest
     {
         let _ = send.reset(quinn::VarInt::from_u32(1));
-        return Err(BulkError::Corrupt(format!("{} does not match its recorded BLAKE3 digest", path.display())));
+        return Err(BulkError::Corrupt(format!(
+            "{} does not match its recorded BLAKE3 digest",
+            path.display()
+        )));
     }
-    send.write_all(&Trailer { bytes, digest }.encode()).await.map_err(|e| BulkError::Stream(e.to_string()))?;
+    send.write_all(&Trailer { bytes, digest }.encode())
+        .await
+        .map_err(|e| BulkError::Stream(e.to_string()))?;
     Ok(bytes)
 }
 
@@ -405,8 +409,12 @@ pub async fn send_paths(
     let started = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let packer = tokio::task::spawn_blocking(move || -> Result<(tree::TreeStats, Trailer), TreeError> {
-        let mut w =
-            ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK), hasher: blake3::Hasher::new(), bytes: 0 };
+        let mut w = ChannelWriter {
+            tx,
+            buf: BytesMut::with_capacity(CHUNK),
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        };
         let mut enc = zstd::stream::write::Encoder::new(&mut w, level)
             .map_err(|e| TreeError::Io { context: "starting zstd".into(), source: e })?;
         let stats = tree::pack_paths(&root, &paths, &mut enc)?;

@@ -601,11 +601,14 @@ pub fn pack_paths(root: &Path, paths: &[PathBuf], out: impl Write) -> Result<Tre
             return Err(TreeError::refused(rel, "cannot pack the whole root as an entry"));
         }
         // Skip paths inside a directory packed already.
-        if rel.ancestors().skip(1).any(|a| emitted.contains(a) && sorted.binary_search(&a.to_path_buf()).is_ok()) {
+        if rel
+            .ancestors()
+            .skip(1)
+            .any(|a| emitted.contains(a) && sorted.binary_search(&a.to_path_buf()).is_ok())
+        {
             continue;
         }
-        let mut parents: Vec<&Path> =
-            rel.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).collect();
+        let mut parents: Vec<&Path> = rel.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).collect();
         parents.reverse();
         for parent in parents {
             if emitted.insert(parent.to_path_buf()) {
@@ -670,7 +673,10 @@ fn append_symlink<W: Write>(
     let target =
         fs::read_link(abs).map_err(|e| TreeError::io(format!("reading link {}", abs.display()), e))?;
     if !resolves_inside(root, rel, &target) {
-        return Err(TreeError::refused(rel, format!("symlink to {} points outside the tree", target.display())));
+        return Err(TreeError::refused(
+            rel,
+            format!("symlink to {} points outside the tree", target.display()),
+        ));
     }
     let mut header = base_header(meta, tar::EntryType::Symlink);
     header.set_size(0);
@@ -717,7 +723,9 @@ pub fn list(input: impl Read, limits: UnpackLimits) -> Result<(Vec<IndexEntry>, 
             tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
             tar::EntryType::Symlink => EntryKind::Symlink,
             tar::EntryType::Link => EntryKind::Hardlink,
-            other => return Err(TreeError::refused(&raw_path, format!("entry type {other:?} is not accepted"))),
+            other => {
+                return Err(TreeError::refused(&raw_path, format!("entry type {other:?} is not accepted")));
+            }
         };
         let rel = sanitize(&raw_path)?;
         if rel.as_os_str().is_empty() {
@@ -726,7 +734,8 @@ pub fn list(input: impl Read, limits: UnpackLimits) -> Result<(Vec<IndexEntry>, 
         let size = if kind == EntryKind::File { entry.size() } else { 0 };
         stats.entries += 1;
         stats.content_bytes += size;
-        let path = rel.to_str().ok_or_else(|| TreeError::refused(&raw_path, "path is not UTF-8"))?.to_string();
+        let path =
+            rel.to_str().ok_or_else(|| TreeError::refused(&raw_path, "path is not UTF-8"))?.to_string();
         out.push(IndexEntry { path, kind, size });
     }
     Ok((out, stats))

@@ -56,7 +56,15 @@ impl External {
             });
         }
         info!(backend = %name, exe = %exe.display(), "external backend started");
-        let mut me = Self { name: name.to_string(), child, stdin, stdout, next_id: 0, new_entries: Vec::new(), rewrite: false };
+        let mut me = Self {
+            name: name.to_string(),
+            child,
+            stdin,
+            stdout,
+            next_id: 0,
+            new_entries: Vec::new(),
+            rewrite: false,
+        };
         let scratch = ctx.settings.scratch_root()?;
         let r = me
             .call(
@@ -101,8 +109,9 @@ impl External {
             Err(e) => return Err(self.died(method, &e.to_string()).await),
             Ok(_) => {}
         }
-        let reply: Value = serde_json::from_slice(&buf)
-            .with_context(|| format!("backend {} answered {method} with a line that is not JSON", self.name))?;
+        let reply: Value = serde_json::from_slice(&buf).with_context(|| {
+            format!("backend {} answered {method} with a line that is not JSON", self.name)
+        })?;
         if reply.get("id").and_then(Value::as_u64) != Some(id) {
             bail!("backend {} answered {method} with the wrong id: {reply}", self.name);
         }
@@ -131,7 +140,8 @@ impl External {
 
     fn entries_from(&mut self, result: &Value) -> Result<()> {
         if let Some(v) = result.get("new_entries") {
-            let reg = protocol::Registry::parse(&v.to_string()).context("backend returned malformed new_entries")?;
+            let reg = protocol::Registry::parse(&v.to_string())
+                .context("backend returned malformed new_entries")?;
             self.new_entries.extend(reg.entries);
         }
         Ok(())
@@ -150,7 +160,8 @@ impl StorageBackend for External {
     }
 
     async fn restore_program(&mut self, profile_name: &str, program_key: &str) -> Result<()> {
-        self.call("restore_program", json!({"profile_name": profile_name, "program_key": program_key})).await?;
+        self.call("restore_program", json!({"profile_name": profile_name, "program_key": program_key}))
+            .await?;
         Ok(())
     }
 
@@ -161,7 +172,10 @@ impl StorageBackend for External {
         ovs: &mut Vec<OverlayVolume>,
     ) -> Result<()> {
         let r = self
-            .call("prepare_outputs", json!({"outputs": outputs, "output_harvest": output_harvest, "overlay_volumes": ovs}))
+            .call(
+                "prepare_outputs",
+                json!({"outputs": outputs, "output_harvest": output_harvest, "overlay_volumes": ovs}),
+            )
             .await?;
         Self::volumes_from(&r, ovs)?;
         self.rewrite = !ovs.is_empty();
@@ -177,7 +191,9 @@ impl StorageBackend for External {
         let r = self.call("cleanup", json!({})).await;
         self.stdin = None;
         match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
-            Ok(Ok(status)) if !status.success() => warn!(backend = %self.name, %status, "external backend exited with an error"),
+            Ok(Ok(status)) if !status.success() => {
+                warn!(backend = %self.name, %status, "external backend exited with an error")
+            }
             Ok(_) => {}
             Err(_) => {
                 warn!(backend = %self.name, "external backend did not exit after cleanup; killing it");
@@ -189,8 +205,9 @@ impl StorageBackend for External {
 
     async fn check_outputs(&mut self, paths: &[String]) -> Result<BTreeMap<String, Option<u64>>> {
         let r = self.call("check_outputs", json!({"paths": paths})).await?;
-        let sizes: BTreeMap<String, Option<u64>> = serde_json::from_value(r.get("sizes").cloned().unwrap_or(Value::Null))
-            .context("backend returned malformed sizes")?;
+        let sizes: BTreeMap<String, Option<u64>> =
+            serde_json::from_value(r.get("sizes").cloned().unwrap_or(Value::Null))
+                .context("backend returned malformed sizes")?;
         Ok(paths.iter().map(|p| (p.clone(), sizes.get(p).copied().flatten())).collect())
     }
 
@@ -199,7 +216,12 @@ impl StorageBackend for External {
         Ok(())
     }
 
-    async fn stage_program(&mut self, profile_name: &str, program_key: &str, artifact_path: &Path) -> Result<()> {
+    async fn stage_program(
+        &mut self,
+        profile_name: &str,
+        program_key: &str,
+        artifact_path: &Path,
+    ) -> Result<()> {
         let r = self
             .call(
                 "stage_program",

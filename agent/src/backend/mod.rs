@@ -62,7 +62,11 @@ pub trait StorageBackend: Send {
     fn name(&self) -> &str;
 
     /// Makes declared inputs available at their expected paths (or adds volumes for them).
-    async fn prepare_inputs(&mut self, inputs: &[String], overlay_volumes: &mut Vec<OverlayVolume>) -> Result<()>;
+    async fn prepare_inputs(
+        &mut self,
+        inputs: &[String],
+        overlay_volumes: &mut Vec<OverlayVolume>,
+    ) -> Result<()>;
 
     /// Makes the program `{profile_name}/programs/{program_key}` available.
     async fn restore_program(&mut self, profile_name: &str, program_key: &str) -> Result<()>;
@@ -89,7 +93,12 @@ pub trait StorageBackend: Send {
     async fn prepare_build(&mut self, paths: &[String], program_keys: &[String]) -> Result<()>;
 
     /// Persists a freshly built artifact as `{profile_name}/programs/{program_key}`.
-    async fn stage_program(&mut self, profile_name: &str, program_key: &str, artifact_path: &Path) -> Result<()>;
+    async fn stage_program(
+        &mut self,
+        profile_name: &str,
+        program_key: &str,
+        artifact_path: &Path,
+    ) -> Result<()>;
 
     /// How the snippet may see the view at the original paths (beyond bio-pype).
     fn view(&self) -> View {
@@ -142,8 +151,10 @@ pub async fn resolve_backend(ctx: &StepContext) -> Result<Box<dyn StorageBackend
 /// Looks for `pype-backend-<name>` in the `PYPE_QUEUES` dirs, then `PATH`.
 fn find_external(name: &str, queues: &[PathBuf]) -> (Option<PathBuf>, Vec<String>) {
     let mut searched = Vec::new();
-    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    let path_dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let valid =
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    let path_dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     for dir in queues.iter().chain(path_dirs.iter()) {
         searched.push(dir.display().to_string());
         if !valid {

@@ -78,7 +78,9 @@ impl StorageBackend for Overlay {
             let (upper, work) = self
                 .scratch
                 .entry(dir.clone())
-                .or_insert_with(|| (self.base.join(format!("{n}/upper")), self.base.join(format!("{n}/work"))))
+                .or_insert_with(|| {
+                    (self.base.join(format!("{n}/upper")), self.base.join(format!("{n}/work")))
+                })
                 .clone();
             for d in [&upper, &work] {
                 fs::create_dir_all(d).with_context(|| format!("creating scratch dir {}", d.display()))?;
@@ -100,10 +102,11 @@ impl StorageBackend for Overlay {
     async fn harvest(&mut self, upper: &Path, original_dir: &Path) -> Result<()> {
         let mut names = Vec::new();
         for (out, harvest) in &self.outputs {
-            if *harvest && Path::new(&parent_of(out)) == original_dir {
-                if let Some(n) = Path::new(out).file_name() {
-                    names.push(n.to_os_string());
-                }
+            if *harvest
+                && Path::new(&parent_of(out)) == original_dir
+                && let Some(n) = Path::new(out).file_name()
+            {
+                names.push(n.to_os_string());
             }
         }
         let (upper, original) = (upper.to_path_buf(), original_dir.to_path_buf());
@@ -189,8 +192,14 @@ fn plan_tree(src: &Path, dst: &Path, plan: &mut Plan) -> Result<()> {
             }
             Err(_) => fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?,
         }
-        plan.dirs.push((dst.to_path_buf(), meta.mode() & 0o7777, FileTime::from_last_modification_time(&meta)));
-        let mut entries: Vec<_> = fs::read_dir(src).with_context(|| format!("listing {}", src.display()))?.collect::<io::Result<_>>()?;
+        plan.dirs.push((
+            dst.to_path_buf(),
+            meta.mode() & 0o7777,
+            FileTime::from_last_modification_time(&meta),
+        ));
+        let mut entries: Vec<_> = fs::read_dir(src)
+            .with_context(|| format!("listing {}", src.display()))?
+            .collect::<io::Result<_>>()?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             plan_tree(&e.path(), &dst.join(e.file_name()), plan)?;
@@ -204,7 +213,8 @@ fn plan_tree(src: &Path, dst: &Path, plan: &mut Plan) -> Result<()> {
     } else if ft.is_symlink() {
         let target = fs::read_link(src)?;
         let tmp = temp_beside(dst);
-        std::os::unix::fs::symlink(&target, &tmp).with_context(|| format!("creating link {}", tmp.display()))?;
+        std::os::unix::fs::symlink(&target, &tmp)
+            .with_context(|| format!("creating link {}", tmp.display()))?;
         plan.renames.push((tmp, dst.to_path_buf()));
     } else if ft.is_char_device() && meta.rdev() == 0 {
         // An overlayfs whiteout: the snippet deleted something; nothing to land.
@@ -251,7 +261,8 @@ fn sync_fs(path: &Path) -> Result<()> {
     let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: the descriptor is valid for the life of `f`.
     if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("syncing the filesystem of {}", path.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("syncing the filesystem of {}", path.display()));
     }
     Ok(())
 }

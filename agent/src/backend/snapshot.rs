@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
-use protocol::registry::program_key;
 use protocol::registry::Provenance;
+use protocol::registry::program_key;
 use protocol::{Registry, RegistryEntry};
 use tracing::{info, warn};
 
@@ -85,9 +85,16 @@ impl Snapshot {
         for ancestor in Path::new(path).ancestors().skip(1) {
             let a = ancestor.to_string_lossy();
             if let Some(e) = self.registry.get(&a) {
-                let rest = Path::new(path).strip_prefix(ancestor).map(|r| r.to_string_lossy().into_owned()).unwrap_or_default();
+                let rest = Path::new(path)
+                    .strip_prefix(ancestor)
+                    .map(|r| r.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 let isp = format!("{}/{rest}", rel(&e.in_snapshot_path).trim_end_matches('/'));
-                return vec![(path.to_string(), e.snapshot_id.clone(), isp.trim_start_matches('/').to_string())];
+                return vec![(
+                    path.to_string(),
+                    e.snapshot_id.clone(),
+                    isp.trim_start_matches('/').to_string(),
+                )];
             }
         }
         let below = format!("{path}/");
@@ -114,18 +121,17 @@ impl Snapshot {
             fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
         }
         if fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(target, &link).with_context(|| format!("creating {}", link.display()))?;
+            std::os::unix::fs::symlink(target, &link)
+                .with_context(|| format!("creating {}", link.display()))?;
         }
         self.remap_used = true;
         Ok(())
     }
 
     async fn restore_program_entry(&mut self, key: &str) -> Result<()> {
-        let e = self
-            .registry
-            .get(key)
-            .cloned()
-            .ok_or_else(|| anyhow!("program {key} is not in the snapshot registry (build the profile first)"))?;
+        let e = self.registry.get(key).cloned().ok_or_else(|| {
+            anyhow!("program {key} is not in the snapshot registry (build the profile first)")
+        })?;
         let tree = self.restore(&e.snapshot_id).await?;
         let isp = rel(&e.in_snapshot_path).to_string();
         let bind = e.bind_path.clone().unwrap_or_else(|| parent_of(&format!("/{isp}")));
@@ -135,7 +141,9 @@ impl Snapshot {
                 self.program_layers.push(tree);
             }
         } else {
-            let name = Path::new(&isp).file_name().ok_or_else(|| anyhow!("program {key} has an empty in_snapshot_path"))?;
+            let name = Path::new(&isp)
+                .file_name()
+                .ok_or_else(|| anyhow!("program {key} has an empty in_snapshot_path"))?;
             let at = format!("/{bind_rel}/{}", name.to_string_lossy());
             self.remap_link(&at, &tree.join(&isp))?;
         }
@@ -180,7 +188,9 @@ impl Snapshot {
         }
         let Ok(m) = fs::symlink_metadata(self.merged.join(rel_path)) else { return false };
         !self.lowers().iter().any(|l| {
-            fs::symlink_metadata(l.join(rel_path)).map(|lm| lm.ino() == m.ino() && lm.dev() == m.dev()).unwrap_or(false)
+            fs::symlink_metadata(l.join(rel_path))
+                .map(|lm| lm.ino() == m.ino() && lm.dev() == m.dev())
+                .unwrap_or(false)
         })
     }
 }
@@ -292,7 +302,10 @@ impl StorageBackend for Snapshot {
         let mut rels = Vec::new();
         let mut harvested = Vec::new();
         for (out, harvest) in &self.outputs {
-            if *harvest && Path::new(&parent_of(out)) == original_dir && fs::symlink_metadata(self.in_view(out)).is_ok() {
+            if *harvest
+                && Path::new(&parent_of(out)) == original_dir
+                && fs::symlink_metadata(self.in_view(out)).is_ok()
+            {
                 rels.push(PathBuf::from(rel(out)));
                 harvested.push(out.clone());
             }
@@ -378,7 +391,12 @@ impl StorageBackend for Snapshot {
         Ok(())
     }
 
-    async fn stage_program(&mut self, profile_name: &str, program_key_name: &str, artifact_path: &Path) -> Result<()> {
+    async fn stage_program(
+        &mut self,
+        profile_name: &str,
+        program_key_name: &str,
+        artifact_path: &Path,
+    ) -> Result<()> {
         let key = program_key(profile_name, program_key_name);
         let artifact = artifact_path.to_string_lossy().into_owned();
         let rel_path = rel(&artifact).to_string();
@@ -449,7 +467,9 @@ fn link_view(layers: &[PathBuf], merged: &Path) -> Result<()> {
                     match exists {
                         Some(m) if !m.is_dir() => continue,
                         Some(_) => {}
-                        None => fs::create_dir(&dst).with_context(|| format!("creating {}", dst.display()))?,
+                        None => {
+                            fs::create_dir(&dst).with_context(|| format!("creating {}", dst.display()))?
+                        }
                     }
                     stack.push(rel_path);
                 } else if exists.is_some() {
