@@ -208,3 +208,67 @@ pub fn remove_tree(p: &Path) {
         warn!(path = %p.display(), "could not remove: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use protocol::{SnapshotInfo, TransferSummary};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Serves snapshots from local directories, counting fetches.
+    struct DirRemote {
+        root: PathBuf,
+        fetches: AtomicU32,
+    }
+
+    #[async_trait]
+    impl SnapshotRemote for DirRemote {
+        async fn fetch(&self, id: &str, dest: &Path) -> Result<TransferSummary> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            let src = self.root.join(id);
+            fs::create_dir_all(dest)?;
+            let mut bytes = 0;
+            for e in fs::read_dir(&src)? {
+                let e = e?;
+                bytes += fs::copy(e.path(), dest.join(e.file_name()))?;
+            }
+            Ok(TransferSummary { wire_bytes: bytes, content_bytes: bytes, entries: 1, elapsed_ms: 0 })
+        }
+        async fn store(&self, _root: &Path, _paths: Vec<PathBuf>) -> Result<SnapshotInfo> {
+            bail!("not used")
+        }
+        async fn stat(&self, _q: Vec<(String, String)>) -> Result<Vec<Option<u64>>> {
+            bail!("not used")
+        }
+    }
+
+    #[tokio::test]
+    async fn cached_snapshots_are_fetched_once_and_evicted_lru_unless_pinned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let remote = DirRemote { root: tmp.path().join("remote"), fetches: AtomicU32::new(0) };
+        for id in ["snap-a", "snap-b", "snap-c"] {
+            fs::create_dir_all(remote.root.join(id)).unwrap();
+            fs::write(remote.root.join(id).join("f"), vec![b'x'; 400]).unwrap();
+        }
+        let cache = Cache::open(tmp.path().join("cache"), 1000).unwrap();
+        let a = cache.get("snap-a", &remote).await.unwrap();
+        drop(cache.get("snap-a", &remote).await.unwrap());
+        assert_eq!(remote.fetches.load(Ordering::SeqCst), 1, "a cached snapshot is not fetched again");
+        assert!(fs::metadata(a.path.join("f")).unwrap().permissions().readonly());
+        drop(cache.get("snap-b", &remote).await.unwrap());
+        // Over the limit with c: b (unpinned, least recently used) goes; a is pinned and stays.
+        let _c = cache.get("snap-c", &remote).await.unwrap();
+        assert!(cache.contains("snap-a") && cache.contains("snap-c") && !cache.contains("snap-b"));
+        assert!(!tmp.path().join("cache/snap-b").exists());
+        assert!(cache.get("../x", &remote).await.is_err());
+        drop(a);
+        // The cache survives a restart; an interrupted fetch does not.
+        fs::create_dir_all(tmp.path().join("cache/snap-partial")).unwrap();
+        let reopened = Cache::open(tmp.path().join("cache"), 1000).unwrap();
+        assert!(reopened.contains("snap-a") && reopened.contains("snap-c"));
+        assert!(!tmp.path().join("cache/snap-partial").exists());
+        drop(reopened.get("snap-c", &remote).await.unwrap());
+        assert_eq!(remote.fetches.load(Ordering::SeqCst), 3);
+    }
+}
