@@ -223,11 +223,7 @@ outputs = ["{d}/results/count.txt"]
 "#,
     );
     assert_eq!(outcome2["outputs"][fx.p("results/count.txt")], 2, "{outcome2}");
-    let pulled = fx.dir.path().join("pulled");
-    // Restore the count through a third step that copies it out to the host (direct write
-    // outside the view is not possible), so check through the index and the agent's cache.
     assert_eq!(fx.check_outputs(&["results/count.txt"]), vec!["2"]);
-    let _ = pulled;
     let imported = reg[fx.p("data/a.txt")]["snapshot_id"].as_str().unwrap().to_string();
     assert_eq!(fx.agent.count(&["snapshot fetched", &imported]), 1, "{}", fx.agent.dump());
     assert!(fx.agent.count(&["snapshot cache hit", &imported]) >= 1, "{}", fx.agent.dump());
