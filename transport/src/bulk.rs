@@ -88,6 +88,16 @@ pub async fn send_tree(
     src: PathBuf,
     compression: Compression,
 ) -> Result<TransferSummary, BulkError> {
+    send_packed(send, compression, move |w| tree::pack(&src, w)).await
+}
+
+/// Runs `pack` on a blocking thread, compressed as `compression`, and writes what it produces
+/// plus the trailer to `send`, chunk by chunk through a bounded channel.
+async fn send_packed(
+    send: &mut quinn::SendStream,
+    compression: Compression,
+    pack: impl FnOnce(&mut dyn Write) -> Result<tree::TreeStats, TreeError> + Send + 'static,
+) -> Result<TransferSummary, BulkError> {
     let started = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let packer = tokio::task::spawn_blocking(move || -> Result<(tree::TreeStats, Trailer), TreeError> {
@@ -98,11 +108,11 @@ pub async fn send_tree(
             bytes: 0,
         };
         let stats = match compression {
-            Compression::None => tree::pack(&src, &mut w)?,
+            Compression::None => pack(&mut w)?,
             Compression::Zstd { level } => {
                 let mut enc = zstd::stream::write::Encoder::new(&mut w, level)
                     .map_err(|e| TreeError::Io { context: "starting zstd".into(), source: e })?;
-                let stats = tree::pack(&src, &mut enc)?;
+                let stats = pack(&mut enc)?;
                 enc.finish().map_err(|e| TreeError::Io { context: "finishing zstd".into(), source: e })?;
                 stats
             }
@@ -406,49 +416,5 @@ pub async fn send_paths(
     paths: Vec<PathBuf>,
     level: i32,
 ) -> Result<TransferSummary, BulkError> {
-    let started = Instant::now();
-    let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-    let packer = tokio::task::spawn_blocking(move || -> Result<(tree::TreeStats, Trailer), TreeError> {
-        let mut w = ChannelWriter {
-            tx,
-            buf: BytesMut::with_capacity(CHUNK),
-            hasher: blake3::Hasher::new(),
-            bytes: 0,
-        };
-        let mut enc = zstd::stream::write::Encoder::new(&mut w, level)
-            .map_err(|e| TreeError::Io { context: "starting zstd".into(), source: e })?;
-        let stats = tree::pack_paths(&root, &paths, &mut enc)?;
-        enc.finish().map_err(|e| TreeError::Io { context: "finishing zstd".into(), source: e })?;
-        w.flush().map_err(|e| TreeError::Io { context: "flushing stream".into(), source: e })?;
-        Ok((stats, Trailer { bytes: w.bytes, digest: *w.hasher.finalize().as_bytes() }))
-    });
-    let mut write_err = None;
-    while let Some(chunk) = rx.recv().await {
-        if let Err(e) = send.write_chunk(chunk).await {
-            write_err = Some(e);
-            break;
-        }
-    }
-    drop(rx);
-    let packed = packer.await.map_err(|e| BulkError::Stream(format!("packer task failed: {e}")))?;
-    if let Some(e) = write_err {
-        return Err(match e {
-            quinn::WriteError::Stopped(_) => BulkError::Cancelled,
-            other => BulkError::Stream(other.to_string()),
-        });
-    }
-    let (stats, trailer) = match packed {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = send.reset(quinn::VarInt::from_u32(1));
-            return Err(e.into());
-        }
-    };
-    send.write_all(&trailer.encode()).await.map_err(|e| BulkError::Stream(e.to_string()))?;
-    Ok(TransferSummary {
-        wire_bytes: trailer.bytes,
-        content_bytes: stats.content_bytes,
-        entries: stats.entries,
-        elapsed_ms: started.elapsed().as_millis() as u64,
-    })
+    send_packed(send, Compression::Zstd { level }, move |w| tree::pack_paths(&root, &paths, w)).await
 }

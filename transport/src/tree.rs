@@ -70,13 +70,18 @@ pub fn pack(src: &Path, out: impl Write) -> Result<TreeStats, TreeError> {
     } else {
         return Err(TreeError::refused(src, "not a regular file or directory"));
     }
+    finish(builder)?;
+    Ok(stats)
+}
+
+/// Writes the end-of-archive blocks and flushes everything down to `out`.
+fn finish<W: Write>(builder: tar::Builder<io::BufWriter<W>>) -> Result<(), TreeError> {
     let inner = builder.into_inner().map_err(|e| TreeError::io("finishing tar stream", e))?;
     inner
         .into_inner()
         .map_err(|e| TreeError::io("flushing tar stream", e.into_error()))?
         .flush()
-        .map_err(|e| TreeError::io("flushing tar stream", e))?;
-    Ok(stats)
+        .map_err(|e| TreeError::io("flushing tar stream", e))
 }
 
 fn pack_dir<W: Write>(
@@ -637,12 +642,7 @@ pub fn pack_paths(root: &Path, paths: &[PathBuf], out: impl Write) -> Result<Tre
             return Err(TreeError::refused(rel, "device, fifo or socket cannot be packed"));
         }
     }
-    let inner = builder.into_inner().map_err(|e| TreeError::io("finishing tar stream", e))?;
-    inner
-        .into_inner()
-        .map_err(|e| TreeError::io("flushing tar stream", e.into_error()))?
-        .flush()
-        .map_err(|e| TreeError::io("flushing tar stream", e))?;
+    finish(builder)?;
     Ok(stats)
 }
 
