@@ -67,11 +67,7 @@ impl Steps {
         }
         let _g = self.registry_lock.lock().await;
         let path = &self.settings.snapshot_registry;
-        let mut reg = match std::fs::read_to_string(path) {
-            Ok(t) => Registry::parse(&t).with_context(|| format!("reading {}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
+        let mut reg = backend::read_registry(path)?;
         if reg.merge(entries.iter().cloned()) > 0 {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

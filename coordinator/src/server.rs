@@ -786,16 +786,12 @@ async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse 
                 }
             };
         }
-        AdminRequest::RunStep { .. } => unreachable_run_step(),
+        AdminRequest::RunStep { .. } => Err(anyhow!("RunStep is answered as a stream")),
     };
     match result {
         Ok(summary) => AdminResponse::TransferDone(summary),
         Err(e) => AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: format!("{e:#}") }),
     }
-}
-
-fn unreachable_run_step() -> Result<TransferSummary> {
-    Err(anyhow!("RunStep is answered as a stream"))
 }
 
 /// Runs a step for an operator, streaming its events as admin frames; returns the last one.

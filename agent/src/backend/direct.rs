@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Result;
 use async_trait::async_trait;
 
-use super::{OverlayVolume, StorageBackend, stat_paths};
+use super::{OverlayVolume, StorageBackend, stat_local};
 
 pub struct Direct;
 
@@ -43,8 +43,7 @@ impl StorageBackend for Direct {
     }
 
     async fn check_outputs(&mut self, paths: &[String]) -> Result<BTreeMap<String, Option<u64>>> {
-        let paths = paths.to_vec();
-        Ok(tokio::task::spawn_blocking(move || stat_paths(&paths)).await?)
+        stat_local(paths).await
     }
 
     async fn prepare_build(&mut self, _paths: &[String], _program_keys: &[String]) -> Result<()> {

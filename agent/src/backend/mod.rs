@@ -173,6 +173,22 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
+/// Reads the snapshot registry file; a missing file is an empty registry.
+pub fn read_registry(path: &Path) -> Result<protocol::Registry> {
+    use anyhow::Context;
+    match std::fs::read_to_string(path) {
+        Ok(t) => protocol::Registry::parse(&t).with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(protocol::Registry::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// [`stat_paths`] on a blocking thread: `check_outputs` of the backends that use local paths.
+pub async fn stat_local(paths: &[String]) -> Result<BTreeMap<String, Option<u64>>> {
+    let paths = paths.to_vec();
+    Ok(tokio::task::spawn_blocking(move || stat_paths(&paths)).await?)
+}
+
 /// Stats each path: a file's length, a directory's total, `None` when missing.
 pub fn stat_paths(paths: &[String]) -> BTreeMap<String, Option<u64>> {
     paths.iter().map(|p| (p.clone(), local_size(Path::new(p)))).collect()

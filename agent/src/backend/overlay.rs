@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use filetime::FileTime;
 use tracing::info;
 
-use super::{OverlayVolume, StepContext, StorageBackend, View, parent_of, stat_paths};
+use super::{OverlayVolume, StepContext, StorageBackend, View, parent_of, stat_local};
 use crate::mounts::NsMount;
 
 pub struct Overlay {
@@ -136,8 +136,7 @@ impl StorageBackend for Overlay {
     }
 
     async fn check_outputs(&mut self, paths: &[String]) -> Result<BTreeMap<String, Option<u64>>> {
-        let paths = paths.to_vec();
-        Ok(tokio::task::spawn_blocking(move || stat_paths(&paths)).await?)
+        stat_local(paths).await
     }
 
     async fn prepare_build(&mut self, _paths: &[String], _program_keys: &[String]) -> Result<()> {

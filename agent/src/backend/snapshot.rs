@@ -19,7 +19,7 @@ use protocol::registry::program_key;
 use protocol::{Registry, RegistryEntry};
 use tracing::{info, warn};
 
-use super::{OverlayVolume, StepContext, StorageBackend, View, parent_of};
+use super::{OverlayVolume, StepContext, StorageBackend, View, parent_of, read_registry};
 use crate::cache::{Pin, remove_tree};
 use crate::mounts::{self, NsMount};
 
@@ -49,12 +49,7 @@ fn rel(p: &str) -> &str {
 
 impl Snapshot {
     pub fn new(ctx: &StepContext) -> Result<Self> {
-        let path = &ctx.settings.snapshot_registry;
-        let registry = match fs::read_to_string(path) {
-            Ok(t) => Registry::parse(&t).with_context(|| format!("reading {}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
+        let registry = read_registry(&ctx.settings.snapshot_registry)?;
         let dir = &ctx.step_dir;
         Ok(Self {
             ctx: ctx.clone(),
