@@ -1,6 +1,7 @@
 //! `pype-coordinator`: accepts agents over QUIC with mutual TLS, tracks them, and moves trees
 //! to and from them. `main.rs` only calls [`cli_main`]; the library does the work.
 
+pub mod pipeline;
 pub mod server;
 pub mod state;
 pub mod stepfile;
