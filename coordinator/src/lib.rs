@@ -2,6 +2,8 @@
 //! to and from them. `main.rs` only calls [`cli_main`]; the library does the work.
 
 pub mod pipeline;
+pub mod plan;
+pub mod sched;
 pub mod server;
 pub mod state;
 pub mod stepfile;

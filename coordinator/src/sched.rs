@@ -1,0 +1,591 @@
+//! The run's scheduling state machine, without IO: the driver feeds it events with
+//! [`Scheduler::handle`] and carries out what [`Scheduler::poll_action`] returns, so every
+//! decision (which agent, retry or fail, what to cancel) is testable on its own.
+//!
+//! A step waits until every dependency succeeded or was skipped, then is ready. A ready step
+//! goes to the connected agent with the most free CPUs among those whose free CPUs, memory,
+//! slots and labels fit it (a step asking for more CPUs than an agent has runs there alone).
+//! A failing command and a lost agent are counted separately: `retries` of the step against
+//! the first, the run's infrastructure budget against the second.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::pipeline::{Pipeline, Resources};
+use crate::plan::{Action as Planned, Decision};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepState {
+    Waiting,
+    Ready,
+    Running { attempt_id: u64, agent: String },
+    Succeeded,
+    Skipped,
+    Pruned,
+    Failed,
+    Cancelled,
+}
+
+impl StepState {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Succeeded | Self::Skipped | Self::Pruned | Self::Failed | Self::Cancelled)
+    }
+
+    fn satisfies_dependents(&self) -> bool {
+        matches!(self, Self::Succeeded | Self::Skipped)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Ready => "ready",
+            Self::Running { .. } => "running",
+            Self::Succeeded => "succeeded",
+            Self::Skipped => "skipped",
+            Self::Pruned => "pruned",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// How an attempt ended, as far as scheduling cares.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptEnd {
+    Succeeded,
+    /// The command failed (non-zero exit, signal, timeout, declared output not produced).
+    CommandFailed(String),
+    /// The infrastructure failed: agent lost, setup or harvest failed, cancelled by shutdown.
+    InfraFailed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentCapacity {
+    pub cpus: f64,
+    pub memory_bytes: u64,
+    /// Most steps at once; 0 for no limit beyond CPUs and memory.
+    pub slots: u32,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    AgentUp {
+        agent: String,
+        capacity: AgentCapacity,
+    },
+    /// The agent is gone for good (its steps are retried elsewhere).
+    AgentDown {
+        agent: String,
+        reason: String,
+    },
+    Finished {
+        attempt_id: u64,
+        end: AttemptEnd,
+    },
+    /// Stop dispatching; running attempts are cancelled.
+    Abort {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Steps that became ready.
+    Ready {
+        step: usize,
+    },
+    Dispatch {
+        step: usize,
+        agent: String,
+        attempt_id: u64,
+        attempt: u32,
+    },
+    /// The attempt no longer counts; a late result of it is discarded.
+    Supersede {
+        step: usize,
+        attempt_id: u64,
+        agent: String,
+    },
+    Retry {
+        step: usize,
+        reason: String,
+        infra: bool,
+    },
+    Succeeded {
+        step: usize,
+    },
+    Failed {
+        step: usize,
+        reason: String,
+    },
+    Cancelled {
+        step: usize,
+        reason: String,
+    },
+    /// No connected agent can ever fit the step (labels, memory); said once per step.
+    Unschedulable {
+        step: usize,
+        reason: String,
+    },
+}
+
+struct StepSlot {
+    deps: Vec<usize>,
+    dependents: Vec<usize>,
+    resources: Resources,
+    retries: u32,
+    state: StepState,
+    command_failures: u32,
+    infra_failures: u32,
+    attempts: u32,
+    said_unschedulable: bool,
+}
+
+struct AgentSlot {
+    capacity: AgentCapacity,
+    used_cpus: f64,
+    used_memory: u64,
+    running: u32,
+}
+
+pub struct Scheduler {
+    steps: Vec<StepSlot>,
+    agents: BTreeMap<String, AgentSlot>,
+    infra_retries: u32,
+    queue: VecDeque<Action>,
+    aborted: bool,
+    next_attempt: Box<dyn FnMut() -> u64 + Send>,
+}
+
+impl Scheduler {
+    /// `decisions` come from [`crate::plan::plan`]; `attempts_before` counts the attempts each
+    /// step already had (resume), so attempt numbers go on.
+    pub fn new(
+        p: &Pipeline,
+        decisions: &[Decision],
+        attempts_before: &[u32],
+        infra_retries: u32,
+        next_attempt: Box<dyn FnMut() -> u64 + Send>,
+    ) -> Self {
+        let dependents = p.dependents();
+        let mut steps: Vec<StepSlot> = p
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StepSlot {
+                deps: s.deps.clone(),
+                dependents: dependents[i].clone(),
+                resources: s.resources.clone(),
+                retries: s.retries,
+                state: match decisions[i].action {
+                    Planned::Run => StepState::Waiting,
+                    Planned::Skip => StepState::Skipped,
+                    Planned::Prune => StepState::Pruned,
+                    Planned::Done => StepState::Succeeded,
+                },
+                command_failures: 0,
+                infra_failures: 0,
+                attempts: attempts_before.get(i).copied().unwrap_or(0),
+                said_unschedulable: false,
+            })
+            .collect();
+        let mut queue = VecDeque::new();
+        for i in 0..steps.len() {
+            if steps[i].state == StepState::Waiting
+                && steps[i].deps.iter().all(|&d| steps[d].state.satisfies_dependents())
+            {
+                steps[i].state = StepState::Ready;
+                queue.push_back(Action::Ready { step: i });
+            }
+        }
+        Self { steps, agents: BTreeMap::new(), infra_retries, queue, aborted: false, next_attempt }
+    }
+
+    pub fn state(&self, step: usize) -> &StepState {
+        &self.steps[step].state
+    }
+
+    pub fn attempts(&self, step: usize) -> u32 {
+        self.steps[step].attempts
+    }
+
+    /// `Some(succeeded)` once every step is terminal.
+    pub fn finished(&self) -> Option<bool> {
+        if !self.queue.is_empty() || !self.steps.iter().all(|s| s.state.is_terminal()) {
+            return None;
+        }
+        Some(
+            !self.aborted
+                && self.steps.iter().all(|s| !matches!(s.state, StepState::Failed | StepState::Cancelled)),
+        )
+    }
+
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut out = BTreeMap::new();
+        for s in &self.steps {
+            *out.entry(s.state.as_str()).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Agents and their running step counts.
+    pub fn agent_load(&self) -> Vec<(String, u32)> {
+        self.agents.iter().map(|(id, a)| (id.clone(), a.running)).collect()
+    }
+
+    pub fn handle(&mut self, event: Event) {
+        match event {
+            Event::AgentUp { agent, capacity } => {
+                let slot = self.agents.entry(agent).or_insert(AgentSlot {
+                    capacity: capacity.clone(),
+                    used_cpus: 0.0,
+                    used_memory: 0,
+                    running: 0,
+                });
+                slot.capacity = capacity;
+                for s in &mut self.steps {
+                    s.said_unschedulable = false;
+                }
+            }
+            Event::AgentDown { agent, reason } => {
+                self.agents.remove(&agent);
+                let lost: Vec<(usize, u64)> = self
+                    .steps
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| match &s.state {
+                        StepState::Running { attempt_id, agent: a } if *a == agent => Some((i, *attempt_id)),
+                        _ => None,
+                    })
+                    .collect();
+                for (step, attempt_id) in lost {
+                    self.queue.push_back(Action::Supersede { step, attempt_id, agent: agent.clone() });
+                    self.end_attempt(step, AttemptEnd::InfraFailed(format!("agent {agent} lost: {reason}")));
+                }
+            }
+            Event::Finished { attempt_id, end } => {
+                let Some(step) = self.running_step(attempt_id) else { return };
+                self.end_attempt(step, end);
+            }
+            Event::Abort { reason } => {
+                self.aborted = true;
+                for i in 0..self.steps.len() {
+                    match self.steps[i].state.clone() {
+                        StepState::Running { attempt_id, agent } => {
+                            self.release(&agent, i);
+                            self.queue.push_back(Action::Supersede { step: i, attempt_id, agent });
+                            self.steps[i].state = StepState::Cancelled;
+                            self.queue.push_back(Action::Cancelled { step: i, reason: reason.clone() });
+                        }
+                        StepState::Waiting | StepState::Ready => {
+                            self.steps[i].state = StepState::Cancelled;
+                            self.queue.push_back(Action::Cancelled { step: i, reason: reason.clone() });
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn running_step(&self, attempt: u64) -> Option<usize> {
+        self.steps
+            .iter()
+            .position(|s| matches!(&s.state, StepState::Running { attempt_id, .. } if *attempt_id == attempt))
+    }
+
+    fn release(&mut self, agent: &str, step: usize) {
+        let r = &self.steps[step].resources;
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.used_cpus = (a.used_cpus - r.cpus.min(a.capacity.cpus)).max(0.0);
+            a.used_memory = a.used_memory.saturating_sub(r.memory_bytes);
+            a.running = a.running.saturating_sub(1);
+        }
+    }
+
+    fn end_attempt(&mut self, step: usize, end: AttemptEnd) {
+        if let StepState::Running { agent, .. } = self.steps[step].state.clone() {
+            self.release(&agent, step);
+        }
+        let s = &mut self.steps[step];
+        match end {
+            AttemptEnd::Succeeded => {
+                s.state = StepState::Succeeded;
+                self.queue.push_back(Action::Succeeded { step });
+                let dependents = self.steps[step].dependents.clone();
+                for d in dependents {
+                    if self.steps[d].state == StepState::Waiting
+                        && self.steps[d].deps.iter().all(|&x| self.steps[x].state.satisfies_dependents())
+                    {
+                        self.steps[d].state = StepState::Ready;
+                        self.queue.push_back(Action::Ready { step: d });
+                    }
+                }
+            }
+            AttemptEnd::CommandFailed(reason) => {
+                s.command_failures += 1;
+                if s.command_failures <= s.retries && !self.aborted {
+                    s.state = StepState::Ready;
+                    let left = s.retries - s.command_failures;
+                    self.queue.push_back(Action::Retry {
+                        step,
+                        reason: format!("{reason} ({left} command retries left)"),
+                        infra: false,
+                    });
+                } else {
+                    self.fail(step, reason);
+                }
+            }
+            AttemptEnd::InfraFailed(reason) => {
+                s.infra_failures += 1;
+                if s.infra_failures <= self.infra_retries && !self.aborted {
+                    s.state = StepState::Ready;
+                    let left = self.infra_retries - s.infra_failures;
+                    self.queue.push_back(Action::Retry {
+                        step,
+                        reason: format!("{reason} ({left} infrastructure retries left)"),
+                        infra: true,
+                    });
+                } else {
+                    self.fail(step, reason);
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, step: usize, reason: String) {
+        self.steps[step].state = StepState::Failed;
+        self.queue.push_back(Action::Failed { step, reason });
+        // Everything downstream can no longer run.
+        let mut stack = self.steps[step].dependents.clone();
+        while let Some(d) = stack.pop() {
+            if matches!(self.steps[d].state, StepState::Waiting | StepState::Ready) {
+                self.steps[d].state = StepState::Cancelled;
+                let name_reason = format!("a dependency failed (step #{step})");
+                self.queue.push_back(Action::Cancelled { step: d, reason: name_reason });
+                stack.extend(self.steps[d].dependents.clone());
+            }
+        }
+    }
+
+    fn fits(a: &AgentSlot, r: &Resources) -> bool {
+        let cpus = r.cpus.min(a.capacity.cpus);
+        a.used_cpus + cpus <= a.capacity.cpus + 1e-9
+            && a.used_memory + r.memory_bytes <= a.capacity.memory_bytes
+            && (a.capacity.slots == 0 || a.running < a.capacity.slots)
+    }
+
+    fn could_ever_fit(a: &AgentSlot, r: &Resources) -> Result<(), String> {
+        for (k, v) in &r.labels {
+            if a.capacity.labels.get(k) != Some(v) {
+                return Err(format!("label {k}={v}"));
+            }
+        }
+        if r.memory_bytes > a.capacity.memory_bytes {
+            return Err(format!("{} bytes of memory", r.memory_bytes));
+        }
+        Ok(())
+    }
+
+    /// The next thing the driver must do, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        if let Some(a) = self.queue.pop_front() {
+            return Some(a);
+        }
+        if self.aborted {
+            return None;
+        }
+        for i in 0..self.steps.len() {
+            if self.steps[i].state != StepState::Ready {
+                continue;
+            }
+            let r = &self.steps[i].resources;
+            let mut best: Option<(&String, f64)> = None;
+            let mut why_not = None;
+            for (id, a) in &self.agents {
+                if let Err(e) = Self::could_ever_fit(a, r) {
+                    why_not.get_or_insert(e);
+                    continue;
+                }
+                why_not = Some(String::new());
+                if Self::fits(a, r) {
+                    let free = a.capacity.cpus - a.used_cpus;
+                    if best.is_none_or(|(_, f)| free > f) {
+                        best = Some((id, free));
+                    }
+                }
+            }
+            let Some((agent, _)) = best else {
+                if let Some(e) = why_not.filter(|e| !e.is_empty())
+                    && !self.steps[i].said_unschedulable
+                {
+                    self.steps[i].said_unschedulable = true;
+                    return Some(Action::Unschedulable {
+                        step: i,
+                        reason: format!("no connected agent offers {e}"),
+                    });
+                }
+                continue;
+            };
+            let agent = agent.clone();
+            let attempt_id = (self.next_attempt)();
+            let cpus = r.cpus;
+            let mem = r.memory_bytes;
+            let slot = self.agents.get_mut(&agent).expect("chosen above");
+            slot.used_cpus += cpus.min(slot.capacity.cpus);
+            slot.used_memory += mem;
+            slot.running += 1;
+            let s = &mut self.steps[i];
+            s.attempts += 1;
+            s.state = StepState::Running { attempt_id, agent: agent.clone() };
+            return Some(Action::Dispatch { step: i, agent, attempt_id, attempt: s.attempts });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{PlanOptions, plan};
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    fn fan(n: usize, retries: u32) -> Pipeline {
+        let mut text = String::from("name = \"t\"\n");
+        for i in 0..n {
+            text += &format!(
+                "[[steps]]\nname = \"s{i}\"\ncommand = \"true\"\noutputs = [\"/o{i}\"]\nretries = {retries}\n"
+            );
+        }
+        text += "[[steps]]\nname = \"join\"\ncommand = \"true\"\noutputs = [\"/all\"]\ninputs = [";
+        text += &(0..n).map(|i| format!("\"/o{i}\"")).collect::<Vec<_>>().join(",");
+        text += "]\n";
+        Pipeline::parse(Path::new("/x.toml"), &text).unwrap()
+    }
+
+    fn sched(p: &Pipeline, infra: u32) -> Scheduler {
+        let d = plan(p, &HashMap::new(), &PlanOptions::default());
+        let mut n = 0;
+        Scheduler::new(
+            p,
+            &d,
+            &[],
+            infra,
+            Box::new(move || {
+                n += 1;
+                n
+            }),
+        )
+    }
+
+    fn cap(cpus: f64) -> AgentCapacity {
+        AgentCapacity { cpus, memory_bytes: 1 << 30, slots: 0, labels: BTreeMap::new() }
+    }
+
+    fn drain(s: &mut Scheduler) -> Vec<Action> {
+        std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    fn dispatched(actions: &[Action]) -> Vec<(usize, String, u64)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dispatch { step, agent, attempt_id, .. } => Some((*step, agent.clone(), *attempt_id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fills_agents_by_cpus_then_fans_in() {
+        let p = fan(5, 0);
+        let mut s = sched(&p, 1);
+        assert!(dispatched(&drain(&mut s)).is_empty(), "no agents yet");
+        s.handle(Event::AgentUp { agent: "a".into(), capacity: cap(2.0) });
+        s.handle(Event::AgentUp { agent: "b".into(), capacity: cap(1.0) });
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert_eq!(d.iter().filter(|x| x.1 == "a").count(), 2);
+        for (_, _, id) in &d {
+            s.handle(Event::Finished { attempt_id: *id, end: AttemptEnd::Succeeded });
+        }
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d.len(), 2);
+        for (_, _, id) in &d {
+            s.handle(Event::Finished { attempt_id: *id, end: AttemptEnd::Succeeded });
+        }
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![5], "the join runs last");
+        assert_eq!(s.finished(), None);
+        s.handle(Event::Finished { attempt_id: d[0].2, end: AttemptEnd::Succeeded });
+        drain(&mut s);
+        assert_eq!(s.finished(), Some(true));
+    }
+
+    #[test]
+    fn lost_agent_retries_elsewhere_and_late_results_are_ignored() {
+        let p = fan(1, 0);
+        let mut s = sched(&p, 1);
+        s.handle(Event::AgentUp { agent: "a".into(), capacity: cap(1.0) });
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d[0].1, "a");
+        s.handle(Event::AgentDown { agent: "a".into(), reason: "heartbeats missed".into() });
+        let actions = drain(&mut s);
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Supersede { attempt_id, .. } if *attempt_id == d[0].2))
+        );
+        assert!(actions.iter().any(|a| matches!(a, Action::Retry { infra: true, .. })));
+        s.handle(Event::AgentUp { agent: "b".into(), capacity: cap(1.0) });
+        let d2 = dispatched(&drain(&mut s));
+        assert_eq!(d2[0].1, "b");
+        assert_eq!(s.attempts(0), 2);
+        // The superseded attempt's result changes nothing.
+        s.handle(Event::Finished { attempt_id: d[0].2, end: AttemptEnd::Succeeded });
+        assert!(matches!(s.state(0), StepState::Running { .. }));
+        // A second loss exhausts the infrastructure budget of 1.
+        s.handle(Event::AgentDown { agent: "b".into(), reason: "gone".into() });
+        let actions = drain(&mut s);
+        assert!(actions.iter().any(|a| matches!(a, Action::Failed { step: 0, .. })), "{actions:?}");
+        assert!(actions.iter().any(|a| matches!(a, Action::Cancelled { step: 1, .. })), "{actions:?}");
+        assert_eq!(s.finished(), Some(false));
+    }
+
+    #[test]
+    fn command_failures_have_their_own_budget() {
+        let p = fan(1, 1);
+        let mut s = sched(&p, 0);
+        s.handle(Event::AgentUp { agent: "a".into(), capacity: cap(4.0) });
+        let d = dispatched(&drain(&mut s));
+        s.handle(Event::Finished { attempt_id: d[0].2, end: AttemptEnd::CommandFailed("exit 1".into()) });
+        let actions = drain(&mut s);
+        assert!(actions.iter().any(|a| matches!(a, Action::Retry { infra: false, .. })), "{actions:?}");
+        let d = dispatched(&actions);
+        s.handle(Event::Finished { attempt_id: d[0].2, end: AttemptEnd::CommandFailed("exit 1".into()) });
+        let actions = drain(&mut s);
+        assert!(actions.iter().any(|a| matches!(a, Action::Failed { step: 0, .. })), "{actions:?}");
+        assert_eq!(s.finished(), Some(false));
+    }
+
+    #[test]
+    fn labels_and_memory_decide_where_a_step_can_go() {
+        let p = Pipeline::parse(
+            Path::new("/x.toml"),
+            "name = \"t\"\n[[steps]]\nname = \"big\"\ncommand = \"true\"\nresources = { memory = \"2G\", labels = { partition = \"bigmem\" } }\n",
+        )
+        .unwrap();
+        let mut s = sched(&p, 0);
+        s.handle(Event::AgentUp { agent: "small".into(), capacity: cap(8.0) });
+        let actions = drain(&mut s);
+        assert!(actions.iter().any(|a| matches!(a, Action::Unschedulable { .. })), "{actions:?}");
+        assert!(drain(&mut s).is_empty(), "said once");
+        let mut labels = BTreeMap::new();
+        labels.insert("partition".to_string(), "bigmem".to_string());
+        let big = AgentCapacity { cpus: 1.0, memory_bytes: 4 << 30, slots: 1, labels };
+        s.handle(Event::AgentUp { agent: "big".into(), capacity: big });
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d[0].1, "big");
+    }
+}
