@@ -93,7 +93,13 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 pub fn cli_main() -> ExitCode {
-    let cli = Cli::parse();
+    cli_main_from(std::env::args_os())
+}
+
+/// [`cli_main`] with explicit arguments (the first names the program), for binaries that
+/// embed the agent.
+pub fn cli_main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let cli = Cli::parse_from(args);
     transport::telemetry::init(cli.log_format);
     match cli.command {
         Command::Run(args) => transport::cli::block_on_main(run(args)),

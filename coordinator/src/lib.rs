@@ -1,6 +1,10 @@
 //! `pype-coordinator`: accepts agents over QUIC with mutual TLS, tracks them, and moves trees
 //! to and from them. `main.rs` only calls [`cli_main`]; the library does the work.
 
+pub mod display;
+pub mod engine;
+pub mod local;
+pub mod ops;
 pub mod pipeline;
 pub mod plan;
 pub mod sched;
@@ -9,16 +13,17 @@ pub mod state;
 pub mod stepfile;
 pub mod store;
 pub mod trust;
+pub mod working;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use protocol::{AdminRequest, AdminResponse, Compression};
+use store::SnapshotStore as _;
 use tokio_util::sync::CancellationToken;
 use transport::telemetry::LogFormat;
 use transport::{endpoint, framed, pki};
@@ -30,15 +35,63 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "human", global = true)]
     log_format: LogFormat,
-    /// State directory: CA, certificates, state database.
-    #[arg(long, env = "PYPE_STATE_DIR", default_value = "/var/lib/pype/coordinator", global = true)]
-    state_dir: PathBuf,
+    /// State directory: CA, certificates, state database, registry, snapshots, run logs
+    /// [default: /var/lib/pype/coordinator as root, else ~/.local/state/pype/coordinator].
+    #[arg(long, env = "PYPE_STATE_DIR", global = true)]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a pipeline: on an embedded coordinator with local agents (the default), or on a
+    /// running `serve` (--coordinator). Prints where the final outputs are.
+    Run(RunArgs),
+    /// Print what a run would do with each step (run / skip / prune, and why), from the
+    /// registry and the snapshot store; nothing runs.
+    Plan {
+        pipeline: PathBuf,
+        /// Re-run this step and everything downstream of it (repeatable).
+        #[arg(long)]
+        force: Vec<String>,
+        /// Count zero-byte outputs as present.
+        #[arg(long)]
+        empty_ok: bool,
+    },
+    /// The working registry (`<state>/snapshot_registry.json`, bio-pype's format).
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+    /// Remove snapshots that no registry entry references.
+    Gc {
+        /// Keep unreferenced snapshots younger than this (a harvest may be merging them).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        min_age: Duration,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Program profiles.
+    Profiles {
+        #[command(subcommand)]
+        command: ProfilesCommand,
+    },
+    /// Print a step's output (the latest attempt's unless --attempt); --follow until it ends.
+    Logs {
+        run: String,
+        step: String,
+        #[arg(long)]
+        attempt: Option<u32>,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Show a run (default: the latest): its steps, and the connected agents.
+    Status {
+        run: Option<String>,
+        #[arg(long)]
+        coordinator: Option<SocketAddr>,
+    },
     /// Accept agents and serve operators' requests until SIGTERM or Ctrl-C.
     Serve {
         /// UDP address to listen on.
@@ -83,7 +136,7 @@ enum Command {
         /// Absolute paths; each becomes an entry keyed by its path.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Registry file to merge the new entries into (printed on stdout otherwise).
+        /// Registry file to merge the new entries into (default: the working registry).
         #[arg(long)]
         registry: Option<PathBuf>,
     },
@@ -113,6 +166,87 @@ enum Command {
         zstd: Option<i32>,
         #[arg(long)]
         coordinator: Option<SocketAddr>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Pipeline file (TOML).
+    pipeline: Option<PathBuf>,
+    /// Finish an interrupted run (its pipeline is kept in the state database).
+    #[arg(long, value_name = "RUN")]
+    resume: Option<String>,
+    /// Submit to a running `pype-coordinator serve` at this address instead.
+    #[arg(long)]
+    coordinator: Option<SocketAddr>,
+    /// Local agents to start.
+    #[arg(long, default_value_t = 2)]
+    agents: usize,
+    /// Re-run this step and everything downstream of it (repeatable).
+    #[arg(long)]
+    force: Vec<String>,
+    /// Count zero-byte outputs as present.
+    #[arg(long)]
+    empty_ok: bool,
+    /// Re-runs per step after infrastructure failures (lost agent, failed setup or harvest).
+    #[arg(long, default_value_t = 2)]
+    infra_retries: u32,
+    /// Do not import local input files missing from the registry.
+    #[arg(long)]
+    no_import: bool,
+    /// Leave the final outputs in the snapshot store instead of writing them to their paths.
+    #[arg(long)]
+    no_materialize: bool,
+    /// Storage backend of the local agents (PYPE_OVERLAY_MODE).
+    #[arg(long, default_value = "snapshot")]
+    backend: String,
+    /// Heartbeat interval of the embedded coordinator's agents.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_interval_ms: u64,
+    /// `pype-agent` binary for the local agents (default: this executable).
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// Longest wait for agents to connect.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    agent_wait: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum RegistryCommand {
+    /// Every entry: path, snapshot, path inside it, and the run/step/attempt that produced it.
+    Show,
+    /// One entry, as JSON.
+    Get { path: String },
+    /// Merge a registry file (bio-pype's JSON) into the working registry.
+    Import { file: PathBuf },
+    /// The working registry as JSON, on stdout or into a file.
+    Export {
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Remove entries (their steps run again next time).
+    Remove {
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProfilesCommand {
+    /// Build the profile's programs (prepare_build, the build command, stage_program) on an
+    /// agent, so they become snapshots in the registry. Staged programs are kept unless --force.
+    Build {
+        profile: PathBuf,
+        #[arg(long)]
+        force: bool,
+        /// Build on this agent of a running coordinator (default: a local agent).
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        coordinator: Option<SocketAddr>,
+        /// `pype-agent` binary for the local agent (default: this executable).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
     },
 }
 
@@ -176,14 +310,96 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn cli_main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == local::AGENT_SUBCOMMAND) {
+        args.remove(1);
+        args[0] = "pype-agent".into();
+        return agent::cli_main_from(args);
+    }
+    let cli = Cli::parse_from(args);
     transport::telemetry::init(cli.log_format);
     transport::cli::block_on_main(run_cli(cli))
 }
 
+/// `--state-dir`, else `$PYPE_STATE_DIR` (clap reads it), else the default for this user.
+fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/pype/coordinator");
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("pype/coordinator")
+}
+
+fn local_options(
+    agents: usize,
+    heartbeat_ms: u64,
+    agent_bin: Option<PathBuf>,
+    backend: String,
+) -> local::LocalOptions {
+    local::LocalOptions {
+        agents,
+        heartbeat_interval: Duration::from_millis(heartbeat_ms.max(50)),
+        agent_bin,
+        backend,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+    }
+}
+
 async fn run_cli(cli: Cli) -> Result<()> {
-    let dir = cli.state_dir;
+    let dir = match cli.state_dir {
+        Some(d) => std::path::absolute(&d).unwrap_or(d),
+        None => default_state_dir(),
+    };
     match cli.command {
+        Command::Run(a) => {
+            let req = ops::RunRequest {
+                pipeline: a.pipeline,
+                resume: a.resume,
+                coordinator: a.coordinator,
+                local: local_options(a.agents.max(1), a.heartbeat_interval_ms, a.agent_bin, a.backend),
+                options: engine::RunOptions {
+                    force: a.force,
+                    empty_ok: a.empty_ok,
+                    infra_retries: a.infra_retries,
+                    import_inputs: !a.no_import,
+                    fail_unschedulable: a.coordinator.is_none(),
+                    agent_wait_secs: a.agent_wait.as_secs(),
+                },
+                materialize: !a.no_materialize && a.coordinator.is_none(),
+            };
+            ops::run(&dir, req).await
+        }
+        Command::Plan { pipeline, force, empty_ok } => ops::plan(&dir, &pipeline, &force, empty_ok),
+        Command::Registry { command } => ops::registry(
+            &dir,
+            match command {
+                RegistryCommand::Show => ops::RegistryOp::Show,
+                RegistryCommand::Get { path } => ops::RegistryOp::Get(path),
+                RegistryCommand::Import { file } => ops::RegistryOp::Import(file),
+                RegistryCommand::Export { output } => ops::RegistryOp::Export(output),
+                RegistryCommand::Remove { paths } => ops::RegistryOp::Remove(paths),
+            },
+        ),
+        Command::Gc { min_age, dry_run } => ops::gc(&dir, min_age, dry_run),
+        Command::Profiles {
+            command: ProfilesCommand::Build { profile, force, agent, coordinator, agent_bin },
+        } => {
+            let remote = agent.map(|a| (coordinator, a));
+            ops::profiles_build(
+                &dir,
+                &profile,
+                force,
+                remote,
+                local_options(1, 1000, agent_bin, "snapshot".into()),
+            )
+            .await
+        }
+        Command::Logs { run, step, attempt, follow } => ops::logs(&dir, &run, &step, attempt, follow).await,
+        Command::Status { run, coordinator } => ops::status(&dir, run.as_deref(), coordinator).await,
         Command::Serve { listen, advertise, heartbeat_interval_ms } => {
             serve(&dir, listen, &advertise, Duration::from_millis(heartbeat_interval_ms)).await
         }
@@ -277,16 +493,14 @@ async fn run_cli(cli: Cli) -> Result<()> {
                 "imported {} entries ({} bytes, {} stored) as {}",
                 meta.entries, meta.content_bytes, meta.wire_bytes, meta.snapshot_id
             );
+            print!("{}", new.to_json());
             match registry {
                 Some(path) => {
                     let mut reg = stepfile::read_registry(&path)?;
                     reg.merge(new.entries);
                     stepfile::write_registry(&path, &reg)
                 }
-                None => {
-                    print!("{}", new.to_json());
-                    Ok(())
-                }
+                None => working::WorkingRegistry::open(&dir)?.merge(new.entries).map(|_| ()),
             }
         }
         Command::Step { command: StepCommand::Run { agent, step, registry, coordinator } } => {
@@ -363,7 +577,7 @@ fn compression(zstd: Option<i32>) -> Compression {
     zstd.map_or(Compression::None, |level| Compression::Zstd { level })
 }
 
-fn unexpected(resp: AdminResponse) -> anyhow::Error {
+pub(crate) fn unexpected(resp: AdminResponse) -> anyhow::Error {
     match resp {
         AdminResponse::Error(e) => anyhow!("{}", e.message),
         other => anyhow!("unexpected answer from coordinator: {other:?}"),
@@ -389,7 +603,7 @@ fn print_transfer(resp: AdminResponse) -> Result<()> {
     }
 }
 
-const ADDR_FILE: &str = "coordinator.addr";
+pub(crate) const ADDR_FILE: &str = "coordinator.addr";
 
 async fn serve(
     dir: &Path,
@@ -397,29 +611,19 @@ async fn serve(
     advertise: &[String],
     heartbeat_interval: Duration,
 ) -> Result<()> {
-    let state = Arc::new(state::State::open(dir)?);
-    let names = trust::server_names(listen, advertise);
-    let identity = trust::setup(dir, &names, &state)?;
-    let tls = pki::server_tls(
-        &identity.ca.cert_key.cert_pem,
-        &identity.server,
-        &[protocol::ALPN_AGENT, protocol::ALPN_ENROLL, protocol::ALPN_ADMIN],
-    )?;
-    let endpoint = endpoint::server(listen, tls, &endpoint::Tuning::default())?;
-    let local = endpoint.local_addr()?;
-    pki::write_file(&dir.join(ADDR_FILE), local.to_string().as_bytes(), 0o644)?;
-    tracing::info!(addr = %local, state_dir = %dir.display(), "coordinator listening");
-    let config = server::ServerConfig { heartbeat_interval, ..Default::default() };
-    let store = Arc::new(store::LocalStore::open_dir(dir.join("snapshots"))?);
-    let coord = server::Coordinator::new(state, identity.ca, config, store);
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
+    let (coord, _engine, _addr, server) =
+        local::start_server(dir, listen, advertise, heartbeat_interval, shutdown.clone()).await?;
+    let runs = coord.shutdown_token();
     tokio::spawn(async move {
         transport::cli::shutdown_signal().await;
         tracing::info!("shutting down");
-        signal.cancel();
+        // Runs stop first (their attempts are cancelled), then the server.
+        runs.cancel();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        shutdown.cancel();
     });
-    server::run(endpoint, coord, shutdown).await;
+    let _ = server.await;
     Ok(())
 }
 
@@ -443,13 +647,13 @@ fn outcome_json(o: &protocol::StepOutcome) -> String {
 }
 
 /// Sends one operator request to the running coordinator with the admin identity.
-async fn admin(dir: &Path, addr: Option<SocketAddr>, req: AdminRequest) -> Result<AdminResponse> {
+pub(crate) async fn admin(dir: &Path, addr: Option<SocketAddr>, req: AdminRequest) -> Result<AdminResponse> {
     admin_stream(dir, addr, req, |_| {}).await
 }
 
 /// Like [`admin`], for requests answered with progress frames before the last one:
 /// `progress` sees every `StepStarted`/`StepOutput`, the final frame is returned.
-async fn admin_stream(
+pub(crate) async fn admin_stream(
     dir: &Path,
     addr: Option<SocketAddr>,
     req: AdminRequest,
@@ -486,7 +690,9 @@ async fn admin_stream(
             .await?
             .ok_or_else(|| anyhow!("coordinator closed the request without an answer"))?;
         match frame {
-            AdminResponse::StepStarted { .. } | AdminResponse::StepOutput(_) => progress(frame),
+            AdminResponse::StepStarted { .. } | AdminResponse::StepOutput(_) | AdminResponse::RunEvent(_) => {
+                progress(frame)
+            }
             last => break last,
         }
     };

@@ -26,7 +26,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 /// An error located in a file.
@@ -123,7 +123,7 @@ struct ResourcesFile {
 }
 
 /// What a step needs from the agent that runs it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Resources {
     pub cpus: f64,
     pub memory_bytes: u64,
@@ -136,7 +136,7 @@ impl Default for Resources {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
     pub name: String,
     /// With `{{data_root}}` replaced.
@@ -156,7 +156,7 @@ pub struct Step {
     pub deps: Vec<usize>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pipeline {
     pub name: String,
     pub file: PathBuf,
@@ -188,7 +188,7 @@ struct ProgramFile {
 /// Kinds of program artifacts a profile can name.
 pub const PROGRAM_KINDS: &[&str] = &["file", "directory", "singularity", "conda"];
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Program {
     pub key: String,
     pub kind: String,
@@ -197,7 +197,7 @@ pub struct Program {
     pub build: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
     pub name: String,
     pub file: PathBuf,

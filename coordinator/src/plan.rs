@@ -60,6 +60,13 @@ pub fn downstream(p: &Pipeline, roots: &[usize]) -> HashSet<usize> {
 
 /// Decides every step. `sizes` holds what `check_outputs` said about each declared output
 /// (absent keys count as missing).
+///
+/// The steps that run are the smallest set that contains every forced step, every step with a
+/// missing final output (one no step consumes) or with no outputs at all, and is closed under
+/// two rules: the producer of a missing input of a running step runs; a consumer of an output
+/// a running step rewrites runs (its outputs would be stale). Every other step is skipped
+/// when all its outputs exist, and pruned otherwise: its missing outputs are only needed by
+/// steps that do not run.
 pub fn plan(p: &Pipeline, sizes: &HashMap<String, Option<u64>>, opts: &PlanOptions) -> Vec<Decision> {
     let forced = downstream(p, &opts.force);
     let missing_of = |out: &String| -> Option<String> {
@@ -71,60 +78,87 @@ pub fn plan(p: &Pipeline, sizes: &HashMap<String, Option<u64>>, opts: &PlanOptio
             Some(_) => None,
         }
     };
-    let mut decisions: Vec<Decision> = p
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            if forced.contains(&i) {
-                let why = if opts.force.contains(&i) {
-                    "forced".to_string()
-                } else {
-                    "downstream of a forced step".to_string()
-                };
-                return Decision { action: Action::Run, why };
+    let consumers = consumers(p);
+    let n = p.steps.len();
+    let mut why: Vec<Option<String>> = vec![None; n];
+    let mut queue: Vec<usize> = Vec::new();
+    for (i, s) in p.steps.iter().enumerate() {
+        if opts.done.contains(&i) && !forced.contains(&i) {
+            continue;
+        }
+        let reason = if forced.contains(&i) {
+            Some(if opts.force.contains(&i) {
+                "forced".to_string()
+            } else {
+                "downstream of a forced step".to_string()
+            })
+        } else if s.outputs.is_empty() {
+            Some("declares no outputs".to_string())
+        } else {
+            s.outputs
+                .iter()
+                .filter(|o| consumers.get(o.as_str()).is_none_or(Vec::is_empty))
+                .find_map(missing_of)
+        };
+        if let Some(r) = reason {
+            why[i] = Some(r);
+            queue.push(i);
+        }
+    }
+    while let Some(i) = queue.pop() {
+        let s = &p.steps[i];
+        // The producers of its missing inputs must run first.
+        for input in &s.inputs {
+            if let Some(&j) = p.producers.get(input)
+                && why[j].is_none()
+                && !opts.done.contains(&j)
+                && let Some(m) = missing_of(input)
+            {
+                why[j] = Some(format!("{m}; step {} needs it", s.name));
+                queue.push(j);
+            }
+        }
+        // What it rewrites makes its consumers' outputs stale.
+        for out in &s.outputs {
+            for &c in consumers.get(out.as_str()).map(Vec::as_slice).unwrap_or(&[]) {
+                if why[c].is_none() && !opts.done.contains(&c) {
+                    why[c] = Some(format!("its input {out} is made again by step {}", s.name));
+                    queue.push(c);
+                }
+            }
+        }
+    }
+    (0..n)
+        .map(|i| {
+            if let Some(w) = why[i].take() {
+                return Decision { action: Action::Run, why: w };
             }
             if opts.done.contains(&i) {
                 return Decision { action: Action::Done, why: "succeeded earlier in this run".into() };
             }
-            if s.outputs.is_empty() {
-                return Decision { action: Action::Run, why: "declares no outputs".into() };
-            }
+            let s = &p.steps[i];
             let missing: Vec<String> = s.outputs.iter().filter_map(missing_of).collect();
             match missing.first() {
                 None => {
                     Decision { action: Action::Skip, why: format!("all {} outputs exist", s.outputs.len()) }
                 }
-                Some(first) if missing.len() == 1 => Decision { action: Action::Run, why: first.clone() },
                 Some(first) => {
-                    Decision { action: Action::Run, why: format!("{first} (and {} more)", missing.len() - 1) }
+                    let mut users: Vec<&str> = s
+                        .outputs
+                        .iter()
+                        .flat_map(|o| consumers.get(o.as_str()).map(Vec::as_slice).unwrap_or(&[]))
+                        .map(|&c| p.steps[c].name.as_str())
+                        .collect();
+                    users.sort_unstable();
+                    users.dedup();
+                    Decision {
+                        action: Action::Prune,
+                        why: format!("{first}; only needed by {} (not running)", users.join(", ")),
+                    }
                 }
             }
         })
-        .collect();
-    // Prune from the leaves up, so a chain of steps feeding only skipped ones goes at once.
-    let dependents = p.dependents();
-    let consumers = consumers(p);
-    for i in (0..p.steps.len()).rev() {
-        if decisions[i].action != Action::Run || forced.contains(&i) || dependents[i].is_empty() {
-            continue;
-        }
-        let all_skipped =
-            dependents[i].iter().all(|&d| matches!(decisions[d].action, Action::Skip | Action::Prune));
-        let deliverable = p.steps[i]
-            .outputs
-            .iter()
-            .filter(|o| missing_of(o).is_some())
-            .any(|o| consumers.get(o.as_str()).is_none_or(Vec::is_empty));
-        if all_skipped && !deliverable {
-            let names: Vec<&str> = dependents[i].iter().map(|&d| p.steps[d].name.as_str()).collect();
-            decisions[i] = Decision {
-                action: Action::Prune,
-                why: format!("{}; only needed by {} (not running)", decisions[i].why, names.join(", ")),
-            };
-        }
-    }
-    decisions
+        .collect()
 }
 
 fn consumers(p: &Pipeline) -> HashMap<&str, Vec<usize>> {
@@ -189,8 +223,14 @@ outputs = ["/d"]
         let d = plan(&p, &sizes(&[("/c", 3), ("/d", 1)]), &none);
         assert_eq!(actions(&d), ["prune", "prune", "skip", "skip"]);
         assert!(d[1].why.contains("/b is missing") && d[1].why.contains("only needed by c"), "{:?}", d[1]);
-        // d missing: a must run for d, b stays pruned.
-        assert_eq!(actions(&plan(&p, &sizes(&[("/c", 3)]), &none)), ["run", "prune", "skip", "run"]);
+        // d missing: a must run for d, which makes b's input stale: b and c run again.
+        let d = plan(&p, &sizes(&[("/b", 1), ("/c", 3)]), &none);
+        assert_eq!(actions(&d), ["run", "run", "run", "run"]);
+        assert!(d[0].why.contains("/a is missing; step d needs it"), "{:?}", d[0]);
+        assert!(d[1].why.contains("made again by step a"), "{:?}", d[1]);
+        // c missing (a final output): c runs; b's output exists, so nothing upstream does.
+        let d = plan(&p, &sizes(&[("/b", 1), ("/d", 1)]), &none);
+        assert_eq!(actions(&d), ["prune", "skip", "run", "skip"]);
         // Everything there: all skipped.
         let all = sizes(&[("/a", 1), ("/b", 1), ("/c", 1), ("/d", 1)]);
         assert_eq!(actions(&plan(&p, &all, &none)), ["skip", "skip", "skip", "skip"]);

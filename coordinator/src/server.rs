@@ -63,6 +63,8 @@ struct ConnectedAgent {
     connected_at: Instant,
     last_heartbeat: Instant,
     load_average: f64,
+    slots: u32,
+    labels: Vec<(String, String)>,
     outbox: mpsc::Sender<CoordinatorToAgent>,
 }
 
@@ -75,9 +77,21 @@ pub enum StepEvent {
     Finished(StepOutcome),
 }
 
+/// Where an attempt's events go, tagged with its id so one receiver can serve many attempts.
+pub type EventSink = mpsc::UnboundedSender<(u64, StepEvent)>;
+
 struct Attempt {
     agent: String,
-    events: mpsc::UnboundedSender<StepEvent>,
+    events: EventSink,
+}
+
+/// A connected agent as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    pub agent_id: String,
+    pub host: HostFacts,
+    pub slots: u32,
+    pub labels: Vec<(String, String)>,
 }
 
 type CheckReply = Result<Vec<(String, Option<u64>)>, RemoteError>;
@@ -91,6 +105,15 @@ pub struct Coordinator {
     attempts: Mutex<HashMap<u64, Attempt>>,
     checks: Mutex<HashMap<u64, oneshot::Sender<CheckReply>>>,
     next_serial: std::sync::atomic::AtomicU64,
+    /// Bumped whenever an agent joins or leaves.
+    members: tokio::sync::watch::Sender<u64>,
+    engine: std::sync::OnceLock<Arc<crate::engine::Engine>>,
+    shutdown: CancellationToken,
+}
+
+/// A fresh attempt id: random, 52 bits (exact in JSON numbers), never 0.
+pub fn new_attempt_id() -> u64 {
+    (rand::random::<u64>() >> 12) | 1
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,7 +136,58 @@ impl Coordinator {
             attempts: Mutex::new(HashMap::new()),
             checks: Mutex::new(HashMap::new()),
             next_serial: std::sync::atomic::AtomicU64::new(1),
+            members: tokio::sync::watch::Sender::new(0),
+            engine: std::sync::OnceLock::new(),
+            shutdown: CancellationToken::new(),
         })
+    }
+
+    /// Lets this coordinator run submitted pipelines.
+    pub fn set_engine(&self, engine: Arc<crate::engine::Engine>) {
+        let _ = self.engine.set(engine);
+    }
+
+    pub fn engine(&self) -> Option<Arc<crate::engine::Engine>> {
+        self.engine.get().cloned()
+    }
+
+    /// Cancelled when the coordinator shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Changes whenever an agent joins or leaves.
+    pub fn membership(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.members.subscribe()
+    }
+
+    pub fn heartbeat_window(&self) -> Duration {
+        self.config.heartbeat_interval * self.config.heartbeats_missed.max(1)
+    }
+
+    /// Connected agents with what they offer.
+    pub fn agent_views(&self) -> Vec<AgentView> {
+        let mut out: Vec<AgentView> = self
+            .agents()
+            .iter()
+            .map(|(id, a)| AgentView {
+                agent_id: id.clone(),
+                host: a.host.clone(),
+                slots: a.slots,
+                labels: a.labels.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        out
+    }
+
+    /// Stops waiting for an attempt: a result it sends later is discarded.
+    pub fn forget_attempt(&self, attempt_id: u64) -> bool {
+        lock(&self.attempts).remove(&attempt_id).is_some()
     }
 
     fn next_id(&self) -> u64 {
@@ -130,21 +204,27 @@ impl Coordinator {
     pub async fn run_step(
         &self,
         agent: &str,
-        mut spec: StepSpec,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<StepEvent>)> {
+        spec: StepSpec,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<(u64, StepEvent)>)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let attempt_id = self.dispatch(agent, spec, tx).await?;
+        Ok((attempt_id, rx))
+    }
+
+    /// Like [`Coordinator::run_step`], with the events going to `events`.
+    pub async fn dispatch(&self, agent: &str, mut spec: StepSpec, events: EventSink) -> Result<u64> {
         if spec.attempt_id == 0 {
-            spec.attempt_id = (rand::random::<u64>() >> 12) | 1;
+            spec.attempt_id = new_attempt_id();
         }
         let attempt_id = spec.attempt_id;
         let outbox = self.outbox_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.attempts).insert(attempt_id, Attempt { agent: agent.to_string(), events: tx });
-        info!(agent = %agent, run = %spec.run, step = %spec.step, attempt = attempt_id, "step dispatched");
+        lock(&self.attempts).insert(attempt_id, Attempt { agent: agent.to_string(), events });
+        tracing::debug!(agent = %agent, run = %spec.run, step = %spec.step, attempt = attempt_id, "step dispatched");
         if outbox.send(CoordinatorToAgent::RunStep(Box::new(spec))).await.is_err() {
             lock(&self.attempts).remove(&attempt_id);
             return Err(anyhow!("agent {agent} disconnected"));
         }
-        Ok((attempt_id, rx))
+        Ok(attempt_id)
     }
 
     /// Asks the agent running `attempt_id` to stop it.
@@ -443,9 +523,12 @@ async fn handle_agent(
             connected_at: now,
             last_heartbeat: now,
             load_average: 0.0,
+            slots: hello.slots,
+            labels: hello.labels.clone(),
             outbox,
         },
     );
+    coord.members.send_modify(|g| *g += 1);
     if let Some(prev) = previous {
         prev.conn.close(close_code(CloseCode::Replaced), b"replaced by a newer connection of the same agent");
     }
@@ -471,7 +554,9 @@ async fn handle_agent(
     let reason = match framed::write_frame(&mut send, &welcome).await {
         Err(e) => format!("could not send Welcome: {e}"),
         Ok(()) => {
-            let streams = tokio::spawn(serve_snapshot_streams(coord.clone(), conn.clone()).in_current_span());
+            let streams = tokio::spawn(
+                serve_snapshot_streams(coord.clone(), conn.clone(), agent_id.clone()).in_current_span(),
+            );
             let reason =
                 control_loop(&coord, &conn, &agent_id, &mut send, &mut recv, &mut outbox_rx, &shutdown).await;
             streams.abort();
@@ -482,6 +567,7 @@ async fn handle_agent(
     if agents.get(&agent_id).is_some_and(|a| a.conn_serial == serial) {
         agents.remove(&agent_id);
         drop(agents);
+        coord.members.send_modify(|g| *g += 1);
         info!(reason = %reason, "agent left");
     }
 }
@@ -555,7 +641,7 @@ async fn control_loop(
                 return reason;
             }
             Ok(Ok(Some(AgentToCoordinator::StepStarted { attempt_id, backend, view }))) => {
-                info!(attempt = attempt_id, backend = %backend, view = %view, "step started");
+                tracing::debug!(attempt = attempt_id, backend = %backend, view = %view, "step started");
                 route(coord, attempt_id, StepEvent::Started { backend, view });
             }
             Ok(Ok(Some(AgentToCoordinator::StepOutput { attempt_id, lines }))) => {
@@ -566,7 +652,7 @@ async fn control_loop(
                 let known = lock(&coord.attempts).remove(&attempt_id);
                 match known {
                     Some(a) => {
-                        info!(
+                        tracing::debug!(
                             attempt = attempt_id,
                             exit = ?outcome.exit,
                             backend = %outcome.backend,
@@ -575,7 +661,7 @@ async fn control_loop(
                             error = outcome.error.as_deref().unwrap_or(""),
                             "step finished"
                         );
-                        let _ = a.events.send(StepEvent::Finished(outcome));
+                        let _ = a.events.send((attempt_id, StepEvent::Finished(outcome)));
                     }
                     None => {
                         warn!(attempt = attempt_id, "discarding the result of an attempt nobody waits for")
@@ -598,19 +684,20 @@ async fn control_loop(
 
 fn route(coord: &Coordinator, attempt_id: u64, event: StepEvent) {
     if let Some(a) = lock(&coord.attempts).get(&attempt_id) {
-        let _ = a.events.send(event);
+        let _ = a.events.send((attempt_id, event));
     }
 }
 
 /// Serves the streams an agent opens after its control stream: snapshot fetches, stores and
 /// index lookups, each on its own task.
-async fn serve_snapshot_streams(coord: Arc<Coordinator>, conn: quinn::Connection) {
+async fn serve_snapshot_streams(coord: Arc<Coordinator>, conn: quinn::Connection, agent: String) {
     let mut tasks = JoinSet::new();
     while let Ok((send, recv)) = conn.accept_bi().await {
         let coord = coord.clone();
+        let agent = agent.clone();
         tasks.spawn(
             async move {
-                if let Err(e) = snapshot_stream(&coord, send, recv).await {
+                if let Err(e) = snapshot_stream(&coord, &agent, send, recv).await {
                     warn!("snapshot request failed: {e:#}");
                 }
             }
@@ -622,6 +709,7 @@ async fn serve_snapshot_streams(coord: Arc<Coordinator>, conn: quinn::Connection
 
 async fn snapshot_stream(
     coord: &Coordinator,
+    agent: &str,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<()> {
@@ -650,7 +738,15 @@ async fn snapshot_stream(
                 .with_context(|| format!("sending snapshot {snapshot_id}"))?;
             send.finish()?;
             let _ = send.stopped().await;
-            info!(snapshot = %snapshot_id, wire_bytes = bytes, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot served");
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            let store = coord.store.clone();
+            let id = snapshot_id.clone();
+            let content = tokio::task::spawn_blocking(move || store.meta(&id))
+                .await
+                .ok()
+                .and_then(|m| m.ok().flatten())
+                .map_or(bytes, |m| m.content_bytes);
+            log_snapshot_transfer(coord, agent, "fetch", &snapshot_id, content, bytes, elapsed_ms);
         }
         SnapshotRequest::Store { data } => {
             if !matches!(data.compression, Compression::Zstd { .. }) {
@@ -672,13 +768,15 @@ async fn snapshot_stream(
                         let t = tmp.clone();
                         match tokio::task::spawn_blocking(move || store.ingest(&t, &trailer)).await? {
                             Ok(meta) => {
-                                info!(
-                                    snapshot = %meta.snapshot_id,
-                                    bytes = meta.content_bytes,
-                                    wire_bytes = meta.wire_bytes,
-                                    entries = meta.entries,
-                                    elapsed_ms = started.elapsed().as_millis() as u64,
-                                    "snapshot stored"
+                                let elapsed_ms = started.elapsed().as_millis() as u64;
+                                log_snapshot_transfer(
+                                    coord,
+                                    agent,
+                                    "store",
+                                    &meta.snapshot_id,
+                                    meta.content_bytes,
+                                    meta.wire_bytes,
+                                    elapsed_ms,
                                 );
                                 SnapshotReply::Stored(meta.info())
                             }
@@ -748,6 +846,9 @@ async fn handle_admin(coord: Arc<Coordinator>, conn: quinn::Connection) {
                 Ok(Some(AdminRequest::RunStep { agent, spec })) => {
                     admin_run_step(&coord, &agent, *spec, &mut send).await
                 }
+                Ok(Some(AdminRequest::SubmitRun { pipeline_json, options_json })) => {
+                    crate::engine::admin_submit(&coord, &pipeline_json, &options_json, &mut send).await
+                }
                 Ok(Some(req)) => admin_request(&coord, req).await,
                 Ok(None) => return,
                 Err(e) => AdminResponse::Error(RemoteError {
@@ -786,7 +887,9 @@ async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse 
                 }
             };
         }
-        AdminRequest::RunStep { .. } => Err(anyhow!("RunStep is answered as a stream")),
+        AdminRequest::RunStep { .. } | AdminRequest::SubmitRun { .. } => {
+            Err(anyhow!("this request is answered as a stream"))
+        }
     };
     match result {
         Ok(summary) => AdminResponse::TransferDone(summary),
@@ -801,7 +904,8 @@ async fn admin_run_step(
     spec: StepSpec,
     send: &mut quinn::SendStream,
 ) -> AdminResponse {
-    let (_, mut events) = match coord.run_step(agent, spec).await {
+    let (run, step) = (spec.run.clone(), spec.step.clone());
+    let (attempt_id, mut events) = match coord.run_step(agent, spec).await {
         Ok(v) => v,
         Err(e) => {
             return AdminResponse::Error(RemoteError {
@@ -810,16 +914,49 @@ async fn admin_run_step(
             });
         }
     };
-    while let Some(event) = events.recv().await {
+    info!(agent = %agent, run = %run, step = %step, attempt = attempt_id, "step dispatched");
+    while let Some((_, event)) = events.recv().await {
         let frame = match event {
-            StepEvent::Started { backend, view } => AdminResponse::StepStarted { backend, view },
+            StepEvent::Started { backend, view } => {
+                info!(attempt = attempt_id, backend = %backend, view = %view, "step started");
+                AdminResponse::StepStarted { backend, view }
+            }
             StepEvent::Output(lines) => AdminResponse::StepOutput(lines),
-            StepEvent::Finished(outcome) => return AdminResponse::StepDone(outcome),
+            StepEvent::Finished(outcome) => {
+                info!(attempt = attempt_id, exit = ?outcome.exit, elapsed_ms = outcome.elapsed_ms, "step finished");
+                return AdminResponse::StepDone(outcome);
+            }
         };
         // The operator may go away; the step goes on and its result is still recorded.
         let _ = framed::write_frame(send, &frame).await;
     }
     AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: "the attempt was dropped".into() })
+}
+
+/// One "transfer done" line and one `transfers` row per snapshot moved.
+fn log_snapshot_transfer(
+    coord: &Coordinator,
+    agent: &str,
+    direction: &str,
+    snapshot_id: &str,
+    bytes: u64,
+    wire_bytes: u64,
+    elapsed_ms: u64,
+) {
+    let mb_s = if elapsed_ms > 0 { bytes as f64 / 1e6 / (elapsed_ms as f64 / 1e3) } else { 0.0 };
+    info!(
+        direction,
+        snapshot = %snapshot_id,
+        bytes,
+        wire_bytes,
+        elapsed_ms,
+        mb_per_s = format!("{mb_s:.1}"),
+        "transfer done"
+    );
+    if let Err(e) = coord.state.record_transfer(agent, direction, snapshot_id, bytes, wire_bytes, elapsed_ms)
+    {
+        warn!("could not record a transfer: {e:#}");
+    }
 }
 
 fn log_transfer(direction: &str, agent: &str, s: &TransferSummary) {

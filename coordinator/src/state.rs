@@ -85,7 +85,114 @@ CREATE TABLE IF NOT EXISTS agents (
     last_seen INTEGER,
     host_json TEXT
 );
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    pipeline TEXT NOT NULL,
+    pipeline_file TEXT NOT NULL,
+    pipeline_json TEXT NOT NULL,
+    options_json TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    why TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    attempt_id INTEGER,
+    agent TEXT,
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    attempt_id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    agent TEXT NOT NULL,
+    state TEXT NOT NULL,
+    dispatched_ms INTEGER NOT NULL,
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    exit TEXT,
+    error TEXT,
+    elapsed_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS attempts_by_step ON attempts (run_id, step);
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    state TEXT NOT NULL,
+    run_id TEXT,
+    step TEXT,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    detail_json TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS transfers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    agent TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    snapshot_id TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    wire_bytes INTEGER NOT NULL,
+    elapsed_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transfers_by_agent ON transfers (agent, at_ms);
 ";
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// One run, as `status` lists it.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub pipeline: String,
+    pub pipeline_file: String,
+    pub pipeline_json: String,
+    pub options_json: String,
+    pub state: String,
+    pub created_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// One step of a run.
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub step: String,
+    pub idx: usize,
+    pub state: String,
+    pub why: String,
+    pub attempts: u32,
+    pub attempt_id: Option<u64>,
+    pub agent: Option<String>,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    /// Snapshot bytes the step's agent moved while the step ran (exact when the agent ran
+    /// nothing else at the time).
+    pub bytes: u64,
+}
+
+/// One attempt.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub attempt_id: u64,
+    pub step: String,
+    pub number: u32,
+    pub agent: String,
+    pub state: String,
+    pub dispatched_ms: u64,
+    pub finished_ms: Option<u64>,
+}
 
 impl State {
     pub fn open(dir: &Path) -> Result<Self> {
@@ -237,6 +344,226 @@ impl State {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// Runs, steps, attempts and transfers.
+impl State {
+    pub fn create_run(&self, r: &RunRecord) -> Result<()> {
+        self.db().execute(
+            "INSERT INTO runs (run_id, pipeline, pipeline_file, pipeline_json, options_json, state, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![r.run_id, r.pipeline, r.pipeline_file, r.pipeline_json, r.options_json, r.state, r.created_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_run_state(&self, run_id: &str, state: &str, error: Option<&str>) -> Result<()> {
+        let finished = matches!(state, "succeeded" | "failed" | "interrupted").then(now_ms);
+        self.db().execute(
+            "UPDATE runs SET state = ?2, error = ?3, finished_ms = ?4 WHERE run_id = ?1",
+            params![run_id, state, error, finished],
+        )?;
+        Ok(())
+    }
+
+    fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+        Ok(RunRecord {
+            run_id: r.get(0)?,
+            pipeline: r.get(1)?,
+            pipeline_file: r.get(2)?,
+            pipeline_json: r.get(3)?,
+            options_json: r.get(4)?,
+            state: r.get(5)?,
+            created_ms: r.get(6)?,
+            finished_ms: r.get(7)?,
+            error: r.get(8)?,
+        })
+    }
+
+    const RUN_COLUMNS: &str =
+        "run_id, pipeline, pipeline_file, pipeline_json, options_json, state, created_ms, finished_ms, error";
+
+    pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
+        let sql = format!("SELECT {} FROM runs WHERE run_id = ?1", Self::RUN_COLUMNS);
+        Ok(self.db().query_row(&sql, params![run_id], Self::run_row).optional()?)
+    }
+
+    /// Runs, newest first.
+    pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>> {
+        let db = self.db();
+        let sql =
+            format!("SELECT {} FROM runs ORDER BY created_ms DESC, run_id DESC LIMIT ?1", Self::RUN_COLUMNS);
+        let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map(params![limit as i64], Self::run_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records what the plan decided for each step (replacing what a previous start decided).
+    pub fn plan_steps(&self, run_id: &str, steps: &[(usize, &str, &str, &str)]) -> Result<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO steps (run_id, step, idx, state, why) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(run_id, step) DO UPDATE SET idx = excluded.idx, state = excluded.state, why = excluded.why",
+            )?;
+            for (idx, step, state, why) in steps {
+                stmt.execute(params![run_id, step, *idx as i64, state, why])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn set_step_state(&self, run_id: &str, step: &str, state: &str, why: &str) -> Result<()> {
+        let finished = matches!(state, "succeeded" | "failed" | "cancelled").then(now_ms);
+        self.db().execute(
+            "UPDATE steps SET state = ?3, why = ?4, finished_ms = COALESCE(?5, finished_ms) WHERE run_id = ?1 AND step = ?2",
+            params![run_id, step, state, why, finished],
+        )?;
+        Ok(())
+    }
+
+    /// Records a dispatched attempt and points its step at it, in one transaction.
+    pub fn attempt_dispatched(
+        &self,
+        run_id: &str,
+        step: &str,
+        attempt_id: u64,
+        number: u32,
+        agent: &str,
+    ) -> Result<()> {
+        let now = now_ms();
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
+            "INSERT INTO attempts (attempt_id, run_id, step, number, agent, state, dispatched_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'dispatched', ?6)",
+            params![attempt_id as i64, run_id, step, number, agent, now],
+        )?;
+        tx.execute(
+            "UPDATE steps SET state = 'running', attempts = ?3, attempt_id = ?4, agent = ?5, started_ms = ?6,
+             finished_ms = NULL WHERE run_id = ?1 AND step = ?2",
+            params![run_id, step, number, attempt_id as i64, agent, now],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn attempt_started(&self, attempt_id: u64) -> Result<()> {
+        self.db().execute(
+            "UPDATE attempts SET state = 'started', started_ms = ?2 WHERE attempt_id = ?1 AND state = 'dispatched'",
+            params![attempt_id as i64, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Ends an attempt: `state` is succeeded, failed, lost or superseded.
+    pub fn attempt_ended(
+        &self,
+        attempt_id: u64,
+        state: &str,
+        exit: Option<&str>,
+        error: Option<&str>,
+        elapsed_ms: Option<u64>,
+    ) -> Result<()> {
+        self.db().execute(
+            "UPDATE attempts SET state = ?2, exit = ?3, error = ?4, elapsed_ms = ?5, finished_ms = ?6
+             WHERE attempt_id = ?1",
+            params![attempt_id as i64, state, exit, error, elapsed_ms, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Attempts of a run still marked as in flight (after a coordinator crash).
+    pub fn open_attempts(&self, run_id: &str) -> Result<Vec<AttemptRecord>> {
+        self.attempts_where("run_id = ?1 AND state IN ('dispatched', 'started')", run_id)
+    }
+
+    pub fn attempts_of(&self, run_id: &str) -> Result<Vec<AttemptRecord>> {
+        self.attempts_where("run_id = ?1", run_id)
+    }
+
+    fn attempts_where(&self, cond: &str, run_id: &str) -> Result<Vec<AttemptRecord>> {
+        let db = self.db();
+        let sql = format!(
+            "SELECT attempt_id, step, number, agent, state, dispatched_ms, finished_ms FROM attempts WHERE {cond}
+             ORDER BY dispatched_ms, attempt_id"
+        );
+        let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map(params![run_id], |r| {
+            Ok(AttemptRecord {
+                attempt_id: r.get::<_, i64>(0)? as u64,
+                step: r.get(1)?,
+                number: r.get(2)?,
+                agent: r.get(3)?,
+                state: r.get(4)?,
+                dispatched_ms: r.get(5)?,
+                finished_ms: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn steps_of(&self, run_id: &str) -> Result<Vec<StepRecord>> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT s.step, s.idx, s.state, s.why, s.attempts, s.attempt_id, s.agent, s.started_ms, s.finished_ms,
+               (SELECT COALESCE(SUM(t.bytes), 0) FROM transfers t WHERE t.agent = s.agent
+                  AND t.at_ms >= s.started_ms AND t.at_ms <= COALESCE(s.finished_ms, 1 << 62))
+             FROM steps s WHERE s.run_id = ?1 ORDER BY s.idx",
+        )?;
+        let rows = stmt.query_map(params![run_id], |r| {
+            Ok(StepRecord {
+                step: r.get(0)?,
+                idx: r.get::<_, i64>(1)? as usize,
+                state: r.get(2)?,
+                why: r.get(3)?,
+                attempts: r.get(4)?,
+                attempt_id: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+                agent: r.get(6)?,
+                started_ms: r.get(7)?,
+                finished_ms: r.get(8)?,
+                bytes: r.get::<_, i64>(9)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Snapshot bytes moved since `since_ms`.
+    pub fn transfer_bytes_since(&self, since_ms: u64) -> Result<u64> {
+        let n: i64 = self.db().query_row(
+            "SELECT COALESCE(SUM(bytes), 0) FROM transfers WHERE at_ms >= ?1",
+            params![since_ms as i64],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    pub fn record_transfer(
+        &self,
+        agent: &str,
+        direction: &str,
+        snapshot_id: &str,
+        bytes: u64,
+        wire_bytes: u64,
+        elapsed_ms: u64,
+    ) -> Result<()> {
+        self.db().execute(
+            "INSERT INTO transfers (at_ms, agent, direction, snapshot_id, bytes, wire_bytes, elapsed_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                now_ms(),
+                agent,
+                direction,
+                snapshot_id,
+                bytes as i64,
+                wire_bytes as i64,
+                elapsed_ms as i64
+            ],
+        )?;
+        Ok(())
     }
 }
 

@@ -77,6 +77,51 @@ pub trait SnapshotStore: Send + Sync {
     fn meta(&self, snapshot_id: &str) -> Result<Option<SnapshotMeta>>;
     fn list(&self) -> Result<Vec<String>>;
     fn remove(&self, snapshot_id: &str) -> Result<()>;
+
+    /// Packs local paths (absolute) into one snapshot, laid out at their absolute paths.
+    fn import(&self, paths: &[PathBuf]) -> Result<SnapshotMeta> {
+        let mut rels = Vec::with_capacity(paths.len());
+        for p in paths {
+            if !p.is_absolute() {
+                bail!("{} is not an absolute path", p.display());
+            }
+            fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?;
+            rels.push(p.strip_prefix("/").map(Path::to_path_buf).unwrap_or_else(|_| p.clone()));
+        }
+        let tmp = self.incoming_path()?;
+        let (trailer, _) = transport::archive::write(Path::new("/"), &rels, &tmp, IMPORT_ZSTD_LEVEL)
+            .context("packing the imported paths")?;
+        let meta = self.ingest(&tmp, &trailer);
+        let _ = fs::remove_file(&tmp);
+        meta
+    }
+
+    /// Unpacks `in_snapshot_path` of a snapshot to the local path `dest`, replacing what is
+    /// there (through a staging directory beside it, so a failure leaves `dest` as it was).
+    fn extract(&self, snapshot_id: &str, in_snapshot_path: &str, dest: &Path) -> Result<()> {
+        let (archive, _) = self.open(snapshot_id)?;
+        let parent = dest.parent().ok_or_else(|| anyhow!("{} has no parent directory", dest.display()))?;
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let work = parent.join(format!(".pype-extract-{:016x}", rand::random::<u64>()));
+        let result = (|| {
+            let file = fs::File::open(&archive).with_context(|| format!("opening {}", archive.display()))?;
+            let dec = zstd::stream::read::Decoder::new(file)?;
+            transport::tree::unpack_into(dec, &work, UnpackLimits::default())
+                .with_context(|| format!("unpacking {snapshot_id}"))?;
+            let src = work.join(in_snapshot_path.trim_start_matches('/'));
+            fs::symlink_metadata(&src)
+                .with_context(|| format!("snapshot {snapshot_id} holds no {in_snapshot_path}"))?;
+            match fs::symlink_metadata(dest) {
+                Ok(m) if m.is_dir() => fs::remove_dir_all(dest)?,
+                Ok(_) => fs::remove_file(dest)?,
+                Err(_) => {}
+            }
+            fs::rename(&src, dest).with_context(|| format!("moving into {}", dest.display()))?;
+            anyhow::Ok(())
+        })();
+        let _ = fs::remove_dir_all(&work);
+        result
+    }
 }
 
 pub struct LocalStore {
@@ -96,24 +141,6 @@ impl LocalStore {
 
     fn meta_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.json"))
-    }
-
-    /// Packs local paths (absolute) into one snapshot, laid out at their absolute paths.
-    pub fn import(&self, paths: &[PathBuf]) -> Result<SnapshotMeta> {
-        let mut rels = Vec::with_capacity(paths.len());
-        for p in paths {
-            if !p.is_absolute() {
-                bail!("{} is not an absolute path", p.display());
-            }
-            fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?;
-            rels.push(p.strip_prefix("/").map(Path::to_path_buf).unwrap_or_else(|_| p.clone()));
-        }
-        let tmp = self.incoming_path()?;
-        let (trailer, _) = transport::archive::write(Path::new("/"), &rels, &tmp, IMPORT_ZSTD_LEVEL)
-            .context("packing the imported paths")?;
-        let meta = self.ingest(&tmp, &trailer);
-        let _ = fs::remove_file(&tmp);
-        meta
     }
 }
 

@@ -229,6 +229,41 @@ pub enum AdminRequest {
     CancelStep {
         attempt_id: u64,
     },
+    /// Run a pipeline on this coordinator's agents. `pipeline_json` is the pipeline as the
+    /// submitting `pype-coordinator` resolved and checked it; `options_json` the run options.
+    /// The answer is a stream of `RunEvent` frames and one final `RunDone` (or `Error`).
+    SubmitRun {
+        pipeline_json: String,
+        options_json: String,
+    },
+}
+
+/// One lifecycle event of a run, for operators' displays; the coordinator's log has the same
+/// event as a structured line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEvent {
+    pub run: String,
+    /// `run started`, `step ready`, `step skipped`, `step pruned`, `step dispatched`,
+    /// `step started`, `step exited`, `step harvested`, `step retried`, `step failed`,
+    /// `step cancelled`, `agent joined`, `agent lost`, `log tail`, `run finished`, ...
+    pub event: String,
+    pub step: Option<String>,
+    pub attempt: Option<u64>,
+    pub agent: Option<String>,
+    pub detail: String,
+    pub progress: RunProgress,
+}
+
+/// Step counts of a run, carried by every event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunProgress {
+    pub total: u32,
+    /// Succeeded, skipped or pruned.
+    pub done: u32,
+    pub running: u32,
+    pub failed: u32,
+    /// Snapshot bytes moved so far.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -241,6 +276,8 @@ pub enum AdminResponse {
     StepDone(StepOutcome),
     Outputs(Vec<(String, Option<u64>)>),
     Done,
+    RunEvent(RunEvent),
+    RunDone { run: String, succeeded: bool, summary: String },
 }
 
 /// First frame of a stream the agent opens to the coordinator's snapshot store.

@@ -227,7 +227,7 @@ outputs = ["{d}/results/count.txt"]
     let imported = reg[fx.p("data/a.txt")]["snapshot_id"].as_str().unwrap().to_string();
     assert_eq!(fx.agent.count(&["snapshot fetched", &imported]), 1, "{}", fx.agent.dump());
     assert!(fx.agent.count(&["snapshot cache hit", &imported]) >= 1, "{}", fx.agent.dump());
-    assert_eq!(fx.coord.proc.count(&["snapshot served", &imported]), 1);
+    assert_eq!(fx.coord.proc.count(&["transfer done", "fetch", &imported]), 1);
     fx.assert_clean();
     let agent_reg: Value =
         serde_json::from_str(&std::fs::read_to_string(fx.dir.path().join("agent-registry.json")).unwrap())

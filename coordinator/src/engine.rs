@@ -1,0 +1,938 @@
+//! Runs a pipeline on the coordinator's agents: plan (skip / prune), stage programs and
+//! inputs, dispatch through the [`Scheduler`], merge harvests into the working registry,
+//! record everything in the state database, and report each lifecycle event as one log line
+//! and one [`RunEvent`].
+//!
+//! The same driver serves `pype-coordinator run` (embedded coordinator) and runs submitted to
+//! a running `serve` (`AdminRequest::SubmitRun`).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use protocol::registry::Provenance;
+use protocol::{
+    AdminResponse, ErrorCode, ProgramArtifact, ProgramRef, Registry, RemoteError, RunEvent, RunProgress,
+    StepExit, StepKind, StepOutcome, StepSpec,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::pipeline::{Pipeline, Profile};
+use crate::plan::{self, Action as Planned, PlanOptions};
+use crate::sched::{Action, AgentCapacity, AttemptEnd, Event, Scheduler};
+use crate::server::{Coordinator, StepEvent};
+use crate::state::{RunRecord, State, now_ms};
+use crate::working::WorkingRegistry;
+
+/// Lines of a failed step's log printed with the failure.
+const TAIL_LINES: usize = 20;
+/// Most paths in one `CheckOutputs` request.
+const CHECK_CHUNK: usize = 5000;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunOptions {
+    /// Steps to re-run, with everything downstream of them.
+    pub force: Vec<String>,
+    pub empty_ok: bool,
+    /// Re-runs after infrastructure failures (lost agent, failed setup or harvest), per step.
+    pub infra_retries: u32,
+    /// Import external inputs that are not in the registry from this host.
+    pub import_inputs: bool,
+    /// Fail a step no connected agent can ever fit instead of waiting for one.
+    pub fail_unschedulable: bool,
+    /// Longest wait for the first agent.
+    pub agent_wait_secs: u64,
+}
+
+/// Where a run keeps its files: `<state>/runs/<run>/<step>/attempt-<n>.log`.
+pub fn runs_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("runs")
+}
+
+pub struct RunResult {
+    pub run_id: String,
+    pub succeeded: bool,
+    pub summary: String,
+}
+
+/// Everything a run needs from its coordinator.
+pub struct Engine {
+    pub coord: Arc<Coordinator>,
+    pub state: Arc<State>,
+    pub registry: Arc<WorkingRegistry>,
+    pub state_dir: PathBuf,
+}
+
+fn new_run_id(pipeline: &str) -> String {
+    let secs = now_ms() / 1000;
+    let t =
+        time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{pipeline}-{:04}{:02}{:02}-{:02}{:02}{:02}-{:04x}",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        rand::random::<u16>()
+    )
+}
+
+/// Events out of a run: to the log, and to whoever watches (terminal display, admin stream).
+pub struct Reporter {
+    run: String,
+    started_ms: u64,
+    sink: Option<mpsc::UnboundedSender<RunEvent>>,
+    progress: RunProgress,
+}
+
+impl Reporter {
+    fn emit(&self, event: &str, step: Option<&str>, attempt: Option<u64>, agent: Option<&str>, detail: &str) {
+        info!(
+            run = %self.run,
+            step = step.unwrap_or(""),
+            attempt = attempt.unwrap_or(0),
+            agent = agent.unwrap_or(""),
+            detail = %detail,
+            "{event}"
+        );
+        if let Some(sink) = &self.sink {
+            let _ = sink.send(RunEvent {
+                run: self.run.clone(),
+                event: event.to_string(),
+                step: step.map(str::to_string),
+                attempt,
+                agent: agent.map(str::to_string),
+                detail: detail.to_string(),
+                progress: self.progress,
+            });
+        }
+    }
+}
+
+/// Output of one running attempt: its log file and the last lines.
+struct AttemptLog {
+    file: Option<std::fs::File>,
+    path: PathBuf,
+    tail: VecDeque<String>,
+}
+
+impl AttemptLog {
+    fn new(path: PathBuf) -> Self {
+        Self { file: None, path, tail: VecDeque::new() }
+    }
+
+    fn push(&mut self, line: &str) {
+        if self.file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).ok();
+        }
+        if let Some(f) = &mut self.file {
+            let _ = writeln!(f, "{line}");
+        }
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.to_string());
+    }
+}
+
+struct Running {
+    step: usize,
+    number: u32,
+    agent: String,
+    log: AttemptLog,
+}
+
+impl Engine {
+    /// Opens (or reopens, with `resume`) a run and drives it to its end.
+    pub async fn run(
+        &self,
+        pipeline: Pipeline,
+        opts: RunOptions,
+        resume: Option<String>,
+        sink: Option<mpsc::UnboundedSender<RunEvent>>,
+        shutdown: CancellationToken,
+    ) -> Result<RunResult> {
+        let (run_id, done, attempts_before) = match resume {
+            None => {
+                let run_id = new_run_id(&pipeline.name);
+                self.state.create_run(&RunRecord {
+                    run_id: run_id.clone(),
+                    pipeline: pipeline.name.clone(),
+                    pipeline_file: pipeline.file.display().to_string(),
+                    pipeline_json: serde_json::to_string(&pipeline)?,
+                    options_json: serde_json::to_string(&opts)?,
+                    state: "running".into(),
+                    created_ms: now_ms(),
+                    finished_ms: None,
+                    error: None,
+                })?;
+                (run_id, HashSet::new(), vec![0; pipeline.steps.len()])
+            }
+            Some(run_id) => {
+                // Attempts in flight when the previous coordinator died no longer count.
+                for a in self.state.open_attempts(&run_id)? {
+                    self.state.attempt_ended(
+                        a.attempt_id,
+                        "lost",
+                        None,
+                        Some("coordinator restarted"),
+                        None,
+                    )?;
+                }
+                let steps = self.state.steps_of(&run_id)?;
+                let mut done = HashSet::new();
+                let mut attempts = vec![0; pipeline.steps.len()];
+                for s in steps {
+                    if let Some(i) = pipeline.index_of(&s.step) {
+                        attempts[i] = s.attempts;
+                        if s.state == "succeeded" {
+                            done.insert(i);
+                        }
+                    }
+                }
+                self.state.set_run_state(&run_id, "running", None)?;
+                (run_id, done, attempts)
+            }
+        };
+        let mut rep =
+            Reporter { run: run_id.clone(), started_ms: now_ms(), sink, progress: RunProgress::default() };
+        rep.progress.total = pipeline.steps.len() as u32;
+        rep.emit(
+            "run started",
+            None,
+            None,
+            None,
+            &format!("{} steps, pipeline {}", pipeline.steps.len(), pipeline.file.display()),
+        );
+        let result = self.drive(&pipeline, &opts, &run_id, done, &attempts_before, &mut rep, &shutdown).await;
+        let (state, error, succeeded, summary) = match result {
+            Ok((true, summary)) => ("succeeded", None, true, summary),
+            Ok((false, summary)) if shutdown.is_cancelled() => {
+                ("interrupted", Some(summary.clone()), false, summary)
+            }
+            Ok((false, summary)) => ("failed", Some(summary.clone()), false, summary),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                ("failed", Some(msg.clone()), false, msg)
+            }
+        };
+        self.state.set_run_state(&run_id, state, error.as_deref())?;
+        rep.emit("run finished", None, None, None, &format!("{state}: {summary}"));
+        Ok(RunResult { run_id, succeeded, summary })
+    }
+
+    /// Waits until at least `n` agents are connected.
+    pub async fn wait_for_agents(&self, n: usize, timeout: Duration) -> Result<()> {
+        let mut members = self.coord.membership();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.coord.agent_views().len() >= n {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, members.changed()).await.is_err() {
+                bail!(
+                    "{} of {n} agents connected after {}s",
+                    self.coord.agent_views().len(),
+                    timeout.as_secs()
+                );
+            }
+        }
+    }
+
+    /// `check_outputs` of `paths` through the first connected agent's backend.
+    pub async fn check_outputs(
+        &self,
+        paths: &[String],
+        reg: &Registry,
+    ) -> Result<HashMap<String, Option<u64>>> {
+        let agent = self
+            .coord
+            .agent_views()
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("no agent connected to check outputs with"))?;
+        let mut out = HashMap::new();
+        for chunk in paths.chunks(CHECK_CHUNK) {
+            let entries = reg.relevant(chunk.iter().map(String::as_str), &[]);
+            let sizes = self.coord.check_outputs(&agent.agent_id, chunk.to_vec(), entries).await?;
+            out.extend(sizes);
+        }
+        Ok(out)
+    }
+
+    /// Builds the profile's programs that are not in the registry yet (all of them with
+    /// `force`) on an agent, one build step each, and merges their entries.
+    pub async fn build_programs(
+        &self,
+        profile: &Profile,
+        keys: &[String],
+        force: bool,
+        run: &str,
+        rep: Option<&Reporter>,
+    ) -> Result<usize> {
+        let mut built = 0;
+        for key in keys {
+            let program = profile
+                .program(key)
+                .ok_or_else(|| anyhow!("profile {} has no program {key}", profile.name))?;
+            let reg_key = protocol::registry::program_key(&profile.name, key);
+            let reg = self.registry.load()?;
+            if !force && reg.get(&reg_key).is_some() {
+                continue;
+            }
+            let agent = self
+                .coord
+                .agent_views()
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("no agent connected to build programs on"))?;
+            let mut entries: Vec<(String, protocol::RegistryEntry)> = Vec::new();
+            if !force && let Some(e) = reg.get(&reg_key) {
+                entries.push((reg_key.clone(), e.clone()));
+            }
+            let spec = StepSpec {
+                attempt_id: crate::server::new_attempt_id(),
+                run: run.to_string(),
+                step: format!("build-{key}"),
+                kind: StepKind::Build {
+                    profile: profile.name.clone(),
+                    programs: vec![ProgramArtifact {
+                        key: key.clone(),
+                        artifact_path: program.artifact_path.clone(),
+                    }],
+                },
+                command: program.build.clone(),
+                registry: entries,
+                ..Default::default()
+            };
+            let step_name = spec.step.clone();
+            if let Some(r) = rep {
+                r.emit(
+                    "program build",
+                    Some(&step_name),
+                    Some(spec.attempt_id),
+                    Some(&agent.agent_id),
+                    &reg_key,
+                );
+            }
+            let (_, mut events) = self.coord.run_step(&agent.agent_id, spec).await?;
+            let mut tail = VecDeque::new();
+            let outcome = loop {
+                match events.recv().await {
+                    None => bail!("agent {} went away while building {reg_key}", agent.agent_id),
+                    Some((_, StepEvent::Finished(o))) => break o,
+                    Some((_, StepEvent::Output(lines))) => {
+                        for l in lines {
+                            if tail.len() == TAIL_LINES {
+                                tail.pop_front();
+                            }
+                            tail.push_back(l.line);
+                        }
+                    }
+                    Some(_) => {}
+                }
+            };
+            if !outcome.succeeded() {
+                let tail: Vec<String> = tail.into_iter().collect();
+                bail!(
+                    "building program {reg_key} failed ({}): {}\n{}",
+                    exit_text(&outcome),
+                    outcome.error.unwrap_or_default(),
+                    tail.join("\n")
+                );
+            }
+            self.registry.merge(outcome.new_entries)?;
+            if let Some(r) = rep {
+                r.emit(
+                    "program built",
+                    Some(&step_name),
+                    Some(outcome.attempt_id),
+                    Some(&agent.agent_id),
+                    &reg_key,
+                );
+            }
+            built += 1;
+        }
+        Ok(built)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn drive(
+        &self,
+        p: &Pipeline,
+        opts: &RunOptions,
+        run_id: &str,
+        done: HashSet<usize>,
+        attempts_before: &[u32],
+        rep: &mut Reporter,
+        shutdown: &CancellationToken,
+    ) -> Result<(bool, String)> {
+        let wait = Duration::from_secs(opts.agent_wait_secs.max(1));
+        tokio::select! {
+            r = self.wait_for_agents(1, wait) => r?,
+            _ = shutdown.cancelled() => return Ok((false, "interrupted before any agent joined".into())),
+        }
+        // Plan.
+        let mut force = Vec::new();
+        for name in &opts.force {
+            force.push(
+                p.index_of(name).ok_or_else(|| anyhow!("--force {name}: the pipeline has no such step"))?,
+            );
+        }
+        let mut reg = self.registry.load()?;
+        let outputs: Vec<String> = p.steps.iter().flat_map(|s| s.outputs.iter().cloned()).collect();
+        let sizes = self.check_outputs(&outputs, &reg).await.context("checking which outputs exist")?;
+        let decisions = plan::plan(p, &sizes, &PlanOptions { force, empty_ok: opts.empty_ok, done });
+        let rows: Vec<(usize, &str, &str, &str)> = decisions
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let state = match d.action {
+                    Planned::Run => "pending",
+                    Planned::Skip => "skipped",
+                    Planned::Prune => "pruned",
+                    Planned::Done => "succeeded",
+                };
+                (i, p.steps[i].name.as_str(), state, d.why.as_str())
+            })
+            .collect();
+        self.state.plan_steps(run_id, &rows)?;
+        for (i, d) in decisions.iter().enumerate() {
+            match d.action {
+                Planned::Skip => {
+                    rep.progress.done += 1;
+                    rep.emit("step skipped", Some(&p.steps[i].name), None, None, &d.why);
+                }
+                Planned::Prune => {
+                    rep.progress.done += 1;
+                    rep.emit("step pruned", Some(&p.steps[i].name), None, None, &d.why);
+                }
+                Planned::Done => rep.progress.done += 1,
+                Planned::Run => {}
+            }
+        }
+        let running_steps: Vec<usize> =
+            (0..p.steps.len()).filter(|&i| decisions[i].action == Planned::Run).collect();
+        // Programs the running steps need.
+        if let Some(profile) = &p.profile {
+            let mut keys: Vec<String> =
+                running_steps.iter().filter_map(|&i| p.steps[i].program.clone()).collect();
+            keys.sort();
+            keys.dedup();
+            self.build_programs(profile, &keys, false, run_id, Some(rep)).await?;
+        }
+        // External inputs not in the registry: import them from this host.
+        let needed: HashSet<&String> = running_steps.iter().flat_map(|&i| p.steps[i].inputs.iter()).collect();
+        reg = self.registry.load()?;
+        let missing: Vec<String> =
+            p.external_inputs().into_iter().filter(|x| needed.contains(x) && reg.get(x).is_none()).collect();
+        if opts.import_inputs && !missing.is_empty() {
+            let absent: Vec<&String> =
+                missing.iter().filter(|m| std::fs::symlink_metadata(m).is_err()).collect();
+            if let Some(first) = absent.first() {
+                bail!(
+                    "input {first} is neither in the registry nor on this host{}",
+                    if absent.len() > 1 {
+                        format!(" (and {} more)", absent.len() - 1)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            let store = self.coord.store().clone();
+            let paths: Vec<PathBuf> = missing.iter().map(PathBuf::from).collect();
+            let meta = tokio::task::spawn_blocking(move || store.import(&paths)).await??;
+            let entries = missing.iter().map(|m| {
+                (
+                    m.clone(),
+                    protocol::RegistryEntry {
+                        snapshot_id: meta.snapshot_id.clone(),
+                        in_snapshot_path: m.trim_start_matches('/').to_string(),
+                        bind_path: None,
+                        produced_by: None,
+                    },
+                )
+            });
+            self.registry.merge(entries)?;
+            rep.emit(
+                "inputs imported",
+                None,
+                None,
+                None,
+                &format!("{} paths, {} bytes as {}", missing.len(), meta.content_bytes, meta.snapshot_id),
+            );
+            reg = self.registry.load()?;
+        }
+        self.schedule(p, opts, run_id, &decisions, attempts_before, reg, rep, shutdown).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn schedule(
+        &self,
+        p: &Pipeline,
+        opts: &RunOptions,
+        run_id: &str,
+        decisions: &[plan::Decision],
+        attempts_before: &[u32],
+        mut reg: Registry,
+        rep: &mut Reporter,
+        shutdown: &CancellationToken,
+    ) -> Result<(bool, String)> {
+        let mut sched = Scheduler::new(
+            p,
+            decisions,
+            attempts_before,
+            opts.infra_retries,
+            Box::new(crate::server::new_attempt_id),
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, StepEvent)>();
+        let mut running: HashMap<u64, Running> = HashMap::new();
+        let mut members = self.coord.membership();
+        let mut known: HashSet<String> = HashSet::new();
+        let mut gone_since: HashMap<String, Instant> = HashMap::new();
+        let grace = self.coord.heartbeat_window();
+        let mut failures: Vec<String> = Vec::new();
+        let runs = runs_dir(&self.state_dir).join(run_id);
+        let mut interrupted = false;
+        let profile_name = p.profile.as_ref().map(|pr| pr.name.clone());
+        self.sync_agents(&mut sched, &mut known, &mut gone_since, grace, rep);
+        loop {
+            // Carry out everything the scheduler wants now.
+            while let Some(action) = sched.poll_action() {
+                self.carry_out(
+                    action,
+                    p,
+                    run_id,
+                    &runs,
+                    &reg,
+                    &profile_name,
+                    &tx,
+                    &mut sched,
+                    &mut running,
+                    &mut failures,
+                    rep,
+                    opts,
+                )
+                .await;
+            }
+            if let Some(ok) = sched.finished() {
+                let counts = sched.counts();
+                let summary = counts.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");
+                let summary =
+                    if failures.is_empty() { summary } else { format!("{summary}; {}", failures.join("; ")) };
+                return Ok((ok && !interrupted, summary));
+            }
+            let tick =
+                tokio::time::sleep(Duration::from_millis(if gone_since.is_empty() { 1000 } else { 100 }));
+            tokio::select! {
+                _ = shutdown.cancelled(), if !interrupted => {
+                    interrupted = true;
+                    sched.handle(Event::Abort { reason: "the coordinator is shutting down".into() });
+                }
+                Some((attempt_id, event)) = rx.recv() => {
+                    self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep)?;
+                    // Take whatever else is queued before planning again.
+                    while let Ok((attempt_id, event)) = rx.try_recv() {
+                        self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep)?;
+                    }
+                }
+                _ = members.changed() => {
+                    self.sync_agents(&mut sched, &mut known, &mut gone_since, grace, rep);
+                }
+                _ = tick => {
+                    self.sync_agents(&mut sched, &mut known, &mut gone_since, grace, rep);
+                }
+            }
+        }
+    }
+
+    /// Tells the scheduler about agents that joined, and about agents gone longer than
+    /// `grace` (a reconnect within it keeps the agent's running steps).
+    fn sync_agents(
+        &self,
+        sched: &mut Scheduler,
+        known: &mut HashSet<String>,
+        gone_since: &mut HashMap<String, Instant>,
+        grace: Duration,
+        rep: &Reporter,
+    ) {
+        let views = self.coord.agent_views();
+        let now: HashSet<String> = views.iter().map(|v| v.agent_id.clone()).collect();
+        for v in &views {
+            gone_since.remove(&v.agent_id);
+            if known.insert(v.agent_id.clone()) {
+                let capacity = AgentCapacity {
+                    cpus: f64::from(v.host.cpus.max(1)),
+                    memory_bytes: v.host.memory_total_bytes,
+                    slots: v.slots,
+                    labels: v.labels.iter().cloned().collect(),
+                };
+                rep.emit(
+                    "agent joined",
+                    None,
+                    None,
+                    Some(&v.agent_id),
+                    &format!("{} cpus, {} MiB", v.host.cpus, v.host.memory_total_bytes >> 20),
+                );
+                sched.handle(Event::AgentUp { agent: v.agent_id.clone(), capacity });
+            }
+        }
+        for id in known.iter() {
+            if !now.contains(id) {
+                gone_since.entry(id.clone()).or_insert_with(Instant::now);
+            }
+        }
+        let lost: Vec<String> =
+            gone_since.iter().filter(|(_, t)| t.elapsed() >= grace).map(|(id, _)| id.clone()).collect();
+        for id in lost {
+            gone_since.remove(&id);
+            known.remove(&id);
+            let reason = format!("disconnected for more than {} ms", grace.as_millis());
+            rep.emit("agent lost", None, None, Some(&id), &reason);
+            sched.handle(Event::AgentDown { agent: id, reason });
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn carry_out(
+        &self,
+        action: Action,
+        p: &Pipeline,
+        run_id: &str,
+        runs: &Path,
+        reg: &Registry,
+        profile: &Option<String>,
+        tx: &mpsc::UnboundedSender<(u64, StepEvent)>,
+        sched: &mut Scheduler,
+        running: &mut HashMap<u64, Running>,
+        failures: &mut Vec<String>,
+        rep: &mut Reporter,
+        opts: &RunOptions,
+    ) {
+        let db = |r: Result<()>| {
+            if let Err(e) = r {
+                warn!("state database: {e:#}");
+            }
+        };
+        match action {
+            Action::Ready { step } => {
+                db(self.state.set_step_state(run_id, &p.steps[step].name, "ready", ""));
+                rep.emit("step ready", Some(&p.steps[step].name), None, None, "");
+            }
+            Action::Dispatch { step, agent, attempt_id, attempt } => {
+                let s = &p.steps[step];
+                let program = s
+                    .program
+                    .as_ref()
+                    .zip(profile.as_ref())
+                    .map(|(key, prof)| ProgramRef { profile: prof.clone(), key: key.clone() });
+                let profiles: Vec<&str> = profile.iter().map(String::as_str).collect();
+                let paths = s.inputs.iter().chain(&s.outputs).map(String::as_str);
+                let spec = StepSpec {
+                    attempt_id,
+                    run: run_id.to_string(),
+                    step: s.name.clone(),
+                    kind: StepKind::Run,
+                    command: s.command.clone(),
+                    inputs: s.inputs.clone(),
+                    outputs: s.outputs.clone(),
+                    no_harvest: s.no_harvest.clone(),
+                    program,
+                    env: s.env.clone(),
+                    timeout_secs: s.timeout_secs,
+                    registry: reg.relevant(paths, &profiles),
+                };
+                db(self.state.attempt_dispatched(run_id, &s.name, attempt_id, attempt, &agent));
+                let log = AttemptLog::new(runs.join(&s.name).join(format!("attempt-{attempt}.log")));
+                running.insert(attempt_id, Running { step, number: attempt, agent: agent.clone(), log });
+                rep.progress.running += 1;
+                rep.emit(
+                    "step dispatched",
+                    Some(&s.name),
+                    Some(attempt_id),
+                    Some(&agent),
+                    &format!("attempt {attempt}"),
+                );
+                if let Err(e) = self.coord.dispatch(&agent, spec, tx.clone()).await {
+                    running.remove(&attempt_id);
+                    rep.progress.running = rep.progress.running.saturating_sub(1);
+                    db(self.state.attempt_ended(attempt_id, "lost", None, Some(&format!("{e:#}")), None));
+                    sched.handle(Event::Finished {
+                        attempt_id,
+                        end: AttemptEnd::InfraFailed(format!("{e:#}")),
+                    });
+                }
+            }
+            Action::Supersede { step, attempt_id, agent } => {
+                self.coord.forget_attempt(attempt_id);
+                let _ = self.coord.cancel_step(attempt_id, "superseded").await;
+                if running.remove(&attempt_id).is_some() {
+                    rep.progress.running = rep.progress.running.saturating_sub(1);
+                }
+                db(self.state.attempt_ended(
+                    attempt_id,
+                    "superseded",
+                    None,
+                    Some(&format!("agent {agent} lost")),
+                    None,
+                ));
+                let _ = step;
+            }
+            Action::Retry { step, reason, infra } => {
+                let kind = if infra { "infrastructure" } else { "command" };
+                db(self.state.set_step_state(run_id, &p.steps[step].name, "ready", &reason));
+                rep.emit(
+                    "step retried",
+                    Some(&p.steps[step].name),
+                    None,
+                    None,
+                    &format!("{kind} failure: {reason}"),
+                );
+            }
+            Action::Succeeded { step } => {
+                rep.progress.done += 1;
+                db(self.state.set_step_state(run_id, &p.steps[step].name, "succeeded", ""));
+            }
+            Action::Failed { step, reason } => {
+                rep.progress.failed += 1;
+                let name = &p.steps[step].name;
+                db(self.state.set_step_state(run_id, name, "failed", &reason));
+                rep.emit("step failed", Some(name), None, None, &reason);
+                let tail = last_log_lines(runs, name, sched.attempts(step));
+                if !tail.is_empty() {
+                    rep.emit("log tail", Some(name), None, None, &tail.join("\n"));
+                }
+                failures.push(format!("step {name} failed: {reason}"));
+            }
+            Action::Cancelled { step, reason } => {
+                rep.progress.failed += 1;
+                db(self.state.set_step_state(run_id, &p.steps[step].name, "cancelled", &reason));
+                rep.emit("step cancelled", Some(&p.steps[step].name), None, None, &reason);
+            }
+            Action::Unschedulable { step, reason } => {
+                rep.emit("step unschedulable", Some(&p.steps[step].name), None, None, &reason);
+                if opts.fail_unschedulable {
+                    sched.handle(Event::Abort {
+                        reason: format!("step {} cannot be scheduled: {reason}", p.steps[step].name),
+                    });
+                    failures.push(format!("step {} cannot be scheduled: {reason}", p.steps[step].name));
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_step_event(
+        &self,
+        attempt_id: u64,
+        event: StepEvent,
+        p: &Pipeline,
+        run_id: &str,
+        reg: &mut Registry,
+        sched: &mut Scheduler,
+        running: &mut HashMap<u64, Running>,
+        rep: &mut Reporter,
+    ) -> Result<()> {
+        let Some(r) = running.get_mut(&attempt_id) else {
+            warn!(run = %run_id, attempt = attempt_id, "discarding an event of a superseded attempt");
+            return Ok(());
+        };
+        let name = p.steps[r.step].name.clone();
+        match event {
+            StepEvent::Started { backend, view } => {
+                if let Err(e) = self.state.attempt_started(attempt_id) {
+                    warn!("state database: {e:#}");
+                }
+                rep.emit(
+                    "step started",
+                    Some(&name),
+                    Some(attempt_id),
+                    Some(&r.agent),
+                    &format!("backend {backend}, view {view}"),
+                );
+            }
+            StepEvent::Output(lines) => {
+                for l in lines {
+                    r.log.push(&l.line);
+                }
+            }
+            StepEvent::Finished(outcome) => {
+                let r = running.remove(&attempt_id).expect("looked up above");
+                rep.progress.running = rep.progress.running.saturating_sub(1);
+                let step = &p.steps[r.step];
+                let end = judge(step, &outcome);
+                let exit = exit_text(&outcome);
+                if let Ok(b) = self.state.transfer_bytes_since(rep.started_ms) {
+                    rep.progress.bytes = b;
+                }
+                rep.emit(
+                    "step exited",
+                    Some(&name),
+                    Some(attempt_id),
+                    Some(&r.agent),
+                    &format!("{exit} after {} ms", outcome.elapsed_ms),
+                );
+                match &end {
+                    AttemptEnd::Succeeded => {
+                        let provenance =
+                            Provenance { run: run_id.to_string(), step: name.clone(), attempt: attempt_id };
+                        let entries: Vec<_> = outcome
+                            .new_entries
+                            .into_iter()
+                            .map(|(k, mut e)| {
+                                e.produced_by.get_or_insert_with(|| provenance.clone());
+                                (k, e)
+                            })
+                            .collect();
+                        let n = entries.len();
+                        let merged = self.registry.update(|g| {
+                            g.merge(entries);
+                            g.clone()
+                        });
+                        match merged {
+                            Ok(g) => *reg = g,
+                            Err(e) => {
+                                // The outputs exist in the store but not in the registry:
+                                // the attempt does not count.
+                                let msg = format!("merging the registry failed: {e:#}");
+                                self.state.attempt_ended(
+                                    attempt_id,
+                                    "failed",
+                                    Some(&exit),
+                                    Some(&msg),
+                                    Some(outcome.elapsed_ms),
+                                )?;
+                                sched.handle(Event::Finished {
+                                    attempt_id,
+                                    end: AttemptEnd::InfraFailed(msg),
+                                });
+                                return Ok(());
+                            }
+                        }
+                        rep.emit(
+                            "step harvested",
+                            Some(&name),
+                            Some(attempt_id),
+                            Some(&r.agent),
+                            &format!("{n} registry entries"),
+                        );
+                        self.state.attempt_ended(
+                            attempt_id,
+                            "succeeded",
+                            Some(&exit),
+                            None,
+                            Some(outcome.elapsed_ms),
+                        )?;
+                    }
+                    AttemptEnd::CommandFailed(e) | AttemptEnd::InfraFailed(e) => {
+                        self.state.attempt_ended(
+                            attempt_id,
+                            "failed",
+                            Some(&exit),
+                            Some(e),
+                            Some(outcome.elapsed_ms),
+                        )?;
+                    }
+                }
+                let _ = r.number;
+                sched.handle(Event::Finished { attempt_id, end });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn exit_text(o: &StepOutcome) -> String {
+    match o.exit {
+        StepExit::Exited(c) => format!("exit {c}"),
+        StepExit::Signalled(s) => format!("signal {s}"),
+        StepExit::TimedOut => "timed out".into(),
+        StepExit::Cancelled => "cancelled".into(),
+        StepExit::SetupFailed => "setup failed".into(),
+        StepExit::HarvestFailed => "harvest failed".into(),
+    }
+}
+
+/// Whose fault an attempt's end is: the command's (its retry budget) or the
+/// infrastructure's (the run's).
+fn judge(step: &crate::pipeline::Step, o: &StepOutcome) -> AttemptEnd {
+    let error = o.error.clone().unwrap_or_default();
+    match o.exit {
+        StepExit::Exited(0) => {
+            let produced: HashMap<&str, Option<u64>> =
+                o.outputs.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+            let missing: Vec<&String> = step
+                .outputs
+                .iter()
+                .filter(|out| !step.no_harvest.contains(out))
+                .filter(|out| produced.get(out.as_str()).copied().flatten().is_none())
+                .collect();
+            match missing.first() {
+                None => AttemptEnd::Succeeded,
+                Some(m) => {
+                    AttemptEnd::CommandFailed(format!("the command succeeded but did not produce {m}"))
+                }
+            }
+        }
+        StepExit::Exited(c) => AttemptEnd::CommandFailed(format!("exit {c}")),
+        StepExit::Signalled(s) => AttemptEnd::CommandFailed(format!("killed by signal {s}")),
+        StepExit::TimedOut => {
+            AttemptEnd::CommandFailed(format!("timed out after {}s", step.timeout_secs.unwrap_or(0)))
+        }
+        StepExit::SetupFailed => AttemptEnd::InfraFailed(format!("setup failed: {error}")),
+        StepExit::HarvestFailed => AttemptEnd::InfraFailed(format!("harvest failed: {error}")),
+        StepExit::Cancelled => AttemptEnd::InfraFailed(format!("cancelled on the agent: {error}")),
+    }
+}
+
+/// The last lines of a step attempt's log file.
+pub fn last_log_lines(runs: &Path, step: &str, attempt: u32) -> Vec<String> {
+    let path = runs.join(step).join(format!("attempt-{attempt}.log"));
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(TAIL_LINES)..].iter().map(|l| l.to_string()).collect()
+}
+
+/// Serves `AdminRequest::SubmitRun` on a running coordinator: runs the pipeline, streams its
+/// events, and returns the last frame.
+pub async fn admin_submit(
+    coord: &Arc<Coordinator>,
+    pipeline_json: &str,
+    options_json: &str,
+    send: &mut quinn::SendStream,
+) -> AdminResponse {
+    let err =
+        |message: String| AdminResponse::Error(RemoteError { code: ErrorCode::InvalidRequest, message });
+    let pipeline: Pipeline = match serde_json::from_str(pipeline_json) {
+        Ok(p) => p,
+        Err(e) => return err(format!("malformed pipeline: {e}")),
+    };
+    let opts: RunOptions = match serde_json::from_str(options_json) {
+        Ok(o) => o,
+        Err(e) => return err(format!("malformed run options: {e}")),
+    };
+    let Some(engine) = coord.engine() else { return err("this coordinator does not run pipelines".into()) };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let shutdown = coord.shutdown_token();
+    let run = tokio::spawn(async move { engine.run(pipeline, opts, None, Some(tx), shutdown).await });
+    while let Some(ev) = rx.recv().await {
+        // The operator may go away; the run goes on.
+        let _ = transport::framed::write_frame(send, &AdminResponse::RunEvent(ev)).await;
+    }
+    match run.await {
+        Ok(Ok(r)) => AdminResponse::RunDone { run: r.run_id, succeeded: r.succeeded, summary: r.summary },
+        Ok(Err(e)) => err(format!("{e:#}")),
+        Err(e) => err(format!("the run task failed: {e}")),
+    }
+}

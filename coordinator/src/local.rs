@@ -1,0 +1,212 @@
+//! The embedded default: a coordinator on 127.0.0.1 (random port) inside this process, and
+//! local agents as child processes with their own state and work dirs under
+//! `<state>/local-agents/`, using the snapshot backend. The agents die with this process
+//! (`PR_SET_PDEATHSIG`) and are stopped (SIGTERM, then SIGKILL) when the cluster stops.
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+use transport::{endpoint, pki};
+
+use crate::engine::Engine;
+use crate::server::{self, Coordinator, ServerConfig};
+use crate::state::State;
+use crate::working::WorkingRegistry;
+use crate::{store, trust};
+
+/// The hidden subcommand under which `pype-coordinator` runs as an agent.
+pub const AGENT_SUBCOMMAND: &str = "__agent";
+
+pub struct LocalOptions {
+    pub agents: usize,
+    pub heartbeat_interval: Duration,
+    /// `pype-agent` binary; default: this executable in agent mode.
+    pub agent_bin: Option<PathBuf>,
+    /// `PYPE_OVERLAY_MODE` of the agents.
+    pub backend: String,
+    /// Address to listen on (port 0: any).
+    pub listen: SocketAddr,
+}
+
+pub struct LocalCluster {
+    pub coord: Arc<Coordinator>,
+    pub engine: Arc<Engine>,
+    pub addr: SocketAddr,
+    agents: Vec<(Child, PathBuf)>,
+    server_stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the QUIC server for `state_dir` and returns the coordinator with its engine.
+pub async fn start_server(
+    state_dir: &Path,
+    listen: SocketAddr,
+    advertise: &[String],
+    heartbeat_interval: Duration,
+    shutdown: CancellationToken,
+) -> Result<(Arc<Coordinator>, Arc<Engine>, SocketAddr, tokio::task::JoinHandle<()>)> {
+    let state = Arc::new(State::open(state_dir)?);
+    let names = trust::server_names(listen, advertise);
+    let identity = trust::setup(state_dir, &names, &state)?;
+    let tls = pki::server_tls(
+        &identity.ca.cert_key.cert_pem,
+        &identity.server,
+        &[protocol::ALPN_AGENT, protocol::ALPN_ENROLL, protocol::ALPN_ADMIN],
+    )?;
+    let ep = endpoint::server(listen, tls, &endpoint::Tuning::default())?;
+    let local = ep.local_addr()?;
+    pki::write_file(&state_dir.join(crate::ADDR_FILE), local.to_string().as_bytes(), 0o644)?;
+    tracing::info!(addr = %local, state_dir = %state_dir.display(), "coordinator listening");
+    let config = ServerConfig { heartbeat_interval, ..Default::default() };
+    let store = Arc::new(store::LocalStore::open_dir(state_dir.join("snapshots"))?);
+    let coord = Coordinator::new(state.clone(), identity.ca, config, store);
+    let engine = Arc::new(Engine {
+        coord: coord.clone(),
+        state,
+        registry: Arc::new(WorkingRegistry::open(state_dir)?),
+        state_dir: state_dir.to_path_buf(),
+    });
+    coord.set_engine(engine.clone());
+    let c = coord.clone();
+    let task = tokio::spawn(server::run(ep, c, shutdown));
+    Ok((coord, engine, local, task))
+}
+
+impl LocalCluster {
+    pub async fn start(state_dir: &Path, opts: &LocalOptions) -> Result<Self> {
+        let server_stop = CancellationToken::new();
+        let (coord, engine, addr, server) =
+            start_server(state_dir, opts.listen, &[], opts.heartbeat_interval, server_stop.clone()).await?;
+        let token = engine.state.create_token(Duration::from_secs(600), opts.agents.max(1) as u32, None)?;
+        let mut cluster = LocalCluster { coord, engine, addr, agents: Vec::new(), server_stop, server };
+        for i in 1..=opts.agents {
+            let dir = state_dir.join("local-agents").join(format!("agent-{i}"));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let child =
+                spawn_agent(&dir, &format!("local-{i}"), addr, &state_dir.join("ca.pem"), &token, opts)?;
+            cluster.agents.push((child, dir));
+        }
+        Ok(cluster)
+    }
+
+    /// Waits for every local agent to connect; an agent that exits first is an error naming its log.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.coord.agent_views().len() >= self.agents.len() {
+                return Ok(());
+            }
+            for (child, dir) in &mut self.agents {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = dir.join("agent.log");
+                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> =
+                        tail.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
+                    anyhow::bail!(
+                        "local agent exited with {status} (log {}):\n{}",
+                        log.display(),
+                        tail.join("\n")
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{} of {} local agents connected within {}s (logs under {})",
+                    self.coord.agent_views().len(),
+                    self.agents.len(),
+                    timeout.as_secs(),
+                    self.agents
+                        .first()
+                        .and_then(|(_, d)| d.parent())
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the agents (SIGTERM, SIGKILL after 10 s), then the server.
+    pub async fn stop(mut self) {
+        for (child, _) in &self.agents {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (child, _) in &mut self.agents {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }
+        self.server_stop.cancel();
+        let _ = (&mut self.server).await;
+    }
+}
+
+fn spawn_agent(
+    dir: &Path,
+    name: &str,
+    addr: SocketAddr,
+    ca: &Path,
+    token: &str,
+    opts: &LocalOptions,
+) -> Result<Child> {
+    let mut cmd = match &opts.agent_bin {
+        Some(bin) => Command::new(bin),
+        None => {
+            let mut c = Command::new(std::env::current_exe().context("locating this executable")?);
+            c.arg(AGENT_SUBCOMMAND);
+            c
+        }
+    };
+    let log = std::fs::File::create(dir.join("agent.log")).context("creating the agent log")?;
+    let log2 = log.try_clone()?;
+    cmd.arg("run")
+        .arg("--coordinator")
+        .arg(addr.to_string())
+        .arg("--ca")
+        .arg(ca)
+        .arg("--state-dir")
+        .arg(dir)
+        .arg("--name")
+        .arg(name)
+        .arg("--token")
+        .arg(token)
+        .arg("--min-backoff-ms")
+        .arg("50")
+        .arg("--max-backoff-ms")
+        .arg("1000")
+        .env("PYPE_OVERLAY_MODE", &opts.backend)
+        .env("PYPE_SNAPSHOT_REGISTRY", dir.join("snapshot_registry.json"))
+        .env_remove("PYPE_AGENT_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    // SAFETY: prctl is async-signal-safe; it only marks this child to get SIGTERM when the
+    // thread that spawned it (a runtime worker, alive as long as the process) exits.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("starting local agent {name}"))
+}

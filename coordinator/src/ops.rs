@@ -1,0 +1,486 @@
+//! Operator commands around runs: `run`, `plan`, `registry`, `gc`, `profiles build`, `logs`,
+//! `status`. `lib.rs` parses the command line and calls these.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use protocol::{AdminRequest, AdminResponse, Registry, StepKind, StepSpec};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::display::Display;
+use crate::engine::{RunOptions, runs_dir};
+use crate::local::{LocalCluster, LocalOptions};
+use crate::pipeline::{Pipeline, Profile};
+use crate::plan::{self, PlanOptions};
+use crate::state::{State, now_ms};
+use crate::store::{LocalStore, SnapshotStore};
+use crate::working::WorkingRegistry;
+
+pub struct RunRequest {
+    pub pipeline: Option<PathBuf>,
+    pub resume: Option<String>,
+    pub coordinator: Option<SocketAddr>,
+    pub local: LocalOptions,
+    pub options: RunOptions,
+    pub materialize: bool,
+}
+
+/// `pype-coordinator run`.
+pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
+    let (pipeline, resume) = match (&req.pipeline, &req.resume) {
+        (Some(path), None) => (Pipeline::load(path)?, None),
+        (None, Some(run_id)) => {
+            let state = State::open(dir)?;
+            let rec = state.run(run_id)?.ok_or_else(|| anyhow!("no run {run_id} in {}", dir.display()))?;
+            if rec.state == "succeeded" {
+                bail!("run {run_id} already succeeded");
+            }
+            let p: Pipeline =
+                serde_json::from_str(&rec.pipeline_json).context("reading the run's pipeline")?;
+            (p, Some(run_id.clone()))
+        }
+        (Some(_), Some(_)) => bail!("give either a pipeline file or --resume RUN, not both"),
+        (None, None) => bail!("give a pipeline file (or --resume RUN)"),
+    };
+    if let Some(addr) = req.coordinator {
+        if resume.is_some() {
+            bail!("--resume runs on an embedded coordinator; resume on the host of the state dir");
+        }
+        return run_remote(dir, addr, &pipeline, &req.options).await;
+    }
+    let mut cluster = LocalCluster::start(dir, &req.local).await?;
+    let ready = cluster.wait_ready(Duration::from_secs(req.options.agent_wait_secs.max(1))).await;
+    if let Err(e) = ready {
+        cluster.stop().await;
+        return Err(e);
+    }
+    let display = Arc::new(Display::new(false));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let d = display.clone();
+    let shown = tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            d.event(&ev);
+        }
+    });
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let signal = tokio::spawn(async move {
+        transport::cli::shutdown_signal().await;
+        tracing::warn!("interrupted: cancelling running steps");
+        c.cancel();
+    });
+    let result = cluster.engine.run(pipeline.clone(), req.options.clone(), resume, Some(tx), cancel).await;
+    signal.abort();
+    let _ = shown.await;
+    display.finish();
+    let outcome = match result {
+        Ok(r) if r.succeeded => {
+            let reg = cluster.engine.registry.load()?;
+            let store = cluster.coord.store().clone();
+            let finals = pipeline.final_outputs();
+            let materialize = req.materialize;
+            tokio::task::spawn_blocking(move || report_outputs(&finals, &reg, store.as_ref(), materialize))
+                .await??;
+            println!("run {} succeeded: {}", r.run_id, r.summary);
+            Ok(())
+        }
+        Ok(r) => Err(anyhow!(
+            "run {} did not succeed: {}\n(resume with: pype-coordinator --state-dir {} run --resume {})",
+            r.run_id,
+            r.summary,
+            dir.display(),
+            r.run_id
+        )),
+        Err(e) => Err(e),
+    };
+    cluster.stop().await;
+    outcome
+}
+
+/// Prints where each final output is: on this host after extracting it from its snapshot
+/// (`materialize`), or in the store.
+fn report_outputs(
+    finals: &[String],
+    reg: &Registry,
+    store: &dyn SnapshotStore,
+    materialize: bool,
+) -> Result<()> {
+    for out in finals {
+        match reg.get(out) {
+            None => println!("{out}\tnot in the registry (the step's backend keeps it in place)"),
+            Some(e) if materialize => {
+                store
+                    .extract(&e.snapshot_id, &e.in_snapshot_path, Path::new(out))
+                    .with_context(|| format!("writing {out} from snapshot {}", e.snapshot_id))?;
+                println!("{out}\twritten (from {})", e.snapshot_id);
+            }
+            Some(e) => println!("{out}\tin snapshot {}", e.snapshot_id),
+        }
+    }
+    Ok(())
+}
+
+async fn run_remote(dir: &Path, addr: SocketAddr, pipeline: &Pipeline, opts: &RunOptions) -> Result<()> {
+    let req = AdminRequest::SubmitRun {
+        pipeline_json: serde_json::to_string(pipeline)?,
+        options_json: serde_json::to_string(opts)?,
+    };
+    let display = Display::new(true);
+    let last = crate::admin_stream(dir, Some(addr), req, |frame| {
+        if let AdminResponse::RunEvent(ev) = frame {
+            display.event(&ev);
+        }
+    })
+    .await;
+    display.finish();
+    match last? {
+        AdminResponse::RunDone { run, succeeded: true, summary } => {
+            println!("run {run} succeeded: {summary}");
+            Ok(())
+        }
+        AdminResponse::RunDone { run, summary, .. } => bail!("run {run} did not succeed: {summary}"),
+        other => Err(crate::unexpected(other)),
+    }
+}
+
+/// `pype-coordinator plan`: decisions from the working registry and the snapshot store's
+/// index (what the snapshot backend's check_outputs answers), nothing run.
+pub fn plan(dir: &Path, pipeline: &Path, force: &[String], empty_ok: bool) -> Result<()> {
+    let p = Pipeline::load(pipeline)?;
+    let reg = WorkingRegistry::open(dir)?.load()?;
+    let store = LocalStore::open_dir(dir.join("snapshots"))?;
+    let mut sizes: HashMap<String, Option<u64>> = HashMap::new();
+    let mut metas = HashMap::new();
+    for out in p.steps.iter().flat_map(|s| &s.outputs) {
+        let size = match reg.get(out) {
+            None => None,
+            Some(e) => {
+                if !metas.contains_key(&e.snapshot_id) {
+                    metas.insert(e.snapshot_id.clone(), store.meta(&e.snapshot_id)?);
+                }
+                metas[&e.snapshot_id].as_ref().and_then(|m| m.size_of(&e.in_snapshot_path))
+            }
+        };
+        sizes.insert(out.clone(), size);
+    }
+    let mut idx = Vec::new();
+    for f in force {
+        idx.push(p.index_of(f).ok_or_else(|| anyhow!("--force {f}: the pipeline has no such step"))?);
+    }
+    let decisions = plan::plan(&p, &sizes, &PlanOptions { force: idx, empty_ok, ..Default::default() });
+    let width = p.steps.iter().map(|s| s.name.len()).max().unwrap_or(4).max(4);
+    println!("{:<width$}  {:<6} WHY", "STEP", "ACTION");
+    for (s, d) in p.steps.iter().zip(&decisions) {
+        println!("{:<width$}  {:<6} {}", s.name, d.action.as_str(), d.why);
+    }
+    Ok(())
+}
+
+pub enum RegistryOp {
+    Show,
+    Get(String),
+    Import(PathBuf),
+    Export(Option<PathBuf>),
+    Remove(Vec<String>),
+}
+
+/// `pype-coordinator registry ...`.
+pub fn registry(dir: &Path, op: RegistryOp) -> Result<()> {
+    let working = WorkingRegistry::open(dir)?;
+    match op {
+        RegistryOp::Show => {
+            let reg = working.load()?;
+            println!("{:<48} {:<38} {:<32} PRODUCED_BY", "PATH", "SNAPSHOT", "IN_SNAPSHOT_PATH");
+            for (k, e) in &reg.entries {
+                let by = e
+                    .produced_by
+                    .as_ref()
+                    .map(|p| format!("{}/{}/{}", p.run, p.step, p.attempt))
+                    .unwrap_or_default();
+                println!("{k:<48} {:<38} {:<32} {by}", e.snapshot_id, e.in_snapshot_path);
+            }
+            Ok(())
+        }
+        RegistryOp::Get(path) => {
+            let reg = working.load()?;
+            let e = reg.get(&path).ok_or_else(|| anyhow!("no registry entry for {path}"))?;
+            let mut one = Registry::default();
+            one.entries.insert(path, e.clone());
+            print!("{}", one.to_json());
+            Ok(())
+        }
+        RegistryOp::Import(file) => {
+            let incoming = crate::stepfile::read_registry(&file)?;
+            let n = incoming.entries.len();
+            let changed = working.merge(incoming.entries)?;
+            println!("merged {n} entries from {} ({changed} new or changed)", file.display());
+            Ok(())
+        }
+        RegistryOp::Export(out) => {
+            let json = working.load()?.to_json();
+            match out {
+                Some(path) => transport::pki::write_file(&path, json.as_bytes(), 0o644),
+                None => {
+                    print!("{json}");
+                    Ok(())
+                }
+            }
+        }
+        RegistryOp::Remove(paths) => {
+            let removed =
+                working.update(|reg| paths.iter().filter(|p| reg.entries.remove(*p).is_some()).count())?;
+            if removed < paths.len() {
+                bail!("removed {removed} of {} entries (the others were not in the registry)", paths.len());
+            }
+            println!("removed {removed} entries");
+            Ok(())
+        }
+    }
+}
+
+/// `pype-coordinator gc`: removes snapshots no registry entry references and older than
+/// `min_age` (younger ones may belong to a harvest whose entries are being merged).
+pub fn gc(dir: &Path, min_age: Duration, dry_run: bool) -> Result<()> {
+    let reg = WorkingRegistry::open(dir)?.load()?;
+    let store = LocalStore::open_dir(dir.join("snapshots"))?;
+    let referenced: std::collections::HashSet<&str> =
+        reg.entries.values().map(|e| e.snapshot_id.as_str()).collect();
+    let now = (now_ms() / 1000) as i64;
+    let (mut removed, mut bytes, mut kept) = (0, 0u64, 0);
+    for id in store.list()? {
+        if referenced.contains(id.as_str()) {
+            kept += 1;
+            continue;
+        }
+        let Some(meta) = store.meta(&id)? else { continue };
+        if now - meta.created_at < min_age.as_secs() as i64 {
+            kept += 1;
+            continue;
+        }
+        if !dry_run {
+            store.remove(&id)?;
+        }
+        removed += 1;
+        bytes += meta.wire_bytes;
+        println!("{} {id} ({} bytes)", if dry_run { "would remove" } else { "removed" }, meta.wire_bytes);
+    }
+    println!(
+        "{removed} snapshots ({bytes} bytes) {}, {kept} kept",
+        if dry_run { "to remove" } else { "removed" }
+    );
+    Ok(())
+}
+
+/// `pype-coordinator profiles build`: on a local agent, or on `agent` of a running coordinator.
+pub async fn profiles_build(
+    dir: &Path,
+    profile: &Path,
+    force: bool,
+    remote: Option<(Option<SocketAddr>, String)>,
+    local: LocalOptions,
+) -> Result<()> {
+    let profile = Profile::load(profile)?;
+    let keys: Vec<String> = profile.programs.iter().map(|p| p.key.clone()).collect();
+    if let Some((addr, agent)) = remote {
+        let working = WorkingRegistry::open(dir)?;
+        for program in &profile.programs {
+            let reg_key = protocol::registry::program_key(&profile.name, &program.key);
+            let reg = working.load()?;
+            if !force && reg.get(&reg_key).is_some() {
+                println!("{reg_key}\talready staged");
+                continue;
+            }
+            let spec = StepSpec {
+                run: "profiles-build".into(),
+                step: format!("build-{}", program.key),
+                kind: StepKind::Build {
+                    profile: profile.name.clone(),
+                    programs: vec![protocol::ProgramArtifact {
+                        key: program.key.clone(),
+                        artifact_path: program.artifact_path.clone(),
+                    }],
+                },
+                command: program.build.clone(),
+                ..Default::default()
+            };
+            let req = AdminRequest::RunStep { agent: agent.clone(), spec: Box::new(spec) };
+            let last = crate::admin_stream(dir, addr, req, |frame| {
+                if let AdminResponse::StepOutput(lines) = frame {
+                    for l in lines {
+                        eprintln!("{}", l.line);
+                    }
+                }
+            })
+            .await?;
+            let AdminResponse::StepDone(outcome) = last else { return Err(crate::unexpected(last)) };
+            if !outcome.succeeded() {
+                bail!("building {reg_key} failed: {:?} {}", outcome.exit, outcome.error.unwrap_or_default());
+            }
+            working.merge(outcome.new_entries)?;
+            println!("{reg_key}\tstaged");
+        }
+        return Ok(());
+    }
+    let mut cluster = LocalCluster::start(dir, &LocalOptions { agents: 1, ..local }).await?;
+    let result = async {
+        cluster.wait_ready(Duration::from_secs(60)).await?;
+        cluster.engine.build_programs(&profile, &keys, force, "profiles-build", None).await
+    }
+    .await;
+    let reg = cluster.engine.registry.load();
+    cluster.stop().await;
+    let built = result?;
+    let reg = reg?;
+    for key in &keys {
+        let reg_key = protocol::registry::program_key(&profile.name, key);
+        let e = reg.get(&reg_key).ok_or_else(|| anyhow!("{reg_key} missing after the build"))?;
+        println!("{reg_key}\t{}", e.snapshot_id);
+    }
+    eprintln!("built {built} of {} programs", keys.len());
+    Ok(())
+}
+
+/// `pype-coordinator logs RUN STEP [--follow]`.
+pub async fn logs(dir: &Path, run: &str, step: &str, attempt: Option<u32>, follow: bool) -> Result<()> {
+    let state = State::open(dir)?;
+    state.run(run)?.ok_or_else(|| anyhow!("no run {run}"))?;
+    let step_dir = runs_dir(dir).join(run).join(step);
+    let current = |state: &State| -> Result<(u32, bool)> {
+        let rec = state.steps_of(run)?.into_iter().find(|s| s.step == step);
+        let rec = rec.ok_or_else(|| anyhow!("run {run} has no step {step}"))?;
+        let terminal =
+            matches!(rec.state.as_str(), "succeeded" | "failed" | "cancelled" | "skipped" | "pruned");
+        let run_over = state.run(run)?.is_some_and(|r| r.finished_ms.is_some());
+        Ok((rec.attempts, terminal || run_over))
+    };
+    let (mut n, _) = current(&state)?;
+    if let Some(a) = attempt {
+        n = a;
+    }
+    if n == 0 && !follow {
+        bail!("step {step} of run {run} has not run");
+    }
+    let mut pos = 0u64;
+    loop {
+        let path = step_dir.join(format!("attempt-{n}.log"));
+        if let Ok(mut f) = std::fs::File::open(&path) {
+            f.seek(SeekFrom::Start(pos))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            pos += buf.len() as u64;
+            use std::io::Write;
+            std::io::stdout().write_all(&buf)?;
+            std::io::stdout().flush()?;
+        }
+        if !follow {
+            return Ok(());
+        }
+        let (latest, done) = current(&state)?;
+        if attempt.is_none() && latest > n {
+            n = latest;
+            pos = 0;
+            eprintln!("--- attempt {n} ---");
+            continue;
+        }
+        if done {
+            // One last read for what was written before the state changed.
+            if let Ok(mut f) = std::fs::File::open(&path) {
+                f.seek(SeekFrom::Start(pos))?;
+                let mut rest = Vec::new();
+                f.read_to_end(&mut rest)?;
+                use std::io::Write;
+                std::io::stdout().write_all(&rest)?;
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn fmt_ms(ms: u64) -> String {
+    if ms < 10_000 { format!("{ms}ms") } else { format!("{:.1}s", ms as f64 / 1e3) }
+}
+
+/// `pype-coordinator status [RUN]`.
+pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>) -> Result<()> {
+    let state = State::open(dir)?;
+    let agents = if dir.join(crate::ADDR_FILE).exists() || addr.is_some() {
+        let req = crate::admin(dir, addr, AdminRequest::ListAgents);
+        match tokio::time::timeout(Duration::from_secs(3), req).await {
+            Ok(Ok(AdminResponse::Agents(a))) => Some(a),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let run_id = match run {
+        Some(r) => r.to_string(),
+        None => match state.runs(1)?.into_iter().next() {
+            Some(r) => r.run_id,
+            None => {
+                println!("no runs in {}", dir.display());
+                return Ok(());
+            }
+        },
+    };
+    let rec = state.run(&run_id)?.ok_or_else(|| anyhow!("no run {run_id}"))?;
+    let steps = state.steps_of(&run_id)?;
+    let end = rec.finished_ms.unwrap_or_else(now_ms);
+    println!(
+        "run {} ({}): {} after {}{}",
+        rec.run_id,
+        rec.pipeline,
+        rec.state,
+        fmt_ms(end.saturating_sub(rec.created_ms)),
+        rec.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+    );
+    match agents {
+        Some(list) => {
+            println!("\n{:<20} {:>5} {:>6} RUNNING", "AGENT", "CPUS", "LOAD");
+            for a in list {
+                let running: Vec<&str> = steps
+                    .iter()
+                    .filter(|s| s.state == "running" && s.agent.as_deref() == Some(a.agent_id.as_str()))
+                    .map(|s| s.step.as_str())
+                    .collect();
+                println!(
+                    "{:<20} {:>5} {:>6.2} {}",
+                    a.agent_id,
+                    a.host.cpus,
+                    a.load_average,
+                    running.join(",")
+                );
+            }
+        }
+        None => println!("\n(no running coordinator reachable: agents not shown)"),
+    }
+    let width = steps.iter().map(|s| s.step.len()).max().unwrap_or(4).max(4);
+    println!(
+        "\n{:<width$} {:<10} {:>7} {:<14} {:>9} {:>12} WHY",
+        "STEP", "STATE", "ATTEMPT", "AGENT", "DURATION", "BYTES"
+    );
+    for s in &steps {
+        let dur = match (s.started_ms, s.finished_ms) {
+            (Some(a), Some(b)) => fmt_ms(b.saturating_sub(a)),
+            (Some(a), None) if s.state == "running" => fmt_ms(now_ms().saturating_sub(a)),
+            _ => String::new(),
+        };
+        println!(
+            "{:<width$} {:<10} {:>7} {:<14} {:>9} {:>12} {}",
+            s.step,
+            s.state,
+            s.attempts,
+            s.agent.as_deref().unwrap_or(""),
+            dur,
+            s.bytes,
+            s.why
+        );
+    }
+    Ok(())
+}
