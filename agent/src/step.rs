@@ -62,13 +62,26 @@ impl Steps {
 
     /// Merges `entries` into the agent's registry file (atomically rewritten).
     pub async fn merge_registry(&self, entries: &[(String, RegistryEntry)]) -> Result<()> {
-        if entries.is_empty() {
+        self.sync_registry(&[], entries).await
+    }
+
+    /// Merges `entries`, and first drops this agent's entries for `paths` that the
+    /// coordinator did not send: for the paths it names, the coordinator's registry is the
+    /// truth (an entry an operator deleted there is missing here too).
+    pub async fn sync_registry(&self, paths: &[String], entries: &[(String, RegistryEntry)]) -> Result<()> {
+        if entries.is_empty() && paths.is_empty() {
             return Ok(());
         }
         let _g = self.registry_lock.lock().await;
         let path = &self.settings.snapshot_registry;
         let mut reg = backend::read_registry(path)?;
-        if reg.merge(entries.iter().cloned()) > 0 {
+        let mut changed = 0;
+        for p in paths {
+            if !entries.iter().any(|(k, _)| k == p) && reg.entries.remove(p).is_some() {
+                changed += 1;
+            }
+        }
+        if reg.merge(entries.iter().cloned()) + changed > 0 {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
@@ -83,7 +96,7 @@ impl Steps {
         paths: &[String],
         registry: &[(String, RegistryEntry)],
     ) -> Result<Vec<(String, Option<u64>)>> {
-        self.merge_registry(registry).await?;
+        self.sync_registry(paths, registry).await?;
         let id = rand::random::<u64>() >> 1;
         let ctx = self.context(id, "check", "check");
         let mut b = backend::resolve_backend(&ctx).await?;
@@ -112,7 +125,8 @@ impl Steps {
             new_entries: Vec::new(),
             elapsed_ms: 0,
         };
-        if let Err(e) = self.merge_registry(&spec.registry).await {
+        let declared: Vec<String> = spec.inputs.iter().chain(&spec.outputs).cloned().collect();
+        if let Err(e) = self.sync_registry(&declared, &spec.registry).await {
             outcome.error = Some(format!("{e:#}"));
             return outcome;
         }
@@ -198,7 +212,6 @@ impl Steps {
         }
 
         // Show the view: a private namespace when possible, else rewrite paths.
-        let mut created: Vec<PathBuf> = Vec::new();
         let (namespace, pairs, how) = match backend.view() {
             View::Host => (None, Vec::new(), "host paths".to_string()),
             View::Mounts(m) if self.settings.mount_namespace && mounts::can_mount() => {
@@ -207,7 +220,7 @@ impl Steps {
                         mounts::NsMount::Bind { dst, .. } => dst,
                         mounts::NsMount::Overlay { target, .. } => target,
                     };
-                    create_missing(target, &mut created)?;
+                    create_mount_point(target)?;
                 }
                 (
                     Some(NsPlan::new(&m).context("preparing the mount namespace")?),
@@ -249,10 +262,6 @@ impl Steps {
             lines,
         )
         .await;
-        for d in created.iter().rev() {
-            // Only directories this attempt created, and only while still empty.
-            let _ = std::fs::remove_dir(d);
-        }
         let end = end?;
         outcome.exit = match end {
             ExecEnd::Exited(c) => StepExit::Exited(c),
@@ -311,22 +320,11 @@ impl Steps {
     }
 }
 
-/// Creates `dir` and missing parents, recording each one created (outermost first).
-fn create_missing(dir: &Path, created: &mut Vec<PathBuf>) -> Result<()> {
-    let mut missing = Vec::new();
-    let mut cur = Some(dir);
-    while let Some(d) = cur {
-        if d.exists() {
-            break;
-        }
-        missing.push(d.to_path_buf());
-        cur = d.parent();
-    }
-    for d in missing.into_iter().rev() {
-        std::fs::create_dir(&d).with_context(|| format!("creating mount point {}", d.display()))?;
-        created.push(d);
-    }
-    Ok(())
+/// Creates the (empty) directory a namespace mount goes on, and its parents. It stays after
+/// the step: removing it would detach the mounts of concurrent steps that use the same
+/// mount point in their own namespaces (the kernel lazily unmounts them).
+fn create_mount_point(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating mount point {}", dir.display()))
 }
 
 /// Removes what attempts of an earlier agent process left: mounts and step directories under

@@ -1,0 +1,441 @@
+//! Pipelines end to end: `pype-coordinator run` with its embedded coordinator and local agents
+//! (real child processes, real QUIC, the snapshot backend), and runs submitted to `serve`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tests::{Bins, Coord, Proc, start_agent_env};
+
+fn bins() -> Bins {
+    Bins {
+        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
+        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
+    }
+}
+
+const LONG: Duration = Duration::from_secs(90);
+
+struct Fx {
+    dir: tempfile::TempDir,
+    bins: Bins,
+}
+
+impl Fx {
+    fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap(), bins: bins() }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes a pipeline file; `{d}` in it becomes the fixture dir.
+    fn pipeline(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.p(name);
+        std::fs::write(&path, text.replace("{d}", &self.dir.path().display().to_string())).unwrap();
+        path
+    }
+
+    /// Starts `pype-coordinator run` with `args` (heartbeats every 200 ms).
+    fn start_run(&self, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(&self.bins.coordinator);
+        cmd.arg("--state-dir").arg(self.state()).arg("run").arg("--heartbeat-interval-ms").arg("200");
+        cmd.args(args);
+        Proc::spawn("run", cmd)
+    }
+
+    /// Runs to the end; returns (success, the run id, the process for its log).
+    fn run(&self, args: &[&str]) -> (bool, String, Proc) {
+        let mut p = self.start_run(args);
+        let status = p.wait_exit(LONG);
+        let line = p.wait_for(&["run started"], Duration::from_secs(1));
+        (status.success(), run_id(&line), p)
+    }
+
+    fn run_ok(&self, args: &[&str]) -> (String, Proc) {
+        let (ok, id, p) = self.run(args);
+        assert!(ok, "run failed\n{}", p.dump());
+        (id, p)
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(&self.bins.coordinator).arg("--state-dir").arg(self.state()).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.cli(args);
+        assert!(ok, "pype-coordinator {args:?} failed:\n{out}\n{err}");
+        out
+    }
+
+    /// `status RUN` rows: step -> (state, attempts, agent).
+    fn steps(&self, run: &str) -> Vec<(String, String, u32, String)> {
+        let out = self.cli_ok(&["status", run]);
+        let mut rows = Vec::new();
+        let mut in_steps = false;
+        for line in out.lines() {
+            if line.starts_with("STEP ") {
+                in_steps = true;
+                continue;
+            }
+            if !in_steps || line.trim().is_empty() {
+                continue;
+            }
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let agent = if f[1] == "succeeded" || f[1] == "failed" || f[1] == "running" { f[3].to_string() } else { String::new() };
+            rows.push((f[0].to_string(), f[1].to_string(), f[2].parse().unwrap(), agent));
+        }
+        rows
+    }
+
+    fn state_of(&self, run: &str, step: &str) -> (String, u32, String) {
+        let row = self.steps(run).into_iter().find(|r| r.0 == step).unwrap_or_else(|| panic!("no step {step}"));
+        (row.1, row.2, row.3)
+    }
+}
+
+fn run_id(line: &str) -> String {
+    line.split("run=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().trim_matches('"').to_string()
+}
+
+fn dispatched(p: &Proc, step: &str) -> usize {
+    p.count(&["step dispatched", &format!("step=\"{step}\"")])
+}
+
+/// The shipped example, copied so its outputs land in a temp dir: runs, writes the summary,
+/// then a second run skips everything.
+#[test]
+fn example_pipeline_runs_then_skips_everything() {
+    let fx = Fx::new();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/genome-stats");
+    for f in ["pipeline.toml", "profile.toml"] {
+        std::fs::copy(example.join(f), fx.p(f)).unwrap();
+    }
+    let pipeline = fx.p("pipeline.toml");
+    let (run, p) = fx.run_ok(&[pipeline.to_str().unwrap()]);
+    let summary = std::fs::read_to_string(fx.p("out/summary.txt")).unwrap();
+    assert!(summary.starts_with("sequences\t800\nbases\t"), "{summary}");
+    assert_eq!(p.count(&["program built", "demo/programs/gc-count"]), 1, "{}", p.dump());
+    for step in ["generate", "gc-1", "gc-2", "gc-3", "gc-4", "summary"] {
+        assert_eq!(dispatched(&p, step), 1, "{step}\n{}", p.dump());
+        assert_eq!(fx.state_of(&run, step).0, "succeeded");
+    }
+    // Provenance in the working registry.
+    let entry = fx.cli_ok(&["registry", "get", fx.p("out/summary.txt").to_str().unwrap()]);
+    assert!(entry.contains(&format!("\"run\": \"{run}\"")) && entry.contains("\"step\": \"summary\""), "{entry}");
+    // The step's output is kept under the state dir and printed by `logs`.
+    let logs = fx.cli_ok(&["logs", &run, "generate"]);
+    assert_eq!(logs, "", "generate prints nothing");
+    // Second run: everything skipped, nothing dispatched, no program rebuilt.
+    let (run2, p2) = fx.run_ok(&[pipeline.to_str().unwrap()]);
+    assert_eq!(p2.count(&["step skipped"]), 6, "{}", p2.dump());
+    assert_eq!(p2.count(&["step dispatched"]), 0);
+    assert_eq!(p2.count(&["program build"]), 0);
+    assert!(fx.steps(&run2).iter().all(|r| r.1 == "skipped"));
+    // plan agrees without running anything.
+    let plan = fx.cli_ok(&["plan", pipeline.to_str().unwrap()]);
+    assert_eq!(plan.lines().filter(|l| l.contains(" skip ")).count(), 6, "{plan}");
+}
+
+/// a -> b -> c, where b also writes a report nobody consumes. Deleting the report's registry
+/// entry re-runs exactly b and c; deleting b's intermediate output alone prunes b.
+#[test]
+fn deleting_a_registry_entry_reruns_that_step_and_its_dependents() {
+    let fx = Fx::new();
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "chain"
+data_root = "{d}/data"
+[[steps]]
+name = "a"
+command = "mkdir -p {{data_root}} && echo a > {{data_root}}/a.txt"
+outputs = ["a.txt"]
+[[steps]]
+name = "b"
+command = "cat {{data_root}}/a.txt > {{data_root}}/b.txt && echo b >> {{data_root}}/b.txt && echo report > {{data_root}}/b-report.txt"
+inputs = ["a.txt"]
+outputs = ["b.txt", "b-report.txt"]
+[[steps]]
+name = "c"
+command = "cat {{data_root}}/b.txt > {{data_root}}/c.txt && echo c >> {{data_root}}/c.txt"
+inputs = ["b.txt"]
+outputs = ["c.txt"]
+"#,
+    );
+    let pl = pipeline.to_str().unwrap();
+    fx.run_ok(&[pl]);
+    assert_eq!(std::fs::read_to_string(fx.p("data/c.txt")).unwrap(), "a\nb\nc\n");
+    let report = fx.p("data/b-report.txt").display().to_string();
+    fx.cli_ok(&["registry", "remove", &report]);
+    let (run, p) = fx.run_ok(&[pl]);
+    assert_eq!((dispatched(&p, "a"), dispatched(&p, "b"), dispatched(&p, "c")), (0, 1, 1), "{}", p.dump());
+    assert_eq!(fx.state_of(&run, "a").0, "skipped");
+    // The intermediate alone: b is pruned, nothing runs.
+    let b = fx.p("data/b.txt").display().to_string();
+    fx.cli_ok(&["registry", "remove", &b]);
+    let plan = fx.cli_ok(&["plan", pl]);
+    assert!(plan.lines().any(|l| l.starts_with("b ") && l.contains("prune") && l.contains("only needed by c")), "{plan}");
+    let (_, p) = fx.run_ok(&[pl]);
+    assert_eq!(p.count(&["step dispatched"]), 0, "{}", p.dump());
+    assert_eq!(p.count(&["step pruned", "step=\"b\""]), 1);
+    // --force b re-runs b and c.
+    let (_, p) = fx.run_ok(&[pl, "--force", "b"]);
+    assert_eq!((dispatched(&p, "a"), dispatched(&p, "b"), dispatched(&p, "c")), (0, 1, 1), "{}", p.dump());
+    // gc keeps every snapshot the registry references and removes the superseded ones.
+    let out = fx.cli_ok(&["gc", "--min-age", "0"]);
+    assert!(out.contains("snapshots") && !out.starts_with("0 snapshots"), "{out}");
+    let (_, p) = fx.run_ok(&[pl]);
+    assert_eq!(p.count(&["step skipped"]), 3, "everything still resolvable after gc\n{}", p.dump());
+}
+
+/// 20 independent steps over 4 agents run in parallel on all of them, then fan in.
+#[test]
+fn fan_out_of_20_steps_over_4_agents() {
+    let fx = Fx::new();
+    let mut text = String::from("name = \"fan\"\ndata_root = \"{d}/data\"\n");
+    let mut inputs = Vec::new();
+    for i in 0..20 {
+        text += &format!(
+            "[[steps]]\nname = \"part-{i}\"\ncommand = \"mkdir -p {{{{data_root}}}}/parts && sleep 0.3 && echo {i} > {{{{data_root}}}}/parts/{i}.txt\"\noutputs = [\"parts/{i}.txt\"]\n"
+        );
+        inputs.push(format!("\"parts/{i}.txt\""));
+    }
+    text += &format!(
+        "[[steps]]\nname = \"join\"\ncommand = \"cat {} > {{{{data_root}}}}/all.txt\"\ninputs = [{}]\noutputs = [\"all.txt\"]\n",
+        (0..20).map(|i| format!("{{{{data_root}}}}/parts/{i}.txt")).collect::<Vec<_>>().join(" "),
+        inputs.join(", ")
+    );
+    let pipeline = fx.pipeline("fan.toml", &text);
+    let (run, p) = fx.run_ok(&[pipeline.to_str().unwrap(), "--agents", "4"]);
+    let all = std::fs::read_to_string(fx.p("data/all.txt")).unwrap();
+    assert_eq!(all, (0..20).map(|i| format!("{i}\n")).collect::<String>());
+    let rows = fx.steps(&run);
+    let agents: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.3.as_str()).collect();
+    assert_eq!(agents.len(), 4, "parts ran on {agents:?}\n{}", p.dump());
+    // Parallel: 20 x 0.3 s of sleep finished far sooner than in sequence.
+    let finished: Vec<&(String, String, u32, String)> = rows.iter().filter(|r| r.1 == "succeeded").collect();
+    assert_eq!(finished.len(), 21);
+    let started_before_first_exit = {
+        let lines = p.dump();
+        let first_exit = lines.find("step exited").unwrap();
+        lines[..first_exit].matches("step dispatched").count()
+    };
+    assert!(started_before_first_exit >= 4, "only {started_before_first_exit} steps in flight at once");
+}
+
+/// A failing step fails the run after its retries, prints its last log lines, cancels its
+/// dependents, and leaves nothing of it in the registry.
+#[test]
+fn failing_step_fails_the_run_with_its_log_tail() {
+    let fx = Fx::new();
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "boom"
+data_root = "{d}/data"
+[[steps]]
+name = "ok"
+command = "mkdir -p {{data_root}} && echo fine > {{data_root}}/ok.txt"
+outputs = ["ok.txt"]
+[[steps]]
+name = "bad"
+retries = 1
+command = "mkdir -p {{data_root}}; echo half > {{data_root}}/bad.txt; for i in 1 2 3; do echo line-$i; done; echo 'the-last-words' >&2; exit 3"
+outputs = ["bad.txt"]
+[[steps]]
+name = "after-bad"
+command = "cat {{data_root}}/bad.txt > {{data_root}}/x.txt"
+inputs = ["bad.txt"]
+outputs = ["x.txt"]
+"#,
+    );
+    let (ok, run, p) = fx.run(&[pipeline.to_str().unwrap()]);
+    assert!(!ok, "the run should fail\n{}", p.dump());
+    assert_eq!(dispatched(&p, "bad"), 2, "one retry\n{}", p.dump());
+    assert_eq!(p.count(&["step retried", "step=\"bad\"", "command failure"]), 1);
+    p.wait_for(&["log tail", "step=\"bad\""], Duration::from_secs(1));
+    p.wait_for(&["the-last-words"], Duration::from_secs(1));
+    p.wait_for(&["step cancelled", "step=\"after-bad\""], Duration::from_secs(1));
+    p.wait_for(&["did not succeed", "step bad failed: exit 3"], Duration::from_secs(1));
+    let reg = fx.cli_ok(&["registry", "export"]);
+    assert!(reg.contains("ok.txt") && !reg.contains("bad.txt") && !reg.contains("x.txt"), "{reg}");
+    assert_eq!(fx.state_of(&run, "bad").0, "failed");
+    assert_eq!(fx.state_of(&run, "after-bad").0, "cancelled");
+    let logs = fx.cli_ok(&["logs", &run, "bad"]);
+    assert!(logs.contains("line-3") && logs.contains("the-last-words"), "{logs}");
+}
+
+/// An agent killed with SIGKILL mid-step: the step is retried on another agent and the run
+/// succeeds.
+#[test]
+fn agent_killed_mid_step_is_retried_elsewhere() {
+    let fx = Fx::new();
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "kill"
+data_root = "{d}/data"
+[[steps]]
+name = "slow"
+command = "mkdir -p {{data_root}} && sleep 3 && echo done > {{data_root}}/slow.txt"
+outputs = ["slow.txt"]
+"#,
+    );
+    let mut p = fx.start_run(&[pipeline.to_str().unwrap(), "--agents", "2"]);
+    let line = p.wait_for(&["step started", "step=\"slow\""], LONG);
+    let agent = line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string();
+    let n = agent.trim_start_matches("local-");
+    let marker = format!("local-agents/agent-{n}");
+    let pid = agent_pid(&marker).unwrap_or_else(|| panic!("no process for {marker}"));
+    // SAFETY: kill(2) on a process this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    p.wait_for(&["agent lost", &format!("agent=\"{agent}\"")], LONG);
+    p.wait_for(&["step retried", "infrastructure failure"], LONG);
+    let status = p.wait_exit(LONG);
+    assert!(status.success(), "{}", p.dump());
+    let run = run_id(&p.wait_for(&["run started"], Duration::from_secs(1)));
+    let (state, attempts, on) = fx.state_of(&run, "slow");
+    assert_eq!((state.as_str(), attempts), ("succeeded", 2));
+    assert_ne!(on, agent, "retried on the other agent");
+    assert_eq!(std::fs::read_to_string(fx.p("data/slow.txt")).unwrap(), "done\n");
+}
+
+/// The pid of the local agent whose command line mentions `marker` (its state dir).
+fn agent_pid(marker: &str) -> Option<i32> {
+    for entry in std::fs::read_dir("/proc").ok()? {
+        let entry = entry.ok()?;
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("__agent") && cmdline.contains(marker) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// A coordinator killed with SIGKILL mid-run: `run --resume` finishes the run without
+/// running completed steps again.
+#[test]
+fn killed_coordinator_resumes_the_run() {
+    let fx = Fx::new();
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "resume"
+data_root = "{d}/data"
+[[steps]]
+name = "first"
+command = "mkdir -p {{data_root}} && echo 1 > {{data_root}}/1.txt"
+outputs = ["1.txt"]
+[[steps]]
+name = "second"
+command = "sleep 2 && cat {{data_root}}/1.txt > {{data_root}}/2.txt && echo 2 >> {{data_root}}/2.txt"
+inputs = ["1.txt"]
+outputs = ["2.txt"]
+[[steps]]
+name = "third"
+command = "cat {{data_root}}/2.txt > {{data_root}}/3.txt && echo 3 >> {{data_root}}/3.txt"
+inputs = ["2.txt"]
+outputs = ["3.txt"]
+"#,
+    );
+    let mut p = fx.start_run(&[pipeline.to_str().unwrap()]);
+    p.wait_for(&["step started", "step=\"second\""], LONG);
+    let run = run_id(&p.wait_for(&["run started"], Duration::from_secs(1)));
+    p.signal(libc::SIGKILL);
+    p.wait_exit(LONG);
+    assert_eq!(fx.state_of(&run, "first").0, "succeeded");
+    assert_eq!(fx.state_of(&run, "second").0, "running", "the database saw it running");
+    let mut again = fx.start_run(&["--resume", &run]);
+    let status = again.wait_exit(LONG);
+    assert!(status.success(), "{}", again.dump());
+    assert_eq!(dispatched(&again, "first"), 0, "{}", again.dump());
+    assert_eq!(dispatched(&again, "second"), 1);
+    assert_eq!(dispatched(&again, "third"), 1);
+    let (state, attempts, _) = fx.state_of(&run, "second");
+    assert_eq!((state.as_str(), attempts), ("succeeded", 2));
+    assert_eq!(fx.state_of(&run, "first").1, 1, "first ran once");
+    assert_eq!(std::fs::read_to_string(fx.p("data/3.txt")).unwrap(), "1\n2\n3\n");
+    let (ok, _, err) = fx.cli(&["run", "--resume", &run]);
+    assert!(!ok && err.contains("already succeeded"), "{err}");
+}
+
+/// Broken pipeline files are refused with file:line:column, before anything starts.
+#[test]
+fn malformed_pipelines_give_located_errors() {
+    let fx = Fx::new();
+    let cases = [
+        ("syntax.toml", "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\n", ":4:"),
+        ("unknown.toml", "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\nouptuts = [\"/o\"]\n", ":5:1: unknown field `ouptuts`"),
+        ("missing.toml", "name = \"x\"\n[[steps]]\nname = \"a\"\n", "missing field `command`"),
+        (
+            "cycle.toml",
+            "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\nafter = [\"b\"]\n[[steps]]\nname = \"b\"\ncommand = \"true\"\nafter = [\"a\"]\n",
+            "dependency cycle:",
+        ),
+        (
+            "twice.toml",
+            "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\noutputs = [\"/o\"]\n[[steps]]\nname = \"b\"\ncommand = \"true\"\noutputs = [\"/o\"]\n",
+            ":9:12: /o is produced by two steps",
+        ),
+    ];
+    for (file, text, want) in cases {
+        let path = fx.pipeline(file, text);
+        let (ok, _, err) = fx.cli(&["run", path.to_str().unwrap()]);
+        assert!(!ok, "{file} accepted");
+        assert!(err.contains(&format!("{}:", path.display())) && err.contains(want), "{file}: {err}");
+        let (ok, _, err) = fx.cli(&["plan", path.to_str().unwrap()]);
+        assert!(!ok && err.contains(want), "plan {file}: {err}");
+    }
+    assert!(!fx.state().join("local-agents").exists(), "no agent was started for a broken file");
+}
+
+/// `run --coordinator ADDR` submits to a running `serve` whose agents were started apart.
+#[test]
+fn run_submitted_to_a_running_coordinator() {
+    let fx = Fx::new();
+    let coord = Coord::start(&fx.bins, &fx.state(), "127.0.0.1:0");
+    let token = coord.token(&fx.bins, &["--uses", "2"]);
+    let env = [("PYPE_OVERLAY_MODE", "snapshot")];
+    let reg1 = fx.p("a1/registry.json").display().to_string();
+    let reg2 = fx.p("a2/registry.json").display().to_string();
+    let env1 = [env[0], ("PYPE_SNAPSHOT_REGISTRY", reg1.as_str())];
+    let env2 = [env[0], ("PYPE_SNAPSHOT_REGISTRY", reg2.as_str())];
+    let _a1 = start_agent_env(&fx.bins, &coord, &fx.p("a1"), "r1", Some(&token), &env1);
+    let _a2 = start_agent_env(&fx.bins, &coord, &fx.p("a2"), "r2", Some(&token), &env2);
+    coord.proc.wait_for_nth(&["agent joined"], 2, LONG);
+    std::fs::create_dir_all(fx.p("in")).unwrap();
+    std::fs::write(fx.p("in/words.txt"), "b\na\nc\n").unwrap();
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "remote"
+data_root = "{d}"
+[[steps]]
+name = "sort"
+command = "mkdir -p {{data_root}}/out && sort {{data_root}}/in/words.txt > {{data_root}}/out/sorted.txt"
+inputs = ["in/words.txt"]
+outputs = ["out/sorted.txt"]
+"#,
+    );
+    let addr = coord.addr.to_string();
+    let (ok, out, err) = fx.cli(&["run", "--coordinator", &addr, pipeline.to_str().unwrap()]);
+    assert!(ok, "{out}\n{err}\n{}", coord.proc.dump());
+    assert!(out.contains("succeeded"), "{out}");
+    assert!(err.contains("step dispatched") && err.contains("inputs imported"), "{err}");
+    coord.proc.wait_for(&["run finished", "succeeded"], LONG);
+    let reg = fx.cli_ok(&["registry", "export"]);
+    let sorted = fx.p("out/sorted.txt").display().to_string();
+    assert!(reg.contains(&sorted) && reg.contains(&fx.p("in/words.txt").display().to_string()), "{reg}");
+}
