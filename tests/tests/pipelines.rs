@@ -293,7 +293,7 @@ outputs = ["slow.txt"]
     let line = p.wait_for(&["step started", "step=\"slow\""], LONG);
     let agent = line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string();
     let n = agent.trim_start_matches("local-");
-    let marker = format!("local-agents/agent-{n}");
+    let marker = fx.state().join(format!("local-agents/agent-{n}")).display().to_string();
     let pid = agent_pid(&marker).unwrap_or_else(|| panic!("no process for {marker}"));
     // SAFETY: kill(2) on a process this test started.
     unsafe {
