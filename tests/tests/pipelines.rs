@@ -65,8 +65,17 @@ impl Fx {
     }
 
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(&self.bins.coordinator).arg("--state-dir").arg(self.state()).args(args).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = Command::new(&self.bins.coordinator)
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     fn cli_ok(&self, args: &[&str]) -> String {
@@ -89,14 +98,19 @@ impl Fx {
                 continue;
             }
             let f: Vec<&str> = line.split_whitespace().collect();
-            let agent = if f[1] == "succeeded" || f[1] == "failed" || f[1] == "running" { f[3].to_string() } else { String::new() };
+            let agent = if f[1] == "succeeded" || f[1] == "failed" || f[1] == "running" {
+                f[3].to_string()
+            } else {
+                String::new()
+            };
             rows.push((f[0].to_string(), f[1].to_string(), f[2].parse().unwrap(), agent));
         }
         rows
     }
 
     fn state_of(&self, run: &str, step: &str) -> (String, u32, String) {
-        let row = self.steps(run).into_iter().find(|r| r.0 == step).unwrap_or_else(|| panic!("no step {step}"));
+        let row =
+            self.steps(run).into_iter().find(|r| r.0 == step).unwrap_or_else(|| panic!("no step {step}"));
         (row.1, row.2, row.3)
     }
 }
@@ -129,7 +143,10 @@ fn example_pipeline_runs_then_skips_everything() {
     }
     // Provenance in the working registry.
     let entry = fx.cli_ok(&["registry", "get", fx.p("out/summary.txt").to_str().unwrap()]);
-    assert!(entry.contains(&format!("\"run\": \"{run}\"")) && entry.contains("\"step\": \"summary\""), "{entry}");
+    assert!(
+        entry.contains(&format!("\"run\": \"{run}\"")) && entry.contains("\"step\": \"summary\""),
+        "{entry}"
+    );
     // The step's output is kept under the state dir and printed by `logs`.
     let logs = fx.cli_ok(&["logs", &run, "generate"]);
     assert_eq!(logs, "", "generate prints nothing");
@@ -182,7 +199,10 @@ outputs = ["c.txt"]
     let b = fx.p("data/b.txt").display().to_string();
     fx.cli_ok(&["registry", "remove", &b]);
     let plan = fx.cli_ok(&["plan", pl]);
-    assert!(plan.lines().any(|l| l.starts_with("b ") && l.contains("prune") && l.contains("only needed by c")), "{plan}");
+    assert!(
+        plan.lines().any(|l| l.starts_with("b ") && l.contains("prune") && l.contains("only needed by c")),
+        "{plan}"
+    );
     let (_, p) = fx.run_ok(&[pl]);
     assert_eq!(p.count(&["step dispatched"]), 0, "{}", p.dump());
     assert_eq!(p.count(&["step pruned", "step=\"b\""]), 1);
@@ -291,7 +311,8 @@ outputs = ["slow.txt"]
     );
     let mut p = fx.start_run(&[pipeline.to_str().unwrap(), "--agents", "2"]);
     let line = p.wait_for(&["step started", "step=\"slow\""], LONG);
-    let agent = line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string();
+    let agent =
+        line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string();
     let n = agent.trim_start_matches("local-");
     let marker = fx.state().join(format!("local-agents/agent-{n}")).display().to_string();
     let pid = agent_pid(&marker).unwrap_or_else(|| panic!("no process for {marker}"));
@@ -377,7 +398,11 @@ fn malformed_pipelines_give_located_errors() {
     let fx = Fx::new();
     let cases = [
         ("syntax.toml", "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\n", ":4:"),
-        ("unknown.toml", "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\nouptuts = [\"/o\"]\n", ":5:1: unknown field `ouptuts`"),
+        (
+            "unknown.toml",
+            "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\nouptuts = [\"/o\"]\n",
+            ":5:1: unknown field `ouptuts`",
+        ),
         ("missing.toml", "name = \"x\"\n[[steps]]\nname = \"a\"\n", "missing field `command`"),
         (
             "cycle.toml",

@@ -1,0 +1,118 @@
+//! Per-step overhead and throughput of empty steps through `pype-coordinator run` (embedded
+//! coordinator, local agents, snapshot backend), against the cost of spawning `bash -c true`
+//! measured in the same run.
+//!
+//!     cargo bench -p tests --bench steps [-- STEPS_CHAIN STEPS_FAN]
+//!
+//! Overhead: a chain of empty steps (`true`, each `after` the previous) on one warm agent; the
+//! time from one step's dispatch to the next one's is a full round trip (dispatch, agent,
+//! bash, result, database, scheduling). Throughput: independent empty steps over 4 agents,
+//! from the first dispatch to the end of the run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p) as usize]
+}
+
+/// Microseconds since midnight of a log line's RFC 3339 timestamp.
+fn ts_us(line: &str) -> Option<f64> {
+    let t = line.split_whitespace().next()?;
+    let time = t.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(((h * 60.0 + m) * 60.0 + s) * 1e6)
+}
+
+fn run(bin: &Path, state: &Path, pipeline: &Path, agents: usize) -> Vec<String> {
+    let out = Command::new(bin)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["run", "--agents", &agents.to_string(), "--no-materialize"])
+        .arg(pipeline)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "run failed:\n{err}");
+    err.lines().map(str::to_string).collect()
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let chain = args.first().copied().unwrap_or(300);
+    let fan = args.get(1).copied().unwrap_or(1000);
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator"));
+    let dir = tempfile::tempdir().unwrap();
+
+    // Baseline: spawning bash -c true.
+    let mut bash = Vec::new();
+    for _ in 0..300 {
+        let t = Instant::now();
+        let s = Command::new("bash").args(["-c", "true"]).status().unwrap();
+        assert!(s.success());
+        bash.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let bash_med = median(&mut bash);
+
+    // Chain on one agent.
+    let mut text = String::from("name = \"chain\"\n");
+    for i in 0..chain {
+        text += &format!("[[steps]]\nname = \"s{i}\"\ncommand = \"true\"\n");
+        if i > 0 {
+            text += &format!("after = [\"s{}\"]\n", i - 1);
+        }
+    }
+    let p = dir.path().join("chain.toml");
+    std::fs::write(&p, text).unwrap();
+    let lines = run(&bin, &dir.path().join("state-chain"), &p, 1);
+    let dispatches: Vec<f64> = lines
+        .iter()
+        .filter(|l| l.contains("coordinator::engine: step dispatched"))
+        .filter_map(|l| ts_us(l))
+        .collect();
+    assert_eq!(dispatches.len(), chain, "one dispatch per step");
+    // Skip the first steps (warm-up: first fetches, page cache).
+    let mut gaps: Vec<f64> = dispatches.windows(2).skip(10).map(|w| (w[1] - w[0]) / 1e3).collect();
+    let step_med = median(&mut gaps);
+    let step_p90 = percentile(&mut gaps, 0.9);
+
+    // Fan of independent steps over 4 agents.
+    let mut text = String::from("name = \"fan\"\n");
+    for i in 0..fan {
+        text += &format!("[[steps]]\nname = \"f{i}\"\ncommand = \"true\"\n");
+    }
+    let p = dir.path().join("fan.toml");
+    std::fs::write(&p, text).unwrap();
+    let started = Instant::now();
+    let lines = run(&bin, &dir.path().join("state-fan"), &p, 4);
+    let wall = started.elapsed().as_secs_f64();
+    let first = lines.iter().find(|l| l.contains("step dispatched")).and_then(|l| ts_us(l)).unwrap();
+    let last = lines.iter().rev().find(|l| l.contains("run finished")).and_then(|l| ts_us(l)).unwrap();
+    let secs = (last - first) / 1e6;
+    let rate = fan as f64 / secs;
+
+    println!("bash -c true spawn:        median {bash_med:.2} ms ({} runs)", bash.len());
+    println!(
+        "empty step round trip:     median {step_med:.2} ms, p90 {step_p90:.2} ms ({chain}-step chain, 1 agent)"
+    );
+    println!(
+        "overhead above bash:       {:.2} ms  (ratio {:.2}x of a bash spawn; target < 3 ms)",
+        step_med - bash_med,
+        step_med / bash_med
+    );
+    println!(
+        "throughput:                {rate:.0} steps/s ({fan} steps, 4 agents, {secs:.2} s dispatch to finish, {wall:.2} s with startup; target >= 1000)"
+    );
+}
