@@ -796,12 +796,17 @@ impl Engine {
                             })
                             .collect();
                         let n = entries.len();
-                        let merged = self.registry.update(|g| {
-                            g.merge(entries);
-                            g.clone()
-                        });
+                        let merged = if entries.is_empty() {
+                            Ok(None)
+                        } else {
+                            self.registry.update(|g| {
+                                g.merge(entries);
+                                Some(g.clone())
+                            })
+                        };
                         match merged {
-                            Ok(g) => *reg = g,
+                            Ok(Some(g)) => *reg = g,
+                            Ok(None) => {}
                             Err(e) => {
                                 // The outputs exist in the store but not in the registry:
                                 // the attempt does not count.

@@ -145,6 +145,7 @@ CREATE TABLE IF NOT EXISTS transfers (
     elapsed_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS transfers_by_agent ON transfers (agent, at_ms);
+CREATE INDEX IF NOT EXISTS transfers_by_time ON transfers (at_ms);
 ";
 
 pub fn now_ms() -> u64 {
@@ -350,20 +351,18 @@ impl State {
 /// Runs, steps, attempts and transfers.
 impl State {
     pub fn create_run(&self, r: &RunRecord) -> Result<()> {
-        self.db().execute(
+        self.db().prepare_cached(
             "INSERT INTO runs (run_id, pipeline, pipeline_file, pipeline_json, options_json, state, created_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![r.run_id, r.pipeline, r.pipeline_file, r.pipeline_json, r.options_json, r.state, r.created_ms],
-        )?;
+        )?.execute(params![r.run_id, r.pipeline, r.pipeline_file, r.pipeline_json, r.options_json, r.state, r.created_ms])?;
         Ok(())
     }
 
     pub fn set_run_state(&self, run_id: &str, state: &str, error: Option<&str>) -> Result<()> {
         let finished = matches!(state, "succeeded" | "failed" | "interrupted").then(now_ms);
-        self.db().execute(
-            "UPDATE runs SET state = ?2, error = ?3, finished_ms = ?4 WHERE run_id = ?1",
-            params![run_id, state, error, finished],
-        )?;
+        self.db()
+            .prepare_cached("UPDATE runs SET state = ?2, error = ?3, finished_ms = ?4 WHERE run_id = ?1")?
+            .execute(params![run_id, state, error, finished])?;
         Ok(())
     }
 
@@ -418,10 +417,9 @@ impl State {
 
     pub fn set_step_state(&self, run_id: &str, step: &str, state: &str, why: &str) -> Result<()> {
         let finished = matches!(state, "succeeded" | "failed" | "cancelled").then(now_ms);
-        self.db().execute(
+        self.db().prepare_cached(
             "UPDATE steps SET state = ?3, why = ?4, finished_ms = COALESCE(?5, finished_ms) WHERE run_id = ?1 AND step = ?2",
-            params![run_id, step, state, why, finished],
-        )?;
+        )?.execute(params![run_id, step, state, why, finished])?;
         Ok(())
     }
 
@@ -437,25 +435,24 @@ impl State {
         let now = now_ms();
         let mut db = self.db();
         let tx = db.transaction()?;
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO attempts (attempt_id, run_id, step, number, agent, state, dispatched_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, 'dispatched', ?6)",
-            params![attempt_id as i64, run_id, step, number, agent, now],
-        )?;
-        tx.execute(
+        )?
+        .execute(params![attempt_id as i64, run_id, step, number, agent, now])?;
+        tx.prepare_cached(
             "UPDATE steps SET state = 'running', attempts = ?3, attempt_id = ?4, agent = ?5, started_ms = ?6,
              finished_ms = NULL WHERE run_id = ?1 AND step = ?2",
-            params![run_id, step, number, attempt_id as i64, agent, now],
-        )?;
+        )?
+        .execute(params![run_id, step, number, attempt_id as i64, agent, now])?;
         tx.commit()?;
         Ok(())
     }
 
     pub fn attempt_started(&self, attempt_id: u64) -> Result<()> {
-        self.db().execute(
+        self.db().prepare_cached(
             "UPDATE attempts SET state = 'started', started_ms = ?2 WHERE attempt_id = ?1 AND state = 'dispatched'",
-            params![attempt_id as i64, now_ms()],
-        )?;
+        )?.execute(params![attempt_id as i64, now_ms()])?;
         Ok(())
     }
 
@@ -468,11 +465,12 @@ impl State {
         error: Option<&str>,
         elapsed_ms: Option<u64>,
     ) -> Result<()> {
-        self.db().execute(
-            "UPDATE attempts SET state = ?2, exit = ?3, error = ?4, elapsed_ms = ?5, finished_ms = ?6
+        self.db()
+            .prepare_cached(
+                "UPDATE attempts SET state = ?2, exit = ?3, error = ?4, elapsed_ms = ?5, finished_ms = ?6
              WHERE attempt_id = ?1",
-            params![attempt_id as i64, state, exit, error, elapsed_ms, now_ms()],
-        )?;
+            )?
+            .execute(params![attempt_id as i64, state, exit, error, elapsed_ms, now_ms()])?;
         Ok(())
     }
 
@@ -533,11 +531,10 @@ impl State {
 
     /// Snapshot bytes moved since `since_ms`.
     pub fn transfer_bytes_since(&self, since_ms: u64) -> Result<u64> {
-        let n: i64 = self.db().query_row(
-            "SELECT COALESCE(SUM(bytes), 0) FROM transfers WHERE at_ms >= ?1",
-            params![since_ms as i64],
-            |r| r.get(0),
-        )?;
+        let n: i64 = self
+            .db()
+            .prepare_cached("SELECT COALESCE(SUM(bytes), 0) FROM transfers WHERE at_ms >= ?1")?
+            .query_row(params![since_ms as i64], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -550,10 +547,12 @@ impl State {
         wire_bytes: u64,
         elapsed_ms: u64,
     ) -> Result<()> {
-        self.db().execute(
-            "INSERT INTO transfers (at_ms, agent, direction, snapshot_id, bytes, wire_bytes, elapsed_ms)
+        self.db()
+            .prepare_cached(
+                "INSERT INTO transfers (at_ms, agent, direction, snapshot_id, bytes, wire_bytes, elapsed_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
+            )?
+            .execute(params![
                 now_ms(),
                 agent,
                 direction,
@@ -561,8 +560,7 @@ impl State {
                 bytes as i64,
                 wire_bytes as i64,
                 elapsed_ms as i64
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 }

@@ -244,6 +244,10 @@ impl StorageBackend for Snapshot {
         output_harvest: &BTreeMap<String, bool>,
         ovs: &mut Vec<OverlayVolume>,
     ) -> Result<()> {
+        if outputs.is_empty() && self.program_binds.is_empty() && self.lowers().is_empty() {
+            // No inputs, program or outputs: no view to build.
+            return Ok(());
+        }
         for d in [&self.merged, &self.upper, &self.work] {
             fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
@@ -428,6 +432,10 @@ impl StorageBackend for Snapshot {
         }
         // Binding over `/`, or over a directory holding the agent's own files, would hide
         // what the snippet and the agent need: fall back to rewriting paths.
+        if outer.is_empty() {
+            // Nothing to show: the snippet runs on the host's view, no namespace needed.
+            return View::Host;
+        }
         let own = [&self.ctx.step_dir, &self.ctx.settings.work_dir];
         if outer.iter().any(|d| d.is_empty() || own.iter().any(|p| p.starts_with(d))) {
             return View::RewriteOnly;
