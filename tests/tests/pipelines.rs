@@ -209,6 +209,15 @@ outputs = ["c.txt"]
     // --force b re-runs b and c.
     let (_, p) = fx.run_ok(&[pl, "--force", "b"]);
     assert_eq!((dispatched(&p, "a"), dispatched(&p, "b"), dispatched(&p, "c")), (0, 1, 1), "{}", p.dump());
+    // export / import round trip: an entry removed comes back from the exported file.
+    let exported = fx.p("exported.json");
+    fx.cli_ok(&["registry", "export", "--output", exported.to_str().unwrap()]);
+    let c = fx.p("data/c.txt").display().to_string();
+    fx.cli_ok(&["registry", "remove", &c]);
+    assert!(!fx.cli(&["registry", "get", &c]).0);
+    let out = fx.cli_ok(&["registry", "import", exported.to_str().unwrap()]);
+    assert!(out.contains("(1 new or changed)"), "{out}");
+    assert!(fx.cli_ok(&["registry", "get", &c]).contains("snap-"));
     // gc keeps every snapshot the registry references and removes the superseded ones.
     let out = fx.cli_ok(&["gc", "--min-age", "0"]);
     assert!(out.contains("snapshots") && !out.starts_with("0 snapshots"), "{out}");
@@ -463,4 +472,33 @@ outputs = ["out/sorted.txt"]
     let reg = fx.cli_ok(&["registry", "export"]);
     let sorted = fx.p("out/sorted.txt").display().to_string();
     assert!(reg.contains(&sorted) && reg.contains(&fx.p("in/words.txt").display().to_string()), "{reg}");
+}
+
+/// `logs RUN STEP --follow` prints a running step's output as it comes and returns when the
+/// step ends.
+#[test]
+fn logs_follow_a_running_step() {
+    let fx = Fx::new();
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "ticks"
+[[steps]]
+name = "tick"
+command = "for i in 1 2 3 4; do echo tick-$i; sleep 0.4; done"
+"#,
+    );
+    let mut run = fx.start_run(&[pipeline.to_str().unwrap()]);
+    run.wait_for(&["step started", "step=\"tick\""], LONG);
+    let id = run_id(&run.wait_for(&["run started"], Duration::from_secs(1)));
+    let out = Command::new(&fx.bins.coordinator)
+        .arg("--state-dir")
+        .arg(fx.state())
+        .args(["logs", &id, "tick", "--follow"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text, "tick-1\ntick-2\ntick-3\ntick-4\n");
+    assert!(run.wait_exit(LONG).success(), "{}", run.dump());
 }
