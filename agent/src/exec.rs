@@ -33,6 +33,18 @@ pub struct ExecSpec {
     pub pid_file: PathBuf,
 }
 
+/// `bash` as found on `PATH` once, so each spawn is one `execve` instead of a search.
+fn bash_path() -> &'static std::path::Path {
+    static BASH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BASH.get_or_init(|| {
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+        std::env::split_paths(&path)
+            .map(|d| d.join("bash"))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("bash"))
+    })
+}
+
 /// Start time of a process in clock ticks since boot (field 22 of `/proc/PID/stat`).
 fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -76,7 +88,7 @@ pub async fn run(
     cancel: &CancellationToken,
     lines: mpsc::Sender<LogLine>,
 ) -> Result<ExecEnd> {
-    let mut cmd = Command::new("bash");
+    let mut cmd = Command::new(bash_path());
     cmd.arg("-c")
         .arg(format!("set -eo pipefail\n{}", spec.script))
         .current_dir(&spec.cwd)
