@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use protocol::{LogLine, OutputStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -163,13 +163,11 @@ async fn pump(
     stream: OutputStream,
     lines: mpsc::Sender<LogLine>,
 ) {
-    let mut file = match tokio::fs::OpenOptions::new().create(true).append(true).open(&log).await {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!(path = %log.display(), "cannot write step log: {e}");
-            None
-        }
-    };
+    // Created on the first output (a silent step leaves no empty files), written with plain
+    // file IO: appends to a local work dir land in the page cache without blocking, and a
+    // blocking-pool hop per write costs more than the write.
+    let mut file: Option<std::fs::File> = None;
+    let mut failed = false;
     let mut buf = vec![0u8; 64 * 1024];
     let mut partial: Vec<u8> = Vec::new();
     let send = |bytes: &[u8]| {
@@ -181,8 +179,17 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if file.is_none() && !failed {
+            match std::fs::OpenOptions::new().create(true).append(true).open(&log) {
+                Ok(f) => file = Some(f),
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(path = %log.display(), "cannot write step log: {e}");
+                }
+            }
+        }
         if let Some(f) = file.as_mut() {
-            let _ = f.write_all(&buf[..n]).await;
+            let _ = std::io::Write::write_all(f, &buf[..n]);
         }
         partial.extend_from_slice(&buf[..n]);
         let mut start = 0;
@@ -198,8 +205,5 @@ async fn pump(
     }
     if !partial.is_empty() {
         send(&partial);
-    }
-    if let Some(f) = file.as_mut() {
-        let _ = f.flush().await;
     }
 }

@@ -44,6 +44,12 @@ impl Steps {
         self.settings.work_dir.join("steps").join(format!("attempt-{attempt_id}"))
     }
 
+    /// Where the process group of an attempt is recorded (kept with its logs: a later agent
+    /// kills it only if that process is still the same one).
+    fn pid_file(&self, spec: &StepSpec) -> PathBuf {
+        self.log_dir(spec).join("pid")
+    }
+
     pub fn log_dir(&self, spec: &StepSpec) -> PathBuf {
         self.settings.work_dir.join("logs").join(format!("attempt-{}", spec.attempt_id))
     }
@@ -182,8 +188,11 @@ impl Steps {
         outcome: &mut StepOutcome,
     ) -> Result<()> {
         let log_dir = self.log_dir(spec);
-        let cwd = self.step_dir(spec.attempt_id).join("cwd");
-        for d in [&log_dir, &cwd] {
+        // The snippet works in its attempt's log directory: what it leaves there stays with its
+        // logs. (No per-step directory is created and deleted for a step whose backend needs
+        // none: on ext4, allocating inodes next to many recently deleted ones is slow.)
+        let cwd = log_dir.clone();
+        for d in [&log_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         let mut ovs: Vec<OverlayVolume> = Vec::new();
@@ -256,7 +265,7 @@ impl Steps {
                 stderr_log: log_dir.join("stderr.log"),
                 timeout: spec.timeout_secs.map(Duration::from_secs),
                 namespace,
-                pid_file: self.step_dir(spec.attempt_id).join("pid"),
+                pid_file: self.pid_file(spec),
             },
             cancel,
             lines,
@@ -331,10 +340,10 @@ fn create_mount_point(dir: &Path) -> Result<()> {
 /// `<work>/steps`, and `attempt-*` scratch dirs under the overlay scratch root.
 pub fn sweep_leftovers(settings: &Settings) {
     let steps = settings.work_dir.join("steps");
-    if let Ok(rd) = std::fs::read_dir(&steps) {
+    if let Ok(rd) = std::fs::read_dir(settings.work_dir.join("logs")) {
         for e in rd.flatten() {
             if exec::kill_recorded(&e.path().join("pid")) {
-                warn!(step_dir = %e.path().display(), "killed a snippet an earlier agent left running");
+                warn!(log_dir = %e.path().display(), "killed a snippet an earlier agent left running");
             }
         }
     }
