@@ -192,9 +192,7 @@ impl Steps {
         // logs. (No per-step directory is created and deleted for a step whose backend needs
         // none: on ext4, allocating inodes next to many recently deleted ones is slow.)
         let cwd = log_dir.clone();
-        for d in [&log_dir] {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-        }
+        std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
         let mut ovs: Vec<OverlayVolume> = Vec::new();
         backend.prepare_inputs(&spec.inputs, &mut ovs).await.context("prepare_inputs")?;
         let (outputs, harvest): (Vec<String>, BTreeMap<String, bool>) = match &spec.kind {
