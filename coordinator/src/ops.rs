@@ -155,19 +155,16 @@ pub fn plan(dir: &Path, pipeline: &Path, force: &[String], empty_ok: bool) -> Re
     let p = Pipeline::load(pipeline)?;
     let reg = WorkingRegistry::open(dir)?.load()?;
     let store = LocalStore::open_dir(dir.join("snapshots"))?;
-    let mut sizes: HashMap<String, Option<u64>> = HashMap::new();
-    let mut metas = HashMap::new();
-    for out in p.steps.iter().flat_map(|s| &s.outputs) {
-        let size = match reg.get(out) {
-            None => None,
-            Some(e) => {
-                if !metas.contains_key(&e.snapshot_id) {
-                    metas.insert(e.snapshot_id.clone(), store.meta(&e.snapshot_id)?);
-                }
-                metas[&e.snapshot_id].as_ref().and_then(|m| m.size_of(&e.in_snapshot_path))
-            }
-        };
-        sizes.insert(out.clone(), size);
+    // Each declared output's size through its registry entry (missing without one).
+    let outputs: Vec<&String> = p.steps.iter().flat_map(|s| &s.outputs).collect();
+    let located: Vec<(&String, (String, String))> = outputs
+        .iter()
+        .filter_map(|o| reg.get(o).map(|e| (*o, (e.snapshot_id.clone(), e.in_snapshot_path.clone()))))
+        .collect();
+    let found = crate::store::sizes_of(&store, located.iter().map(|(_, q)| q.clone()).collect())?;
+    let mut sizes: HashMap<String, Option<u64>> = outputs.iter().map(|o| ((*o).clone(), None)).collect();
+    for ((o, _), size) in located.iter().zip(found) {
+        sizes.insert((*o).clone(), size);
     }
     let mut idx = Vec::new();
     for f in force {

@@ -791,19 +791,8 @@ async fn snapshot_stream(
             send.finish()?;
         }
         SnapshotRequest::Stat { queries } => {
-            let sizes = tokio::task::spawn_blocking(move || {
-                let mut metas: HashMap<String, Option<crate::store::SnapshotMeta>> = HashMap::new();
-                let mut out = Vec::with_capacity(queries.len());
-                for (id, path) in queries {
-                    if !metas.contains_key(&id) {
-                        let m = store.meta(&id)?;
-                        metas.insert(id.clone(), m);
-                    }
-                    out.push(metas.get(&id).and_then(|m| m.as_ref()).and_then(|m| m.size_of(&path)));
-                }
-                anyhow::Ok(out)
-            })
-            .await?;
+            let sizes =
+                tokio::task::spawn_blocking(move || crate::store::sizes_of(store.as_ref(), queries)).await?;
             let reply = match sizes {
                 Ok(s) => SnapshotReply::Sizes(s),
                 Err(e) => reply_err(ErrorCode::InvalidRequest, format!("{e:#}")),

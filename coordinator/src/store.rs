@@ -66,6 +66,21 @@ impl SnapshotMeta {
     }
 }
 
+/// Sizes of `(snapshot_id, in_snapshot_path)` pairs from the store's index (each snapshot's
+/// index read once): what the snapshot backend's `check_outputs` answers.
+pub fn sizes_of(store: &dyn SnapshotStore, queries: Vec<(String, String)>) -> Result<Vec<Option<u64>>> {
+    let mut metas: std::collections::HashMap<String, Option<SnapshotMeta>> = std::collections::HashMap::new();
+    let mut out = Vec::with_capacity(queries.len());
+    for (id, path) in queries {
+        if !metas.contains_key(&id) {
+            let m = store.meta(&id)?;
+            metas.insert(id.clone(), m);
+        }
+        out.push(metas.get(&id).and_then(|m| m.as_ref()).and_then(|m| m.size_of(&path)));
+    }
+    Ok(out)
+}
+
 /// Where snapshots live. Methods block (file IO); async callers use `spawn_blocking`.
 pub trait SnapshotStore: Send + Sync {
     /// A fresh path for an incoming stream, on the same filesystem as the store.
