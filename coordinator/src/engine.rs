@@ -675,8 +675,9 @@ impl Engine {
                 }
             }
             Action::Supersede { step, attempt_id, agent } => {
-                self.coord.forget_attempt(attempt_id);
+                // Cancel first: the coordinator finds the attempt's agent by the attempt.
                 let _ = self.coord.cancel_step(attempt_id, "superseded").await;
+                self.coord.forget_attempt(attempt_id);
                 if running.remove(&attempt_id).is_some() {
                     rep.progress.running = rep.progress.running.saturating_sub(1);
                 }
