@@ -502,3 +502,33 @@ command = "for i in 1 2 3 4; do echo tick-$i; sleep 0.4; done"
     assert_eq!(text, "tick-1\ntick-2\ntick-3\ntick-4\n");
     assert!(run.wait_exit(LONG).success(), "{}", run.dump());
 }
+
+/// Ctrl-C during a run cancels the running snippet on its agent and leaves the run
+/// interrupted, to be resumed.
+#[test]
+fn interrupt_cancels_running_steps() {
+    let fx = Fx::new();
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "int"
+[[steps]]
+name = "long"
+command = "sleep 300"
+"#,
+    );
+    let mut p = fx.start_run(&[pipeline.to_str().unwrap()]);
+    p.wait_for(&["step started", "step=\"long\""], LONG);
+    let run = run_id(&p.wait_for(&["run started"], Duration::from_secs(1)));
+    p.signal(libc::SIGINT);
+    let status = p.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    p.wait_for(&["run finished", "interrupted"], Duration::from_secs(1));
+    let agents = fx.state().join("local-agents");
+    let cancelled = std::fs::read_dir(&agents).unwrap().flatten().any(|d| {
+        std::fs::read_to_string(d.path().join("agent.log")).unwrap_or_default().contains("exit=Cancelled")
+    });
+    assert!(cancelled, "no agent cancelled the snippet\n{}", p.dump());
+    let out = fx.cli_ok(&["status", &run]);
+    assert!(out.contains("interrupted"), "{out}");
+}
