@@ -148,7 +148,6 @@ impl AttemptLog {
 
 struct Running {
     step: usize,
-    number: u32,
     agent: String,
     log: AttemptLog,
 }
@@ -250,22 +249,27 @@ impl Engine {
         }
     }
 
+    /// The first connected agent, for work any agent can do.
+    fn first_agent(&self, purpose: &str) -> Result<String> {
+        self.coord
+            .agent_views()
+            .into_iter()
+            .next()
+            .map(|a| a.agent_id)
+            .ok_or_else(|| anyhow!("no agent connected to {purpose}"))
+    }
+
     /// `check_outputs` of `paths` through the first connected agent's backend.
     pub async fn check_outputs(
         &self,
         paths: &[String],
         reg: &Registry,
     ) -> Result<HashMap<String, Option<u64>>> {
-        let agent = self
-            .coord
-            .agent_views()
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow!("no agent connected to check outputs with"))?;
+        let agent = self.first_agent("check outputs with")?;
         let mut out = HashMap::new();
         for chunk in paths.chunks(CHECK_CHUNK) {
             let entries = reg.relevant(chunk.iter().map(String::as_str), &[]);
-            let sizes = self.coord.check_outputs(&agent.agent_id, chunk.to_vec(), entries).await?;
+            let sizes = self.coord.check_outputs(&agent, chunk.to_vec(), entries).await?;
             out.extend(sizes);
         }
         Ok(out)
@@ -291,46 +295,18 @@ impl Engine {
             if !force && reg.get(&reg_key).is_some() {
                 continue;
             }
-            let agent = self
-                .coord
-                .agent_views()
-                .into_iter()
-                .next()
-                .ok_or_else(|| anyhow!("no agent connected to build programs on"))?;
-            let mut entries: Vec<(String, protocol::RegistryEntry)> = Vec::new();
-            if !force && let Some(e) = reg.get(&reg_key) {
-                entries.push((reg_key.clone(), e.clone()));
-            }
-            let spec = StepSpec {
-                attempt_id: crate::server::new_attempt_id(),
-                run: run.to_string(),
-                step: format!("build-{key}"),
-                kind: StepKind::Build {
-                    profile: profile.name.clone(),
-                    programs: vec![ProgramArtifact {
-                        key: key.clone(),
-                        artifact_path: program.artifact_path.clone(),
-                    }],
-                },
-                command: program.build.clone(),
-                registry: entries,
-                ..Default::default()
-            };
+            let agent = self.first_agent("build programs on")?;
+            let spec =
+                StepSpec { attempt_id: crate::server::new_attempt_id(), ..build_spec(profile, program, run) };
             let step_name = spec.step.clone();
             if let Some(r) = rep {
-                r.emit(
-                    "program build",
-                    Some(&step_name),
-                    Some(spec.attempt_id),
-                    Some(&agent.agent_id),
-                    &reg_key,
-                );
+                r.emit("program build", Some(&step_name), Some(spec.attempt_id), Some(&agent), &reg_key);
             }
-            let (_, mut events) = self.coord.run_step(&agent.agent_id, spec).await?;
+            let (_, mut events) = self.coord.run_step(&agent, spec).await?;
             let mut tail = VecDeque::new();
             let outcome = loop {
                 match events.recv().await {
-                    None => bail!("agent {} went away while building {reg_key}", agent.agent_id),
+                    None => bail!("agent {agent} went away while building {reg_key}"),
                     Some((_, StepEvent::Finished(o))) => break o,
                     Some((_, StepEvent::Output(lines))) => {
                         for l in lines {
@@ -354,13 +330,7 @@ impl Engine {
             }
             self.registry.merge(outcome.new_entries)?;
             if let Some(r) = rep {
-                r.emit(
-                    "program built",
-                    Some(&step_name),
-                    Some(outcome.attempt_id),
-                    Some(&agent.agent_id),
-                    &reg_key,
-                );
+                r.emit("program built", Some(&step_name), Some(outcome.attempt_id), Some(&agent), &reg_key);
             }
             built += 1;
         }
@@ -655,7 +625,7 @@ impl Engine {
                 };
                 db(self.state.attempt_dispatched(run_id, &s.name, attempt_id, attempt, &agent));
                 let log = AttemptLog::new(runs.join(&s.name).join(format!("attempt-{attempt}.log")));
-                running.insert(attempt_id, Running { step, number: attempt, agent: agent.clone(), log });
+                running.insert(attempt_id, Running { step, agent: agent.clone(), log });
                 rep.progress.running += 1;
                 rep.emit(
                     "step dispatched",
@@ -674,7 +644,7 @@ impl Engine {
                     });
                 }
             }
-            Action::Supersede { step, attempt_id, agent } => {
+            Action::Supersede { step: _, attempt_id, agent } => {
                 // Cancel first: the coordinator finds the attempt's agent by the attempt.
                 let _ = self.coord.cancel_step(attempt_id, "superseded").await;
                 self.coord.forget_attempt(attempt_id);
@@ -688,7 +658,6 @@ impl Engine {
                     Some(&format!("agent {agent} lost")),
                     None,
                 ));
-                let _ = step;
             }
             Action::Retry { step, reason, infra } => {
                 let kind = if infra { "infrastructure" } else { "command" };
@@ -851,11 +820,28 @@ impl Engine {
                         )?;
                     }
                 }
-                let _ = r.number;
                 sched.handle(Event::Finished { attempt_id, end });
             }
         }
         Ok(())
+    }
+}
+
+/// The build step of one profile program: prepare_build, its build command, stage_program.
+/// The attempt id is left 0 (the coordinator assigns one).
+pub fn build_spec(profile: &Profile, program: &crate::pipeline::Program, run: &str) -> StepSpec {
+    StepSpec {
+        run: run.to_string(),
+        step: format!("build-{}", program.key),
+        kind: StepKind::Build {
+            profile: profile.name.clone(),
+            programs: vec![ProgramArtifact {
+                key: program.key.clone(),
+                artifact_path: program.artifact_path.clone(),
+            }],
+        },
+        command: program.build.clone(),
+        ..Default::default()
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use protocol::{AdminRequest, AdminResponse, Registry, StepKind, StepSpec};
+use protocol::{AdminRequest, AdminResponse, Registry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -293,19 +293,7 @@ pub async fn profiles_build(
                 println!("{reg_key}\talready staged");
                 continue;
             }
-            let spec = StepSpec {
-                run: "profiles-build".into(),
-                step: format!("build-{}", program.key),
-                kind: StepKind::Build {
-                    profile: profile.name.clone(),
-                    programs: vec![protocol::ProgramArtifact {
-                        key: program.key.clone(),
-                        artifact_path: program.artifact_path.clone(),
-                    }],
-                },
-                command: program.build.clone(),
-                ..Default::default()
-            };
+            let spec = crate::engine::build_spec(&profile, program, "profiles-build");
             let req = AdminRequest::RunStep { agent: agent.clone(), spec: Box::new(spec) };
             let last = crate::admin_stream(dir, addr, req, |frame| {
                 if let AdminResponse::StepOutput(lines) = frame {
