@@ -7,7 +7,8 @@
 //! Overhead: a chain of empty steps (`true`, each `after` the previous) on one warm agent; the
 //! time from one step's dispatch to the next one's is a full round trip (dispatch, agent,
 //! bash, result, database, scheduling). Throughput: independent empty steps over 4 agents,
-//! from the first dispatch to the end of the run.
+//! from the first dispatch to the end of the run. Ceiling: the same number of bash spawns from
+//! 4 threads with nothing else running, the most any scheduler could reach on this machine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -66,6 +67,22 @@ fn main() {
     }
     let bash_med = median(&mut bash);
 
+    // Ceiling: the same bash snippet the agent runs, spawned by 4 threads with nothing else
+    // (no coordinator, no agent). No scheduler can run empty steps faster than this machine
+    // can start bash.
+    let ceiling_started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..fan / 4 {
+                    let st = Command::new("bash").args(["-c", "set -eo pipefail\ntrue"]).status().unwrap();
+                    assert!(st.success());
+                }
+            });
+        }
+    });
+    let ceiling = (fan / 4 * 4) as f64 / ceiling_started.elapsed().as_secs_f64();
+
     // Chain on one agent.
     let mut text = String::from("name = \"chain\"\n");
     for i in 0..chain {
@@ -113,6 +130,11 @@ fn main() {
         step_med / bash_med
     );
     println!(
+        "bash-only ceiling:         {ceiling:.0} spawns/s ({} bash -c spawns from 4 threads, nothing else running)",
+        fan / 4 * 4
+    );
+    println!(
         "throughput:                {rate:.0} steps/s ({fan} steps, 4 agents, {secs:.2} s dispatch to finish, {wall:.2} s with startup; target >= 1000)"
     );
+    println!("throughput / ceiling:      {:.2}", rate / ceiling);
 }
