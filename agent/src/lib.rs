@@ -68,9 +68,9 @@ struct RunArgs {
     /// Scheduling label KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
-    /// Steps this agent runs at once.
-    #[arg(long, default_value_t = 1)]
-    slots: u32,
+    /// Steps this agent runs at once (default: PYPE_SLOTS, else 1).
+    #[arg(long)]
+    slots: Option<u32>,
     /// Instance id, when the coordinator provisioned this machine.
     #[arg(long, env = "PYPE_INSTANCE_ID")]
     instance_id: Option<String>,
@@ -125,6 +125,30 @@ async fn run(args: RunArgs) -> Result<()> {
         .with_context(|| format!("reading CA certificate {} (pass --ca)", ca_path.display()))?;
     let work_dir = args.work_dir.clone().unwrap_or_else(|| args.state_dir.join("work"));
     let settings = settings::Settings::from_config(&file, &work_dir)?;
+    let orphan_timeout = match file.get("PYPE_ORPHAN_TIMEOUT_SECS") {
+        None => None,
+        Some(v) => Some(Duration::from_secs(
+            v.parse()
+                .with_context(|| format!("PYPE_ORPHAN_TIMEOUT_SECS={v:?} is not a number of seconds"))?,
+        )),
+    };
+    let orphan_action: session::OrphanAction =
+        file.get("PYPE_ORPHAN_ACTION").as_deref().unwrap_or("exit").parse()?;
+    // Flags win over the config file.
+    let slots = match (args.slots, file.get("PYPE_SLOTS")) {
+        (Some(n), _) => n,
+        (None, Some(v)) => v.parse().with_context(|| format!("PYPE_SLOTS={v:?} is not a number"))?,
+        (None, None) => 1,
+    }
+    .max(1);
+    let mut labels = args.labels;
+    if labels.is_empty() {
+        if let Some(v) = file.get("PYPE_LABELS") {
+            for l in v.split(',').filter(|l| !l.trim().is_empty()) {
+                labels.push(parse_label(l).map_err(|e| anyhow!("PYPE_LABELS: {e}"))?);
+            }
+        }
+    }
     let cfg = session::AgentConfig {
         settings,
         coordinator,
@@ -133,12 +157,15 @@ async fn run(args: RunArgs) -> Result<()> {
         work_dir,
         name: args.name,
         token: args.token.or_else(|| file.get("PYPE_TOKEN")),
-        labels: args.labels,
-        slots: args.slots.max(1),
+        labels,
+        slots,
         instance_id: args.instance_id.or_else(|| file.get("PYPE_INSTANCE_ID")),
         min_backoff: Duration::from_millis(args.min_backoff_ms.max(1)),
         max_backoff: Duration::from_millis(args.max_backoff_ms.max(args.min_backoff_ms).max(1)),
         unpack_limits: UnpackLimits { max_bytes: args.max_transfer_bytes },
+        orphan_timeout,
+        orphan_action,
+        fetch_registry: matches!(file.get("PYPE_REGISTRY_FETCH").as_deref(), Some("1" | "true" | "yes")),
     };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();

@@ -48,6 +48,20 @@ impl QuicRemote {
             .ok_or_else(|| anyhow!("not connected to the coordinator"))?;
         conn.open_bi().await.context("opening a snapshot stream")
     }
+
+    /// The coordinator's working registry, for an instance whose user-data had no room for it.
+    pub async fn registry(&self) -> Result<protocol::Registry> {
+        let (mut send, mut recv) = self.open().await?;
+        framed::write_frame(&mut send, &SnapshotRequest::Registry).await?;
+        send.finish()?;
+        match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
+            Some(SnapshotReply::Registry { json }) => {
+                protocol::Registry::parse(&json).map_err(|e| anyhow!("registry from the coordinator: {e}"))
+            }
+            Some(SnapshotReply::Error(e)) => Err(refused(e)).context("fetching the registry"),
+            other => bail!("unexpected answer to a registry fetch: {other:?}"),
+        }
+    }
 }
 
 fn refused(e: protocol::RemoteError) -> anyhow::Error {

@@ -49,6 +49,40 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     pub unpack_limits: UnpackLimits,
     pub settings: Settings,
+    /// Give up once the coordinator has been unreachable this long (ephemeral instances).
+    pub orphan_timeout: Option<Duration>,
+    pub orphan_action: OrphanAction,
+    /// Fetch the working registry over QUIC after connecting (user-data had no room for it).
+    pub fetch_registry: bool,
+}
+
+/// What an orphaned agent does: exit, or power the machine off (an ephemeral VM nobody
+/// will terminate otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrphanAction {
+    Exit,
+    Poweroff,
+}
+
+impl std::str::FromStr for OrphanAction {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "exit" => Ok(OrphanAction::Exit),
+            "poweroff" => Ok(OrphanAction::Poweroff),
+            other => bail!("PYPE_ORPHAN_ACTION={other:?}: expected exit or poweroff"),
+        }
+    }
+}
+
+fn power_off() {
+    for (cmd, args) in [("systemctl", &["poweroff"][..]), ("poweroff", &[][..])] {
+        match std::process::Command::new(cmd).args(args).status() {
+            Ok(s) if s.success() => return,
+            Ok(s) => warn!("{cmd} {}: {s}", args.join(" ")),
+            Err(e) => warn!("{cmd}: {e}"),
+        }
+    }
 }
 
 /// The agent's certificate, key and id, kept in the state dir.
@@ -126,6 +160,32 @@ pub async fn enroll(cfg: &AgentConfig, token: &str) -> Result<Identity> {
     }
 }
 
+/// Enrolls, retrying with backoff while the coordinator is unreachable (an instance may boot
+/// before its network is up); a refusal is final. Gives up at the orphan timeout.
+async fn enroll_patiently(cfg: &AgentConfig, token: &str, shutdown: &CancellationToken) -> Result<Identity> {
+    let started = Instant::now();
+    let mut delay = cfg.min_backoff;
+    loop {
+        match enroll(cfg, token).await {
+            Ok(id) => return Ok(id),
+            Err(e) if e.to_string().starts_with("enrollment refused") => return Err(e),
+            Err(e) => warn!("cannot enroll yet: {e:#}"),
+        }
+        if let Some(limit) = cfg.orphan_timeout.filter(|l| started.elapsed() > *l) {
+            if cfg.orphan_action == OrphanAction::Poweroff {
+                tracing::error!("orphaned before enrolling: no coordinator for {}s", limit.as_secs());
+                power_off();
+            }
+            bail!("no coordinator for {}s; giving up", limit.as_secs());
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => bail!("shut down before enrolling"),
+            _ = tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>() * 0.5)) => {}
+        }
+        delay = (delay * 2).min(cfg.max_backoff);
+    }
+}
+
 /// How a session ended.
 enum Ended {
     /// Shutdown requested locally: stop.
@@ -144,7 +204,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             let token = cfg.token.clone().ok_or_else(|| {
                 anyhow!("no certificate in {} and no --token to enroll with", cfg.state_dir.display())
             })?;
-            enroll(&cfg, &token).await?
+            enroll_patiently(&cfg, &token, &shutdown).await?
         }
     };
     std::fs::create_dir_all(&cfg.work_dir)
@@ -153,12 +213,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let cache = Cache::open(cfg.state_dir.join("cache"), cfg.settings.cache_size_bytes)?;
     let (conn_tx, conn_rx) = watch::channel(None);
     let (outbox_tx, mut outbox) = mpsc::channel(OUTBOX_DEPTH);
+    let quic = Arc::new(QuicRemote::new(conn_rx, cfg.unpack_limits));
     let steps = Steps {
         settings: Arc::new(cfg.settings.clone()),
         cache,
-        remote: Arc::new(QuicRemote::new(conn_rx, cfg.unpack_limits)),
+        remote: quic.clone(),
         registry_lock: Default::default(),
     };
+    if cfg.fetch_registry {
+        tokio::spawn(fetch_registry(quic, steps.clone(), shutdown.clone()));
+    }
     info!(
         backend = %cfg.settings.overlay_mode,
         registry = %cfg.settings.snapshot_registry.display(),
@@ -166,15 +230,20 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         "agent ready"
     );
     let runner = Runner::new(steps, outbox_tx);
-    let mut link = Link { conn: conn_tx, outbox: &mut outbox, runner: &runner };
+    let mut link = Link { conn: conn_tx, outbox: &mut outbox, runner: &runner, connected: false };
     let tuning = endpoint::Tuning::default();
     let mut backoff = cfg.min_backoff;
     let mut ep: Option<quinn::Endpoint> = None;
+    // Since when no session has been up (the orphan guard's clock).
+    let mut alone_since = Instant::now();
     loop {
         let attempt_started = Instant::now();
         let span = info_span!("session", agent = %identity.agent_id, coordinator = %cfg.coordinator);
         let ended = session(&cfg, &identity, &tuning, &mut ep, &shutdown, &mut link).instrument(span).await;
         let _ = link.conn.send(None);
+        if std::mem::take(&mut link.connected) {
+            alone_since = Instant::now();
+        }
         match ended {
             Ok(Ended::Shutdown) => return Ok(()),
             Ok(Ended::Fatal(reason)) if runner.running() > 0 => {
@@ -184,6 +253,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             Ok(Ended::Fatal(reason)) => bail!("{reason}"),
             Ok(Ended::Lost(reason)) => warn!(reason = %reason, "lost coordinator"),
             Err(e) => warn!("cannot reach coordinator {}: {e:#}", cfg.coordinator),
+        }
+        if let Some(limit) = cfg.orphan_timeout.filter(|l| alone_since.elapsed() > *l) {
+            tracing::error!(
+                alone_secs = alone_since.elapsed().as_secs(),
+                action = ?cfg.orphan_action,
+                "orphaned: no coordinator for longer than {}s; giving up",
+                limit.as_secs()
+            );
+            runner.shutdown().await;
+            if cfg.orphan_action == OrphanAction::Poweroff {
+                power_off();
+            }
+            return Ok(());
         }
         // A session that lasted a while starts the backoff afresh.
         if attempt_started.elapsed() > cfg.max_backoff {
@@ -228,6 +310,39 @@ struct Link<'a> {
     conn: watch::Sender<Option<quinn::Connection>>,
     outbox: &'a mut mpsc::Receiver<AgentToCoordinator>,
     runner: &'a Arc<Runner>,
+    /// Set when a session got its Welcome.
+    connected: bool,
+}
+
+/// Fetches the working registry once connected and merges it into the agent's file;
+/// retried until it works or the agent stops.
+async fn fetch_registry(quic: Arc<QuicRemote>, steps: Steps, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let got = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = quic.registry() => r,
+        };
+        match got {
+            Ok(reg) => {
+                let n = reg.entries.len();
+                let entries: Vec<_> = reg.entries.into_iter().collect();
+                match steps.merge_registry(&entries).await {
+                    Ok(()) => {
+                        info!(entries = n, "registry fetched from the coordinator");
+                        return;
+                    }
+                    Err(e) => warn!("writing the fetched registry: {e:#}"),
+                }
+            }
+            Err(e) => warn!("fetching the registry: {e:#}"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
 }
 
 async fn session(
@@ -302,6 +417,7 @@ async fn session(
         framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome)).await?;
     }
     let _ = link.conn.send(Some(conn.clone()));
+    link.connected = true;
 
     // Frames from the coordinator arrive through a task, so the loop below can select on them.
     let (frames_tx, mut frames) = mpsc::channel::<Result<CoordinatorToAgent, String>>(16);

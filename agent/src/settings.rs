@@ -37,6 +37,10 @@ const KNOWN_KEYS: &[&str] = &[
     "PYPE_AGENT_STATE_DIR",
     "PYPE_WORK_DIR",
     "PYPE_ORPHAN_TIMEOUT_SECS",
+    "PYPE_ORPHAN_ACTION",
+    "PYPE_SLOTS",
+    "PYPE_LABELS",
+    "PYPE_REGISTRY_FETCH",
 ];
 
 #[derive(Debug, Clone)]

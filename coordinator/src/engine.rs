@@ -67,6 +67,8 @@ pub struct Engine {
     pub state: Arc<State>,
     pub registry: Arc<WorkingRegistry>,
     pub state_dir: PathBuf,
+    /// Agents the current run wants, for a provisioner to follow.
+    pub demand: tokio::sync::watch::Sender<crate::provision::Demand>,
 }
 
 fn new_run_id(pipeline: &str) -> String {
@@ -153,6 +155,21 @@ struct Running {
 }
 
 impl Engine {
+    /// The working registry handed to an agent that asks for all of it (an instance whose
+    /// user-data had no room for it).
+    pub fn agent_registry(&self) -> Result<String> {
+        Ok(self.registry.load()?.to_json())
+    }
+
+    fn want_agents(&self, run: &str, want: usize, busy: HashSet<String>) {
+        let d = crate::provision::Demand { want, busy, run: Some(run.to_string()) };
+        self.demand.send_if_modified(|cur| {
+            let changed = *cur != d;
+            *cur = d;
+            changed
+        });
+    }
+
     /// Opens (or reopens, with `resume`) a run and drives it to its end.
     pub async fn run(
         &self,
@@ -214,7 +231,10 @@ impl Engine {
             None,
             &format!("{} steps, pipeline {}", pipeline.steps.len(), pipeline.file.display()),
         );
+        // One agent to plan with; the scheduler raises the demand as steps become ready.
+        self.want_agents(&run_id, 1, HashSet::new());
         let result = self.drive(&pipeline, &opts, &run_id, done, &attempts_before, &mut rep, &shutdown).await;
+        self.want_agents(&run_id, 0, HashSet::new());
         let (state, error, succeeded, summary) = match result {
             Ok((true, summary)) => ("succeeded", None, true, summary),
             Ok((false, summary)) if shutdown.is_cancelled() => {
@@ -496,6 +516,13 @@ impl Engine {
                 )
                 .await;
             }
+            let counts = sched.counts();
+            // Every step not yet ended may want an agent: instances boot while upstream steps
+            // run (a VM takes a minute), and an instance stays while work remains for it.
+            let want =
+                ["waiting", "ready", "running"].iter().map(|k| counts.get(k).copied().unwrap_or(0)).sum();
+            let busy = sched.agent_load().into_iter().filter(|(_, n)| *n > 0).map(|(a, _)| a).collect();
+            self.want_agents(run_id, want, busy);
             if let Some(ok) = sched.finished() {
                 let counts = sched.counts();
                 let summary = counts.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");

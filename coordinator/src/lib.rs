@@ -1,12 +1,15 @@
 //! `pype-coordinator`: accepts agents over QUIC with mutual TLS, tracks them, and moves trees
 //! to and from them. `main.rs` only calls [`cli_main`]; the library does the work.
 
+pub mod cloudinit;
 pub mod display;
 pub mod engine;
 pub mod local;
 pub mod ops;
 pub mod pipeline;
 pub mod plan;
+pub mod provider;
+pub mod provision;
 pub mod sched;
 pub mod server;
 pub mod state;
@@ -91,6 +94,21 @@ enum Command {
         run: Option<String>,
         #[arg(long)]
         coordinator: Option<SocketAddr>,
+    },
+    /// cloud-init user-data for ephemeral instances.
+    #[command(name = "cloud-init")]
+    CloudInit {
+        #[command(subcommand)]
+        command: CloudInitCommand,
+    },
+    /// Instances provisioned by this coordinator.
+    Instances {
+        #[command(subcommand)]
+        command: InstancesCommand,
+        #[arg(long, default_value = "qemu", global = true)]
+        provider: String,
+        #[arg(long, global = true)]
+        provider_config: Option<PathBuf>,
     },
     /// Accept agents and serve operators' requests until SIGTERM or Ctrl-C.
     Serve {
@@ -206,9 +224,43 @@ struct RunArgs {
     /// `pype-agent` binary for the local agents (default: this executable).
     #[arg(long)]
     agent_bin: Option<PathBuf>,
-    /// Longest wait for agents to connect.
+    /// Longest wait for agents to connect (with --provider: at least the boot timeout).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     agent_wait: Duration,
+    /// Where agents come from: `local` child processes (--agents), or instances a provider
+    /// creates on demand (`qemu`).
+    #[arg(long, default_value = "local")]
+    provider: String,
+    /// Provider config file (TOML): boot/sweep/orphan timeouts, max_instances, agent
+    /// delivery, the provider's own table.
+    #[arg(long)]
+    provider_config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum CloudInitCommand {
+    /// Print the user-data an instance running STEP would get (a token of the real shape
+    /// that enrolls nothing), and on stderr its size and which registry path it took.
+    Render {
+        pipeline: PathBuf,
+        #[arg(long)]
+        step: String,
+        #[arg(long)]
+        provider_config: Option<PathBuf>,
+        /// Port instances would reach the coordinator at.
+        #[arg(long, default_value_t = 7400)]
+        port: u16,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum InstancesCommand {
+    /// Instances in the state database, and tagged instances the provider lists.
+    List,
+    /// Terminate one instance (our instance id or the provider's id).
+    Terminate { id: String },
+    /// Terminate every tagged instance the state database does not account for.
+    Sweep,
 }
 
 #[derive(Subcommand, Debug)]
@@ -346,6 +398,7 @@ fn local_options(
         agent_bin,
         backend,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        advertise: Vec::new(),
     }
 }
 
@@ -370,8 +423,20 @@ async fn run_cli(cli: Cli) -> Result<()> {
                     agent_wait_secs: a.agent_wait.as_secs(),
                 },
                 materialize: !a.no_materialize && a.coordinator.is_none(),
+                provider: (a.provider != "local").then(|| (a.provider.clone(), a.provider_config.clone())),
             };
             ops::run(&dir, req).await
+        }
+        Command::CloudInit {
+            command: CloudInitCommand::Render { pipeline, step, provider_config, port },
+        } => ops::cloud_init_render(&dir, &pipeline, &step, provider_config.as_deref(), port),
+        Command::Instances { command, provider, provider_config } => {
+            let op = match command {
+                InstancesCommand::List => ops::InstancesOp::List,
+                InstancesCommand::Terminate { id } => ops::InstancesOp::Terminate(id),
+                InstancesCommand::Sweep => ops::InstancesOp::Sweep,
+            };
+            ops::instances(&dir, &provider, provider_config.as_deref(), op).await
         }
         Command::Plan { pipeline, force, empty_ok } => ops::plan(&dir, &pipeline, &force, empty_ok),
         Command::Registry { command } => ops::registry(

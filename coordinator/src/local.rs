@@ -32,6 +32,8 @@ pub struct LocalOptions {
     pub backend: String,
     /// Address to listen on (port 0: any).
     pub listen: SocketAddr,
+    /// Extra names agents reach the coordinator by (server certificate SANs).
+    pub advertise: Vec<String>,
 }
 
 pub struct LocalCluster {
@@ -71,6 +73,7 @@ pub async fn start_server(
         state,
         registry: Arc::new(WorkingRegistry::open(state_dir)?),
         state_dir: state_dir.to_path_buf(),
+        demand: tokio::sync::watch::channel(Default::default()).0,
     });
     coord.set_engine(engine.clone());
     let c = coord.clone();
@@ -81,8 +84,14 @@ pub async fn start_server(
 impl LocalCluster {
     pub async fn start(state_dir: &Path, opts: &LocalOptions) -> Result<Self> {
         let server_stop = CancellationToken::new();
-        let (coord, engine, addr, server) =
-            start_server(state_dir, opts.listen, &[], opts.heartbeat_interval, server_stop.clone()).await?;
+        let (coord, engine, addr, server) = start_server(
+            state_dir,
+            opts.listen,
+            &opts.advertise,
+            opts.heartbeat_interval,
+            server_stop.clone(),
+        )
+        .await?;
         let token = engine.state.create_token(Duration::from_secs(600), opts.agents.max(1) as u32, None)?;
         let mut cluster = LocalCluster { coord, engine, addr, agents: Vec::new(), server_stop, server };
         for i in 1..=opts.agents {

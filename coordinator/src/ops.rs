@@ -1,5 +1,5 @@
 //! Operator commands around runs: `run`, `plan`, `registry`, `gc`, `profiles build`, `logs`,
-//! `status`. `lib.rs` parses the command line and calls these.
+//! `status`, `cloud-init render`, `instances`. `lib.rs` parses the command line and calls these.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -18,6 +18,8 @@ use crate::engine::{RunOptions, runs_dir};
 use crate::local::{LocalCluster, LocalOptions};
 use crate::pipeline::{Pipeline, Profile};
 use crate::plan::{self, PlanOptions};
+use crate::provider::{self, ProviderConfig};
+use crate::provision;
 use crate::state::{State, now_ms};
 use crate::store::{LocalStore, SnapshotStore};
 use crate::working::WorkingRegistry;
@@ -29,6 +31,8 @@ pub struct RunRequest {
     pub local: LocalOptions,
     pub options: RunOptions,
     pub materialize: bool,
+    /// Agents from a provider (name, config file) instead of local child processes.
+    pub provider: Option<(String, Option<PathBuf>)>,
 }
 
 /// `pype-coordinator run`.
@@ -54,12 +58,52 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
         }
         return run_remote(dir, addr, &pipeline, &req.options).await;
     }
-    let mut cluster = LocalCluster::start(dir, &req.local).await?;
-    let ready = cluster.wait_ready(Duration::from_secs(req.options.agent_wait_secs.max(1))).await;
+    let mut options = req.options.clone();
+    let mut local = req.local;
+    // With a provider: no local agents; the reconciler first, before the server listens, so
+    // no instance a previous coordinator left behind joins this run.
+    let provider = match &req.provider {
+        None => None,
+        Some((name, cfg_path)) => {
+            let cfg = ProviderConfig::load(cfg_path.as_deref())?;
+            let provider = provider::open(name, &cfg, dir)?;
+            let swept = provision::startup_sweep(provider.as_ref(), dir, &State::open(dir)?).await?;
+            if swept > 0 {
+                tracing::warn!(
+                    instances = swept,
+                    "reconciler terminated instances left by a previous coordinator"
+                );
+            }
+            local.agents = 0;
+            local.advertise.push(cfg.coordinator_host.clone());
+            options.agent_wait_secs = options.agent_wait_secs.max(cfg.boot_timeout_secs * 2 + 60);
+            Some((provider, cfg))
+        }
+    };
+    let mut cluster = LocalCluster::start(dir, &local).await?;
+    let ready = cluster.wait_ready(Duration::from_secs(options.agent_wait_secs.max(1))).await;
     if let Err(e) = ready {
         cluster.stop().await;
         return Err(e);
     }
+    let provisioning = CancellationToken::new();
+    let provisioner = match provider {
+        None => None,
+        Some((provider, cfg)) => {
+            let ca_pem = provision::ca_pem(dir)?;
+            let p = provision::Provisioner {
+                tag: provider::coordinator_tag(&ca_pem),
+                coordinator_addr: format!("{}:{}", cfg.coordinator_host, cluster.addr.port()),
+                provider,
+                cfg,
+                coord: cluster.coord.clone(),
+                state: cluster.engine.state.clone(),
+                registry: cluster.engine.registry.clone(),
+                ca_pem,
+            };
+            Some(tokio::spawn(p.run(cluster.engine.demand.subscribe(), provisioning.clone())))
+        }
+    };
     let display = Arc::new(Display::new(false));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let d = display.clone();
@@ -75,8 +119,13 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
         tracing::warn!("interrupted: cancelling running steps");
         c.cancel();
     });
-    let result = cluster.engine.run(pipeline.clone(), req.options.clone(), resume, Some(tx), cancel).await;
+    let result = cluster.engine.run(pipeline.clone(), options, resume, Some(tx), cancel).await;
     signal.abort();
+    // Every instance of the run goes, whatever the outcome.
+    provisioning.cancel();
+    if let Some(task) = provisioner {
+        let _ = task.await;
+    }
     let _ = shown.await;
     display.finish();
     let outcome = match result {
@@ -468,4 +517,123 @@ pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>) -> 
         );
     }
     Ok(())
+}
+
+/// `pype-coordinator cloud-init render --step STEP PIPELINE`.
+pub fn cloud_init_render(
+    dir: &Path,
+    pipeline: &Path,
+    step: &str,
+    provider_config: Option<&Path>,
+    port: u16,
+) -> Result<()> {
+    let p = Pipeline::load(pipeline)?;
+    if p.index_of(step).is_none() {
+        bail!("pipeline {} has no step {step}", p.name);
+    }
+    let cfg = ProviderConfig::load(provider_config)?;
+    let state = State::open(dir)?;
+    let names = crate::trust::server_names(([127, 0, 0, 1], port).into(), &[cfg.coordinator_host.clone()]);
+    crate::trust::setup(dir, &names, &state)?;
+    let ca_pem = provision::ca_pem(dir)?;
+    let registry = WorkingRegistry::open(dir)?.load()?;
+    // A token of the real shape that enrolls nothing: it is not in the database.
+    let mut raw = [0u8; 24];
+    rand::fill(&mut raw);
+    let token = format!("pype1.{}", hex::encode(raw));
+    let ttl = cfg.boot_timeout_secs + 60;
+    let inputs = provision::render_inputs(
+        &cfg,
+        "pype-i-preview",
+        &format!("{}:{port}", cfg.coordinator_host),
+        &ca_pem,
+        token,
+        ttl,
+        registry.to_json(),
+    );
+    let rendered = crate::cloudinit::render(&inputs)?;
+    print!("{}", rendered.text);
+    eprintln!("step {step}: {}", rendered.summary(cfg.user_data_limit));
+    Ok(())
+}
+
+pub enum InstancesOp {
+    List,
+    Terminate(String),
+    Sweep,
+}
+
+/// `pype-coordinator instances list|terminate ID|sweep`.
+pub async fn instances(dir: &Path, provider: &str, cfg: Option<&Path>, op: InstancesOp) -> Result<()> {
+    let cfg = ProviderConfig::load(cfg)?;
+    let p = provider::open(provider, &cfg, dir)?;
+    let state = State::open(dir)?;
+    let tag = provision::ca_pem(dir).map(|ca| provider::coordinator_tag(&ca)).unwrap_or_default();
+    match op {
+        InstancesOp::List => {
+            let rows = state.instances(false)?;
+            println!("{:<22} {:<8} {:<12} {:<10} {:<28} note", "instance", "provider", "state", "age", "run");
+            for r in &rows {
+                let age = crate::state::now_ms().saturating_sub(r.created_ms) / 1000;
+                println!(
+                    "{:<22} {:<8} {:<12} {:<10} {:<28} {}",
+                    r.instance_id,
+                    r.provider,
+                    r.state,
+                    format!("{age}s"),
+                    r.run_id.as_deref().unwrap_or("-"),
+                    r.note
+                );
+            }
+            let known: std::collections::HashSet<&str> = rows
+                .iter()
+                .filter(|r| r.state != crate::state::INSTANCE_ENDED)
+                .flat_map(|r| [Some(r.instance_id.as_str()), r.provider_id.as_deref()])
+                .flatten()
+                .collect();
+            for l in p.list(&tag).await? {
+                if !known.contains(l.provider_id.as_str()) {
+                    println!(
+                        "{:<22} {:<8} {:<12} (tagged, not accounted for: `instances sweep` terminates it)",
+                        l.provider_id,
+                        p.name(),
+                        format!("{:?}", l.state).to_lowercase()
+                    );
+                }
+            }
+            Ok(())
+        }
+        InstancesOp::Terminate(id) => {
+            let row = state
+                .instances(false)?
+                .into_iter()
+                .find(|r| r.instance_id == id || r.provider_id.as_deref() == Some(&id));
+            let pid = row.as_ref().and_then(|r| r.provider_id.clone()).unwrap_or_else(|| id.clone());
+            p.terminate(&pid).await?;
+            if let Some(r) = row {
+                state.instance_update(&r.instance_id, "terminated", None, Some("terminated by operator"))?;
+                let _ = state.revoke(&r.instance_id);
+            }
+            println!("terminated {id}");
+            Ok(())
+        }
+        InstancesOp::Sweep => {
+            let live: std::collections::HashSet<String> = state
+                .instances(true)?
+                .into_iter()
+                .flat_map(|r| [Some(r.instance_id), r.provider_id])
+                .flatten()
+                .collect();
+            let mut n = 0;
+            for l in p.list(&tag).await? {
+                if !live.contains(&l.provider_id) {
+                    p.terminate(&l.provider_id).await?;
+                    println!("terminated {} (not accounted for)", l.provider_id);
+                    n += 1;
+                }
+            }
+            println!("{n} instances terminated");
+            Ok(())
+        }
+    }
 }

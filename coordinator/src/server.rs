@@ -800,6 +800,15 @@ async fn snapshot_stream(
             framed::write_frame(&mut send, &reply).await?;
             send.finish()?;
         }
+        SnapshotRequest::Registry => {
+            let reply = match coord.engine().map(|e| e.agent_registry()) {
+                Some(Ok(json)) => SnapshotReply::Registry { json },
+                Some(Err(e)) => reply_err(ErrorCode::Internal, format!("{e:#}")),
+                None => reply_err(ErrorCode::NotFound, "this coordinator keeps no working registry".into()),
+            };
+            framed::write_frame(&mut send, &reply).await?;
+            send.finish()?;
+        }
     }
     Ok(())
 }

@@ -132,7 +132,9 @@ CREATE TABLE IF NOT EXISTS instances (
     step TEXT,
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL,
-    detail_json TEXT NOT NULL DEFAULT '{}'
+    detail_json TEXT NOT NULL DEFAULT '{}',
+    provider_id TEXT,
+    note TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS transfers (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -204,6 +206,15 @@ impl State {
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         db.execute_batch(SCHEMA).context("creating state schema")?;
+        // Databases made before instances were provisioned lack these columns.
+        for (column, decl) in [("provider_id", "TEXT"), ("note", "TEXT NOT NULL DEFAULT ''")] {
+            let present: bool = db
+                .prepare("SELECT 1 FROM pragma_table_info('instances') WHERE name = ?1")?
+                .exists(params![column])?;
+            if !present {
+                db.execute_batch(&format!("ALTER TABLE instances ADD COLUMN {column} {decl}"))?;
+            }
+        }
         Ok(Self { db: Mutex::new(db) })
     }
 
@@ -236,15 +247,15 @@ impl State {
         let other = |e: anyhow::Error| EnrollRefusal::Other(format!("{e:#}"));
         let mut db = self.db();
         let tx = db.transaction().map_err(|e| other(e.into()))?;
-        let row: Option<(u64, i64)> = tx
+        let row: Option<(u64, i64, Option<String>)> = tx
             .query_row(
-                "SELECT expires_at, uses_left FROM tokens WHERE hash = ?1",
+                "SELECT expires_at, uses_left, instance_id FROM tokens WHERE hash = ?1",
                 params![token_hash(token)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
             .map_err(|e| other(e.into()))?;
-        let Some((expires_at, uses_left)) = row else { return Err(EnrollRefusal::UnknownToken) };
+        let Some((expires_at, uses_left, instance)) = row else { return Err(EnrollRefusal::UnknownToken) };
         if expires_at <= now_secs() {
             return Err(EnrollRefusal::Expired);
         }
@@ -253,7 +264,8 @@ impl State {
         }
         tx.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1", params![token_hash(token)])
             .map_err(|e| other(e.into()))?;
-        let base = sanitize_name(name);
+        // A token bound to an instance enrolls that instance's agent, named after it.
+        let base = sanitize_name(instance.as_deref().unwrap_or(name));
         let mut id = base.clone();
         let mut n = 1;
         while tx
@@ -566,6 +578,75 @@ impl State {
 }
 
 /// Agent ids are certificate common names and log fields: keep them short and plain.
+/// An instance the coordinator provisioned (or meant to: `creating` is the intent written
+/// before the provider's create call).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstanceRecord {
+    pub instance_id: String,
+    pub provider: String,
+    pub provider_id: Option<String>,
+    /// creating, booting, joined, terminating, terminated
+    pub state: String,
+    pub run_id: Option<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub note: String,
+}
+
+/// Instance states after which nothing runs.
+pub const INSTANCE_ENDED: &str = "terminated";
+
+impl State {
+    /// Records the intent to create an instance, before the provider is called.
+    pub fn instance_intent(&self, instance_id: &str, provider: &str, run_id: Option<&str>) -> Result<()> {
+        let now = now_ms();
+        self.db().execute(
+            "INSERT INTO instances (instance_id, provider, state, run_id, created_ms, updated_ms) \
+             VALUES (?1, ?2, 'creating', ?3, ?4, ?4)",
+            params![instance_id, provider, run_id, now],
+        )?;
+        Ok(())
+    }
+
+    /// Moves an instance to `state`; `provider_id` and `note` are kept unless given.
+    pub fn instance_update(
+        &self,
+        instance_id: &str,
+        state: &str,
+        provider_id: Option<&str>,
+        note: Option<&str>,
+    ) -> Result<()> {
+        self.db().execute(
+            "UPDATE instances SET state = ?2, provider_id = COALESCE(?3, provider_id), \
+             note = COALESCE(?4, note), updated_ms = ?5 WHERE instance_id = ?1",
+            params![instance_id, state, provider_id, note, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Instances, newest first; `live_only` leaves out terminated ones.
+    pub fn instances(&self, live_only: bool) -> Result<Vec<InstanceRecord>> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT instance_id, provider, provider_id, state, run_id, created_ms, updated_ms, note \
+             FROM instances WHERE (?1 = 0 OR state != 'terminated') ORDER BY created_ms DESC, instance_id",
+        )?;
+        let rows = stmt.query_map(params![live_only as i64], |r| {
+            Ok(InstanceRecord {
+                instance_id: r.get(0)?,
+                provider: r.get(1)?,
+                provider_id: r.get(2)?,
+                state: r.get(3)?,
+                run_id: r.get(4)?,
+                created_ms: r.get(5)?,
+                updated_ms: r.get(6)?,
+                note: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
 pub fn sanitize_name(name: &str) -> String {
     let s: String = name
         .chars()

@@ -289,6 +289,9 @@ pub enum SnapshotRequest {
     Store { data: DataHeader },
     /// Sizes of `(snapshot_id, in_snapshot_path)` pairs from the store's index.
     Stat { queries: Vec<(String, String)> },
+    /// The working registry (bio-pype's JSON), for an instance whose user-data had no room for
+    /// it: the reply is `Registry`.
+    Registry,
 }
 
 /// What a stored snapshot holds.
@@ -308,4 +311,5 @@ pub enum SnapshotReply {
     Stored(SnapshotInfo),
     Sizes(Vec<Option<u64>>),
     Error(RemoteError),
+    Registry { json: String },
 }

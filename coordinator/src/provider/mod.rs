@@ -1,0 +1,159 @@
+//! Instances the coordinator provisions for its agents: the `Provider` trait every backend
+//! (qemu here; clouds later) implements, and the provider config file.
+//!
+//! A provider only creates, describes, terminates and lists; the lifecycle (intents in the
+//! state database, boot timeout, termination when work ends, the reconciler) lives in
+//! [`crate::provision`] and is the same for all of them.
+
+pub mod qemu;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::cloudinit::AgentDelivery;
+
+/// Tag keys every instance carries from its creation.
+pub const TAG_COORDINATOR: &str = "pype:coordinator";
+pub const TAG_RUN: &str = "pype:run";
+pub const TAG_INSTANCE: &str = "pype:instance";
+pub const TAG_STEP: &str = "pype:step";
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    /// Our id for the instance (the agent enrolls under it); providers may assign their own.
+    pub instance_id: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Pending,
+    Running,
+    /// Stopped, terminated or unknown to the provider.
+    Gone,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub provider_id: String,
+    pub state: InstanceState,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Creates an instance booting with `user_data`, tagged from the start; returns the
+    /// provider's id for it.
+    async fn create(&self, spec: &InstanceSpec, user_data: &[u8]) -> Result<String>;
+    async fn describe(&self, provider_id: &str) -> Result<InstanceState>;
+    /// Terminates; an instance already gone is not an error.
+    async fn terminate(&self, provider_id: &str) -> Result<()>;
+    /// Instances carrying `pype:coordinator = coordinator_tag`, whatever their state.
+    async fn list(&self, coordinator_tag: &str) -> Result<Vec<Listed>>;
+    /// The end of the instance's console, where the provider can read it.
+    async fn console(&self, _provider_id: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
+}
+
+/// The provider config file (TOML): lifecycle settings shared by all providers, then one
+/// table per provider.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// An instance whose agent has not connected within this is terminated and replaced.
+    pub boot_timeout_secs: u64,
+    /// How often the reconciler lists tagged instances and terminates unaccounted ones.
+    pub sweep_interval_secs: u64,
+    /// The agent on an instance gives up (powers off) after losing its coordinator this long.
+    pub orphan_timeout_secs: u64,
+    /// Most instances at once.
+    pub max_instances: usize,
+    /// Cap on rendered user-data bytes.
+    pub user_data_limit: usize,
+    /// Host (or IP) at which instances reach the coordinator.
+    pub coordinator_host: String,
+    /// `PYPE_OVERLAY_MODE` of instance agents.
+    pub backend: String,
+    /// `PYPE_SNAPSHOT_REGISTRY` on instances.
+    pub registry_path: String,
+    /// How the agent gets onto an instance.
+    pub agent: AgentDelivery,
+    pub qemu: qemu::QemuConfig,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self {
+            boot_timeout_secs: 300,
+            sweep_interval_secs: 60,
+            orphan_timeout_secs: 600,
+            max_instances: 2,
+            user_data_limit: crate::cloudinit::EC2_USER_DATA_LIMIT,
+            coordinator_host: "10.0.2.2".into(),
+            backend: "snapshot".into(),
+            registry_path: "/var/lib/pype/snapshot_registry.json".into(),
+            agent: AgentDelivery::default(),
+            qemu: qemu::QemuConfig::default(),
+        }
+    }
+}
+
+impl ProviderConfig {
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let cfg: Self = match path {
+            None => Self::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading provider config {}", p.display()))?;
+                toml::from_str(&text).map_err(|e| {
+                    let at = e
+                        .span()
+                        .map(|s| {
+                            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                            format!(":{line}")
+                        })
+                        .unwrap_or_default();
+                    anyhow::anyhow!("{}{at}: {}", p.display(), e.message())
+                })?
+            }
+        };
+        cfg.agent.check().context("provider config [agent]")?;
+        if cfg.max_instances == 0 {
+            bail!("provider config: max_instances must be at least 1");
+        }
+        if cfg.boot_timeout_secs == 0 || cfg.sweep_interval_secs == 0 {
+            bail!("provider config: boot_timeout_secs and sweep_interval_secs must be positive");
+        }
+        Ok(cfg)
+    }
+}
+
+/// The provider named `name`, with its part of `cfg`; `state_dir` holds what it keeps locally.
+pub fn open(name: &str, cfg: &ProviderConfig, state_dir: &Path) -> Result<Arc<dyn Provider>> {
+    match name {
+        "qemu" => Ok(Arc::new(qemu::Qemu::new(cfg.qemu.clone(), instances_dir(state_dir, "qemu"))?)),
+        other => bail!("unknown provider {other:?} (known: qemu)"),
+    }
+}
+
+pub fn instances_dir(state_dir: &Path, provider: &str) -> PathBuf {
+    state_dir.join("instances").join(provider)
+}
+
+/// This coordinator's tag value: derived from its CA, so it is stable across restarts and
+/// distinct between coordinators.
+pub fn coordinator_tag(ca_pem: &str) -> String {
+    let h = blake3::hash(ca_pem.as_bytes()).to_hex();
+    format!("pype-{}", &h[..12])
+}
