@@ -55,6 +55,9 @@ async fn enroll_identity(
         max_backoff: Duration::from_millis(500),
         unpack_limits: Default::default(),
         settings: agent::settings::Settings::from_config(&Default::default(), &dir.join("work")).unwrap(),
+        orphan_timeout: None,
+        orphan_action: agent::session::OrphanAction::Exit,
+        fetch_registry: false,
     };
     agent::session::enroll(&cfg, &token).await.unwrap()
 }
