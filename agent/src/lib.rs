@@ -142,11 +142,9 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     .max(1);
     let mut labels = args.labels;
-    if labels.is_empty() {
-        if let Some(v) = file.get("PYPE_LABELS") {
-            for l in v.split(',').filter(|l| !l.trim().is_empty()) {
-                labels.push(parse_label(l).map_err(|e| anyhow!("PYPE_LABELS: {e}"))?);
-            }
+    if let Some(v) = file.get("PYPE_LABELS").filter(|_| labels.is_empty()) {
+        for l in v.split(',').filter(|l| !l.trim().is_empty()) {
+            labels.push(parse_label(l).map_err(|e| anyhow!("PYPE_LABELS: {e}"))?);
         }
     }
     let cfg = session::AgentConfig {

@@ -11,6 +11,12 @@
 //! | `PYPE_CACHE_SIZE_BYTES` | 21474836480 (20 GiB) of restored snapshots kept |
 //! | `PYPE_OVERLAY_MOUNT` | `auto`: mount overlayfs when root; `never`: build views with hardlinks |
 //! | `PYPE_MOUNT_NAMESPACE` | `auto`: present views at the original paths in a private mount namespace when root; `never`: rewrite paths |
+//!
+//! Connection keys (also flags of `pype-agent run`): `PYPE_COORDINATOR`, `PYPE_TOKEN`,
+//! `PYPE_CA`, `PYPE_INSTANCE_ID`, `PYPE_AGENT_STATE_DIR`, `PYPE_WORK_DIR`, `PYPE_SLOTS`,
+//! `PYPE_LABELS` (`k=v,k=v`); for ephemeral instances `PYPE_ORPHAN_TIMEOUT_SECS` (give up
+//! after that long without a coordinator), `PYPE_ORPHAN_ACTION` (`exit` or `poweroff`) and
+//! `PYPE_REGISTRY_FETCH=1` (fetch the registry over QUIC after connecting).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -533,7 +533,10 @@ pub fn cloud_init_render(
     }
     let cfg = ProviderConfig::load(provider_config)?;
     let state = State::open(dir)?;
-    let names = crate::trust::server_names(([127, 0, 0, 1], port).into(), &[cfg.coordinator_host.clone()]);
+    let names = crate::trust::server_names(
+        ([127, 0, 0, 1], port).into(),
+        std::slice::from_ref(&cfg.coordinator_host),
+    );
     crate::trust::setup(dir, &names, &state)?;
     let ca_pem = provision::ca_pem(dir)?;
     let registry = WorkingRegistry::open(dir)?.load()?;

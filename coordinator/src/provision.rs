@@ -217,12 +217,13 @@ impl Provisioner {
         create_after: &mut Instant,
     ) -> Result<()> {
         let want = d.want.min(self.cfg.max_instances);
-        if mine.len() < want && Instant::now() >= *create_after {
-            if let Err(e) = self.create(d, mine).await {
-                // Do not hammer a failing provider.
-                *create_after = Instant::now() + Duration::from_secs(5);
-                return Err(e);
-            }
+        if mine.len() < want
+            && Instant::now() >= *create_after
+            && let Err(e) = self.create(d, mine).await
+        {
+            // Do not hammer a failing provider.
+            *create_after = Instant::now() + Duration::from_secs(5);
+            return Err(e);
         }
         if mine.len() > want {
             // Idle joined instances first, then the youngest still booting.

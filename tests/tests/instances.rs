@@ -362,8 +362,8 @@ impl VmFx {
         String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
     }
 
-    /// Provider config: the agent downloaded from the namespace's HTTP server (or
-    /// `preinstalled`, which the test image does not have).
+    /// Provider config: the agent downloaded from the namespace's HTTP server, or
+    /// `preinstalled` at a path no image has (an agent that never starts).
     fn provider_config(&self, extra: &str, download: bool) -> PathBuf {
         let agent = if download {
             format!(
@@ -371,7 +371,7 @@ impl VmFx {
                 self.agent_sha256()
             )
         } else {
-            "[agent]\nmode = \"preinstalled\"\npath = \"/usr/local/bin/pype-agent\"\n".to_string()
+            "[agent]\nmode = \"preinstalled\"\npath = \"/opt/pype/no-such-agent\"\n".to_string()
         };
         let text = format!(
             "{extra}\nsweep_interval_secs = 5\norphan_timeout_secs = 120\n{agent}[qemu]\nimage_dir = \"{}\"\n",
@@ -533,7 +533,7 @@ fn instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_not
     };
     let pipeline = fx.p("one.toml");
     std::fs::write(&pipeline, "name = \"one\"\n[[steps]]\nname = \"one\"\ncommand = \"true\"\n").unwrap();
-    // The test image has no agent preinstalled: its unit never starts.
+    // An agent path the image does not have: the unit never starts.
     fx.provider_config("max_instances = 1\nboot_timeout_secs = 25", false);
     let mut run = fx.start_run("run", &[pipeline.to_str().unwrap()]);
     let timed_out = run.wait_for(&["boot timeout: no agent within 25s"], Duration::from_secs(120));
