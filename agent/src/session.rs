@@ -146,7 +146,8 @@ pub async fn enroll(cfg: &AgentConfig, token: &str) -> Result<Identity> {
         })?
         .ok_or_else(|| anyhow!("coordinator closed enrollment without an answer"))?;
     conn.close(quinn::VarInt::from_u32(0), b"enrolled");
-    ep.wait_idle().await;
+    // The close drains in the background: the session need not wait for it.
+    tokio::spawn(async move { ep.wait_idle().await });
     match resp {
         EnrollResponse::Enrolled { agent_id, cert_pem } => {
             let cert = pki::CertKey { cert_pem, key_pem };

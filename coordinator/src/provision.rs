@@ -216,7 +216,8 @@ impl Provisioner {
         mine: &mut HashMap<String, Mine>,
         create_after: &mut Instant,
     ) -> Result<()> {
-        let want = d.want.min(self.cfg.max_instances);
+        let floor = if d.want > 0 { self.cfg.min_instances } else { 0 };
+        let want = d.want.max(floor).min(self.cfg.max_instances);
         if mine.len() < want
             && Instant::now() >= *create_after
             && let Err(e) = self.create(d, mine).await

@@ -454,7 +454,8 @@ const BOOT: Duration = Duration::from_secs(300);
 fn example_pipeline_on_two_qemu_vms() {
     let Some(fx) = VmFx::new("example_pipeline_on_two_qemu_vms") else { return };
     example_in(fx.dir.path());
-    fx.provider_config("max_instances = 2\nboot_timeout_secs = 400", true);
+    // Both boot from the start (the example's steps take seconds, a VM a minute).
+    fx.provider_config("max_instances = 2\nmin_instances = 2\nboot_timeout_secs = 400", true);
     let mut run = fx.start_run("run", &[fx.p("pipeline.toml").to_str().unwrap()]);
     let status = run.wait_exit(Duration::from_secs(600));
     assert!(status.success(), "{status}\n{}", run.dump());

@@ -79,6 +79,9 @@ pub struct ProviderConfig {
     pub orphan_timeout_secs: u64,
     /// Most instances at once.
     pub max_instances: usize,
+    /// Instances kept while a run has work, from its start: they boot in parallel instead of
+    /// one after another as steps become ready.
+    pub min_instances: usize,
     /// Cap on rendered user-data bytes.
     pub user_data_limit: usize,
     /// Host (or IP) at which instances reach the coordinator.
@@ -99,6 +102,7 @@ impl Default for ProviderConfig {
             sweep_interval_secs: 60,
             orphan_timeout_secs: 600,
             max_instances: 2,
+            min_instances: 0,
             user_data_limit: crate::cloudinit::EC2_USER_DATA_LIMIT,
             coordinator_host: "10.0.2.2".into(),
             backend: "snapshot".into(),
