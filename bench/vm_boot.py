@@ -12,8 +12,11 @@ and when cloud-init printed "finished at". The coordinator's log gives "instance
 (with create_ms: token, user-data render, seed ISO, overlay, qemu launch), "agent enrolled"
 and "instance joined".
 
-The coordinator's own overhead = create_ms + (instance joined - pype-agent.service started):
-render, seed, enroll, first heartbeat. Target: under 1 s.
+The coordinator's own overhead is the difference between the two: what the total adds to
+the boot (render, seed, overlay and qemu launch before it; enroll and first heartbeat after
+cloud-init's final stage). Target: under 1 s. Also printed: create_ms, the agent's own time
+in the guest from its unit starting to its enrollment (emulated under TCG), and the
+coordinator's side from enrollment to the agent joining.
 Needs root, qemu-system-x86_64, genisoimage and the image from deploy/qemu/build-image.sh.
 """
 import argparse
@@ -54,6 +57,11 @@ def poll_console(state, marks, stop):
                 marks.setdefault("agent unit started", now)
             if "Cloud-init v." in text and "finished at" in text:
                 marks.setdefault("cloud-init final", now)
+            # The agent's own log lines (its unit logs to the console too).
+            if re.search(r"INFO [^\n]*enrolled", text):
+                marks.setdefault("agent enrolled", now)
+            if "connected to coordinator" in text:
+                marks.setdefault("agent connected", now)
         time.sleep(0.01)
 
 
@@ -108,7 +116,8 @@ def one_run(coordinator, agent_bin, image_dir, n):
         overhead = ev["create_ms"] / 1000.0 + after_unit
         return {"total": total, "boot": boot, "create": ev["create_ms"] / 1000.0,
                 "unit_to_joined": after_unit, "overhead": overhead,
-                "enroll_to_joined": ev["joined"] - ev["enrolled"]}
+                "unit_to_enrolled": marks.get("agent enrolled", float("nan")) - marks["agent unit started"],
+                "coord_enroll_to_joined": ev["joined"] - ev["enrolled"]}
     finally:
         if http:
             http.kill()
@@ -124,11 +133,13 @@ def main():
     ap.add_argument("--image-dir", default=os.environ.get("PYPE_QEMU_IMAGE_DIR", "/var/cache/pype/images/bookworm"))
     a = ap.parse_args()
     rows = [one_run(a.bin, a.agent, a.image_dir, i) for i in range(a.runs)]
-    print("| run | requested -> agent connected | qemu start -> cloud-init final | ratio | create (token, render, seed, overlay, qemu) | unit started -> joined (agent start, enroll, first heartbeat) | coordinator overhead |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| run | requested -> agent connected | qemu start -> cloud-init final | ratio | difference | create (token, render, seed, overlay, qemu) | unit started -> agent enrolled (in the guest) | coordinator: enrolled -> joined | unit started -> joined |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for i, r in enumerate(rows, 1):
         print(f"| {i} | {r['total']:.2f} s | {r['boot']:.2f} s | {r['total'] / r['boot']:.2f} | "
-              f"{r['create'] * 1000:.0f} ms | {r['unit_to_joined'] * 1000:.0f} ms | **{r['overhead'] * 1000:.0f} ms** |")
+              f"**{(r['total'] - r['boot']) * 1000:.0f} ms** | "
+              f"{r['create'] * 1000:.0f} ms | {r['unit_to_enrolled'] * 1000:.0f} ms | "
+              f"{r['coord_enroll_to_joined'] * 1000:.0f} ms | {r['unit_to_joined'] * 1000:.0f} ms |")
 
 
 if __name__ == "__main__":

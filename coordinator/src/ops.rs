@@ -629,9 +629,19 @@ pub async fn instances(dir: &Path, provider: &str, cfg: Option<&Path>, op: Insta
                 .collect();
             let mut n = 0;
             for l in p.list(&tag).await? {
-                if !live.contains(&l.provider_id) {
+                let stopped = l.state == provider::InstanceState::Gone;
+                if !live.contains(&l.provider_id) || stopped {
                     p.terminate(&l.provider_id).await?;
-                    println!("terminated {} (not accounted for)", l.provider_id);
+                    if stopped {
+                        // Whatever the database said, nothing runs there any more.
+                        for r in state.instances(true)? {
+                            if r.instance_id == l.provider_id || r.provider_id.as_deref() == Some(&l.provider_id) {
+                                state.instance_update(&r.instance_id, "terminated", None, Some("found stopped"))?;
+                            }
+                        }
+                    }
+                    let why = if stopped { "stopped" } else { "not accounted for" };
+                    println!("terminated {} ({why})", l.provider_id);
                     n += 1;
                 }
             }

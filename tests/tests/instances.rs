@@ -7,7 +7,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tests::{Bins, Coord, Proc, T, start_agent_env};
@@ -256,9 +255,6 @@ fn sweep_terminates_tagged_instances_nothing_accounts_for_and_spares_others() {
 // ---------------------------------------------------------------------------------------------
 // Real VMs
 
-/// One VM test at a time: two cores boot one TCG guest at a useful speed.
-static VM_LOCK: Mutex<()> = Mutex::new(());
-
 fn image_dir() -> PathBuf {
     std::env::var_os("PYPE_QEMU_IMAGE_DIR")
         .map_or_else(|| PathBuf::from("/var/cache/pype/images/bookworm"), PathBuf::from)
@@ -293,7 +289,6 @@ struct VmFx {
     bins: Bins,
     netns: String,
     http: std::process::Child,
-    _guard: std::sync::MutexGuard<'static, ()>,
 }
 
 impl VmFx {
@@ -302,7 +297,6 @@ impl VmFx {
             skip(test, &why);
             return None;
         }
-        let guard = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let netns = format!("pype-t{}-{}", std::process::id(), &test[..test.len().min(6)]);
         let _ = Command::new("ip").args(["netns", "del", &netns]).status();
@@ -344,7 +338,7 @@ impl VmFx {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        Some(Self { dir, bins: bins(), netns, http, _guard: guard })
+        Some(Self { dir, bins: bins(), netns, http })
     }
 
     fn p(&self, rel: &str) -> PathBuf {
@@ -387,6 +381,8 @@ impl VmFx {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns]).arg(&self.bins.coordinator);
         cmd.arg("--state-dir").arg(self.state()).args(["run", "--provider", "qemu"]);
+        // TCG guests on a loaded 2-core machine can stall for a second or two.
+        cmd.args(["--heartbeat-interval-ms", "2000"]);
         cmd.arg("--provider-config").arg(self.p("provider.toml"));
         cmd.args(args);
         Proc::spawn(name, cmd)
@@ -526,9 +522,9 @@ fn killed_coordinator_leaves_a_vm_that_the_restart_terminates_and_the_run_resume
 }
 
 #[test]
-fn instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_nothing() {
+fn instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_nothing_and_strays_are_swept() {
     let Some(fx) =
-        VmFx::new("instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_nothing")
+        VmFx::new("instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_nothing_and_strays_are_swept")
     else {
         return;
     };
@@ -537,6 +533,15 @@ fn instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_not
     // An agent path the image does not have: the unit never starts.
     fx.provider_config("max_instances = 1\nboot_timeout_secs = 25", false);
     let mut run = fx.start_run("run", &[pipeline.to_str().unwrap()]);
+    // Meanwhile something tagged as ours appears that the state database does not know: the
+    // periodic reconciler (every 5 s here) terminates it.
+    run.wait_for(&["instance requested"], T);
+    let ca = std::fs::read_to_string(fx.state().join("ca.pem")).unwrap();
+    let tag = format!("pype-{}", &blake3::hash(ca.as_bytes()).to_hex()[..12]);
+    let mut stray =
+        fake_instance(&fx.state().join("instances/qemu"), "pype-i-5742a7000000", &serde_json::json!({"pype:coordinator": tag}));
+    run.wait_for(&["reconciler: terminating an instance nothing accounts for", "pype-i-5742a7000000"], T);
+    assert!(gone(&mut stray), "the stray instance still runs");
     let timed_out = run.wait_for(&["boot timeout: no agent within 25s"], Duration::from_secs(120));
     assert!(timed_out.contains("console tail"), "{timed_out}");
     run.wait_for(&["instance terminated", "boot timeout"], T);
@@ -547,4 +552,38 @@ fn instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_not
     fx.assert_no_instances_left(&run);
     let rows = fx.instance_rows();
     assert!(rows.contains("boot timeout"), "{rows}");
+}
+
+#[test]
+fn orphaned_vm_powers_itself_off() {
+    let Some(fx) = VmFx::new("orphaned_vm_powers_itself_off") else { return };
+    let pipeline = fx.p("long.toml");
+    std::fs::write(&pipeline, "name = \"long\"\n[[steps]]\nname = \"long\"\ncommand = \"sleep 600\"\n").unwrap();
+    fx.provider_config("max_instances = 1\nboot_timeout_secs = 400", true);
+    // The provider config's orphan timeout goes into the user-data.
+    let cfg = fx.p("provider.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("orphan_timeout_secs = 120", "orphan_timeout_secs = 10");
+    std::fs::write(&cfg, text).unwrap();
+    let mut run = fx.start_run("run", &[pipeline.to_str().unwrap()]);
+    run.wait_for(&["step started", "step=\"long\""], BOOT);
+    let vms = fx.qemus();
+    assert_eq!(vms.len(), 1);
+    run.signal(libc::SIGKILL);
+    run.wait_exit(T);
+    // Nobody terminates it: its agent gives up after 10 s and powers the VM off, and qemu exits.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !fx.qemus().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let console: String = std::fs::read_dir(fx.state().join("instances/qemu"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default())
+        .collect();
+    assert!(fx.qemus().is_empty(), "the orphaned VM still runs; console:\n{console}");
+    assert!(console.contains("Power"), "no power-off on the console:\n{console}");
+    // What is left on disk is swept without a coordinator.
+    let (ok, out, err) = cli(&fx.bins, &fx.state(), &["instances", "sweep", "--provider-config", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 instances terminated"), "{out}");
 }
