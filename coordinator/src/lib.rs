@@ -231,6 +231,10 @@ struct RunArgs {
     /// creates on demand (`qemu`).
     #[arg(long, default_value = "local")]
     provider: String,
+    /// UDP address the embedded coordinator listens on; instances of a provider reach it as
+    /// `coordinator_host` and this port (qemu user networking maps 10.0.2.2 to loopback).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
     /// Provider config file (TOML): boot/sweep/orphan timeouts, max_instances, agent
     /// delivery, the provider's own table.
     #[arg(long)]
@@ -413,7 +417,10 @@ async fn run_cli(cli: Cli) -> Result<()> {
                 pipeline: a.pipeline,
                 resume: a.resume,
                 coordinator: a.coordinator,
-                local: local_options(a.agents.max(1), a.heartbeat_interval_ms, a.agent_bin, a.backend),
+                local: local::LocalOptions {
+                    listen: a.listen,
+                    ..local_options(a.agents.max(1), a.heartbeat_interval_ms, a.agent_bin, a.backend)
+                },
                 options: engine::RunOptions {
                     force: a.force,
                     empty_ok: a.empty_ok,

@@ -635,8 +635,15 @@ pub async fn instances(dir: &Path, provider: &str, cfg: Option<&Path>, op: Insta
                     if stopped {
                         // Whatever the database said, nothing runs there any more.
                         for r in state.instances(true)? {
-                            if r.instance_id == l.provider_id || r.provider_id.as_deref() == Some(&l.provider_id) {
-                                state.instance_update(&r.instance_id, "terminated", None, Some("found stopped"))?;
+                            if r.instance_id == l.provider_id
+                                || r.provider_id.as_deref() == Some(&l.provider_id)
+                            {
+                                state.instance_update(
+                                    &r.instance_id,
+                                    "terminated",
+                                    None,
+                                    Some("found stopped"),
+                                )?;
                             }
                         }
                     }

@@ -523,9 +523,9 @@ fn killed_coordinator_leaves_a_vm_that_the_restart_terminates_and_the_run_resume
 
 #[test]
 fn instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_nothing_and_strays_are_swept() {
-    let Some(fx) =
-        VmFx::new("instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_nothing_and_strays_are_swept")
-    else {
+    let Some(fx) = VmFx::new(
+        "instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_nothing_and_strays_are_swept",
+    ) else {
         return;
     };
     let pipeline = fx.p("one.toml");
@@ -538,8 +538,11 @@ fn instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_not
     run.wait_for(&["instance requested"], T);
     let ca = std::fs::read_to_string(fx.state().join("ca.pem")).unwrap();
     let tag = format!("pype-{}", &blake3::hash(ca.as_bytes()).to_hex()[..12]);
-    let mut stray =
-        fake_instance(&fx.state().join("instances/qemu"), "pype-i-5742a7000000", &serde_json::json!({"pype:coordinator": tag}));
+    let mut stray = fake_instance(
+        &fx.state().join("instances/qemu"),
+        "pype-i-5742a7000000",
+        &serde_json::json!({"pype:coordinator": tag}),
+    );
     run.wait_for(&["reconciler: terminating an instance nothing accounts for", "pype-i-5742a7000000"], T);
     assert!(gone(&mut stray), "the stray instance still runs");
     let timed_out = run.wait_for(&["boot timeout: no agent within 25s"], Duration::from_secs(120));
@@ -558,11 +561,14 @@ fn instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_not
 fn orphaned_vm_powers_itself_off() {
     let Some(fx) = VmFx::new("orphaned_vm_powers_itself_off") else { return };
     let pipeline = fx.p("long.toml");
-    std::fs::write(&pipeline, "name = \"long\"\n[[steps]]\nname = \"long\"\ncommand = \"sleep 600\"\n").unwrap();
+    std::fs::write(&pipeline, "name = \"long\"\n[[steps]]\nname = \"long\"\ncommand = \"sleep 600\"\n")
+        .unwrap();
     fx.provider_config("max_instances = 1\nboot_timeout_secs = 400", true);
     // The provider config's orphan timeout goes into the user-data.
     let cfg = fx.p("provider.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("orphan_timeout_secs = 120", "orphan_timeout_secs = 10");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("orphan_timeout_secs = 120", "orphan_timeout_secs = 10");
     std::fs::write(&cfg, text).unwrap();
     let mut run = fx.start_run("run", &[pipeline.to_str().unwrap()]);
     run.wait_for(&["step started", "step=\"long\""], BOOT);
@@ -583,7 +589,8 @@ fn orphaned_vm_powers_itself_off() {
     assert!(fx.qemus().is_empty(), "the orphaned VM still runs; console:\n{console}");
     assert!(console.contains("Power"), "no power-off on the console:\n{console}");
     // What is left on disk is swept without a coordinator.
-    let (ok, out, err) = cli(&fx.bins, &fx.state(), &["instances", "sweep", "--provider-config", cfg.to_str().unwrap()]);
+    let (ok, out, err) =
+        cli(&fx.bins, &fx.state(), &["instances", "sweep", "--provider-config", cfg.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(out.contains("1 instances terminated"), "{out}");
 }
