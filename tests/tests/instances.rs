@@ -299,7 +299,8 @@ impl VmFx {
         }
         let dir = tempfile::tempdir().unwrap();
         let netns = format!("pype-t{}-{}", std::process::id(), &test[..test.len().min(6)]);
-        let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        let _ =
+            Command::new("ip").args(["netns", "del", &netns]).stderr(std::process::Stdio::null()).status();
         assert!(Command::new("ip").args(["netns", "add", &netns]).status().unwrap().success());
         assert!(
             Command::new("ip")
