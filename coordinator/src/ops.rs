@@ -67,6 +67,7 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
         Some((name, cfg_path)) => {
             let cfg = ProviderConfig::load(cfg_path.as_deref())?;
             let provider = provider::open(name, &cfg, dir)?;
+            provider.preflight().await.with_context(|| format!("provider {name}"))?;
             let swept = provision::startup_sweep(provider.as_ref(), dir, &State::open(dir)?).await?;
             if swept > 0 {
                 tracing::warn!(

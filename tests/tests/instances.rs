@@ -183,6 +183,50 @@ fn orphaned_agent_gives_up_after_the_orphan_timeout() {
     assert!(killed.elapsed() >= Duration::from_secs(2), "gave up after {:?}", killed.elapsed());
 }
 
+#[test]
+fn provider_without_its_image_fails_at_once_with_the_fix() {
+    let bins = bins();
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = example_in(dir.path());
+    let cfg = dir.path().join("provider.toml");
+    std::fs::write(&cfg, format!("[qemu]\nimage_dir = \"{}\"\n", dir.path().join("no-images").display()))
+        .unwrap();
+    let started = Instant::now();
+    let (ok, _, err) = cli(
+        &bins,
+        &dir.path().join("state"),
+        &[
+            "run",
+            "--provider",
+            "qemu",
+            "--provider-config",
+            cfg.to_str().unwrap(),
+            pipeline.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("base.qcow2 is missing") && err.contains("deploy/qemu/build-image.sh"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    // An unknown provider and a broken config are refused too.
+    let (ok, _, err) =
+        cli(&bins, &dir.path().join("state"), &["run", "--provider", "nimbus", pipeline.to_str().unwrap()]);
+    assert!(!ok && err.contains("unknown provider \"nimbus\""), "{err}");
+    std::fs::write(&cfg, "max_instances = 0\n").unwrap();
+    let (ok, _, err) = cli(
+        &bins,
+        &dir.path().join("state"),
+        &[
+            "run",
+            "--provider",
+            "qemu",
+            "--provider-config",
+            cfg.to_str().unwrap(),
+            pipeline.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok && err.contains("max_instances must be at least 1"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The reconciler, on stand-in instances (processes whose command line names their directory,
 // as qemu's does)

@@ -60,6 +60,11 @@ pub trait Provider: Send + Sync {
     async fn terminate(&self, provider_id: &str) -> Result<()>;
     /// Instances carrying `pype:coordinator = coordinator_tag`, whatever their state.
     async fn list(&self, coordinator_tag: &str) -> Result<Vec<Listed>>;
+    /// Checks what creating an instance needs (tools, images, credentials) before a run
+    /// waits on instances that could never be made.
+    async fn preflight(&self) -> Result<()> {
+        Ok(())
+    }
     /// The end of the instance's console, where the provider can read it.
     async fn console(&self, _provider_id: &str) -> Result<Option<String>> {
         Ok(None)

@@ -172,6 +172,23 @@ impl Provider for Qemu {
         Ok(spec.instance_id.clone())
     }
 
+    async fn preflight(&self) -> Result<()> {
+        for f in ["base.qcow2", "vmlinuz", "initrd.img"] {
+            self.image_file(f)?;
+        }
+        for (tool, what) in [
+            (&self.cfg.qemu, "qemu (Debian package qemu-system-x86)"),
+            (&self.cfg.qemu_img, "qemu-img (Debian package qemu-utils)"),
+            (&self.cfg.mkisofs, "genisoimage (Debian package genisoimage)"),
+        ] {
+            let found = Command::new(tool).arg("--version").output().await.is_ok();
+            if !found {
+                bail!("{tool} is not installed: the qemu provider needs {what}");
+            }
+        }
+        Ok(())
+    }
+
     async fn describe(&self, provider_id: &str) -> Result<InstanceState> {
         let dir = self.instance_dir(provider_id)?;
         Ok(if self.live_pid(&dir).is_some() { InstanceState::Running } else { InstanceState::Gone })
