@@ -191,19 +191,19 @@ fn provider_without_its_image_fails_at_once_with_the_fix() {
     let cfg = dir.path().join("provider.toml");
     std::fs::write(&cfg, format!("[qemu]\nimage_dir = \"{}\"\n", dir.path().join("no-images").display()))
         .unwrap();
-    let started = Instant::now();
-    let (ok, _, err) = cli(
-        &bins,
-        &dir.path().join("state"),
-        &[
+    let run_qemu = || {
+        let args = [
             "run",
             "--provider",
             "qemu",
             "--provider-config",
             cfg.to_str().unwrap(),
             pipeline.to_str().unwrap(),
-        ],
-    );
+        ];
+        cli(&bins, &dir.path().join("state"), &args)
+    };
+    let started = Instant::now();
+    let (ok, _, err) = run_qemu();
     assert!(!ok);
     assert!(err.contains("base.qcow2 is missing") && err.contains("deploy/qemu/build-image.sh"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
@@ -212,18 +212,7 @@ fn provider_without_its_image_fails_at_once_with_the_fix() {
         cli(&bins, &dir.path().join("state"), &["run", "--provider", "nimbus", pipeline.to_str().unwrap()]);
     assert!(!ok && err.contains("unknown provider \"nimbus\""), "{err}");
     std::fs::write(&cfg, "max_instances = 0\n").unwrap();
-    let (ok, _, err) = cli(
-        &bins,
-        &dir.path().join("state"),
-        &[
-            "run",
-            "--provider",
-            "qemu",
-            "--provider-config",
-            cfg.to_str().unwrap(),
-            pipeline.to_str().unwrap(),
-        ],
-    );
+    let (ok, _, err) = run_qemu();
     assert!(!ok && err.contains("max_instances must be at least 1"), "{err}");
 }
 
