@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
+use tokio::signal::unix::{SignalKind, signal};
 use transport::telemetry::LogFormat;
 use transport::tree::UnpackLimits;
 
@@ -36,7 +36,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Connect to a coordinator and serve it until SIGTERM.
+    /// Connect to a coordinator and serve it until SIGTERM (which drains: running steps
+    /// finish, nothing new is taken; a second SIGTERM cancels them and exits).
     Run(RunArgs),
 }
 
@@ -83,6 +84,17 @@ struct RunArgs {
     /// Largest tree accepted in one transfer, in bytes.
     #[arg(long, default_value_t = 1 << 40)]
     max_transfer_bytes: u64,
+    /// What the first SIGTERM or SIGINT does: `drain` (running steps finish, nothing new is
+    /// taken, then exit 0) or `stop` (running steps are cancelled and reported). A second
+    /// signal always stops.
+    #[arg(long, env = "PYPE_ON_SIGTERM", value_enum, default_value = "drain")]
+    on_sigterm: OnSigterm,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnSigterm {
+    Drain,
+    Stop,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -165,12 +177,27 @@ async fn run(args: RunArgs) -> Result<()> {
         orphan_action,
         fetch_registry: matches!(file.get("PYPE_REGISTRY_FETCH").as_deref(), Some("1" | "true" | "yes")),
     };
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
+    let stop = session::Stop::default();
+    let signalled = stop.clone();
+    let on_sigterm = args.on_sigterm;
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
     tokio::spawn(async move {
-        transport::cli::shutdown_signal().await;
-        tracing::info!("shutting down");
-        stop.cancel();
+        let mut first = true;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if first && on_sigterm == OnSigterm::Drain {
+                tracing::info!("signal: draining (a second signal cancels running steps)");
+                signalled.drain.cancel();
+                first = false;
+                continue;
+            }
+            tracing::info!("signal: shutting down");
+            signalled.shutdown.cancel();
+            return;
+        }
     });
-    session::run(cfg, shutdown).await.map_err(|e| anyhow!("{e:#}"))
+    session::run(cfg, stop).await.map_err(|e| anyhow!("{e:#}"))
 }

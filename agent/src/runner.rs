@@ -1,12 +1,14 @@
 //! The agent's steps across connections: attempts keep running when the connection drops,
 //! their results wait in `pending` until the coordinator acknowledges them (they are sent
-//! again after each reconnect), and shutdown cancels every attempt and waits for its cleanup.
+//! again after each reconnect), a drain lets running attempts finish and refuses new ones,
+//! and shutdown cancels every attempt and waits for its cleanup.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use protocol::{AgentToCoordinator, LogLine, RegistryEntry, RemoteError, StepOutcome, StepSpec};
+use protocol::{AgentToCoordinator, LogLine, RegistryEntry, RemoteError, StepExit, StepOutcome, StepSpec};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,6 +29,7 @@ pub struct Runner {
     running: Mutex<HashMap<u64, CancellationToken>>,
     pending: Mutex<BTreeMap<u64, StepOutcome>>,
     tasks: TaskTracker,
+    draining: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -41,11 +44,26 @@ impl Runner {
             running: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             tasks: TaskTracker::new(),
+            draining: AtomicBool::new(false),
         })
     }
 
     pub fn running(&self) -> usize {
         lock(&self.running).len()
+    }
+
+    /// From now on new attempts are refused; running ones go on.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Nothing running and every result acknowledged: a draining agent may leave.
+    pub fn idle(&self) -> bool {
+        lock(&self.running).is_empty() && lock(&self.pending).is_empty()
     }
 
     /// Starts an attempt unless it is running or finished already (a coordinator that
@@ -58,6 +76,22 @@ impl Runner {
         }
         if let Some(done) = lock(&self.pending).get(&attempt_id).cloned() {
             let _ = self.outbox.try_send(AgentToCoordinator::StepFinished(done));
+            return;
+        }
+        if self.draining() {
+            // Sent before the coordinator saw our Draining: refused, so it goes elsewhere.
+            warn!(attempt = attempt_id, step = %spec.step, "refusing a step: this agent is draining");
+            let refused = StepOutcome {
+                attempt_id,
+                exit: StepExit::Cancelled,
+                error: Some("agent is draining: step refused before it started".into()),
+                backend: String::new(),
+                outputs: Vec::new(),
+                new_entries: Vec::new(),
+                elapsed_ms: 0,
+            };
+            lock(&self.pending).insert(attempt_id, refused.clone());
+            let _ = self.outbox.try_send(AgentToCoordinator::StepFinished(refused));
             return;
         }
         let cancel = CancellationToken::new();
@@ -100,6 +134,15 @@ impl Runner {
 
     pub fn ack(&self, attempt_id: u64) {
         lock(&self.pending).remove(&attempt_id);
+    }
+
+    /// Attempts running or holding an unacknowledged result.
+    pub fn in_hand(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = lock(&self.running).keys().copied().collect();
+        ids.extend(lock(&self.pending).keys().copied());
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// Results not yet acknowledged, to send again on a new connection.

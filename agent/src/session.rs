@@ -3,6 +3,10 @@
 //!
 //! When the connection drops, running transfers fail with it and the loop reconnects; the
 //! certificate stays in the state dir, so a coordinator restart costs one handshake.
+//!
+//! Two ways to stop: `drain` (first SIGTERM, or the coordinator's `Drain`) lets running steps
+//! finish, refuses new ones, tells the coordinator (`Draining`), and leaves once every result
+//! is acknowledged; `shutdown` (a second SIGTERM) cancels running steps and leaves at once.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -197,8 +201,18 @@ enum Ended {
     Fatal(String),
 }
 
-/// Runs until `shutdown`: connect, serve, reconnect with jittered exponential backoff.
-pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
+/// How the agent is asked to stop.
+#[derive(Clone, Default)]
+pub struct Stop {
+    /// Finish running steps, take nothing new, leave once the results are acknowledged.
+    pub drain: CancellationToken,
+    /// Cancel running steps and leave now.
+    pub shutdown: CancellationToken,
+}
+
+/// Runs until drained or shut down: connect, serve, reconnect with jittered exponential backoff.
+pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
+    let shutdown = stop.shutdown.clone();
     let identity = match Identity::load(&cfg.state_dir)? {
         Some(id) => id,
         None => {
@@ -231,7 +245,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         "agent ready"
     );
     let runner = Runner::new(steps, outbox_tx);
-    let mut link = Link { conn: conn_tx, outbox: &mut outbox, runner: &runner, connected: false };
+    let mut link = Link {
+        conn: conn_tx,
+        outbox: &mut outbox,
+        runner: &runner,
+        connected: false,
+        drain: stop.drain.clone(),
+    };
     let tuning = endpoint::Tuning::default();
     let mut backoff = cfg.min_backoff;
     let mut ep: Option<quinn::Endpoint> = None;
@@ -268,6 +288,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             }
             return Ok(());
         }
+        if runner.draining() && runner.idle() {
+            info!("drained: nothing running, no result waiting; exiting");
+            return Ok(());
+        }
         // A session that lasted a while starts the backoff afresh.
         if attempt_started.elapsed() > cfg.max_backoff {
             backoff = cfg.min_backoff;
@@ -278,6 +302,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             _ = shutdown.cancelled() => {
                 runner.shutdown().await;
                 return Ok(());
+            }
+            _ = stop.drain.cancelled(), if !runner.draining() => {
+                info!("draining while disconnected: running steps finish, nothing new is taken");
+                runner.drain();
             }
             _ = tokio::time::sleep(delay) => {}
         }
@@ -313,6 +341,7 @@ struct Link<'a> {
     runner: &'a Arc<Runner>,
     /// Set when a session got its Welcome.
     connected: bool,
+    drain: CancellationToken,
 }
 
 /// Fetches the working registry once connected and merges it into the agent's file;
@@ -413,9 +442,15 @@ async fn session(
     );
     // Output queued for an earlier connection is stale; results are re-sent from `pending`.
     while link.outbox.try_recv().is_ok() {}
+    let in_hand = AgentToCoordinator::InHand { attempts: link.runner.in_hand() };
+    framed::write_frame(&mut send, &in_hand).await?;
     for outcome in link.runner.unacknowledged() {
         info!(attempt = outcome.attempt_id, "reporting a result finished while disconnected");
         framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome)).await?;
+    }
+    if link.runner.draining() {
+        let msg = AgentToCoordinator::Draining { reason: "agent draining".into() };
+        framed::write_frame(&mut send, &msg).await?;
     }
     let _ = link.conn.send(Some(conn.clone()));
     link.connected = true;
@@ -443,20 +478,25 @@ async fn session(
     // sends no close; QUIC's idle timeout alone would take much longer).
     let silence_limit = interval * 3;
     let mut last_heard = Instant::now();
+    let drain = link.drain.clone();
     let ended = loop {
+        if link.runner.draining() && link.runner.idle() {
+            info!("drained: every step finished and its result acknowledged; leaving");
+            break leave(&mut send, &conn, link, "agent drained").await;
+        }
         tokio::select! {
+            _ = drain.cancelled(), if !link.runner.draining() => {
+                let running = link.runner.running();
+                info!(running, "draining: running steps finish, nothing new is taken");
+                link.runner.drain();
+                let msg = AgentToCoordinator::Draining { reason: "agent draining".into() };
+                if framed::write_frame(&mut send, &msg).await.is_err() {
+                    break classify(&conn.closed().await);
+                }
+            }
             _ = shutdown.cancelled() => {
                 link.runner.shutdown().await;
-                // Results of the attempts just cancelled, then goodbye.
-                while let Ok(msg) = link.outbox.try_recv() {
-                    let _ = framed::write_frame(&mut send, &msg).await;
-                }
-                let bye = AgentToCoordinator::GoingAway { reason: "agent shutting down".into() };
-                let _ = framed::write_frame(&mut send, &bye).await;
-                let _ = send.finish();
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-                conn.close(quinn::VarInt::from_u32(CloseCode::GoingAway as u32), b"agent shutting down");
-                break Ended::Shutdown;
+                break leave(&mut send, &conn, link, "agent shutting down").await;
             }
             _ = ticker.tick() => {
                 if last_heard.elapsed() > silence_limit {
@@ -501,6 +541,11 @@ async fn session(
                 Some(Ok(CoordinatorToAgent::GoingAway { reason })) => {
                     info!(reason = %reason, "coordinator going away");
                 }
+                Some(Ok(CoordinatorToAgent::Drain { reason })) => {
+                    last_heard = Instant::now();
+                    info!(reason = %reason, "the coordinator asks this agent to drain");
+                    link.drain.cancel();
+                }
                 Some(Ok(CoordinatorToAgent::Welcome(_))) => {
                     conn.close(quinn::VarInt::from_u32(CloseCode::ProtocolViolation as u32), b"second Welcome");
                     break Ended::Lost("coordinator sent a second Welcome".into());
@@ -524,6 +569,24 @@ async fn session(
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
     Ok(ended)
+}
+
+/// Sends what the outbox holds (results of the attempts just ended), then goodbye, and closes.
+async fn leave(
+    send: &mut quinn::SendStream,
+    conn: &quinn::Connection,
+    link: &mut Link<'_>,
+    reason: &str,
+) -> Ended {
+    while let Ok(msg) = link.outbox.try_recv() {
+        let _ = framed::write_frame(send, &msg).await;
+    }
+    let bye = AgentToCoordinator::GoingAway { reason: reason.into() };
+    let _ = framed::write_frame(send, &bye).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(quinn::VarInt::from_u32(CloseCode::GoingAway as u32), reason.as_bytes());
+    Ended::Shutdown
 }
 
 /// Serves bulk streams the coordinator opens, each on its own task.

@@ -27,6 +27,7 @@ use crate::pipeline::{Pipeline, Profile};
 use crate::plan::{self, Action as Planned, PlanOptions};
 use crate::sched::{Action, AgentCapacity, AttemptEnd, Event, Scheduler};
 use crate::server::{Coordinator, StepEvent};
+use crate::state::AttemptRecord;
 use crate::state::{RunRecord, State, now_ms};
 use crate::working::WorkingRegistry;
 
@@ -148,6 +149,10 @@ impl AttemptLog {
     }
 }
 
+/// How long an agent that ran an adopted attempt has to reconnect to a restarted coordinator
+/// (beyond the heartbeat window): agents retry with a backoff of up to 30 s.
+const ADOPT_RECONNECT_GRACE: Duration = Duration::from_secs(45);
+
 struct Running {
     step: usize,
     agent: String,
@@ -161,8 +166,8 @@ impl Engine {
         Ok(self.registry.load()?.to_json())
     }
 
-    fn want_agents(&self, run: &str, want: usize, busy: HashSet<String>) {
-        let d = crate::provision::Demand { want, busy, run: Some(run.to_string()) };
+    fn want_agents(&self, run: &str, want: usize, active: usize, busy: HashSet<String>) {
+        let d = crate::provision::Demand { want, active, busy, run: Some(run.to_string()) };
         self.demand.send_if_modified(|cur| {
             let changed = *cur != d;
             *cur = d;
@@ -179,6 +184,7 @@ impl Engine {
         sink: Option<mpsc::UnboundedSender<RunEvent>>,
         shutdown: CancellationToken,
     ) -> Result<RunResult> {
+        let mut in_flight = Vec::new();
         let (run_id, done, attempts_before) = match resume {
             None => {
                 let run_id = new_run_id(&pipeline.name);
@@ -196,16 +202,9 @@ impl Engine {
                 (run_id, HashSet::new(), vec![0; pipeline.steps.len()])
             }
             Some(run_id) => {
-                // Attempts in flight when the previous coordinator died no longer count.
-                for a in self.state.open_attempts(&run_id)? {
-                    self.state.attempt_ended(
-                        a.attempt_id,
-                        "lost",
-                        None,
-                        Some("coordinator restarted"),
-                        None,
-                    )?;
-                }
+                // Attempts in flight when the previous coordinator died may still run on
+                // persistent agents: the run adopts them (see `schedule`).
+                in_flight = self.state.open_attempts(&run_id)?;
                 let steps = self.state.steps_of(&run_id)?;
                 let mut done = HashSet::new();
                 let mut attempts = vec![0; pipeline.steps.len()];
@@ -232,9 +231,11 @@ impl Engine {
             &format!("{} steps, pipeline {}", pipeline.steps.len(), pipeline.file.display()),
         );
         // One agent to plan with; the scheduler raises the demand as steps become ready.
-        self.want_agents(&run_id, 1, HashSet::new());
-        let result = self.drive(&pipeline, &opts, &run_id, done, &attempts_before, &mut rep, &shutdown).await;
-        self.want_agents(&run_id, 0, HashSet::new());
+        self.want_agents(&run_id, 1, 1, HashSet::new());
+        let result = self
+            .drive(&pipeline, &opts, &run_id, done, &attempts_before, in_flight, &mut rep, &shutdown)
+            .await;
+        self.want_agents(&run_id, 0, 0, HashSet::new());
         let (state, error, succeeded, summary) = match result {
             Ok((true, summary)) => ("succeeded", None, true, summary),
             Ok((false, summary)) if shutdown.is_cancelled() => {
@@ -365,6 +366,7 @@ impl Engine {
         run_id: &str,
         done: HashSet<usize>,
         attempts_before: &[u32],
+        in_flight: Vec<AttemptRecord>,
         rep: &mut Reporter,
         shutdown: &CancellationToken,
     ) -> Result<(bool, String)> {
@@ -464,7 +466,7 @@ impl Engine {
             );
             reg = self.registry.load()?;
         }
-        self.schedule(p, opts, run_id, &decisions, attempts_before, reg, rep, shutdown).await
+        self.schedule(p, opts, run_id, &decisions, attempts_before, in_flight, reg, rep, shutdown).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -475,6 +477,7 @@ impl Engine {
         run_id: &str,
         decisions: &[plan::Decision],
         attempts_before: &[u32],
+        in_flight: Vec<AttemptRecord>,
         mut reg: Registry,
         rep: &mut Reporter,
         shutdown: &CancellationToken,
@@ -490,13 +493,23 @@ impl Engine {
         let mut running: HashMap<u64, Running> = HashMap::new();
         let mut members = self.coord.membership();
         let mut known: HashSet<String> = HashSet::new();
+        let mut draining: HashSet<String> = HashSet::new();
         let mut gone_since: HashMap<String, Instant> = HashMap::new();
         let grace = self.coord.heartbeat_window();
         let mut failures: Vec<String> = Vec::new();
         let runs = runs_dir(&self.state_dir).join(run_id);
         let mut interrupted = false;
         let profile_name = p.profile.as_ref().map(|pr| pr.name.clone());
-        self.sync_agents(&mut sched, &mut known, &mut gone_since, grace, rep);
+        let adopted = self.adopt(p, decisions, in_flight, &runs, &tx, &mut sched, &mut running, rep);
+        // An adopted attempt's agent not back yet gets time to reconnect (its backoff) before
+        // it counts as lost and the attempt is retried.
+        let connected: HashSet<String> = self.coord.agent_views().into_iter().map(|v| v.agent_id).collect();
+        for agent in adopted.values() {
+            if !connected.contains(agent) {
+                gone_since.insert(agent.clone(), Instant::now() + ADOPT_RECONNECT_GRACE);
+            }
+        }
+        self.sync_agents(&mut sched, &mut known, &mut draining, &mut gone_since, grace, rep);
         loop {
             // Carry out everything the scheduler wants now.
             while let Some(action) = sched.poll_action() {
@@ -519,10 +532,10 @@ impl Engine {
             let counts = sched.counts();
             // Every step not yet ended may want an agent: instances boot while upstream steps
             // run (a VM takes a minute), and an instance stays while work remains for it.
-            let want =
-                ["waiting", "ready", "running"].iter().map(|k| counts.get(k).copied().unwrap_or(0)).sum();
+            let n = |k: &str| counts.get(k).copied().unwrap_or(0);
+            let active = n("ready") + n("running");
             let busy = sched.agent_load().into_iter().filter(|(_, n)| *n > 0).map(|(a, _)| a).collect();
-            self.want_agents(run_id, want, busy);
+            self.want_agents(run_id, n("waiting") + active, active, busy);
             if let Some(ok) = sched.finished() {
                 let counts = sched.counts();
                 let summary = counts.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");
@@ -545,11 +558,105 @@ impl Engine {
                     }
                 }
                 _ = members.changed() => {
-                    self.sync_agents(&mut sched, &mut known, &mut gone_since, grace, rep);
+                    self.sync_agents(&mut sched, &mut known, &mut draining, &mut gone_since, grace, rep);
+                    self.check_adopted(p, run_id, &adopted, &mut sched, &mut running, rep);
                 }
                 _ = tick => {
-                    self.sync_agents(&mut sched, &mut known, &mut gone_since, grace, rep);
+                    self.sync_agents(&mut sched, &mut known, &mut draining, &mut gone_since, grace, rep);
+                    self.check_adopted(p, run_id, &adopted, &mut sched, &mut running, rep);
                 }
+            }
+        }
+    }
+
+    /// Takes over the attempts a previous coordinator had in flight (a resumed run) whose
+    /// steps still need to run: they stay running and their results are awaited, since a
+    /// persistent agent keeps running a step while its coordinator is away and reports the
+    /// result when it reconnects. The others are recorded as lost. Returns attempt → agent.
+    #[allow(clippy::too_many_arguments)]
+    fn adopt(
+        &self,
+        p: &Pipeline,
+        decisions: &[plan::Decision],
+        in_flight: Vec<AttemptRecord>,
+        runs: &Path,
+        tx: &mpsc::UnboundedSender<(u64, StepEvent)>,
+        sched: &mut Scheduler,
+        running: &mut HashMap<u64, Running>,
+        rep: &mut Reporter,
+    ) -> HashMap<u64, String> {
+        let mut adopted = HashMap::new();
+        for a in in_flight {
+            let step = p.index_of(&a.step).filter(|&i| decisions[i].action == Planned::Run);
+            match step {
+                Some(i) if sched.adopt(i, a.attempt_id, &a.agent) => {
+                    let log = AttemptLog::new(runs.join(&a.step).join(format!("attempt-{}.log", a.number)));
+                    running.insert(a.attempt_id, Running { step: i, agent: a.agent.clone(), log });
+                    self.coord.adopt(a.attempt_id, &a.agent, tx.clone());
+                    rep.progress.running += 1;
+                    rep.emit(
+                        "step adopted",
+                        Some(&a.step),
+                        Some(a.attempt_id),
+                        Some(&a.agent),
+                        &format!("attempt {} of the previous coordinator; awaiting its result", a.number),
+                    );
+                    adopted.insert(a.attempt_id, a.agent);
+                }
+                _ => {
+                    if let Err(e) = self.state.attempt_ended(
+                        a.attempt_id,
+                        "lost",
+                        None,
+                        Some("coordinator restarted"),
+                        None,
+                    ) {
+                        warn!("state database: {e:#}");
+                    }
+                }
+            }
+        }
+        adopted
+    }
+
+    /// An adopted attempt whose agent is back but does not hold it (the agent restarted and
+    /// lost it) is retried now rather than awaited forever.
+    fn check_adopted(
+        &self,
+        p: &Pipeline,
+        run_id: &str,
+        adopted: &HashMap<u64, String>,
+        sched: &mut Scheduler,
+        running: &mut HashMap<u64, Running>,
+        rep: &mut Reporter,
+    ) {
+        if adopted.is_empty() {
+            return;
+        }
+        for v in self.coord.agent_views() {
+            let Some(held) = &v.in_hand else { continue };
+            let gone: Vec<u64> = adopted
+                .iter()
+                .filter(|(id, agent)| **agent == v.agent_id && running.contains_key(id) && !held.contains(id))
+                .map(|(id, _)| *id)
+                .collect();
+            for attempt_id in gone {
+                let reason = format!("agent {} came back without attempt {attempt_id}", v.agent_id);
+                if let Some(r) = running.remove(&attempt_id) {
+                    rep.progress.running = rep.progress.running.saturating_sub(1);
+                    rep.emit(
+                        "attempt lost",
+                        Some(&p.steps[r.step].name),
+                        Some(attempt_id),
+                        Some(&v.agent_id),
+                        &reason,
+                    );
+                }
+                self.coord.forget_attempt(attempt_id);
+                if let Err(e) = self.state.attempt_ended(attempt_id, "lost", None, Some(&reason), None) {
+                    warn!(run = %run_id, "state database: {e:#}");
+                }
+                sched.handle(Event::Finished { attempt_id, end: AttemptEnd::InfraFailed(reason) });
             }
         }
     }
@@ -560,6 +667,7 @@ impl Engine {
         &self,
         sched: &mut Scheduler,
         known: &mut HashSet<String>,
+        draining: &mut HashSet<String>,
         gone_since: &mut HashMap<String, Instant>,
         grace: Duration,
         rep: &Reporter,
@@ -568,7 +676,21 @@ impl Engine {
         let now: HashSet<String> = views.iter().map(|v| v.agent_id.clone()).collect();
         for v in &views {
             gone_since.remove(&v.agent_id);
-            if known.insert(v.agent_id.clone()) {
+            let was_draining = draining.contains(&v.agent_id);
+            if v.draining && !was_draining {
+                draining.insert(v.agent_id.clone());
+                rep.emit(
+                    "agent draining",
+                    None,
+                    None,
+                    Some(&v.agent_id),
+                    "running steps finish, no new ones",
+                );
+                sched.handle(Event::AgentDraining { agent: v.agent_id.clone() });
+            }
+            // The same agent back without the drain (restarted) takes work again.
+            let back = was_draining && !v.draining && draining.remove(&v.agent_id);
+            if known.insert(v.agent_id.clone()) || back {
                 let capacity = AgentCapacity {
                     cpus: f64::from(v.host.cpus.max(1)),
                     memory_bytes: v.host.memory_total_bytes,
@@ -596,7 +718,11 @@ impl Engine {
             gone_since.remove(&id);
             known.remove(&id);
             let reason = format!("disconnected for more than {} ms", grace.as_millis());
-            rep.emit("agent lost", None, None, Some(&id), &reason);
+            if draining.remove(&id) {
+                rep.emit("agent left", None, None, Some(&id), "drained");
+            } else {
+                rep.emit("agent lost", None, None, Some(&id), &reason);
+            }
             sched.handle(Event::AgentDown { agent: id, reason });
         }
     }

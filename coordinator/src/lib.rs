@@ -50,7 +50,7 @@ pub struct Cli {
 enum Command {
     /// Run a pipeline: on an embedded coordinator with local agents (the default), or on a
     /// running `serve` (--coordinator). Prints where the final outputs are.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print what a run would do with each step (run / skip / prune, and why), from the
     /// registry and the snapshot store; nothing runs.
     Plan {
@@ -197,7 +197,9 @@ struct RunArgs {
     /// Submit to a running `pype-coordinator serve` at this address instead.
     #[arg(long)]
     coordinator: Option<SocketAddr>,
-    /// Local agents to start.
+    /// Local agents to start; 0 for none: the run uses agents that connect on their own
+    /// (persistent agents enrolled with `token create`; give --listen a fixed port so they
+    /// find a restarted coordinator).
     #[arg(long, default_value_t = 2)]
     agents: usize,
     /// Re-run this step and everything downstream of it (repeatable).
@@ -228,7 +230,7 @@ struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     agent_wait: Duration,
     /// Where agents come from: `local` child processes (--agents), or instances a provider
-    /// creates on demand (`qemu`).
+    /// creates on demand (`qemu` VMs, `slurm` batch jobs).
     #[arg(long, default_value = "local")]
     provider: String,
     /// UDP address the embedded coordinator listens on; instances of a provider reach it as
@@ -239,6 +241,25 @@ struct RunArgs {
     /// delivery, the provider's own table.
     #[arg(long)]
     provider_config: Option<PathBuf>,
+    /// Most agents a provider runs at once (the config's max_instances).
+    #[arg(long)]
+    max_agents: Option<usize>,
+    /// A provider's agent without work goes after idling this long (e.g. 5m; default: at once).
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// A provider's agent not connected this long after its request is replaced (e.g. 10m).
+    #[arg(long, value_parser = parse_duration)]
+    boot_timeout: Option<Duration>,
+    /// Slurm partition of agent jobs (--provider slurm).
+    #[arg(long)]
+    partition: Option<String>,
+    /// Slurm account of agent jobs (--provider slurm).
+    #[arg(long)]
+    account: Option<String>,
+    /// Extra sbatch argument for agent jobs, repeatable (--provider slurm), e.g.
+    /// `--sbatch-arg=--qos=short`.
+    #[arg(long = "sbatch-arg", allow_hyphen_values = true)]
+    sbatch_args: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -347,6 +368,14 @@ enum AgentCommand {
     Revoke { id: String },
     /// List enrolled agents (from the state database; works without a running coordinator).
     List,
+    /// Ask a connected agent to drain: its running steps finish, it takes nothing new, then it
+    /// exits (as on SIGTERM).
+    Drain {
+        id: String,
+        /// Coordinator address (default: the one in the state dir).
+        #[arg(long)]
+        coordinator: Option<std::net::SocketAddr>,
+    },
 }
 
 /// Parses `90`, `90s`, `30m`, `1h`, `7d`.
@@ -419,7 +448,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
                 coordinator: a.coordinator,
                 local: local::LocalOptions {
                     listen: a.listen,
-                    ..local_options(a.agents.max(1), a.heartbeat_interval_ms, a.agent_bin, a.backend)
+                    ..local_options(a.agents, a.heartbeat_interval_ms, a.agent_bin, a.backend)
                 },
                 options: engine::RunOptions {
                     force: a.force,
@@ -431,6 +460,14 @@ async fn run_cli(cli: Cli) -> Result<()> {
                 },
                 materialize: !a.no_materialize && a.coordinator.is_none(),
                 provider: (a.provider != "local").then(|| (a.provider.clone(), a.provider_config.clone())),
+                overrides: provider::Overrides {
+                    max_instances: a.max_agents,
+                    idle_timeout_secs: a.idle_timeout.map(|d| d.as_secs()),
+                    boot_timeout_secs: a.boot_timeout.map(|d| d.as_secs()),
+                    partition: a.partition,
+                    account: a.account,
+                    sbatch_args: a.sbatch_args,
+                },
             };
             ops::run(&dir, req).await
         }
@@ -488,6 +525,15 @@ async fn run_cli(cli: Cli) -> Result<()> {
             }
             println!("revoked {id}");
             Ok(())
+        }
+        Command::Agent { command: AgentCommand::Drain { id, coordinator } } => {
+            match admin(&dir, coordinator, AdminRequest::DrainAgent { agent: id.clone() }).await? {
+                AdminResponse::Done => {
+                    println!("draining {id}");
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
         }
         Command::Agent { command: AgentCommand::List } => {
             let state = state::State::open(&dir)?;

@@ -201,6 +201,9 @@ fn spawn_agent(
         .arg("50")
         .arg("--max-backoff-ms")
         .arg("1000")
+        // The coordinator stops its own agents when its runs are over (or it is).
+        .arg("--on-sigterm")
+        .arg("stop")
         .env("PYPE_OVERLAY_MODE", &opts.backend)
         .env("PYPE_SNAPSHOT_REGISTRY", dir.join("snapshot_registry.json"))
         .env_remove("PYPE_AGENT_CONFIG")
@@ -218,4 +221,16 @@ fn spawn_agent(
         });
     }
     cmd.spawn().with_context(|| format!("starting local agent {name}"))
+}
+
+/// This machine's host name (what other hosts of a cluster usually know it by).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }

@@ -33,6 +33,8 @@ pub struct RunRequest {
     pub materialize: bool,
     /// Agents from a provider (name, config file) instead of local child processes.
     pub provider: Option<(String, Option<PathBuf>)>,
+    /// Command-line settings over the provider config file.
+    pub overrides: provider::Overrides,
 }
 
 /// `pype-coordinator run`.
@@ -65,7 +67,8 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
     let provider = match &req.provider {
         None => None,
         Some((name, cfg_path)) => {
-            let cfg = ProviderConfig::load(cfg_path.as_deref())?;
+            let mut cfg = ProviderConfig::load(cfg_path.as_deref())?;
+            cfg.apply(&req.overrides)?;
             let provider = provider::open(name, &cfg, dir)?;
             provider.preflight().await.with_context(|| format!("provider {name}"))?;
             let swept = provision::startup_sweep(provider.as_ref(), dir, &State::open(dir)?).await?;
@@ -76,7 +79,7 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
                 );
             }
             local.agents = 0;
-            local.advertise.push(cfg.coordinator_host.clone());
+            local.advertise.push(cfg.coordinator_host_for(name, local.listen));
             options.agent_wait_secs = options.agent_wait_secs.max(cfg.boot_timeout_secs * 2 + 60);
             Some((provider, cfg))
         }
@@ -91,10 +94,11 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
     let provisioner = match provider {
         None => None,
         Some((provider, cfg)) => {
+            let host = cfg.coordinator_host_for(provider.name(), local.listen);
             let ca_pem = provision::ca_pem(dir)?;
             let p = provision::Provisioner {
                 tag: provider::coordinator_tag(&ca_pem),
-                coordinator_addr: format!("{}:{}", cfg.coordinator_host, cluster.addr.port()),
+                coordinator_addr: format!("{host}:{}", cluster.addr.port()),
                 provider,
                 cfg,
                 coord: cluster.coord.clone(),
@@ -534,10 +538,8 @@ pub fn cloud_init_render(
     }
     let cfg = ProviderConfig::load(provider_config)?;
     let state = State::open(dir)?;
-    let names = crate::trust::server_names(
-        ([127, 0, 0, 1], port).into(),
-        std::slice::from_ref(&cfg.coordinator_host),
-    );
+    let host = cfg.coordinator_host_for("qemu", ([127, 0, 0, 1], port).into());
+    let names = crate::trust::server_names(([127, 0, 0, 1], port).into(), std::slice::from_ref(&host));
     crate::trust::setup(dir, &names, &state)?;
     let ca_pem = provision::ca_pem(dir)?;
     let registry = WorkingRegistry::open(dir)?.load()?;
@@ -549,7 +551,7 @@ pub fn cloud_init_render(
     let inputs = provision::render_inputs(
         &cfg,
         "pype-i-preview",
-        &format!("{}:{port}", cfg.coordinator_host),
+        &format!("{host}:{port}"),
         &ca_pem,
         token,
         ttl,

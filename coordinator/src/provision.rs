@@ -29,8 +29,11 @@ use crate::working::WorkingRegistry;
 /// What the engine wants from the provisioner right now.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Demand {
-    /// Agents wanted: steps ready or running (at least one while the run plans).
+    /// Agents wanted: steps not yet ended (at least one while the run plans).
     pub want: usize,
+    /// Of those, the steps ready or running: all a provider whose instances start in seconds
+    /// provides for.
+    pub active: usize,
     /// Agents running a step: never terminated for being idle.
     pub busy: HashSet<String>,
     /// The run the instances work for (a tag).
@@ -62,6 +65,8 @@ struct Mine {
     joined: Option<Instant>,
     gone_since: Option<Instant>,
     marks_seen: usize,
+    /// Since when it has been connected without a step.
+    idle_since: Option<Instant>,
 }
 
 pub struct Provisioner {
@@ -217,7 +222,24 @@ impl Provisioner {
         create_after: &mut Instant,
     ) -> Result<()> {
         let floor = if d.want > 0 { self.cfg.min_instances } else { 0 };
-        let want = d.want.max(floor).min(self.cfg.max_instances);
+        let steps = if self.provider.prestarts() { d.want } else { d.active };
+        // Agents that are not ours (persistent ones) take steps first.
+        let others: usize = self
+            .coord
+            .agent_views()
+            .iter()
+            .filter(|a| !a.draining && !mine.contains_key(&a.agent_id))
+            .map(|a| a.slots.max(1) as usize)
+            .sum();
+        let want = steps.saturating_sub(others).max(floor).min(self.cfg.max_instances);
+        let now = Instant::now();
+        for (id, m) in mine.iter_mut() {
+            if m.joined.is_some() && !d.busy.contains(id) {
+                m.idle_since.get_or_insert(now);
+            } else {
+                m.idle_since = None;
+            }
+        }
         if mine.len() < want
             && Instant::now() >= *create_after
             && let Err(e) = self.create(d, mine).await
@@ -228,12 +250,19 @@ impl Provisioner {
         }
         if mine.len() > want {
             // Idle joined instances first, then the youngest still booting.
-            let mut idle: Vec<(&String, &Mine)> =
-                mine.iter().filter(|(id, m)| m.joined.is_some() && !d.busy.contains(*id)).collect();
+            let idle_timeout = Duration::from_secs(self.cfg.idle_timeout_secs);
+            let mut idle: Vec<(&String, &Mine)> = mine
+                .iter()
+                .filter(|(_, m)| m.idle_since.is_some_and(|t| now.duration_since(t) >= idle_timeout))
+                .collect();
             idle.sort_by_key(|(_, m)| m.requested);
             let mut booting: Vec<(&String, &Mine)> =
                 mine.iter().filter(|(_, m)| m.joined.is_none()).collect();
             booting.sort_by_key(|(_, m)| std::cmp::Reverse(m.requested));
+            // Instances still booting go only when nothing else is wanted of them.
+            if !idle_timeout.is_zero() {
+                booting.clear();
+            }
             let excess = mine.len() - want;
             let victims: Vec<String> =
                 idle.into_iter().chain(booting).take(excess).map(|(id, _)| id.clone()).collect();
@@ -244,12 +273,14 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Renders the user-data a new instance `instance_id` would get, with a fresh token.
-    pub fn user_data(&self, instance_id: &str) -> Result<cloudinit::Rendered> {
+    /// What a new instance `instance_id` gets: a fresh one-time token bound to it, and the
+    /// user-data when the provider boots machines with cloud-init.
+    pub fn launch(&self, instance_id: &str) -> Result<provider::Launch> {
         let ttl = self.cfg.boot_timeout_secs + 60;
         let token = self.state.create_token(Duration::from_secs(ttl), 1, Some(instance_id))?;
-        let registry_json = self.registry.load()?.to_json();
-        cloudinit::render(&render_inputs(
+        let registry_json =
+            if self.provider.wants_user_data() { self.registry.load()?.to_json() } else { String::new() };
+        let boot = render_inputs(
             &self.cfg,
             instance_id,
             &self.coordinator_addr,
@@ -257,21 +288,28 @@ impl Provisioner {
             token,
             ttl,
             registry_json,
-        ))
+        );
+        let user_data = if self.provider.wants_user_data() {
+            let rendered = cloudinit::render(&boot)?;
+            info!(instance = %instance_id, "user-data: {}", rendered.summary(self.cfg.user_data_limit));
+            Some(rendered.text)
+        } else {
+            None
+        };
+        Ok(provider::Launch { boot, user_data })
     }
 
     async fn create(&self, d: &Demand, mine: &mut HashMap<String, Mine>) -> Result<()> {
         let id = format!("pype-i-{:012x}", rand::random::<u64>() >> 16);
         self.state.instance_intent(&id, self.provider.name(), d.run.as_deref())?;
         let requested = Instant::now();
-        let rendered = match self.user_data(&id) {
-            Ok(r) => r,
+        let launch = match self.launch(&id) {
+            Ok(l) => l,
             Err(e) => {
-                self.state.instance_update(&id, "terminated", None, Some(&format!("user-data: {e:#}")))?;
-                return Err(e.context("rendering user-data"));
+                self.state.instance_update(&id, "terminated", None, Some(&format!("launch: {e:#}")))?;
+                return Err(e.context("preparing the instance's launch"));
             }
         };
-        info!(instance = %id, "user-data: {}", rendered.summary(self.cfg.user_data_limit));
         let mut tags = BTreeMap::new();
         tags.insert(TAG_COORDINATOR.to_string(), self.tag.clone());
         tags.insert(TAG_INSTANCE.to_string(), id.clone());
@@ -281,9 +319,16 @@ impl Provisioner {
         let spec = InstanceSpec { instance_id: id.clone(), cpus: 1, memory_bytes: 0, tags };
         mine.insert(
             id.clone(),
-            Mine { provider_id: None, requested, joined: None, gone_since: None, marks_seen: 0 },
+            Mine {
+                provider_id: None,
+                requested,
+                joined: None,
+                gone_since: None,
+                marks_seen: 0,
+                idle_since: None,
+            },
         );
-        match self.provider.create(&spec, rendered.text.as_bytes()).await {
+        match self.provider.create(&spec, &launch).await {
             Ok(pid) => {
                 self.state.instance_update(&id, "booting", Some(&pid), None)?;
                 info!(

@@ -73,6 +73,10 @@ pub enum Event {
         agent: String,
         capacity: AgentCapacity,
     },
+    /// The agent finishes its running steps but takes no new ones (it is leaving).
+    AgentDraining {
+        agent: String,
+    },
     /// The agent is gone for good (its steps are retried elsewhere).
     AgentDown {
         agent: String,
@@ -146,6 +150,7 @@ struct AgentSlot {
     used_cpus: f64,
     used_memory: u64,
     running: u32,
+    draining: bool,
 }
 
 pub struct Scheduler {
@@ -236,15 +241,34 @@ impl Scheduler {
     pub fn handle(&mut self, event: Event) {
         match event {
             Event::AgentUp { agent, capacity } => {
-                let slot = self.agents.entry(agent).or_insert(AgentSlot {
-                    capacity: capacity.clone(),
-                    used_cpus: 0.0,
-                    used_memory: 0,
-                    running: 0,
-                });
+                if !self.agents.contains_key(&agent) {
+                    // Steps adopted on it before it came back use it already.
+                    let mut slot = AgentSlot {
+                        capacity: capacity.clone(),
+                        used_cpus: 0.0,
+                        used_memory: 0,
+                        running: 0,
+                        draining: false,
+                    };
+                    for s in &self.steps {
+                        if matches!(&s.state, StepState::Running { agent: a, .. } if *a == agent) {
+                            slot.used_cpus += s.resources.cpus.min(capacity.cpus);
+                            slot.used_memory += s.resources.memory_bytes;
+                            slot.running += 1;
+                        }
+                    }
+                    self.agents.insert(agent.clone(), slot);
+                }
+                let slot = self.agents.get_mut(&agent).expect("inserted above");
                 slot.capacity = capacity;
+                slot.draining = false;
                 for s in &mut self.steps {
                     s.said_unschedulable = false;
+                }
+            }
+            Event::AgentDraining { agent } => {
+                if let Some(a) = self.agents.get_mut(&agent) {
+                    a.draining = true;
                 }
             }
             Event::AgentDown { agent, reason } => {
@@ -286,6 +310,23 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Takes over an attempt a previous coordinator dispatched (a resumed run) that may still
+    /// run on `agent`: the step is running, without a new attempt. Only a ready step can be.
+    pub fn adopt(&mut self, step: usize, attempt_id: u64, agent: &str) -> bool {
+        if self.steps[step].state != StepState::Ready {
+            return false;
+        }
+        self.queue.retain(|a| !matches!(a, Action::Ready { step: s } if *s == step));
+        let r = self.steps[step].resources.clone();
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.used_cpus += r.cpus.min(a.capacity.cpus);
+            a.used_memory += r.memory_bytes;
+            a.running += 1;
+        }
+        self.steps[step].state = StepState::Running { attempt_id, agent: agent.to_string() };
+        true
     }
 
     fn running_step(&self, attempt: u64) -> Option<usize> {
@@ -402,7 +443,7 @@ impl Scheduler {
             let r = &self.steps[i].resources;
             let mut best: Option<(&String, f64)> = None;
             let mut why_not = None;
-            for (id, a) in &self.agents {
+            for (id, a) in self.agents.iter().filter(|(_, a)| !a.draining) {
                 if let Err(e) = Self::could_ever_fit(a, r) {
                     why_not.get_or_insert(e);
                     continue;
@@ -551,6 +592,49 @@ mod tests {
         assert!(actions.iter().any(|a| matches!(a, Action::Failed { step: 0, .. })), "{actions:?}");
         assert!(actions.iter().any(|a| matches!(a, Action::Cancelled { step: 1, .. })), "{actions:?}");
         assert_eq!(s.finished(), Some(false));
+    }
+
+    #[test]
+    fn a_draining_agent_finishes_its_step_and_gets_no_new_one() {
+        let p = fan(2, 0);
+        let mut s = sched(&p, 0);
+        s.handle(Event::AgentUp { agent: "a".into(), capacity: cap(1.0) });
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d.len(), 1, "one CPU, one step at a time: {d:?}");
+        s.handle(Event::AgentDraining { agent: "a".into() });
+        s.handle(Event::Finished { attempt_id: d[0].2, end: AttemptEnd::Succeeded });
+        let actions = drain(&mut s);
+        assert!(actions.iter().any(|a| matches!(a, Action::Succeeded { .. })), "{actions:?}");
+        assert!(dispatched(&actions).is_empty(), "nothing new for a draining agent: {actions:?}");
+        assert!(!actions.iter().any(|a| matches!(a, Action::Unschedulable { .. })), "{actions:?}");
+        // Its successor (or the same agent back without the drain) gets the rest.
+        s.handle(Event::AgentUp { agent: "a".into(), capacity: cap(1.0) });
+        assert_eq!(dispatched(&drain(&mut s)).len(), 1);
+    }
+
+    #[test]
+    fn an_adopted_attempt_runs_on_without_a_new_one() {
+        let p = fan(2, 0);
+        let mut s = sched(&p, 1);
+        assert!(s.adopt(0, 77, "a"));
+        assert!(!s.adopt(2, 78, "a"), "the join is not ready");
+        s.handle(Event::AgentUp { agent: "a".into(), capacity: cap(1.0) });
+        let actions = drain(&mut s);
+        assert!(!actions.iter().any(|a| matches!(a, Action::Ready { step: 0 })), "{actions:?}");
+        assert!(dispatched(&actions).is_empty(), "its one CPU is taken by the adopted step: {actions:?}");
+        s.handle(Event::Finished { attempt_id: 77, end: AttemptEnd::Succeeded });
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(s.attempts(0), 0, "no new attempt of the adopted step");
+        // An adopted attempt whose agent never comes back is retried.
+        let mut s = sched(&p, 1);
+        assert!(s.adopt(0, 77, "gone"));
+        s.handle(Event::AgentDown { agent: "gone".into(), reason: "never came back".into() });
+        let actions = drain(&mut s);
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Retry { step: 0, infra: true, .. })),
+            "{actions:?}"
+        );
     }
 
     #[test]

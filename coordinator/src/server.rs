@@ -33,6 +33,8 @@ const OUTBOX_DEPTH: usize = 256;
 
 /// Largest control or request frame the coordinator accepts.
 const MAX_CONTROL_FRAME: usize = 1024 * 1024;
+/// Results kept for attempts nobody waits for yet.
+const MAX_UNCLAIMED: usize = 4096;
 /// Time a peer has to open its first stream and send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -66,6 +68,10 @@ struct ConnectedAgent {
     slots: u32,
     labels: Vec<(String, String)>,
     outbox: mpsc::Sender<CoordinatorToAgent>,
+    /// It said `Draining`: no new work for it.
+    draining: bool,
+    /// The attempts it said it holds (running or with a result to deliver), once it said so.
+    in_hand: Option<Vec<u64>>,
 }
 
 /// What happens to a dispatched attempt, in order: `Started`, any number of `Output`,
@@ -92,6 +98,10 @@ pub struct AgentView {
     pub host: HostFacts,
     pub slots: u32,
     pub labels: Vec<(String, String)>,
+    /// Finishing its steps before it leaves: place nothing new on it.
+    pub draining: bool,
+    /// Attempts it holds, as it reported after connecting (`None` until it has).
+    pub in_hand: Option<Vec<u64>>,
 }
 
 type CheckReply = Result<Vec<(String, Option<u64>)>, RemoteError>;
@@ -104,6 +114,9 @@ pub struct Coordinator {
     agents: Mutex<HashMap<String, ConnectedAgent>>,
     attempts: Mutex<HashMap<u64, Attempt>>,
     checks: Mutex<HashMap<u64, oneshot::Sender<CheckReply>>>,
+    /// Results of attempts nobody waited for when they came (agents reporting to a restarted
+    /// coordinator before its run adopts the attempts), by attempt id.
+    unclaimed: Mutex<HashMap<u64, StepOutcome>>,
     next_serial: std::sync::atomic::AtomicU64,
     /// Bumped whenever an agent joins or leaves.
     members: tokio::sync::watch::Sender<u64>,
@@ -135,6 +148,7 @@ impl Coordinator {
             agents: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
             checks: Mutex::new(HashMap::new()),
+            unclaimed: Mutex::new(HashMap::new()),
             next_serial: std::sync::atomic::AtomicU64::new(1),
             members: tokio::sync::watch::Sender::new(0),
             engine: std::sync::OnceLock::new(),
@@ -179,10 +193,22 @@ impl Coordinator {
                 host: a.host.clone(),
                 slots: a.slots,
                 labels: a.labels.clone(),
+                draining: a.draining,
+                in_hand: a.in_hand.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
         out
+    }
+
+    /// Asks a connected agent to drain (finish its steps, take nothing new, leave).
+    pub fn drain_agent(&self, agent: &str) -> Result<()> {
+        let outbox = self.outbox_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
+        outbox
+            .try_send(CoordinatorToAgent::Drain { reason: "drain requested by the operator".into() })
+            .map_err(|e| anyhow!("agent {agent}: {e}"))?;
+        info!(agent = %agent, "asked agent to drain");
+        Ok(())
     }
 
     /// Stops waiting for an attempt: a result it sends later is discarded.
@@ -225,6 +251,50 @@ impl Coordinator {
             return Err(anyhow!("agent {agent} disconnected"));
         }
         Ok(attempt_id)
+    }
+
+    /// Hands a result to whoever waits for its attempt, or keeps it for a run that will adopt
+    /// the attempt.
+    fn deliver(&self, outcome: StepOutcome) {
+        let attempt_id = outcome.attempt_id;
+        // Lock order: attempts, then unclaimed (as in `adopt`).
+        let mut attempts = lock(&self.attempts);
+        let known = attempts.remove(&attempt_id);
+        match known {
+            Some(a) => {
+                tracing::debug!(
+                    attempt = attempt_id,
+                    exit = ?outcome.exit,
+                    backend = %outcome.backend,
+                    new_entries = outcome.new_entries.len(),
+                    elapsed_ms = outcome.elapsed_ms,
+                    error = outcome.error.as_deref().unwrap_or(""),
+                    "step finished"
+                );
+                let _ = a.events.send((attempt_id, StepEvent::Finished(outcome)));
+            }
+            None => {
+                let mut kept = lock(&self.unclaimed);
+                if kept.len() >= MAX_UNCLAIMED
+                    && let Some(&old) = kept.keys().next()
+                {
+                    kept.remove(&old);
+                }
+                kept.insert(attempt_id, outcome);
+                info!(attempt = attempt_id, "keeping the result of an attempt nobody waits for yet");
+            }
+        }
+    }
+
+    /// Waits for the events of an attempt a previous coordinator dispatched to `agent` (a
+    /// resumed run): a result that came already is delivered at once.
+    pub fn adopt(&self, attempt_id: u64, agent: &str, events: EventSink) {
+        let mut attempts = lock(&self.attempts);
+        if let Some(outcome) = lock(&self.unclaimed).remove(&attempt_id) {
+            let _ = events.send((attempt_id, StepEvent::Finished(outcome)));
+            return;
+        }
+        attempts.insert(attempt_id, Attempt { agent: agent.to_string(), events });
     }
 
     /// Asks the agent running `attempt_id` to stop it.
@@ -526,6 +596,8 @@ async fn handle_agent(
             slots: hello.slots,
             labels: hello.labels.clone(),
             outbox,
+            draining: false,
+            in_hand: None,
         },
     );
     coord.members.send_modify(|g| *g += 1);
@@ -649,29 +721,26 @@ async fn control_loop(
             }
             Ok(Ok(Some(AgentToCoordinator::StepFinished(outcome)))) => {
                 let attempt_id = outcome.attempt_id;
-                let known = lock(&coord.attempts).remove(&attempt_id);
-                match known {
-                    Some(a) => {
-                        tracing::debug!(
-                            attempt = attempt_id,
-                            exit = ?outcome.exit,
-                            backend = %outcome.backend,
-                            new_entries = outcome.new_entries.len(),
-                            elapsed_ms = outcome.elapsed_ms,
-                            error = outcome.error.as_deref().unwrap_or(""),
-                            "step finished"
-                        );
-                        let _ = a.events.send((attempt_id, StepEvent::Finished(outcome)));
-                    }
-                    None => {
-                        warn!(attempt = attempt_id, "discarding the result of an attempt nobody waits for")
-                    }
-                }
+                coord.deliver(outcome);
                 if let Err(e) =
                     framed::write_frame(send, &CoordinatorToAgent::StepResultAck { attempt_id }).await
                 {
                     return format!("could not acknowledge a result: {e}");
                 }
+            }
+            Ok(Ok(Some(AgentToCoordinator::InHand { attempts }))) => {
+                tracing::debug!(attempts = ?attempts, "attempts the agent holds");
+                if let Some(a) = coord.agents().get_mut(agent_id) {
+                    a.in_hand = Some(attempts);
+                }
+                coord.members.send_modify(|g| *g += 1);
+            }
+            Ok(Ok(Some(AgentToCoordinator::Draining { reason }))) => {
+                if let Some(a) = coord.agents().get_mut(agent_id) {
+                    a.draining = true;
+                }
+                coord.members.send_modify(|g| *g += 1);
+                info!(reason = %reason, "agent draining: its running steps finish, it gets no new ones");
             }
             Ok(Ok(Some(AgentToCoordinator::OutputsChecked { request_id, result }))) => {
                 if let Some(tx) = lock(&coord.checks).remove(&request_id) {
@@ -879,6 +948,14 @@ async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse 
         }
         AdminRequest::CancelStep { attempt_id } => {
             return match coord.cancel_step(attempt_id, "cancelled by the operator").await {
+                Ok(()) => AdminResponse::Done,
+                Err(e) => {
+                    AdminResponse::Error(RemoteError { code: ErrorCode::NotFound, message: format!("{e:#}") })
+                }
+            };
+        }
+        AdminRequest::DrainAgent { agent } => {
+            return match coord.drain_agent(&agent) {
                 Ok(()) => AdminResponse::Done,
                 Err(e) => {
                     AdminResponse::Error(RemoteError { code: ErrorCode::NotFound, message: format!("{e:#}") })

@@ -72,6 +72,18 @@ pub enum AgentToCoordinator {
         request_id: u64,
         result: Result<Vec<(String, Option<u64>)>, RemoteError>,
     },
+    /// The agent finishes what it runs and takes nothing new (SIGTERM, or
+    /// [`CoordinatorToAgent::Drain`]); `GoingAway` follows once its results are acknowledged.
+    /// Sent again after a reconnect while the drain lasts.
+    Draining {
+        reason: String,
+    },
+    /// Sent once after each Welcome: the attempts this agent is running or holds an
+    /// unacknowledged result of, so a restarted coordinator knows which of the attempts it
+    /// had dispatched are still alive.
+    InHand {
+        attempts: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,6 +120,11 @@ pub enum CoordinatorToAgent {
         request_id: u64,
         paths: Vec<String>,
         registry: Vec<(String, RegistryEntry)>,
+    },
+    /// Finish the running steps, take nothing new, then leave (the operator's
+    /// `pype-coordinator agent drain`).
+    Drain {
+        reason: String,
     },
 }
 
@@ -235,6 +252,10 @@ pub enum AdminRequest {
     SubmitRun {
         pipeline_json: String,
         options_json: String,
+    },
+    /// Ask `agent` to drain: finish its running steps, take nothing new, then leave.
+    DrainAgent {
+        agent: String,
     },
 }
 

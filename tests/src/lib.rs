@@ -291,3 +291,62 @@ pub async fn closed_reason(conn: &quinn::Connection, timeout: Duration) -> Strin
         Err(_) => "still open".to_string(),
     }
 }
+
+/// A real Slurm cluster (tests/slurm/cluster.sh) for as long as it lives.
+pub struct Slurm {
+    pub dir: tempfile::TempDir,
+    /// The cluster's slurm.conf: `SLURM_CONF` for every Slurm command and the coordinator.
+    pub conf: PathBuf,
+}
+
+impl Slurm {
+    /// Starts a two-node cluster, or says loudly why it cannot and returns `None`.
+    pub fn start(test: &str) -> Option<Slurm> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("\n!!! SKIPPED {test}: not root (slurmd runs jobs as root here)\n");
+            return None;
+        }
+        for tool in ["munged", "slurmctld", "slurmd", "sbatch"] {
+            if Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {tool}"))
+                .output()
+                .map_or(true, |o| !o.status.success())
+            {
+                eprintln!("\n!!! SKIPPED {test}: {tool} is missing (./ci-setup installs slurm)\n");
+                return None;
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("slurm/cluster.sh");
+        let out = Command::new(&script).arg("start").arg(dir.path()).arg("2").output().unwrap();
+        assert!(
+            out.status.success(),
+            "starting slurm: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let conf = dir.path().join("slurm.conf");
+        Some(Slurm { dir, conf })
+    }
+
+    pub fn cmd(&self, tool: &str) -> Command {
+        let mut c = Command::new(tool);
+        c.env("SLURM_CONF", &self.conf);
+        c
+    }
+
+    /// `squeue`: one `JOBID NAME STATE` line per job.
+    pub fn jobs(&self) -> String {
+        let out = self.cmd("squeue").args(["-h", "-o", "%i %j %T"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Slurm {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("slurm/cluster.sh");
+        let _ = Command::new(script).arg("stop").arg(self.dir.path()).status();
+    }
+}

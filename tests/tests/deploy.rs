@@ -130,67 +130,54 @@ fn slurm_batch_script_is_valid_and_execs_the_agent() {
     assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
     assert!(said.contains("run --name slurm-4242 --instance-id slurm-4242 --slots 8"), "{said}");
     assert!(said.contains(&format!("scratch={}/pype-scratch-4242", dir.path().display())), "{said}");
+
+    // As the slurm provider submits it: named after the instance, the CA inline, the registry
+    // fetched into the job's state dir.
+    std::fs::write(&fake, "#!/bin/sh\necho \"$@\"\necho \"ca=$PYPE_CA reg=$PYPE_SNAPSHOT_REGISTRY\"\n")
+        .unwrap();
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let out = Command::new("bash")
+        .arg(&path)
+        .env("PYPE_COORDINATOR", "127.0.0.1:7400")
+        .env("PYPE_AGENT_BIN", &fake)
+        .env("SLURM_JOB_ID", "4243")
+        .env("PYPE_INSTANCE_ID", "pype-i-0123")
+        .env("PYPE_SLOTS", "1")
+        .env("PYPE_REGISTRY_FETCH", "1")
+        .env("PYPE_CA_B64", base64_of(pem))
+        .env_remove("PYPE_CA")
+        .env_remove("PYPE_SNAPSHOT_REGISTRY")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("run --name pype-i-0123 --instance-id pype-i-0123 --slots 1"), "{said}");
+    let state = dir.path().join("pype-agent-4243");
+    assert!(said.contains(&format!("ca={}/ca.pem", state.display())), "{said}");
+    assert!(said.contains(&format!("reg={}/snapshot_registry.json", state.display())), "{said}");
+    assert_eq!(std::fs::read_to_string(state.join("ca.pem")).unwrap(), pem);
 }
 
-/// A real Slurm cluster (tests/slurm/cluster.sh) for as long as it lives.
-struct Slurm {
-    dir: tempfile::TempDir,
-    conf: PathBuf,
-}
-
-impl Slurm {
-    fn start(test: &str) -> Option<Slurm> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("\n!!! SKIPPED {test}: not root (slurmd runs jobs as root here)\n");
-            return None;
-        }
-        for tool in ["munged", "slurmctld", "slurmd", "sbatch"] {
-            if Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {tool}"))
-                .output()
-                .map_or(true, |o| !o.status.success())
-            {
-                eprintln!("\n!!! SKIPPED {test}: {tool} is missing (./ci-setup installs slurm)\n");
-                return None;
-            }
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("slurm/cluster.sh");
-        let out = Command::new(&script).arg("start").arg(dir.path()).arg("2").output().unwrap();
-        assert!(
-            out.status.success(),
-            "starting slurm: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let conf = dir.path().join("slurm.conf");
-        Some(Slurm { dir, conf })
-    }
-
-    fn cmd(&self, tool: &str) -> Command {
-        let mut c = Command::new(tool);
-        c.env("SLURM_CONF", &self.conf);
-        c
-    }
-
-    fn jobs(&self) -> String {
-        let out = self.cmd("squeue").args(["-h", "-o", "%i %j %T"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Slurm {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("slurm/cluster.sh");
-        let _ = Command::new(script).arg("stop").arg(self.dir.path()).status();
-    }
+fn base64_of(s: &str) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
 fn slurm_batch_script_runs_an_agent_that_leaves_cleanly_on_scancel_term() {
-    let Some(slurm) = Slurm::start("slurm_batch_script_runs_an_agent_that_leaves_cleanly_on_scancel_term")
+    let Some(slurm) =
+        tests::Slurm::start("slurm_batch_script_runs_an_agent_that_leaves_cleanly_on_scancel_term")
     else {
         return;
     };
@@ -231,5 +218,5 @@ fn slurm_batch_script_runs_an_agent_that_leaves_cleanly_on_scancel_term() {
     }
     assert!(!slurm.jobs().contains(&job), "job still queued: {}", slurm.jobs());
     let log = std::fs::read_to_string(dir.path().join(format!("agent-{job}.log"))).unwrap();
-    assert!(log.contains("shutting down"), "{log}");
+    assert!(log.contains("drained"), "{log}");
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{Bins, Coord, Proc, start_agent_env};
+use tests::{Bins, Coord, Proc, T, start_agent_env};
 
 fn bins() -> Bins {
     Bins {
@@ -531,4 +531,101 @@ command = "sleep 300"
     assert!(cancelled, "no agent cancelled the snippet\n{}", p.dump());
     let out = fx.cli_ok(&["status", &run]);
     assert!(out.contains("interrupted"), "{out}");
+}
+
+/// The agent named in a coordinator log line (`agent="..."`).
+fn agent_of(line: &str) -> String {
+    line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string()
+}
+
+/// Two agents serve a coordinator; SIGTERM to the one running a step drains it: the step
+/// finishes there (once), the next step goes to the other agent, and the drained agent says
+/// going-away and exits 0. `agent drain` does the same from the operator's side.
+#[test]
+fn sigterm_drains_an_agent_and_agent_drain_asks_for_it() {
+    let fx = Fx::new();
+    let coord = Coord::start(&fx.bins, &fx.state(), "127.0.0.1:0");
+    let token = coord.token(&fx.bins, &["--uses", "2"]);
+    let reg = |n: &str| fx.p(&format!("{n}/registry.json")).display().to_string();
+    let (reg1, reg2) = (reg("a1"), reg("a2"));
+    let env1 = [("PYPE_OVERLAY_MODE", "snapshot"), ("PYPE_SNAPSHOT_REGISTRY", reg1.as_str())];
+    let env2 = [("PYPE_OVERLAY_MODE", "snapshot"), ("PYPE_SNAPSHOT_REGISTRY", reg2.as_str())];
+    let mut agents = [
+        start_agent_env(&fx.bins, &coord, &fx.p("a1"), "d1", Some(&token), &env1),
+        start_agent_env(&fx.bins, &coord, &fx.p("a2"), "d2", Some(&token), &env2),
+    ];
+    coord.proc.wait_for_nth(&["agent joined"], 2, LONG);
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "drain"
+data_root = "{d}/data"
+[[steps]]
+name = "slow"
+command = "mkdir -p {{data_root}} && echo run >> {d}/slow.count && sleep 3 && echo done > {{data_root}}/slow.txt"
+outputs = ["slow.txt"]
+[[steps]]
+name = "next"
+command = "echo run >> {d}/next.count && cat {{data_root}}/slow.txt > {{data_root}}/next.txt"
+inputs = ["slow.txt"]
+outputs = ["next.txt"]
+"#,
+    );
+    let mut cmd = Command::new(&fx.bins.coordinator);
+    cmd.arg("--state-dir").arg(fx.state()).args(["run", "--coordinator", &coord.addr.to_string()]);
+    cmd.arg(&pipeline);
+    let mut client = Proc::spawn("run client", cmd);
+    let started = coord.proc.wait_for(&["step started", "step=\"slow\""], LONG);
+    let busy = agent_of(&started);
+    let (bi, other) = if busy == "d1" { (0, "d2") } else { (1, "d1") };
+    agents[bi].signal(libc::SIGTERM);
+    agents[bi].wait_for(&["draining: running steps finish"], T);
+    coord.proc.wait_for(&["agent draining", &format!("agent=\"{busy}\"")], T);
+    let next = coord.proc.wait_for(&["step started", "step=\"next\""], LONG);
+    assert_eq!(agent_of(&next), other, "the draining agent took a new step\n{}", coord.proc.dump());
+    let status = agents[bi].wait_exit(LONG);
+    assert!(status.success(), "drained agent exited with {status}\n{}", agents[bi].dump());
+    agents[bi].wait_for(&["drained: every step finished"], T);
+    coord.proc.wait_for(&["agent left", "going away: agent drained", &format!("agent={busy} peer")], T);
+    assert!(client.wait_exit(LONG).success(), "{}", client.dump());
+    assert_eq!(std::fs::read_to_string(fx.p("slow.count")).unwrap(), "run\n", "slow ran more than once");
+    assert_eq!(std::fs::read_to_string(fx.p("next.count")).unwrap(), "run\n");
+    let reg = fx.cli_ok(&["registry", "export"]);
+    assert!(reg.contains(&fx.p("data/next.txt").display().to_string()), "{reg}");
+    assert_eq!(agents[bi].count(&["exit=Cancelled"]), 0, "{}", agents[bi].dump());
+
+    // The operator drains the other (idle) agent: it leaves at once and exits 0.
+    let out = fx.cli_ok(&["agent", "drain", other]);
+    assert!(out.contains(&format!("draining {other}")), "{out}");
+    let oi = 1 - bi;
+    assert!(agents[oi].wait_exit(T).success(), "{}", agents[oi].dump());
+    agents[oi].wait_for(&["the coordinator asks this agent to drain"], T);
+    // An agent not connected is an error naming it.
+    let (ok, _, err) = fx.cli(&["agent", "drain", other]);
+    assert!(!ok && err.contains(&format!("agent {other} is not connected")), "{err}");
+}
+
+/// A second SIGTERM during a drain cancels the running step (reported, so the coordinator
+/// retries it) and the agent exits.
+#[test]
+fn second_sigterm_stops_a_draining_agent() {
+    let fx = Fx::new();
+    let coord = Coord::start(&fx.bins, &fx.state(), "127.0.0.1:0");
+    let token = coord.token(&fx.bins, &[]);
+    let env = [("PYPE_OVERLAY_MODE", "direct")];
+    let mut agent = start_agent_env(&fx.bins, &coord, &fx.p("a"), "d", Some(&token), &env);
+    coord.proc.wait_for(&["agent joined"], LONG);
+    let pipeline =
+        fx.pipeline("p.toml", "name = \"long\"\n[[steps]]\nname = \"long\"\ncommand = \"sleep 300\"\n");
+    let mut cmd = Command::new(&fx.bins.coordinator);
+    cmd.arg("--state-dir").arg(fx.state()).args(["run", "--coordinator", &coord.addr.to_string()]);
+    cmd.arg(&pipeline);
+    let _client = Proc::spawn("run client", cmd);
+    coord.proc.wait_for(&["step started", "step=\"long\""], LONG);
+    agent.signal(libc::SIGTERM);
+    agent.wait_for(&["draining: running steps finish"], T);
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(T).success(), "{}", agent.dump());
+    agent.wait_for(&["exit=Cancelled"], T);
+    coord.proc.wait_for(&["agent left", "going away: agent shutting down"], T);
 }

@@ -122,7 +122,7 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
 
     // A Hello claiming another major version, or another agent's id.
     for (msg, expect) in [
-        (hello("prober", 2), "protocol version mismatch: coordinator speaks 1.0, agent speaks 2.0"),
+        (hello("prober", 2), "protocol version mismatch: coordinator speaks 1.1, agent speaks 2.0"),
         (hello("healthy", 1), "certificate belongs to prober"),
     ] {
         let conn = connect(coord.addr, &ca_pem, Some(&me.cert), protocol::ALPN_AGENT).await.unwrap();

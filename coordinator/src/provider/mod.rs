@@ -1,11 +1,12 @@
 //! Instances the coordinator provisions for its agents: the `Provider` trait every backend
-//! (qemu here; clouds later) implements, and the provider config file.
+//! (qemu VMs, Slurm jobs; clouds later) implements, and the provider config file.
 //!
 //! A provider only creates, describes, terminates and lists; the lifecycle (intents in the
 //! state database, boot timeout, termination when work ends, the reconciler) lives in
 //! [`crate::provision`] and is the same for all of them.
 
 pub mod qemu;
+pub mod slurm;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,15 @@ pub struct InstanceSpec {
     pub tags: BTreeMap<String, String>,
 }
 
+/// How a new instance's agent finds and joins the coordinator.
+pub struct Launch {
+    /// Coordinator address, CA, one-time token bound to the instance id, backend, orphan
+    /// guard, registry.
+    pub boot: crate::cloudinit::Inputs,
+    /// The rendered cloud-init user-data, for providers that boot machines with it.
+    pub user_data: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
@@ -52,9 +62,18 @@ pub struct Listed {
 #[async_trait]
 pub trait Provider: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Creates an instance booting with `user_data`, tagged from the start; returns the
-    /// provider's id for it.
-    async fn create(&self, spec: &InstanceSpec, user_data: &[u8]) -> Result<String>;
+    /// Whether [`Launch::user_data`] is needed (machines booted by cloud-init).
+    fn wants_user_data(&self) -> bool {
+        true
+    }
+    /// Whether instances start for steps still waiting on others: worth it when an instance
+    /// takes a minute to boot, not when it takes seconds.
+    fn prestarts(&self) -> bool {
+        true
+    }
+    /// Creates an instance whose agent joins as `launch` says, tagged from the start; returns
+    /// the provider's id for it.
+    async fn create(&self, spec: &InstanceSpec, launch: &Launch) -> Result<String>;
     async fn describe(&self, provider_id: &str) -> Result<InstanceState>;
     /// Terminates; an instance already gone is not an error.
     async fn terminate(&self, provider_id: &str) -> Result<()>;
@@ -84,13 +103,17 @@ pub struct ProviderConfig {
     pub orphan_timeout_secs: u64,
     /// Most instances at once.
     pub max_instances: usize,
+    /// An instance without work is terminated once idle this long (0: as soon as no step
+    /// wants it).
+    pub idle_timeout_secs: u64,
     /// Instances kept while a run has work, from its start: they boot in parallel instead of
     /// one after another as steps become ready.
     pub min_instances: usize,
     /// Cap on rendered user-data bytes.
     pub user_data_limit: usize,
-    /// Host (or IP) at which instances reach the coordinator.
-    pub coordinator_host: String,
+    /// Host (or IP) at which instances reach the coordinator (default: 10.0.2.2 for qemu's
+    /// user networking; for slurm the listen address, or this host's name).
+    pub coordinator_host: Option<String>,
     /// `PYPE_OVERLAY_MODE` of instance agents.
     pub backend: String,
     /// `PYPE_SNAPSHOT_REGISTRY` on instances.
@@ -98,6 +121,7 @@ pub struct ProviderConfig {
     /// How the agent gets onto an instance.
     pub agent: AgentDelivery,
     pub qemu: qemu::QemuConfig,
+    pub slurm: slurm::SlurmConfig,
 }
 
 impl Default for ProviderConfig {
@@ -107,13 +131,15 @@ impl Default for ProviderConfig {
             sweep_interval_secs: 60,
             orphan_timeout_secs: 600,
             max_instances: 2,
+            idle_timeout_secs: 0,
             min_instances: 0,
             user_data_limit: crate::cloudinit::EC2_USER_DATA_LIMIT,
-            coordinator_host: "10.0.2.2".into(),
+            coordinator_host: None,
             backend: "snapshot".into(),
             registry_path: "/var/lib/pype/snapshot_registry.json".into(),
             agent: AgentDelivery::default(),
             qemu: qemu::QemuConfig::default(),
+            slurm: slurm::SlurmConfig::default(),
         }
     }
 }
@@ -152,7 +178,60 @@ impl ProviderConfig {
 pub fn open(name: &str, cfg: &ProviderConfig, state_dir: &Path) -> Result<Arc<dyn Provider>> {
     match name {
         "qemu" => Ok(Arc::new(qemu::Qemu::new(cfg.qemu.clone(), instances_dir(state_dir, "qemu"))?)),
-        other => bail!("unknown provider {other:?} (known: qemu)"),
+        "slurm" => Ok(Arc::new(slurm::Slurm::new(cfg.slurm.clone(), instances_dir(state_dir, "slurm"))?)),
+        other => bail!("unknown provider {other:?} (known: qemu, slurm)"),
+    }
+}
+
+/// Command-line settings that win over the provider config file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub max_instances: Option<usize>,
+    pub idle_timeout_secs: Option<u64>,
+    pub boot_timeout_secs: Option<u64>,
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    /// Appended to the config's `[slurm] sbatch_args`.
+    pub sbatch_args: Vec<String>,
+}
+
+impl ProviderConfig {
+    pub fn apply(&mut self, o: &Overrides) -> Result<()> {
+        if let Some(n) = o.max_instances {
+            if n == 0 {
+                bail!("--max-agents must be at least 1");
+            }
+            self.max_instances = n;
+        }
+        if let Some(t) = o.idle_timeout_secs {
+            self.idle_timeout_secs = t;
+        }
+        if let Some(t) = o.boot_timeout_secs {
+            if t == 0 {
+                bail!("--boot-timeout must be positive");
+            }
+            self.boot_timeout_secs = t;
+        }
+        if o.partition.is_some() {
+            self.slurm.partition = o.partition.clone();
+        }
+        if o.account.is_some() {
+            self.slurm.account = o.account.clone();
+        }
+        self.slurm.sbatch_args.extend(o.sbatch_args.iter().cloned());
+        Ok(())
+    }
+
+    /// The host instances of `provider` reach the coordinator at, when it listens on `listen`.
+    pub fn coordinator_host_for(&self, provider: &str, listen: std::net::SocketAddr) -> String {
+        if let Some(h) = &self.coordinator_host {
+            return h.clone();
+        }
+        match provider {
+            "qemu" => "10.0.2.2".into(),
+            _ if !listen.ip().is_unspecified() => listen.ip().to_string(),
+            _ => crate::local::hostname(),
+        }
     }
 }
 

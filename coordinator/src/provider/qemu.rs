@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
-use super::{InstanceSpec, InstanceState, Listed, Provider, TAG_COORDINATOR};
+use super::{InstanceSpec, InstanceState, Launch, Listed, Provider, TAG_COORDINATOR};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -118,7 +118,8 @@ impl Provider for Qemu {
         "qemu"
     }
 
-    async fn create(&self, spec: &InstanceSpec, user_data: &[u8]) -> Result<String> {
+    async fn create(&self, spec: &InstanceSpec, launch: &Launch) -> Result<String> {
+        let user_data = launch.user_data.as_deref().unwrap_or_default().as_bytes();
         let dir = self.instance_dir(&spec.instance_id)?;
         let (base, kernel, initrd) =
             (self.image_file("base.qcow2")?, self.image_file("vmlinuz")?, self.image_file("initrd.img")?);
