@@ -111,7 +111,18 @@ impl Runner {
                         view: view.to_string(),
                     });
                 });
-                let outcome = me.steps.run(spec, cancel, tx, on_start).await;
+                let mut outcome = me.steps.run(spec, cancel, tx, on_start).await;
+                if let StepExit::Signalled(sig) = outcome.exit
+                    && me.draining()
+                    && [libc::SIGTERM, libc::SIGKILL, libc::SIGINT, libc::SIGHUP].contains(&sig)
+                {
+                    // The batch system ended the job (scancel, preemption, time limit) and
+                    // signalled the snippet with the agent: not the command's fault.
+                    outcome.exit = StepExit::Cancelled;
+                    outcome.error = Some(format!(
+                        "the snippet was killed by signal {sig} while the agent was draining (its job was cancelled or preempted)"
+                    ));
+                }
                 let _ = forward.await;
                 info!(exit = ?outcome.exit, elapsed_ms = outcome.elapsed_ms, error = outcome.error.as_deref().unwrap_or(""), "step finished");
                 lock(&me.pending).insert(attempt_id, outcome.clone());

@@ -127,9 +127,12 @@ pub async fn enroll(cfg: &AgentConfig, token: &str) -> Result<Identity> {
     let tuning = endpoint::Tuning::default();
     let ep = endpoint::client(addr, &tuning)?;
     let tls = pki::client_tls(&cfg.ca_pem, None, protocol::ALPN_ENROLL)?;
-    let conn = ep
-        .connect_with(endpoint::client_config(tls, &tuning)?, addr, &server_name(&cfg.coordinator))?
+    let connecting =
+        ep.connect_with(endpoint::client_config(tls, &tuning)?, addr, &server_name(&cfg.coordinator))?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
+        .map_err(|_| anyhow!("no QUIC handshake within {CONNECT_TIMEOUT:?}"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
         .with_context(|| format!("connecting to coordinator {} to enroll", cfg.coordinator))?;
     let name = cfg.name.clone().unwrap_or_else(|| facts::host_facts(&cfg.work_dir).hostname);
     let (csr_pem, key_pem) = pki::generate_csr(&name)?;
@@ -167,12 +170,18 @@ pub async fn enroll(cfg: &AgentConfig, token: &str) -> Result<Identity> {
 
 /// Enrolls, retrying with backoff while the coordinator is unreachable (an instance may boot
 /// before its network is up); a refusal is final. Gives up at the orphan timeout.
-async fn enroll_patiently(cfg: &AgentConfig, token: &str, shutdown: &CancellationToken) -> Result<Identity> {
+async fn enroll_patiently(cfg: &AgentConfig, token: &str, stop: &Stop) -> Result<Option<Identity>> {
     let started = Instant::now();
     let mut delay = cfg.min_backoff;
     loop {
-        match enroll(cfg, token).await {
-            Ok(id) => return Ok(id),
+        let attempt = tokio::select! {
+            r = enroll(cfg, token) => r,
+            // Nothing runs yet, so a drain has nothing to wait for.
+            _ = stop.drain.cancelled() => return Ok(None),
+            _ = stop.shutdown.cancelled() => return Ok(None),
+        };
+        match attempt {
+            Ok(id) => return Ok(Some(id)),
             Err(e) if e.to_string().starts_with("enrollment refused") => return Err(e),
             Err(e) => warn!("cannot enroll yet: {e:#}"),
         }
@@ -184,7 +193,8 @@ async fn enroll_patiently(cfg: &AgentConfig, token: &str, shutdown: &Cancellatio
             bail!("no coordinator for {}s; giving up", limit.as_secs());
         }
         tokio::select! {
-            _ = shutdown.cancelled() => bail!("shut down before enrolling"),
+            _ = stop.drain.cancelled() => return Ok(None),
+            _ = stop.shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>() * 0.5)) => {}
         }
         delay = (delay * 2).min(cfg.max_backoff);
@@ -219,7 +229,13 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
             let token = cfg.token.clone().ok_or_else(|| {
                 anyhow!("no certificate in {} and no --token to enroll with", cfg.state_dir.display())
             })?;
-            enroll_patiently(&cfg, &token, &shutdown).await?
+            match enroll_patiently(&cfg, &token, &stop).await? {
+                Some(id) => id,
+                None => {
+                    info!("stopped before enrolling");
+                    return Ok(());
+                }
+            }
         }
     };
     std::fs::create_dir_all(&cfg.work_dir)
@@ -288,6 +304,9 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
             }
             return Ok(());
         }
+        if stop.drain.is_cancelled() {
+            runner.drain();
+        }
         if runner.draining() && runner.idle() {
             info!("drained: nothing running, no result waiting; exiting");
             return Ok(());
@@ -306,6 +325,10 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
             _ = stop.drain.cancelled(), if !runner.draining() => {
                 info!("draining while disconnected: running steps finish, nothing new is taken");
                 runner.drain();
+                if runner.idle() {
+                    info!("drained: nothing running, no result waiting; exiting");
+                    return Ok(());
+                }
             }
             _ = tokio::time::sleep(delay) => {}
         }

@@ -385,7 +385,17 @@ impl Engine {
         let mut reg = self.registry.load()?;
         let outputs: Vec<String> = p.steps.iter().flat_map(|s| s.outputs.iter().cloned()).collect();
         let sizes = self.check_outputs(&outputs, &reg).await.context("checking which outputs exist")?;
-        let decisions = plan::plan(p, &sizes, &PlanOptions { force, empty_ok: opts.empty_ok, done });
+        let mut decisions = plan::plan(p, &sizes, &PlanOptions { force, empty_ok: opts.empty_ok, done });
+        // A step with an attempt in flight (a resumed run) waits for that attempt, even when its
+        // outputs are there already: they may be the attempt's own, its result still to come.
+        for a in &in_flight {
+            if let Some(i) = p.index_of(&a.step)
+                && decisions[i].action == Planned::Skip
+            {
+                decisions[i].action = Planned::Run;
+                decisions[i].why = format!("attempt {} was in flight on {}", a.number, a.agent);
+            }
+        }
         let rows: Vec<(usize, &str, &str, &str)> = decisions
             .iter()
             .enumerate()

@@ -240,7 +240,12 @@ impl Provisioner {
                 m.idle_since = None;
             }
         }
-        if mine.len() < want
+        // Instances whose agents drain (their job is ending) are replaced while they finish.
+        let draining: HashSet<String> =
+            self.coord.agent_views().into_iter().filter(|a| a.draining).map(|a| a.agent_id).collect();
+        let live = mine.keys().filter(|id| !draining.contains(*id)).count();
+        if live < want
+            && mine.len() < self.cfg.max_instances + draining.len()
             && Instant::now() >= *create_after
             && let Err(e) = self.create(d, mine).await
         {
@@ -248,22 +253,24 @@ impl Provisioner {
             *create_after = Instant::now() + Duration::from_secs(5);
             return Err(e);
         }
-        if mine.len() > want {
-            // Idle joined instances first, then the youngest still booting.
+        if live > want {
+            // Idle joined instances first, then the youngest still booting (draining ones
+            // leave by themselves).
             let idle_timeout = Duration::from_secs(self.cfg.idle_timeout_secs);
             let mut idle: Vec<(&String, &Mine)> = mine
                 .iter()
+                .filter(|(id, _)| !draining.contains(*id))
                 .filter(|(_, m)| m.idle_since.is_some_and(|t| now.duration_since(t) >= idle_timeout))
                 .collect();
             idle.sort_by_key(|(_, m)| m.requested);
             let mut booting: Vec<(&String, &Mine)> =
-                mine.iter().filter(|(_, m)| m.joined.is_none()).collect();
+                mine.iter().filter(|(id, m)| m.joined.is_none() && !draining.contains(*id)).collect();
             booting.sort_by_key(|(_, m)| std::cmp::Reverse(m.requested));
             // Instances still booting go only when nothing else is wanted of them.
             if !idle_timeout.is_zero() {
                 booting.clear();
             }
-            let excess = mine.len() - want;
+            let excess = live - want;
             let victims: Vec<String> =
                 idle.into_iter().chain(booting).take(excess).map(|(id, _)| id.clone()).collect();
             for id in victims {

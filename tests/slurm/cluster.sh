@@ -16,6 +16,15 @@ dir=$(realpath -m "${2:?usage: cluster.sh start|stop DIR [NODES]}")
 nodes=${3:-2}
 
 stop() {
+  # Jobs first: with proctrack/linuxproc their processes would outlive slurmd.
+  if [ -f "$dir/slurm.conf" ] && [ -f "$dir/run/slurmctld.pid" ]; then
+    jobs=$(SLURM_CONF="$dir/slurm.conf" squeue -h -o %i 2>/dev/null || true)
+    if [ -n "$jobs" ]; then
+      # shellcheck disable=SC2086
+      SLURM_CONF="$dir/slurm.conf" scancel --full --signal=KILL $jobs 2>/dev/null || true
+      sleep 0.5
+    fi
+  fi
   for pidfile in "$dir"/run/*.pid; do
     [ -f "$pidfile" ] || continue
     pid=$(cat "$pidfile")

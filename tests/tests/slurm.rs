@@ -1,0 +1,381 @@
+//! Agents on a real Slurm cluster (tests/slurm/cluster.sh: munged, slurmctld and two slurmd
+//! on 127.0.0.1): elastic agents the coordinator submits as batch jobs (`--provider slurm`),
+//! and persistent agents an operator submitted, across a coordinator restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::{Bins, Proc, Slurm, T};
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn bins() -> Bins {
+    Bins {
+        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
+        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
+    }
+}
+
+struct Fx {
+    dir: tempfile::TempDir,
+    bins: Bins,
+    slurm: Slurm,
+}
+
+impl Fx {
+    fn new(test: &str) -> Option<Self> {
+        let slurm = Slurm::start(test)?;
+        Some(Self { dir: tempfile::tempdir().unwrap(), bins: bins(), slurm })
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.p("state")
+    }
+
+    /// Provider config: the agent under test, job logs and agent state in the temp dir, a
+    /// boot timeout and orphan guard sized for a test.
+    fn provider_config(&self, extra: &str) -> PathBuf {
+        let path = self.p("provider.toml");
+        let text = format!(
+            "boot_timeout_secs = 60\nsweep_interval_secs = 5\norphan_timeout_secs = 600\n{extra}\n\
+             [slurm]\nagent_bin = \"{}\"\nlog_dir = \"{}\"\n[slurm.env]\nTMPDIR = \"{}\"\n",
+            self.bins.agent.display(),
+            self.p("jobs").display(),
+            self.dir.path().display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn coordinator(&self) -> Command {
+        let mut cmd = Command::new(&self.bins.coordinator);
+        cmd.env("SLURM_CONF", &self.slurm.conf).arg("--state-dir").arg(self.state());
+        cmd
+    }
+
+    fn start_run(&self, args: &[&str]) -> Proc {
+        let mut cmd = self.coordinator();
+        cmd.args(["run", "--heartbeat-interval-ms", "200"]).args(args);
+        Proc::spawn("run", cmd)
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.coordinator().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "pype-coordinator {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Jobs of the coordinator's agents (named after their instances) in squeue.
+    fn agent_jobs(&self) -> Vec<String> {
+        self.slurm.jobs().lines().filter(|l| l.contains(" pype-i-")).map(str::to_string).collect()
+    }
+
+    fn wait_no_agent_jobs(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.agent_jobs().is_empty() {
+            assert!(Instant::now() < deadline, "agent jobs still queued: {:?}", self.agent_jobs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `status RUN`: step -> (state, attempts, agent).
+    fn step(&self, run: &str, step: &str) -> (String, u32, String) {
+        let out = self.cli_ok(&["status", run]);
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(step))
+            .unwrap_or_else(|| panic!("no step {step} in\n{out}"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[1].to_string(), f[2].parse().unwrap(), f.get(3).unwrap_or(&"").to_string())
+    }
+}
+
+fn run_id(line: &str) -> String {
+    line.split("run=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().trim_matches('"').to_string()
+}
+
+fn agent_of(line: &str) -> String {
+    line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string()
+}
+
+fn example_in(dir: &Path) -> PathBuf {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/genome-stats");
+    for f in ["pipeline.toml", "profile.toml"] {
+        std::fs::copy(example.join(f), dir.join(f)).unwrap();
+    }
+    dir.join("pipeline.toml")
+}
+
+/// The shipped example with `--provider slurm`: agents are batch jobs named after their
+/// instances, the steps run on them, and when the run is over no job of it is left.
+#[test]
+fn example_pipeline_on_slurm_agents() {
+    let Some(fx) = Fx::new("example_pipeline_on_slurm_agents") else { return };
+    let pipeline = example_in(fx.dir.path());
+    let cfg = fx.provider_config("");
+    let mut run = fx.start_run(&[
+        "--provider",
+        "slurm",
+        "--provider-config",
+        cfg.to_str().unwrap(),
+        "--max-agents",
+        "2",
+        "--partition",
+        "debug",
+        "--sbatch-arg=--time=10",
+        pipeline.to_str().unwrap(),
+    ]);
+    let requested = run.wait_for(&["instance requested", "provider=\"slurm\""], LONG);
+    let job = requested.split("provider_id=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    // The job is in squeue under the instance's name while the run goes on.
+    let deadline = Instant::now() + T;
+    let mut seen = String::new();
+    while Instant::now() < deadline {
+        seen = fx.slurm.jobs();
+        if seen.lines().any(|l| l.starts_with(&format!("{job} pype-i-"))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        seen.lines().any(|l| l.starts_with(&format!("{job} pype-i-"))),
+        "job {job} not in squeue:\n{seen}"
+    );
+    let status = run.wait_exit(Duration::from_secs(300));
+    assert!(status.success(), "{}", run.dump());
+    let id = run_id(&run.wait_for(&["run started"], T));
+    for step in ["generate", "gc-1", "gc-2", "gc-3", "gc-4", "summary"] {
+        let (state, attempts, agent) = fx.step(&id, step);
+        assert_eq!((state.as_str(), attempts), ("succeeded", 1), "{step}");
+        assert!(agent.starts_with("pype-i-"), "{step} ran on {agent}, not a Slurm agent");
+    }
+    assert!(run.count(&["instance joined"]) >= 1);
+    assert!(run.count(&["instance requested"]) <= 2 + run.count(&["instance terminated"]));
+    let summary = std::fs::read_to_string(fx.p("out/summary.txt")).unwrap();
+    assert!(summary.starts_with("sequences\t800\n"), "{summary}");
+    // Nothing of the run is left in Slurm or in the database.
+    fx.wait_no_agent_jobs(T);
+    let listing =
+        fx.cli_ok(&["instances", "--provider", "slurm", "--provider-config", cfg.to_str().unwrap(), "list"]);
+    assert!(!listing.contains("booting") && !listing.contains("joined"), "{listing}");
+    assert!(!listing.contains("not accounted for"), "{listing}");
+    // Each agent job logged its drain on the scancel that ended it.
+    let logs: Vec<String> = std::fs::read_dir(fx.p("jobs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(!logs.is_empty());
+    assert!(logs.iter().any(|l| l.contains("enrolled") && l.contains("drained")), "{logs:?}");
+}
+
+/// scancel of an elastic agent in the middle of its step: the agent drains, Slurm kills it
+/// after KillWait, and the step is retried on a fresh agent.
+#[test]
+fn scancel_mid_step_retries_on_another_agent() {
+    let Some(fx) = Fx::new("scancel_mid_step_retries_on_another_agent") else { return };
+    let pipeline = fx.p("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name = \"cancel\"\ndata_root = \"{d}/data\"\n[[steps]]\nname = \"slow\"\n\
+             command = \"mkdir -p {{{{data_root}}}} && echo run >> {d}/slow.count && sleep 8 && echo done > {{{{data_root}}}}/slow.txt\"\n\
+             outputs = [\"slow.txt\"]\n",
+            d = fx.dir.path().display()
+        ),
+    )
+    .unwrap();
+    let cfg = fx.provider_config("");
+    let mut run = fx.start_run(&[
+        "--provider",
+        "slurm",
+        "--provider-config",
+        cfg.to_str().unwrap(),
+        pipeline.to_str().unwrap(),
+    ]);
+    let started = run.wait_for(&["step started", "step=\"slow\""], LONG);
+    let first = agent_of(&started);
+    let job = fx
+        .agent_jobs()
+        .into_iter()
+        .find(|l| l.contains(&first))
+        .unwrap_or_else(|| panic!("no job for {first}: {}", fx.slurm.jobs()));
+    let job = job.split_whitespace().next().unwrap().to_string();
+    let st = fx.slurm.cmd("scancel").arg(&job).status().unwrap();
+    assert!(st.success());
+    run.wait_for(&["agent draining", &format!("agent=\"{first}\"")], T);
+    run.wait_for(&["step retried", "infrastructure failure"], LONG);
+    let again = run.wait_for_nth(&["step started", "step=\"slow\""], 2, LONG);
+    assert_ne!(agent_of(&again), first, "retried on the cancelled agent");
+    let status = run.wait_exit(LONG);
+    assert!(status.success(), "{}", run.dump());
+    let id = run_id(&run.wait_for(&["run started"], T));
+    let (state, attempts, agent) = fx.step(&id, "slow");
+    assert_eq!((state.as_str(), attempts), ("succeeded", 2));
+    assert_ne!(agent, first);
+    assert_eq!(std::fs::read_to_string(fx.p("data/slow.txt")).unwrap(), "done\n");
+    fx.wait_no_agent_jobs(T);
+}
+
+/// A coordinator killed with SIGKILL leaves its agent jobs running; the next start (here
+/// `run --resume`) cancels them before it listens, then finishes the run on new ones.
+#[test]
+fn sigkilled_coordinator_leaves_jobs_that_the_next_start_cancels() {
+    let Some(fx) = Fx::new("sigkilled_coordinator_leaves_jobs_that_the_next_start_cancels") else { return };
+    let pipeline = fx.p("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name = \"killed\"\ndata_root = \"{d}/data\"\n[[steps]]\nname = \"slow\"\n\
+             command = \"mkdir -p {{{{data_root}}}} && sleep 3 && echo done > {{{{data_root}}}}/slow.txt\"\n\
+             outputs = [\"slow.txt\"]\n",
+            d = fx.dir.path().display()
+        ),
+    )
+    .unwrap();
+    let cfg = fx.provider_config("");
+    let args = ["--provider", "slurm", "--provider-config", cfg.to_str().unwrap()];
+    let mut run = fx.start_run(&[&args[..], &[pipeline.to_str().unwrap()]].concat());
+    run.wait_for(&["step started", "step=\"slow\""], LONG);
+    let id = run_id(&run.wait_for(&["run started"], T));
+    let before = fx.agent_jobs();
+    assert_eq!(before.len(), 1, "{before:?}");
+    run.signal(libc::SIGKILL);
+    run.wait_exit(T);
+    // The job outlives its coordinator (its orphan guard waits 600 s).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fx.agent_jobs(), before, "the agent job should still be there");
+    let old_job = before[0].split_whitespace().next().unwrap().to_string();
+
+    let mut again = fx.start_run(&[&args[..], &["--resume", &id]].concat());
+    again.wait_for(&["left by a previous coordinator"], LONG);
+    let status = again.wait_exit(LONG);
+    assert!(status.success(), "{}", again.dump());
+    assert!(!fx.slurm.jobs().contains(&format!("{old_job} ")), "{}", fx.slurm.jobs());
+    let (state, _, agent) = fx.step(&id, "slow");
+    assert_eq!(state, "succeeded");
+    assert!(agent.starts_with("pype-i-"));
+    fx.wait_no_agent_jobs(T);
+}
+
+/// A UDP port free right now on 127.0.0.1 (the coordinator must come back on the same one).
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Persistent agents an operator submitted as Slurm jobs serve an embedded coordinator
+/// (`run --agents 0`). The coordinator is killed mid-step and restarted with `--resume`: the
+/// agents reconnect, the step that finished meanwhile is reported and adopted, and no step
+/// runs twice. Then SIGTERM drains the agents' jobs.
+#[test]
+fn persistent_agents_survive_a_coordinator_restart_with_nothing_run_twice() {
+    let Some(fx) = Fx::new("persistent_agents_survive_a_coordinator_restart_with_nothing_run_twice") else {
+        return;
+    };
+    let d = fx.dir.path().display().to_string();
+    let pipeline = fx.p("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"
+name = "restart"
+data_root = "{d}/data"
+[[steps]]
+name = "first"
+command = "mkdir -p {{{{data_root}}}} && echo run >> {d}/first.count && echo 1 > {{{{data_root}}}}/1.txt"
+outputs = ["1.txt"]
+[[steps]]
+name = "second"
+command = "echo run >> {d}/second.count && sleep 4 && cat {{{{data_root}}}}/1.txt > {{{{data_root}}}}/2.txt && echo 2 >> {{{{data_root}}}}/2.txt"
+inputs = ["1.txt"]
+outputs = ["2.txt"]
+[[steps]]
+name = "third"
+command = "echo run >> {d}/third.count && cat {{{{data_root}}}}/2.txt > {{{{data_root}}}}/3.txt && echo 3 >> {{{{data_root}}}}/3.txt"
+inputs = ["2.txt"]
+outputs = ["3.txt"]
+"#
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["--agents", "0", "--listen", &listen, "--agent-wait", "120s"];
+    let mut run = fx.start_run(&[&args[..], &[pipeline.to_str().unwrap()]].concat());
+    run.wait_for(&["coordinator listening"], T);
+    let id = run_id(&run.wait_for(&["run started"], T));
+    // The operator enrolls two agents as Slurm jobs.
+    let token = fx.cli_ok(&["token", "create", "--uses", "2"]).trim().to_string();
+    let mut jobs = Vec::new();
+    for n in 1..=2 {
+        let out = fx
+            .slurm
+            .cmd("sbatch")
+            .arg("--parsable")
+            .arg(format!("--output={d}/persistent-{n}.log"))
+            .arg(format!(
+                "--export=ALL,PYPE_COORDINATOR={listen},PYPE_TOKEN={token},PYPE_CA={},PYPE_AGENT_BIN={},TMPDIR={d},PYPE_OVERLAY_MODE=direct",
+                fx.state().join("ca.pem").display(),
+                fx.bins.agent.display(),
+            ))
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/slurm/pype-agent.sbatch"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "sbatch: {}", String::from_utf8_lossy(&out.stderr));
+        jobs.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let started = run.wait_for(&["step started", "step=\"second\""], LONG);
+    let holder = agent_of(&started);
+    run.signal(libc::SIGKILL);
+    run.wait_exit(T);
+    // "second" finishes on its agent while no coordinator runs.
+    let deadline = Instant::now() + T;
+    while !fx.p("data/2.txt").exists() {
+        assert!(Instant::now() < deadline, "second never finished");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut again = fx.start_run(&[&args[..], &["--resume", &id]].concat());
+    again.wait_for(&["step adopted", "step=\"second\"", &format!("agent=\"{holder}\"")], T);
+    let status = again.wait_exit(LONG);
+    assert!(status.success(), "{}", again.dump());
+    assert_eq!(again.count(&["step dispatched", "step=\"second\""]), 0, "{}", again.dump());
+    for step in ["first", "second", "third"] {
+        let count = std::fs::read_to_string(fx.p(&format!("{step}.count"))).unwrap();
+        assert_eq!(count, "run\n", "{step} ran more than once");
+        let (state, attempts, _) = fx.step(&id, step);
+        assert_eq!((state.as_str(), attempts), ("succeeded", 1), "{step}");
+    }
+    assert_eq!(std::fs::read_to_string(fx.p("data/3.txt")).unwrap(), "1\n2\n3\n");
+    // Both agents are still there (persistent); SIGTERM drains them and the jobs end.
+    for job in &jobs {
+        assert!(fx.slurm.jobs().contains(&format!("{job} ")), "{}", fx.slurm.jobs());
+        let st = fx.slurm.cmd("scancel").args(["--batch", "--signal=TERM", job]).status().unwrap();
+        assert!(st.success());
+    }
+    let deadline = Instant::now() + T;
+    while jobs.iter().any(|j| fx.slurm.jobs().contains(&format!("{j} "))) {
+        assert!(
+            Instant::now() < deadline,
+            "jobs still queued: {}\n{}",
+            fx.slurm.jobs(),
+            std::fs::read_to_string(fx.p("persistent-1.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in 1..=2 {
+        let log = std::fs::read_to_string(fx.p(&format!("persistent-{n}.log"))).unwrap();
+        assert_eq!(log.matches("enrolled").count(), 1, "{log}");
+        assert!(log.contains("lost coordinator") && log.contains("drained"), "{log}");
+    }
+}
