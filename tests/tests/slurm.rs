@@ -379,3 +379,97 @@ outputs = ["3.txt"]
         assert!(log.contains("lost coordinator") && log.contains("drained"), "{log}");
     }
 }
+
+/// A job whose agent never connects (its "agent" only sleeps) is cancelled at the boot
+/// timeout and replaced; SIGTERM to the run cancels every job it made.
+#[test]
+fn boot_timeout_cancels_a_job_that_never_connects() {
+    let Some(fx) = Fx::new("boot_timeout_cancels_a_job_that_never_connects") else { return };
+    let dud = fx.p("dud-agent");
+    std::fs::write(&dud, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dud, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = fx.provider_config("");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("agent_bin = \"{}\"", fx.bins.agent.display()),
+        &format!("agent_bin = \"{}\"", dud.display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let pipeline = fx.p("p.toml");
+    std::fs::write(&pipeline, "name = \"dud\"\n[[steps]]\nname = \"s\"\ncommand = \"true\"\n").unwrap();
+    let mut run = fx.start_run(&[
+        "--provider",
+        "slurm",
+        "--provider-config",
+        cfg.to_str().unwrap(),
+        "--boot-timeout",
+        "4s",
+        pipeline.to_str().unwrap(),
+    ]);
+    let first = run.wait_for(&["instance requested"], LONG);
+    let first_job =
+        first.split("provider_id=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    run.wait_for(&["instance failed to join", "boot timeout: no agent within 4s"], LONG);
+    run.wait_for(&["instance terminated", "boot timeout"], T);
+    run.wait_for_nth(&["instance requested"], 2, T);
+    let deadline = Instant::now() + T;
+    while fx.slurm.jobs().lines().any(|l| l.starts_with(&format!("{first_job} "))) {
+        assert!(Instant::now() < deadline, "timed-out job still queued: {}", fx.slurm.jobs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(fx.agent_jobs().len(), 1, "the replacement: {:?}", fx.agent_jobs());
+    run.signal(libc::SIGTERM);
+    assert!(!run.wait_exit(T).success());
+    fx.wait_no_agent_jobs(T);
+}
+
+/// `--idle-timeout`: after a fan-out, the agent left without work is cancelled at once by
+/// default, and kept to the end of the run with a timeout longer than the run.
+#[test]
+fn idle_agents_go_at_once_or_after_the_idle_timeout() {
+    let Some(fx) = Fx::new("idle_agents_go_at_once_or_after_the_idle_timeout") else { return };
+    let cfg = fx.provider_config("");
+    for (name, idle) in [("eager", None), ("patient", Some("5m"))] {
+        let pipeline = fx.p(&format!("{name}.toml"));
+        std::fs::write(
+            &pipeline,
+            format!(
+                "name = \"{name}\"\n\
+                 [[steps]]\nname = \"a1\"\ncommand = \"sleep 3\"\n\
+                 [[steps]]\nname = \"a2\"\ncommand = \"sleep 3\"\n\
+                 [[steps]]\nname = \"join\"\ncommand = \"sleep 4\"\nafter = [\"a1\", \"a2\"]\n"
+            ),
+        )
+        .unwrap();
+        let mut args =
+            vec!["--provider", "slurm", "--provider-config", cfg.to_str().unwrap(), "--max-agents", "2"];
+        if let Some(t) = idle {
+            args.extend(["--idle-timeout", t]);
+        }
+        args.push(pipeline.to_str().unwrap());
+        let mut run = fx.start_run(&args);
+        assert!(run.wait_exit(LONG).success(), "{}", run.dump());
+        assert_eq!(run.count(&["instance joined"]), 2, "{}", run.dump());
+        let idle_cancelled = run.count(&["instance terminated", "no work left for it"]);
+        let at_end = run.count(&["instance terminated", "run ended"]);
+        match idle {
+            None => {
+                // Cancelled while the join still ran, not at the end.
+                let log = run.dump();
+                let cancelled = log.find("no work left for it");
+                let joined_done = log.find("step exited run=").and_then(|_| {
+                    log.lines().position(|l| l.contains("step exited") && l.contains("step=\"join\""))
+                });
+                let cancelled_line =
+                    cancelled.and_then(|_| log.lines().position(|l| l.contains("no work left for it")));
+                assert!(idle_cancelled >= 1, "no idle agent cancelled\n{log}");
+                assert!(cancelled_line < joined_done, "the idle agent went only after the join\n{log}");
+            }
+            Some(_) => {
+                assert_eq!(idle_cancelled, 0, "{}", run.dump());
+                assert_eq!(at_end, 2, "{}", run.dump());
+            }
+        }
+        fx.wait_no_agent_jobs(T);
+    }
+}
