@@ -350,3 +350,13 @@ impl Drop for Slurm {
         let _ = Command::new(script).arg("stop").arg(self.dir.path()).status();
     }
 }
+
+/// The run id in a coordinator log line (`run=...`).
+pub fn run_id(line: &str) -> String {
+    line.split("run=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().trim_matches('"').to_string()
+}
+
+/// The agent named in a coordinator log line (`agent="..."`).
+pub fn agent_of(line: &str) -> String {
+    line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string()
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{Bins, Coord, Proc, T, start_agent_env};
+use tests::{Bins, Coord, Proc, T, agent_of, run_id, start_agent_env};
 
 fn bins() -> Bins {
     Bins {
@@ -113,10 +113,6 @@ impl Fx {
             self.steps(run).into_iter().find(|r| r.0 == step).unwrap_or_else(|| panic!("no step {step}"));
         (row.1, row.2, row.3)
     }
-}
-
-fn run_id(line: &str) -> String {
-    line.split("run=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().trim_matches('"').to_string()
 }
 
 fn dispatched(p: &Proc, step: &str) -> usize {
@@ -531,11 +527,6 @@ command = "sleep 300"
     assert!(cancelled, "no agent cancelled the snippet\n{}", p.dump());
     let out = fx.cli_ok(&["status", &run]);
     assert!(out.contains("interrupted"), "{out}");
-}
-
-/// The agent named in a coordinator log line (`agent="..."`).
-fn agent_of(line: &str) -> String {
-    line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string()
 }
 
 /// Two agents serve a coordinator; SIGTERM to the one running a step drains it: the step

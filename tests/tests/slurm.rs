@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::{Bins, Proc, Slurm, T};
+use tests::{Bins, Proc, Slurm, T, agent_of, run_id};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -36,6 +36,20 @@ impl Fx {
 
     fn state(&self) -> PathBuf {
         self.p("state")
+    }
+
+    /// `p.toml`: one step `slow` that counts its runs in `slow.count`, sleeps `secs`, then
+    /// writes `data/slow.txt`.
+    fn slow_pipeline(&self, name: &str, secs: u32) -> PathBuf {
+        let path = self.p("p.toml");
+        let d = self.dir.path().display();
+        let text = format!(
+            "name = \"{name}\"\ndata_root = \"{d}/data\"\n[[steps]]\nname = \"slow\"\n\
+             command = \"mkdir -p {{{{data_root}}}} && echo run >> {d}/slow.count && sleep {secs} && echo done > {{{{data_root}}}}/slow.txt\"\n\
+             outputs = [\"slow.txt\"]\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
     }
 
     /// Provider config: the agent under test, job logs and agent state in the temp dir, a
@@ -99,14 +113,6 @@ impl Fx {
         let f: Vec<&str> = line.split_whitespace().collect();
         (f[1].to_string(), f[2].parse().unwrap(), f.get(3).unwrap_or(&"").to_string())
     }
-}
-
-fn run_id(line: &str) -> String {
-    line.split("run=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().trim_matches('"').to_string()
-}
-
-fn agent_of(line: &str) -> String {
-    line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string()
 }
 
 fn example_in(dir: &Path) -> PathBuf {
@@ -186,17 +192,7 @@ fn example_pipeline_on_slurm_agents() {
 #[test]
 fn scancel_mid_step_retries_on_another_agent() {
     let Some(fx) = Fx::new("scancel_mid_step_retries_on_another_agent") else { return };
-    let pipeline = fx.p("p.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "name = \"cancel\"\ndata_root = \"{d}/data\"\n[[steps]]\nname = \"slow\"\n\
-             command = \"mkdir -p {{{{data_root}}}} && echo run >> {d}/slow.count && sleep 8 && echo done > {{{{data_root}}}}/slow.txt\"\n\
-             outputs = [\"slow.txt\"]\n",
-            d = fx.dir.path().display()
-        ),
-    )
-    .unwrap();
+    let pipeline = fx.slow_pipeline("cancel", 8);
     let cfg = fx.provider_config("");
     let mut run = fx.start_run(&[
         "--provider",
@@ -234,17 +230,7 @@ fn scancel_mid_step_retries_on_another_agent() {
 #[test]
 fn sigkilled_coordinator_leaves_jobs_that_the_next_start_cancels() {
     let Some(fx) = Fx::new("sigkilled_coordinator_leaves_jobs_that_the_next_start_cancels") else { return };
-    let pipeline = fx.p("p.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "name = \"killed\"\ndata_root = \"{d}/data\"\n[[steps]]\nname = \"slow\"\n\
-             command = \"mkdir -p {{{{data_root}}}} && sleep 3 && echo done > {{{{data_root}}}}/slow.txt\"\n\
-             outputs = [\"slow.txt\"]\n",
-            d = fx.dir.path().display()
-        ),
-    )
-    .unwrap();
+    let pipeline = fx.slow_pipeline("killed", 3);
     let cfg = fx.provider_config("");
     let args = ["--provider", "slurm", "--provider-config", cfg.to_str().unwrap()];
     let mut run = fx.start_run(&[&args[..], &[pipeline.to_str().unwrap()]].concat());
