@@ -19,7 +19,6 @@ Target: ours within 1.5x of the baseline. Needs root and Debian's slurmctld, slu
 slurm-client and munge (./ci-setup installs them).
 """
 import argparse
-import datetime
 import os
 import re
 import shutil
@@ -30,14 +29,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlog import log_time  # noqa: E402
 
 
-def log_time(line):
-    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z", line)
-    if not m:
-        return None
-    t = datetime.datetime.strptime(m.group(1)[:26], "%Y-%m-%dT%H:%M:%S.%f")
-    return t.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def baseline(env, work):

@@ -20,7 +20,6 @@ coordinator's side from enrollment to the agent joining.
 Needs root, qemu-system-x86_64, genisoimage and the image from deploy/qemu/build-image.sh.
 """
 import argparse
-import datetime
 import glob
 import hashlib
 import os
@@ -33,14 +32,10 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlog import log_time  # noqa: E402
 
 
-def log_time(line):
-    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z", line)
-    if not m:
-        return None
-    t = datetime.datetime.strptime(m.group(1)[:26], "%Y-%m-%dT%H:%M:%S.%f")
-    return t.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def poll_console(state, marks, stop):

@@ -223,10 +223,9 @@ impl Provisioner {
     ) -> Result<()> {
         let floor = if d.want > 0 { self.cfg.min_instances } else { 0 };
         let steps = if self.provider.prestarts() { d.want } else { d.active };
+        let views = self.coord.agent_views();
         // Agents that are not ours (persistent ones) take steps first.
-        let others: usize = self
-            .coord
-            .agent_views()
+        let others: usize = views
             .iter()
             .filter(|a| !a.draining && !mine.contains_key(&a.agent_id))
             .map(|a| a.slots.max(1) as usize)
@@ -242,7 +241,7 @@ impl Provisioner {
         }
         // Instances whose agents drain (their job is ending) are replaced while they finish.
         let draining: HashSet<String> =
-            self.coord.agent_views().into_iter().filter(|a| a.draining).map(|a| a.agent_id).collect();
+            views.into_iter().filter(|a| a.draining).map(|a| a.agent_id).collect();
         let live = mine.keys().filter(|id| !draining.contains(*id)).count();
         if live < want
             && mine.len() < self.cfg.max_instances + draining.len()

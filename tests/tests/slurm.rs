@@ -115,6 +115,11 @@ impl Fx {
     }
 }
 
+/// The Slurm job id in an "instance requested" line (`provider_id=...`).
+fn job_of(line: &str) -> String {
+    line.split("provider_id=").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
 fn example_in(dir: &Path) -> PathBuf {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/genome-stats");
     for f in ["pipeline.toml", "profile.toml"] {
@@ -143,7 +148,7 @@ fn example_pipeline_on_slurm_agents() {
         pipeline.to_str().unwrap(),
     ]);
     let requested = run.wait_for(&["instance requested", "provider=\"slurm\""], LONG);
-    let job = requested.split("provider_id=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let job = job_of(&requested);
     // The job is in squeue under the instance's name while the run goes on.
     let deadline = Instant::now() + T;
     let mut seen = String::new();
@@ -393,8 +398,7 @@ fn boot_timeout_cancels_a_job_that_never_connects() {
         pipeline.to_str().unwrap(),
     ]);
     let first = run.wait_for(&["instance requested"], LONG);
-    let first_job =
-        first.split("provider_id=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let first_job = job_of(&first);
     run.wait_for(&["instance failed to join", "boot timeout: no agent within 4s"], LONG);
     run.wait_for(&["instance terminated", "boot timeout"], T);
     run.wait_for_nth(&["instance requested"], 2, T);
