@@ -6,6 +6,7 @@ pub mod cache;
 pub mod exec;
 pub mod facts;
 pub mod mounts;
+pub mod objects;
 pub mod remote;
 pub mod runner;
 pub mod session;

@@ -1,17 +1,24 @@
 //! The coordinator's snapshot store as the agent reaches it: fetch a snapshot into a
 //! directory, store a selection of paths as a new snapshot, and look up sizes in the store's
 //! index. [`QuicRemote`] opens one stream per request on the current connection.
+//!
+//! When the coordinator's store is an object store, it answers a fetch with a presigned URL
+//! and a store with presigned part URLs: the bytes then go between the agent and the store
+//! ([`crate::objects`]), checked against the BLAKE3 digest the store keeps as object metadata.
+//! Otherwise they go over the QUIC stream (the relay).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
-use protocol::{Compression, DataHeader, SnapshotInfo, SnapshotReply, SnapshotRequest, TransferSummary};
+use protocol::{SnapshotInfo, SnapshotReply, SnapshotRequest, Trailer, TransferSummary};
 use tokio::sync::watch;
 use transport::{framed, tree::UnpackLimits};
 
 const MAX_REPLY_FRAME: usize = 8 * 1024 * 1024;
+/// Largest file index sent with a direct upload.
+const MAX_INDEX_JSON: usize = 256 * 1024 * 1024;
 /// zstd level of the snapshots the agent stores.
 const STORE_ZSTD_LEVEL: i32 = 3;
 /// How long a request waits for the agent to be connected.
@@ -31,11 +38,13 @@ pub trait SnapshotRemote: Send + Sync {
 pub struct QuicRemote {
     conn: watch::Receiver<Option<quinn::Connection>>,
     limits: UnpackLimits,
+    /// Where snapshots are packed before a direct upload.
+    spool: PathBuf,
 }
 
 impl QuicRemote {
-    pub fn new(conn: watch::Receiver<Option<quinn::Connection>>, limits: UnpackLimits) -> Self {
-        Self { conn, limits }
+    pub fn new(conn: watch::Receiver<Option<quinn::Connection>>, limits: UnpackLimits, spool: PathBuf) -> Self {
+        Self { conn, limits, spool }
     }
 
     async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
@@ -64,6 +73,23 @@ impl QuicRemote {
     }
 }
 
+/// A packed snapshot in the spool, removed when dropped.
+struct Spooled(PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn stored(reply: Option<SnapshotReply>) -> Result<SnapshotInfo> {
+    match reply {
+        Some(SnapshotReply::Stored(info)) => Ok(info),
+        Some(SnapshotReply::Error(e)) => Err(refused(e)).context("storing a snapshot"),
+        other => bail!("unexpected answer to a snapshot store: {other:?}"),
+    }
+}
+
 fn refused(e: protocol::RemoteError) -> anyhow::Error {
     anyhow!("coordinator: {}", e.message)
 }
@@ -72,13 +98,20 @@ fn refused(e: protocol::RemoteError) -> anyhow::Error {
 impl SnapshotRemote for QuicRemote {
     async fn fetch(&self, id: &str, dest: &Path) -> Result<TransferSummary> {
         let (mut send, mut recv) = self.open().await?;
-        framed::write_frame(&mut send, &SnapshotRequest::Fetch { snapshot_id: id.to_string() }).await?;
+        framed::write_frame(&mut send, &SnapshotRequest::FetchDirect { snapshot_id: id.to_string() }).await?;
         send.finish()?;
         match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
             Some(SnapshotReply::Data(header)) => {
                 transport::recv_tree(&mut recv, dest.to_path_buf(), header.compression, self.limits)
                     .await
                     .with_context(|| format!("receiving snapshot {id}"))
+            }
+            Some(SnapshotReply::Download { url, wire_bytes, digest }) => {
+                let (dest, limits) = (dest.to_path_buf(), self.limits);
+                let expected = Trailer { bytes: wire_bytes, digest };
+                tokio::task::spawn_blocking(move || crate::objects::download_tree(&url, expected, &dest, limits))
+                    .await?
+                    .with_context(|| format!("downloading snapshot {id} from the object store"))
             }
             Some(SnapshotReply::Error(e)) => {
                 Err(refused(e)).with_context(|| format!("fetching snapshot {id}"))
@@ -89,20 +122,50 @@ impl SnapshotRemote for QuicRemote {
 
     async fn store(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo> {
         let (mut send, mut recv) = self.open().await?;
-        let data =
-            DataHeader { expected_bytes: None, compression: Compression::Zstd { level: STORE_ZSTD_LEVEL } };
-        framed::write_frame(&mut send, &SnapshotRequest::Store { data }).await?;
-        let sent = transport::bulk::send_paths(&mut send, root.to_path_buf(), paths, STORE_ZSTD_LEVEL).await;
-        if sent.is_ok() {
-            let _ = send.finish();
-        }
-        let reply = framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await;
-        sent.context("sending outputs to the coordinator")?;
-        match reply.context("reading the store reply")? {
-            Some(SnapshotReply::Stored(info)) => Ok(info),
-            Some(SnapshotReply::Error(e)) => Err(refused(e)).context("storing a snapshot"),
+        framed::write_frame(&mut send, &SnapshotRequest::StoreBegin).await?;
+        let part_size = match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
+            Some(SnapshotReply::Relay) => None,
+            Some(SnapshotReply::Direct { part_size }) if part_size > 0 => Some(part_size),
+            Some(SnapshotReply::Error(e)) => return Err(refused(e)).context("storing a snapshot"),
             other => bail!("unexpected answer to a snapshot store: {other:?}"),
+        };
+        let Some(part_size) = part_size else {
+            let sent =
+                transport::bulk::send_paths(&mut send, root.to_path_buf(), paths, STORE_ZSTD_LEVEL).await;
+            if sent.is_ok() {
+                let _ = send.finish();
+            }
+            let reply = framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await;
+            sent.context("sending outputs to the coordinator")?;
+            return stored(reply.context("reading the store reply")?);
+        };
+        // Pack to a spool file first: the object's digest is its metadata, set when the upload
+        // starts, and the part count follows from the size.
+        let packed = Spooled(self.spool.join(format!("{:016x}.tar.zst", rand::random::<u64>())));
+        let (file, root, limits) = (packed.0.clone(), root.to_path_buf(), self.limits);
+        let (trailer, index_json) = tokio::task::spawn_blocking(move || -> Result<(Trailer, Vec<u8>)> {
+            let (trailer, _) = transport::archive::write(&root, &paths, &file, STORE_ZSTD_LEVEL)
+                .context("packing outputs")?;
+            let (files, _) = transport::archive::index(&file, limits).context("indexing outputs")?;
+            Ok((trailer, serde_json::to_vec(&files)?))
+        })
+        .await??;
+        if index_json.len() > MAX_INDEX_JSON {
+            bail!("the outputs' file index is {} bytes, more than {MAX_INDEX_JSON}", index_json.len());
         }
+        let object = SnapshotRequest::StoreObject { wire_bytes: trailer.bytes, digest: trailer.digest };
+        framed::write_frame(&mut send, &object).await?;
+        let urls = match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
+            Some(SnapshotReply::Upload { urls }) => urls,
+            other => return stored(other),
+        };
+        let file = packed.0.clone();
+        let etags = tokio::task::spawn_blocking(move || crate::objects::upload_parts(&file, part_size, &urls))
+            .await?
+            .context("uploading outputs to the object store")?;
+        framed::write_frame(&mut send, &SnapshotRequest::StoreParts { etags, index_json }).await?;
+        send.finish()?;
+        stored(framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await?)
     }
 
     async fn stat(&self, queries: Vec<(String, String)>) -> Result<Vec<Option<u64>>> {

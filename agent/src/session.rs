@@ -244,7 +244,11 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
     let cache = Cache::open(cfg.state_dir.join("cache"), cfg.settings.cache_size_bytes)?;
     let (conn_tx, conn_rx) = watch::channel(None);
     let (outbox_tx, mut outbox) = mpsc::channel(OUTBOX_DEPTH);
-    let quic = Arc::new(QuicRemote::new(conn_rx, cfg.unpack_limits));
+    // Snapshots packed for a direct upload wait here; what a killed agent left is stale.
+    let spool = cfg.state_dir.join("spool");
+    let _ = std::fs::remove_dir_all(&spool);
+    std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
+    let quic = Arc::new(QuicRemote::new(conn_rx, cfg.unpack_limits, spool));
     let steps = Steps {
         settings: Arc::new(cfg.settings.clone()),
         cache,

@@ -166,8 +166,15 @@ impl Engine {
         Ok(self.registry.load()?.to_json())
     }
 
-    fn want_agents(&self, run: &str, want: usize, active: usize, busy: HashSet<String>) {
-        let d = crate::provision::Demand { want, active, busy, run: Some(run.to_string()) };
+    fn want_agents(
+        &self,
+        run: &str,
+        want: usize,
+        active: usize,
+        busy: HashSet<String>,
+        unplaced: Vec<crate::provision::Need>,
+    ) {
+        let d = crate::provision::Demand { want, active, busy, run: Some(run.to_string()), unplaced };
         self.demand.send_if_modified(|cur| {
             let changed = *cur != d;
             *cur = d;
@@ -231,11 +238,11 @@ impl Engine {
             &format!("{} steps, pipeline {}", pipeline.steps.len(), pipeline.file.display()),
         );
         // One agent to plan with; the scheduler raises the demand as steps become ready.
-        self.want_agents(&run_id, 1, 1, HashSet::new());
+        self.want_agents(&run_id, 1, 1, HashSet::new(), Vec::new());
         let result = self
             .drive(&pipeline, &opts, &run_id, done, &attempts_before, in_flight, &mut rep, &shutdown)
             .await;
-        self.want_agents(&run_id, 0, 0, HashSet::new());
+        self.want_agents(&run_id, 0, 0, HashSet::new(), Vec::new());
         let (state, error, succeeded, summary) = match result {
             Ok((true, summary)) => ("succeeded", None, true, summary),
             Ok((false, summary)) if shutdown.is_cancelled() => {
@@ -545,7 +552,19 @@ impl Engine {
             let n = |k: &str| counts.get(k).copied().unwrap_or(0);
             let active = n("ready") + n("running");
             let busy = sched.agent_load().into_iter().filter(|(_, n)| *n > 0).map(|(a, _)| a).collect();
-            self.want_agents(run_id, n("waiting") + active, active, busy);
+            let unplaced = sched
+                .unplaced()
+                .into_iter()
+                .map(|i| {
+                    let s = &p.steps[i];
+                    crate::provision::Need {
+                        step: s.name.clone(),
+                        cpus: s.resources.cpus.ceil().max(1.0) as u32,
+                        memory_bytes: s.resources.memory_bytes,
+                    }
+                })
+                .collect();
+            self.want_agents(run_id, n("waiting") + active, active, busy, unplaced);
             if let Some(ok) = sched.finished() {
                 let counts = sched.counts();
                 let summary = counts.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");

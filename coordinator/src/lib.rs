@@ -1,7 +1,10 @@
 //! `pype-coordinator`: accepts agents over QUIC with mutual TLS, tracks them, and moves trees
 //! to and from them. `main.rs` only calls [`cli_main`]; the library does the work.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod cloudinit;
+pub mod config;
 pub mod display;
 pub mod engine;
 pub mod local;
@@ -26,7 +29,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use protocol::{AdminRequest, AdminResponse, Compression};
-use store::SnapshotStore as _;
 use tokio_util::sync::CancellationToken;
 use transport::telemetry::LogFormat;
 use transport::{endpoint, framed, pki};
@@ -42,6 +44,10 @@ pub struct Cli {
     /// [default: /var/lib/pype/coordinator as root, else ~/.local/state/pype/coordinator].
     #[arg(long, env = "PYPE_STATE_DIR", global = true)]
     state_dir: Option<PathBuf>,
+    /// Coordinator config file (TOML; `[store]`: local or s3)
+    /// [default: <state>/coordinator.toml when it exists].
+    #[arg(long, env = "PYPE_COORDINATOR_CONFIG", global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -403,6 +409,9 @@ pub fn cli_main() -> ExitCode {
     }
     let cli = Cli::parse_from(args);
     transport::telemetry::init(cli.log_format);
+    if let Some(c) = &cli.config {
+        config::set_explicit(c.clone());
+    }
     transport::cli::block_on_main(run_cli(cli))
 }
 
@@ -586,7 +595,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
             for p in paths {
                 abs.push(std::path::absolute(&p).with_context(|| format!("resolving {}", p.display()))?);
             }
-            let store = store::LocalStore::open_dir(dir.join("snapshots"))?;
+            let store = config::open_store(&dir)?;
             let meta = tokio::task::spawn_blocking(move || {
                 let meta = store.import(&abs)?;
                 anyhow::Ok((meta, abs))

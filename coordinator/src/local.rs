@@ -18,7 +18,7 @@ use crate::engine::Engine;
 use crate::server::{self, Coordinator, ServerConfig};
 use crate::state::State;
 use crate::working::WorkingRegistry;
-use crate::{store, trust};
+use crate::trust;
 
 /// The hidden subcommand under which `pype-coordinator` runs as an agent.
 pub const AGENT_SUBCOMMAND: &str = "__agent";
@@ -66,7 +66,7 @@ pub async fn start_server(
     pki::write_file(&state_dir.join(crate::ADDR_FILE), local.to_string().as_bytes(), 0o644)?;
     tracing::info!(addr = %local, state_dir = %state_dir.display(), "coordinator listening");
     let config = ServerConfig { heartbeat_interval, ..Default::default() };
-    let store = Arc::new(store::LocalStore::open_dir(state_dir.join("snapshots"))?);
+    let store = crate::config::open_store(state_dir)?;
     let coord = Coordinator::new(state.clone(), identity.ca, config, store);
     let engine = Arc::new(Engine {
         coord: coord.clone(),

@@ -21,7 +21,7 @@ use crate::plan::{self, PlanOptions};
 use crate::provider::{self, ProviderConfig};
 use crate::provision;
 use crate::state::{State, now_ms};
-use crate::store::{LocalStore, SnapshotStore};
+use crate::store::SnapshotStore;
 use crate::working::WorkingRegistry;
 
 pub struct RunRequest {
@@ -208,14 +208,14 @@ async fn run_remote(dir: &Path, addr: SocketAddr, pipeline: &Pipeline, opts: &Ru
 pub fn plan(dir: &Path, pipeline: &Path, force: &[String], empty_ok: bool) -> Result<()> {
     let p = Pipeline::load(pipeline)?;
     let reg = WorkingRegistry::open(dir)?.load()?;
-    let store = LocalStore::open_dir(dir.join("snapshots"))?;
+    let store = crate::config::open_store(dir)?;
     // Each declared output's size through its registry entry (missing without one).
     let outputs: Vec<&String> = p.steps.iter().flat_map(|s| &s.outputs).collect();
     let located: Vec<(&String, (String, String))> = outputs
         .iter()
         .filter_map(|o| reg.get(o).map(|e| (*o, (e.snapshot_id.clone(), e.in_snapshot_path.clone()))))
         .collect();
-    let found = crate::store::sizes_of(&store, located.iter().map(|(_, q)| q.clone()).collect())?;
+    let found = crate::store::sizes_of(store.as_ref(), located.iter().map(|(_, q)| q.clone()).collect())?;
     let mut sizes: HashMap<String, Option<u64>> = outputs.iter().map(|o| ((*o).clone(), None)).collect();
     for ((o, _), size) in located.iter().zip(found) {
         sizes.insert((*o).clone(), size);
@@ -299,7 +299,7 @@ pub fn registry(dir: &Path, op: RegistryOp) -> Result<()> {
 /// `min_age` (younger ones may belong to a harvest whose entries are being merged).
 pub fn gc(dir: &Path, min_age: Duration, dry_run: bool) -> Result<()> {
     let reg = WorkingRegistry::open(dir)?.load()?;
-    let store = LocalStore::open_dir(dir.join("snapshots"))?;
+    let store = crate::config::open_store(dir)?;
     let referenced: std::collections::HashSet<&str> =
         reg.entries.values().map(|e| e.snapshot_id.as_str()).collect();
     let now = (now_ms() / 1000) as i64;

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::cloudinit;
 use crate::provider::{
-    self, InstanceSpec, InstanceState, Provider, ProviderConfig, TAG_COORDINATOR, TAG_INSTANCE, TAG_RUN,
+    self, InstanceSpec, InstanceState, Provider, ProviderConfig, TAG_COORDINATOR, TAG_INSTANCE, TAG_RUN, TAG_STEP,
 };
 use crate::server::Coordinator;
 use crate::state::State;
@@ -38,6 +38,17 @@ pub struct Demand {
     pub busy: HashSet<String>,
     /// The run the instances work for (a tag).
     pub run: Option<String>,
+    /// Steps no agent runs yet, ready ones first: a new instance is sized for the first one
+    /// no booting instance was made for.
+    pub unplaced: Vec<Need>,
+}
+
+/// What one step asks of an instance.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Need {
+    pub step: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
 }
 
 /// Lines on an instance's console that mark boot progress, reported once each.
@@ -59,7 +70,15 @@ fn boot_mark(console: &str, mark: usize) -> bool {
     console.contains(needle)
 }
 
+/// When the next create may be tried, after consecutive failures.
+struct Pace {
+    after: Instant,
+    failures: u32,
+}
+
 struct Mine {
+    /// The step the instance was sized for.
+    for_step: Option<String>,
     provider_id: Option<String>,
     requested: Instant,
     joined: Option<Instant>,
@@ -118,12 +137,12 @@ impl Provisioner {
     pub async fn run(self, mut demand: watch::Receiver<Demand>, shutdown: CancellationToken) {
         let mut mine: HashMap<String, Mine> = HashMap::new();
         let mut next_sweep = Instant::now() + Duration::from_secs(self.cfg.sweep_interval_secs);
-        let mut create_after = Instant::now();
+        let mut pace = Pace { after: Instant::now(), failures: 0 };
         let mut members = self.coord.membership();
         loop {
             let d = demand.borrow().clone();
             self.observe(&mut mine).await;
-            if let Err(e) = self.scale(&d, &mut mine, &mut create_after).await {
+            if let Err(e) = self.scale(&d, &mut mine, &mut pace).await {
                 warn!("provisioning: {e:#}");
             }
             if Instant::now() >= next_sweep {
@@ -219,7 +238,7 @@ impl Provisioner {
         &self,
         d: &Demand,
         mine: &mut HashMap<String, Mine>,
-        create_after: &mut Instant,
+        pace: &mut Pace,
     ) -> Result<()> {
         let floor = if d.want > 0 { self.cfg.min_instances } else { 0 };
         let steps = if self.provider.prestarts() { d.want } else { d.active };
@@ -245,12 +264,29 @@ impl Provisioner {
         let live = mine.keys().filter(|id| !draining.contains(*id)).count();
         if live < want
             && mine.len() < self.cfg.max_instances + draining.len()
-            && Instant::now() >= *create_after
-            && let Err(e) = self.create(d, mine).await
+            && Instant::now() >= pace.after
         {
-            // Do not hammer a failing provider.
-            *create_after = Instant::now() + Duration::from_secs(5);
-            return Err(e);
+            match self.create(d, mine).await {
+                Ok(()) => pace.failures = 0,
+                Err(e) => {
+                    // Do not hammer a failing provider: 2 s, 4 s, ... up to a minute.
+                    pace.failures += 1;
+                    let wait = Duration::from_secs(1u64 << pace.failures.min(6)).min(Duration::from_secs(60));
+                    pace.after = Instant::now() + wait;
+                    if let Some(c) = e.root_cause().downcast_ref::<provider::aws::Capacity>() {
+                        warn!(
+                            provider = self.provider.name(),
+                            code = %c.code,
+                            instance_type = %c.instance_type,
+                            retry_in_s = wait.as_secs(),
+                            "no capacity for an instance: the step stays queued ({})",
+                            c.message
+                        );
+                        return Ok(());
+                    }
+                    return Err(e);
+                }
+            }
         }
         if live > want {
             // Idle joined instances first, then the youngest still booting (draining ones
@@ -322,10 +358,19 @@ impl Provisioner {
         if let Some(run) = &d.run {
             tags.insert(TAG_RUN.to_string(), run.clone());
         }
-        let spec = InstanceSpec { instance_id: id.clone(), cpus: 1, memory_bytes: 0, tags };
+        // Sized for the first step no booting instance was made for.
+        let claimed: HashSet<&str> =
+            mine.values().filter(|m| m.joined.is_none()).filter_map(|m| m.for_step.as_deref()).collect();
+        let need = d.unplaced.iter().find(|n| !claimed.contains(n.step.as_str())).cloned();
+        if let Some(n) = &need {
+            tags.insert(TAG_STEP.to_string(), n.step.clone());
+        }
+        let (cpus, memory_bytes) = need.as_ref().map_or((1, 0), |n| (n.cpus, n.memory_bytes));
+        let spec = InstanceSpec { instance_id: id.clone(), cpus, memory_bytes, tags };
         mine.insert(
             id.clone(),
             Mine {
+                for_step: need.map(|n| n.step),
                 provider_id: None,
                 requested,
                 joined: None,

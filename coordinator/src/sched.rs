@@ -225,6 +225,13 @@ impl Scheduler {
         )
     }
 
+    /// Steps no agent runs yet, ready ones first: what new instances are sized for.
+    pub fn unplaced(&self) -> Vec<usize> {
+        let ready = self.steps.iter().enumerate().filter(|(_, s)| matches!(s.state, StepState::Ready));
+        let waiting = self.steps.iter().enumerate().filter(|(_, s)| matches!(s.state, StepState::Waiting));
+        ready.chain(waiting).map(|(i, _)| i).collect()
+    }
+
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         let mut out = BTreeMap::new();
         for s in &self.steps {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use protocol::{
     AdminRequest, AdminResponse, AgentInfo, AgentToCoordinator, BulkReply, BulkRequest, CloseCode,
     Compression, CoordinatorToAgent, DataHeader, EnrollRequest, EnrollResponse, ErrorCode, HostFacts,
@@ -788,21 +788,116 @@ async fn snapshot_stream(
     let store = coord.store.clone();
     let reply_err = |code, message: String| SnapshotReply::Error(RemoteError { code, message });
     match req {
-        SnapshotRequest::Fetch { snapshot_id } => {
+        SnapshotRequest::FetchDirect { snapshot_id } if store.direct().is_some() => {
+            let started = Instant::now();
+            let id = snapshot_id.clone();
+            let s = store.clone();
+            let found = tokio::task::spawn_blocking(move || match s.direct() {
+                Some(d) => d.download(&id).map(|dl| (dl, s.meta(&id).ok().flatten())),
+                None => Err(anyhow!("the store has no direct path")),
+            })
+            .await?;
+            let reply = match found {
+                Ok((dl, meta)) => {
+                    let content = meta.map_or(dl.wire_bytes, |m| m.content_bytes);
+                    log_snapshot_transfer(
+                        coord,
+                        agent,
+                        "fetch-direct",
+                        &snapshot_id,
+                        content,
+                        dl.wire_bytes,
+                        started.elapsed().as_millis() as u64,
+                    );
+                    SnapshotReply::Download { url: dl.url, wire_bytes: dl.wire_bytes, digest: dl.digest }
+                }
+                Err(e) => reply_err(ErrorCode::NotFound, format!("{e:#}")),
+            };
+            framed::write_frame(&mut send, &reply).await?;
+            send.finish()?;
+        }
+        SnapshotRequest::Fetch { snapshot_id } | SnapshotRequest::FetchDirect { snapshot_id } => {
+            relay_fetch(coord, agent, &mut send, snapshot_id).await?;
+        }
+        SnapshotRequest::Store { data } => {
+            if !matches!(data.compression, Compression::Zstd { .. }) {
+                framed::write_frame(
+                    &mut send,
+                    &reply_err(ErrorCode::InvalidRequest, "snapshots are stored as zstd streams".into()),
+                )
+                .await?;
+                send.finish()?;
+                return Ok(());
+            }
+            relay_store(coord, agent, &mut send, &mut recv).await?;
+        }
+        SnapshotRequest::StoreBegin => match store.direct().map(|d| d.part_size()) {
+            None => {
+                framed::write_frame(&mut send, &SnapshotReply::Relay).await?;
+                relay_store(coord, agent, &mut send, &mut recv).await?;
+            }
+            Some(part_size) => {
+                framed::write_frame(&mut send, &SnapshotReply::Direct { part_size }).await?;
+                let reply = match direct_store(coord, agent, &mut send, &mut recv).await {
+                    Ok(r) => r,
+                    Err(e) => reply_err(ErrorCode::RefusedArchive, format!("{e:#}")),
+                };
+                framed::write_frame(&mut send, &reply).await?;
+                send.finish()?;
+            }
+        },
+        SnapshotRequest::StoreObject { .. } | SnapshotRequest::StoreParts { .. } => {
+            let reply = reply_err(ErrorCode::InvalidRequest, "an upload step outside of StoreBegin".into());
+            framed::write_frame(&mut send, &reply).await?;
+            send.finish()?;
+        }
+        SnapshotRequest::Stat { queries } => {
+            let sizes =
+                tokio::task::spawn_blocking(move || crate::store::sizes_of(store.as_ref(), queries)).await?;
+            let reply = match sizes {
+                Ok(s) => SnapshotReply::Sizes(s),
+                Err(e) => reply_err(ErrorCode::InvalidRequest, format!("{e:#}")),
+            };
+            framed::write_frame(&mut send, &reply).await?;
+            send.finish()?;
+        }
+        SnapshotRequest::Registry => {
+            let reply = match coord.engine().map(|e| e.agent_registry()) {
+                Some(Ok(json)) => SnapshotReply::Registry { json },
+                Some(Err(e)) => reply_err(ErrorCode::Internal, format!("{e:#}")),
+                None => reply_err(ErrorCode::NotFound, "this coordinator keeps no working registry".into()),
+            };
+            framed::write_frame(&mut send, &reply).await?;
+            send.finish()?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends a stored snapshot over the stream (the relay).
+async fn relay_fetch(
+    coord: &Coordinator,
+    agent: &str,
+    send: &mut quinn::SendStream,
+    snapshot_id: String,
+) -> Result<()> {
+    let store = coord.store.clone();
+    let reply_err = |code, message: String| SnapshotReply::Error(RemoteError { code, message });
+
             let id = snapshot_id.clone();
             let opened = tokio::task::spawn_blocking(move || store.open(&id)).await?;
             let (path, digest) = match opened {
                 Ok(v) => v,
                 Err(e) => {
-                    framed::write_frame(&mut send, &reply_err(ErrorCode::NotFound, format!("{e:#}"))).await?;
+                    framed::write_frame(send, &reply_err(ErrorCode::NotFound, format!("{e:#}"))).await?;
                     send.finish()?;
                     return Ok(());
                 }
             };
             let started = Instant::now();
             let header = DataHeader { expected_bytes: None, compression: Compression::Zstd { level: 0 } };
-            framed::write_frame(&mut send, &SnapshotReply::Data(header)).await?;
-            let bytes = transport::bulk::send_file(&mut send, &path, Some(digest))
+            framed::write_frame(send, &SnapshotReply::Data(header)).await?;
+            let bytes = transport::bulk::send_file(send, &path, Some(digest))
                 .await
                 .with_context(|| format!("sending snapshot {snapshot_id}"))?;
             send.finish()?;
@@ -816,21 +911,22 @@ async fn snapshot_stream(
                 .and_then(|m| m.ok().flatten())
                 .map_or(bytes, |m| m.content_bytes);
             log_snapshot_transfer(coord, agent, "fetch", &snapshot_id, content, bytes, elapsed_ms);
-        }
-        SnapshotRequest::Store { data } => {
-            if !matches!(data.compression, Compression::Zstd { .. }) {
-                framed::write_frame(
-                    &mut send,
-                    &reply_err(ErrorCode::InvalidRequest, "snapshots are stored as zstd streams".into()),
-                )
-                .await?;
-                send.finish()?;
-                return Ok(());
-            }
+            Ok(())
+}
+
+/// Receives a snapshot on the stream (the relay) and stores it.
+async fn relay_store(
+    coord: &Coordinator,
+    agent: &str,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<()> {
+    let store = coord.store.clone();
+    let reply_err = |code, message: String| SnapshotReply::Error(RemoteError { code, message });
             let started = Instant::now();
             let tmp = store.incoming_path()?;
             let reply =
-                match transport::bulk::recv_file(&mut recv, &tmp, coord.config.unpack_limits.max_bytes).await
+                match transport::bulk::recv_file(recv, &tmp, coord.config.unpack_limits.max_bytes).await
                 {
                     Err(e) => reply_err(e.code(), e.to_string()),
                     Ok(trailer) => {
@@ -856,30 +952,76 @@ async fn snapshot_stream(
                         }
                     }
                 };
-            framed::write_frame(&mut send, &reply).await?;
+            framed::write_frame(send, &reply).await?;
             send.finish()?;
-        }
-        SnapshotRequest::Stat { queries } => {
-            let sizes =
-                tokio::task::spawn_blocking(move || crate::store::sizes_of(store.as_ref(), queries)).await?;
-            let reply = match sizes {
-                Ok(s) => SnapshotReply::Sizes(s),
-                Err(e) => reply_err(ErrorCode::InvalidRequest, format!("{e:#}")),
-            };
-            framed::write_frame(&mut send, &reply).await?;
-            send.finish()?;
-        }
-        SnapshotRequest::Registry => {
-            let reply = match coord.engine().map(|e| e.agent_registry()) {
-                Some(Ok(json)) => SnapshotReply::Registry { json },
-                Some(Err(e)) => reply_err(ErrorCode::Internal, format!("{e:#}")),
-                None => reply_err(ErrorCode::NotFound, "this coordinator keeps no working registry".into()),
-            };
-            framed::write_frame(&mut send, &reply).await?;
-            send.finish()?;
+            Ok(())
+}
+
+/// Largest file index an agent sends with a direct upload.
+const MAX_INDEX_FRAME: usize = 256 * 1024 * 1024;
+
+/// A direct upload: the agent announces the packed snapshot, PUTs its parts at presigned URLs,
+/// then sends their ETags and the file index. An upload that does not complete is aborted.
+async fn direct_store(
+    coord: &Coordinator,
+    agent: &str,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<SnapshotReply> {
+    let started = Instant::now();
+    let (wire_bytes, digest) = match framed::read_frame::<SnapshotRequest, _>(recv, MAX_CONTROL_FRAME).await? {
+        Some(SnapshotRequest::StoreObject { wire_bytes, digest }) => (wire_bytes, digest),
+        other => bail!("expected the packed snapshot's size and digest, got {other:?}"),
+    };
+    let max = coord.config.unpack_limits.max_bytes;
+    if wire_bytes > max {
+        bail!("a snapshot of {wire_bytes} bytes is over the limit of {max}");
+    }
+    let store = coord.store.clone();
+    let begun = tokio::task::spawn_blocking(move || match store.direct() {
+        Some(d) => d.begin(wire_bytes, digest),
+        None => Err(anyhow!("the store has no direct path")),
+    })
+    .await??;
+    let (ticket, urls) = match begun {
+        crate::store::Begin::Exists(meta) => return Ok(SnapshotReply::Stored(meta.info())),
+        crate::store::Begin::Upload { ticket, urls } => (ticket, urls),
+    };
+    let parts = async {
+        framed::write_frame(send, &SnapshotReply::Upload { urls }).await?;
+        match framed::read_frame::<SnapshotRequest, _>(recv, MAX_INDEX_FRAME).await? {
+            Some(SnapshotRequest::StoreParts { etags, index_json }) => {
+                let files: Vec<transport::tree::IndexEntry> =
+                    serde_json::from_slice(&index_json).context("parsing the snapshot's file index")?;
+                anyhow::Ok((etags, files))
+            }
+            other => bail!("expected the uploaded parts, got {other:?}"),
         }
     }
-    Ok(())
+    .await;
+    let store = coord.store.clone();
+    let t = ticket.clone();
+    let meta = tokio::task::spawn_blocking(move || {
+        let d = store.direct().ok_or_else(|| anyhow!("the store has no direct path"))?;
+        match parts {
+            Ok((etags, files)) => d.finish(&t, etags, files),
+            Err(e) => {
+                d.abort(&t);
+                Err(e)
+            }
+        }
+    })
+    .await??;
+    log_snapshot_transfer(
+        coord,
+        agent,
+        "store-direct",
+        &meta.snapshot_id,
+        meta.content_bytes,
+        meta.wire_bytes,
+        started.elapsed().as_millis() as u64,
+    );
+    Ok(SnapshotReply::Stored(meta.info()))
 }
 
 /// Closes connections of agents revoked while connected (revocation is done by another

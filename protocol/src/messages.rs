@@ -313,6 +313,19 @@ pub enum SnapshotRequest {
     /// The working registry (bio-pype's JSON), for an instance whose user-data had no room for
     /// it: the reply is `Registry`.
     Registry,
+    /// Like `Fetch`, but the answer may be `Download`: a short-lived URL at which the object
+    /// store serves the stored bytes, so they do not pass through the coordinator. Otherwise
+    /// the answer is as for `Fetch`. (Minor 2.)
+    FetchDirect { snapshot_id: String },
+    /// Asks how to store a snapshot. The answer is `Relay` (the raw bytes and trailer follow on
+    /// this stream, as after `Store`) or `Direct` (pack it, then send `StoreObject`). (Minor 2.)
+    StoreBegin,
+    /// The packed snapshot's size and BLAKE3 digest. The answer is `Stored` (the store holds
+    /// these bytes already) or `Upload`.
+    StoreObject { wire_bytes: u64, digest: [u8; 32] },
+    /// Every part is uploaded: their ETags in part order, and the snapshot's file index (JSON).
+    /// The answer is `Stored`.
+    StoreParts { etags: Vec<String>, index_json: Vec<u8> },
 }
 
 /// What a stored snapshot holds.
@@ -333,4 +346,12 @@ pub enum SnapshotReply {
     Sizes(Vec<Option<u64>>),
     Error(RemoteError),
     Registry { json: String },
+    /// GET `url` for the stored bytes: `wire_bytes` of zstd tar whose BLAKE3 digest is `digest`.
+    Download { url: String, wire_bytes: u64, digest: [u8; 32] },
+    /// Store through the object store, in parts of `part_size` bytes (the last may be shorter).
+    Direct { part_size: u64 },
+    /// Send the snapshot on this stream.
+    Relay,
+    /// PUT part `i + 1` to `urls[i]`; the URLs expire after a few minutes.
+    Upload { urls: Vec<String> },
 }

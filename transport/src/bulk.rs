@@ -418,3 +418,66 @@ pub async fn send_paths(
 ) -> Result<TransferSummary, BulkError> {
     send_packed(send, Compression::Zstd { level }, move |w| tree::pack_paths(&root, &paths, w)).await
 }
+
+/// Counts and hashes what passes through, refusing to read past `limit` bytes.
+struct Verifying<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    bytes: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for Verifying<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        self.hasher.update(&out[..n]);
+        self.bytes += n as u64;
+        if self.bytes > self.limit {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("more than {} bytes", self.limit)));
+        }
+        Ok(n)
+    }
+}
+
+/// Unpacks raw bytes read from `input` (e.g. an HTTP body from an object store) into `dest`
+/// through a staging directory, committing only when they are exactly `expected.bytes` long
+/// and their BLAKE3 digest is `expected.digest`: the same guarantee as [`recv_tree`].
+pub fn unpack_verified(
+    input: impl Read,
+    dest: &std::path::Path,
+    compression: Compression,
+    limits: UnpackLimits,
+    expected: Trailer,
+) -> Result<TransferSummary, BulkError> {
+    let started = Instant::now();
+    let staging = Staging::new(dest)?;
+    let mut reader = Verifying { inner: input, hasher: blake3::Hasher::new(), bytes: 0, limit: expected.bytes };
+    let stats = match compression {
+        Compression::None => tree::unpack(&mut reader, staging.path(), limits),
+        Compression::Zstd { .. } => {
+            let dec = zstd::stream::read::Decoder::new(&mut reader)
+                .map_err(|e| TreeError::Io { context: "starting zstd".into(), source: e })?;
+            tree::unpack(dec, staging.path(), limits)
+        }
+    };
+    // A digest mismatch explains a refused archive better than the archive error itself.
+    let drain = io::copy(&mut reader, &mut io::sink());
+    let digest_ok = reader.bytes == expected.bytes && *reader.hasher.finalize().as_bytes() == expected.digest;
+    if let Err(e) = drain {
+        return Err(BulkError::Stream(format!("reading the object: {e}")));
+    }
+    if reader.bytes != expected.bytes {
+        return Err(BulkError::Corrupt(format!("expected {} bytes, read {}", expected.bytes, reader.bytes)));
+    }
+    if !digest_ok {
+        return Err(BulkError::Corrupt("BLAKE3 digest does not match the stored digest".into()));
+    }
+    let stats = stats?;
+    staging.commit()?;
+    Ok(TransferSummary {
+        wire_bytes: expected.bytes,
+        content_bytes: stats.content_bytes,
+        entries: stats.entries,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}

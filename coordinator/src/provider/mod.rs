@@ -1,10 +1,11 @@
 //! Instances the coordinator provisions for its agents: the `Provider` trait every backend
-//! (qemu VMs, Slurm jobs; clouds later) implements, and the provider config file.
+//! (qemu VMs, Slurm jobs, EC2 instances) implements, and the provider config file.
 //!
 //! A provider only creates, describes, terminates and lists; the lifecycle (intents in the
 //! state database, boot timeout, termination when work ends, the reconciler) lives in
 //! [`crate::provision`] and is the same for all of them.
 
+pub mod aws;
 pub mod qemu;
 pub mod slurm;
 
@@ -122,6 +123,7 @@ pub struct ProviderConfig {
     pub agent: AgentDelivery,
     pub qemu: qemu::QemuConfig,
     pub slurm: slurm::SlurmConfig,
+    pub aws: aws::AwsConfig,
 }
 
 impl Default for ProviderConfig {
@@ -140,6 +142,7 @@ impl Default for ProviderConfig {
             agent: AgentDelivery::default(),
             qemu: qemu::QemuConfig::default(),
             slurm: slurm::SlurmConfig::default(),
+            aws: aws::AwsConfig::default(),
         }
     }
 }
@@ -179,7 +182,11 @@ pub fn open(name: &str, cfg: &ProviderConfig, state_dir: &Path) -> Result<Arc<dy
     match name {
         "qemu" => Ok(Arc::new(qemu::Qemu::new(cfg.qemu.clone(), instances_dir(state_dir, "qemu"))?)),
         "slurm" => Ok(Arc::new(slurm::Slurm::new(cfg.slurm.clone(), instances_dir(state_dir, "slurm"))?)),
-        other => bail!("unknown provider {other:?} (known: qemu, slurm)"),
+        #[cfg(feature = "aws")]
+        "aws" => Ok(Arc::new(aws::Ec2::new(cfg.aws.clone())?)),
+        #[cfg(not(feature = "aws"))]
+        "aws" => bail!("this pype-coordinator was built without the `aws` feature (cargo build --features aws)"),
+        other => bail!("unknown provider {other:?} (known: qemu, slurm, aws)"),
     }
 }
 

@@ -1,13 +1,19 @@
 //! The snapshot store. Each snapshot is one stored archive (zstd tar, see
 //! [`transport::archive`]) plus an index of its entries and sizes, so `check_outputs` is
 //! answered without touching the archive. The embedded default, [`LocalStore`], keeps both in
-//! a directory of the state dir; an object store can implement [`SnapshotStore`] later.
+//! a directory of the state dir; [`s3::S3Store`] (feature `aws`) keeps them in an S3 bucket,
+//! and lets agents read and write them directly at presigned URLs ([`SnapshotStore::direct`]).
+//! [`open`] picks one from the coordinator config's `[store]` table.
 //!
 //! Snapshot ids are content addresses: `snap-` and the first 32 hex digits of the BLAKE3
 //! digest of the stored bytes, so storing the same outputs twice stores them once.
 
+#[cfg(feature = "aws")]
+pub mod s3;
+
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use protocol::{SnapshotInfo, Trailer, registry::valid_snapshot_id};
@@ -81,8 +87,146 @@ pub fn sizes_of(store: &dyn SnapshotStore, queries: Vec<(String, String)>) -> Re
     Ok(out)
 }
 
+/// Which store holds the snapshots: the `[store]` table of the coordinator config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// `<state>/snapshots`, bytes relayed to agents over QUIC.
+    #[default]
+    Local,
+    /// An S3 bucket (or S3-compatible store); agents move bytes at presigned URLs.
+    S3(S3Config),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix of the snapshot objects and their indexes.
+    pub prefix: String,
+    /// Region (default: from the standard AWS configuration chain).
+    pub region: Option<String>,
+    /// Endpoint of an S3-compatible store (or an emulator in tests).
+    pub endpoint_url: Option<String>,
+    /// Path-style URLs (`endpoint/bucket/key`), as most S3-compatible stores want.
+    pub force_path_style: bool,
+    /// Fixed multipart part size in MiB (S3's minimum is 5; at most 10,000 parts).
+    pub part_size_mib: u64,
+    /// Lifetime of the presigned URLs handed to agents.
+    pub presign_ttl_secs: u64,
+    /// Attempts per API call (throttling and transient errors retried with backoff).
+    pub max_attempts: u32,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            bucket: String::new(),
+            prefix: "pype/snapshots".into(),
+            region: None,
+            endpoint_url: None,
+            force_path_style: false,
+            part_size_mib: 16,
+            presign_ttl_secs: 900,
+            max_attempts: 8,
+        }
+    }
+}
+
+/// The snapshot store the config names; `state_dir` holds the local store, or the object
+/// store's spool and read cache.
+pub fn open(state_dir: &Path, cfg: &StoreConfig) -> Result<Arc<dyn SnapshotStore>> {
+    match cfg {
+        StoreConfig::Local => Ok(Arc::new(LocalStore::open_dir(state_dir.join("snapshots"))?)),
+        #[cfg(feature = "aws")]
+        StoreConfig::S3(c) => Ok(Arc::new(s3::S3Store::open(c, &state_dir.join("snapshots"))?)),
+        #[cfg(not(feature = "aws"))]
+        StoreConfig::S3(_) => {
+            bail!("this pype-coordinator was built without the `aws` feature, needed for an S3 store")
+        }
+    }
+}
+
+/// Where an agent reads a snapshot's bytes directly.
+#[derive(Debug, Clone)]
+pub struct Download {
+    pub url: String,
+    pub wire_bytes: u64,
+    pub digest: [u8; 32],
+}
+
+/// A direct upload the store expects.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    pub snapshot_id: String,
+    pub upload_id: String,
+    pub wire_bytes: u64,
+    pub digest: [u8; 32],
+    pub parts: usize,
+}
+
+pub enum Begin {
+    /// The store holds these bytes already.
+    Exists(SnapshotMeta),
+    /// PUT part `i + 1` to `urls[i]`, then [`DirectStore::finish`].
+    Upload { ticket: Ticket, urls: Vec<String> },
+}
+
+/// A store agents read and write directly, at presigned URLs.
+pub trait DirectStore: Send + Sync {
+    /// The fixed size of upload parts.
+    fn part_size(&self) -> u64;
+    /// A short-lived URL for a snapshot's stored bytes, with their length and digest.
+    fn download(&self, snapshot_id: &str) -> Result<Download>;
+    /// Starts storing `wire_bytes` bytes whose digest is `digest` (or finds them stored).
+    fn begin(&self, wire_bytes: u64, digest: [u8; 32]) -> Result<Begin>;
+    /// Completes an upload from its parts' ETags; stores `files` as the snapshot's index.
+    fn finish(&self, ticket: &Ticket, etags: Vec<String>, files: Vec<IndexEntry>) -> Result<SnapshotMeta>;
+    /// Gives up an upload (its parts are deleted).
+    fn abort(&self, ticket: &Ticket);
+}
+
+/// A snapshot's meta from an index the uploader built: sorted, one entry per path, every path
+/// relative and free of `..`.
+pub fn meta_from_index(
+    snapshot_id: &str,
+    wire_bytes: u64,
+    digest: &[u8; 32],
+    mut files: Vec<IndexEntry>,
+) -> Result<SnapshotMeta> {
+    for f in &files {
+        let p = Path::new(&f.path);
+        if f.path.is_empty()
+            || p.is_absolute()
+            || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            bail!("index entry {:?} is not a plain relative path", f.path);
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files.dedup_by(|later, earlier| later.path == earlier.path);
+    Ok(SnapshotMeta {
+        snapshot_id: snapshot_id.to_string(),
+        wire_bytes,
+        content_bytes: files.iter().filter(|f| f.kind == EntryKind::File).map(|f| f.size).sum(),
+        entries: files.len() as u64,
+        digest: hex::encode(digest),
+        created_at: now_secs(),
+        files,
+    })
+}
+
+/// The content address of stored bytes whose digest is `digest`.
+pub fn snapshot_id_of(digest: &[u8; 32]) -> String {
+    format!("snap-{}", hex::encode(&digest[..16]))
+}
+
 /// Where snapshots live. Methods block (file IO); async callers use `spawn_blocking`.
 pub trait SnapshotStore: Send + Sync {
+    /// The direct path for agents, when the store has one (object stores).
+    fn direct(&self) -> Option<&dyn DirectStore> {
+        None
+    }
     /// A fresh path for an incoming stream, on the same filesystem as the store.
     fn incoming_path(&self) -> Result<PathBuf>;
     /// Takes a verified stream file (see [`transport::bulk::recv_file`]) into the store.
@@ -159,7 +303,7 @@ impl LocalStore {
     }
 }
 
-fn now_secs() -> i64 {
+pub(crate) fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -172,7 +316,7 @@ impl SnapshotStore for LocalStore {
     }
 
     fn ingest(&self, file: &Path, trailer: &Trailer) -> Result<SnapshotMeta> {
-        let id = format!("snap-{}", hex::encode(&trailer.digest[..16]));
+        let id = snapshot_id_of(&trailer.digest);
         if let Some(meta) = self.meta(&id)? {
             // Same bytes stored before: keep the old copy.
             let _ = fs::remove_file(file);
