@@ -381,6 +381,12 @@ impl Provisioner {
         );
         match self.provider.create(&spec, &launch).await {
             Ok(pid) => {
+                if std::env::var_os("PYPE_FAULT_KILL_AFTER_CREATE").is_some() {
+                    // For the crash test: the instance exists, the database does not know its id.
+                    warn!(instance = %id, provider_id = %pid, "fault injection: SIGKILL after create");
+                    // SAFETY: kill and getpid have no preconditions.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                }
                 self.state.instance_update(&id, "booting", Some(&pid), None)?;
                 info!(
                     instance = %id,

@@ -1,0 +1,540 @@
+//! The `aws` provider and the S3 snapshot store against moto's server (a real AWS API
+//! emulator on 127.0.0.1, started per test from the venv `ci-setup` installs).
+//!
+//! For EC2 the test plays the hypervisor: for each instance the coordinator launches, it reads
+//! the user-data back from moto (DescribeInstanceAttribute), and starts a `pype-agent` with
+//! exactly that configuration, in its own work dir and network namespace; when the instance
+//! is terminated in moto, its agent is killed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
+use base64::Engine as _;
+use tests::{Bins, Lan, MOTO_SECRET, Moto, Proc, T, run_id};
+
+const LONG: Duration = Duration::from_secs(240);
+
+fn bins() -> Bins {
+    Bins {
+        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
+        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+struct Fx {
+    dir: tempfile::TempDir,
+    bins: Bins,
+    moto: Moto,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Fx {
+    fn new(test: &str, moto_host: &str) -> Option<Fx> {
+        let moto = Moto::start_on(test, moto_host)?;
+        Some(Fx { dir: tempfile::tempdir().unwrap(), bins: bins(), moto, rt: rt() })
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn coordinator(&self, state: &Path) -> Command {
+        let mut cmd = Command::new(&self.bins.coordinator);
+        for (k, v) in self.moto.env() {
+            cmd.env(k, v);
+        }
+        cmd.arg("--state-dir").arg(state);
+        cmd
+    }
+
+    fn start_run(&self, state: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = self.coordinator(state);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.args(["run", "--heartbeat-interval-ms", "200"]).args(args);
+        Proc::spawn("run", cmd)
+    }
+
+    fn cli_ok(&self, state: &Path, args: &[&str]) -> String {
+        let out = self.coordinator(state).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "pype-coordinator {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// An image moto knows.
+    fn image_id(&self) -> String {
+        let ec2 = self.moto.ec2();
+        let out = self.rt.block_on(ec2.describe_images().send()).unwrap();
+        out.images().first().and_then(|i| i.image_id()).expect("moto has no images").to_string()
+    }
+
+    /// Provider config: moto's endpoint, two instance types, `coordinator_host` where the
+    /// agents reach the coordinator.
+    fn provider_config(&self, coordinator_host: &str) -> PathBuf {
+        let path = self.p("provider.toml");
+        let text = format!(
+            "boot_timeout_secs = 60\nsweep_interval_secs = 2\norphan_timeout_secs = 600\nmax_instances = 2\n\
+             coordinator_host = \"{coordinator_host}\"\n\
+             [aws]\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\nimage_id = \"{}\"\n\
+             instance_profile = \"pype-agent\"\nmax_attempts = 3\n\
+             instance_types = [\n\
+               {{ name = \"m5.2xlarge\", cpus = 8, memory_gib = 32.0, price = 0.384 }},\n\
+               {{ name = \"t3.small\", cpus = 2, memory_gib = 2.0, price = 0.0208 }},\n\
+               {{ name = \"t3.large\", cpus = 2, memory_gib = 8.0, price = 0.0832 }},\n]\n",
+            self.moto.endpoint,
+            self.image_id()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// EC2 instances carrying `key=value`: (id, state, type, tags).
+    fn instances(&self, key: &str, value: Option<&str>) -> Vec<(String, String, String, BTreeMap<String, String>)> {
+        let ec2 = self.moto.ec2();
+        let f = match value {
+            Some(v) => Filter::builder().name(format!("tag:{key}")).values(v).build(),
+            None => Filter::builder().name("tag-key").values(key).build(),
+        };
+        let out = self.rt.block_on(ec2.describe_instances().filters(f).send()).unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| {
+                let tags = i
+                    .tags()
+                    .iter()
+                    .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+                    .collect();
+                (
+                    i.instance_id().unwrap().to_string(),
+                    i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
+                    i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
+                    tags,
+                )
+            })
+            .collect()
+    }
+}
+
+fn alive(state: &str) -> bool {
+    state == InstanceStateName::Pending.as_str() || state == InstanceStateName::Running.as_str()
+}
+
+/// `write_files` of a `#cloud-config` user-data: path -> decoded content.
+fn write_files(user_data: &str) -> HashMap<String, Vec<u8>> {
+    let mut out = HashMap::new();
+    let (mut path, mut encoding) = (None::<String>, String::new());
+    for line in user_data.lines() {
+        let t = line.trim_start().trim_start_matches("- ");
+        if let Some(p) = t.strip_prefix("path: ") {
+            path = Some(p.trim().to_string());
+        } else if let Some(e) = t.strip_prefix("encoding: ") {
+            encoding = e.trim().to_string();
+        } else if let Some(c) = t.strip_prefix("content: ")
+            && let Some(p) = path.take()
+        {
+            let raw = base64::engine::general_purpose::STANDARD.decode(c.trim()).unwrap();
+            let bytes = if encoding.starts_with("gz") {
+                let mut s = Vec::new();
+                flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut s).unwrap();
+                s
+            } else {
+                raw
+            };
+            out.insert(p, bytes);
+        }
+    }
+    out
+}
+
+/// One instance the hypervisor booted.
+struct Booted {
+    ec2_id: String,
+    user_data: String,
+    env: BTreeMap<String, String>,
+    agent: Proc,
+}
+
+/// Watches moto for instances of any pype coordinator and "boots" each: its agent runs with
+/// the configuration in its user-data, in its own dir and network namespace (when `lan`).
+struct Hypervisor {
+    stop: Arc<AtomicBool>,
+    booted: Arc<Mutex<Vec<Booted>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hypervisor {
+    fn start(moto: &Moto, agent_bin: &Path, dir: &Path, lan: Option<Arc<Lan>>) -> Hypervisor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let booted: Arc<Mutex<Vec<Booted>>> = Arc::default();
+        let ec2 = moto.ec2();
+        let (s, b, bin, dir) = (stop.clone(), booted.clone(), agent_bin.to_path_buf(), dir.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let rt = rt();
+            while !s.load(Ordering::Relaxed) {
+                let f = Filter::builder().name("tag-key").values("pype:coordinator").build();
+                let Ok(out) = rt.block_on(ec2.describe_instances().filters(f).send()) else { continue };
+                for i in out.reservations().iter().flat_map(|r| r.instances()) {
+                    let id = i.instance_id().unwrap().to_string();
+                    let state = i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default();
+                    let mut booted = b.lock().unwrap();
+                    match booted.iter_mut().find(|x| x.ec2_id == id) {
+                        // Terminated: the machine is gone, and its agent with it.
+                        Some(x) if !alive(&state) => {
+                            let _ = x.agent.child.kill();
+                        }
+                        Some(_) => {}
+                        None if alive(&state) => {
+                            booted.push(boot(&rt, &ec2, &id, &bin, &dir, lan.as_deref()));
+                        }
+                        None => {}
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            for x in b.lock().unwrap().iter_mut() {
+                let _ = x.agent.child.kill();
+            }
+        });
+        Hypervisor { stop, booted, thread: Some(thread) }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Hypervisor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads the instance's user-data from moto and starts its agent as cloud-init would.
+fn boot(
+    rt: &tokio::runtime::Runtime,
+    ec2: &aws_sdk_ec2::Client,
+    id: &str,
+    bin: &Path,
+    dir: &Path,
+    lan: Option<&Lan>,
+) -> Booted {
+    let attr = rt
+        .block_on(
+            ec2.describe_instance_attribute()
+                .instance_id(id)
+                .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+                .send(),
+        )
+        .unwrap();
+    let b64 = attr.user_data().and_then(|u| u.value()).expect("instance has no user-data");
+    let user_data = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
+    let files = write_files(&user_data);
+    let env_text = String::from_utf8(files["/etc/pype/agent.env"].clone()).unwrap();
+    let mut env: BTreeMap<String, String> = env_text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    // The machine's root is this instance's dir.
+    let root = dir.join(id);
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("ca.pem"), &files["/etc/pype/ca.pem"]).unwrap();
+    let registry = env["PYPE_SNAPSHOT_REGISTRY"].clone();
+    if let Some(r) = files.get(&registry) {
+        std::fs::write(root.join("snapshot_registry.json"), r).unwrap();
+    }
+    let mut local = env.clone();
+    local.insert("PYPE_CA".into(), root.join("ca.pem").display().to_string());
+    local.insert("PYPE_AGENT_STATE_DIR".into(), root.join("agent").display().to_string());
+    local.insert("PYPE_SNAPSHOT_REGISTRY".into(), root.join("snapshot_registry.json").display().to_string());
+    // Powering off is the hypervisor's business: the process just ends.
+    local.insert("PYPE_ORPHAN_ACTION".into(), "exit".into());
+    let conf = root.join("agent.env");
+    std::fs::write(&conf, local.iter().map(|(k, v)| format!("{k}={v}\n")).collect::<String>()).unwrap();
+    let mut cmd = match lan {
+        Some(lan) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &lan.host()]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.arg("run").arg("--config").arg(&conf);
+    env.insert("EC2_ID".into(), id.to_string());
+    Booted { ec2_id: id.to_string(), user_data, env, agent: Proc::spawn(&format!("agent on {id}"), cmd) }
+}
+
+fn example_in(dir: &Path) -> PathBuf {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/genome-stats");
+    for f in ["pipeline.toml", "profile.toml"] {
+        std::fs::copy(example.join(f), dir.join(f)).unwrap();
+    }
+    dir.join("pipeline.toml")
+}
+
+/// The example pipeline with `--provider aws`: each instance's agent runs with its user-data's
+/// configuration in its own network namespace; instances and volumes are tagged from creation,
+/// typed as the cheapest that fits, and all terminated when the run ends.
+#[test]
+fn example_pipeline_on_ec2_instances() {
+    let Some(lan) = Lan::new("example_pipeline_on_ec2_instances") else { return };
+    let lan = Arc::new(lan);
+    let Some(fx) = Fx::new("example_pipeline_on_ec2_instances", "127.0.0.1") else { return };
+    let pipeline = example_in(fx.dir.path());
+    let gw = lan.gateway();
+    let cfg = fx.provider_config(&gw);
+    let mut hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), Some(lan.clone()));
+    let state = fx.p("state");
+    let listen = format!("{gw}:0");
+    let mut run = fx.start_run(
+        &state,
+        &["--provider", "aws", "--provider-config", cfg.to_str().unwrap(), "--listen", &listen, pipeline.to_str().unwrap()],
+        &[],
+    );
+    let status = run.wait_exit(LONG);
+    assert!(status.success(), "{}", run.dump());
+    let id = run_id(&run.wait_for(&["run started"], T));
+    assert!(run.count(&["ec2 call", "op=\"RunInstances\"", "request_id="]) >= 1, "RunInstances not logged");
+    let summary = std::fs::read_to_string(fx.p("out/summary.txt")).unwrap();
+    assert!(summary.starts_with("sequences\t800\n"), "{summary}");
+    let status_out = fx.cli_ok(&state, &["status", &id]);
+    for step in ["generate", "gc-1", "gc-2", "gc-3", "gc-4", "summary"] {
+        let line = status_out.lines().find(|l| l.split_whitespace().next() == Some(step)).unwrap();
+        assert!(line.contains("succeeded") && line.contains("pype-i-"), "{step}: {line}");
+    }
+    hv.stop();
+    let booted = std::mem::take(&mut *hv.booted.lock().unwrap());
+    assert!(!booted.is_empty(), "no instance was booted");
+    let ec2 = fx.moto.ec2();
+    for b in &booted {
+        assert!(b.user_data.starts_with("#cloud-config\n"), "{}", b.user_data);
+        assert!(!b.user_data.contains(MOTO_SECRET) && !b.user_data.contains("AWS_"), "AWS secret in user-data");
+        let (_, state, ty, tags) =
+            fx.instances("pype:instance", Some(&b.env["PYPE_INSTANCE_ID"])).into_iter().next().unwrap();
+        // Terminated at the end of the run.
+        assert!(!alive(&state), "{} still {state}", b.ec2_id);
+        // The cheapest type with the step's one cpu.
+        assert_eq!(ty, "t3.small");
+        assert_eq!(tags.get("pype:run"), Some(&id));
+        assert!(tags["pype:coordinator"].starts_with("pype-"), "{tags:?}");
+        assert!(["generate", "gc-1", "gc-2", "gc-3", "gc-4", "summary"].contains(&tags["pype:step"].as_str()));
+        let token = &b.env["PYPE_TOKEN"];
+        assert_eq!(tags["pype:instance-secret-hash"], blake3::hash(token.as_bytes()).to_hex()[..32]);
+        // The agent enrolled under the instance's id and worked.
+        assert!(b.agent.count(&["enrolled"]) >= 1, "{}", b.agent.dump());
+        // The volumes carry the tags from creation too.
+        let vols = fx
+            .rt
+            .block_on(
+                ec2.describe_volumes()
+                    .filters(Filter::builder().name("tag:pype:instance").values(&b.env["PYPE_INSTANCE_ID"]).build())
+                    .send(),
+            )
+            .unwrap();
+        assert!(!vols.volumes().is_empty(), "no tagged volume for {}", b.ec2_id);
+    }
+    // Nothing of this coordinator is left running.
+    assert!(fx.instances("pype:coordinator", None).iter().all(|(_, s, _, _)| !alive(s)));
+}
+
+/// A coordinator SIGKILLed between RunInstances and recording the id: on restart its
+/// instance is found by tag and terminated, as is a tagged instance the database does not
+/// know; another coordinator's instance is left alone.
+#[test]
+fn killed_after_run_instances_then_reconciled() {
+    let Some(fx) = Fx::new("killed_after_run_instances_then_reconciled", "127.0.0.1") else { return };
+    let pipeline = example_in(fx.dir.path());
+    let cfg = fx.provider_config("127.0.0.1");
+    let state = fx.p("state");
+    let args = ["--provider", "aws", "--provider-config", cfg.to_str().unwrap(), pipeline.to_str().unwrap()];
+    let mut run = fx.start_run(&state, &args, &[("PYPE_FAULT_KILL_AFTER_CREATE", "1")]);
+    let status = run.wait_exit(T);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{}", run.dump());
+    let run1 = run_id(&run.wait_for(&["run started"], T));
+    let ca = std::fs::read_to_string(state.join("ca.pem")).unwrap();
+    let tag = format!("pype-{}", &blake3::hash(ca.as_bytes()).to_hex()[..12]);
+    let leaked = fx.instances("pype:coordinator", Some(&tag));
+    assert_eq!(leaked.len(), 1, "{leaked:?}");
+    assert!(alive(&leaked[0].1));
+    // A tagged instance nobody recorded, and one of another coordinator.
+    let ec2 = fx.moto.ec2();
+    let launch = |coordinator: &str| {
+        let spec = TagSpecification::builder()
+            .resource_type(ResourceType::Instance)
+            .tags(Tag::builder().key("pype:coordinator").value(coordinator).build())
+            .build();
+        let out = fx
+            .rt
+            .block_on(
+                ec2.run_instances()
+                    .image_id(fx.image_id())
+                    .min_count(1)
+                    .max_count(1)
+                    .tag_specifications(spec)
+                    .send(),
+            )
+            .unwrap();
+        out.instances()[0].instance_id().unwrap().to_string()
+    };
+    let stranger = launch(&tag);
+    let foreign = launch("pype-0123456789ab");
+    let listing = fx.cli_ok(&state, &["instances", "--provider", "aws", "--provider-config", cfg.to_str().unwrap(), "list"]);
+    assert!(listing.contains(&format!("{stranger} ")) && listing.contains("not accounted for"), "{listing}");
+    // Restart: the run resumes, the reconciler ends both leftovers before anything else.
+    let mut hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), None);
+    let mut resumed = fx.start_run(&state, &["--resume", &run1, "--provider", "aws", "--provider-config", cfg.to_str().unwrap()], &[]);
+    let status = resumed.wait_exit(LONG);
+    assert!(status.success(), "{}", resumed.dump());
+    assert!(resumed.count(&["left by a previous coordinator"]) >= 2, "{}", resumed.dump());
+    hv.stop();
+    let by_id: HashMap<String, String> =
+        fx.instances("pype:coordinator", None).into_iter().map(|(id, s, _, _)| (id, s)).collect();
+    assert!(!alive(&by_id[&leaked[0].0]), "the leaked instance is {}", by_id[&leaked[0].0]);
+    assert!(!alive(&by_id[&stranger]), "the unknown tagged instance is {}", by_id[&stranger]);
+    assert!(alive(&by_id[&foreign]), "another coordinator's instance was touched");
+    assert!(by_id.iter().filter(|(id, _)| **id != foreign).all(|(_, s)| !alive(s)), "{by_id:?}");
+}
+
+/// `p.toml`: `big` writes 12 MiB of seeded random bytes (three 5 MiB parts), `small` a line,
+/// `use` their checksums.
+fn s3_pipeline(dir: &Path) -> PathBuf {
+    let d = dir.display();
+    let text = format!(
+        "name = \"s3\"\ndata_root = \"{d}/data\"\n\
+         [[steps]]\nname = \"big\"\n\
+         command = \"mkdir -p {{{{data_root}}}} && python3 -c 'import random,sys; random.seed(7); sys.stdout.buffer.write(random.randbytes(12 << 20))' > {{{{data_root}}}}/big.bin\"\n\
+         outputs = [\"big.bin\"]\n\
+         [[steps]]\nname = \"small\"\n\
+         command = \"mkdir -p {{{{data_root}}}}/sub && echo hello > {{{{data_root}}}}/sub/small.txt\"\n\
+         outputs = [\"sub/small.txt\"]\n\
+         [[steps]]\nname = \"use\"\n\
+         command = \"sha256sum {{{{data_root}}}}/big.bin {{{{data_root}}}}/sub/small.txt | cut -c1-64 > {{{{data_root}}}}/sums.txt\"\n\
+         inputs = [\"big.bin\", \"sub/small.txt\"]\noutputs = [\"sums.txt\"]\n"
+    );
+    let path = dir.join("p.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn registry_shape(state: &Path) -> BTreeMap<String, String> {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("snapshot_registry.json")).unwrap()).unwrap();
+    let map = json.as_object().unwrap();
+    let entries = map.get("entries").and_then(|e| e.as_object()).unwrap_or(map);
+    entries
+        .iter()
+        .map(|(k, v)| {
+            let tail = k.rsplit("/data/").next().unwrap().to_string();
+            (tail, v["in_snapshot_path"].as_str().unwrap_or("").rsplit("/data/").next().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// The S3 store: agents store and fetch snapshots at presigned URLs (multipart, digest as
+/// metadata), the run leaves the same registry and outputs as one on the local store, and an
+/// object corrupted in the bucket is refused by its digest.
+#[test]
+fn s3_store_direct_transfers_and_digest() {
+    let Some(fx) = Fx::new("s3_store_direct_transfers_and_digest", "127.0.0.1") else { return };
+    let s3 = fx.moto.s3();
+    fx.rt.block_on(s3.create_bucket().bucket("pype-test").send()).unwrap();
+    // The same pipeline on the local store and on S3, in two dirs.
+    let mut outs = Vec::new();
+    for kind in ["local", "s3"] {
+        let dir = fx.p(kind);
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        if kind == "s3" {
+            std::fs::write(
+                dir.join("state/coordinator.toml"),
+                format!(
+                    "[store]\nkind = \"s3\"\nbucket = \"pype-test\"\nprefix = \"runs/snapshots\"\nregion = \"us-east-1\"\n\
+                     endpoint_url = \"{}\"\nforce_path_style = true\npart_size_mib = 5\npresign_ttl_secs = 300\n",
+                    fx.moto.endpoint
+                ),
+            )
+            .unwrap();
+        }
+        let p = s3_pipeline(&dir);
+        let mut run = fx.start_run(&dir.join("state"), &["--agents", "2", p.to_str().unwrap()], &[]);
+        assert!(run.wait_exit(LONG).success(), "{}", run.dump());
+        if kind == "s3" {
+            // Bytes went between agents and the bucket, never through the coordinator.
+            assert!(run.count(&["transfer done", "direction=\"store-direct\""]) >= 3, "{}", run.dump());
+            assert!(run.count(&["transfer done", "direction=\"fetch-direct\""]) >= 2, "{}", run.dump());
+            assert_eq!(run.count(&["transfer done", "direction=\"store\""]), 0);
+            assert_eq!(run.count(&["transfer done", "direction=\"fetch\""]), 0);
+        }
+        let sums = std::fs::read_to_string(dir.join("data/sums.txt")).unwrap();
+        outs.push((registry_shape(&dir.join("state")), sums));
+    }
+    assert_eq!(outs[0].0, outs[1].0, "registries differ");
+    assert_eq!(outs[0].0.len(), 3, "{:?}", outs[0].0);
+    assert_eq!(outs[0].1, outs[1].1, "outputs differ");
+    // Objects: data and index per snapshot; the digest in metadata; the big one in 3 parts.
+    let listed = fx.rt.block_on(s3.list_objects_v2().bucket("pype-test").prefix("runs/snapshots/").send()).unwrap();
+    let keys: Vec<String> = listed.contents().iter().map(|o| o.key().unwrap().to_string()).collect();
+    let data: Vec<&String> = keys.iter().filter(|k| k.ends_with(".tar.zst")).collect();
+    assert_eq!(data.len(), 3, "{keys:?}");
+    assert_eq!(keys.iter().filter(|k| k.ends_with(".json")).count(), 3, "{keys:?}");
+    let mut big = None;
+    for k in &data {
+        let head = fx.rt.block_on(s3.head_object().bucket("pype-test").key(*k).send()).unwrap();
+        let digest = head.metadata().and_then(|m| m.get("blake3")).expect("no digest metadata");
+        assert_eq!(digest.len(), 64);
+        if head.e_tag().unwrap_or("").trim_matches('"').ends_with("-3") {
+            big = Some(((*k).clone(), digest.clone()));
+        }
+    }
+    let (big_key, digest) = big.expect("no 3-part object for the 12 MiB output");
+    // Corrupt the big object in the bucket (same metadata), drop the agents' caches, and
+    // re-run the step that reads it: the agent refuses the bytes by their digest.
+    let obj = fx.rt.block_on(s3.get_object().bucket("pype-test").key(&big_key).send()).unwrap();
+    let mut bytes = fx.rt.block_on(obj.body.collect()).unwrap().into_bytes().to_vec();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    fx.rt
+        .block_on(
+            s3.put_object()
+                .bucket("pype-test")
+                .key(&big_key)
+                .metadata("blake3", &digest)
+                .body(bytes.into())
+                .send(),
+        )
+        .unwrap();
+    let state = fx.p("s3/state");
+    let _ = std::fs::remove_dir_all(state.join("local-agents"));
+    let p = fx.p("s3/p.toml");
+    let mut run = fx.start_run(&state, &["--agents", "1", "--force", "use", p.to_str().unwrap()], &[]);
+    let status = run.wait_exit(LONG);
+    assert!(!status.success(), "a corrupted input was accepted:\n{}", run.dump());
+    let agent_log = std::fs::read_to_string(state.join("local-agents/agent-1/agent.log")).unwrap_or_default();
+    assert!(
+        agent_log.contains("digest") || run.dump().contains("digest"),
+        "no digest error:\n{agent_log}\n{}",
+        run.dump()
+    );
+}
