@@ -58,10 +58,12 @@ struct RunArgs {
     /// Enrollment token (needed once, when the state dir holds no certificate).
     #[arg(long, env = "PYPE_TOKEN")]
     token: Option<String>,
-    /// State directory: certificate, key, CA copy.
-    #[arg(long, env = "PYPE_AGENT_STATE_DIR", default_value = "/var/lib/pype/agent")]
-    state_dir: PathBuf,
-    /// Work directory for steps and transfers (default: <state-dir>/work).
+    /// State directory: certificate, key, CA copy (default: PYPE_AGENT_STATE_DIR of the
+    /// config file, else /var/lib/pype/agent).
+    #[arg(long, env = "PYPE_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Work directory for steps and transfers (default: PYPE_WORK_DIR of the config file,
+    /// else <state-dir>/work).
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Name to enroll under (default: the host name).
@@ -129,14 +131,24 @@ async fn run(args: RunArgs) -> Result<()> {
         .clone()
         .or_else(|| file.get("PYPE_COORDINATOR"))
         .ok_or_else(|| anyhow!("no coordinator address: pass --coordinator or set PYPE_COORDINATOR"))?;
+    // Flags (and the environment) win over the config file, which wins over the defaults.
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or_else(|| file.get("PYPE_AGENT_STATE_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/pype/agent"));
     let ca_path = args
         .ca
         .clone()
         .or_else(|| file.get("PYPE_CA").map(PathBuf::from))
-        .unwrap_or_else(|| args.state_dir.join("ca.pem"));
+        .unwrap_or_else(|| state_dir.join("ca.pem"));
     let ca_pem = std::fs::read_to_string(&ca_path)
         .with_context(|| format!("reading CA certificate {} (pass --ca)", ca_path.display()))?;
-    let work_dir = args.work_dir.clone().unwrap_or_else(|| args.state_dir.join("work"));
+    let work_dir = args
+        .work_dir
+        .clone()
+        .or_else(|| file.get("PYPE_WORK_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| state_dir.join("work"));
     let settings = settings::Settings::from_config(&file, &work_dir)?;
     let orphan_timeout = match file.get("PYPE_ORPHAN_TIMEOUT_SECS") {
         None => None,
@@ -164,7 +176,7 @@ async fn run(args: RunArgs) -> Result<()> {
         settings,
         coordinator,
         ca_pem,
-        state_dir: args.state_dir,
+        state_dir,
         work_dir,
         name: args.name,
         token: args.token.or_else(|| file.get("PYPE_TOKEN")),

@@ -362,9 +362,8 @@ impl Provisioner {
         let claimed: HashSet<&str> =
             mine.values().filter(|m| m.joined.is_none()).filter_map(|m| m.for_step.as_deref()).collect();
         let need = d.unplaced.iter().find(|n| !claimed.contains(n.step.as_str())).cloned();
-        if let Some(n) = &need {
-            tags.insert(TAG_STEP.to_string(), n.step.clone());
-        }
+        // Empty for an instance started before any step was ready (the run's planning agent).
+        tags.insert(TAG_STEP.to_string(), need.as_ref().map(|n| n.step.clone()).unwrap_or_default());
         let (cpus, memory_bytes) = need.as_ref().map_or((1, 0), |n| (n.cpus, n.memory_bytes));
         let spec = InstanceSpec { instance_id: id.clone(), cpus, memory_bytes, tags };
         mine.insert(

@@ -402,9 +402,21 @@ impl Moto {
             ("AWS_SECRET_ACCESS_KEY", MOTO_SECRET.into()),
             ("AWS_REGION", "us-east-1".into()),
             ("AWS_EC2_METADATA_DISABLED", "true".into()),
-            ("AWS_CONFIG_FILE", "/nonexistent/pype-test".into()),
-            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/pype-test".into()),
+            ("AWS_CONFIG_FILE", "/dev/null".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
         ]
+    }
+
+    /// Creates an IAM instance profile (moto routes by the credential scope; it does not check
+    /// signatures).
+    pub fn create_instance_profile(&self, name: &str) {
+        let out = Command::new("curl")
+            .args(["-sS", "-f", "-X", "POST", &self.endpoint])
+            .args(["-H", "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0"])
+            .args(["--data", &format!("Action=CreateInstanceProfile&InstanceProfileName={name}&Version=2010-05-08")])
+            .output()
+            .expect("running curl");
+        assert!(out.status.success(), "CreateInstanceProfile: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     fn http() -> aws_sdk_ec2::config::SharedHttpClient {

@@ -88,6 +88,7 @@ impl Fx {
     /// Provider config: moto's endpoint, two instance types, `coordinator_host` where the
     /// agents reach the coordinator.
     fn provider_config(&self, coordinator_host: &str) -> PathBuf {
+        self.moto.create_instance_profile("pype-agent");
         let path = self.p("provider.toml");
         let text = format!(
             "boot_timeout_secs = 60\nsweep_interval_secs = 2\norphan_timeout_secs = 600\nmax_instances = 2\n\
@@ -169,6 +170,8 @@ struct Booted {
     ec2_id: String,
     user_data: String,
     env: BTreeMap<String, String>,
+    /// Tags of the instance's volumes, read while it ran (they go with it).
+    volume_tags: Vec<BTreeMap<String, String>>,
     agent: Proc,
 }
 
@@ -202,7 +205,10 @@ impl Hypervisor {
                         }
                         Some(_) => {}
                         None if alive(&state) => {
-                            booted.push(boot(&rt, &ec2, &id, &bin, &dir, lan.as_deref()));
+                            // A machine without user-data boots, but no agent starts on it.
+                            if let Some(m) = boot(&rt, &ec2, &id, &bin, &dir, lan.as_deref()) {
+                                booted.push(m);
+                            }
                         }
                         None => {}
                     }
@@ -238,7 +244,7 @@ fn boot(
     bin: &Path,
     dir: &Path,
     lan: Option<&Lan>,
-) -> Booted {
+) -> Option<Booted> {
     let attr = rt
         .block_on(
             ec2.describe_instance_attribute()
@@ -247,7 +253,19 @@ fn boot(
                 .send(),
         )
         .unwrap();
-    let b64 = attr.user_data().and_then(|u| u.value()).expect("instance has no user-data");
+    let b64 = attr.user_data().and_then(|u| u.value())?;
+    let vols = rt
+        .block_on(
+            ec2.describe_volumes()
+                .filters(Filter::builder().name("attachment.instance-id").values(id).build())
+                .send(),
+        )
+        .unwrap();
+    let volume_tags = vols
+        .volumes()
+        .iter()
+        .map(|v| v.tags().iter().map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string())).collect())
+        .collect();
     let user_data = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
     let files = write_files(&user_data);
     let env_text = String::from_utf8(files["/etc/pype/agent.env"].clone()).unwrap();
@@ -283,7 +301,8 @@ fn boot(
     };
     cmd.arg("run").arg("--config").arg(&conf);
     env.insert("EC2_ID".into(), id.to_string());
-    Booted { ec2_id: id.to_string(), user_data, env, agent: Proc::spawn(&format!("agent on {id}"), cmd) }
+    let agent = Proc::spawn(&format!("agent on {id}"), cmd);
+    Some(Booted { ec2_id: id.to_string(), user_data, env, volume_tags, agent })
 }
 
 fn example_in(dir: &Path) -> PathBuf {
@@ -327,7 +346,6 @@ fn example_pipeline_on_ec2_instances() {
     hv.stop();
     let booted = std::mem::take(&mut *hv.booted.lock().unwrap());
     assert!(!booted.is_empty(), "no instance was booted");
-    let ec2 = fx.moto.ec2();
     for b in &booted {
         assert!(b.user_data.starts_with("#cloud-config\n"), "{}", b.user_data);
         assert!(!b.user_data.contains(MOTO_SECRET) && !b.user_data.contains("AWS_"), "AWS secret in user-data");
@@ -339,22 +357,22 @@ fn example_pipeline_on_ec2_instances() {
         assert_eq!(ty, "t3.small");
         assert_eq!(tags.get("pype:run"), Some(&id));
         assert!(tags["pype:coordinator"].starts_with("pype-"), "{tags:?}");
-        assert!(["generate", "gc-1", "gc-2", "gc-3", "gc-4", "summary"].contains(&tags["pype:step"].as_str()));
+        // The step it was sized for; empty for the one started while the run planned.
+        assert!(["", "generate", "gc-1", "gc-2", "gc-3", "gc-4", "summary"].contains(&tags["pype:step"].as_str()));
         let token = &b.env["PYPE_TOKEN"];
         assert_eq!(tags["pype:instance-secret-hash"], blake3::hash(token.as_bytes()).to_hex()[..32]);
         // The agent enrolled under the instance's id and worked.
         assert!(b.agent.count(&["enrolled"]) >= 1, "{}", b.agent.dump());
         // The volumes carry the tags from creation too.
-        let vols = fx
-            .rt
-            .block_on(
-                ec2.describe_volumes()
-                    .filters(Filter::builder().name("tag:pype:instance").values(&b.env["PYPE_INSTANCE_ID"]).build())
-                    .send(),
-            )
-            .unwrap();
-        assert!(!vols.volumes().is_empty(), "no tagged volume for {}", b.ec2_id);
+        assert!(!b.volume_tags.is_empty(), "no volume for {}", b.ec2_id);
+        for v in &b.volume_tags {
+            assert_eq!(v.get("pype:instance"), Some(&b.env["PYPE_INSTANCE_ID"]), "{v:?}");
+            assert_eq!(v.get("pype:coordinator"), tags.get("pype:coordinator"), "{v:?}");
+        }
     }
+    assert!(booted.len() >= 2, "only {} instance(s) booted", booted.len());
+    let stepped = fx.instances("pype:run", Some(&id)).iter().filter(|(_, _, _, t)| !t["pype:step"].is_empty()).count();
+    assert!(stepped >= 1, "no instance was sized for a step");
     // Nothing of this coordinator is left running.
     assert!(fx.instances("pype:coordinator", None).iter().all(|(_, s, _, _)| !alive(s)));
 }
