@@ -35,18 +35,18 @@ fn shown(url: &str) -> &str {
 fn status_error(what: &str, url: &str, mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
     let status = resp.status();
     let body = resp.body_mut().with_config().limit(4096).read_to_string().unwrap_or_default();
-    let code = body
-        .split("<Code>")
-        .nth(1)
-        .and_then(|r| r.split("</Code>").next())
-        .unwrap_or("")
-        .to_string();
+    let code = body.split("<Code>").nth(1).and_then(|r| r.split("</Code>").next()).unwrap_or("").to_string();
     anyhow!("{what} {}: HTTP {status} {code}", shown(url))
 }
 
 /// GETs a stored snapshot and unpacks it into `dest`, committed only when its length and
 /// BLAKE3 digest are `expected`'s.
-pub fn download_tree(url: &str, expected: Trailer, dest: &Path, limits: UnpackLimits) -> Result<TransferSummary> {
+pub fn download_tree(
+    url: &str,
+    expected: Trailer,
+    dest: &Path,
+    limits: UnpackLimits,
+) -> Result<TransferSummary> {
     let resp = agent().get(url).call().with_context(|| format!("GET {}", shown(url)))?;
     if !resp.status().is_success() {
         return Err(status_error("GET", url, resp));
@@ -81,9 +81,11 @@ pub fn upload_parts(file: &Path, part_size: u64, urls: &[String]) -> Result<Vec<
                         let off = i as u64 * part_size;
                         let n = part_size.min(len - off) as usize;
                         buf.resize(n, 0);
-                        f.read_exact_at(&mut buf, off).with_context(|| format!("reading {}", file.display()))?;
+                        f.read_exact_at(&mut buf, off)
+                            .with_context(|| format!("reading {}", file.display()))?;
                         let url = &urls[i];
-                        let resp = http.put(url).send(&buf[..]).with_context(|| format!("PUT {}", shown(url)))?;
+                        let resp =
+                            http.put(url).send(&buf[..]).with_context(|| format!("PUT {}", shown(url)))?;
                         if !resp.status().is_success() {
                             // Stop the other workers early.
                             next.store(parts, Ordering::Relaxed);
@@ -108,5 +110,9 @@ pub fn upload_parts(file: &Path, part_size: u64, urls: &[String]) -> Result<Vec<
         anyhow::Ok(())
     })?;
     let etags = etags.into_inner().map_err(|_| anyhow!("upload state poisoned"))?;
-    etags.into_iter().enumerate().map(|(i, e)| e.ok_or_else(|| anyhow!("part {} not uploaded", i + 1))).collect()
+    etags
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| e.ok_or_else(|| anyhow!("part {} not uploaded", i + 1)))
+        .collect()
 }

@@ -43,7 +43,11 @@ pub struct QuicRemote {
 }
 
 impl QuicRemote {
-    pub fn new(conn: watch::Receiver<Option<quinn::Connection>>, limits: UnpackLimits, spool: PathBuf) -> Self {
+    pub fn new(
+        conn: watch::Receiver<Option<quinn::Connection>>,
+        limits: UnpackLimits,
+        spool: PathBuf,
+    ) -> Self {
         Self { conn, limits, spool }
     }
 
@@ -109,9 +113,11 @@ impl SnapshotRemote for QuicRemote {
             Some(SnapshotReply::Download { url, wire_bytes, digest }) => {
                 let (dest, limits) = (dest.to_path_buf(), self.limits);
                 let expected = Trailer { bytes: wire_bytes, digest };
-                tokio::task::spawn_blocking(move || crate::objects::download_tree(&url, expected, &dest, limits))
-                    .await?
-                    .with_context(|| format!("downloading snapshot {id} from the object store"))
+                tokio::task::spawn_blocking(move || {
+                    crate::objects::download_tree(&url, expected, &dest, limits)
+                })
+                .await?
+                .with_context(|| format!("downloading snapshot {id} from the object store"))
             }
             Some(SnapshotReply::Error(e)) => {
                 Err(refused(e)).with_context(|| format!("fetching snapshot {id}"))
@@ -160,9 +166,10 @@ impl SnapshotRemote for QuicRemote {
             other => return stored(other),
         };
         let file = packed.0.clone();
-        let etags = tokio::task::spawn_blocking(move || crate::objects::upload_parts(&file, part_size, &urls))
-            .await?
-            .context("uploading outputs to the object store")?;
+        let etags =
+            tokio::task::spawn_blocking(move || crate::objects::upload_parts(&file, part_size, &urls))
+                .await?
+                .context("uploading outputs to the object store")?;
         framed::write_frame(&mut send, &SnapshotRequest::StoreParts { etags, index_json }).await?;
         send.finish()?;
         stored(framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await?)

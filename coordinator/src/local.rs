@@ -17,8 +17,8 @@ use transport::{endpoint, pki};
 use crate::engine::Engine;
 use crate::server::{self, Coordinator, ServerConfig};
 use crate::state::State;
-use crate::working::WorkingRegistry;
 use crate::trust;
+use crate::working::WorkingRegistry;
 
 /// The hidden subcommand under which `pype-coordinator` runs as an agent.
 pub const AGENT_SUBCOMMAND: &str = "__agent";

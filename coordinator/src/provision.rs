@@ -20,7 +20,8 @@ use tracing::{info, warn};
 
 use crate::cloudinit;
 use crate::provider::{
-    self, InstanceSpec, InstanceState, Provider, ProviderConfig, TAG_COORDINATOR, TAG_INSTANCE, TAG_RUN, TAG_STEP,
+    self, InstanceSpec, InstanceState, Provider, ProviderConfig, TAG_COORDINATOR, TAG_INSTANCE, TAG_RUN,
+    TAG_STEP,
 };
 use crate::server::Coordinator;
 use crate::state::State;
@@ -234,12 +235,7 @@ impl Provisioner {
         }
     }
 
-    async fn scale(
-        &self,
-        d: &Demand,
-        mine: &mut HashMap<String, Mine>,
-        pace: &mut Pace,
-    ) -> Result<()> {
+    async fn scale(&self, d: &Demand, mine: &mut HashMap<String, Mine>, pace: &mut Pace) -> Result<()> {
         let floor = if d.want > 0 { self.cfg.min_instances } else { 0 };
         let steps = if self.provider.prestarts() { d.want } else { d.active };
         let views = self.coord.agent_views();
@@ -262,9 +258,7 @@ impl Provisioner {
         let draining: HashSet<String> =
             views.into_iter().filter(|a| a.draining).map(|a| a.agent_id).collect();
         let live = mine.keys().filter(|id| !draining.contains(*id)).count();
-        if live < want
-            && mine.len() < self.cfg.max_instances + draining.len()
-            && Instant::now() >= pace.after
+        if live < want && mine.len() < self.cfg.max_instances + draining.len() && Instant::now() >= pace.after
         {
             match self.create(d, mine).await {
                 Ok(()) => pace.failures = 0,

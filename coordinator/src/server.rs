@@ -884,34 +884,34 @@ async fn relay_fetch(
     let store = coord.store.clone();
     let reply_err = |code, message: String| SnapshotReply::Error(RemoteError { code, message });
 
-            let id = snapshot_id.clone();
-            let opened = tokio::task::spawn_blocking(move || store.open(&id)).await?;
-            let (path, digest) = match opened {
-                Ok(v) => v,
-                Err(e) => {
-                    framed::write_frame(send, &reply_err(ErrorCode::NotFound, format!("{e:#}"))).await?;
-                    send.finish()?;
-                    return Ok(());
-                }
-            };
-            let started = Instant::now();
-            let header = DataHeader { expected_bytes: None, compression: Compression::Zstd { level: 0 } };
-            framed::write_frame(send, &SnapshotReply::Data(header)).await?;
-            let bytes = transport::bulk::send_file(send, &path, Some(digest))
-                .await
-                .with_context(|| format!("sending snapshot {snapshot_id}"))?;
+    let id = snapshot_id.clone();
+    let opened = tokio::task::spawn_blocking(move || store.open(&id)).await?;
+    let (path, digest) = match opened {
+        Ok(v) => v,
+        Err(e) => {
+            framed::write_frame(send, &reply_err(ErrorCode::NotFound, format!("{e:#}"))).await?;
             send.finish()?;
-            let _ = send.stopped().await;
-            let elapsed_ms = started.elapsed().as_millis() as u64;
-            let store = coord.store.clone();
-            let id = snapshot_id.clone();
-            let content = tokio::task::spawn_blocking(move || store.meta(&id))
-                .await
-                .ok()
-                .and_then(|m| m.ok().flatten())
-                .map_or(bytes, |m| m.content_bytes);
-            log_snapshot_transfer(coord, agent, "fetch", &snapshot_id, content, bytes, elapsed_ms);
-            Ok(())
+            return Ok(());
+        }
+    };
+    let started = Instant::now();
+    let header = DataHeader { expected_bytes: None, compression: Compression::Zstd { level: 0 } };
+    framed::write_frame(send, &SnapshotReply::Data(header)).await?;
+    let bytes = transport::bulk::send_file(send, &path, Some(digest))
+        .await
+        .with_context(|| format!("sending snapshot {snapshot_id}"))?;
+    send.finish()?;
+    let _ = send.stopped().await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let store = coord.store.clone();
+    let id = snapshot_id.clone();
+    let content = tokio::task::spawn_blocking(move || store.meta(&id))
+        .await
+        .ok()
+        .and_then(|m| m.ok().flatten())
+        .map_or(bytes, |m| m.content_bytes);
+    log_snapshot_transfer(coord, agent, "fetch", &snapshot_id, content, bytes, elapsed_ms);
+    Ok(())
 }
 
 /// Receives a snapshot on the stream (the relay) and stores it.
@@ -923,38 +923,36 @@ async fn relay_store(
 ) -> Result<()> {
     let store = coord.store.clone();
     let reply_err = |code, message: String| SnapshotReply::Error(RemoteError { code, message });
-            let started = Instant::now();
-            let tmp = store.incoming_path()?;
-            let reply =
-                match transport::bulk::recv_file(recv, &tmp, coord.config.unpack_limits.max_bytes).await
-                {
-                    Err(e) => reply_err(e.code(), e.to_string()),
-                    Ok(trailer) => {
-                        let t = tmp.clone();
-                        match tokio::task::spawn_blocking(move || store.ingest(&t, &trailer)).await? {
-                            Ok(meta) => {
-                                let elapsed_ms = started.elapsed().as_millis() as u64;
-                                log_snapshot_transfer(
-                                    coord,
-                                    agent,
-                                    "store",
-                                    &meta.snapshot_id,
-                                    meta.content_bytes,
-                                    meta.wire_bytes,
-                                    elapsed_ms,
-                                );
-                                SnapshotReply::Stored(meta.info())
-                            }
-                            Err(e) => {
-                                let _ = std::fs::remove_file(&tmp);
-                                reply_err(ErrorCode::RefusedArchive, format!("{e:#}"))
-                            }
-                        }
-                    }
-                };
-            framed::write_frame(send, &reply).await?;
-            send.finish()?;
-            Ok(())
+    let started = Instant::now();
+    let tmp = store.incoming_path()?;
+    let reply = match transport::bulk::recv_file(recv, &tmp, coord.config.unpack_limits.max_bytes).await {
+        Err(e) => reply_err(e.code(), e.to_string()),
+        Ok(trailer) => {
+            let t = tmp.clone();
+            match tokio::task::spawn_blocking(move || store.ingest(&t, &trailer)).await? {
+                Ok(meta) => {
+                    let elapsed_ms = started.elapsed().as_millis() as u64;
+                    log_snapshot_transfer(
+                        coord,
+                        agent,
+                        "store",
+                        &meta.snapshot_id,
+                        meta.content_bytes,
+                        meta.wire_bytes,
+                        elapsed_ms,
+                    );
+                    SnapshotReply::Stored(meta.info())
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    reply_err(ErrorCode::RefusedArchive, format!("{e:#}"))
+                }
+            }
+        }
+    };
+    framed::write_frame(send, &reply).await?;
+    send.finish()?;
+    Ok(())
 }
 
 /// Largest file index an agent sends with a direct upload.
@@ -969,7 +967,8 @@ async fn direct_store(
     recv: &mut quinn::RecvStream,
 ) -> Result<SnapshotReply> {
     let started = Instant::now();
-    let (wire_bytes, digest) = match framed::read_frame::<SnapshotRequest, _>(recv, MAX_CONTROL_FRAME).await? {
+    let (wire_bytes, digest) = match framed::read_frame::<SnapshotRequest, _>(recv, MAX_CONTROL_FRAME).await?
+    {
         Some(SnapshotRequest::StoreObject { wire_bytes, digest }) => (wire_bytes, digest),
         other => bail!("expected the packed snapshot's size and digest, got {other:?}"),
     };

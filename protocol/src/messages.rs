@@ -345,13 +345,23 @@ pub enum SnapshotReply {
     Stored(SnapshotInfo),
     Sizes(Vec<Option<u64>>),
     Error(RemoteError),
-    Registry { json: String },
+    Registry {
+        json: String,
+    },
     /// GET `url` for the stored bytes: `wire_bytes` of zstd tar whose BLAKE3 digest is `digest`.
-    Download { url: String, wire_bytes: u64, digest: [u8; 32] },
+    Download {
+        url: String,
+        wire_bytes: u64,
+        digest: [u8; 32],
+    },
     /// Store through the object store, in parts of `part_size` bytes (the last may be shorter).
-    Direct { part_size: u64 },
+    Direct {
+        part_size: u64,
+    },
     /// Send the snapshot on this stream.
     Relay,
     /// PUT part `i + 1` to `urls[i]`; the URLs expire after a few minutes.
-    Upload { urls: Vec<String> },
+    Upload {
+        urls: Vec<String>,
+    },
 }

@@ -379,7 +379,10 @@ impl Moto {
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-moto"));
         let bin = venv.join("bin/moto_server");
         if !bin.exists() {
-            eprintln!("\n!!! SKIPPED {test}: {} is missing (./ci-setup installs moto[server])\n", bin.display());
+            eprintln!(
+                "\n!!! SKIPPED {test}: {} is missing (./ci-setup installs moto[server])\n",
+                bin.display()
+            );
             return None;
         }
         let port = std::net::TcpListener::bind((host, 0)).unwrap().local_addr().unwrap().port();
@@ -432,7 +435,13 @@ impl Moto {
             .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
             .region(aws_sdk_ec2::config::Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", MOTO_SECRET, None, None, "moto"))
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                "testing",
+                MOTO_SECRET,
+                None,
+                None,
+                "moto",
+            ))
             .http_client(Self::http())
             .build();
         aws_sdk_ec2::Client::from_conf(conf)
@@ -444,7 +453,13 @@ impl Moto {
             .region(aws_sdk_s3::config::Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)
             .force_path_style(true)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new("testing", MOTO_SECRET, None, None, "moto"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "testing",
+                MOTO_SECRET,
+                None,
+                None,
+                "moto",
+            ))
             .http_client(Self::http())
             .build();
         aws_sdk_s3::Client::from_conf(conf)

@@ -433,7 +433,10 @@ impl<R: Read> Read for Verifying<R> {
         self.hasher.update(&out[..n]);
         self.bytes += n as u64;
         if self.bytes > self.limit {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("more than {} bytes", self.limit)));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("more than {} bytes", self.limit),
+            ));
         }
         Ok(n)
     }
@@ -451,7 +454,8 @@ pub fn unpack_verified(
 ) -> Result<TransferSummary, BulkError> {
     let started = Instant::now();
     let staging = Staging::new(dest)?;
-    let mut reader = Verifying { inner: input, hasher: blake3::Hasher::new(), bytes: 0, limit: expected.bytes };
+    let mut reader =
+        Verifying { inner: input, hasher: blake3::Hasher::new(), bytes: 0, limit: expected.bytes };
     let stats = match compression {
         Compression::None => tree::unpack(&mut reader, staging.path(), limits),
         Compression::Zstd { .. } => {

@@ -149,7 +149,8 @@ pub fn choose_type<'a>(
     cooldowns: &Cooldowns,
 ) -> Option<&'a InstanceType> {
     let mem_gib = memory_bytes as f64 / (1u64 << 30) as f64;
-    let fits: Vec<&InstanceType> = types.iter().filter(|t| t.cpus >= cpus && t.memory_gib >= mem_gib).collect();
+    let fits: Vec<&InstanceType> =
+        types.iter().filter(|t| t.cpus >= cpus && t.memory_gib >= mem_gib).collect();
     let cheapest = |c: &mut dyn Iterator<Item = &'a InstanceType>| {
         c.fold(None::<&InstanceType>, |best, t| match best {
             Some(b) if b.price <= t.price => Some(b),
@@ -179,9 +180,9 @@ mod ec2 {
     use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
     use aws_sdk_ec2::operation::RequestId;
     use aws_sdk_ec2::types::{
-        BlockDeviceMapping, EbsBlockDevice, Filter, IamInstanceProfileSpecification, InstanceMarketOptionsRequest,
-        InstanceStateName, MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions, Tag,
-        TagSpecification,
+        BlockDeviceMapping, EbsBlockDevice, Filter, IamInstanceProfileSpecification,
+        InstanceMarketOptionsRequest, InstanceStateName, MarketType, ResourceType, ShutdownBehavior,
+        SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
     };
     use base64::Engine as _;
     use tokio::sync::OnceCell;
@@ -321,7 +322,8 @@ mod ec2 {
         }
 
         async fn create(&self, spec: &InstanceSpec, launch: &Launch) -> Result<String> {
-            let Some(ty) = choose_type(&self.cfg.instance_types, spec.cpus, spec.memory_bytes, &self.cooldowns)
+            let Some(ty) =
+                choose_type(&self.cfg.instance_types, spec.cpus, spec.memory_bytes, &self.cooldowns)
             else {
                 bail!(
                     "no configured instance type has {} cpus and {} MiB",
@@ -352,7 +354,8 @@ mod ec2 {
             }
             if let Some(p) = &self.cfg.instance_profile {
                 let b = IamInstanceProfileSpecification::builder();
-                req = req.iam_instance_profile(if p.starts_with("arn:") { b.arn(p) } else { b.name(p) }.build());
+                req = req
+                    .iam_instance_profile(if p.starts_with("arn:") { b.arn(p) } else { b.name(p) }.build());
             }
             if let Some(k) = &self.cfg.key_name {
                 req = req.key_name(k);
@@ -368,7 +371,9 @@ mod ec2 {
             if self.cfg.market == Market::Spot {
                 let mut spot = SpotMarketOptions::builder()
                     .spot_instance_type(SpotInstanceType::OneTime)
-                    .instance_interruption_behavior(aws_sdk_ec2::types::InstanceInterruptionBehavior::Terminate);
+                    .instance_interruption_behavior(
+                        aws_sdk_ec2::types::InstanceInterruptionBehavior::Terminate,
+                    );
                 if let Some(p) = &self.cfg.spot_max_price {
                     spot = spot.max_price(p);
                 }
@@ -453,11 +458,15 @@ mod ec2 {
                 .client()
                 .await
                 .describe_instances()
-                .filters(Filter::builder().name(format!("tag:{TAG_COORDINATOR}")).values(coordinator_tag).build())
+                .filters(
+                    Filter::builder().name(format!("tag:{TAG_COORDINATOR}")).values(coordinator_tag).build(),
+                )
                 .filters(
                     Filter::builder()
                         .name("instance-state-name")
-                        .set_values(Some(["pending", "running", "stopping", "stopped"].map(String::from).to_vec()))
+                        .set_values(Some(
+                            ["pending", "running", "stopping", "stopped"].map(String::from).to_vec(),
+                        ))
                         .build(),
                 )
                 .into_paginator()
@@ -484,7 +493,8 @@ mod ec2 {
         }
 
         async fn console(&self, provider_id: &str) -> Result<Option<String>> {
-            let r = self.client().await.get_console_output().instance_id(provider_id).latest(true).send().await;
+            let r =
+                self.client().await.get_console_output().instance_id(provider_id).latest(true).send().await;
             let Ok(out) = r else { return Ok(None) };
             let Some(b64) = out.output() else { return Ok(None) };
             let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap_or_default();

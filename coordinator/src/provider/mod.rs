@@ -185,7 +185,9 @@ pub fn open(name: &str, cfg: &ProviderConfig, state_dir: &Path) -> Result<Arc<dy
         #[cfg(feature = "aws")]
         "aws" => Ok(Arc::new(aws::Ec2::new(cfg.aws.clone())?)),
         #[cfg(not(feature = "aws"))]
-        "aws" => bail!("this pype-coordinator was built without the `aws` feature (cargo build --features aws)"),
+        "aws" => {
+            bail!("this pype-coordinator was built without the `aws` feature (cargo build --features aws)")
+        }
         other => bail!("unknown provider {other:?} (known: qemu, slurm, aws)"),
     }
 }

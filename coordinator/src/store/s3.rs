@@ -93,7 +93,9 @@ where
             let rid = e.request_id().unwrap_or("-").to_string();
             warn!(op, key, request_id = %rid, code = e.code().unwrap_or("-"), "s3 call failed");
             match e.code() {
-                Some(code) => Err(anyhow!("{op} {key}: {code}: {} (request {rid})", e.message().unwrap_or(""))),
+                Some(code) => {
+                    Err(anyhow!("{op} {key}: {code}: {} (request {rid})", e.message().unwrap_or("")))
+                }
                 None => Err(anyhow!("{op} {key}: {} (request {rid})", DisplayErrorContext(e))),
             }
         }
@@ -117,7 +119,8 @@ impl S3Store {
         if cfg.presign_ttl_secs == 0 || cfg.presign_ttl_secs > 7 * 24 * 3600 {
             bail!("store config: presign_ttl_secs must be between 1 and 604800");
         }
-        fs::create_dir_all(local.join("incoming")).with_context(|| format!("creating {}", local.display()))?;
+        fs::create_dir_all(local.join("incoming"))
+            .with_context(|| format!("creating {}", local.display()))?;
         fs::create_dir_all(local.join("cache")).with_context(|| format!("creating {}", local.display()))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -198,7 +201,9 @@ impl S3Store {
                 .await
         })?;
         let out = checked("CreateMultipartUpload", &key, r)?;
-        out.upload_id().map(str::to_string).ok_or_else(|| anyhow!("CreateMultipartUpload {key}: no upload id"))
+        out.upload_id()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("CreateMultipartUpload {key}: no upload id"))
     }
 
     fn complete(&self, t: &Ticket, etags: Vec<String>) -> Result<()> {
@@ -207,7 +212,8 @@ impl S3Store {
             .enumerate()
             .map(|(i, e)| CompletedPart::builder().e_tag(e).part_number(i as i32 + 1).build())
             .collect();
-        let (c, b, k, u) = (self.client.clone(), self.bucket.clone(), self.data_key(&t.snapshot_id), t.upload_id.clone());
+        let (c, b, k, u) =
+            (self.client.clone(), self.bucket.clone(), self.data_key(&t.snapshot_id), t.upload_id.clone());
         let key = k.clone();
         let r = self.rt.block(async move {
             c.complete_multipart_upload()
@@ -327,7 +333,9 @@ impl S3Store {
         };
         if n != len || got != *digest {
             let _ = fs::remove_file(&tmp);
-            bail!("snapshot {id}: the stored object does not match its digest ({n} bytes read, {len} expected)");
+            bail!(
+                "snapshot {id}: the stored object does not match its digest ({n} bytes read, {len} expected)"
+            );
         }
         fs::rename(&tmp, dest).with_context(|| format!("moving into {}", dest.display()))
     }
@@ -456,8 +464,9 @@ impl DirectStore for S3Store {
     fn download(&self, snapshot_id: &str) -> Result<Download> {
         let meta =
             self.meta(snapshot_id)?.ok_or_else(|| anyhow!("snapshot {snapshot_id} is not in the store"))?;
-        let (len, digest) =
-            self.head(snapshot_id)?.ok_or_else(|| anyhow!("snapshot {snapshot_id}: its object is missing"))?;
+        let (len, digest) = self
+            .head(snapshot_id)?
+            .ok_or_else(|| anyhow!("snapshot {snapshot_id}: its object is missing"))?;
         if hex::encode(digest) != meta.digest || len != meta.wire_bytes {
             bail!("snapshot {snapshot_id}: the object's size or digest metadata differs from its index");
         }
@@ -481,8 +490,13 @@ impl DirectStore for S3Store {
         }
         let upload_id = self.create_upload(&id, &digest)?;
         let ticket = Ticket { snapshot_id: id.clone(), upload_id, wire_bytes, digest, parts: parts as usize };
-        let (c, b, k, u, ttl) =
-            (self.client.clone(), self.bucket.clone(), self.data_key(&id), ticket.upload_id.clone(), self.ttl);
+        let (c, b, k, u, ttl) = (
+            self.client.clone(),
+            self.bucket.clone(),
+            self.data_key(&id),
+            ticket.upload_id.clone(),
+            self.ttl,
+        );
         let urls = self.rt.block(async move {
             let mut urls = Vec::with_capacity(parts as usize);
             for n in 1..=parts {
@@ -541,9 +555,13 @@ impl DirectStore for S3Store {
     }
 
     fn abort(&self, t: &Ticket) {
-        let (c, b, k, u) = (self.client.clone(), self.bucket.clone(), self.data_key(&t.snapshot_id), t.upload_id.clone());
+        let (c, b, k, u) =
+            (self.client.clone(), self.bucket.clone(), self.data_key(&t.snapshot_id), t.upload_id.clone());
         let key = k.clone();
-        match self.rt.block(async move { c.abort_multipart_upload().bucket(b).key(k).upload_id(u).send().await }) {
+        match self
+            .rt
+            .block(async move { c.abort_multipart_upload().bucket(b).key(k).upload_id(u).send().await })
+        {
             Ok(r) => {
                 let _ = checked("AbortMultipartUpload", &key, r);
             }
