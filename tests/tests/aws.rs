@@ -85,9 +85,13 @@ impl Fx {
         out.images().first().and_then(|i| i.image_id()).expect("moto has no images").to_string()
     }
 
-    /// Provider config: moto's endpoint, two instance types, `coordinator_host` where the
+    /// Provider config: moto's endpoint, three instance types, `coordinator_host` where the
     /// agents reach the coordinator.
     fn provider_config(&self, coordinator_host: &str) -> PathBuf {
+        self.provider_config_at(coordinator_host, &self.moto.endpoint)
+    }
+
+    fn provider_config_at(&self, coordinator_host: &str, endpoint: &str) -> PathBuf {
         self.moto.create_instance_profile("pype-agent");
         let path = self.p("provider.toml");
         let text = format!(
@@ -99,7 +103,7 @@ impl Fx {
                {{ name = \"m5.2xlarge\", cpus = 8, memory_gib = 32.0, price = 0.384 }},\n\
                {{ name = \"t3.small\", cpus = 2, memory_gib = 2.0, price = 0.0208 }},\n\
                {{ name = \"t3.large\", cpus = 2, memory_gib = 8.0, price = 0.0832 }},\n]\n",
-            self.moto.endpoint,
+            endpoint,
             self.image_id()
         );
         std::fs::write(&path, text).unwrap();
@@ -586,4 +590,49 @@ fn s3_store_direct_transfers_and_digest() {
         "no digest error:\n{agent_log}\n{}",
         run.dump()
     );
+}
+
+/// Throttling is retried by the SDK with backoff and never reaches the run; a capacity error
+/// keeps the step queued, and the next create takes the next cheapest type that fits.
+#[test]
+fn throttling_retried_and_capacity_keeps_the_step_queued() {
+    let Some(fx) = Fx::new("throttling_retried_and_capacity_keeps_the_step_queued", "127.0.0.1") else {
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("aws/fault_proxy.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).args([fx.moto.endpoint.as_str(), "2", "t3.small", "1"]);
+    let proxy = Proc::spawn("fault proxy", cmd);
+    let line = proxy.wait_for(&["listening on"], T);
+    let port = line.rsplit(' ').next().unwrap().trim();
+    let pipeline = example_in(fx.dir.path());
+    let cfg = fx.provider_config_at("127.0.0.1", &format!("http://127.0.0.1:{port}"));
+    let _hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), None);
+    let state = fx.p("state");
+    let mut run = fx.start_run(
+        &state,
+        &[
+            "--provider",
+            "aws",
+            "--provider-config",
+            cfg.to_str().unwrap(),
+            "--max-agents",
+            "1",
+            pipeline.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let status = run.wait_exit(LONG);
+    assert!(status.success(), "{}\n{}", run.dump(), proxy.dump());
+    assert_eq!(proxy.count(&["injected RequestLimitExceeded"]), 2);
+    assert_eq!(proxy.count(&["injected InsufficientInstanceCapacity"]), 1);
+    // Throttling never surfaced; capacity did, as a wait, not a failure.
+    assert_eq!(run.count(&["provisioning:", "RequestLimitExceeded"]), 0, "{}", run.dump());
+    assert_eq!(
+        run.count(&["no capacity for an instance: the step stays queued", "InsufficientInstanceCapacity"]),
+        1
+    );
+    let id = run_id(&run.wait_for(&["run started"], T));
+    let types: Vec<String> = fx.instances("pype:run", Some(&id)).into_iter().map(|(_, _, t, _)| t).collect();
+    assert!(!types.is_empty() && types.iter().all(|t| t == "t3.large"), "{types:?}");
 }
