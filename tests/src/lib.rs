@@ -524,3 +524,12 @@ impl Drop for Lan {
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
     }
 }
+
+/// Copies the shipped example pipeline and its profile into `dir`; returns the pipeline.
+pub fn example_in(dir: &Path) -> PathBuf {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/genome-stats");
+    for f in ["pipeline.toml", "profile.toml"] {
+        std::fs::copy(example.join(f), dir.join(f)).unwrap();
+    }
+    dir.join("pipeline.toml")
+}

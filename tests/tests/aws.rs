@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
 use base64::Engine as _;
-use tests::{Bins, Lan, MOTO_SECRET, Moto, Proc, T, run_id};
+use tests::{Bins, Lan, MOTO_SECRET, Moto, Proc, T, example_in, run_id};
 
 const LONG: Duration = Duration::from_secs(240);
 
@@ -315,14 +315,6 @@ fn boot(
     env.insert("EC2_ID".into(), id.to_string());
     let agent = Proc::spawn(&format!("agent on {id}"), cmd);
     Some(Booted { ec2_id: id.to_string(), user_data, env, volume_tags, agent })
-}
-
-fn example_in(dir: &Path) -> PathBuf {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/genome-stats");
-    for f in ["pipeline.toml", "profile.toml"] {
-        std::fs::copy(example.join(f), dir.join(f)).unwrap();
-    }
-    dir.join("pipeline.toml")
 }
 
 /// The example pipeline with `--provider aws`: each instance's agent runs with its user-data's

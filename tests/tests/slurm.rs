@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::{Bins, Proc, Slurm, T, agent_of, run_id};
+use tests::{Bins, Proc, Slurm, T, agent_of, example_in, run_id};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -118,14 +118,6 @@ impl Fx {
 /// The Slurm job id in an "instance requested" line (`provider_id=...`).
 fn job_of(line: &str) -> String {
     line.split("provider_id=").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
-}
-
-fn example_in(dir: &Path) -> PathBuf {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/genome-stats");
-    for f in ["pipeline.toml", "profile.toml"] {
-        std::fs::copy(example.join(f), dir.join(f)).unwrap();
-    }
-    dir.join("pipeline.toml")
 }
 
 /// The shipped example with `--provider slurm`: agents are batch jobs named after their
