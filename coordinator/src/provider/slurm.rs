@@ -128,10 +128,15 @@ fn valid_instance_id(id: &str) -> bool {
 }
 
 /// Tags as a job comment: `k=v` pairs separated by spaces (keys and values hold no spaces).
+/// An empty value says nothing (a step tag on an agent made for no step in particular) and
+/// is left out, as `tags_of` would read it back as absent anyway.
 fn comment_of(tags: &BTreeMap<String, String>) -> Result<String> {
     let mut parts = Vec::new();
     for (k, v) in tags {
-        if k.contains([' ', '=']) || v.contains(' ') || v.is_empty() {
+        if v.is_empty() {
+            continue;
+        }
+        if k.is_empty() || k.contains([' ', '=']) || v.contains(' ') {
             bail!("tag {k:?}={v:?} cannot go into a Slurm comment");
         }
         parts.push(format!("{k}={v}"));
@@ -319,6 +324,10 @@ mod tests {
         let c = comment_of(&tags).unwrap();
         assert_eq!(c, "pype:coordinator=pype-0123456789ab pype:instance=pype-i-00ff");
         assert_eq!(tags_of(&c), tags);
+        // An agent made for no step in particular: the empty step tag stays out.
+        let mut with_empty = tags.clone();
+        with_empty.insert("pype:step".into(), String::new());
+        assert_eq!(comment_of(&with_empty).unwrap(), c);
         tags.insert("bad key".into(), "v".into());
         assert!(comment_of(&tags).is_err());
     }
