@@ -7,7 +7,9 @@ tests/tests/aws.rs:
 The first THROTTLES RunInstances calls get HTTP 503 RequestLimitExceeded (EC2's throttling
 error); then the first CAPACITY_ERRORS calls asking for CAPACITY_TYPE get HTTP 400
 InsufficientInstanceCapacity. Everything else goes to UPSTREAM_URL unchanged. Prints
-"listening on PORT" once ready and one "injected CODE" line per fault, on stderr.
+"listening on PORT" once ready, one "injected CODE" line per fault, and for every
+RunInstances passed on a "RunInstances k=v ..." line with its InstanceType and
+InstanceMarketOptions parameters, all on stderr.
 """
 import http.server
 import sys
@@ -51,6 +53,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 print("injected InsufficientInstanceCapacity", file=sys.stderr, flush=True)
                 return self.reply(400, error_xml("InsufficientInstanceCapacity",
                                                  f"We currently do not have sufficient {CAP_TYPE} capacity."))
+            shown = sorted(f"{k}={v[0]}" for k, v in form.items()
+                           if k == "InstanceType" or k.startswith("InstanceMarketOptions."))
+            print("RunInstances " + " ".join(shown), file=sys.stderr, flush=True)
         req = urllib.request.Request(UPSTREAM + self.path, data=body if body else None, method=self.command)
         for k, v in self.headers.items():
             if k.lower() not in ("host", "content-length", "connection"):

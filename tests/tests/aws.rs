@@ -88,17 +88,18 @@ impl Fx {
     /// Provider config: moto's endpoint, three instance types, `coordinator_host` where the
     /// agents reach the coordinator.
     fn provider_config(&self, coordinator_host: &str) -> PathBuf {
-        self.provider_config_at(coordinator_host, &self.moto.endpoint)
+        self.provider_config_at(coordinator_host, &self.moto.endpoint, "")
     }
 
-    fn provider_config_at(&self, coordinator_host: &str, endpoint: &str) -> PathBuf {
+    /// `extra`: more lines for the `[aws]` table.
+    fn provider_config_at(&self, coordinator_host: &str, endpoint: &str, extra: &str) -> PathBuf {
         self.moto.create_instance_profile("pype-agent");
         let path = self.p("provider.toml");
         let text = format!(
             "boot_timeout_secs = 60\nsweep_interval_secs = 2\norphan_timeout_secs = 600\nmax_instances = 2\n\
              coordinator_host = \"{coordinator_host}\"\n\
              [aws]\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\nimage_id = \"{}\"\n\
-             instance_profile = \"pype-agent\"\nmax_attempts = 3\n\
+             instance_profile = \"pype-agent\"\nmax_attempts = 3\n{extra}\n\
              instance_types = [\n\
                {{ name = \"m5.2xlarge\", cpus = 8, memory_gib = 32.0, price = 0.384 }},\n\
                {{ name = \"t3.small\", cpus = 2, memory_gib = 2.0, price = 0.0208 }},\n\
@@ -586,19 +587,31 @@ fn s3_store_direct_transfers_and_digest() {
 
 /// Throttling is retried by the SDK with backoff and never reaches the run; a capacity error
 /// keeps the step queued, and the next create takes the next cheapest type that fits.
+/// `tests/aws/fault_proxy.py` in front of moto: `throttles` throttled RunInstances, then
+/// `capacity_errors` capacity errors for `capacity_type`. Returns the proxy and its endpoint.
+fn fault_proxy(fx: &Fx, throttles: u32, capacity_type: &str, capacity_errors: u32) -> (Proc, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("aws/fault_proxy.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).args([
+        fx.moto.endpoint.as_str(),
+        &throttles.to_string(),
+        capacity_type,
+        &capacity_errors.to_string(),
+    ]);
+    let proxy = Proc::spawn("fault proxy", cmd);
+    let line = proxy.wait_for(&["listening on"], T);
+    let port = line.rsplit(' ').next().unwrap().trim().to_string();
+    (proxy, format!("http://127.0.0.1:{port}"))
+}
+
 #[test]
 fn throttling_retried_and_capacity_keeps_the_step_queued() {
     let Some(fx) = Fx::new("throttling_retried_and_capacity_keeps_the_step_queued", "127.0.0.1") else {
         return;
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("aws/fault_proxy.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(script).args([fx.moto.endpoint.as_str(), "2", "t3.small", "1"]);
-    let proxy = Proc::spawn("fault proxy", cmd);
-    let line = proxy.wait_for(&["listening on"], T);
-    let port = line.rsplit(' ').next().unwrap().trim();
+    let (proxy, endpoint) = fault_proxy(&fx, 2, "t3.small", 1);
     let pipeline = example_in(fx.dir.path());
-    let cfg = fx.provider_config_at("127.0.0.1", &format!("http://127.0.0.1:{port}"));
+    let cfg = fx.provider_config_at("127.0.0.1", &endpoint, "");
     let _hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), None);
     let state = fx.p("state");
     let mut run = fx.start_run(
@@ -627,4 +640,48 @@ fn throttling_retried_and_capacity_keeps_the_step_queued() {
     let id = run_id(&run.wait_for(&["run started"], T));
     let types: Vec<String> = fx.instances("pype:run", Some(&id)).into_iter().map(|(_, _, t, _)| t).collect();
     assert!(!types.is_empty() && types.iter().all(|t| t == "t3.large"), "{types:?}");
+}
+
+#[test]
+fn spot_instances_carry_the_market_options_and_run_the_pipeline() {
+    let Some(fx) = Fx::new("spot_instances_carry_the_market_options_and_run_the_pipeline", "127.0.0.1")
+    else {
+        return;
+    };
+    let (proxy, endpoint) = fault_proxy(&fx, 0, "none", 0);
+    let pipeline = example_in(fx.dir.path());
+    let cfg = fx.provider_config_at("127.0.0.1", &endpoint, "market = \"spot\"\nspot_max_price = \"0.05\"");
+    let mut hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), None);
+    let state = fx.p("state");
+    let mut run = fx.start_run(
+        &state,
+        &["--provider", "aws", "--provider-config", cfg.to_str().unwrap(), pipeline.to_str().unwrap()],
+        &[],
+    );
+    let status = run.wait_exit(LONG);
+    assert!(status.success(), "{}\n{}", run.dump(), proxy.dump());
+    hv.stop();
+    // What went over the wire: a one-time spot request under the cap, ended with the instance.
+    let requests = proxy.count(&["RunInstances "]);
+    assert!(requests >= 1, "{}", proxy.dump());
+    for want in [
+        "InstanceMarketOptions.MarketType=spot",
+        "InstanceMarketOptions.SpotOptions.MaxPrice=0.05",
+        "InstanceMarketOptions.SpotOptions.SpotInstanceType=one-time",
+        "InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior=terminate",
+    ] {
+        assert_eq!(proxy.count(&["RunInstances ", want]), requests, "{want}\n{}", proxy.dump());
+    }
+    // What EC2 made of it: spot instances, all of them gone at the end.
+    let id = run_id(&run.wait_for(&["run started"], T));
+    let ec2 = fx.moto.ec2();
+    let f = Filter::builder().name("tag:pype:run").values(&id).build();
+    let out = fx.rt.block_on(ec2.describe_instances().filters(f).send()).unwrap();
+    let instances: Vec<_> = out.reservations().iter().flat_map(|r| r.instances()).collect();
+    assert_eq!(instances.len(), requests, "{instances:?}");
+    for i in instances {
+        assert_eq!(i.instance_lifecycle().map(|l| l.as_str()), Some("spot"), "{i:?}");
+        let state = i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default();
+        assert!(!alive(&state), "{} is {state}", i.instance_id().unwrap_or_default());
+    }
 }
