@@ -268,8 +268,12 @@ impl Engine {
                 return Ok(());
             }
             if tokio::time::timeout_at(deadline, members.changed()).await.is_err() {
+                let why = match self.coord.provisioning_error() {
+                    Some(e) => format!(" (the last instance create failed: {e})"),
+                    None => String::new(),
+                };
                 bail!(
-                    "{} of {n} agents connected after {}s",
+                    "{} of {n} agents connected after {}s{why}",
                     self.coord.agent_views().len(),
                     timeout.as_secs()
                 );

@@ -260,7 +260,9 @@ impl Provisioner {
         let live = mine.keys().filter(|id| !draining.contains(*id)).count();
         if live < want && mine.len() < self.cfg.max_instances + draining.len() && Instant::now() >= pace.after
         {
-            match self.create(d, mine).await {
+            let created = self.create(d, mine).await;
+            self.coord.set_provisioning_error(created.as_ref().err().map(|e| format!("{e:#}")));
+            match created {
                 Ok(()) => pace.failures = 0,
                 Err(e) => {
                     // Do not hammer a failing provider: 2 s, 4 s, ... up to a minute.

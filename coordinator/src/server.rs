@@ -122,6 +122,9 @@ pub struct Coordinator {
     members: tokio::sync::watch::Sender<u64>,
     engine: std::sync::OnceLock<Arc<crate::engine::Engine>>,
     shutdown: CancellationToken,
+    /// Why the provisioner's last create failed (`None` after a success), for the operator
+    /// who is told no agent came.
+    provisioning_error: Mutex<Option<String>>,
 }
 
 /// A fresh attempt id: random, 52 bits (exact in JSON numbers), never 0.
@@ -153,6 +156,7 @@ impl Coordinator {
             members: tokio::sync::watch::Sender::new(0),
             engine: std::sync::OnceLock::new(),
             shutdown: CancellationToken::new(),
+            provisioning_error: Mutex::new(None),
         })
     }
 
@@ -172,6 +176,15 @@ impl Coordinator {
 
     pub fn state(&self) -> &Arc<State> {
         &self.state
+    }
+
+    /// Records the outcome of the provisioner's last create.
+    pub fn set_provisioning_error(&self, error: Option<String>) {
+        *lock(&self.provisioning_error) = error;
+    }
+
+    pub fn provisioning_error(&self) -> Option<String> {
+        lock(&self.provisioning_error).clone()
     }
 
     /// Changes whenever an agent joins or leaves.
@@ -552,7 +565,7 @@ async fn handle_agent(
             .map_err(|e| (CloseCode::ProtocolViolation, format!("malformed first message: {e}")))?;
         Ok::<_, (CloseCode, String)>((send, recv, msg))
     };
-    let (mut send, mut recv, hello) = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first).await {
+    let (mut send, recv, hello) = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first).await {
         Err(_) => return refuse(&conn, CloseCode::ProtocolViolation, "no Hello within 10s"),
         Ok(Err((code, reason))) => return refuse(&conn, code, &reason),
         Ok(Ok((s, r, Some(AgentToCoordinator::Hello(h))))) => (s, r, h),
@@ -630,7 +643,7 @@ async fn handle_agent(
                 serve_snapshot_streams(coord.clone(), conn.clone(), agent_id.clone()).in_current_span(),
             );
             let reason =
-                control_loop(&coord, &conn, &agent_id, &mut send, &mut recv, &mut outbox_rx, &shutdown).await;
+                control_loop(&coord, &conn, &agent_id, &mut send, recv, &mut outbox_rx, &shutdown).await;
             streams.abort();
             reason
         }
@@ -650,11 +663,15 @@ async fn control_loop(
     conn: &quinn::Connection,
     agent_id: &str,
     send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
+    recv: quinn::RecvStream,
     outbox: &mut mpsc::Receiver<CoordinatorToAgent>,
     shutdown: &CancellationToken,
 ) -> String {
     let allowed = coord.config.heartbeat_interval * coord.config.heartbeats_missed.max(1);
+    // Frames arrive through their own task: reading a frame is not cancel-safe, and the
+    // select below must be free to send to the agent while one is half read.
+    let mut frames = FrameReader::spawn(recv);
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         let msg = tokio::select! {
             Some(out) = outbox.recv() => {
@@ -670,16 +687,18 @@ async fn control_loop(
                 conn.close(close_code(CloseCode::GoingAway), b"coordinator shutting down");
                 return "coordinator shutting down".into();
             }
-            r = tokio::time::timeout(allowed, framed::read_frame::<AgentToCoordinator, _>(recv, MAX_CONTROL_FRAME)) => r,
+            _ = tokio::time::sleep_until(last_heard + allowed) => None,
+            frame = frames.rx.recv() => Some(frame.unwrap_or(Ok(None))),
         };
+        last_heard = tokio::time::Instant::now();
         match msg {
-            Err(_) => {
+            None => {
                 let reason = format!("heartbeats missed for {}ms", allowed.as_millis());
                 warn!(reason = %reason, "agent lost");
                 conn.close(close_code(CloseCode::HeartbeatTimeout), reason.as_bytes());
                 return reason;
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 if let Some(reason) = conn.close_reason() {
                     return format!("connection closed: {reason}");
                 }
@@ -688,8 +707,8 @@ async fn control_loop(
                 conn.close(close_code(CloseCode::ProtocolViolation), reason.as_bytes());
                 return reason;
             }
-            Ok(Ok(None)) => return "control stream closed".into(),
-            Ok(Ok(Some(AgentToCoordinator::Heartbeat(hb)))) => {
+            Some(Ok(None)) => return "control stream closed".into(),
+            Some(Ok(Some(AgentToCoordinator::Heartbeat(hb)))) => {
                 if let Some(a) = coord.agents().get_mut(agent_id) {
                     a.last_heartbeat = Instant::now();
                     a.load_average = hb.load_average;
@@ -703,23 +722,23 @@ async fn control_loop(
                     return format!("could not answer heartbeat: {e}");
                 }
             }
-            Ok(Ok(Some(AgentToCoordinator::GoingAway { reason }))) => {
+            Some(Ok(Some(AgentToCoordinator::GoingAway { reason }))) => {
                 conn.close(close_code(CloseCode::Normal), b"bye");
                 return format!("going away: {reason}");
             }
-            Ok(Ok(Some(AgentToCoordinator::Hello(_)))) => {
+            Some(Ok(Some(AgentToCoordinator::Hello(_)))) => {
                 let reason = "second Hello on the control stream".to_string();
                 conn.close(close_code(CloseCode::ProtocolViolation), reason.as_bytes());
                 return reason;
             }
-            Ok(Ok(Some(AgentToCoordinator::StepStarted { attempt_id, backend, view }))) => {
+            Some(Ok(Some(AgentToCoordinator::StepStarted { attempt_id, backend, view }))) => {
                 tracing::debug!(attempt = attempt_id, backend = %backend, view = %view, "step started");
                 route(coord, attempt_id, StepEvent::Started { backend, view });
             }
-            Ok(Ok(Some(AgentToCoordinator::StepOutput { attempt_id, lines }))) => {
+            Some(Ok(Some(AgentToCoordinator::StepOutput { attempt_id, lines }))) => {
                 route(coord, attempt_id, StepEvent::Output(lines));
             }
-            Ok(Ok(Some(AgentToCoordinator::StepFinished(outcome)))) => {
+            Some(Ok(Some(AgentToCoordinator::StepFinished(outcome)))) => {
                 let attempt_id = outcome.attempt_id;
                 coord.deliver(outcome);
                 if let Err(e) =
@@ -728,26 +747,59 @@ async fn control_loop(
                     return format!("could not acknowledge a result: {e}");
                 }
             }
-            Ok(Ok(Some(AgentToCoordinator::InHand { attempts }))) => {
+            Some(Ok(Some(AgentToCoordinator::InHand { attempts }))) => {
                 tracing::debug!(attempts = ?attempts, "attempts the agent holds");
                 if let Some(a) = coord.agents().get_mut(agent_id) {
                     a.in_hand = Some(attempts);
                 }
                 coord.members.send_modify(|g| *g += 1);
             }
-            Ok(Ok(Some(AgentToCoordinator::Draining { reason }))) => {
+            Some(Ok(Some(AgentToCoordinator::Draining { reason }))) => {
                 if let Some(a) = coord.agents().get_mut(agent_id) {
                     a.draining = true;
                 }
                 coord.members.send_modify(|g| *g += 1);
                 info!(reason = %reason, "agent draining: its running steps finish, it gets no new ones");
             }
-            Ok(Ok(Some(AgentToCoordinator::OutputsChecked { request_id, result }))) => {
+            Some(Ok(Some(AgentToCoordinator::OutputsChecked { request_id, result }))) => {
                 if let Some(tx) = lock(&coord.checks).remove(&request_id) {
                     let _ = tx.send(result);
                 }
             }
         }
+    }
+}
+
+/// The control stream's frames, read by a task of their own; the task ends with the stream,
+/// at the first bad frame, or when this is dropped.
+struct FrameReader {
+    rx: mpsc::Receiver<Result<Option<AgentToCoordinator>, transport::FrameError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FrameReader {
+    fn spawn(mut recv: quinn::RecvStream) -> FrameReader {
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(
+            async move {
+                loop {
+                    let frame =
+                        framed::read_frame::<AgentToCoordinator, _>(&mut recv, MAX_CONTROL_FRAME).await;
+                    let last = !matches!(frame, Ok(Some(_)));
+                    if tx.send(frame).await.is_err() || last {
+                        return;
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        FrameReader { rx, task }
+    }
+}
+
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

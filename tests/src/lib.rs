@@ -124,9 +124,13 @@ pub const T: Duration = Duration::from_secs(20);
 
 impl Coord {
     pub fn start(bins: &Bins, state_dir: &Path, listen: &str) -> Coord {
+        Coord::start_with_heartbeat(bins, state_dir, listen, HEARTBEAT_MS)
+    }
+
+    pub fn start_with_heartbeat(bins: &Bins, state_dir: &Path, listen: &str, heartbeat_ms: u64) -> Coord {
         let mut cmd = Command::new(&bins.coordinator);
         cmd.arg("--state-dir").arg(state_dir).arg("serve").arg("--listen").arg(listen);
-        cmd.arg("--heartbeat-interval-ms").arg(HEARTBEAT_MS.to_string());
+        cmd.arg("--heartbeat-interval-ms").arg(heartbeat_ms.to_string());
         let proc = Proc::spawn("coordinator", cmd);
         let line = proc.wait_for(&["coordinator listening"], T);
         let addr = line

@@ -405,6 +405,35 @@ fn boot_timeout_cancels_a_job_that_never_connects() {
     fx.wait_no_agent_jobs(T);
 }
 
+/// sbatch refuses every job (no such partition): the run gives up when no agent came, and
+/// says why, in the error the operator sees.
+#[test]
+fn a_create_that_always_fails_is_named_when_the_run_gives_up() {
+    let Some(fx) = Fx::new("a_create_that_always_fails_is_named_when_the_run_gives_up") else { return };
+    let cfg = fx.provider_config("");
+    let text =
+        std::fs::read_to_string(&cfg).unwrap().replace("[slurm]\n", "[slurm]\npartition = \"nosuch\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let pipeline = fx.p("p.toml");
+    std::fs::write(&pipeline, "name = \"nowhere\"\n[[steps]]\nname = \"s\"\ncommand = \"true\"\n").unwrap();
+    let mut run = fx.start_run(&[
+        "--provider",
+        "slurm",
+        "--provider-config",
+        cfg.to_str().unwrap(),
+        "--boot-timeout",
+        "1s",
+        pipeline.to_str().unwrap(),
+    ]);
+    assert!(!run.wait_exit(LONG).success(), "{}", run.dump());
+    let line = run.wait_for(&["did not succeed", "0 of 1 agents connected"], T);
+    assert!(
+        line.contains("the last instance create failed") && line.to_lowercase().contains("partition"),
+        "{line}"
+    );
+    assert!(fx.agent_jobs().is_empty(), "{:?}", fx.agent_jobs());
+}
+
 /// `--idle-timeout`: after a fan-out, the agent left without work is cancelled at once by
 /// default, and kept to the end of the run with a timeout longer than the run.
 #[test]

@@ -65,7 +65,15 @@ async fn enroll_identity(
 /// A coordinator, its CA certificate, and one well-behaved agent that every test checks is
 /// never disturbed by what the others do.
 fn coordinator_with_healthy_agent(b: &Bins, dir: &std::path::Path) -> (Coord, String, tests::Proc) {
-    let coord = Coord::start(b, &dir.join("coord"), "127.0.0.1:0");
+    coordinator_with_healthy_agent_at(b, dir, tests::HEARTBEAT_MS)
+}
+
+fn coordinator_with_healthy_agent_at(
+    b: &Bins,
+    dir: &std::path::Path,
+    heartbeat_ms: u64,
+) -> (Coord, String, tests::Proc) {
+    let coord = Coord::start_with_heartbeat(b, &dir.join("coord"), "127.0.0.1:0", heartbeat_ms);
     let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
     let healthy = start_agent(b, &coord, &dir.join("healthy"), "healthy", Some(&coord.token(b, &[])));
     coord.proc.wait_for(&["agent joined", "healthy"], T);
@@ -121,10 +129,14 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
     coord.proc.wait_for(&["refused connection", "protocol version mismatch", "does not speak pype/1"], T);
 
     // A Hello claiming another major version, or another agent's id.
-    for (msg, expect) in [
-        (hello("prober", 2), "protocol version mismatch: coordinator speaks 1.1, agent speaks 2.0"),
-        (hello("healthy", 1), "certificate belongs to prober"),
-    ] {
+    let mismatch = format!(
+        "protocol version mismatch: coordinator speaks {}.{}, agent speaks 2.0",
+        protocol::PROTOCOL_MAJOR,
+        protocol::PROTOCOL_MINOR
+    );
+    for (msg, expect) in
+        [(hello("prober", 2), mismatch.as_str()), (hello("healthy", 1), "certificate belongs to prober")]
+    {
         let conn = connect(coord.addr, &ca_pem, Some(&me.cert), protocol::ALPN_AGENT).await.unwrap();
         let (mut send, _recv) = conn.open_bi().await.unwrap();
         framed::write_frame(&mut send, &msg).await.unwrap();
@@ -229,5 +241,69 @@ async fn random_and_truncated_control_frames() {
     let dest = tmp.path().join("dest");
     coord.cli_ok(&b, &["push", "healthy", src.to_str().unwrap(), dest.to_str().unwrap()]);
     assert_eq!(std::fs::read(dest.join("f")).unwrap(), b"still works");
+    drop(healthy);
+}
+
+async fn next_frame(recv: &mut quinn::RecvStream) -> protocol::CoordinatorToAgent {
+    let frame = framed::read_frame::<protocol::CoordinatorToAgent, _>(recv, protocol::MAX_FRAME_LEN);
+    tokio::time::timeout(T, frame).await.expect("no frame from the coordinator").unwrap().unwrap()
+}
+
+/// A frame from the agent that arrives in pieces, with the coordinator sending to the agent
+/// between them, is read whole: the control loop never drops half a frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_split_around_a_coordinator_send_is_read_whole() {
+    use protocol::{CoordinatorToAgent, Heartbeat};
+    let b = bins();
+    let tmp = tempfile::tempdir().unwrap();
+    // Heartbeats every 2 s: the coordinator waits 6 s for a frame, time enough for the
+    // drain command below while our half frame blocks the stream.
+    let (coord, ca_pem, healthy) = coordinator_with_healthy_agent_at(&b, tmp.path(), 2000);
+    let me = enroll_identity(&coord, &b, &tmp.path().join("me"), "slowpoke").await;
+    let conn = connect(coord.addr, &ca_pem, Some(&me.cert), protocol::ALPN_AGENT).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    framed::write_frame(&mut send, &hello("slowpoke", protocol::PROTOCOL_MAJOR)).await.unwrap();
+    assert!(matches!(next_frame(&mut recv).await, CoordinatorToAgent::Welcome(_)));
+    coord.proc.wait_for(&["agent joined", "slowpoke"], T);
+    let heartbeat = |seq| {
+        protocol::codec::encode(&AgentToCoordinator::Heartbeat(Heartbeat {
+            seq,
+            memory_available_bytes: 1 << 30,
+            work_dir_free_bytes: 1 << 30,
+            load_average: 0.5,
+        }))
+        .unwrap()
+    };
+    let first = heartbeat(1);
+    let cut = first.len() / 2;
+    send.write_all(&first[..cut]).await.unwrap();
+    // While that half waits in the coordinator's reader, the coordinator sends us a Drain.
+    let state_dir = coord.state_dir.clone();
+    let bin = b.coordinator.clone();
+    let drained = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["agent", "drain", "slowpoke"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(drained.status.success(), "{}", String::from_utf8_lossy(&drained.stderr));
+    assert!(matches!(next_frame(&mut recv).await, CoordinatorToAgent::Drain { .. }));
+    // Then the rest of the frame, and a whole one: both are acknowledged in order.
+    send.write_all(&first[cut..]).await.unwrap();
+    send.write_all(&heartbeat(2)).await.unwrap();
+    for want in [1, 2] {
+        match next_frame(&mut recv).await {
+            CoordinatorToAgent::HeartbeatAck { seq } => assert_eq!(seq, want),
+            other => panic!("expected the ack of heartbeat {want}, got {other:?}"),
+        }
+    }
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    assert_eq!(coord.proc.count(&["slowpoke", "malformed"]), 0, "{}", coord.proc.dump());
+    assert_eq!(coord.proc.count(&["agent left", "healthy"]), 0);
+    conn.close(0u32.into(), b"");
     drop(healthy);
 }
