@@ -33,6 +33,8 @@ use crate::working::WorkingRegistry;
 
 /// Lines of a failed step's log printed with the failure.
 const TAIL_LINES: usize = 20;
+/// Agents a program build is tried on before the run fails (a lost agent is not the build's fault).
+const BUILD_TRIES: u32 = 3;
 /// Most paths in one `CheckOutputs` request.
 const CHECK_CHUNK: usize = 5000;
 
@@ -308,7 +310,9 @@ impl Engine {
     }
 
     /// Builds the profile's programs that are not in the registry yet (all of them with
-    /// `force`) on an agent, one build step each, and merges their entries.
+    /// `force`) on an agent, one build step each, and merges their entries. A build whose
+    /// agent is lost is tried again on another one (waiting up to `agent_wait` for it), at
+    /// most [`BUILD_TRIES`] times.
     pub async fn build_programs(
         &self,
         profile: &Profile,
@@ -316,6 +320,7 @@ impl Engine {
         force: bool,
         run: &str,
         rep: Option<&Reporter>,
+        agent_wait: Duration,
     ) -> Result<usize> {
         let mut built = 0;
         for key in keys {
@@ -327,32 +332,46 @@ impl Engine {
             if !force && reg.get(&reg_key).is_some() {
                 continue;
             }
-            let agent = self.first_agent("build programs on")?;
-            let spec =
-                StepSpec { attempt_id: crate::server::new_attempt_id(), ..build_spec(profile, program, run) };
-            let step_name = spec.step.clone();
-            if let Some(r) = rep {
-                r.emit("program build", Some(&step_name), Some(spec.attempt_id), Some(&agent), &reg_key);
-            }
-            let (_, mut events) = self.coord.run_step(&agent, spec).await?;
-            let mut tail = VecDeque::new();
-            let outcome = loop {
-                match events.recv().await {
-                    None => bail!("agent {agent} went away while building {reg_key}"),
-                    Some((_, StepEvent::Finished(o))) => break o,
-                    Some((_, StepEvent::Output(lines))) => {
-                        for l in lines {
-                            if tail.len() == TAIL_LINES {
-                                tail.pop_front();
-                            }
-                            tail.push_back(l.line);
+            let mut tries = 0;
+            let (agent, step_name, outcome, tail) = loop {
+                tries += 1;
+                self.wait_for_agents(1, agent_wait)
+                    .await
+                    .with_context(|| format!("waiting for an agent to build {reg_key} on"))?;
+                let agent = self.first_agent("build programs on")?;
+                let spec = StepSpec {
+                    attempt_id: crate::server::new_attempt_id(),
+                    ..build_spec(profile, program, run)
+                };
+                let step_name = spec.step.clone();
+                if let Some(r) = rep {
+                    r.emit("program build", Some(&step_name), Some(spec.attempt_id), Some(&agent), &reg_key);
+                }
+                let attempt_id = spec.attempt_id;
+                let (_, events) = self.coord.run_step(&agent, spec).await?;
+                match self.await_build(&agent, attempt_id, events).await {
+                    Ok((outcome, tail)) => break (agent, step_name, outcome, tail),
+                    Err(lost) => {
+                        self.coord.forget_attempt(attempt_id);
+                        let why = format!("agent {agent} lost while building {reg_key}: {lost}");
+                        if let Some(r) = rep {
+                            r.emit(
+                                "program build lost",
+                                Some(&step_name),
+                                Some(attempt_id),
+                                Some(&agent),
+                                &why,
+                            );
+                        } else {
+                            tracing::warn!("{why}");
+                        }
+                        if tries >= BUILD_TRIES {
+                            bail!("{why} ({tries} tries)");
                         }
                     }
-                    Some(_) => {}
                 }
             };
             if !outcome.succeeded() {
-                let tail: Vec<String> = tail.into_iter().collect();
                 bail!(
                     "building program {reg_key} failed ({}): {}\n{}",
                     exit_text(&outcome),
@@ -367,6 +386,46 @@ impl Engine {
             built += 1;
         }
         Ok(built)
+    }
+
+    /// Follows a build attempt to its result and the last lines of its output; `Err` when the
+    /// agent is gone for longer than the heartbeat window (a reconnect within it keeps the
+    /// attempt, as for any step).
+    async fn await_build(
+        &self,
+        agent: &str,
+        attempt_id: u64,
+        mut events: mpsc::UnboundedReceiver<(u64, StepEvent)>,
+    ) -> std::result::Result<(StepOutcome, Vec<String>), String> {
+        let grace = self.coord.heartbeat_window();
+        let mut members = self.coord.membership();
+        let mut gone_since: Option<Instant> = None;
+        let mut tail = VecDeque::new();
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    None => return Err("its events ended".into()),
+                    Some((_, StepEvent::Finished(o))) => return Ok((o, tail.into_iter().collect())),
+                    Some((_, StepEvent::Output(lines))) => {
+                        for l in lines {
+                            if tail.len() == TAIL_LINES {
+                                tail.pop_front();
+                            }
+                            tail.push_back(l.line);
+                        }
+                    }
+                    Some(_) => {}
+                },
+                _ = members.changed() => {}
+                _ = tokio::time::sleep(grace / 4) => {}
+            }
+            if self.coord.agent_views().iter().any(|a| a.agent_id == agent) {
+                gone_since = None;
+            } else if gone_since.get_or_insert_with(Instant::now).elapsed() >= grace {
+                tracing::debug!(attempt = attempt_id, "build attempt given up");
+                return Err(format!("disconnected for more than {} ms", grace.as_millis()));
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -443,7 +502,8 @@ impl Engine {
                 running_steps.iter().filter_map(|&i| p.steps[i].program.clone()).collect();
             keys.sort();
             keys.dedup();
-            self.build_programs(profile, &keys, false, run_id, Some(rep)).await?;
+            let wait = Duration::from_secs(opts.agent_wait_secs.max(1));
+            self.build_programs(profile, &keys, false, run_id, Some(rep), wait).await?;
         }
         // External inputs not in the registry: import them from this host.
         let needed: HashSet<&String> = running_steps.iter().flat_map(|&i| p.steps[i].inputs.iter()).collect();

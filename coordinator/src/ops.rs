@@ -369,7 +369,10 @@ pub async fn profiles_build(
     let mut cluster = LocalCluster::start(dir, &LocalOptions { agents: 1, ..local }).await?;
     let result = async {
         cluster.wait_ready(Duration::from_secs(60)).await?;
-        cluster.engine.build_programs(&profile, &keys, force, "profiles-build", None).await
+        cluster
+            .engine
+            .build_programs(&profile, &keys, force, "profiles-build", None, Duration::from_secs(60))
+            .await
     }
     .await;
     let reg = cluster.engine.registry.load();

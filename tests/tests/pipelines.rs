@@ -336,6 +336,60 @@ outputs = ["slow.txt"]
     assert_eq!(std::fs::read_to_string(fx.p("data/slow.txt")).unwrap(), "done\n");
 }
 
+/// The agent building a program is SIGKILLed: the build is tried again on the other agent,
+/// and the step that uses the program runs.
+#[test]
+fn agent_killed_mid_build_builds_on_another() {
+    let fx = Fx::new();
+    std::fs::write(
+        fx.p("profile.toml"),
+        r#"
+name = "t"
+[[programs]]
+key = "hello"
+kind = "file"
+artifact_path = "/opt/pype-t/bin/hello"
+build = """
+sleep 3
+mkdir -p /opt/pype-t/bin
+printf '#!/bin/sh\\necho hello from the build\\n' > /opt/pype-t/bin/hello
+chmod 755 /opt/pype-t/bin/hello
+"""
+"#,
+    )
+    .unwrap();
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "killbuild"
+data_root = "{d}/data"
+profile = "profile.toml"
+[[steps]]
+name = "use"
+program = "hello"
+command = "mkdir -p {{data_root}} && /opt/pype-t/bin/hello > {{data_root}}/use.txt"
+outputs = ["use.txt"]
+"#,
+    );
+    let mut p = fx.start_run(&[pipeline.to_str().unwrap(), "--agents", "2"]);
+    let line = p.wait_for(&["program build", "t/programs/hello"], LONG);
+    let agent =
+        line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string();
+    let n = agent.trim_start_matches("local-");
+    let marker = fx.state().join(format!("local-agents/agent-{n}")).display().to_string();
+    let pid = agent_pid(&marker).unwrap_or_else(|| panic!("no process for {marker}"));
+    // SAFETY: kill(2) on a process this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    p.wait_for(&["program build lost", &format!("agent=\"{agent}\"")], LONG);
+    let status = p.wait_exit(LONG);
+    assert!(status.success(), "{}", p.dump());
+    let again = p.wait_for(&["program built", "t/programs/hello"], Duration::from_secs(1));
+    assert!(!again.contains(&format!("agent=\"{agent}\"")), "built on the killed agent: {again}");
+    assert_eq!(std::fs::read_to_string(fx.p("data/use.txt")).unwrap(), "hello from the build\n");
+}
+
 /// The pid of the local agent whose command line mentions `marker` (its state dir).
 fn agent_pid(marker: &str) -> Option<i32> {
     for entry in std::fs::read_dir("/proc").ok()? {
