@@ -269,6 +269,12 @@ impl Engine {
             if self.coord.agent_views().len() >= n {
                 return Ok(());
             }
+            if let Some(refused) = self.coord.provisioning_refused() {
+                bail!(
+                    "{} of {n} agents connected, and no instance can be created: {refused}",
+                    self.coord.agent_views().len()
+                );
+            }
             if tokio::time::timeout_at(deadline, members.changed()).await.is_err() {
                 let why = match self.coord.provisioning_error() {
                     Some(e) => format!(" (the last instance create failed: {e})"),
@@ -629,6 +635,19 @@ impl Engine {
                 })
                 .collect();
             self.want_agents(run_id, n("waiting") + active, active, busy, unplaced);
+            // No agent left, none coming: what remains cannot run.
+            if !interrupted
+                && running.is_empty()
+                && self.coord.agent_views().is_empty()
+                && let Some(refused) = self.coord.provisioning_refused()
+            {
+                interrupted = true;
+                let reason = format!("no agent is connected and no instance can be created: {refused}");
+                rep.emit("run stalled", None, None, None, &reason);
+                failures.push(reason.clone());
+                sched.handle(Event::Abort { reason });
+                continue;
+            }
             if let Some(ok) = sched.finished() {
                 let counts = sched.counts();
                 let summary = counts.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");

@@ -75,7 +75,13 @@ fn boot_mark(console: &str, mark: usize) -> bool {
 struct Pace {
     after: Instant,
     failures: u32,
+    /// Consecutive creates the provider refused ([`provider::Refused`]).
+    refusals: u32,
 }
+
+/// Refused creates in a row after which the run is told no instance is coming (a few, as a
+/// just-made instance profile or subnet can take seconds to be seen).
+const REFUSALS_TO_GIVE_UP: u32 = 3;
 
 struct Mine {
     /// The step the instance was sized for.
@@ -138,7 +144,7 @@ impl Provisioner {
     pub async fn run(self, mut demand: watch::Receiver<Demand>, shutdown: CancellationToken) {
         let mut mine: HashMap<String, Mine> = HashMap::new();
         let mut next_sweep = Instant::now() + Duration::from_secs(self.cfg.sweep_interval_secs);
-        let mut pace = Pace { after: Instant::now(), failures: 0 };
+        let mut pace = Pace { after: Instant::now(), failures: 0, refusals: 0 };
         let mut members = self.coord.membership();
         loop {
             let d = demand.borrow().clone();
@@ -263,7 +269,13 @@ impl Provisioner {
             let created = self.create(d, mine).await;
             self.coord.set_provisioning_error(created.as_ref().err().map(|e| format!("{e:#}")));
             match created {
-                Ok(()) => pace.failures = 0,
+                Ok(()) => {
+                    pace.failures = 0;
+                    if pace.refusals >= REFUSALS_TO_GIVE_UP {
+                        self.coord.set_provisioning_refused(None);
+                    }
+                    pace.refusals = 0;
+                }
                 Err(e) => {
                     // Do not hammer a failing provider: 2 s, 4 s, ... up to a minute.
                     pace.failures += 1;
@@ -279,6 +291,20 @@ impl Provisioner {
                             c.message
                         );
                         return Ok(());
+                    }
+                    if e.root_cause().downcast_ref::<provider::Refused>().is_some() {
+                        pace.refusals += 1;
+                        if pace.refusals == REFUSALS_TO_GIVE_UP {
+                            tracing::error!(
+                                provider = self.provider.name(),
+                                refusals = pace.refusals,
+                                "provisioning: the provider refuses to create instances as configured: {e:#}"
+                            );
+                            self.coord.set_provisioning_refused(Some(format!("{e:#}")));
+                            return Ok(());
+                        }
+                    } else {
+                        pace.refusals = 0;
                     }
                     return Err(e);
                 }

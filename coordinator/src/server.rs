@@ -125,6 +125,8 @@ pub struct Coordinator {
     /// Why the provisioner's last create failed (`None` after a success), for the operator
     /// who is told no agent came.
     provisioning_error: Mutex<Option<String>>,
+    /// Set when the provider refused creates again and again: no instance is coming.
+    provisioning_refused: Mutex<Option<String>>,
 }
 
 /// A fresh attempt id: random, 52 bits (exact in JSON numbers), never 0.
@@ -157,6 +159,7 @@ impl Coordinator {
             engine: std::sync::OnceLock::new(),
             shutdown: CancellationToken::new(),
             provisioning_error: Mutex::new(None),
+            provisioning_refused: Mutex::new(None),
         })
     }
 
@@ -185,6 +188,17 @@ impl Coordinator {
 
     pub fn provisioning_error(&self) -> Option<String> {
         lock(&self.provisioning_error).clone()
+    }
+
+    /// Records that the provider keeps refusing creates (`None`: it created one after all),
+    /// and wakes whoever waits on membership.
+    pub fn set_provisioning_refused(&self, reason: Option<String>) {
+        *lock(&self.provisioning_refused) = reason;
+        self.members.send_modify(|g| *g += 1);
+    }
+
+    pub fn provisioning_refused(&self) -> Option<String> {
+        lock(&self.provisioning_refused).clone()
     }
 
     /// Changes whenever an agent joins or leaves.

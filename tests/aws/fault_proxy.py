@@ -2,11 +2,13 @@
 """An HTTP proxy in front of moto that injects EC2 faults into RunInstances, for
 tests/tests/aws.rs:
 
-    fault_proxy.py UPSTREAM_URL THROTTLES CAPACITY_TYPE CAPACITY_ERRORS
+    fault_proxy.py UPSTREAM_URL THROTTLES CAPACITY_TYPE CAPACITY_ERRORS [ALLOWED]
 
 The first THROTTLES RunInstances calls get HTTP 503 RequestLimitExceeded (EC2's throttling
 error); then the first CAPACITY_ERRORS calls asking for CAPACITY_TYPE get HTTP 400
-InsufficientInstanceCapacity. Everything else goes to UPSTREAM_URL unchanged. Prints
+InsufficientInstanceCapacity. With ALLOWED, the RunInstances calls after the first ALLOWED
+that reach moto get HTTP 403 UnauthorizedOperation (a permission revoked mid-run).
+Everything else goes to UPSTREAM_URL unchanged. Prints
 "listening on PORT" once ready, one "injected CODE" line per fault, and for every
 RunInstances passed on a "RunInstances k=v ..." line with its InstanceType and
 InstanceMarketOptions parameters, all on stderr.
@@ -18,7 +20,8 @@ import urllib.parse
 import urllib.request
 
 UPSTREAM, THROTTLES, CAP_TYPE, CAP_ERRORS = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-state = {"throttled": 0, "capacity": 0}
+ALLOWED = int(sys.argv[5]) if len(sys.argv) > 5 else None
+state = {"throttled": 0, "capacity": 0, "passed": 0}
 
 
 def error_xml(code, message):
@@ -53,6 +56,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 print("injected InsufficientInstanceCapacity", file=sys.stderr, flush=True)
                 return self.reply(400, error_xml("InsufficientInstanceCapacity",
                                                  f"We currently do not have sufficient {CAP_TYPE} capacity."))
+            if ALLOWED is not None and state["passed"] >= ALLOWED:
+                print("injected UnauthorizedOperation", file=sys.stderr, flush=True)
+                return self.reply(403, error_xml("UnauthorizedOperation",
+                                                 "You are not authorized to perform this operation."))
+            state["passed"] += 1
             shown = sorted(f"{k}={v[0]}" for k, v in form.items()
                            if k == "InstanceType" or k.startswith("InstanceMarketOptions."))
             print("RunInstances " + " ".join(shown), file=sys.stderr, flush=True)

@@ -590,14 +590,14 @@ fn s3_store_direct_transfers_and_digest() {
 /// `tests/aws/fault_proxy.py` in front of moto: `throttles` throttled RunInstances, then
 /// `capacity_errors` capacity errors for `capacity_type`. Returns the proxy and its endpoint.
 fn fault_proxy(fx: &Fx, throttles: u32, capacity_type: &str, capacity_errors: u32) -> (Proc, String) {
+    fault_proxy_with(fx, &[&throttles.to_string(), capacity_type, &capacity_errors.to_string()])
+}
+
+/// The fault proxy with its arguments after the upstream URL.
+fn fault_proxy_with(fx: &Fx, args: &[&str]) -> (Proc, String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("aws/fault_proxy.py");
     let mut cmd = Command::new("python3");
-    cmd.arg(script).args([
-        fx.moto.endpoint.as_str(),
-        &throttles.to_string(),
-        capacity_type,
-        &capacity_errors.to_string(),
-    ]);
+    cmd.arg(script).arg(&fx.moto.endpoint).args(args);
     let proxy = Proc::spawn("fault proxy", cmd);
     let line = proxy.wait_for(&["listening on"], T);
     let port = line.rsplit(' ').next().unwrap().trim().to_string();
@@ -684,4 +684,75 @@ fn spot_instances_carry_the_market_options_and_run_the_pipeline() {
         let state = i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default();
         assert!(!alive(&state), "{} is {state}", i.instance_id().unwrap_or_default());
     }
+}
+
+/// A subnet that does not exist: EC2 refuses every RunInstances, and after a few the run
+/// fails saying so, long before its agent wait (3 minutes here) is over.
+#[test]
+fn a_subnet_that_does_not_exist_fails_the_run_at_once() {
+    let Some(fx) = Fx::new("a_subnet_that_does_not_exist_fails_the_run_at_once", "127.0.0.1") else { return };
+    let pipeline = example_in(fx.dir.path());
+    let cfg =
+        fx.provider_config_at("127.0.0.1", &fx.moto.endpoint, "subnet_id = \"subnet-0123456789abcdef0\"");
+    let state = fx.p("state");
+    let started = std::time::Instant::now();
+    let mut run = fx.start_run(
+        &state,
+        &["--provider", "aws", "--provider-config", cfg.to_str().unwrap(), pipeline.to_str().unwrap()],
+        &[],
+    );
+    assert!(!run.wait_exit(LONG).success(), "{}", run.dump());
+    let line = run.wait_for(&["did not succeed"], T);
+    assert!(
+        line.contains("no instance can be created") && line.contains("InvalidSubnetID.NotFound"),
+        "{line}\n{}",
+        run.dump()
+    );
+    assert_eq!(run.count(&["the provider refuses to create instances as configured"]), 1, "{}", run.dump());
+    assert_eq!(run.count(&["ec2 call", "RunInstances"]), 3, "{}", run.dump());
+    assert!(started.elapsed() < Duration::from_secs(120), "took {:?}", started.elapsed());
+    assert!(fx.instances("pype:coordinator", None).is_empty());
+}
+
+/// Mid-run, EC2 starts refusing RunInstances (a permission revoked) and the only agent dies:
+/// the run fails, saying why, instead of waiting for an instance that cannot come.
+#[test]
+fn refused_creates_with_no_agent_left_fail_the_run() {
+    let Some(fx) = Fx::new("refused_creates_with_no_agent_left_fail_the_run", "127.0.0.1") else { return };
+    let (proxy, endpoint) = fault_proxy_with(&fx, &["0", "none", "0", "1"]);
+    let pipeline = fx.p("p.toml");
+    std::fs::write(&pipeline, "name = \"stall\"\n[[steps]]\nname = \"long\"\ncommand = \"sleep 60\"\n")
+        .unwrap();
+    let cfg = fx.provider_config_at("127.0.0.1", &endpoint, "");
+    let hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), None);
+    let state = fx.p("state");
+    let mut run = fx.start_run(
+        &state,
+        &[
+            "--provider",
+            "aws",
+            "--provider-config",
+            cfg.to_str().unwrap(),
+            "--max-agents",
+            "1",
+            pipeline.to_str().unwrap(),
+        ],
+        &[],
+    );
+    run.wait_for(&["step started", "step=\"long\""], LONG);
+    for b in hv.booted.lock().unwrap().iter_mut() {
+        let _ = b.agent.child.kill();
+    }
+    assert!(!run.wait_exit(LONG).success(), "{}", run.dump());
+    run.wait_for(
+        &["run stalled", "no agent is connected and no instance can be created", "UnauthorizedOperation"],
+        T,
+    );
+    let line = run.wait_for(&["did not succeed"], T);
+    assert!(line.contains("UnauthorizedOperation"), "{line}");
+    assert_eq!(proxy.count(&["injected UnauthorizedOperation"]), 3, "{}", proxy.dump());
+    let id = run_id(&run.wait_for(&["run started"], T));
+    let left: Vec<_> =
+        fx.instances("pype:run", Some(&id)).into_iter().filter(|(_, s, _, _)| alive(s)).collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -405,32 +405,33 @@ fn boot_timeout_cancels_a_job_that_never_connects() {
     fx.wait_no_agent_jobs(T);
 }
 
-/// sbatch refuses every job (no such partition): the run gives up when no agent came, and
-/// says why, in the error the operator sees.
+/// sbatch refuses every job (no such partition): after a few refusals the run fails saying
+/// why, long before its agent wait (3 minutes here) is over, and no job is left.
 #[test]
-fn a_create_that_always_fails_is_named_when_the_run_gives_up() {
-    let Some(fx) = Fx::new("a_create_that_always_fails_is_named_when_the_run_gives_up") else { return };
+fn a_partition_that_does_not_exist_fails_the_run_at_once() {
+    let Some(fx) = Fx::new("a_partition_that_does_not_exist_fails_the_run_at_once") else { return };
     let cfg = fx.provider_config("");
     let text =
         std::fs::read_to_string(&cfg).unwrap().replace("[slurm]\n", "[slurm]\npartition = \"nosuch\"\n");
     std::fs::write(&cfg, text).unwrap();
     let pipeline = fx.p("p.toml");
     std::fs::write(&pipeline, "name = \"nowhere\"\n[[steps]]\nname = \"s\"\ncommand = \"true\"\n").unwrap();
+    let started = Instant::now();
     let mut run = fx.start_run(&[
         "--provider",
         "slurm",
         "--provider-config",
         cfg.to_str().unwrap(),
-        "--boot-timeout",
-        "1s",
         pipeline.to_str().unwrap(),
     ]);
     assert!(!run.wait_exit(LONG).success(), "{}", run.dump());
-    let line = run.wait_for(&["did not succeed", "0 of 1 agents connected"], T);
+    let line = run.wait_for(&["did not succeed"], T);
     assert!(
-        line.contains("the last instance create failed") && line.to_lowercase().contains("partition"),
+        line.contains("no instance can be created") && line.to_lowercase().contains("invalid partition"),
         "{line}"
     );
+    assert_eq!(run.count(&["the provider refuses to create instances as configured"]), 1, "{}", run.dump());
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
     assert!(fx.agent_jobs().is_empty(), "{:?}", fx.agent_jobs());
 }
 

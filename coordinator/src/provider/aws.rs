@@ -122,6 +122,22 @@ pub fn is_capacity_code(code: &str) -> bool {
     )
 }
 
+/// EC2 error codes for a request that cannot succeed as made: a missing or malformed image,
+/// subnet, security group, key or profile, a bad parameter, missing permissions.
+pub fn is_refusal_code(code: &str) -> bool {
+    (code.starts_with("Invalid") && !code.starts_with("InvalidInstanceID"))
+        || matches!(
+            code,
+            "UnauthorizedOperation"
+                | "AuthFailure"
+                | "OptInRequired"
+                | "Blocked"
+                | "MissingParameter"
+                | "VPCIdNotSpecified"
+                | "PendingVerification"
+        )
+}
+
 /// Instance types passed over after a capacity error, until their cooldown ends.
 #[derive(Default)]
 pub struct Cooldowns {
@@ -188,7 +204,9 @@ mod ec2 {
     use tokio::sync::OnceCell;
     use tracing::{info, warn};
 
-    use super::{AwsConfig, Capacity, Cooldowns, Market, choose_type, is_capacity_code, secret_hash};
+    use super::{
+        AwsConfig, Capacity, Cooldowns, Market, choose_type, is_capacity_code, is_refusal_code, secret_hash,
+    };
     use crate::provider::{
         InstanceSpec, InstanceState, Launch, Listed, Provider, TAG_COORDINATOR, TAG_INSTANCE,
     };
@@ -398,6 +416,14 @@ mod ec2 {
                     }
                     .into());
                 }
+                Err(e) if e.code().is_some_and(is_refusal_code) => {
+                    let refused = crate::provider::Refused(format!(
+                        "RunInstances refused: {}: {}",
+                        e.code().unwrap_or_default(),
+                        e.message().unwrap_or_default()
+                    ));
+                    return Err(refused.into());
+                }
                 Err(e) => return Err(describe_err("RunInstances", e)),
             };
             let id = out
@@ -524,6 +550,26 @@ mod tests {
         cd.hit("mem", Duration::from_secs(60));
         cd.hit("big", Duration::from_secs(60));
         assert_eq!(choose_type(&types, 1, 0, &cd).unwrap().name, "small", "all cooling: cheapest again");
+    }
+
+    #[test]
+    fn refusal_codes() {
+        for code in [
+            "InvalidSubnetID.NotFound",
+            "InvalidAMIID.Malformed",
+            "UnauthorizedOperation",
+            "InvalidParameterValue",
+        ] {
+            assert!(is_refusal_code(code), "{code}");
+        }
+        for code in [
+            "RequestLimitExceeded",
+            "InsufficientInstanceCapacity",
+            "InternalError",
+            "InvalidInstanceID.NotFound",
+        ] {
+            assert!(!is_refusal_code(code), "{code}");
+        }
     }
 
     #[test]

@@ -25,6 +25,13 @@ pub const TAG_RUN: &str = "pype:run";
 pub const TAG_INSTANCE: &str = "pype:instance";
 pub const TAG_STEP: &str = "pype:step";
 
+/// A create the provider refuses for how it was asked (an image, subnet, partition or
+/// permission that is not there), not for how busy it is: trying again will not help, and
+/// the provisioner gives up after a few in a row.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 /// What to create.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {

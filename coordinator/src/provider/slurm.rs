@@ -127,6 +127,22 @@ fn valid_instance_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// sbatch errors no retry cures: the job as asked for cannot be queued on this cluster.
+fn is_refusal(sbatch_error: &str) -> bool {
+    const REFUSALS: &[&str] = &[
+        "invalid partition",
+        "invalid account",
+        "invalid qos",
+        "invalid generic resource",
+        "invalid feature specification",
+        "invalid time limit",
+        "requested node configuration is not available",
+        "memory specification can not be satisfied",
+    ];
+    let e = sbatch_error.to_lowercase();
+    REFUSALS.iter().any(|r| e.contains(r))
+}
+
 /// Tags as a job comment: `k=v` pairs separated by spaces (keys and values hold no spaces).
 /// An empty value says nothing (a step tag on an agent made for no step in particular) and
 /// is left out, as `tags_of` would read it back as absent anyway.
@@ -213,7 +229,11 @@ impl Provider for Slurm {
         for (k, v) in &self.cfg.env {
             cmd.env(k, v);
         }
-        let out = output(cmd, "sbatch").await?;
+        let out = match output(cmd, "sbatch").await {
+            Ok(out) => out,
+            Err(e) if is_refusal(&format!("{e:#}")) => return Err(super::Refused(format!("{e:#}")).into()),
+            Err(e) => return Err(e),
+        };
         let job = out.trim().split(';').next().unwrap_or("").trim().to_string();
         if !valid_job_id(&job) {
             bail!("sbatch printed {out:?}, not a job id");
@@ -330,6 +350,19 @@ mod tests {
         assert_eq!(comment_of(&with_empty).unwrap(), c);
         tags.insert("bad key".into(), "v".into());
         assert!(comment_of(&tags).is_err());
+    }
+
+    #[test]
+    fn refusals() {
+        assert!(is_refusal(
+            "sbatch failed (exit status: 1): sbatch: error: Batch job submission failed: Invalid partition name specified"
+        ));
+        assert!(is_refusal(
+            "sbatch: error: Batch job submission failed: Requested node configuration is not available"
+        ));
+        assert!(!is_refusal(
+            "sbatch: error: Batch job submission failed: Unable to contact slurm controller"
+        ));
     }
 
     #[test]
