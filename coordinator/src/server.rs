@@ -1215,7 +1215,8 @@ async fn admin_run_step(
     AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: "the attempt was dropped".into() })
 }
 
-/// One "transfer done" line and one `transfers` row per snapshot moved.
+/// One "transfer done" line (for a direct fetch: "download handed out") and one `transfers`
+/// row per snapshot moved.
 fn log_snapshot_transfer(
     coord: &Coordinator,
     agent: &str,
@@ -1225,16 +1226,21 @@ fn log_snapshot_transfer(
     wire_bytes: u64,
     elapsed_ms: u64,
 ) {
-    let mb_s = if elapsed_ms > 0 { bytes as f64 / 1e6 / (elapsed_ms as f64 / 1e3) } else { 0.0 };
-    info!(
-        direction,
-        snapshot = %snapshot_id,
-        bytes,
-        wire_bytes,
-        elapsed_ms,
-        mb_per_s = format!("{mb_s:.1}"),
-        "transfer done"
-    );
+    if direction == "fetch-direct" {
+        // The agent downloads on its own (its log has the rate); here only a URL went out.
+        info!(direction, snapshot = %snapshot_id, bytes, wire_bytes, elapsed_ms, "download handed out");
+    } else {
+        let mb_s = if elapsed_ms > 0 { bytes as f64 / 1e6 / (elapsed_ms as f64 / 1e3) } else { 0.0 };
+        info!(
+            direction,
+            snapshot = %snapshot_id,
+            bytes,
+            wire_bytes,
+            elapsed_ms,
+            mb_per_s = format!("{mb_s:.1}"),
+            "transfer done"
+        );
+    }
     if let Err(e) = coord.state.record_transfer(agent, direction, snapshot_id, bytes, wire_bytes, elapsed_ms)
     {
         warn!("could not record a transfer: {e:#}");

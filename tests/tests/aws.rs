@@ -527,7 +527,7 @@ fn s3_store_direct_transfers_and_digest() {
         if kind == "s3" {
             // Bytes went between agents and the bucket, never through the coordinator.
             assert!(run.count(&["transfer done", "direction=\"store-direct\""]) >= 3, "{}", run.dump());
-            assert!(run.count(&["transfer done", "direction=\"fetch-direct\""]) >= 2, "{}", run.dump());
+            assert!(run.count(&["download handed out", "direction=\"fetch-direct\""]) >= 2, "{}", run.dump());
             assert_eq!(run.count(&["transfer done", "direction=\"store\""]), 0);
             assert_eq!(run.count(&["transfer done", "direction=\"fetch\""]), 0);
         }
