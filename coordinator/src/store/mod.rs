@@ -116,6 +116,10 @@ pub struct S3Config {
     pub presign_ttl_secs: u64,
     /// Attempts per API call (throttling and transient errors retried with backoff).
     pub max_attempts: u32,
+    /// Largest size of the coordinator's read cache of objects (`<state>/snapshots/cache`,
+    /// for materializing outputs and relaying to agents that cannot fetch directly), in MiB;
+    /// the least recently used objects go first.
+    pub cache_max_mib: u64,
 }
 
 impl Default for S3Config {
@@ -129,6 +133,7 @@ impl Default for S3Config {
             part_size_mib: 16,
             presign_ttl_secs: 900,
             max_attempts: 8,
+            cache_max_mib: 16 << 10,
         }
     }
 }
@@ -387,8 +392,75 @@ impl SnapshotStore for LocalStore {
     }
 }
 
+/// Removes the least recently used files of the flat cache directory `dir` until their sizes
+/// add up to at most `max_bytes`. A file used within `min_age` stays (a reader may have just
+/// been handed its path), and so does `keep`. Returns the bytes removed.
+pub fn trim_cache(dir: &Path, max_bytes: u64, keep: &Path, min_age: std::time::Duration) -> Result<u64> {
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if !meta.is_file() {
+            continue;
+        }
+        total += meta.len();
+        let used = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+        files.push((used, meta.len(), entry.path()));
+    }
+    files.sort();
+    let mut removed = 0u64;
+    for (used, len, path) in files {
+        if total <= max_bytes {
+            break;
+        }
+        if path == keep || used.elapsed().unwrap_or_default() < min_age {
+            continue;
+        }
+        if fs::remove_file(&path).is_ok() {
+            total -= len;
+            removed += len;
+        }
+    }
+    Ok(removed)
+}
+
+/// Marks a cached file as just used (for [`trim_cache`]'s order).
+pub fn touch(path: &Path) {
+    if let Ok(f) = fs::File::options().append(true).open(path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn trim_cache_goes_least_recently_used_first_and_spares_fresh_files() {
+        use std::time::{Duration, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, len: usize, age_s: u64| {
+            let p = dir.path().join(name);
+            fs::write(&p, vec![0u8; len]).unwrap();
+            let f = fs::File::options().append(true).open(&p).unwrap();
+            f.set_modified(SystemTime::now() - Duration::from_secs(age_s)).unwrap();
+            p
+        };
+        let oldest = file("a", 100, 3000);
+        let old = file("b", 100, 2000);
+        let kept = file("c", 100, 1000);
+        let fresh = file("d", 100, 0);
+        // 400 bytes, at most 150: the two least recently used go; `kept` is spared as the
+        // file being handed out, `fresh` for its age, so the cache stays over the cap.
+        let removed = trim_cache(dir.path(), 150, &kept, Duration::from_secs(60)).unwrap();
+        assert_eq!(removed, 200);
+        assert!(!oldest.exists() && !old.exists() && kept.exists() && fresh.exists());
+        // A touched file counts as just used.
+        touch(&kept);
+        assert_eq!(trim_cache(dir.path(), 0, &fresh, Duration::from_secs(60)).unwrap(), 0);
+        assert_eq!(trim_cache(dir.path(), 100, &fresh, Duration::ZERO).unwrap(), 100);
+        assert!(!kept.exists() && fresh.exists());
+    }
+
     use super::*;
 
     #[test]

@@ -37,6 +37,8 @@ const DIGEST_META: &str = "blake3";
 const MAX_PARTS: u64 = 10_000;
 /// S3's smallest part (but the last).
 const MIN_PART: u64 = 5 << 20;
+/// A cached object used this recently is never trimmed: a reader may hold its path.
+const CACHE_MIN_AGE: Duration = Duration::from_secs(300);
 
 pub struct S3Store {
     client: Client,
@@ -49,6 +51,8 @@ pub struct S3Store {
     limits: UnpackLimits,
     /// Indexes read so far (snapshots never change once complete).
     metas: Mutex<HashMap<String, SnapshotMeta>>,
+    /// Most bytes the read cache keeps.
+    cache_max: u64,
     rt: Background,
 }
 
@@ -151,6 +155,7 @@ impl S3Store {
             local: local.to_path_buf(),
             limits: UnpackLimits::default(),
             metas: Mutex::new(HashMap::new()),
+            cache_max: cfg.cache_max_mib << 20,
             rt,
         })
     }
@@ -374,8 +379,16 @@ impl SnapshotStore for S3Store {
         let digest = parse_digest(&meta.digest)
             .ok_or_else(|| anyhow!("index of snapshot {snapshot_id} has a bad digest"))?;
         let path = self.cache_path(snapshot_id);
-        if !path.exists() {
+        if path.exists() {
+            super::touch(&path);
+        } else {
             self.download_to(snapshot_id, &path, meta.wire_bytes, &digest)?;
+            let cache = self.local.join("cache");
+            match super::trim_cache(&cache, self.cache_max, &path, CACHE_MIN_AGE) {
+                Ok(0) => {}
+                Ok(n) => info!(bytes = n, "snapshot store: trimmed the read cache"),
+                Err(e) => warn!("snapshot store: could not trim the read cache: {e:#}"),
+            }
         }
         Ok((path, digest))
     }
