@@ -67,6 +67,14 @@ impl Fx {
         Proc::spawn("run", cmd)
     }
 
+    /// `run --provider aws --provider-config CFG EXTRA... PIPELINE`.
+    fn start_aws_run(&self, state: &Path, cfg: &Path, pipeline: &Path, extra: &[&str]) -> Proc {
+        let mut args = vec!["--provider", "aws", "--provider-config", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.push(pipeline.to_str().unwrap());
+        self.start_run(state, &args, &[])
+    }
+
     fn cli_ok(&self, state: &Path, args: &[&str]) -> String {
         let out = self.coordinator(state).args(args).output().unwrap();
         assert!(
@@ -332,19 +340,7 @@ fn example_pipeline_on_ec2_instances() {
     let mut hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), Some(lan.clone()));
     let state = fx.p("state");
     let listen = format!("{gw}:0");
-    let mut run = fx.start_run(
-        &state,
-        &[
-            "--provider",
-            "aws",
-            "--provider-config",
-            cfg.to_str().unwrap(),
-            "--listen",
-            &listen,
-            pipeline.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let mut run = fx.start_aws_run(&state, &cfg, &pipeline, &["--listen", &listen]);
     let status = run.wait_exit(LONG);
     assert!(status.success(), "{}", run.dump());
     let id = run_id(&run.wait_for(&["run started"], T));
@@ -614,19 +610,7 @@ fn throttling_retried_and_capacity_keeps_the_step_queued() {
     let cfg = fx.provider_config_at("127.0.0.1", &endpoint, "");
     let _hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), None);
     let state = fx.p("state");
-    let mut run = fx.start_run(
-        &state,
-        &[
-            "--provider",
-            "aws",
-            "--provider-config",
-            cfg.to_str().unwrap(),
-            "--max-agents",
-            "1",
-            pipeline.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let mut run = fx.start_aws_run(&state, &cfg, &pipeline, &["--max-agents", "1"]);
     let status = run.wait_exit(LONG);
     assert!(status.success(), "{}\n{}", run.dump(), proxy.dump());
     assert_eq!(proxy.count(&["injected RequestLimitExceeded"]), 2);
@@ -653,11 +637,7 @@ fn spot_instances_carry_the_market_options_and_run_the_pipeline() {
     let cfg = fx.provider_config_at("127.0.0.1", &endpoint, "market = \"spot\"\nspot_max_price = \"0.05\"");
     let mut hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), None);
     let state = fx.p("state");
-    let mut run = fx.start_run(
-        &state,
-        &["--provider", "aws", "--provider-config", cfg.to_str().unwrap(), pipeline.to_str().unwrap()],
-        &[],
-    );
+    let mut run = fx.start_aws_run(&state, &cfg, &pipeline, &[]);
     let status = run.wait_exit(LONG);
     assert!(status.success(), "{}\n{}", run.dump(), proxy.dump());
     hv.stop();
@@ -696,11 +676,7 @@ fn a_subnet_that_does_not_exist_fails_the_run_at_once() {
         fx.provider_config_at("127.0.0.1", &fx.moto.endpoint, "subnet_id = \"subnet-0123456789abcdef0\"");
     let state = fx.p("state");
     let started = std::time::Instant::now();
-    let mut run = fx.start_run(
-        &state,
-        &["--provider", "aws", "--provider-config", cfg.to_str().unwrap(), pipeline.to_str().unwrap()],
-        &[],
-    );
+    let mut run = fx.start_aws_run(&state, &cfg, &pipeline, &[]);
     assert!(!run.wait_exit(LONG).success(), "{}", run.dump());
     let line = run.wait_for(&["did not succeed"], T);
     assert!(
@@ -726,19 +702,7 @@ fn refused_creates_with_no_agent_left_fail_the_run() {
     let cfg = fx.provider_config_at("127.0.0.1", &endpoint, "");
     let hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), None);
     let state = fx.p("state");
-    let mut run = fx.start_run(
-        &state,
-        &[
-            "--provider",
-            "aws",
-            "--provider-config",
-            cfg.to_str().unwrap(),
-            "--max-agents",
-            "1",
-            pipeline.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let mut run = fx.start_aws_run(&state, &cfg, &pipeline, &["--max-agents", "1"]);
     run.wait_for(&["step started", "step=\"long\""], LONG);
     for b in hv.booted.lock().unwrap().iter_mut() {
         let _ = b.agent.child.kill();

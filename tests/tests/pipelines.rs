@@ -316,15 +316,7 @@ outputs = ["slow.txt"]
     );
     let mut p = fx.start_run(&[pipeline.to_str().unwrap(), "--agents", "2"]);
     let line = p.wait_for(&["step started", "step=\"slow\""], LONG);
-    let agent =
-        line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string();
-    let n = agent.trim_start_matches("local-");
-    let marker = fx.state().join(format!("local-agents/agent-{n}")).display().to_string();
-    let pid = agent_pid(&marker).unwrap_or_else(|| panic!("no process for {marker}"));
-    // SAFETY: kill(2) on a process this test started.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
+    let agent = sigkill_agent_of(&fx, &line);
     p.wait_for(&["agent lost", &format!("agent=\"{agent}\"")], LONG);
     p.wait_for(&["step retried", "infrastructure failure"], LONG);
     let status = p.wait_exit(LONG);
@@ -373,6 +365,17 @@ outputs = ["use.txt"]
     );
     let mut p = fx.start_run(&[pipeline.to_str().unwrap(), "--agents", "2"]);
     let line = p.wait_for(&["program build", "t/programs/hello"], LONG);
+    let agent = sigkill_agent_of(&fx, &line);
+    p.wait_for(&["program build lost", &format!("agent=\"{agent}\"")], LONG);
+    let status = p.wait_exit(LONG);
+    assert!(status.success(), "{}", p.dump());
+    let again = p.wait_for(&["program built", "t/programs/hello"], Duration::from_secs(1));
+    assert!(!again.contains(&format!("agent=\"{agent}\"")), "built on the killed agent: {again}");
+    assert_eq!(std::fs::read_to_string(fx.p("data/use.txt")).unwrap(), "hello from the build\n");
+}
+
+/// SIGKILLs the local agent a log line names (`agent="local-N"`); returns its id.
+fn sigkill_agent_of(fx: &Fx, line: &str) -> String {
     let agent =
         line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string();
     let n = agent.trim_start_matches("local-");
@@ -382,12 +385,7 @@ outputs = ["use.txt"]
     unsafe {
         libc::kill(pid, libc::SIGKILL);
     }
-    p.wait_for(&["program build lost", &format!("agent=\"{agent}\"")], LONG);
-    let status = p.wait_exit(LONG);
-    assert!(status.success(), "{}", p.dump());
-    let again = p.wait_for(&["program built", "t/programs/hello"], Duration::from_secs(1));
-    assert!(!again.contains(&format!("agent=\"{agent}\"")), "built on the killed agent: {again}");
-    assert_eq!(std::fs::read_to_string(fx.p("data/use.txt")).unwrap(), "hello from the build\n");
+    agent
 }
 
 /// The pid of the local agent whose command line mentions `marker` (its state dir).
