@@ -79,6 +79,14 @@ impl Fx {
         Proc::spawn("run", cmd)
     }
 
+    /// `run --provider slurm --provider-config CFG EXTRA... PIPELINE`.
+    fn start_slurm_run(&self, cfg: &Path, pipeline: &Path, extra: &[&str]) -> Proc {
+        let mut args = vec!["--provider", "slurm", "--provider-config", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.push(pipeline.to_str().unwrap());
+        self.start_run(&args)
+    }
+
     fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.coordinator().args(args).output().unwrap();
         assert!(
@@ -127,18 +135,11 @@ fn example_pipeline_on_slurm_agents() {
     let Some(fx) = Fx::new("example_pipeline_on_slurm_agents") else { return };
     let pipeline = example_in(fx.dir.path());
     let cfg = fx.provider_config("");
-    let mut run = fx.start_run(&[
-        "--provider",
-        "slurm",
-        "--provider-config",
-        cfg.to_str().unwrap(),
-        "--max-agents",
-        "2",
-        "--partition",
-        "debug",
-        "--sbatch-arg=--time=10",
-        pipeline.to_str().unwrap(),
-    ]);
+    let mut run = fx.start_slurm_run(
+        &cfg,
+        &pipeline,
+        &["--max-agents", "2", "--partition", "debug", "--sbatch-arg=--time=10"],
+    );
     let requested = run.wait_for(&["instance requested", "provider=\"slurm\""], LONG);
     let job = job_of(&requested);
     // The job is in squeue under the instance's name while the run goes on.
@@ -191,13 +192,7 @@ fn scancel_mid_step_retries_on_another_agent() {
     let Some(fx) = Fx::new("scancel_mid_step_retries_on_another_agent") else { return };
     let pipeline = fx.slow_pipeline("cancel", 8);
     let cfg = fx.provider_config("");
-    let mut run = fx.start_run(&[
-        "--provider",
-        "slurm",
-        "--provider-config",
-        cfg.to_str().unwrap(),
-        pipeline.to_str().unwrap(),
-    ]);
+    let mut run = fx.start_slurm_run(&cfg, &pipeline, &[]);
     let started = run.wait_for(&["step started", "step=\"slow\""], LONG);
     let first = agent_of(&started);
     let job = fx
@@ -380,15 +375,7 @@ fn boot_timeout_cancels_a_job_that_never_connects() {
     std::fs::write(&cfg, text).unwrap();
     let pipeline = fx.p("p.toml");
     std::fs::write(&pipeline, "name = \"dud\"\n[[steps]]\nname = \"s\"\ncommand = \"true\"\n").unwrap();
-    let mut run = fx.start_run(&[
-        "--provider",
-        "slurm",
-        "--provider-config",
-        cfg.to_str().unwrap(),
-        "--boot-timeout",
-        "4s",
-        pipeline.to_str().unwrap(),
-    ]);
+    let mut run = fx.start_slurm_run(&cfg, &pipeline, &["--boot-timeout", "4s"]);
     let first = run.wait_for(&["instance requested"], LONG);
     let first_job = job_of(&first);
     run.wait_for(&["instance failed to join", "boot timeout: no agent within 4s"], LONG);
@@ -417,13 +404,7 @@ fn a_partition_that_does_not_exist_fails_the_run_at_once() {
     let pipeline = fx.p("p.toml");
     std::fs::write(&pipeline, "name = \"nowhere\"\n[[steps]]\nname = \"s\"\ncommand = \"true\"\n").unwrap();
     let started = Instant::now();
-    let mut run = fx.start_run(&[
-        "--provider",
-        "slurm",
-        "--provider-config",
-        cfg.to_str().unwrap(),
-        pipeline.to_str().unwrap(),
-    ]);
+    let mut run = fx.start_slurm_run(&cfg, &pipeline, &[]);
     assert!(!run.wait_exit(LONG).success(), "{}", run.dump());
     let line = run.wait_for(&["did not succeed"], T);
     assert!(
