@@ -439,16 +439,15 @@ impl Moto {
             .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
             .region(aws_sdk_ec2::config::Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-                "testing",
-                MOTO_SECRET,
-                None,
-                None,
-                "moto",
-            ))
+            .credentials_provider(Self::credentials())
             .http_client(Self::http())
             .build();
         aws_sdk_ec2::Client::from_conf(conf)
+    }
+
+    /// The dummy credentials moto takes (one type behind both SDKs' re-exports).
+    fn credentials() -> aws_sdk_s3::config::Credentials {
+        aws_sdk_s3::config::Credentials::new("testing", MOTO_SECRET, None, None, "moto")
     }
 
     pub fn s3(&self) -> aws_sdk_s3::Client {
@@ -457,13 +456,7 @@ impl Moto {
             .region(aws_sdk_s3::config::Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)
             .force_path_style(true)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                "testing",
-                MOTO_SECRET,
-                None,
-                None,
-                "moto",
-            ))
+            .credentials_provider(Self::credentials())
             .http_client(Self::http())
             .build();
         aws_sdk_s3::Client::from_conf(conf)
