@@ -1006,7 +1006,13 @@ impl Engine {
                 let r = running.remove(&attempt_id).expect("looked up above");
                 rep.progress.running = rep.progress.running.saturating_sub(1);
                 let step = &p.steps[r.step];
-                let end = judge(step, &outcome);
+                let mut end = judge(step, &outcome);
+                if matches!(end, AttemptEnd::Succeeded)
+                    && let Err(why) = check_harvest(self.coord.store().as_ref(), step, &outcome.new_entries)
+                {
+                    warn!(run = %run_id, step = %name, attempt = attempt_id, agent = %r.agent, "harvest refused: {why}");
+                    end = AttemptEnd::InfraFailed(format!("harvest refused: {why}"));
+                }
                 let exit = exit_text(&outcome);
                 if let Ok(b) = self.state.transfer_bytes_since(rep.started_ms) {
                     rep.progress.bytes = b;
@@ -1119,6 +1125,53 @@ fn exit_text(o: &StepOutcome) -> String {
         StepExit::SetupFailed => "setup failed".into(),
         StepExit::HarvestFailed => "harvest failed".into(),
     }
+}
+
+/// Checks the registry entries an attempt reports before they are merged: each names one of
+/// the step's declared outputs, a snapshot the store holds with that path in it, and no link
+/// in it leads outside the declared output once restored at its real path.
+fn check_harvest(
+    store: &dyn crate::store::SnapshotStore,
+    step: &crate::pipeline::Step,
+    entries: &[(String, protocol::RegistryEntry)],
+) -> std::result::Result<(), String> {
+    for (path, e) in entries {
+        if !step.outputs.contains(path) {
+            return Err(format!("{path} is not a declared output of step {}", step.name));
+        }
+        let meta = match store.meta(&e.snapshot_id) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(format!("snapshot {} of {path} is not in the store", e.snapshot_id)),
+            Err(err) => return Err(format!("reading snapshot {} of {path}: {err:#}", e.snapshot_id)),
+        };
+        let isp = e.in_snapshot_path.trim_start_matches('/').trim_end_matches('/');
+        if meta.size_of(isp).is_none() {
+            return Err(format!("snapshot {} holds no {isp} for {path}", e.snapshot_id));
+        }
+        let mut links = Vec::new();
+        for f in &meta.files {
+            if matches!(f.kind, transport::tree::EntryKind::Symlink | transport::tree::EntryKind::Hardlink) {
+                let Some(t) = &f.target else {
+                    return Err(format!(
+                        "snapshot {}: the index records no target for the link {}",
+                        e.snapshot_id, f.path
+                    ));
+                };
+                if f.kind == transport::tree::EntryKind::Symlink {
+                    links.push((PathBuf::from(&f.path), PathBuf::from(t)));
+                }
+            }
+        }
+        if let Some((link, target)) = transport::links::first_escape(&links, Path::new(isp)) {
+            return Err(format!(
+                "snapshot {}: symlink /{} to {} leads outside {path}",
+                e.snapshot_id,
+                link.display(),
+                target.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whose fault an attempt's end is: the command's (its retry budget) or the

@@ -139,8 +139,11 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
             let store = cluster.coord.store().clone();
             let finals = pipeline.final_outputs();
             let materialize = req.materialize;
-            tokio::task::spawn_blocking(move || report_outputs(&finals, &reg, store.as_ref(), materialize))
-                .await??;
+            let data_root = pipeline.data_root.clone();
+            tokio::task::spawn_blocking(move || {
+                report_outputs(&finals, &data_root, &reg, store.as_ref(), materialize)
+            })
+            .await??;
             println!("run {} succeeded: {}", r.run_id, r.summary);
             Ok(())
         }
@@ -157,10 +160,22 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
     outcome
 }
 
-/// Prints where each final output is: on this host after extracting it from its snapshot
+/// The directory a final output is written beneath: the pipeline's data root for the outputs
+/// below it, else the output's own parent. The operator chose these, so symlinks in them are
+/// followed; nothing beneath them ever is.
+pub fn output_root(data_root: &Path, out: &Path) -> PathBuf {
+    if out.starts_with(data_root) && out != data_root {
+        data_root.to_path_buf()
+    } else {
+        out.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
+    }
+}
+
+/// Prints where each final output is: on this host after writing it out from its snapshot
 /// (`materialize`), or in the store.
 fn report_outputs(
     finals: &[String],
+    data_root: &Path,
     reg: &Registry,
     store: &dyn SnapshotStore,
     materialize: bool,
@@ -169,10 +184,18 @@ fn report_outputs(
         match reg.get(out) {
             None => println!("{out}\tnot in the registry (the step's backend keeps it in place)"),
             Some(e) if materialize => {
-                store
-                    .extract(&e.snapshot_id, &e.in_snapshot_path, Path::new(out))
+                let dest = Path::new(out);
+                let stats = store
+                    .write_out(&e.snapshot_id, &e.in_snapshot_path, dest, &output_root(data_root, dest))
                     .with_context(|| format!("writing {out} from snapshot {}", e.snapshot_id))?;
-                println!("{out}\twritten (from {})", e.snapshot_id);
+                if stats.written == 0 && stats.dirs_created == 0 {
+                    println!("{out}\tup to date (from {})", e.snapshot_id);
+                } else {
+                    println!(
+                        "{out}\twritten (from {}: {} written, {} unchanged)",
+                        e.snapshot_id, stats.written, stats.unchanged
+                    );
+                }
             }
             Some(e) => println!("{out}\tin snapshot {}", e.snapshot_id),
         }

@@ -97,3 +97,68 @@ pub fn digest(path: &Path) -> Result<Trailer, TreeError> {
     }
     Ok(Trailer { bytes, digest: *hasher.finalize().as_bytes() })
 }
+
+/// Reads through to a hasher, counting.
+struct HashingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Writes `isp` of the stored archive at `path` to `dest_rel` beneath `root` (see
+/// [`tree::stage_out`]), committing only once every byte of the archive was read and matched
+/// `expected`: a tampered archive fails with [`TreeError::Mismatch`] and leaves the
+/// destination as it was.
+pub fn write_out(
+    path: &Path,
+    expected: &Trailer,
+    isp: &Path,
+    root: &Path,
+    dest_rel: &Path,
+    limits: UnpackLimits,
+) -> Result<tree::WriteOutStats, TreeError> {
+    let file = fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let mut hashing = HashingReader { inner: file, hasher: blake3::Hasher::new(), bytes: 0 };
+    let staged = (|| {
+        let mut dec =
+            zstd::stream::read::Decoder::new(&mut hashing).map_err(io_err("starting zstd".into()))?;
+        let staged = tree::stage_out(&mut dec, isp, root, dest_rel, limits)?;
+        // Whatever follows the zstd frame counts too.
+        let mut rest = dec.finish();
+        io::copy(&mut rest, &mut io::sink()).map_err(io_err(format!("reading {}", path.display())))?;
+        Ok::<_, TreeError>(staged)
+    })();
+    let (pending, stats) = match staged {
+        Ok(s) => s,
+        Err(e) => {
+            // A tampered archive may not even decompress: say so rather than the symptom.
+            io::copy(&mut hashing, &mut io::sink()).ok();
+            if hashing.bytes != expected.bytes || *hashing.hasher.finalize().as_bytes() != expected.digest {
+                return Err(TreeError::Mismatch(format!(
+                    "{} does not match its recorded length and digest ({e})",
+                    path.display()
+                )));
+            }
+            return Err(e);
+        }
+    };
+    if hashing.bytes != expected.bytes || *hashing.hasher.finalize().as_bytes() != expected.digest {
+        return Err(TreeError::Mismatch(format!(
+            "{} does not match its recorded length and digest ({} bytes read, {} recorded)",
+            path.display(),
+            hashing.bytes,
+            expected.bytes
+        )));
+    }
+    pending.commit()?;
+    Ok(stats)
+}

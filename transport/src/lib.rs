@@ -8,6 +8,8 @@ pub mod bulk;
 pub mod cli;
 pub mod endpoint;
 pub mod framed;
+pub mod fsafe;
+pub mod links;
 pub mod pki;
 pub mod telemetry;
 pub mod tree;

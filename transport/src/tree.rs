@@ -19,6 +19,8 @@ use std::path::{Component, Path, PathBuf};
 
 use filetime::FileTime;
 
+use crate::fsafe::{Dir, Kind};
+
 /// Buffer size for file contents in both directions.
 pub const COPY_BUF: usize = 256 * 1024;
 
@@ -28,6 +30,9 @@ pub enum TreeError {
     Refused { entry: String, reason: String },
     #[error("stream exceeds the limit of {limit} bytes")]
     TooLarge { limit: u64 },
+    /// Stored bytes that do not match their recorded length and digest.
+    #[error("{0}")]
+    Mismatch(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -66,7 +71,7 @@ pub fn pack(src: &Path, out: impl Write) -> Result<TreeStats, TreeError> {
     } else if meta.is_dir() {
         let root =
             fs::canonicalize(src).map_err(|e| TreeError::io(format!("resolving {}", src.display()), e))?;
-        pack_dir(&mut builder, &root, Path::new(""), &mut stats)?;
+        pack_dir(&mut builder, &root, Path::new(""), Path::new(""), &mut stats)?;
     } else {
         return Err(TreeError::refused(src, "not a regular file or directory"));
     }
@@ -84,10 +89,13 @@ fn finish<W: Write>(builder: tar::Builder<io::BufWriter<W>>) -> Result<(), TreeE
         .map_err(|e| TreeError::io("flushing tar stream", e))
 }
 
+/// Packs the directory `rel` (relative to `root`) recursively. Links must stay within
+/// `within` (relative to `root`): the declared path the packed tree belongs to.
 fn pack_dir<W: Write>(
     builder: &mut tar::Builder<W>,
     root: &Path,
     rel: &Path,
+    within: &Path,
     stats: &mut TreeStats,
 ) -> Result<(), TreeError> {
     let dir = root.join(rel);
@@ -110,24 +118,11 @@ fn pack_dir<W: Write>(
                 .append_data(&mut header, &rel_child, io::empty())
                 .map_err(|e| TreeError::io(format!("packing {}", path.display()), e))?;
             stats.entries += 1;
-            pack_dir(builder, root, &rel_child, stats)?;
+            pack_dir(builder, root, &rel_child, within, stats)?;
         } else if ft.is_file() {
             append_file(builder, &path, &rel_child, &meta, stats)?;
         } else if ft.is_symlink() {
-            let target = fs::read_link(&path)
-                .map_err(|e| TreeError::io(format!("reading link {}", path.display()), e))?;
-            if !resolves_inside(root, &rel_child, &target) {
-                return Err(TreeError::refused(
-                    &rel_child,
-                    format!("symlink to {} points outside the tree", target.display()),
-                ));
-            }
-            let mut header = base_header(&meta, tar::EntryType::Symlink);
-            header.set_size(0);
-            builder
-                .append_link(&mut header, &rel_child, &target)
-                .map_err(|e| TreeError::io(format!("packing {}", path.display()), e))?;
-            stats.entries += 1;
+            append_symlink(builder, root, &rel_child, within, &meta, stats, &path)?;
         } else {
             return Err(TreeError::refused(&rel_child, "device, fifo or socket cannot be packed"));
         }
@@ -152,7 +147,12 @@ fn append_file<W: Write>(
     meta: &fs::Metadata,
     stats: &mut TreeStats,
 ) -> Result<(), TreeError> {
-    let file = fs::File::open(path).map_err(|e| TreeError::io(format!("opening {}", path.display()), e))?;
+    // Never through a link: the path was seen as a regular file, and must still be one.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| TreeError::io(format!("opening {}", path.display()), e))?;
     let mut header = base_header(meta, tar::EntryType::Regular);
     header.set_size(meta.len());
     // A file that changes size while being read would corrupt the archive; take exactly len.
@@ -204,18 +204,31 @@ impl Staging {
     }
 
     /// Moves everything staged into the destination (files replace files of the same name).
+    /// The destination's parent is trusted (the caller chose it); beneath it no symlink is
+    /// followed: a link where a directory is being merged is replaced, never written through.
     pub fn commit(mut self) -> Result<(), TreeError> {
-        let dest_is_dir = fs::symlink_metadata(&self.dest).map(|m| m.is_dir()).unwrap_or(false);
-        if !dest_is_dir {
-            if fs::symlink_metadata(&self.dest).is_ok() {
-                remove_any(&self.dest)?;
+        let parent = match self.dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let (Some(name), Some(staged)) = (self.dest.file_name(), self.dir.file_name()) else {
+            return Err(TreeError::refused(&self.dest, "destination has no file name"));
+        };
+        let io = |e: io::Error| TreeError::io(format!("moving into {}", self.dest.display()), e);
+        let top = Dir::open(&parent).map_err(io)?;
+        match top.stat(name).map_err(io)? {
+            Some(st) if st.kind == Kind::Dir => {
+                let from = top.open_dir(Path::new(staged)).map_err(io)?;
+                let into = top.open_dir(Path::new(name)).map_err(io)?;
+                merge_dir(&from, &into).map_err(io)?;
+                top.remove_all(staged).map_err(io)?;
             }
-            fs::rename(&self.dir, &self.dest)
-                .map_err(|e| TreeError::io(format!("moving into {}", self.dest.display()), e))?;
-        } else {
-            merge_dir(&self.dir, &self.dest)?;
-            fs::remove_dir_all(&self.dir)
-                .map_err(|e| TreeError::io(format!("removing {}", self.dir.display()), e))?;
+            Some(_) => {
+                // A file or a link (never followed) gives way to the tree.
+                top.remove_file(name).map_err(io)?;
+                top.rename(staged, &top, name).map_err(io)?;
+            }
+            None => top.rename(staged, &top, name).map_err(io)?,
         }
         self.committed = true;
         Ok(())
@@ -230,35 +243,29 @@ impl Drop for Staging {
     }
 }
 
-fn remove_any(path: &Path) -> Result<(), TreeError> {
-    let meta =
-        fs::symlink_metadata(path).map_err(|e| TreeError::io(format!("reading {}", path.display()), e))?;
-    let r = if meta.is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
-    r.map_err(|e| TreeError::io(format!("removing {}", path.display()), e))
-}
-
-fn merge_dir(from: &Path, into: &Path) -> Result<(), TreeError> {
-    let from_meta =
-        fs::symlink_metadata(from).map_err(|e| TreeError::io(format!("reading {}", from.display()), e))?;
-    for entry in fs::read_dir(from).map_err(|e| TreeError::io(format!("listing {}", from.display()), e))? {
-        let entry = entry.map_err(|e| TreeError::io(format!("listing {}", from.display()), e))?;
-        let src = entry.path();
-        let dst = into.join(entry.file_name());
-        let src_is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        match fs::symlink_metadata(&dst) {
-            Ok(m) if m.is_dir() && src_is_dir => merge_dir(&src, &dst)?,
-            Ok(m) if m.is_dir() || src_is_dir => {
-                remove_any(&dst)?;
-                fs::rename(&src, &dst)
-                    .map_err(|e| TreeError::io(format!("moving into {}", dst.display()), e))?;
+/// Merges the directory `from` into `into`, both open directories: a file or link replaces
+/// what has its name, a directory merges into a directory, and a directory and a
+/// non-directory replace each other. Nothing is resolved through a link.
+fn merge_dir(from: &Dir, into: &Dir) -> io::Result<()> {
+    for name in from.names()? {
+        let Some(src) = from.stat(&name)? else { continue };
+        let src_is_dir = src.kind == Kind::Dir;
+        match into.stat(&name)? {
+            Some(d) if d.kind == Kind::Dir && src_is_dir => {
+                merge_dir(&from.open_dir(Path::new(&name))?, &into.open_dir(Path::new(&name))?)?;
             }
-            _ => fs::rename(&src, &dst)
-                .map_err(|e| TreeError::io(format!("moving into {}", dst.display()), e))?,
+            Some(d) if d.kind == Kind::Dir || src_is_dir => {
+                into.remove_all(&name)?;
+                from.rename(&name, into, &name)?;
+            }
+            _ => from.rename(&name, into, &name)?,
         }
     }
     // Keep the merged directory's mode and mtime as sent.
-    let _ = fs::set_permissions(into, from_meta.permissions());
-    let _ = filetime::set_file_mtime(into, FileTime::from_last_modification_time(&from_meta));
+    if let Ok(st) = from.own_stat() {
+        let _ = into.set_mode(st.mode);
+        let _ = into.set_mtime(st.mtime);
+    }
     Ok(())
 }
 
@@ -601,9 +608,14 @@ pub fn pack_paths(root: &Path, paths: &[PathBuf], out: impl Write) -> Result<Tre
     }
     sorted.sort();
     sorted.dedup();
+    let root_dir = crate::fsafe::Dir::open(root).map_err(|e| TreeError::io("opening the tree", e))?;
     for rel in &sorted {
         if rel.as_os_str().is_empty() {
             return Err(TreeError::refused(rel, "cannot pack the whole root as an entry"));
+        }
+        // Every directory above a packed path is a real directory, never a link followed.
+        if let Some(parent) = rel.parent() {
+            root_dir.open_dir(parent).map_err(|e| TreeError::refused(rel, e.to_string()))?;
         }
         // Skip paths inside a directory packed already.
         if rel
@@ -633,11 +645,11 @@ pub fn pack_paths(root: &Path, paths: &[PathBuf], out: impl Write) -> Result<Tre
         emitted.insert(rel.clone());
         if ft.is_dir() {
             append_dir(&mut builder, rel, &meta, &mut stats, &abs)?;
-            pack_dir(&mut builder, root, rel, &mut stats)?;
+            pack_dir(&mut builder, root, rel, rel, &mut stats)?;
         } else if ft.is_file() {
             append_file(&mut builder, &abs, rel, &meta, &mut stats)?;
         } else if ft.is_symlink() {
-            append_symlink(&mut builder, root, rel, &meta, &mut stats, &abs)?;
+            append_symlink(&mut builder, root, rel, rel, &meta, &mut stats, &abs)?;
         } else {
             return Err(TreeError::refused(rel, "device, fifo or socket cannot be packed"));
         }
@@ -666,16 +678,27 @@ fn append_symlink<W: Write>(
     builder: &mut tar::Builder<W>,
     root: &Path,
     rel: &Path,
+    within: &Path,
     meta: &fs::Metadata,
     stats: &mut TreeStats,
     abs: &Path,
 ) -> Result<(), TreeError> {
     let target =
         fs::read_link(abs).map_err(|e| TreeError::io(format!("reading link {}", abs.display()), e))?;
-    if !resolves_inside(root, rel, &target) {
+    // Judged from where it will sit: inside the declared path it belongs to.
+    let inside = match rel.strip_prefix(within) {
+        Ok(r) => resolves_inside(&root.join(within), r, &target) && !r.as_os_str().is_empty(),
+        Err(_) => false,
+    };
+    if !inside {
+        let declared = if within.as_os_str().is_empty() {
+            "the tree".to_string()
+        } else {
+            format!("/{}", within.display())
+        };
         return Err(TreeError::refused(
             rel,
-            format!("symlink to {} points outside the tree", target.display()),
+            format!("symlink to {} leads outside {declared}", target.display()),
         ));
     }
     let mut header = base_header(meta, tar::EntryType::Symlink);
@@ -705,6 +728,9 @@ pub struct IndexEntry {
     pub kind: EntryKind,
     /// Content bytes (0 for everything but files).
     pub size: u64,
+    /// A link's target as stored (indexes written before links were indexed have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 /// Lists a tar stream without writing anything: the index of a stored snapshot. Entries
@@ -732,11 +758,335 @@ pub fn list(input: impl Read, limits: UnpackLimits) -> Result<(Vec<IndexEntry>, 
             continue;
         }
         let size = if kind == EntryKind::File { entry.size() } else { 0 };
+        let target = match kind {
+            EntryKind::Symlink | EntryKind::Hardlink => {
+                let t = entry
+                    .link_name()
+                    .map_err(|e| map_read_err("reading link target", e))?
+                    .ok_or_else(|| TreeError::refused(&raw_path, "link without a target"))?;
+                Some(
+                    t.to_str()
+                        .ok_or_else(|| TreeError::refused(&raw_path, "link target is not UTF-8"))?
+                        .to_string(),
+                )
+            }
+            _ => None,
+        };
         stats.entries += 1;
         stats.content_bytes += size;
         let path =
             rel.to_str().ok_or_else(|| TreeError::refused(&raw_path, "path is not UTF-8"))?.to_string();
-        out.push(IndexEntry { path, kind, size });
+        out.push(IndexEntry { path, kind, size, target });
     }
     Ok((out, stats))
+}
+
+/// What writing a snapshot path out did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOutStats {
+    /// Files (and links) written, each to a temp file renamed over its destination.
+    pub written: u64,
+    /// Files and links that already held the stored content: left as they were.
+    pub unchanged: u64,
+    pub dirs_created: u64,
+    pub bytes_written: u64,
+}
+
+/// A write-out prepared but not yet visible: new content waits in temp files beside each
+/// destination. [`PendingOut::commit`] renames them over their destinations; dropping it
+/// instead removes the temp files and every directory it created, leaving the destination as
+/// it was.
+pub struct PendingOut {
+    root: Dir,
+    renames: Vec<(Dir, OsString, OsString)>,
+    created: Vec<PathBuf>,
+    dir_times: Vec<(PathBuf, u32, u64)>,
+    done: bool,
+}
+
+impl PendingOut {
+    pub fn commit(mut self) -> Result<(), TreeError> {
+        for (dir, temp, name) in std::mem::take(&mut self.renames) {
+            dir.rename(&temp, &dir, &name).map_err(|e| TreeError::io("writing out", e))?;
+        }
+        // Directories this write-out created take the stored mode and mtime, deepest first.
+        self.dir_times.sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
+        for (rel, mode, mtime) in &self.dir_times {
+            if self.created.contains(rel)
+                && let Ok(d) = self.root.open_dir(rel)
+            {
+                let _ = d.set_mode(mode | 0o700);
+                let _ = d.set_mtime(*mtime as i64);
+            }
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for PendingOut {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        for (dir, temp, _) in &self.renames {
+            let _ = dir.remove_file(temp);
+        }
+        for rel in self.created.iter().rev() {
+            if let Ok((parent, name)) = crate::fsafe::split(rel)
+                && let Ok(p) = self.root.open_dir(&parent)
+            {
+                let _ = p.remove_dir(&name);
+            }
+        }
+    }
+}
+
+/// Fills `buf` from `r` as far as it goes; returns how many bytes were read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Writes `entry` (of `size` bytes) as `name` in `dir`, unless `existing` already holds the
+/// same bytes. Returns the temp file written, or `None` when the file was left as it was.
+fn stage_file(
+    entry: &mut impl Read,
+    size: u64,
+    dir: &Dir,
+    name: &std::ffi::OsStr,
+    existing: Option<crate::fsafe::EntryStat>,
+    bufs: &mut (Vec<u8>, Vec<u8>),
+) -> io::Result<Option<(OsString, fs::File, u64)>> {
+    let (buf, cmp) = bufs;
+    let mut head = 0u64;
+    let mut pending: Option<usize> = None;
+    if let Some(st) = existing
+        && st.kind == Kind::File
+        && st.size == size
+    {
+        let mut cur = dir.open_file(name)?;
+        loop {
+            let n = read_full(entry, buf)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let m = read_full(&mut cur, &mut cmp[..n])?;
+            if m != n || buf[..n] != cmp[..n] {
+                pending = Some(n);
+                break;
+            }
+            head += n as u64;
+        }
+    }
+    let temp = Dir::temp_name(name);
+    let mut out = dir.create_new(&temp, 0o600)?;
+    let mut written = 0u64;
+    if head > 0 {
+        // The first `head` bytes matched: take them from the existing file.
+        let cur = dir.open_file(name)?;
+        written += io::copy(&mut cur.take(head), &mut out)?;
+    }
+    if let Some(n) = pending {
+        out.write_all(&buf[..n])?;
+        written += n as u64;
+    }
+    loop {
+        let n = entry.read(buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+        written += n as u64;
+    }
+    Ok(Some((temp, out, written)))
+}
+
+/// Prepares writing the entry `isp` of the tar stream `input` (and everything below it) to
+/// `dest_rel` beneath the trusted directory `root`, without making anything visible: see
+/// [`PendingOut`]. Nothing beneath `root` is resolved through a symlink (an error names the
+/// link and its target); a file that already holds the stored bytes is left as it is (same
+/// inode, not rewritten); nothing is ever deleted, so a destination directory holding a file
+/// the stream names as a directory (or the reverse) is refused. Links in the stream must
+/// stay within `isp` judged from where they will sit (see [`crate::links`]). The caller
+/// verifies the stream's digest before committing.
+pub fn stage_out(
+    input: impl Read,
+    isp: &Path,
+    root: &Path,
+    dest_rel: &Path,
+    limits: UnpackLimits,
+) -> Result<(PendingOut, WriteOutStats), TreeError> {
+    let isp = sanitize(isp)?;
+    let dest_rel = sanitize(dest_rel)?;
+    if isp.as_os_str().is_empty() || dest_rel.as_os_str().is_empty() {
+        return Err(TreeError::refused(&isp, "a write-out needs a path in the snapshot and a destination"));
+    }
+    let root_dir = Dir::open(root).map_err(|e| TreeError::io(format!("opening {}", root.display()), e))?;
+    let mut pending = PendingOut {
+        root: root_dir.try_clone().map_err(|e| TreeError::io("opening the root", e))?,
+        renames: Vec::new(),
+        created: Vec::new(),
+        dir_times: Vec::new(),
+        done: false,
+    };
+    let mut stats = WriteOutStats::default();
+    let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut seen = false;
+    let mut bufs = (vec![0u8; COPY_BUF], vec![0u8; COPY_BUF]);
+    let mut archive = tar::Archive::new(Limited { inner: input, read: 0, limit: limits.max_bytes });
+    let entries = archive.entries().map_err(|e| map_read_err("reading tar stream", e))?;
+    let dest_display = |rest: &Path| root.join(&dest_rel).join(rest);
+    for entry in entries {
+        let mut entry = entry.map_err(|e| map_read_err("reading tar entry", e))?;
+        let raw_path = entry.path().map_err(|e| map_read_err("reading entry path", e))?.into_owned();
+        let kind = entry.header().entry_type();
+        if kind == tar::EntryType::XGlobalHeader {
+            continue;
+        }
+        let rel = sanitize(&raw_path)?;
+        let Ok(rest) = rel.strip_prefix(&isp) else { continue };
+        let rest = rest.to_path_buf();
+        seen = true;
+        let target_rel = dest_rel.join(&rest);
+        let (parent_rel, name) =
+            crate::fsafe::split(&target_rel).map_err(|e| TreeError::refused(&raw_path, e.to_string()))?;
+        let before = pending.created.len();
+        let parent = root_dir
+            .create_dirs(&parent_rel, &mut pending.created)
+            .map_err(|e| TreeError::refused(&raw_path, e.to_string()))?;
+        stats.dirs_created += (pending.created.len() - before) as u64;
+        let existing = parent
+            .stat(&name)
+            .map_err(|e| TreeError::io(format!("reading {}", dest_display(&rest).display()), e))?;
+        let mode = entry.header().mode().map_err(|e| map_read_err("reading entry mode", e))? & 0o777;
+        let mtime = entry.header().mtime().unwrap_or(0);
+        match kind {
+            tar::EntryType::Directory => match existing {
+                Some(st) if st.kind == Kind::Dir => {}
+                Some(st) if st.kind == Kind::Symlink => {
+                    // Never written through: the fsafe error names the link and its target.
+                    let e =
+                        parent.open_dir(Path::new(&name)).err().map(|e| e.to_string()).unwrap_or_default();
+                    return Err(TreeError::refused(&raw_path, e));
+                }
+                Some(_) => {
+                    return Err(TreeError::refused(
+                        &raw_path,
+                        format!(
+                            "{} exists and is not a directory (left as it is)",
+                            dest_display(&rest).display()
+                        ),
+                    ));
+                }
+                None => {
+                    let before = pending.created.len();
+                    root_dir
+                        .create_dirs(&target_rel, &mut pending.created)
+                        .map_err(|e| TreeError::refused(&raw_path, e.to_string()))?;
+                    stats.dirs_created += (pending.created.len() - before) as u64;
+                    pending.dir_times.push((target_rel.clone(), mode, mtime));
+                }
+            },
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if matches!(existing, Some(st) if st.kind == Kind::Dir) {
+                    return Err(TreeError::refused(
+                        &raw_path,
+                        format!("{} is a directory (left as it is)", dest_display(&rest).display()),
+                    ));
+                }
+                let size = entry.size();
+                let staged = stage_file(&mut entry, size, &parent, &name, existing, &mut bufs)
+                    .map_err(|e| map_read_err(format!("writing {}", dest_display(&rest).display()), e))?;
+                match staged {
+                    None => {
+                        stats.unchanged += 1;
+                        if let Some(st) = existing
+                            && st.mode & 0o777 != mode
+                            && let Ok(f) = parent.open_file(&name)
+                        {
+                            let _ = f.set_permissions(fs::Permissions::from_mode(mode));
+                        }
+                    }
+                    Some((temp, file, written)) => {
+                        pending.renames.push((
+                            parent.try_clone().map_err(|e| TreeError::io("opening a directory", e))?,
+                            temp,
+                            name.clone(),
+                        ));
+                        file.set_permissions(fs::Permissions::from_mode(mode))
+                            .map_err(|e| TreeError::io("setting a mode", e))?;
+                        filetime::set_file_handle_times(
+                            &file,
+                            None,
+                            Some(FileTime::from_unix_time(mtime as i64, 0)),
+                        )
+                        .map_err(|e| TreeError::io("setting an mtime", e))?;
+                        file.sync_all().map_err(|e| TreeError::io("syncing", e))?;
+                        stats.written += 1;
+                        stats.bytes_written += written;
+                    }
+                }
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| map_read_err("reading link target", e))?
+                    .ok_or_else(|| TreeError::refused(&raw_path, "symlink without a target"))?
+                    .into_owned();
+                links.push((rest.clone(), target.clone()));
+                match existing {
+                    Some(st) if st.kind == Kind::Dir => {
+                        return Err(TreeError::refused(
+                            &raw_path,
+                            format!("{} is a directory (left as it is)", dest_display(&rest).display()),
+                        ));
+                    }
+                    Some(st)
+                        if st.kind == Kind::Symlink
+                            && fs::read_link(parent.path().join(&name)).ok().as_deref() == Some(&target) =>
+                    {
+                        stats.unchanged += 1;
+                    }
+                    _ => {
+                        let temp = Dir::temp_name(&name);
+                        parent.symlink(&target, &temp).map_err(|e| TreeError::io("writing out", e))?;
+                        pending.renames.push((
+                            parent.try_clone().map_err(|e| TreeError::io("opening a directory", e))?,
+                            temp,
+                            name.clone(),
+                        ));
+                        stats.written += 1;
+                    }
+                }
+            }
+            other => {
+                return Err(TreeError::refused(
+                    &raw_path,
+                    format!("entry type {other:?} is not written out"),
+                ));
+            }
+        }
+    }
+    // Drain what follows the end-of-archive blocks, so the whole stream is accounted for.
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| map_read_err("reading tar stream", e))?;
+    if !seen {
+        return Err(TreeError::refused(&isp, "the snapshot holds no such path"));
+    }
+    if let Some((link, target)) = crate::links::first_escape(&links, Path::new("")) {
+        return Err(TreeError::refused(
+            isp.join(link),
+            format!("symlink to {} leads outside /{}", target.display(), isp.display()),
+        ));
+    }
+    Ok((pending, stats))
 }

@@ -37,6 +37,14 @@ pub struct SnapshotMeta {
 }
 
 impl SnapshotMeta {
+    /// Whether every link in the index records its target (indexes written before they did
+    /// cannot be judged, see `engine::check_harvest`).
+    pub fn links_indexed(&self) -> bool {
+        self.files
+            .iter()
+            .all(|f| f.target.is_some() || !matches!(f.kind, EntryKind::Symlink | EntryKind::Hardlink))
+    }
+
     pub fn info(&self) -> SnapshotInfo {
         SnapshotInfo {
             snapshot_id: self.snapshot_id.clone(),
@@ -207,6 +215,9 @@ pub fn meta_from_index(
         {
             bail!("index entry {:?} is not a plain relative path", f.path);
         }
+        if matches!(f.kind, EntryKind::Symlink | EntryKind::Hardlink) && f.target.is_none() {
+            bail!("index entry {:?} is a link without a target", f.path);
+        }
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files.dedup_by(|later, earlier| later.path == earlier.path);
@@ -260,32 +271,59 @@ pub trait SnapshotStore: Send + Sync {
         meta
     }
 
-    /// Unpacks `in_snapshot_path` of a snapshot to the local path `dest`, replacing what is
-    /// there (through a staging directory beside it, so a failure leaves `dest` as it was).
-    fn extract(&self, snapshot_id: &str, in_snapshot_path: &str, dest: &Path) -> Result<()> {
-        let (archive, _) = self.open(snapshot_id)?;
-        let parent = dest.parent().ok_or_else(|| anyhow!("{} has no parent directory", dest.display()))?;
-        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        let work = parent.join(format!(".pype-extract-{:016x}", rand::random::<u64>()));
-        let result = (|| {
-            let file = fs::File::open(&archive).with_context(|| format!("opening {}", archive.display()))?;
-            let dec = zstd::stream::read::Decoder::new(file)?;
-            transport::tree::unpack_into(dec, &work, UnpackLimits::default())
-                .with_context(|| format!("unpacking {snapshot_id}"))?;
-            let src = work.join(in_snapshot_path.trim_start_matches('/'));
-            fs::symlink_metadata(&src)
-                .with_context(|| format!("snapshot {snapshot_id} holds no {in_snapshot_path}"))?;
-            match fs::symlink_metadata(dest) {
-                Ok(m) if m.is_dir() => fs::remove_dir_all(dest)?,
-                Ok(_) => fs::remove_file(dest)?,
-                Err(_) => {}
+    /// Forgets any local copy of a snapshot's bytes (an object store's read cache), after
+    /// they failed verification.
+    fn evict(&self, _snapshot_id: &str) {}
+
+    /// Writes `in_snapshot_path` of a snapshot to the local path `dest`, beneath the trusted
+    /// directory `root` (see [`transport::tree::stage_out`]): every byte of the stored archive
+    /// is checked against its recorded length and digest before anything becomes visible;
+    /// files that already hold the stored bytes are left as they are; changed files are
+    /// written beside their destination and renamed over it; nothing beneath `root` is
+    /// resolved through a symlink and nothing is deleted.
+    fn write_out(
+        &self,
+        snapshot_id: &str,
+        in_snapshot_path: &str,
+        dest: &Path,
+        root: &Path,
+    ) -> Result<transport::tree::WriteOutStats> {
+        let meta =
+            self.meta(snapshot_id)?.ok_or_else(|| anyhow!("snapshot {snapshot_id} is not in the store"))?;
+        let (archive, digest) = self.open(snapshot_id)?;
+        let dest_rel = dest
+            .strip_prefix(root)
+            .map_err(|_| anyhow!("{} is not beneath {}", dest.display(), root.display()))?;
+        fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let expected = Trailer { bytes: meta.wire_bytes, digest };
+        let isp = Path::new(in_snapshot_path.trim_start_matches('/'));
+        match transport::archive::write_out(&archive, &expected, isp, root, dest_rel, UnpackLimits::default())
+        {
+            Ok(stats) => Ok(stats),
+            Err(e @ transport::tree::TreeError::Mismatch(_)) => {
+                self.evict(snapshot_id);
+                Err(anyhow!("snapshot {snapshot_id} failed verification: {e}"))
             }
-            fs::rename(&src, dest).with_context(|| format!("moving into {}", dest.display()))?;
-            anyhow::Ok(())
-        })();
-        let _ = fs::remove_dir_all(&work);
-        result
+            Err(e) => Err(anyhow!("snapshot {snapshot_id}: {e}")),
+        }
     }
+}
+
+/// Checks that an index read from the store describes the snapshot it was asked for: its id,
+/// and the content address of its recorded digest. A store whose index was swapped or edited
+/// fails here, naming the snapshot.
+pub fn check_meta(snapshot_id: &str, meta: &SnapshotMeta) -> Result<()> {
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(&meta.digest, &mut digest)
+        .map_err(|e| anyhow!("index of snapshot {snapshot_id} has a bad digest: {e}"))?;
+    if meta.snapshot_id != snapshot_id || snapshot_id_of(&digest) != snapshot_id {
+        bail!(
+            "index of snapshot {snapshot_id} does not describe it (it names {} with digest {})",
+            meta.snapshot_id,
+            meta.digest
+        );
+    }
+    Ok(())
 }
 
 pub struct LocalStore {
@@ -323,9 +361,13 @@ impl SnapshotStore for LocalStore {
     fn ingest(&self, file: &Path, trailer: &Trailer) -> Result<SnapshotMeta> {
         let id = snapshot_id_of(&trailer.digest);
         if let Some(meta) = self.meta(&id)? {
-            // Same bytes stored before: keep the old copy.
-            let _ = fs::remove_file(file);
-            return Ok(meta);
+            // Same bytes stored before: keep the old copy. An index written before link
+            // targets were indexed is written anew from the new (verified) copy.
+            if meta.links_indexed() {
+                let _ = fs::remove_file(file);
+                return Ok(meta);
+            }
+            tracing::info!(snapshot = %id, "snapshot store: indexing the link targets of a stored snapshot");
         }
         let (mut files, stats) = transport::archive::index(file, self.limits)
             .with_context(|| format!("indexing snapshot {id}"))?;
@@ -367,6 +409,7 @@ impl SnapshotStore for LocalStore {
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         let meta = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+        check_meta(snapshot_id, &meta)?;
         Ok(Some(meta))
     }
 

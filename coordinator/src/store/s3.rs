@@ -357,7 +357,9 @@ impl SnapshotStore for S3Store {
 
     fn ingest(&self, file: &Path, trailer: &Trailer) -> Result<SnapshotMeta> {
         let id = snapshot_id_of(&trailer.digest);
-        if let Some(meta) = self.meta(&id)? {
+        if let Some(meta) = self.meta(&id)?
+            && meta.links_indexed()
+        {
             let _ = fs::remove_file(file);
             return Ok(meta);
         }
@@ -379,7 +381,10 @@ impl SnapshotStore for S3Store {
         let digest = parse_digest(&meta.digest)
             .ok_or_else(|| anyhow!("index of snapshot {snapshot_id} has a bad digest"))?;
         let path = self.cache_path(snapshot_id);
-        if path.exists() {
+        // A cached copy of another length is not the stored object: fetch it again. (Its
+        // digest is checked by every reader: agents, and the coordinator's own write-out.)
+        let cached = fs::metadata(&path).map(|m| m.len() == meta.wire_bytes).unwrap_or(false);
+        if cached {
             super::touch(&path);
         } else {
             self.download_to(snapshot_id, &path, meta.wire_bytes, &digest)?;
@@ -391,6 +396,10 @@ impl SnapshotStore for S3Store {
             }
         }
         Ok((path, digest))
+    }
+
+    fn evict(&self, snapshot_id: &str) {
+        let _ = fs::remove_file(self.cache_path(snapshot_id));
     }
 
     fn meta(&self, snapshot_id: &str) -> Result<Option<SnapshotMeta>> {
@@ -412,6 +421,7 @@ impl SnapshotStore for S3Store {
         let Some(body) = checked_opt("GetObject", &key, r)? else { return Ok(None) };
         let body = body.with_context(|| format!("reading {key}"))?;
         let meta: SnapshotMeta = serde_json::from_slice(&body).with_context(|| format!("parsing {key}"))?;
+        super::check_meta(snapshot_id, &meta)?;
         if let Ok(mut m) = self.metas.lock() {
             m.insert(snapshot_id.to_string(), meta.clone());
         }
@@ -494,7 +504,9 @@ impl DirectStore for S3Store {
 
     fn begin(&self, wire_bytes: u64, digest: [u8; 32]) -> Result<Begin> {
         let id = snapshot_id_of(&digest);
-        if let Some(meta) = self.meta(&id)? {
+        if let Some(meta) = self.meta(&id)?
+            && meta.links_indexed()
+        {
             return Ok(Begin::Exists(meta));
         }
         let parts = wire_bytes.div_ceil(self.part_size).max(1);
