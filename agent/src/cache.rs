@@ -5,15 +5,20 @@
 //! Layout: `<id>/` is the unpacked tree (files read-only), `<id>.size` its content bytes;
 //! the `.size` file's mtime is the last use, so the order survives restarts. A tree without
 //! its `.size` file is an interrupted fetch and is removed when the cache opens.
+//!
+//! A cached tree never changes once restored: steps are shown an overlayfs mount of it or
+//! copies (see [`crate::backend::layers`]), never its own inodes. So the symlink check of a
+//! path in it ([`Cache::check_links`]) is made once per (snapshot, path) and remembered.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use protocol::registry::valid_snapshot_id;
 use tracing::{info, warn};
 
@@ -31,6 +36,9 @@ pub struct Cache {
     entries: Mutex<HashMap<String, Entry>>,
     /// One lock per snapshot being fetched, so concurrent steps fetch it once.
     fetching: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Verdicts of [`Cache::check_links`] by (snapshot id, in_snapshot_path): `Err` holds the
+    /// refusal.
+    verdicts: Mutex<HashMap<(String, String), Result<(), String>>>,
 }
 
 /// Keeps a snapshot from eviction while a step uses it.
@@ -76,11 +84,49 @@ impl Cache {
                 remove_tree(&e.path());
             }
         }
-        Ok(Arc::new(Self { dir, limit_bytes, entries: Mutex::new(entries), fetching: Default::default() }))
+        Ok(Arc::new(Self {
+            dir,
+            limit_bytes,
+            entries: Mutex::new(entries),
+            fetching: Default::default(),
+            verdicts: Default::default(),
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn verdicts(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Result<(), String>>> {
+        self.verdicts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses `in_snapshot_path` of the cached snapshot `id` (tree at `tree`) unless every
+    /// symlink at or below it resolves, from where it sits and following the tree's other
+    /// links, to a path inside it (a restored path is presented at real host paths, so a link
+    /// leaving it would hand the step whatever the host has there). The path itself must not
+    /// be a link, nor be reached through one. Walked once per (snapshot, path).
+    pub async fn check_links(&self, id: &str, tree: &Path, in_snapshot_path: &str) -> Result<()> {
+        let key = (id.to_string(), in_snapshot_path.to_string());
+        if let Some(v) = self.verdicts().get(&key) {
+            return v.clone().map_err(|e| anyhow!(e));
+        }
+        let (t, isp) = (tree.to_path_buf(), in_snapshot_path.to_string());
+        let started = Instant::now();
+        let verdict = tokio::task::spawn_blocking(move || links_inside(&t, &isp)).await??;
+        match &verdict {
+            Ok(links) => info!(
+                snapshot = %id,
+                path = %in_snapshot_path,
+                links,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "snapshot links checked"
+            ),
+            Err(why) => warn!(snapshot = %id, path = %in_snapshot_path, "snapshot refused: {why}"),
+        }
+        let verdict = verdict.map(|_| ()).map_err(|why| format!("snapshot {id}: {why}"));
+        self.verdicts().insert(key, verdict.clone());
+        verdict.map_err(|e| anyhow!(e))
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -157,6 +203,9 @@ impl Cache {
             }
             out
         };
+        if !victims.is_empty() {
+            self.verdicts().retain(|(id, _), _| !victims.contains(id));
+        }
         for id in victims {
             info!(snapshot = %id, "evicting snapshot from the cache");
             let _ = fs::remove_file(self.dir.join(format!("{id}.size")));
@@ -165,7 +214,71 @@ impl Cache {
     }
 }
 
-/// Files become read-only: a hardlinked view must not let a step change the cached copy.
+/// The check of [`Cache::check_links`]: `Ok(Ok(links checked))`, `Ok(Err(refusal))`, or an
+/// IO error (not remembered: it may pass).
+fn links_inside(tree: &Path, isp: &str) -> Result<Result<u64, String>> {
+    let Ok(rel) = crate::backend::layers::plain(Path::new(isp)) else {
+        return Ok(Err(format!("in_snapshot_path {isp:?} is not a plain relative path")));
+    };
+    // Reached without links: each directory above the path is a directory of the tree.
+    let full = tree.join(&rel);
+    let mut cur = tree.to_path_buf();
+    for c in rel.components() {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&cur).unwrap_or_default();
+                let entry = cur.strip_prefix(tree).unwrap_or(&cur).display().to_string();
+                return Ok(Err(if cur == full {
+                    format!(
+                        "{entry} is itself a symlink (-> {}), which points out of the path it is restored for; refused",
+                        target.display()
+                    )
+                } else {
+                    format!("{isp} is reached through the symlink {entry} -> {}; refused", target.display())
+                }));
+            }
+            Ok(_) => {}
+            // Not in the snapshot: nothing to present, nothing to check.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Ok(0)),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", cur.display())),
+        }
+    }
+    let root = cur;
+    let mut links = 0;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let dir = root.join(&rel_dir);
+        if !fs::symlink_metadata(&dir).map(|m| m.is_dir()).unwrap_or(false) {
+            continue;
+        }
+        for e in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let e = e.with_context(|| format!("listing {}", dir.display()))?;
+            let name: OsString = e.file_name();
+            let rel_path = rel_dir.join(&name);
+            let t = e.file_type().with_context(|| format!("reading {}", e.path().display()))?;
+            if t.is_dir() {
+                stack.push(rel_path);
+            } else if t.is_symlink() {
+                links += 1;
+                let target =
+                    fs::read_link(e.path()).with_context(|| format!("reading {}", e.path().display()))?;
+                if !transport::tree::resolves_inside(&root, &rel_path, &target) {
+                    let entry = Path::new(isp.trim_end_matches('/')).join(&rel_path);
+                    return Ok(Err(format!(
+                        "symlink {} -> {} leaves {isp}, the path it is restored for; refused",
+                        entry.display(),
+                        target.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(Ok(links))
+}
+
+/// Files become read-only. (This is no protection against a step: root ignores modes. What
+/// protects the cache is that no step is ever given its inodes, see `backend::layers`.)
 fn make_read_only(root: &Path) -> Result<()> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -270,5 +383,33 @@ mod tests {
         assert!(!tmp.path().join("cache/snap-partial").exists());
         drop(reopened.get("snap-c", &remote).await.unwrap());
         assert_eq!(remote.fetches.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn links_are_judged_from_where_they_sit_inside_their_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        fs::create_dir_all(t.join("h/d/sub")).unwrap();
+        fs::write(t.join("h/secret"), "x").unwrap();
+        fs::write(t.join("h/d/sub/f"), "f").unwrap();
+        std::os::unix::fs::symlink("sub/f", t.join("h/d/ok")).unwrap();
+        std::os::unix::fs::symlink("../ok", t.join("h/d/sub/up")).unwrap();
+        assert_eq!(links_inside(t, "h/d").unwrap(), Ok(2));
+        // Inside the tree, but out of the path it is restored for.
+        std::os::unix::fs::symlink("../../secret", t.join("h/d/sub/leak")).unwrap();
+        let why = links_inside(t, "h/d").unwrap().unwrap_err();
+        assert!(why.contains("h/d/sub/leak -> ../../secret"), "{why}");
+        // Following another link of the tree.
+        fs::remove_file(t.join("h/d/sub/leak")).unwrap();
+        std::os::unix::fs::symlink("sub", t.join("h/d/esc")).unwrap();
+        std::os::unix::fs::symlink("esc/../../secret", t.join("h/d/two")).unwrap();
+        assert!(links_inside(t, "h/d").unwrap().is_err());
+        // The path itself a link, reached through a link, or not plain.
+        std::os::unix::fs::symlink("d", t.join("h/alias")).unwrap();
+        assert!(links_inside(t, "h/alias").unwrap().unwrap_err().contains("is itself a symlink"));
+        assert!(links_inside(t, "h/alias/sub").unwrap().unwrap_err().contains("through the symlink h/alias"));
+        assert!(links_inside(t, "h/../h/d").unwrap().is_err());
+        assert_eq!(links_inside(t, "h/d/sub/f").unwrap(), Ok(0));
+        assert_eq!(links_inside(t, "h/missing").unwrap(), Ok(0));
     }
 }

@@ -194,6 +194,7 @@ impl Engine {
         shutdown: CancellationToken,
     ) -> Result<RunResult> {
         let mut in_flight = Vec::new();
+        let is_new = resume.is_none();
         let (run_id, done, attempts_before) = match resume {
             None => {
                 let run_id = new_run_id(&pipeline.name);
@@ -241,9 +242,32 @@ impl Engine {
         );
         // One agent to plan with; the scheduler raises the demand as steps become ready.
         self.want_agents(&run_id, 1, 1, HashSet::new(), Vec::new());
-        let result = self
-            .drive(&pipeline, &opts, &run_id, done, &attempts_before, in_flight, &mut rep, &shutdown)
-            .await;
+        let result =
+            match self.prepare(&pipeline, &opts, &run_id, done, &in_flight, &mut rep, &shutdown).await {
+                Ok(Some((decisions, reg))) => {
+                    self.schedule(
+                        &pipeline,
+                        &opts,
+                        &run_id,
+                        &decisions,
+                        &attempts_before,
+                        in_flight,
+                        reg,
+                        &mut rep,
+                        &shutdown,
+                    )
+                    .await
+                }
+                Ok(None) => Ok((false, "interrupted before any agent joined".to_string())),
+                // A new run that cannot start leaves nothing to resume: it is not recorded.
+                Err(e) if is_new => {
+                    self.want_agents(&run_id, 0, 0, HashSet::new(), Vec::new());
+                    self.state.forget_run(&run_id)?;
+                    rep.emit("run not started", None, None, None, &format!("{e:#}"));
+                    return Err(e.context(format!("pipeline {} did not start", pipeline.name)));
+                }
+                Err(e) => Err(e),
+            };
         self.want_agents(&run_id, 0, 0, HashSet::new(), Vec::new());
         let (state, error, succeeded, summary) = match result {
             Ok((true, summary)) => ("succeeded", None, true, summary),
@@ -434,22 +458,23 @@ impl Engine {
         }
     }
 
+    /// Everything before the first step is dispatched: agents, the plan, the inputs, the
+    /// programs. An error here means the run could not start. `None`: interrupted first.
     #[allow(clippy::too_many_arguments)]
-    async fn drive(
+    async fn prepare(
         &self,
         p: &Pipeline,
         opts: &RunOptions,
         run_id: &str,
         done: HashSet<usize>,
-        attempts_before: &[u32],
-        in_flight: Vec<AttemptRecord>,
+        in_flight: &[AttemptRecord],
         rep: &mut Reporter,
         shutdown: &CancellationToken,
-    ) -> Result<(bool, String)> {
+    ) -> Result<Option<(Vec<plan::Decision>, Registry)>> {
         let wait = Duration::from_secs(opts.agent_wait_secs.max(1));
         tokio::select! {
             r = self.wait_for_agents(1, wait) => r?,
-            _ = shutdown.cancelled() => return Ok((false, "interrupted before any agent joined".into())),
+            _ = shutdown.cancelled() => return Ok(None),
         }
         // Plan.
         let mut force = Vec::new();
@@ -464,7 +489,7 @@ impl Engine {
         let mut decisions = plan::plan(p, &sizes, &PlanOptions { force, empty_ok: opts.empty_ok, done });
         // A step with an attempt in flight (a resumed run) waits for that attempt, even when its
         // outputs are there already: they may be the attempt's own, its result still to come.
-        for a in &in_flight {
+        for a in in_flight {
             if let Some(i) = p.index_of(&a.step)
                 && decisions[i].action == Planned::Skip
             {
@@ -502,15 +527,6 @@ impl Engine {
         }
         let running_steps: Vec<usize> =
             (0..p.steps.len()).filter(|&i| decisions[i].action == Planned::Run).collect();
-        // Programs the running steps need.
-        if let Some(profile) = &p.profile {
-            let mut keys: Vec<String> =
-                running_steps.iter().filter_map(|&i| p.steps[i].program.clone()).collect();
-            keys.sort();
-            keys.dedup();
-            let wait = Duration::from_secs(opts.agent_wait_secs.max(1));
-            self.build_programs(profile, &keys, false, run_id, Some(rep), wait).await?;
-        }
         // External inputs not in the registry: import them from this host.
         let needed: HashSet<&String> = running_steps.iter().flat_map(|&i| p.steps[i].inputs.iter()).collect();
         reg = self.registry.load()?;
@@ -521,7 +537,8 @@ impl Engine {
                 missing.iter().filter(|m| std::fs::symlink_metadata(m).is_err()).collect();
             if let Some(first) = absent.first() {
                 bail!(
-                    "input {first} is neither in the registry nor on this host{}",
+                    "{}: input {first} is neither in the registry nor on this host{}",
+                    p.input_at(first),
                     if absent.len() > 1 {
                         format!(" (and {} more)", absent.len() - 1)
                     } else {
@@ -551,9 +568,18 @@ impl Engine {
                 None,
                 &format!("{} paths, {} bytes as {}", missing.len(), meta.content_bytes, meta.snapshot_id),
             );
-            reg = self.registry.load()?;
         }
-        self.schedule(p, opts, run_id, &decisions, attempts_before, in_flight, reg, rep, shutdown).await
+        // Programs the running steps need.
+        if let Some(profile) = &p.profile {
+            let mut keys: Vec<String> =
+                running_steps.iter().filter_map(|&i| p.steps[i].program.clone()).collect();
+            keys.sort();
+            keys.dedup();
+            let wait = Duration::from_secs(opts.agent_wait_secs.max(1));
+            self.build_programs(profile, &keys, false, run_id, Some(rep), wait).await?;
+        }
+        let reg = self.registry.load()?;
+        Ok(Some((decisions, reg)))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -44,6 +44,13 @@ impl fmt::Display for FileError {
     }
 }
 
+impl FileError {
+    /// `file:line:col`.
+    pub fn at(&self) -> String {
+        format!("{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
 impl std::error::Error for FileError {}
 
 /// A source file and its text, for turning byte offsets into lines and columns.
@@ -166,6 +173,9 @@ pub struct Pipeline {
     pub steps: Vec<Step>,
     /// Which step produces each declared output path.
     pub producers: HashMap<String, usize>,
+    /// Where each input is first declared, as `file:line:col`, for errors about it.
+    #[serde(default)]
+    pub inputs_at: HashMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +370,8 @@ impl Pipeline {
         let mut producers: HashMap<String, usize> = HashMap::new();
         let mut afters: Vec<Vec<Spanned<String>>> = Vec::new();
         let mut name_spans = Vec::new();
+        let mut declared: BTreeMap<String, usize> = BTreeMap::new();
+        let mut inputs_at = HashMap::new();
         for (i, s) in file.steps.into_iter().enumerate() {
             let name = s.name.get_ref().clone();
             if !valid_name(&name) {
@@ -375,6 +387,9 @@ impl Pipeline {
                 return Err(src.error(Some(s.name.span()), format!("step {name:?} has an empty command")));
             }
             let inputs = s.inputs.iter().map(&resolve).collect::<Result<Vec<_>, _>>()?;
+            for (input, spanned) in inputs.iter().zip(&s.inputs) {
+                inputs_at.entry(input.clone()).or_insert_with(|| src.error(Some(spanned.span()), "").at());
+            }
             let outputs = s.outputs.iter().map(&resolve).collect::<Result<Vec<_>, _>>()?;
             let no_harvest = s.no_harvest.iter().map(&resolve).collect::<Result<Vec<_>, _>>()?;
             for (o, spanned) in outputs.iter().zip(&s.outputs) {
@@ -387,6 +402,22 @@ impl Pipeline {
                     };
                     return Err(src.error(Some(spanned.span()), message));
                 }
+            }
+            // An output inside another output: the two harvests would overlap, and writing one
+            // out would replace part of the other.
+            for (o, spanned) in outputs.iter().zip(&s.outputs) {
+                if let Some((other, j)) = nested_output(&declared, o) {
+                    let whose = if j == i {
+                        format!("step {name:?} also declares")
+                    } else {
+                        format!("step {:?} declares", steps[j].name)
+                    };
+                    return Err(src.error(
+                        Some(spanned.span()),
+                        format!("output {o} overlaps output {other} that {whose}: outputs must not contain one another"),
+                    ));
+                }
+                declared.insert(o.clone(), i);
             }
             for (n, spanned) in no_harvest.iter().zip(&s.no_harvest) {
                 if !outputs.contains(n) {
@@ -506,6 +537,7 @@ impl Pipeline {
             profile,
             steps: sorted,
             producers,
+            inputs_at,
         })
     }
 
@@ -522,6 +554,11 @@ impl Pipeline {
             }
         }
         out
+    }
+
+    /// Where `input` is declared (`file:line:col`), or the pipeline file.
+    pub fn input_at(&self, input: &str) -> String {
+        self.inputs_at.get(input).cloned().unwrap_or_else(|| self.file.display().to_string())
     }
 
     /// Inputs no step of the pipeline produces: they must exist before the run.
@@ -552,6 +589,26 @@ impl Pipeline {
         out.sort();
         out
     }
+}
+
+/// An output already declared that contains `o` or lies inside it, with its step.
+fn nested_output(declared: &BTreeMap<String, usize>, o: &str) -> Option<(String, usize)> {
+    // Ancestors: each prefix of `o` that ends before a '/'.
+    for (at, _) in o.match_indices('/').filter(|&(at, _)| at > 0) {
+        if let Some(&j) = declared.get(&o[..at]) {
+            return Some((o[..at].to_string(), j));
+        }
+    }
+    if o == "/" {
+        return declared.iter().next().map(|(k, &j)| (k.clone(), j));
+    }
+    // Descendants: the keys that start with `o/` sort together, right after `o/`.
+    let below = format!("{o}/");
+    declared
+        .range(below.clone()..)
+        .next()
+        .filter(|(k, _)| k.starts_with(&below))
+        .map(|(k, &j)| (k.clone(), j))
 }
 
 /// Kahn's algorithm, taking the lowest-numbered ready step first so the order follows the
@@ -639,6 +696,8 @@ resources = { cpus = 2, memory = "1.5G" }
         assert_eq!(p.steps[1].outputs, ["/p/data/b"]);
         assert_eq!(p.steps[1].resources.memory_bytes, 3 << 29);
         assert_eq!(p.external_inputs(), ["/ext/in"]);
+        assert_eq!(p.input_at("/ext/in"), "/p/pipe.toml:12:11");
+        assert_eq!(p.input_at("/p/data/b"), "/p/pipe.toml:7:16");
         assert_eq!(p.final_outputs(), ["/p/data/all"]);
         assert_eq!(p.dependents()[0], vec![1, 2]);
     }
@@ -656,6 +715,22 @@ resources = { cpus = 2, memory = "1.5G" }
         let two = "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\noutputs = [\"/o\"]\n\
                    [[steps]]\nname = \"b\"\ncommand = \"true\"\noutputs = [\"/x\", \"/o\"]\n";
         assert_eq!(err(two), "/p/pipe.toml:9:18: /o is produced by two steps: \"a\" and \"b\"");
+        let nested = "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\noutputs = [\"/d/f\"]\n\
+                      [[steps]]\nname = \"b\"\ncommand = \"true\"\noutputs = [\"/d/fx\", \"/d\"]\n";
+        assert_eq!(
+            err(nested),
+            "/p/pipe.toml:9:21: output /d overlaps output /d/f that step \"a\" declares: \
+             outputs must not contain one another"
+        );
+        let one =
+            "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\noutputs = [\"/d\", \"/d/e/f\"]\n";
+        assert_eq!(
+            err(one),
+            "/p/pipe.toml:5:18: output /d/e/f overlaps output /d that step \"a\" also declares: \
+             outputs must not contain one another"
+        );
+        let siblings = "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\noutputs = [\"/d\", \"/d2\", \"/d.x\"]\n";
+        assert!(parse(siblings).is_ok());
         let cycle = "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\ninputs = [\"/b\"]\noutputs = [\"/a\"]\n\
                      [[steps]]\nname = \"b\"\ncommand = \"true\"\ninputs = [\"/a\"]\noutputs = [\"/b\"]\n";
         let e = err(cycle);

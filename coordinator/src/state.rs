@@ -370,6 +370,17 @@ impl State {
         Ok(())
     }
 
+    /// Removes a run that never started, with its planned steps and any attempts.
+    pub fn forget_run(&self, run_id: &str) -> Result<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        for table in ["attempts", "steps", "runs"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE run_id = ?1"), params![run_id])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn set_run_state(&self, run_id: &str, state: &str, error: Option<&str>) -> Result<()> {
         let finished = matches!(state, "succeeded" | "failed" | "interrupted").then(now_ms);
         self.db()

@@ -117,7 +117,7 @@ impl Dir {
             .unwrap_or_else(|_| "?".into());
         io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("{} is a symlink (to {target}): refusing to go through it", at.display()),
+            format!("{} -> {target} is a symlink: refusing to go through it", at.display()),
         )
     }
 

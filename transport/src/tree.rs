@@ -286,60 +286,19 @@ fn sanitize(path: &Path) -> Result<PathBuf, TreeError> {
 }
 
 /// Whether symlink `link` (relative to `root`) with `target` stays inside `root` when resolved
-/// against what is on disk now: every component that is itself a symlink is followed (up to 40
-/// hops), components that do not exist count as plain directories.
+/// against what is on disk now: every component that is itself a symlink is followed (up to
+/// [`crate::links::MAX_HOPS`]), components that do not exist count as plain directories.
 pub fn resolves_inside(root: &Path, link: &Path, target: &Path) -> bool {
-    if target.is_absolute() {
-        return false;
-    }
-    let mut stack: Vec<OsString> = link
-        .parent()
-        .map(|p| {
-            p.components()
-                .filter_map(|c| match c {
-                    Component::Normal(n) => Some(n.to_os_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut hops = 0;
-    walk_target(root, &mut stack, target, &mut hops)
-}
-
-fn walk_target(root: &Path, stack: &mut Vec<OsString>, target: &Path, hops: &mut u32) -> bool {
-    for c in target.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if stack.pop().is_none() {
-                    return false;
-                }
+    let on_disk = |rel: &Path| -> Option<PathBuf> {
+        let here = root.join(rel);
+        match fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() => {
+                Some(fs::read_link(&here).unwrap_or_else(|_| PathBuf::from("/")))
             }
-            Component::RootDir | Component::Prefix(_) => return false,
-            Component::Normal(n) => {
-                stack.push(n.to_os_string());
-                let here: PathBuf = root.join(stack.iter().collect::<PathBuf>());
-                if let Ok(meta) = fs::symlink_metadata(&here)
-                    && meta.file_type().is_symlink()
-                {
-                    *hops += 1;
-                    if *hops > 40 {
-                        return false;
-                    }
-                    let Ok(next) = fs::read_link(&here) else { return false };
-                    if next.is_absolute() {
-                        return false;
-                    }
-                    stack.pop();
-                    if !walk_target(root, stack, &next, hops) {
-                        return false;
-                    }
-                }
-            }
+            _ => None,
         }
-    }
-    true
+    };
+    crate::links::stays_within(&on_disk, link, target)
 }
 
 /// Counts bytes read and fails past a limit (a decompression bomb stops here).

@@ -12,6 +12,7 @@
 
 pub mod direct;
 pub mod external;
+pub mod layers;
 pub mod overlay;
 pub mod snapshot;
 

@@ -2,14 +2,18 @@
 //! coordinator's store, resolved through the snapshot registry, restored (once per agent, see
 //! [`crate::cache`]) into read-only lower dirs; the step sees one merged view at
 //! `<step>/merged`, an overlayfs mount (lower: program, then inputs; upper and work on the
-//! step's scratch) when the agent can mount, else a tree of hardlinks. Outputs are written
-//! through the merged view, never into a mounted upper dir. Harvest packs the declared outputs
-//! that exist into one snapshot per output directory, streamed to the coordinator, and records
-//! one registry entry per output.
+//! step's scratch) when the agent can mount, else a tree of copies (reflinks where the
+//! filesystem has them). Either way the step never gets an inode of the cache (see
+//! [`super::layers`]). Outputs are written through the merged view, never into a mounted upper
+//! dir. Harvest packs the declared outputs that exist into one snapshot per output directory,
+//! streamed to the coordinator, and records one registry entry per output.
+//!
+//! Every symlink at or below a restored path must stay inside it (checked once per snapshot
+//! and path, [`crate::cache::Cache::check_links`]), and nothing is written into the view
+//! through a symlink.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -17,8 +21,9 @@ use async_trait::async_trait;
 use protocol::registry::Provenance;
 use protocol::registry::program_key;
 use protocol::{Registry, RegistryEntry};
-use tracing::{info, warn};
+use tracing::info;
 
+use super::layers::{self, Copies, Share};
 use super::{OverlayVolume, StepContext, StorageBackend, View, parent_of, read_registry};
 use crate::cache::{Pin, remove_tree};
 use crate::mounts::{self, NsMount};
@@ -27,7 +32,8 @@ pub struct Snapshot {
     ctx: StepContext,
     registry: Registry,
     pins: Vec<Pin>,
-    /// Symlinks presenting snapshot paths at other paths (topmost layer).
+    /// Snapshot paths presented at other paths (topmost layer): hardlinks of cached files,
+    /// never shown to the step itself (an overlayfs lower layer, or copied into the view).
     remap: PathBuf,
     remap_used: bool,
     program_layers: Vec<PathBuf>,
@@ -37,6 +43,8 @@ pub struct Snapshot {
     upper: PathBuf,
     work: PathBuf,
     mounted: bool,
+    /// What the copied view (no overlayfs) took from the layers.
+    copies: Copies,
     outputs: Vec<(String, bool)>,
     /// Original directories of every volume: what a namespace binds.
     volume_dirs: Vec<String>,
@@ -64,6 +72,7 @@ impl Snapshot {
             upper: dir.join("scratch/upper"),
             work: dir.join("scratch/work"),
             mounted: false,
+            copies: Copies::default(),
             outputs: Vec::new(),
             volume_dirs: Vec::new(),
             new_entries: Vec::new(),
@@ -109,16 +118,19 @@ impl Snapshot {
         Ok(path)
     }
 
-    /// Presents `target` (a path inside a restored snapshot) at `at` through the remap layer.
-    fn remap_link(&mut self, at: &str, target: &Path) -> Result<()> {
-        let link = self.remap.join(rel(at));
-        if let Some(p) = link.parent() {
-            fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    /// Presents `isp` of the snapshot `id` (restored at `tree`) at `at` through the remap
+    /// layer. (A link into the cache would hand the step the cache itself.)
+    async fn remap(&mut self, at: &str, id: &str, tree: &Path, isp: &str) -> Result<()> {
+        let src = tree.join(layers::plain(Path::new(isp))?);
+        if fs::symlink_metadata(&src).is_err() {
+            bail!("snapshot {id} holds no {isp} (registered for {at})");
         }
-        if fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(target, &link)
-                .with_context(|| format!("creating {}", link.display()))?;
-        }
+        fs::create_dir_all(&self.remap).with_context(|| format!("creating {}", self.remap.display()))?;
+        let remap = self.remap.clone();
+        let at_rel = PathBuf::from(rel(at));
+        tokio::task::spawn_blocking(move || layers::copy_tree(&src, &remap, &at_rel, Share::Hardlink, None))
+            .await?
+            .with_context(|| format!("presenting {at} from snapshot {id}"))?;
         self.remap_used = true;
         Ok(())
     }
@@ -129,8 +141,14 @@ impl Snapshot {
         })?;
         let tree = self.restore(&e.snapshot_id).await?;
         let isp = rel(&e.in_snapshot_path).to_string();
+        self.ctx
+            .cache
+            .check_links(&e.snapshot_id, &tree, &isp)
+            .await
+            .with_context(|| format!("program {key}"))?;
         let bind = e.bind_path.clone().unwrap_or_else(|| parent_of(&format!("/{isp}")));
         let bind_rel = rel(&bind).trim_end_matches('/').to_string();
+        layers::plain(Path::new(&bind_rel)).with_context(|| format!("program {key}: bind_path {bind}"))?;
         if bind_rel.is_empty() || isp == bind_rel || isp.starts_with(&format!("{bind_rel}/")) {
             if !self.program_layers.contains(&tree) {
                 self.program_layers.push(tree);
@@ -140,7 +158,7 @@ impl Snapshot {
                 .file_name()
                 .ok_or_else(|| anyhow!("program {key} has an empty in_snapshot_path"))?;
             let at = format!("/{bind_rel}/{}", name.to_string_lossy());
-            self.remap_link(&at, &tree.join(&isp))?;
+            self.remap(&at, &e.snapshot_id, &tree, &isp).await?;
         }
         info!(program = %key, snapshot = %e.snapshot_id, bind_path = %bind, "program restored");
         self.program_binds.push(format!("/{bind_rel}"));
@@ -181,12 +199,8 @@ impl Snapshot {
         if self.mounted {
             return fs::symlink_metadata(self.upper.join(rel_path)).is_ok();
         }
-        let Ok(m) = fs::symlink_metadata(self.merged.join(rel_path)) else { return false };
-        !self.lowers().iter().any(|l| {
-            fs::symlink_metadata(l.join(rel_path))
-                .map(|lm| lm.ino() == m.ino() && lm.dev() == m.dev())
-                .unwrap_or(false)
-        })
+        let path = self.merged.join(rel_path);
+        fs::symlink_metadata(&path).is_ok() && !self.copies.untouched(&path)
     }
 }
 
@@ -221,10 +235,11 @@ impl StorageBackend for Snapshot {
             let tree = self.restore(&id).await?;
             let mut direct = false;
             for (at, isp) in &by_snapshot[&id] {
+                self.ctx.cache.check_links(&id, &tree, isp).await.with_context(|| format!("input {at}"))?;
                 if rel(at) == isp {
                     direct = true;
                 } else {
-                    self.remap_link(at, &tree.join(isp))?;
+                    self.remap(at, &id, &tree, isp).await?;
                 }
             }
             if direct {
@@ -275,9 +290,9 @@ impl StorageBackend for Snapshot {
             }
         }
         if let Some(reason) = why_not {
-            info!(layers = lowers.len(), reason = %reason, "building the merged view with hardlinks (no overlayfs)");
+            info!(layers = lowers.len(), reason = %reason, "building the merged view with copies (no overlayfs)");
             let merged = self.merged.clone();
-            tokio::task::spawn_blocking(move || link_view(&lowers, &merged)).await??;
+            self.copies = tokio::task::spawn_blocking(move || copy_view(&lowers, &merged)).await??;
         }
         for bind in self.program_binds.clone() {
             let mut v = self.volume(&bind, false);
@@ -287,12 +302,18 @@ impl StorageBackend for Snapshot {
             self.volume_dirs.push(bind);
         }
         for out in outputs {
-            let dir = self.in_view(&parent_of(out));
-            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let dir = parent_of(out);
+            layers::create_dirs_beneath(&self.merged, Path::new(rel(&dir)), &self.in_view(out))
+                .with_context(|| format!("output {out}"))?;
             let harvest = output_harvest.get(out).copied().unwrap_or(true);
             self.outputs.push((out.clone(), harvest));
             ovs.push(self.volume(out, harvest));
             self.volume_dirs.push(parent_of(out));
+        }
+        // The view shows these directories at their real paths: none may be a link in it.
+        for d in &self.volume_dirs {
+            layers::check_beneath(&self.merged, Path::new(rel(d)), true)
+                .with_context(|| format!("showing {d} in the view"))?;
         }
         Ok(())
     }
@@ -301,10 +322,13 @@ impl StorageBackend for Snapshot {
         let mut rels = Vec::new();
         let mut harvested = Vec::new();
         for (out, harvest) in &self.outputs {
-            if *harvest
-                && Path::new(&parent_of(out)) == original_dir
-                && fs::symlink_metadata(self.in_view(out)).is_ok()
-            {
+            if !*harvest || Path::new(&parent_of(out)) != original_dir {
+                continue;
+            }
+            // Never packed through a link the step left in the view.
+            layers::check_beneath(&self.merged, Path::new(rel(out)), false)
+                .with_context(|| format!("harvesting {out}"))?;
+            if fs::symlink_metadata(self.in_view(out)).is_ok() {
                 rels.push(PathBuf::from(rel(out)));
                 harvested.push(out.clone());
             }
@@ -399,6 +423,8 @@ impl StorageBackend for Snapshot {
         let key = program_key(profile_name, program_key_name);
         let artifact = artifact_path.to_string_lossy().into_owned();
         let rel_path = rel(&artifact).to_string();
+        layers::check_beneath(&self.merged, Path::new(&rel_path), false)
+            .with_context(|| format!("staging {artifact}"))?;
         let meta = fs::symlink_metadata(self.merged.join(&rel_path))
             .with_context(|| format!("the build did not produce {artifact}"))?;
         if self.registry.get(&key).is_some() && !self.written_here(&rel_path) {
@@ -453,38 +479,13 @@ impl StorageBackend for Snapshot {
     }
 }
 
-/// Builds a merged view without overlayfs: directories are created, files hardlinked (copied
-/// across filesystems), links copied; the first layer holding a path wins.
-fn link_view(layers: &[PathBuf], merged: &Path) -> Result<()> {
-    for layer in layers {
-        let mut stack = vec![PathBuf::new()];
-        while let Some(rel_dir) = stack.pop() {
-            let src_dir = layer.join(&rel_dir);
-            for e in fs::read_dir(&src_dir).with_context(|| format!("listing {}", src_dir.display()))? {
-                let e = e?;
-                let rel_path = rel_dir.join(e.file_name());
-                let dst = merged.join(&rel_path);
-                let t = e.file_type()?;
-                let exists = fs::symlink_metadata(&dst).ok();
-                if t.is_dir() {
-                    match exists {
-                        Some(m) if !m.is_dir() => continue,
-                        Some(_) => {}
-                        None => {
-                            fs::create_dir(&dst).with_context(|| format!("creating {}", dst.display()))?
-                        }
-                    }
-                    stack.push(rel_path);
-                } else if exists.is_some() {
-                    continue;
-                } else if t.is_symlink() {
-                    std::os::unix::fs::symlink(fs::read_link(e.path())?, &dst)?;
-                } else if fs::hard_link(e.path(), &dst).is_err() {
-                    warn!(path = %dst.display(), "cannot hardlink from the cache; copying");
-                    fs::copy(e.path(), &dst).with_context(|| format!("copying into {}", dst.display()))?;
-                }
-            }
-        }
+/// Builds a merged view without overlayfs: directories created, files copied (reflinked where
+/// the filesystem can: never hardlinked, see [`super::layers`]), links copied; the first layer
+/// holding a path wins.
+fn copy_view(lowers: &[PathBuf], merged: &Path) -> Result<Copies> {
+    let mut copies = Copies::default();
+    for layer in lowers {
+        layers::copy_tree(layer, merged, Path::new(""), Share::Copy, Some(&mut copies))?;
     }
-    Ok(())
+    Ok(copies)
 }
