@@ -458,6 +458,38 @@ impl Engine {
         }
     }
 
+    /// What a run would do with each step: the plan `run` and `plan` both print, from the
+    /// outputs the first connected agent's backend finds.
+    pub async fn decide(
+        &self,
+        p: &Pipeline,
+        opts: &RunOptions,
+        done: HashSet<usize>,
+        in_flight: &[AttemptRecord],
+        reg: &Registry,
+    ) -> Result<Vec<plan::Decision>> {
+        let mut force = Vec::new();
+        for name in &opts.force {
+            force.push(
+                p.index_of(name).ok_or_else(|| anyhow!("--force {name}: the pipeline has no such step"))?,
+            );
+        }
+        let outputs: Vec<String> = p.steps.iter().flat_map(|s| s.outputs.iter().cloned()).collect();
+        let sizes = self.check_outputs(&outputs, reg).await.context("checking which outputs exist")?;
+        let mut decisions = plan::plan(p, &sizes, &PlanOptions { force, empty_ok: opts.empty_ok, done });
+        // A step with an attempt in flight (a resumed run) waits for that attempt, even when its
+        // outputs are there already: they may be the attempt's own, its result still to come.
+        for a in in_flight {
+            if let Some(i) = p.index_of(&a.step)
+                && decisions[i].action == Planned::Skip
+            {
+                decisions[i].action = Planned::Run;
+                decisions[i].why = format!("attempt {} was in flight on {}", a.number, a.agent);
+            }
+        }
+        Ok(decisions)
+    }
+
     /// Everything before the first step is dispatched: agents, the plan, the inputs, the
     /// programs. An error here means the run could not start. `None`: interrupted first.
     #[allow(clippy::too_many_arguments)]
@@ -476,27 +508,8 @@ impl Engine {
             r = self.wait_for_agents(1, wait) => r?,
             _ = shutdown.cancelled() => return Ok(None),
         }
-        // Plan.
-        let mut force = Vec::new();
-        for name in &opts.force {
-            force.push(
-                p.index_of(name).ok_or_else(|| anyhow!("--force {name}: the pipeline has no such step"))?,
-            );
-        }
         let mut reg = self.registry.load()?;
-        let outputs: Vec<String> = p.steps.iter().flat_map(|s| s.outputs.iter().cloned()).collect();
-        let sizes = self.check_outputs(&outputs, &reg).await.context("checking which outputs exist")?;
-        let mut decisions = plan::plan(p, &sizes, &PlanOptions { force, empty_ok: opts.empty_ok, done });
-        // A step with an attempt in flight (a resumed run) waits for that attempt, even when its
-        // outputs are there already: they may be the attempt's own, its result still to come.
-        for a in in_flight {
-            if let Some(i) = p.index_of(&a.step)
-                && decisions[i].action == Planned::Skip
-            {
-                decisions[i].action = Planned::Run;
-                decisions[i].why = format!("attempt {} was in flight on {}", a.number, a.agent);
-            }
-        }
+        let decisions = self.decide(p, opts, done, in_flight, &reg).await?;
         let rows: Vec<(usize, &str, &str, &str)> = decisions
             .iter()
             .enumerate()

@@ -57,8 +57,9 @@ enum Command {
     /// Run a pipeline: on an embedded coordinator with local agents (the default), or on a
     /// running `serve` (--coordinator). Prints where the final outputs are.
     Run(Box<RunArgs>),
-    /// Print what a run would do with each step (run / skip / prune, and why), from the
-    /// registry and the snapshot store; nothing runs.
+    /// Print what `run` with the same backend and options would do with each step (run /
+    /// skip / prune, and why): one local agent of that backend checks the outputs, as a
+    /// run's agent would; nothing runs.
     Plan {
         pipeline: PathBuf,
         /// Re-run this step and everything downstream of it (repeatable).
@@ -67,6 +68,15 @@ enum Command {
         /// Count zero-byte outputs as present.
         #[arg(long)]
         empty_ok: bool,
+        /// Storage backend that checks the outputs (PYPE_OVERLAY_MODE), as for `run`.
+        #[arg(long, default_value = "snapshot")]
+        backend: String,
+        /// `pype-agent` binary for the local agent (default: this executable).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        /// Longest wait for the local agent to connect.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        agent_wait: Duration,
     },
     /// The working registry (`<state>/snapshot_registry.json`, bio-pype's format).
     Registry {
@@ -491,7 +501,15 @@ async fn run_cli(cli: Cli) -> Result<()> {
             };
             ops::instances(&dir, &provider, provider_config.as_deref(), op).await
         }
-        Command::Plan { pipeline, force, empty_ok } => ops::plan(&dir, &pipeline, &force, empty_ok),
+        Command::Plan { pipeline, force, empty_ok, backend, agent_bin, agent_wait } => {
+            let options = engine::RunOptions {
+                force,
+                empty_ok,
+                agent_wait_secs: agent_wait.as_secs(),
+                ..Default::default()
+            };
+            ops::plan(&dir, &pipeline, local_options(1, 200, agent_bin, backend), &options).await
+        }
         Command::Registry { command } => ops::registry(
             &dir,
             match command {

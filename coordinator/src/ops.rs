@@ -1,7 +1,6 @@
 //! Operator commands around runs: `run`, `plan`, `registry`, `gc`, `profiles build`, `logs`,
 //! `status`, `cloud-init render`, `instances`. `lib.rs` parses the command line and calls these.
 
-use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,7 +16,6 @@ use crate::display::Display;
 use crate::engine::{RunOptions, runs_dir};
 use crate::local::{LocalCluster, LocalOptions};
 use crate::pipeline::{Pipeline, Profile};
-use crate::plan::{self, PlanOptions};
 use crate::provider::{self, ProviderConfig};
 use crate::provision;
 use crate::state::{State, now_ms};
@@ -228,26 +226,23 @@ async fn run_remote(dir: &Path, addr: SocketAddr, pipeline: &Pipeline, opts: &Ru
 
 /// `pype-coordinator plan`: decisions from the working registry and the snapshot store's
 /// index (what the snapshot backend's check_outputs answers), nothing run.
-pub fn plan(dir: &Path, pipeline: &Path, force: &[String], empty_ok: bool) -> Result<()> {
+/// `pype-coordinator plan`: what `run` with the same backend and options would do with each
+/// step, decided by the same code, with one local agent of that backend checking the outputs.
+/// Nothing runs.
+pub async fn plan(dir: &Path, pipeline: &Path, local: LocalOptions, options: &RunOptions) -> Result<()> {
     let p = Pipeline::load(pipeline)?;
-    let reg = WorkingRegistry::open(dir)?.load()?;
-    let store = crate::config::open_store(dir)?;
-    // Each declared output's size through its registry entry (missing without one).
-    let outputs: Vec<&String> = p.steps.iter().flat_map(|s| &s.outputs).collect();
-    let located: Vec<(&String, (String, String))> = outputs
-        .iter()
-        .filter_map(|o| reg.get(o).map(|e| (*o, (e.snapshot_id.clone(), e.in_snapshot_path.clone()))))
-        .collect();
-    let found = crate::store::sizes_of(store.as_ref(), located.iter().map(|(_, q)| q.clone()).collect())?;
-    let mut sizes: HashMap<String, Option<u64>> = outputs.iter().map(|o| ((*o).clone(), None)).collect();
-    for ((o, _), size) in located.iter().zip(found) {
-        sizes.insert((*o).clone(), size);
+    for f in &options.force {
+        p.index_of(f).ok_or_else(|| anyhow!("--force {f}: the pipeline has no such step"))?;
     }
-    let mut idx = Vec::new();
-    for f in force {
-        idx.push(p.index_of(f).ok_or_else(|| anyhow!("--force {f}: the pipeline has no such step"))?);
+    let mut cluster = LocalCluster::start(dir, &LocalOptions { agents: 1, ..local }).await?;
+    let decided = async {
+        cluster.wait_ready(Duration::from_secs(options.agent_wait_secs.max(1))).await?;
+        let reg = cluster.engine.registry.load()?;
+        cluster.engine.decide(&p, options, Default::default(), &[], &reg).await
     }
-    let decisions = plan::plan(&p, &sizes, &PlanOptions { force: idx, empty_ok, ..Default::default() });
+    .await;
+    cluster.stop().await;
+    let decisions = decided?;
     let width = p.steps.iter().map(|s| s.name.len()).max().unwrap_or(4).max(4);
     println!("{:<width$}  {:<6} WHY", "STEP", "ACTION");
     for (s, d) in p.steps.iter().zip(&decisions) {
