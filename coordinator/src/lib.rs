@@ -19,6 +19,7 @@ pub mod state;
 pub mod stepfile;
 pub mod store;
 pub mod trust;
+pub mod unclaimed;
 pub mod working;
 
 use std::net::SocketAddr;

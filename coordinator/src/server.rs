@@ -27,6 +27,7 @@ use transport::{framed, pki, tree::UnpackLimits};
 
 use crate::state::{Role, State};
 use crate::store::SnapshotStore;
+use crate::unclaimed::Unclaimed;
 
 /// Control messages queued for one agent's control stream.
 const OUTBOX_DEPTH: usize = 256;
@@ -34,7 +35,6 @@ const OUTBOX_DEPTH: usize = 256;
 /// Largest control or request frame the coordinator accepts.
 const MAX_CONTROL_FRAME: usize = 1024 * 1024;
 /// Results kept for attempts nobody waits for yet.
-const MAX_UNCLAIMED: usize = 4096;
 /// Time a peer has to open its first stream and send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub heartbeats_missed: u32,
     pub client_cert_days: i64,
     pub unpack_limits: UnpackLimits,
+    /// Bounds of the results kept for attempts nobody waits for yet.
+    pub unclaimed: crate::unclaimed::Limits,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +55,7 @@ impl Default for ServerConfig {
             heartbeats_missed: 3,
             client_cert_days: 365,
             unpack_limits: UnpackLimits::default(),
+            unclaimed: Default::default(),
         }
     }
 }
@@ -106,6 +109,9 @@ pub struct AgentView {
 
 type CheckReply = Result<Vec<(String, Option<u64>)>, RemoteError>;
 
+/// Most (attempt, sender) pairs whose refusal was logged, before the set starts over.
+const MAX_REFUSALS_REMEMBERED: usize = 4096;
+
 pub struct Coordinator {
     state: Arc<State>,
     ca: pki::Ca,
@@ -113,10 +119,14 @@ pub struct Coordinator {
     store: Arc<dyn SnapshotStore>,
     agents: Mutex<HashMap<String, ConnectedAgent>>,
     attempts: Mutex<HashMap<u64, Attempt>>,
-    checks: Mutex<HashMap<u64, oneshot::Sender<CheckReply>>>,
+    /// Output checks in flight: the agent asked, and where its answer goes.
+    checks: Mutex<HashMap<u64, (String, oneshot::Sender<CheckReply>)>>,
     /// Results of attempts nobody waited for when they came (agents reporting to a restarted
-    /// coordinator before its run adopts the attempts), by attempt id.
-    unclaimed: Mutex<HashMap<u64, StepOutcome>>,
+    /// coordinator before its run adopts the attempts), with the agent that sent each.
+    unclaimed: Mutex<Unclaimed>,
+    /// Messages refused because their sender does not hold the attempt: (attempt, sender,
+    /// kind), each logged once.
+    refusals: Mutex<std::collections::HashSet<(u64, String, &'static str)>>,
     next_serial: std::sync::atomic::AtomicU64,
     /// Bumped whenever an agent joins or leaves.
     members: tokio::sync::watch::Sender<u64>,
@@ -145,6 +155,7 @@ impl Coordinator {
         config: ServerConfig,
         store: Arc<dyn SnapshotStore>,
     ) -> Arc<Self> {
+        let unclaimed = Unclaimed::new(config.unclaimed);
         Arc::new(Self {
             state,
             ca,
@@ -153,7 +164,8 @@ impl Coordinator {
             agents: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
             checks: Mutex::new(HashMap::new()),
-            unclaimed: Mutex::new(HashMap::new()),
+            unclaimed: Mutex::new(unclaimed),
+            refusals: Mutex::new(Default::default()),
             next_serial: std::sync::atomic::AtomicU64::new(1),
             members: tokio::sync::watch::Sender::new(0),
             engine: std::sync::OnceLock::new(),
@@ -280,15 +292,49 @@ impl Coordinator {
         Ok(attempt_id)
     }
 
-    /// Hands a result to whoever waits for its attempt, or keeps it for a run that will adopt
-    /// the attempt.
-    fn deliver(&self, outcome: StepOutcome) {
+    /// Whether `sender` holds `attempt_id`: the attempt was dispatched to it, or adopted from
+    /// it. A message about an attempt another agent holds is refused, and logged once per
+    /// attempt and sender with both agent ids. `None`: no one waits for the attempt.
+    fn holder_check(
+        &self,
+        attempts: &HashMap<u64, Attempt>,
+        sender: &str,
+        attempt_id: u64,
+        what: &'static str,
+    ) -> Option<bool> {
+        let holder = &attempts.get(&attempt_id)?.agent;
+        if holder == sender {
+            return Some(true);
+        }
+        self.refused(sender, holder, attempt_id, what);
+        Some(false)
+    }
+
+    fn refused(&self, sender: &str, holder: &str, attempt_id: u64, what: &'static str) {
+        let mut seen = lock(&self.refusals);
+        if seen.len() >= MAX_REFUSALS_REMEMBERED {
+            seen.clear();
+        }
+        if seen.insert((attempt_id, sender.to_string(), what)) {
+            warn!(
+                agent = %sender,
+                holder = %holder,
+                attempt = attempt_id,
+                "refused {what} from agent {sender} for attempt {attempt_id}, which agent {holder} holds"
+            );
+        }
+    }
+
+    /// Hands a result from `sender` to whoever waits for its attempt, or keeps it for a run
+    /// that will adopt the attempt from that agent. Returns false when it was refused.
+    fn deliver(&self, sender: &str, outcome: StepOutcome) -> bool {
         let attempt_id = outcome.attempt_id;
         // Lock order: attempts, then unclaimed (as in `adopt`).
         let mut attempts = lock(&self.attempts);
-        let known = attempts.remove(&attempt_id);
-        match known {
-            Some(a) => {
+        match self.holder_check(&attempts, sender, attempt_id, "a result") {
+            Some(false) => false,
+            Some(true) => {
+                let a = attempts.remove(&attempt_id).expect("checked above");
                 tracing::debug!(
                     attempt = attempt_id,
                     exit = ?outcome.exit,
@@ -299,27 +345,44 @@ impl Coordinator {
                     "step finished"
                 );
                 let _ = a.events.send((attempt_id, StepEvent::Finished(outcome)));
+                true
             }
             None => {
                 let mut kept = lock(&self.unclaimed);
-                if kept.len() >= MAX_UNCLAIMED
-                    && let Some(&old) = kept.keys().next()
-                {
-                    kept.remove(&old);
-                }
-                kept.insert(attempt_id, outcome);
-                info!(attempt = attempt_id, "keeping the result of an attempt nobody waits for yet");
+                let evicted = kept.insert(sender, outcome);
+                info!(
+                    attempt = attempt_id,
+                    kept = kept.len(),
+                    kept_bytes = kept.bytes(),
+                    evicted,
+                    "keeping the result of an attempt nobody waits for yet"
+                );
+                true
             }
         }
     }
 
+    /// Routes a step's start or output lines from `sender` to whoever waits for the attempt.
+    fn route(&self, sender: &str, attempt_id: u64, event: StepEvent) {
+        let attempts = lock(&self.attempts);
+        if self.holder_check(&attempts, sender, attempt_id, "step events") == Some(true)
+            && let Some(a) = attempts.get(&attempt_id)
+        {
+            let _ = a.events.send((attempt_id, event));
+        }
+    }
+
     /// Waits for the events of an attempt a previous coordinator dispatched to `agent` (a
-    /// resumed run): a result that came already is delivered at once.
+    /// resumed run): a result that agent sent already is delivered at once.
     pub fn adopt(&self, attempt_id: u64, agent: &str, events: EventSink) {
         let mut attempts = lock(&self.attempts);
-        if let Some(outcome) = lock(&self.unclaimed).remove(&attempt_id) {
-            let _ = events.send((attempt_id, StepEvent::Finished(outcome)));
-            return;
+        match lock(&self.unclaimed).take(attempt_id, agent) {
+            Ok(Some(outcome)) => {
+                let _ = events.send((attempt_id, StepEvent::Finished(outcome)));
+                return;
+            }
+            Ok(None) => {}
+            Err(sender) => self.refused(&sender, agent, attempt_id, "a result"),
         }
         attempts.insert(attempt_id, Attempt { agent: agent.to_string(), events });
     }
@@ -347,7 +410,7 @@ impl Coordinator {
         let outbox = self.outbox_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
         let request_id = self.next_id();
         let (tx, rx) = oneshot::channel();
-        lock(&self.checks).insert(request_id, tx);
+        lock(&self.checks).insert(request_id, (agent.to_string(), tx));
         let sent = outbox.send(CoordinatorToAgent::CheckOutputs { request_id, paths, registry }).await;
         if sent.is_err() {
             lock(&self.checks).remove(&request_id);
@@ -747,14 +810,14 @@ async fn control_loop(
             }
             Some(Ok(Some(AgentToCoordinator::StepStarted { attempt_id, backend, view }))) => {
                 tracing::debug!(attempt = attempt_id, backend = %backend, view = %view, "step started");
-                route(coord, attempt_id, StepEvent::Started { backend, view });
+                coord.route(agent_id, attempt_id, StepEvent::Started { backend, view });
             }
             Some(Ok(Some(AgentToCoordinator::StepOutput { attempt_id, lines }))) => {
-                route(coord, attempt_id, StepEvent::Output(lines));
+                coord.route(agent_id, attempt_id, StepEvent::Output(lines));
             }
             Some(Ok(Some(AgentToCoordinator::StepFinished(outcome)))) => {
                 let attempt_id = outcome.attempt_id;
-                coord.deliver(outcome);
+                coord.deliver(agent_id, outcome);
                 if let Err(e) =
                     framed::write_frame(send, &CoordinatorToAgent::StepResultAck { attempt_id }).await
                 {
@@ -776,8 +839,19 @@ async fn control_loop(
                 info!(reason = %reason, "agent draining: its running steps finish, it gets no new ones");
             }
             Some(Ok(Some(AgentToCoordinator::OutputsChecked { request_id, result }))) => {
-                if let Some(tx) = lock(&coord.checks).remove(&request_id) {
-                    let _ = tx.send(result);
+                let mut checks = lock(&coord.checks);
+                match checks.get(&request_id) {
+                    Some((asked, _)) if asked == agent_id => {
+                        if let Some((_, tx)) = checks.remove(&request_id) {
+                            let _ = tx.send(result);
+                        }
+                    }
+                    Some((asked, _)) => {
+                        let asked = asked.clone();
+                        drop(checks);
+                        coord.refused(agent_id, &asked, request_id, "an output check answer");
+                    }
+                    None => {}
                 }
             }
         }
@@ -814,12 +888,6 @@ impl FrameReader {
 impl Drop for FrameReader {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-fn route(coord: &Coordinator, attempt_id: u64, event: StepEvent) {
-    if let Some(a) = lock(&coord.attempts).get(&attempt_id) {
-        let _ = a.events.send((attempt_id, event));
     }
 }
 

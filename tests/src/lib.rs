@@ -285,6 +285,49 @@ pub async fn connect(
     Ok(conn)
 }
 
+/// The first message of a hand-made agent: `agent_id` speaking protocol `major`.
+pub fn hello(agent_id: &str, major: u32) -> protocol::AgentToCoordinator {
+    protocol::AgentToCoordinator::Hello(protocol::Hello {
+        protocol_major: major,
+        protocol_minor: 0,
+        agent_version: "test".into(),
+        agent_id: agent_id.into(),
+        host: protocol::HostFacts::default(),
+        labels: vec![],
+        slots: 1,
+        instance_id: None,
+    })
+}
+
+/// Enrolls an identity for the test itself, through the real enrollment path.
+pub async fn enroll_identity(
+    coord: &Coord,
+    b: &Bins,
+    dir: &std::path::Path,
+    name: &str,
+) -> agent::session::Identity {
+    let token = coord.token(b, &[]);
+    let cfg = agent::session::AgentConfig {
+        coordinator: coord.addr.to_string(),
+        ca_pem: std::fs::read_to_string(coord.ca()).unwrap(),
+        state_dir: dir.to_path_buf(),
+        work_dir: dir.join("work"),
+        name: Some(name.into()),
+        token: Some(token.clone()),
+        labels: vec![],
+        slots: 1,
+        instance_id: None,
+        min_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+        unpack_limits: Default::default(),
+        settings: agent::settings::Settings::from_config(&Default::default(), &dir.join("work")).unwrap(),
+        orphan_timeout: None,
+        orphan_action: agent::session::OrphanAction::Exit,
+        fetch_registry: false,
+    };
+    agent::session::enroll(&cfg, &token).await.unwrap()
+}
+
 /// Waits for `conn` to be closed by the peer and returns the close reason as text.
 pub async fn closed_reason(conn: &quinn::Connection, timeout: Duration) -> String {
     match tokio::time::timeout(timeout, conn.closed()).await {

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use protocol::{AgentToCoordinator, Hello, HostFacts};
-use tests::{Bins, Coord, T, closed_reason, connect, start_agent};
+use protocol::AgentToCoordinator;
+use tests::{Bins, Coord, T, closed_reason, connect, enroll_identity, hello, start_agent};
 use transport::{framed, pki};
 
 fn bins() -> Bins {
@@ -18,48 +18,6 @@ fn bins() -> Bins {
 fn state_ca(coord: &Coord) -> pki::Ca {
     let ck = pki::CertKey::load(&coord.state_dir, "ca").unwrap().unwrap();
     pki::Ca::from_cert_key(ck).unwrap()
-}
-
-fn hello(agent_id: &str, major: u32) -> AgentToCoordinator {
-    AgentToCoordinator::Hello(Hello {
-        protocol_major: major,
-        protocol_minor: 0,
-        agent_version: "test".into(),
-        agent_id: agent_id.into(),
-        host: HostFacts::default(),
-        labels: vec![],
-        slots: 1,
-        instance_id: None,
-    })
-}
-
-/// Enrolls an identity for the test itself, through the real enrollment path.
-async fn enroll_identity(
-    coord: &Coord,
-    b: &Bins,
-    dir: &std::path::Path,
-    name: &str,
-) -> agent::session::Identity {
-    let token = coord.token(b, &[]);
-    let cfg = agent::session::AgentConfig {
-        coordinator: coord.addr.to_string(),
-        ca_pem: std::fs::read_to_string(coord.ca()).unwrap(),
-        state_dir: dir.to_path_buf(),
-        work_dir: dir.join("work"),
-        name: Some(name.into()),
-        token: Some(token.clone()),
-        labels: vec![],
-        slots: 1,
-        instance_id: None,
-        min_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(500),
-        unpack_limits: Default::default(),
-        settings: agent::settings::Settings::from_config(&Default::default(), &dir.join("work")).unwrap(),
-        orphan_timeout: None,
-        orphan_action: agent::session::OrphanAction::Exit,
-        fetch_registry: false,
-    };
-    agent::session::enroll(&cfg, &token).await.unwrap()
 }
 
 /// A coordinator, its CA certificate, and one well-behaved agent that every test checks is

@@ -1,0 +1,202 @@
+//! Hostile peers through the real binaries: a second enrolled agent forging another agent's
+//! results is refused and changes nothing; results for attempts nobody waits for are bounded
+//! in bytes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use protocol::{AgentToCoordinator, RegistryEntry, StepExit, StepOutcome};
+use tests::{Bins, Coord, Proc, T, connect, enroll_identity, hello, start_agent_env};
+use transport::framed;
+
+fn bins() -> Bins {
+    Bins {
+        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
+        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
+    }
+}
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// Heartbeats on `send` every 50 ms, so the hand-made agent stays connected.
+fn keep_alive(mut send: quinn::SendStream) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for seq in 1.. {
+            let hb = AgentToCoordinator::Heartbeat(protocol::Heartbeat {
+                seq,
+                memory_available_bytes: 1 << 30,
+                work_dir_free_bytes: 1 << 30,
+                load_average: 0.0,
+            });
+            if framed::write_frame(&mut send, &hb).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// Waits for a log line without holding up the runtime's other tasks.
+fn wait_for(p: &Proc, needles: &[&str], timeout: Duration) -> String {
+    tokio::task::block_in_place(|| p.wait_for(needles, timeout))
+}
+
+fn forged(attempt_id: u64, path: &str, entries: usize) -> StepOutcome {
+    let mut new_entries = vec![(
+        path.to_string(),
+        RegistryEntry {
+            snapshot_id: "snap-f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0".into(),
+            in_snapshot_path: path.trim_start_matches('/').into(),
+            bind_path: None,
+            produced_by: None,
+        },
+    )];
+    for i in 0..entries {
+        new_entries.push((
+            format!("/forged/{i:0200}"),
+            RegistryEntry {
+                snapshot_id: "snap-f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0".into(),
+                in_snapshot_path: format!("forged/{i:0200}"),
+                bind_path: None,
+                produced_by: None,
+            },
+        ));
+    }
+    StepOutcome {
+        attempt_id,
+        exit: StepExit::Exited(0),
+        error: None,
+        backend: "snapshot".into(),
+        outputs: vec![(path.to_string(), Some(6))],
+        new_entries,
+        elapsed_ms: 1,
+    }
+}
+
+/// Point 7: agent `forger`, enrolled like any other, sends start, output lines and a
+/// successful result for the attempt the coordinator dispatched to agent `honest`. Each kind
+/// is refused and logged once with both agent ids, however often it comes; the run goes on,
+/// takes `honest`'s real result, and the registry names `honest`'s snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_results_for_another_agents_attempt_are_refused() {
+    let b = bins();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().display().to_string();
+    let coord = Coord::start(&b, &tmp.path().join("state"), "127.0.0.1:0");
+    let reg = tmp.path().join("honest/registry.json").display().to_string();
+    let env = [("PYPE_OVERLAY_MODE", "snapshot"), ("PYPE_SNAPSHOT_REGISTRY", reg.as_str())];
+    let token = coord.token(&b, &[]);
+    let _honest = start_agent_env(&b, &coord, &tmp.path().join("honest"), "honest", Some(&token), &env);
+    wait_for(&coord.proc, &["agent joined", "honest"], T);
+    let forger = enroll_identity(&coord, &b, &tmp.path().join("forger"), "forger").await;
+    let _ = &forger;
+
+    let out = format!("{d}/out.txt");
+    let pipeline = tmp.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name = \"victim\"\n[[steps]]\nname = \"slow\"\n\
+             command = \"sleep 3; echo honest > {out}\"\noutputs = [\"{out}\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(&b.coordinator);
+    cmd.arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("run")
+        .arg("--coordinator")
+        .arg(coord.addr.to_string())
+        .arg(&pipeline);
+    let mut run = Proc::spawn("run", cmd);
+    let line = wait_for(&coord.proc, &["step dispatched", "agent=\"honest\""], LONG);
+    let attempt: u64 =
+        line.split("attempt=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+
+    // The forger connects as itself and speaks for the honest agent's attempt, twice over.
+    let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
+    let conn = connect(coord.addr, &ca_pem, Some(&forger.cert), protocol::ALPN_AGENT).await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    framed::write_frame(&mut send, &hello("forger", protocol::PROTOCOL_MAJOR)).await.unwrap();
+    wait_for(&coord.proc, &["agent joined", "forger"], T);
+    for _ in 0..2 {
+        let started = AgentToCoordinator::StepStarted {
+            attempt_id: attempt,
+            backend: "forged".into(),
+            view: "forged".into(),
+        };
+        framed::write_frame(&mut send, &started).await.unwrap();
+        let lines = AgentToCoordinator::StepOutput {
+            attempt_id: attempt,
+            lines: vec![protocol::LogLine {
+                stream: protocol::OutputStream::Stdout,
+                line: "FORGED LINE".into(),
+            }],
+        };
+        framed::write_frame(&mut send, &lines).await.unwrap();
+        framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(forged(attempt, &out, 0)))
+            .await
+            .unwrap();
+    }
+    let _alive = keep_alive(send);
+    let refusal = wait_for(&coord.proc, &["refused a result from agent forger", &attempt.to_string()], T);
+    assert!(refusal.contains("which agent honest holds"), "{refusal}");
+    wait_for(&coord.proc, &["refused step events from agent forger", "which agent honest holds"], T);
+
+    // The run ends on the honest result.
+    let status = tokio::task::block_in_place(|| run.wait_exit(LONG));
+    assert!(status.success(), "{}\n{}", run.dump(), coord.proc.dump());
+    assert_eq!(coord.proc.count(&["refused a result from agent forger"]), 1, "{}", coord.proc.dump());
+    assert_eq!(coord.proc.count(&["refused step events from agent forger"]), 1, "{}", coord.proc.dump());
+    assert_eq!(run.count(&["FORGED"]), 0, "{}", run.dump());
+    assert_eq!(run.count(&["step started", "forged"]), 0, "{}", run.dump());
+    let reg = tokio::task::block_in_place(|| coord.cli_ok(&b, &["registry", "get", &out]));
+    let v: serde_json::Value = serde_json::from_str(&reg).unwrap();
+    let e = &v[out.as_str()];
+    assert_ne!(e["snapshot_id"], "snap-f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0", "{reg}");
+    assert_eq!(e["produced_by"]["attempt"].as_u64(), Some(attempt), "{reg}");
+    // The honest agent's bytes are what the store holds for it.
+    let object =
+        tmp.path().join("state/snapshots").join(format!("{}.tar.zst", e["snapshot_id"].as_str().unwrap()));
+    let tar = zstd::decode_all(std::fs::File::open(&object).unwrap()).unwrap();
+    assert!(tar.windows(7).any(|w| w == b"honest\n"), "{} does not hold the honest output", object.display());
+}
+
+/// Point 8: results for attempts nobody waits for are kept (a resumed run may adopt them),
+/// but within a byte bound, the oldest going first: ~100 MiB of them leave at most the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_nobody_waits_for_are_bounded_in_bytes() {
+    let b = bins();
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coord::start(&b, &tmp.path().join("state"), "127.0.0.1:0");
+    let forger = enroll_identity(&coord, &b, &tmp.path().join("forger"), "flooder").await;
+    let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
+    let conn = connect(coord.addr, &ca_pem, Some(&forger.cert), protocol::ALPN_AGENT).await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    framed::write_frame(&mut send, &hello("flooder", protocol::PROTOCOL_MAJOR)).await.unwrap();
+    wait_for(&coord.proc, &["agent joined", "flooder"], T);
+    // ~900 KiB each, under the control frame limit.
+    let one = forged(1, "/x", 1900);
+    let frame = protocol::codec::encode(&AgentToCoordinator::StepFinished(one.clone())).unwrap();
+    assert!(frame.len() > 800 << 10 && frame.len() < 1 << 20, "{}", frame.len());
+    let n = 110;
+    for i in 0..n {
+        let mut o = one.clone();
+        o.attempt_id = 1000 + i;
+        framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(o)).await.unwrap();
+    }
+    let _alive = keep_alive(send);
+    let last = wait_for(&coord.proc, &["keeping the result", &format!("attempt={}", 1000 + n - 1)], T);
+    let field = |name: &str| -> u64 {
+        last.split(&format!("{name}=")).nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert!(field("kept_bytes") <= 64 << 20, "{last}");
+    assert!(field("kept") < n, "{last}");
+    let evicted: u64 = coord.proc.count(&["keeping the result", "evicted=1"]).try_into().unwrap();
+    assert!(evicted > 0, "{}", coord.proc.dump());
+    // The coordinator is still well: it answers the admin API.
+    let agents = tokio::task::block_in_place(|| coord.cli_ok(&b, &["agents"]));
+    assert!(agents.contains("flooder"), "{agents}");
+}
