@@ -164,7 +164,7 @@ mod tests {
         assert_eq!(u.take(1, "a"), Ok(None));
         assert!(u.take(2, "a").unwrap().is_some());
         // One big result pushes out as many as it needs, oldest first.
-        let big = outcome(5, 150);
+        let big = outcome(5, 250);
         assert_eq!(u.insert("a", big), 2);
         assert_eq!(u.len(), 1);
         assert!(u.bytes() <= one * 3);
