@@ -2,6 +2,7 @@
 //! and moves trees to and from it. `main.rs` only calls [`cli_main`].
 
 pub mod backend;
+pub mod backoff;
 pub mod cache;
 pub mod exec;
 pub mod facts;

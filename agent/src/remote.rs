@@ -16,9 +16,6 @@ use protocol::{SnapshotInfo, SnapshotReply, SnapshotRequest, Trailer, TransferSu
 use tokio::sync::watch;
 use transport::{framed, tree::UnpackLimits};
 
-const MAX_REPLY_FRAME: usize = 8 * 1024 * 1024;
-/// Largest file index sent with a direct upload.
-const MAX_INDEX_JSON: usize = 256 * 1024 * 1024;
 /// zstd level of the snapshots the agent stores.
 const STORE_ZSTD_LEVEL: i32 = 3;
 /// How long a request waits for the agent to be connected.
@@ -67,7 +64,7 @@ impl QuicRemote {
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::Registry).await?;
         send.finish()?;
-        match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
+        match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
             Some(SnapshotReply::Registry { json }) => {
                 protocol::Registry::parse(&json).map_err(|e| anyhow!("registry from the coordinator: {e}"))
             }
@@ -104,7 +101,7 @@ impl SnapshotRemote for QuicRemote {
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::FetchDirect { snapshot_id: id.to_string() }).await?;
         send.finish()?;
-        match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
+        match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
             Some(SnapshotReply::Data(header)) => {
                 transport::recv_tree(&mut recv, dest.to_path_buf(), header.compression, self.limits)
                     .await
@@ -129,7 +126,7 @@ impl SnapshotRemote for QuicRemote {
     async fn store(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo> {
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::StoreBegin).await?;
-        let part_size = match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
+        let part_size = match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
             Some(SnapshotReply::Relay) => None,
             Some(SnapshotReply::Direct { part_size }) if part_size > 0 => Some(part_size),
             Some(SnapshotReply::Error(e)) => return Err(refused(e)).context("storing a snapshot"),
@@ -141,7 +138,7 @@ impl SnapshotRemote for QuicRemote {
             if sent.is_ok() {
                 let _ = send.finish();
             }
-            let reply = framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await;
+            let reply = framed::read_frame::<SnapshotReply, _>(&mut recv).await;
             sent.context("sending outputs to the coordinator")?;
             return stored(reply.context("reading the store reply")?);
         };
@@ -149,19 +146,31 @@ impl SnapshotRemote for QuicRemote {
         // starts, and the part count follows from the size.
         let packed = Spooled(self.spool.join(format!("{:016x}.tar.zst", rand::random::<u64>())));
         let (file, root, limits) = (packed.0.clone(), root.to_path_buf(), self.limits);
-        let (trailer, index_json) = tokio::task::spawn_blocking(move || -> Result<(Trailer, Vec<u8>)> {
-            let (trailer, _) = transport::archive::write(&root, &paths, &file, STORE_ZSTD_LEVEL)
-                .context("packing outputs")?;
-            let (files, _) = transport::archive::index(&file, limits).context("indexing outputs")?;
-            Ok((trailer, serde_json::to_vec(&files)?))
-        })
-        .await??;
-        if index_json.len() > MAX_INDEX_JSON {
-            bail!("the outputs' file index is {} bytes, more than {MAX_INDEX_JSON}", index_json.len());
+        let (trailer, index_json, entries) =
+            tokio::task::spawn_blocking(move || -> Result<(Trailer, Vec<u8>, usize)> {
+                let (trailer, _) = transport::archive::write(&root, &paths, &file, STORE_ZSTD_LEVEL)
+                    .context("packing outputs")?;
+                let (files, _) = transport::archive::index(&file, limits).context("indexing outputs")?;
+                Ok((trailer, serde_json::to_vec(&files)?, files.len()))
+            })
+            .await??;
+        // The index goes in one frame after the parts: refuse now what the coordinator would
+        // refuse then, before a byte is uploaded.
+        let parts = usize::try_from(trailer.bytes.div_ceil(part_size).max(1)).unwrap_or(usize::MAX);
+        let frame = protocol::codec::store_parts_len(parts, index_json.len());
+        let max = <SnapshotRequest as protocol::codec::Frame>::MAX_LEN;
+        if frame > max {
+            bail!(
+                "the outputs' file index is {} bytes ({} entries) and with {parts} part ETags makes a \
+                 {frame}-byte frame, over the {max}-byte limit of a direct upload: nothing was uploaded \
+                 (store fewer files per output, e.g. as one archive)",
+                index_json.len(),
+                entries
+            );
         }
         let object = SnapshotRequest::StoreObject { wire_bytes: trailer.bytes, digest: trailer.digest };
         framed::write_frame(&mut send, &object).await?;
-        let urls = match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
+        let urls = match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
             Some(SnapshotReply::Upload { urls }) => urls,
             other => return stored(other),
         };
@@ -170,9 +179,16 @@ impl SnapshotRemote for QuicRemote {
             tokio::task::spawn_blocking(move || crate::objects::upload_parts(&file, part_size, &urls))
                 .await?
                 .context("uploading outputs to the object store")?;
+        if let Some(long) = etags.iter().find(|e| e.len() > protocol::codec::MAX_ETAG_LEN) {
+            bail!(
+                "the object store answered a part with an ETag of {} bytes, over {}",
+                long.len(),
+                protocol::codec::MAX_ETAG_LEN
+            );
+        }
         framed::write_frame(&mut send, &SnapshotRequest::StoreParts { etags, index_json }).await?;
         send.finish()?;
-        stored(framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await?)
+        stored(framed::read_frame::<SnapshotReply, _>(&mut recv).await?)
     }
 
     async fn stat(&self, queries: Vec<(String, String)>) -> Result<Vec<Option<u64>>> {
@@ -180,7 +196,7 @@ impl SnapshotRemote for QuicRemote {
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::Stat { queries }).await?;
         send.finish()?;
-        match framed::read_frame::<SnapshotReply, _>(&mut recv, MAX_REPLY_FRAME).await? {
+        match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
             Some(SnapshotReply::Sizes(s)) if s.len() == n => Ok(s),
             Some(SnapshotReply::Error(e)) => {
                 Err(refused(e)).context("looking up outputs in the snapshot index")

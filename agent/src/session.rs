@@ -34,7 +34,6 @@ use crate::step::{self, Steps};
 /// Control messages queued for the coordinator.
 const OUTBOX_DEPTH: usize = 4096;
 
-const MAX_CONTROL_FRAME: usize = 1024 * 1024;
 /// Longest a QUIC handshake may take before the attempt counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -145,7 +144,7 @@ pub async fn enroll(cfg: &AgentConfig, token: &str) -> Result<Identity> {
     };
     framed::write_frame(&mut send, &req).await?;
     send.finish()?;
-    let resp = framed::read_frame::<EnrollResponse, _>(&mut recv, MAX_CONTROL_FRAME)
+    let resp = framed::read_frame::<EnrollResponse, _>(&mut recv)
         .await
         .map_err(|e| match conn.close_reason() {
             Some(reason) => anyhow!("enrollment refused: {reason}"),
@@ -273,7 +272,7 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
         drain: stop.drain.clone(),
     };
     let tuning = endpoint::Tuning::default();
-    let mut backoff = cfg.min_backoff;
+    let mut backoff = crate::backoff::Backoff::new(cfg.min_backoff, cfg.max_backoff);
     let mut ep: Option<quinn::Endpoint> = None;
     // Since when no session has been up (the orphan guard's clock).
     let mut alone_since = Instant::now();
@@ -285,6 +284,7 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
         if std::mem::take(&mut link.connected) {
             alone_since = Instant::now();
         }
+        let mut how = crate::backoff::Ended::After(attempt_started.elapsed());
         match ended {
             Ok(Ended::Shutdown) => return Ok(()),
             Ok(Ended::Fatal(reason)) if runner.running() > 0 => {
@@ -293,6 +293,14 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
             }
             Ok(Ended::Fatal(reason)) => bail!("{reason}"),
             Ok(Ended::Lost(reason)) => warn!(reason = %reason, "lost coordinator"),
+            Err(e) if certificate_refused(&e) => {
+                how = crate::backoff::Ended::CertificateRefused;
+                warn!(
+                    retry_ms = cfg.max_backoff.as_millis() as u64,
+                    "the coordinator {} refused this agent's certificate: {e:#}; retrying at the longest interval",
+                    cfg.coordinator
+                );
+            }
             Err(e) => warn!("cannot reach coordinator {}: {e:#}", cfg.coordinator),
         }
         if let Some(limit) = cfg.orphan_timeout.filter(|l| alone_since.elapsed() > *l) {
@@ -315,11 +323,7 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
             info!("drained: nothing running, no result waiting; exiting");
             return Ok(());
         }
-        // A session that lasted a while starts the backoff afresh.
-        if attempt_started.elapsed() > cfg.max_backoff {
-            backoff = cfg.min_backoff;
-        }
-        let delay = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        let delay = backoff.after(how, rand::random::<f64>());
         debug!(delay_ms = delay.as_millis() as u64, "reconnecting");
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -336,8 +340,22 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
             }
             _ = tokio::time::sleep(delay) => {}
         }
-        backoff = (backoff * 2).min(cfg.max_backoff);
     }
+}
+
+/// Whether `e` is the coordinator closing the handshake with a TLS alert about this agent's
+/// certificate (QUIC carries alert N as transport error 0x100 + N).
+fn certificate_refused(e: &anyhow::Error) -> bool {
+    // bad_certificate, unsupported_certificate, certificate_revoked, certificate_expired,
+    // certificate_unknown, unknown_ca, access_denied, certificate_required.
+    const ALERTS: [u64; 8] = [42, 43, 44, 45, 46, 48, 49, 116];
+    e.chain().any(|c| match c.downcast_ref::<quinn::ConnectionError>() {
+        Some(quinn::ConnectionError::ConnectionClosed(close)) => {
+            let code = u64::from(close.error_code);
+            (0x100..0x200).contains(&code) && ALERTS.contains(&(code - 0x100))
+        }
+        _ => false,
+    })
 }
 
 fn close_reason_of(err: &quinn::ConnectionError) -> Option<(CloseCode, String)> {
@@ -450,7 +468,7 @@ async fn session(
     framed::write_frame(&mut send, &hello).await.context("sending Hello")?;
     let welcome = match tokio::time::timeout(
         Duration::from_secs(10),
-        framed::read_frame::<CoordinatorToAgent, _>(&mut recv, MAX_CONTROL_FRAME),
+        framed::read_frame::<CoordinatorToAgent, _>(&mut recv),
     )
     .await
     {
@@ -486,7 +504,7 @@ async fn session(
     let (frames_tx, mut frames) = mpsc::channel::<Result<CoordinatorToAgent, String>>(16);
     let reader = tokio::spawn(async move {
         loop {
-            let msg = match framed::read_frame::<CoordinatorToAgent, _>(&mut recv, MAX_CONTROL_FRAME).await {
+            let msg = match framed::read_frame::<CoordinatorToAgent, _>(&mut recv).await {
                 Ok(Some(m)) => Ok(m),
                 Ok(None) => Err("control stream closed".to_string()),
                 Err(e) => Err(e.to_string()),
@@ -639,7 +657,7 @@ async fn handle_bulk(
     work_dir: &Path,
     limits: UnpackLimits,
 ) -> Result<()> {
-    let req = framed::read_frame::<BulkRequest, _>(&mut recv, MAX_CONTROL_FRAME)
+    let req = framed::read_frame::<BulkRequest, _>(&mut recv)
         .await?
         .ok_or_else(|| anyhow!("transfer stream closed before its request"))?;
     match req {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod display;
 pub mod engine;
 pub mod local;
+pub mod lograte;
 pub mod ops;
 pub mod pipeline;
 pub mod plan;
@@ -832,7 +833,7 @@ pub(crate) async fn admin_stream(
     framed::write_frame(&mut send, &req).await?;
     send.finish()?;
     let resp = loop {
-        let frame = framed::read_frame::<AdminResponse, _>(&mut recv, protocol::MAX_FRAME_LEN)
+        let frame = framed::read_frame::<AdminResponse, _>(&mut recv)
             .await?
             .ok_or_else(|| anyhow!("coordinator closed the request without an answer"))?;
         match frame {

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 use transport::{framed, pki, tree::UnpackLimits};
 
+use crate::lograte::{LogRate, Verdict};
 use crate::state::{Role, State};
 use crate::store::SnapshotStore;
 use crate::unclaimed::Unclaimed;
@@ -32,8 +33,6 @@ use crate::unclaimed::Unclaimed;
 /// Control messages queued for one agent's control stream.
 const OUTBOX_DEPTH: usize = 256;
 
-/// Largest control or request frame the coordinator accepts.
-const MAX_CONTROL_FRAME: usize = 1024 * 1024;
 /// Results kept for attempts nobody waits for yet.
 /// Time a peer has to open its first stream and send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,6 +107,9 @@ pub struct AgentView {
 }
 
 type CheckReply = Result<Vec<(String, Option<u64>)>, RemoteError>;
+
+/// A peer refused at the TLS handshake is logged once per address and reason in this window.
+const HANDSHAKE_LOG_WINDOW: Duration = Duration::from_secs(60);
 
 /// Most (attempt, sender) pairs whose refusal was logged, before the set starts over.
 const MAX_REFUSALS_REMEMBERED: usize = 4096;
@@ -461,6 +463,8 @@ impl Coordinator {
 pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Coordinator>, shutdown: CancellationToken) {
     let mut tasks = JoinSet::new();
     tasks.spawn(revocation_watch(coord.clone(), shutdown.clone()));
+    // Handshake refusals: one line per address and reason per minute.
+    let refusals = Arc::new(Mutex::new(LogRate::new(HANDSHAKE_LOG_WINDOW, 4096)));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -471,20 +475,31 @@ pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Coordinator>, shutdown: C
         };
         let coord = coord.clone();
         let shutdown = shutdown.clone();
+        let refusals = refusals.clone();
         tasks.spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
-                Err(e) if transport::endpoint::is_alpn_mismatch(&e) => {
-                    warn!(
-                        peer = %remote,
-                        "refused connection: protocol version mismatch: the peer does not speak {} (TLS handshake failed: {e})",
-                        String::from_utf8_lossy(protocol::ALPN_AGENT)
-                    );
-                    return;
-                }
                 Err(e) => {
-                    warn!(peer = %remote, "refused connection: TLS handshake failed: {e}");
+                    let reason = if transport::endpoint::is_alpn_mismatch(&e) {
+                        format!(
+                            "protocol version mismatch: the peer does not speak {} (TLS handshake failed: {e})",
+                            String::from_utf8_lossy(protocol::ALPN_AGENT)
+                        )
+                    } else {
+                        format!("TLS handshake failed: {e}")
+                    };
+                    // The reason without its numbers (times, counts): one key per kind.
+                    let kind: String = reason.chars().filter(|c| !c.is_ascii_digit()).collect();
+                    let verdict = lock(&refusals).event(&(remote.ip(), kind), Instant::now());
+                    if let Verdict::Log { suppressed } = verdict {
+                        let since = if suppressed > 0 {
+                            format!(" ({suppressed} more from this address left out of the log since the last line)")
+                        } else {
+                            String::new()
+                        };
+                        warn!(peer = %remote, "refused connection: {reason}{since}");
+                    }
                     return;
                 }
             };
@@ -576,11 +591,10 @@ async fn handle_enroll(coord: &Coordinator, conn: &quinn::Connection) {
         let (mut send, mut recv) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.accept_bi())
             .await
             .map_err(|_| anyhow!("no request within {FIRST_MESSAGE_TIMEOUT:?}"))??;
-        let req: EnrollRequest =
-            tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, framed::read_frame(&mut recv, 64 * 1024))
-                .await
-                .map_err(|_| anyhow!("no request within {FIRST_MESSAGE_TIMEOUT:?}"))??
-                .ok_or_else(|| anyhow!("stream closed before the enrollment request"))?;
+        let req: EnrollRequest = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, framed::read_frame(&mut recv))
+            .await
+            .map_err(|_| anyhow!("no request within {FIRST_MESSAGE_TIMEOUT:?}"))??
+            .ok_or_else(|| anyhow!("stream closed before the enrollment request"))?;
         let response = if req.protocol_major != protocol::PROTOCOL_MAJOR {
             EnrollResponse::Refused(RemoteError {
                 code: ErrorCode::InvalidRequest,
@@ -637,7 +651,7 @@ async fn handle_agent(
     let first = async {
         let (send, mut recv) =
             conn.accept_bi().await.map_err(|e| (CloseCode::Normal, format!("connection lost: {e}")))?;
-        let msg = framed::read_frame::<AgentToCoordinator, _>(&mut recv, MAX_CONTROL_FRAME)
+        let msg = framed::read_frame::<AgentToCoordinator, _>(&mut recv)
             .await
             .map_err(|e| (CloseCode::ProtocolViolation, format!("malformed first message: {e}")))?;
         Ok::<_, (CloseCode, String)>((send, recv, msg))
@@ -871,8 +885,7 @@ impl FrameReader {
         let task = tokio::spawn(
             async move {
                 loop {
-                    let frame =
-                        framed::read_frame::<AgentToCoordinator, _>(&mut recv, MAX_CONTROL_FRAME).await;
+                    let frame = framed::read_frame::<AgentToCoordinator, _>(&mut recv).await;
                     let last = !matches!(frame, Ok(Some(_)));
                     if tx.send(frame).await.is_err() || last {
                         return;
@@ -916,7 +929,7 @@ async fn snapshot_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<()> {
-    let req = framed::read_frame::<SnapshotRequest, _>(&mut recv, MAX_CONTROL_FRAME)
+    let req = framed::read_frame::<SnapshotRequest, _>(&mut recv)
         .await?
         .ok_or_else(|| anyhow!("stream closed before its request"))?;
     let store = coord.store.clone();
@@ -1089,9 +1102,6 @@ async fn relay_store(
     Ok(())
 }
 
-/// Largest file index an agent sends with a direct upload.
-const MAX_INDEX_FRAME: usize = 256 * 1024 * 1024;
-
 /// A direct upload: the agent announces the packed snapshot, PUTs its parts at presigned URLs,
 /// then sends their ETags and the file index. An upload that does not complete is aborted.
 async fn direct_store(
@@ -1101,8 +1111,7 @@ async fn direct_store(
     recv: &mut quinn::RecvStream,
 ) -> Result<SnapshotReply> {
     let started = Instant::now();
-    let (wire_bytes, digest) = match framed::read_frame::<SnapshotRequest, _>(recv, MAX_CONTROL_FRAME).await?
-    {
+    let (wire_bytes, digest) = match framed::read_frame::<SnapshotRequest, _>(recv).await? {
         Some(SnapshotRequest::StoreObject { wire_bytes, digest }) => (wire_bytes, digest),
         other => bail!("expected the packed snapshot's size and digest, got {other:?}"),
     };
@@ -1122,7 +1131,7 @@ async fn direct_store(
     };
     let parts = async {
         framed::write_frame(send, &SnapshotReply::Upload { urls }).await?;
-        match framed::read_frame::<SnapshotRequest, _>(recv, MAX_INDEX_FRAME).await? {
+        match framed::read_frame::<SnapshotRequest, _>(recv).await? {
             Some(SnapshotRequest::StoreParts { etags, index_json }) => {
                 let files: Vec<transport::tree::IndexEntry> =
                     serde_json::from_slice(&index_json).context("parsing the snapshot's file index")?;
@@ -1184,7 +1193,7 @@ async fn handle_admin(coord: Arc<Coordinator>, conn: quinn::Connection) {
         };
         let coord = coord.clone();
         tokio::spawn(async move {
-            let response = match framed::read_frame::<AdminRequest, _>(&mut recv, MAX_CONTROL_FRAME).await {
+            let response = match framed::read_frame::<AdminRequest, _>(&mut recv).await {
                 Ok(Some(AdminRequest::RunStep { agent, spec })) => {
                     admin_run_step(&coord, &agent, *spec, &mut send).await
                 }
@@ -1348,7 +1357,7 @@ pub async fn push(
     if sent.is_ok() {
         let _ = send.finish();
     }
-    let reply = framed::read_frame::<BulkReply, _>(&mut recv, MAX_CONTROL_FRAME).await;
+    let reply = framed::read_frame::<BulkReply, _>(&mut recv).await;
     let sent = sent.with_context(|| format!("sending {}", src.display()))?;
     match reply.context("reading transfer reply")? {
         Some(BulkReply::Stored(mut summary)) => {
@@ -1375,10 +1384,7 @@ pub async fn pull(
     let (mut send, mut recv) = conn.open_bi().await.context("opening transfer stream")?;
     framed::write_frame(&mut send, &BulkRequest::Get { src: src.to_string(), compression }).await?;
     send.finish()?;
-    match framed::read_frame::<BulkReply, _>(&mut recv, MAX_CONTROL_FRAME)
-        .await
-        .context("reading transfer reply")?
-    {
+    match framed::read_frame::<BulkReply, _>(&mut recv).await.context("reading transfer reply")? {
         Some(BulkReply::Data(header)) => {
             let mut summary =
                 transport::recv_tree(&mut recv, dest, header.compression, coord.config.unpack_limits)

@@ -13,6 +13,46 @@ use serde::{Serialize, de::DeserializeOwned};
 pub const FRAME_HEADER_LEN: usize = 4;
 /// Largest payload any frame may carry.
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+/// Largest enrollment request or answer: read before the peer has a certificate.
+pub const MAX_ENROLL_FRAME: usize = 64 * 1024;
+
+/// A message type that travels in frames, with the largest payload of one.
+pub trait Frame: Serialize + DeserializeOwned {
+    const MAX_LEN: usize;
+}
+
+macro_rules! frames {
+    ($($t:ty => $max:expr),* $(,)?) => {
+        $(impl Frame for $t {
+            const MAX_LEN: usize = $max;
+        })*
+        const _: () = { $(assert!($max <= MAX_FRAME_LEN);)* };
+    };
+}
+
+frames! {
+    crate::AgentToCoordinator => MAX_FRAME_LEN,
+    crate::CoordinatorToAgent => MAX_FRAME_LEN,
+    crate::EnrollRequest => MAX_ENROLL_FRAME,
+    crate::EnrollResponse => MAX_ENROLL_FRAME,
+    crate::AdminRequest => MAX_FRAME_LEN,
+    crate::AdminResponse => MAX_FRAME_LEN,
+    crate::BulkRequest => MAX_FRAME_LEN,
+    crate::BulkReply => MAX_FRAME_LEN,
+    // The largest: `StoreParts` carries a direct upload's file index.
+    crate::SnapshotRequest => MAX_FRAME_LEN,
+    crate::SnapshotReply => MAX_FRAME_LEN,
+}
+
+/// Longest part ETag a direct upload may report (S3's are 34 characters).
+pub const MAX_ETAG_LEN: usize = 128;
+
+/// Payload bytes of a `StoreParts` frame for `parts` ETags of at most [`MAX_ETAG_LEN`] and an
+/// index of `index_len` bytes: checked against [`Frame::MAX_LEN`] before an upload starts.
+pub fn store_parts_len(parts: usize, index_len: usize) -> usize {
+    // Variant index, two sequence lengths, each ETag's length and bytes.
+    4 + 8 + parts.saturating_mul(8 + MAX_ETAG_LEN) + 8 + index_len
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -32,11 +72,14 @@ fn options(limit: usize) -> impl Options {
         .reject_trailing_bytes()
 }
 
-/// Encodes `msg` as one frame (header plus payload).
-pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
-    let payload = options(MAX_FRAME_LEN).serialize(msg).map_err(|e| CodecError::Malformed(e.to_string()))?;
-    if payload.len() > MAX_FRAME_LEN {
-        return Err(CodecError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
+/// Encodes `msg` as one frame (header plus payload), refusing one its receiver would refuse.
+pub fn encode<T: Frame>(msg: &T) -> Result<Vec<u8>, CodecError> {
+    let payload = options(T::MAX_LEN).serialize(msg).map_err(|e| match *e {
+        bincode::ErrorKind::SizeLimit => CodecError::TooLarge { len: T::MAX_LEN + 1, max: T::MAX_LEN },
+        e => CodecError::Malformed(e.to_string()),
+    })?;
+    if payload.len() > T::MAX_LEN {
+        return Err(CodecError::TooLarge { len: payload.len(), max: T::MAX_LEN });
     }
     let mut frame = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -59,19 +102,19 @@ pub fn payload_len(header: [u8; FRAME_HEADER_LEN], max: usize) -> Result<usize, 
 }
 
 /// Decodes one payload (without its header). Trailing bytes are an error.
-pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    if payload.len() > MAX_FRAME_LEN {
-        return Err(CodecError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
+pub fn decode<T: Frame>(payload: &[u8]) -> Result<T, CodecError> {
+    if payload.len() > T::MAX_LEN {
+        return Err(CodecError::TooLarge { len: payload.len(), max: T::MAX_LEN });
     }
     options(payload.len()).deserialize(payload).map_err(|e| CodecError::Malformed(e.to_string()))
 }
 
 /// Decodes a whole frame held in memory (header plus payload).
-pub fn decode_frame<T: DeserializeOwned>(frame: &[u8]) -> Result<T, CodecError> {
+pub fn decode_frame<T: Frame>(frame: &[u8]) -> Result<T, CodecError> {
     let Some((header, payload)) = frame.split_first_chunk::<FRAME_HEADER_LEN>() else {
         return Err(CodecError::Malformed("frame shorter than its header".into()));
     };
-    let len = payload_len(*header, MAX_FRAME_LEN)?;
+    let len = payload_len(*header, T::MAX_LEN)?;
     if payload.len() != len {
         return Err(CodecError::Malformed(format!(
             "frame says {len} payload bytes, holds {}",

@@ -720,3 +720,55 @@ fn refused_creates_with_no_agent_left_fail_the_run() {
         fx.instances("pype:run", Some(&id)).into_iter().filter(|(_, s, _, _)| alive(s)).collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Issue 16 point 8: a direct upload whose file index would not fit the one frame that carries
+/// it is refused by the agent before anything is uploaded (no multipart upload begun, no
+/// object), with an error naming the sizes and the limit; today it failed only after every
+/// part was uploaded.
+#[test]
+fn a_direct_upload_whose_index_is_over_the_frame_limit_uploads_nothing() {
+    let Some(fx) =
+        Fx::new("a_direct_upload_whose_index_is_over_the_frame_limit_uploads_nothing", "127.0.0.1")
+    else {
+        return;
+    };
+    let s3 = fx.moto.s3();
+    fx.rt.block_on(s3.create_bucket().bucket("pype-index").send()).unwrap();
+    let state = fx.p("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("coordinator.toml"),
+        format!(
+            "[store]\nkind = \"s3\"\nbucket = \"pype-index\"\nregion = \"us-east-1\"\n\
+             endpoint_url = \"{}\"\nforce_path_style = true\npart_size_mib = 5\n",
+            fx.moto.endpoint
+        ),
+    )
+    .unwrap();
+    // 24,000 files with 200-character names: an index of more than 8 MiB.
+    let d = fx.dir.path().display();
+    let pipeline = fx.p("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name = \"many\"\n[[steps]]\nname = \"many\"\n\
+             command = \"python3 -c 'import os; os.makedirs(\\\"{d}/out\\\"); [open(\\\"{d}/out/%0200d\\\" % i, \\\"w\\\").close() for i in range(24000)]'\"\n\
+             outputs = [\"{d}/out\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut run =
+        fx.start_run(&state, &["--agents", "1", "--infra-retries", "0", pipeline.to_str().unwrap()], &[]);
+    assert!(!run.wait_exit(LONG).success(), "{}", run.dump());
+    let agent_log = std::fs::read_to_string(state.join("local-agents/agent-1/agent.log")).unwrap_or_default();
+    let all = format!("{}\n{agent_log}", run.dump());
+    let limit =
+        format!("over the {}-byte limit of a direct upload: nothing was uploaded", protocol::MAX_FRAME_LEN);
+    assert!(all.contains(&limit), "{limit:?} not in\n{all}");
+    assert!(all.contains("24001 entries"), "{all}");
+    // Nothing reached the bucket: no upload begun, no object.
+    let uploads = fx.rt.block_on(s3.list_multipart_uploads().bucket("pype-index").send()).unwrap();
+    assert!(uploads.uploads().is_empty(), "{:?}", uploads.uploads());
+    let listed = fx.rt.block_on(s3.list_objects_v2().bucket("pype-index").send()).unwrap();
+    assert!(listed.contents().is_empty(), "{:?}", listed.contents());
+}

@@ -200,3 +200,52 @@ async fn results_nobody_waits_for_are_bounded_in_bytes() {
     let agents = tokio::task::block_in_place(|| coord.cli_ok(&b, &["agents"]));
     assert!(agents.contains("flooder"), "{agents}");
 }
+
+/// Seconds since midnight of a log line's timestamp (`2026-12-01T23:44:38.677523Z ...`).
+fn at(line: &str) -> f64 {
+    let t = line.split('T').nth(1).and_then(|r| r.split('Z').next()).unwrap();
+    let p: Vec<f64> = t.split(':').map(|x| x.parse().unwrap()).collect();
+    p[0] * 3600.0 + p[1] * 60.0 + p[2]
+}
+
+/// Point 9: an agent whose certificate the coordinator refuses at the TLS handshake (here:
+/// expired) is logged by the coordinator once per address and reason per minute, however
+/// often it retries; the agent says why and waits its longest retry interval (500 ms here)
+/// between attempts from the first refusal on, instead of reconnecting at full rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_certificate_is_logged_once_and_its_agent_backs_off() {
+    let b = bins();
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coord::start(&b, &tmp.path().join("state"), "127.0.0.1:0");
+    let dir = tmp.path().join("stale");
+    let mut first = tests::start_agent(&b, &coord, &dir, "stale", Some(&coord.token(&b, &[])));
+    wait_for(&coord.proc, &["agent joined", "stale"], T);
+    first.signal(libc::SIGKILL);
+    tokio::task::block_in_place(|| first.wait_exit(T));
+    // Its certificate is replaced by an expired one from the same CA.
+    let ca = transport::pki::Ca::from_cert_key(
+        transport::pki::CertKey::load(&tmp.path().join("state"), "ca").unwrap().unwrap(),
+    )
+    .unwrap();
+    ca.issue_expired_client("stale").unwrap().save(&dir, "agent").unwrap();
+    let again = tests::start_agent(&b, &coord, &dir, "stale", None);
+    let fourth = wait_for_nth(&again, &["refused this agent's certificate"], 4, T);
+    let refusals: Vec<String> = tokio::task::block_in_place(|| {
+        (1..=4).map(|n| again.wait_for_nth(&["refused this agent's certificate"], n, T)).collect()
+    });
+    assert_eq!(refusals[3], fourth);
+    for (i, line) in refusals.iter().enumerate() {
+        assert!(line.contains("retry_ms=500"), "{line}");
+        if i > 0 {
+            let gap = at(line) - at(&refusals[i - 1]);
+            assert!(gap >= 0.45, "attempt {i} came {gap:.3}s after the previous one\n{}", again.dump());
+        }
+    }
+    // Four refusals, one line in the coordinator's log.
+    let lines = coord.proc.count(&["refused connection", "TLS handshake failed", "expired"]);
+    assert_eq!(lines, 1, "{}", coord.proc.dump());
+}
+
+fn wait_for_nth(p: &Proc, needles: &[&str], n: usize, timeout: Duration) -> String {
+    tokio::task::block_in_place(|| p.wait_for_nth(needles, n, timeout))
+}

@@ -203,7 +203,7 @@ async fn random_and_truncated_control_frames() {
 }
 
 async fn next_frame(recv: &mut quinn::RecvStream) -> protocol::CoordinatorToAgent {
-    let frame = framed::read_frame::<protocol::CoordinatorToAgent, _>(recv, protocol::MAX_FRAME_LEN);
+    let frame = framed::read_frame::<protocol::CoordinatorToAgent, _>(recv);
     tokio::time::timeout(T, frame).await.expect("no frame from the coordinator").unwrap().unwrap()
 }
 

@@ -1,7 +1,6 @@
 //! Length-prefixed frames over any async byte stream (QUIC streams in practice).
 
-use protocol::codec::{self, CodecError, FRAME_HEADER_LEN};
-use serde::{Serialize, de::DeserializeOwned};
+use protocol::codec::{self, CodecError, FRAME_HEADER_LEN, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Debug, thiserror::Error)]
@@ -14,19 +13,16 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
-/// Writes one frame.
-pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+/// Writes one frame; one over its type's limit is refused before anything is written.
+pub async fn write_frame<T: Frame, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> Result<(), FrameError> {
     let frame = codec::encode(msg)?;
     w.write_all(&frame).await?;
     Ok(())
 }
 
-/// Reads one frame of at most `max` payload bytes. `Ok(None)` when the stream ended cleanly
-/// before a new frame began.
-pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
-    r: &mut R,
-    max: usize,
-) -> Result<Option<T>, FrameError> {
+/// Reads one frame of at most its type's limit ([`Frame::MAX_LEN`]). `Ok(None)` when the
+/// stream ended cleanly before a new frame began.
+pub async fn read_frame<T: Frame, R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<T>, FrameError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     let mut got = 0;
     while got < FRAME_HEADER_LEN {
@@ -36,7 +32,7 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
         }
         got += n;
     }
-    let len = codec::payload_len(header, max)?;
+    let len = codec::payload_len(header, T::MAX_LEN)?;
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
