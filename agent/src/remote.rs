@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
-use protocol::{SnapshotInfo, SnapshotReply, SnapshotRequest, Trailer, TransferSummary};
+use protocol::{RemoteError, SnapshotInfo, SnapshotReply, SnapshotRequest, Trailer, TransferSummary};
 use tokio::sync::watch;
 use transport::{framed, tree::UnpackLimits};
 
@@ -100,12 +100,22 @@ impl SnapshotRemote for QuicRemote {
     async fn fetch(&self, id: &str, dest: &Path) -> Result<TransferSummary> {
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::FetchDirect { snapshot_id: id.to_string() }).await?;
-        send.finish()?;
-        match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
+        let reply = framed::read_frame::<SnapshotReply, _>(&mut recv).await;
+        if !matches!(reply, Ok(Some(SnapshotReply::Data(_)))) {
+            let _ = send.finish();
+        }
+        match reply? {
             Some(SnapshotReply::Data(header)) => {
-                transport::recv_tree(&mut recv, dest.to_path_buf(), header.compression, self.limits)
-                    .await
-                    .with_context(|| format!("receiving snapshot {id}"))
+                let got =
+                    transport::recv_tree(&mut recv, dest.to_path_buf(), header.compression, self.limits)
+                        .await;
+                // The coordinator learns why a relayed snapshot was refused.
+                if let Err(e) = &got {
+                    let why = RemoteError { code: e.code(), message: e.to_string() };
+                    let _ = framed::write_frame(&mut send, &SnapshotRequest::Refused(why)).await;
+                }
+                let _ = send.finish();
+                got.with_context(|| format!("receiving snapshot {id}"))
             }
             Some(SnapshotReply::Download { url, wire_bytes, digest }) => {
                 let (dest, limits) = (dest.to_path_buf(), self.limits);
@@ -124,6 +134,12 @@ impl SnapshotRemote for QuicRemote {
     }
 
     async fn store(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo> {
+        // What the packer would refuse is refused here, before a transfer begins: the
+        // coordinator never sees a stream broken off half way.
+        let (r, p) = (root.to_path_buf(), paths.clone());
+        tokio::task::spawn_blocking(move || transport::tree::check_paths_packable(&r, &p))
+            .await?
+            .context("refusing to store the outputs")?;
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::StoreBegin).await?;
         let part_size = match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {

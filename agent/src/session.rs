@@ -678,9 +678,20 @@ async fn handle_bulk(
         }
         BulkRequest::Get { src, compression } => {
             let src = resolve_path(work_dir, &src);
-            if let Err(e) = std::fs::symlink_metadata(&src) {
-                let err =
-                    RemoteError { code: ErrorCode::NotFound, message: format!("{}: {e}", src.display()) };
+            // Refusals go back as a message before any data, never as a stream cut short.
+            let s = src.clone();
+            let check = tokio::task::spawn_blocking(move || match std::fs::symlink_metadata(&s) {
+                Err(e) => {
+                    Err(RemoteError { code: ErrorCode::NotFound, message: format!("{}: {e}", s.display()) })
+                }
+                Ok(_) => transport::tree::check_packable(&s).map(|_| ()).map_err(|e| RemoteError {
+                    code: ErrorCode::RefusedArchive,
+                    message: format!("{}: {e}", s.display()),
+                }),
+            })
+            .await?;
+            if let Err(err) = check {
+                warn!(src = %src.display(), "refused to send: {}", err.message);
                 framed::write_frame(&mut send, &BulkReply::Error(err)).await?;
                 send.finish()?;
                 return Ok(());

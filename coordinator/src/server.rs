@@ -108,6 +108,9 @@ pub struct AgentView {
 
 type CheckReply = Result<Vec<(String, Option<u64>)>, RemoteError>;
 
+/// How long a relayed fetch waits for the agent's verdict after the last byte.
+const REFUSAL_WAIT: Duration = Duration::from_secs(30);
+
 /// A peer refused at the TLS handshake is logged once per address and reason in this window.
 const HANDSHAKE_LOG_WINDOW: Duration = Duration::from_secs(60);
 
@@ -964,7 +967,7 @@ async fn snapshot_stream(
             send.finish()?;
         }
         SnapshotRequest::Fetch { snapshot_id } | SnapshotRequest::FetchDirect { snapshot_id } => {
-            relay_fetch(coord, agent, &mut send, snapshot_id).await?;
+            relay_fetch(coord, agent, &mut send, &mut recv, snapshot_id).await?;
         }
         SnapshotRequest::Store { data } => {
             if !matches!(data.compression, Compression::Zstd { .. }) {
@@ -993,8 +996,13 @@ async fn snapshot_stream(
                 send.finish()?;
             }
         },
-        SnapshotRequest::StoreObject { .. } | SnapshotRequest::StoreParts { .. } => {
-            let reply = reply_err(ErrorCode::InvalidRequest, "an upload step outside of StoreBegin".into());
+        SnapshotRequest::StoreObject { .. }
+        | SnapshotRequest::StoreParts { .. }
+        | SnapshotRequest::Refused(_) => {
+            let reply = reply_err(
+                ErrorCode::InvalidRequest,
+                "an upload step or refusal outside of its exchange".into(),
+            );
             framed::write_frame(&mut send, &reply).await?;
             send.finish()?;
         }
@@ -1026,6 +1034,7 @@ async fn relay_fetch(
     coord: &Coordinator,
     agent: &str,
     send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
     snapshot_id: String,
 ) -> Result<()> {
     let store = coord.store.clone();
@@ -1044,10 +1053,17 @@ async fn relay_fetch(
     let started = Instant::now();
     let header = DataHeader { expected_bytes: None, compression: Compression::Zstd { level: 0 } };
     framed::write_frame(send, &SnapshotReply::Data(header)).await?;
-    let bytes = transport::bulk::send_file(send, &path, Some(digest))
-        .await
-        .with_context(|| format!("sending snapshot {snapshot_id}"))?;
-    send.finish()?;
+    let sent = transport::bulk::send_file(send, &path, Some(digest)).await;
+    if sent.is_ok() {
+        let _ = send.finish();
+    }
+    // An agent that refused the bytes says why before it closes its side.
+    let answer = tokio::time::timeout(REFUSAL_WAIT, framed::read_frame::<SnapshotRequest, _>(recv)).await;
+    if let Ok(Ok(Some(SnapshotRequest::Refused(e)))) = answer {
+        warn!(agent = %agent, snapshot = %snapshot_id, "agent {agent} refused snapshot {snapshot_id}: {}", e.message);
+        return Ok(());
+    }
+    let bytes = sent.with_context(|| format!("sending snapshot {snapshot_id}"))?;
     let _ = send.stopped().await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let store = coord.store.clone();
@@ -1358,6 +1374,11 @@ pub async fn push(
         let _ = send.finish();
     }
     let reply = framed::read_frame::<BulkReply, _>(&mut recv).await;
+    // An agent that refused the tree stops reading it: its reason comes first.
+    if let Ok(Some(BulkReply::Error(e))) = &reply {
+        warn!(agent = %agent, dest = %dest, "agent refused a push: {}", e.message);
+        bail!("agent {agent} refused the transfer: {}", e.message);
+    }
     let sent = sent.with_context(|| format!("sending {}", src.display()))?;
     match reply.context("reading transfer reply")? {
         Some(BulkReply::Stored(mut summary)) => {
@@ -1394,7 +1415,10 @@ pub async fn pull(
             log_transfer("pull", agent, &summary);
             Ok(summary)
         }
-        Some(BulkReply::Error(e)) => Err(anyhow!("agent {agent} could not send {src}: {}", e.message)),
+        Some(BulkReply::Error(e)) => {
+            warn!(agent = %agent, src = %src, "agent refused a pull: {}", e.message);
+            Err(anyhow!("agent {agent} refused to send {src}: {}", e.message))
+        }
         Some(BulkReply::Stored(_)) | None => Err(anyhow!("agent {agent} sent no data")),
     }
 }

@@ -326,6 +326,8 @@ pub enum SnapshotRequest {
     /// Every part is uploaded: their ETags in part order, and the snapshot's file index (JSON).
     /// The answer is `Stored`.
     StoreParts { etags: Vec<String>, index_json: Vec<u8> },
+    /// After a relayed `Fetch`: the agent refused what it received, and why. (Minor 3.)
+    Refused(RemoteError),
 }
 
 /// What a stored snapshot holds.

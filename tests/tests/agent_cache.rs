@@ -135,6 +135,8 @@ enum Item<'a> {
     Dir(&'a str),
     File(&'a str, &'a [u8]),
     Link(&'a str, &'a str),
+    /// A character device in the archive, listed as an empty file in the index.
+    Device(&'a str),
 }
 
 fn octal(field: &mut [u8], v: u64) {
@@ -205,6 +207,10 @@ fn store_snapshot(state: &Path, items: &[Item]) -> String {
             Item::Link(p, target) => {
                 tar_entry(&mut tar, p, b'2', 0o777, target, b"");
                 files.push(json!({ "path": p, "kind": "symlink", "size": 0 }));
+            }
+            Item::Device(p) => {
+                tar_entry(&mut tar, p, b'3', 0o644, "", b"");
+                files.push(json!({ "path": p, "kind": "file", "size": 0 }));
             }
         }
     }
@@ -536,4 +542,37 @@ outputs = ["{d}/y/link/out.txt"]
     let cached_a = fx.cached(&a).join(format!("{rd}/w/a"));
     let names: Vec<String> = manifest(&cached_a).iter().map(|e| e.path.display().to_string()).collect();
     assert_eq!(names, vec!["link", "sub", "sub/in-a.txt"], "the cache of {a} changed\n{log}");
+}
+
+/// Issue 16 point 9: a relayed snapshot the agent refuses while receiving it (a device entry
+/// its index calls a file) is refused with a reason the coordinator logs, naming the agent
+/// and the snapshot, instead of a stream stopped by the peer; the step fails at setup.
+#[test]
+fn an_agent_refusing_a_relayed_snapshot_tells_the_coordinator_why() {
+    let fx = Fx::new();
+    let d = fx.d();
+    let rd = fx.rd();
+    let mut items: Vec<Item> = Vec::new();
+    let dirs = dirs_of(&format!("{rd}/data"));
+    items.extend(dirs.iter().map(|p| Item::Dir(p)));
+    let dev = format!("{rd}/data/dev.txt");
+    items.push(Item::Device(&dev));
+    let snap = store_snapshot(&fx.state(), &items);
+    fx.register(&[(format!("{d}/data/dev.txt"), &snap, dev.clone())]);
+    let (ok, _run, p) = fx.run(
+        r#"
+name = "device"
+[[steps]]
+name = "use"
+command = "cat {d}/data/dev.txt > {d}/out/x.txt"
+inputs = ["{d}/data/dev.txt"]
+outputs = ["{d}/out/x.txt"]
+"#,
+        &[],
+    );
+    assert!(!ok, "{}", p.dump());
+    let line = p.wait_for(&["agent local-1 refused snapshot", &snap], Duration::from_secs(1));
+    assert!(line.contains("dev.txt"), "{line}");
+    assert_eq!(p.count(&["snapshot request failed"]), 0, "{}", p.dump());
+    p.wait_for(&["step failed", "setup failed"], Duration::from_secs(1));
 }

@@ -249,3 +249,48 @@ async fn a_refused_certificate_is_logged_once_and_its_agent_backs_off() {
 fn wait_for_nth(p: &Proc, needles: &[&str], n: usize, timeout: Duration) -> String {
     tokio::task::block_in_place(|| p.wait_for_nth(needles, n, timeout))
 }
+
+/// Point 9: when an agent refuses a transfer, its reason comes back as a `RemoteError`: the
+/// CLI prints it and the coordinator logs it, for a `pull` (a fifo in the tree: refused before
+/// any byte is sent) and a `push` (a destination the agent cannot write), instead of a stream
+/// reset by the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_refusals_reach_the_operator() {
+    let b = bins();
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coord::start(&b, &tmp.path().join("state"), "127.0.0.1:0");
+    let token = coord.token(&b, &[]);
+    let _agent = tests::start_agent(&b, &coord, &tmp.path().join("agent"), "refuser", Some(&token));
+    wait_for(&coord.proc, &["agent joined", "refuser"], T);
+
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("ok.txt"), "fine\n").unwrap();
+    let fifo = tree.join("pipe");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let dest = tmp.path().join("pulled");
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        coord.cli(&b, &["pull", "refuser", tree.to_str().unwrap(), dest.to_str().unwrap()])
+    });
+    assert!(!ok, "{out}{err}");
+    let want = format!("agent refuser refused to send {}", tree.display());
+    assert!(err.contains(&want) && err.contains("device, fifo or socket cannot be packed"), "{err}");
+    assert!(!err.contains("reset"), "{err}");
+    assert!(!dest.exists(), "a refused pull left {}", dest.display());
+    wait_for(&coord.proc, &["agent refused a pull", "device, fifo or socket"], T);
+
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f.txt"), vec![7u8; 4 << 20]).unwrap();
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        coord.cli(&b, &["push", "refuser", src.to_str().unwrap(), "/proc/pype-no-such-dir/dest"])
+    });
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("agent refuser refused the transfer") && err.contains("/proc/pype-no-such-dir"),
+        "{err}"
+    );
+    assert!(!err.contains("reset") && !err.contains("stopped"), "{err}");
+    wait_for(&coord.proc, &["agent refused a push", "/proc/pype-no-such-dir"], T);
+}

@@ -56,13 +56,30 @@ impl TreeError {
 pub struct TreeStats {
     pub entries: u64,
     pub content_bytes: u64,
+    /// A check only: every entry is judged and every file opened, no content is read.
+    dry: bool,
 }
 
 /// Packs the tree rooted at `src` (a directory, or a single file) into `out`.
 pub fn pack(src: &Path, out: impl Write) -> Result<TreeStats, TreeError> {
+    pack_tree(src, out, TreeStats::default())
+}
+
+/// Whether [`pack`] would pack `src`: the same walk and the same refusals (special files,
+/// links leaving the tree, unreadable files), without reading any content. A sender runs it
+/// before it starts a transfer, so a refusal is a message to the receiver, not a broken stream.
+pub fn check_packable(src: &Path) -> Result<TreeStats, TreeError> {
+    pack_tree(src, io::sink(), TreeStats { dry: true, ..Default::default() })
+}
+
+/// Like [`check_packable`], for [`pack_paths`].
+pub fn check_paths_packable(root: &Path, paths: &[PathBuf]) -> Result<TreeStats, TreeError> {
+    pack_paths_into(root, paths, io::sink(), TreeStats { dry: true, ..Default::default() })
+}
+
+fn pack_tree(src: &Path, out: impl Write, mut stats: TreeStats) -> Result<TreeStats, TreeError> {
     let mut builder = tar::Builder::new(io::BufWriter::with_capacity(COPY_BUF, out));
     builder.follow_symlinks(false);
-    let mut stats = TreeStats::default();
     let meta =
         fs::symlink_metadata(src).map_err(|e| TreeError::io(format!("reading {}", src.display()), e))?;
     if meta.is_file() {
@@ -154,11 +171,18 @@ fn append_file<W: Write>(
         .open(path)
         .map_err(|e| TreeError::io(format!("opening {}", path.display()), e))?;
     let mut header = base_header(meta, tar::EntryType::Regular);
-    header.set_size(meta.len());
-    // A file that changes size while being read would corrupt the archive; take exactly len.
-    builder
-        .append_data(&mut header, rel, io::BufReader::with_capacity(COPY_BUF, file.take(meta.len())))
-        .map_err(|e| TreeError::io(format!("packing {}", path.display()), e))?;
+    if stats.dry {
+        header.set_size(0);
+        builder
+            .append_data(&mut header, rel, io::empty())
+            .map_err(|e| TreeError::io(format!("packing {}", path.display()), e))?;
+    } else {
+        header.set_size(meta.len());
+        // A file that changes size while being read would corrupt the archive; take exactly len.
+        builder
+            .append_data(&mut header, rel, io::BufReader::with_capacity(COPY_BUF, file.take(meta.len())))
+            .map_err(|e| TreeError::io(format!("packing {}", path.display()), e))?;
+    }
     stats.entries += 1;
     stats.content_bytes += meta.len();
     Ok(())
@@ -557,9 +581,17 @@ pub fn unpack_into(input: impl Read, dest: &Path, limits: UnpackLimits) -> Resul
 /// how a snapshot holds outputs: `/results/a.txt` harvested from a view rooted at `root` is
 /// the entry `results/a.txt`.
 pub fn pack_paths(root: &Path, paths: &[PathBuf], out: impl Write) -> Result<TreeStats, TreeError> {
+    pack_paths_into(root, paths, out, TreeStats::default())
+}
+
+fn pack_paths_into(
+    root: &Path,
+    paths: &[PathBuf],
+    out: impl Write,
+    mut stats: TreeStats,
+) -> Result<TreeStats, TreeError> {
     let mut builder = tar::Builder::new(io::BufWriter::with_capacity(COPY_BUF, out));
     builder.follow_symlinks(false);
-    let mut stats = TreeStats::default();
     let mut emitted: HashSet<PathBuf> = HashSet::new();
     let mut sorted: Vec<PathBuf> = Vec::with_capacity(paths.len());
     for p in paths {
