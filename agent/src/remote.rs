@@ -177,7 +177,7 @@ impl SnapshotRemote for QuicRemote {
         let max = <SnapshotRequest as protocol::codec::Frame>::MAX_LEN;
         if frame > max {
             bail!(
-                "the outputs' file index is {} bytes ({} entries) and with {parts} part ETags makes a \
+                "the outputs' file index is {} bytes ({} entries) and with the ETags of {parts} parts makes a \
                  {frame}-byte frame, over the {max}-byte limit of a direct upload: nothing was uploaded \
                  (store fewer files per output, e.g. as one archive)",
                 index_json.len(),

@@ -13,7 +13,7 @@
 set -euo pipefail
 out=/var/cache/pype/images/bookworm
 agent=""
-mirror=http://deb.debian.org/debian
+mirror=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --agent) agent=$2; shift 2 ;;
@@ -23,6 +23,8 @@ while [ $# -gt 0 ]; do
     *) echo "build-image: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+# The machine's own Debian mirror unless --mirror names one.
+[ -n "$mirror" ] || mirror=$("$(dirname "$0")/../apt-mirror.sh")
 for tool in debootstrap mkfs.ext4 qemu-img; do
   command -v "$tool" >/dev/null || { echo "build-image: $tool is missing (ci-setup installs it)" >&2; exit 1; }
 done
