@@ -331,30 +331,52 @@ impl Coordinator {
     }
 
     /// Hands a result from `sender` to whoever waits for its attempt, or keeps it for a run
-    /// that will adopt the attempt from that agent. Returns false when it was refused.
+    /// that will adopt the attempt from that agent: only a result of an attempt the state
+    /// database has open on `sender` is kept. Returns false when it was refused.
     fn deliver(&self, sender: &str, outcome: StepOutcome) -> bool {
         let attempt_id = outcome.attempt_id;
-        // Lock order: attempts, then unclaimed (as in `adopt`).
-        let mut attempts = lock(&self.attempts);
-        match self.holder_check(&attempts, sender, attempt_id, "a result") {
-            Some(false) => false,
-            Some(true) => {
-                let a = attempts.remove(&attempt_id).expect("checked above");
-                tracing::debug!(
-                    attempt = attempt_id,
-                    exit = ?outcome.exit,
-                    backend = %outcome.backend,
-                    new_entries = outcome.new_entries.len(),
-                    elapsed_ms = outcome.elapsed_ms,
-                    error = outcome.error.as_deref().unwrap_or(""),
-                    "step finished"
-                );
-                let _ = a.events.send((attempt_id, StepEvent::Finished(outcome)));
-                true
+        let outcome = match self.deliver_awaited(sender, outcome) {
+            Ok(ok) => return ok,
+            Err(outcome) => outcome,
+        };
+        // Nobody waits: is it an attempt a run dispatched to this agent and has not ended?
+        match self.state.attempt_holder(attempt_id) {
+            Ok(Some((holder, _))) if holder != sender => {
+                self.refused(sender, &holder, attempt_id, "a result");
+                return false;
             }
-            None => {
-                let mut kept = lock(&self.unclaimed);
-                let evicted = kept.insert(sender, outcome);
+            Ok(Some((_, true))) => {}
+            Ok(Some((_, false))) => {
+                tracing::debug!(attempt = attempt_id, "discarding the result of an attempt that ended");
+                return false;
+            }
+            Ok(None) => {
+                // Made-up attempt ids: one line per sender, however many come.
+                let mut seen = lock(&self.refusals);
+                if seen.insert((0, sender.to_string(), "results for attempts no run dispatched")) {
+                    warn!(
+                        agent = %sender,
+                        attempt = attempt_id,
+                        "refused results from agent {sender} for attempts no run dispatched (first: {attempt_id})"
+                    );
+                }
+                return false;
+            }
+            Err(e) => {
+                warn!(attempt = attempt_id, "state database: {e:#}; result not kept");
+                return false;
+            }
+        }
+        // A run may have adopted it meanwhile.
+        let outcome = match self.deliver_awaited(sender, outcome) {
+            Ok(ok) => return ok,
+            Err(outcome) => outcome,
+        };
+        // Lock order: attempts, then unclaimed (as in `adopt`).
+        let _attempts = lock(&self.attempts);
+        let mut kept = lock(&self.unclaimed);
+        match kept.insert(sender, outcome) {
+            Ok(evicted) => {
                 info!(
                     attempt = attempt_id,
                     kept = kept.len(),
@@ -364,7 +386,35 @@ impl Coordinator {
                 );
                 true
             }
+            Err(why) => {
+                warn!(attempt = attempt_id, agent = %sender, "result not kept: {why}");
+                false
+            }
         }
+    }
+
+    /// Delivers to whoever waits for the attempt (false: refused); the outcome back when
+    /// nobody does.
+    fn deliver_awaited(&self, sender: &str, outcome: StepOutcome) -> Result<bool, StepOutcome> {
+        let attempt_id = outcome.attempt_id;
+        let mut attempts = lock(&self.attempts);
+        match self.holder_check(&attempts, sender, attempt_id, "a result") {
+            None => return Err(outcome),
+            Some(false) => return Ok(false),
+            Some(true) => {}
+        }
+        let Some(a) = attempts.remove(&attempt_id) else { return Err(outcome) };
+        tracing::debug!(
+            attempt = attempt_id,
+            exit = ?outcome.exit,
+            backend = %outcome.backend,
+            new_entries = outcome.new_entries.len(),
+            elapsed_ms = outcome.elapsed_ms,
+            error = outcome.error.as_deref().unwrap_or(""),
+            "step finished"
+        );
+        let _ = a.events.send((attempt_id, StepEvent::Finished(outcome)));
+        Ok(true)
     }
 
     /// Routes a step's start or output lines from `sender` to whoever waits for the attempt.

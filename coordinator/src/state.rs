@@ -472,6 +472,19 @@ impl State {
         Ok(())
     }
 
+    /// The agent an attempt was dispatched to, and whether it is still open (dispatched or
+    /// started); `None` for an attempt no run recorded.
+    pub fn attempt_holder(&self, attempt_id: u64) -> Result<Option<(String, bool)>> {
+        Ok(self
+            .db()
+            .prepare_cached("SELECT agent, state FROM attempts WHERE attempt_id = ?1")?
+            .query_row(params![attempt_id as i64], |r| {
+                let state: String = r.get(1)?;
+                Ok((r.get::<_, String>(0)?, matches!(state.as_str(), "dispatched" | "started")))
+            })
+            .optional()?)
+    }
+
     pub fn attempt_started(&self, attempt_id: u64) -> Result<()> {
         self.db().prepare_cached(
             "UPDATE attempts SET state = 'started', started_ms = ?2 WHERE attempt_id = ?1 AND state = 'dispatched'",

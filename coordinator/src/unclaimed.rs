@@ -65,14 +65,20 @@ impl Unclaimed {
         Self { limits, ..Default::default() }
     }
 
-    /// Keeps `outcome` from `agent`, evicting the oldest results until both bounds hold; a
-    /// result larger than the whole byte bound is not kept. Returns how many were evicted.
-    pub fn insert(&mut self, agent: &str, outcome: StepOutcome) -> usize {
+    /// Keeps `outcome` from `agent`, evicting the oldest results until both bounds hold, and
+    /// returns how many were evicted. Refused: a result for an attempt another agent's result
+    /// is kept for, or one larger than the whole byte bound.
+    pub fn insert(&mut self, agent: &str, outcome: StepOutcome) -> Result<usize, String> {
         let attempt = outcome.attempt_id;
+        if let Some(k) = self.by_attempt.get(&attempt)
+            && k.agent != agent
+        {
+            return Err(format!("agent {} sent a result for attempt {attempt} first", k.agent));
+        }
         self.remove(attempt);
         let bytes = size_of(&outcome) + agent.len();
         if bytes > self.limits.max_bytes || self.limits.max_results == 0 {
-            return 0;
+            return Err(format!("{bytes} bytes, over the bound of {} bytes", self.limits.max_bytes));
         }
         let mut evicted = 0;
         while self.by_attempt.len() + 1 > self.limits.max_results
@@ -89,7 +95,7 @@ impl Unclaimed {
         self.order.insert(seq, attempt);
         self.bytes += bytes;
         self.by_attempt.insert(attempt, Kept { agent: agent.to_string(), outcome, bytes, seq });
-        evicted
+        Ok(evicted)
     }
 
     /// The result of `attempt` if `agent` sent it; a result another agent sent stays (and is
@@ -156,20 +162,20 @@ mod tests {
         let one = size_of(&outcome(1, 100)) + "a".len();
         let mut u = Unclaimed::new(Limits { max_results: 1000, max_bytes: one * 3 });
         for id in 1..=3 {
-            assert_eq!(u.insert("a", outcome(id, 100)), 0);
+            assert_eq!(u.insert("a", outcome(id, 100)), Ok(0));
         }
         assert_eq!((u.len(), u.bytes()), (3, one * 3));
         // A fourth pushes out the first only.
-        assert_eq!(u.insert("a", outcome(4, 100)), 1);
+        assert_eq!(u.insert("a", outcome(4, 100)), Ok(1));
         assert_eq!(u.take(1, "a"), Ok(None));
         assert!(u.take(2, "a").unwrap().is_some());
         // One big result pushes out as many as it needs, oldest first.
         let big = outcome(5, 250);
-        assert_eq!(u.insert("a", big), 2);
+        assert_eq!(u.insert("a", big), Ok(2));
         assert_eq!(u.len(), 1);
         assert!(u.bytes() <= one * 3);
         // A result over the whole bound is not kept, and evicts nothing.
-        assert_eq!(u.insert("a", outcome(6, 1000)), 0);
+        assert!(u.insert("a", outcome(6, 1000)).is_err());
         assert_eq!(u.take(6, "a"), Ok(None));
         assert!(u.take(5, "a").unwrap().is_some());
         assert_eq!((u.len(), u.bytes()), (0, 0));
@@ -178,20 +184,22 @@ mod tests {
     #[test]
     fn bounded_in_count() {
         let mut u = Unclaimed::new(Limits { max_results: 2, max_bytes: usize::MAX });
-        u.insert("a", outcome(1, 0));
-        u.insert("a", outcome(2, 0));
-        u.insert("a", outcome(3, 0));
+        for id in 1..=3 {
+            u.insert("a", outcome(id, 0)).unwrap();
+        }
         assert_eq!(u.len(), 2);
         assert_eq!(u.take(1, "a"), Ok(None));
         // Sending the same attempt again replaces it, no growth.
-        u.insert("a", outcome(3, 10));
+        u.insert("a", outcome(3, 10)).unwrap();
         assert_eq!(u.len(), 2);
     }
 
     #[test]
     fn only_the_sender_takes_its_result() {
         let mut u = Unclaimed::new(Limits::default());
-        u.insert("honest", outcome(7, 1));
+        u.insert("honest", outcome(7, 1)).unwrap();
+        // A forger can neither take it nor replace it.
+        assert!(u.insert("forger", outcome(7, 5)).unwrap_err().contains("agent honest"));
         assert_eq!(u.take(7, "forger"), Err("honest".to_string()));
         assert!(u.take(7, "honest").unwrap().is_some());
         assert!(u.is_empty());

@@ -15,6 +15,17 @@ pub struct Bins {
     pub agent: PathBuf,
 }
 
+/// The binaries under test, in an integration test (where cargo sets `CARGO_BIN_EXE_*`).
+#[macro_export]
+macro_rules! bins {
+    () => {
+        $crate::Bins {
+            coordinator: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
+            agent: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
+        }
+    };
+}
+
 type Lines = Arc<(Mutex<Vec<String>>, Condvar)>;
 
 /// A child process whose stderr is captured line by line.

@@ -24,10 +24,7 @@ use tests::{Bins, Proc, manifest, run_id};
 const LONG: Duration = Duration::from_secs(120);
 
 fn bins() -> Bins {
-    Bins {
-        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
-        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
-    }
+    tests::bins!()
 }
 
 fn is_root() -> bool {

@@ -22,10 +22,7 @@ use tests::{Bins, Lan, MOTO_SECRET, Moto, Proc, T, example_in, run_id};
 const LONG: Duration = Duration::from_secs(240);
 
 fn bins() -> Bins {
-    Bins {
-        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
-        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
-    }
+    tests::bins!()
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -678,7 +675,7 @@ fn a_subnet_that_does_not_exist_fails_the_run_at_once() {
     let started = std::time::Instant::now();
     let mut run = fx.start_aws_run(&state, &cfg, &pipeline, &[]);
     assert!(!run.wait_exit(LONG).success(), "{}", run.dump());
-    let line = run.wait_for(&["did not succeed"], T);
+    let line = run.wait_for(&["did not start"], T);
     assert!(
         line.contains("no instance can be created") && line.contains("InvalidSubnetID.NotFound"),
         "{line}\n{}",

@@ -10,10 +10,7 @@ use serde_json::Value;
 use tests::{Bins, Coord, Proc, T, start_agent_env};
 
 fn bins() -> Bins {
-    Bins {
-        coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(),
-        agent: env!("CARGO_BIN_EXE_e2e-agent").into(),
-    }
+    tests::bins!()
 }
 
 fn can_mount() -> bool {

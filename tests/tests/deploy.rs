@@ -181,10 +181,7 @@ fn slurm_batch_script_runs_an_agent_that_leaves_cleanly_on_scancel_term() {
     else {
         return;
     };
-    let bins = tests::Bins {
-        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
-        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
-    };
+    let bins = tests::bins!();
     let dir = tempfile::tempdir().unwrap();
     let coord = tests::Coord::start(&bins, &dir.path().join("state"), "127.0.0.1:0");
     let token = coord.token(&bins, &[]);

@@ -12,10 +12,7 @@ use std::time::Duration;
 use tests::{Bins, Proc};
 
 fn bins() -> Bins {
-    Bins {
-        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
-        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
-    }
+    tests::bins!()
 }
 
 const LONG: Duration = Duration::from_secs(120);

@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 use tests::{Bins, Coord, Proc, T, start_agent_env};
 
 fn bins() -> Bins {
-    Bins {
-        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
-        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
-    }
+    tests::bins!()
 }
 
 fn have(tool: &str) -> bool {

@@ -6,10 +6,7 @@ use std::time::Duration;
 use tests::{Bins, Coord, T, start_agent};
 
 fn bins() -> Bins {
-    Bins {
-        coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(),
-        agent: env!("CARGO_BIN_EXE_e2e-agent").into(),
-    }
+    tests::bins!()
 }
 
 #[test]

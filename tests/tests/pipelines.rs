@@ -9,10 +9,7 @@ use std::time::Duration;
 use tests::{Bins, Coord, Proc, T, agent_of, run_id, start_agent_env};
 
 fn bins() -> Bins {
-    Bins {
-        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
-        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
-    }
+    tests::bins!()
 }
 
 const LONG: Duration = Duration::from_secs(90);

@@ -9,10 +9,7 @@ use std::path::Path;
 use tests::{Bins, Coord, T, manifest, start_agent};
 
 fn bins() -> Bins {
-    Bins {
-        coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(),
-        agent: env!("CARGO_BIN_EXE_e2e-agent").into(),
-    }
+    tests::bins!()
 }
 
 fn build_tree(root: &Path) {

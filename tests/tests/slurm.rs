@@ -12,10 +12,7 @@ use tests::{Bins, Proc, Slurm, T, agent_of, example_in, run_id};
 const LONG: Duration = Duration::from_secs(120);
 
 fn bins() -> Bins {
-    Bins {
-        coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
-        agent: PathBuf::from(env!("CARGO_BIN_EXE_e2e-agent")),
-    }
+    tests::bins!()
 }
 
 struct Fx {
@@ -406,7 +403,7 @@ fn a_partition_that_does_not_exist_fails_the_run_at_once() {
     let started = Instant::now();
     let mut run = fx.start_slurm_run(&cfg, &pipeline, &[]);
     assert!(!run.wait_exit(LONG).success(), "{}", run.dump());
-    let line = run.wait_for(&["did not succeed"], T);
+    let line = run.wait_for(&["did not start"], T);
     assert!(
         line.contains("no instance can be created") && line.to_lowercase().contains("invalid partition"),
         "{line}"

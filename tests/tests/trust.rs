@@ -9,10 +9,7 @@ use tests::{Bins, Coord, T, closed_reason, connect, enroll_identity, hello, star
 use transport::{framed, pki};
 
 fn bins() -> Bins {
-    Bins {
-        coordinator: env!("CARGO_BIN_EXE_e2e-coordinator").into(),
-        agent: env!("CARGO_BIN_EXE_e2e-agent").into(),
-    }
+    tests::bins!()
 }
 
 fn state_ca(coord: &Coord) -> pki::Ca {

@@ -352,6 +352,19 @@ impl std::fmt::Display for LimitExceeded {
 }
 impl std::error::Error for LimitExceeded {}
 
+/// The target of a link entry; `what` names the kind of link in the refusal.
+fn link_target<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    raw_path: &Path,
+    what: &str,
+) -> Result<PathBuf, TreeError> {
+    Ok(entry
+        .link_name()
+        .map_err(|e| map_read_err("reading link target", e))?
+        .ok_or_else(|| TreeError::refused(raw_path, format!("{what} without a target")))?
+        .into_owned())
+}
+
 fn map_read_err(context: impl Into<String>, e: io::Error) -> TreeError {
     if let Some(LimitExceeded(limit)) = e.get_ref().and_then(|i| i.downcast_ref::<LimitExceeded>()) {
         return TreeError::TooLarge { limit: *limit };
@@ -419,11 +432,7 @@ pub fn unpack(input: impl Read, staging: &Path, limits: UnpackLimits) -> Result<
                 stats.content_bytes += written;
             }
             tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| map_read_err("reading link target", e))?
-                    .ok_or_else(|| TreeError::refused(&raw_path, "symlink without a target"))?
-                    .into_owned();
+                let target = link_target(&entry, &raw_path, "symlink")?;
                 if !resolves_inside(staging, &rel, &target) {
                     return Err(TreeError::refused(
                         &raw_path,
@@ -441,11 +450,7 @@ pub fn unpack(input: impl Read, staging: &Path, limits: UnpackLimits) -> Result<
                 links.push((rel, target));
             }
             tar::EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| map_read_err("reading link target", e))?
-                    .ok_or_else(|| TreeError::refused(&raw_path, "hardlink without a target"))?
-                    .into_owned();
+                let target = link_target(&entry, &raw_path, "hardlink")?;
                 let target_rel = sanitize(&target).map_err(|_| {
                     TreeError::refused(
                         &raw_path,
@@ -1028,11 +1033,7 @@ pub fn stage_out(
                 }
             }
             tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| map_read_err("reading link target", e))?
-                    .ok_or_else(|| TreeError::refused(&raw_path, "symlink without a target"))?
-                    .into_owned();
+                let target = link_target(&entry, &raw_path, "symlink")?;
                 links.push((rest.clone(), target.clone()));
                 match existing {
                     Some(st) if st.kind == Kind::Dir => {
