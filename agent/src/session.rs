@@ -206,6 +206,9 @@ enum Ended {
     Shutdown,
     /// Connection lost; reconnect.
     Lost(String),
+    /// The coordinator refused this agent's certificate at the TLS handshake; reconnect at
+    /// the longest interval.
+    CertificateRefused(String),
     /// The coordinator will never accept this agent as it is (revoked, other version): stop.
     Fatal(String),
 }
@@ -293,6 +296,14 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
             }
             Ok(Ended::Fatal(reason)) => bail!("{reason}"),
             Ok(Ended::Lost(reason)) => warn!(reason = %reason, "lost coordinator"),
+            Ok(Ended::CertificateRefused(reason)) => {
+                how = crate::backoff::Ended::CertificateRefused;
+                warn!(
+                    retry_ms = cfg.max_backoff.as_millis() as u64,
+                    "the coordinator {} refused this agent's certificate: {reason}; retrying at the longest interval",
+                    cfg.coordinator
+                );
+            }
             Err(e) if certificate_refused(&e) => {
                 how = crate::backoff::Ended::CertificateRefused;
                 warn!(
@@ -346,16 +357,21 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
 /// Whether `e` is the coordinator closing the handshake with a TLS alert about this agent's
 /// certificate (QUIC carries alert N as transport error 0x100 + N).
 fn certificate_refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<quinn::ConnectionError>().is_some_and(certificate_alert))
+}
+
+/// Whether the peer closed the connection with a TLS alert about our certificate.
+fn certificate_alert(err: &quinn::ConnectionError) -> bool {
     // bad_certificate, unsupported_certificate, certificate_revoked, certificate_expired,
     // certificate_unknown, unknown_ca, access_denied, certificate_required.
     const ALERTS: [u64; 8] = [42, 43, 44, 45, 46, 48, 49, 116];
-    e.chain().any(|c| match c.downcast_ref::<quinn::ConnectionError>() {
-        Some(quinn::ConnectionError::ConnectionClosed(close)) => {
+    match err {
+        quinn::ConnectionError::ConnectionClosed(close) => {
             let code = u64::from(close.error_code);
             (0x100..0x200).contains(&code) && ALERTS.contains(&(code - 0x100))
         }
         _ => false,
-    })
+    }
 }
 
 fn close_reason_of(err: &quinn::ConnectionError) -> Option<(CloseCode, String)> {
@@ -369,6 +385,9 @@ fn close_reason_of(err: &quinn::ConnectionError) -> Option<(CloseCode, String)> 
 }
 
 fn classify(err: &quinn::ConnectionError) -> Ended {
+    if certificate_alert(err) {
+        return Ended::CertificateRefused(err.to_string());
+    }
     match close_reason_of(err) {
         Some((CloseCode::VersionMismatch, r)) => Ended::Fatal(format!("coordinator refused this agent: {r}")),
         Some((CloseCode::Unauthorized, r)) => Ended::Fatal(format!(

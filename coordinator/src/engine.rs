@@ -242,32 +242,38 @@ impl Engine {
         );
         // One agent to plan with; the scheduler raises the demand as steps become ready.
         self.want_agents(&run_id, 1, 1, HashSet::new(), Vec::new());
-        let result =
-            match self.prepare(&pipeline, &opts, &run_id, done, &in_flight, &mut rep, &shutdown).await {
-                Ok(Some((decisions, reg))) => {
-                    self.schedule(
-                        &pipeline,
-                        &opts,
-                        &run_id,
-                        &decisions,
-                        &attempts_before,
-                        in_flight,
-                        reg,
-                        &mut rep,
-                        &shutdown,
-                    )
-                    .await
+        let prepared = self.prepare(&pipeline, &opts, &run_id, done, &in_flight, &mut rep, &shutdown).await;
+        let result = match prepared {
+            Ok(Some((decisions, reg))) => {
+                self.schedule(
+                    &pipeline,
+                    &opts,
+                    &run_id,
+                    &decisions,
+                    &attempts_before,
+                    in_flight,
+                    reg,
+                    &mut rep,
+                    &shutdown,
+                )
+                .await
+            }
+            Ok(None) if !is_new => Ok((false, "interrupted before any agent joined".to_string())),
+            Err(e) if !is_new => Err(e),
+            // A new run that cannot start leaves nothing to resume: it is not recorded.
+            not_started => {
+                let e = match not_started {
+                    Err(e) => e,
+                    _ => anyhow!("interrupted before the run started; nothing ran"),
+                };
+                self.want_agents(&run_id, 0, 0, HashSet::new(), Vec::new());
+                if let Err(db) = self.state.forget_run(&run_id) {
+                    warn!(run = %run_id, "state database: could not remove the run that did not start: {db:#}");
                 }
-                Ok(None) => Ok((false, "interrupted before any agent joined".to_string())),
-                // A new run that cannot start leaves nothing to resume: it is not recorded.
-                Err(e) if is_new => {
-                    self.want_agents(&run_id, 0, 0, HashSet::new(), Vec::new());
-                    self.state.forget_run(&run_id)?;
-                    rep.emit("run not started", None, None, None, &format!("{e:#}"));
-                    return Err(e.context(format!("pipeline {} did not start", pipeline.name)));
-                }
-                Err(e) => Err(e),
-            };
+                rep.emit("run not started", None, None, None, &format!("{e:#}"));
+                return Err(e.context(format!("pipeline {} did not start", pipeline.name)));
+            }
+        };
         self.want_agents(&run_id, 0, 0, HashSet::new(), Vec::new());
         let (state, error, succeeded, summary) = match result {
             Ok((true, summary)) => ("succeeded", None, true, summary),
@@ -409,6 +415,16 @@ impl Engine {
                     tail.join("\n")
                 );
             }
+            // A build's result is judged like a harvest: only its own key, links inside it.
+            let (store, outputs, entries, name) = (
+                self.coord.store().clone(),
+                vec![reg_key.clone()],
+                outcome.new_entries.clone(),
+                step_name.clone(),
+            );
+            tokio::task::spawn_blocking(move || check_harvest(store.as_ref(), &name, &outputs, &entries))
+                .await?
+                .map_err(|why| anyhow!("building program {reg_key}: the result was refused: {why}"))?;
             self.registry.merge(outcome.new_entries)?;
             if let Some(r) = rep {
                 r.emit("program built", Some(&step_name), Some(outcome.attempt_id), Some(&agent), &reg_key);
@@ -1047,7 +1063,12 @@ impl Engine {
                 let step = &p.steps[r.step];
                 let mut end = judge(step, &outcome);
                 if matches!(end, AttemptEnd::Succeeded)
-                    && let Err(why) = check_harvest(self.coord.store().as_ref(), step, &outcome.new_entries)
+                    && let Err(why) = check_harvest(
+                        self.coord.store().as_ref(),
+                        &step.name,
+                        &step.outputs,
+                        &outcome.new_entries,
+                    )
                 {
                     warn!(run = %run_id, step = %name, attempt = attempt_id, agent = %r.agent, "harvest refused: {why}");
                     end = AttemptEnd::InfraFailed(format!("harvest refused: {why}"));
@@ -1171,12 +1192,13 @@ fn exit_text(o: &StepOutcome) -> String {
 /// in it leads outside the declared output once restored at its real path.
 fn check_harvest(
     store: &dyn crate::store::SnapshotStore,
-    step: &crate::pipeline::Step,
+    step: &str,
+    outputs: &[String],
     entries: &[(String, protocol::RegistryEntry)],
 ) -> std::result::Result<(), String> {
     for (path, e) in entries {
-        if !step.outputs.contains(path) {
-            return Err(format!("{path} is not a declared output of step {}", step.name));
+        if !outputs.contains(path) {
+            return Err(format!("{path} is not a declared output of step {step}"));
         }
         let meta = match store.meta(&e.snapshot_id) {
             Ok(Some(m)) => m,

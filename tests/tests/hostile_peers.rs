@@ -3,7 +3,6 @@
 //! in bytes.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 

@@ -304,6 +304,19 @@ impl S3Store {
         result
     }
 
+    /// Rebuilds the index of stored snapshot `id` from its bytes, read through the verified
+    /// read cache, and stores it.
+    fn reindex(&self, id: &str) -> Result<SnapshotMeta> {
+        let (path, digest) = self.open(id)?;
+        let wire_bytes = fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
+        let (files, _) = transport::archive::index(&path, self.limits)
+            .with_context(|| format!("indexing snapshot {id}"))?;
+        let meta = super::meta_from_index(id, wire_bytes, &digest, files)?;
+        self.put_index(&meta)?;
+        info!(snapshot = %id, "snapshot store: indexed an old snapshot again, with its link targets");
+        Ok(meta)
+    }
+
     fn cache_path(&self, id: &str) -> PathBuf {
         self.local.join("cache").join(format!("{id}.tar.zst"))
     }
@@ -504,10 +517,14 @@ impl DirectStore for S3Store {
 
     fn begin(&self, wire_bytes: u64, digest: [u8; 32]) -> Result<Begin> {
         let id = snapshot_id_of(&digest);
-        if let Some(meta) = self.meta(&id)?
-            && meta.links_indexed()
-        {
-            return Ok(Begin::Exists(meta));
+        if let Some(meta) = self.meta(&id)? {
+            if meta.links_indexed() {
+                return Ok(Begin::Exists(meta));
+            }
+            // An index from before link targets were recorded: the coordinator indexes the
+            // stored bytes again (checked against their digest on the way). Nothing an agent
+            // uploads ever replaces an object the store holds.
+            return self.reindex(&id).map(Begin::Exists);
         }
         let parts = wire_bytes.div_ceil(self.part_size).max(1);
         if parts > MAX_PARTS {
