@@ -112,7 +112,9 @@ impl Fx {
         let path = self.p(&format!("p-{}.toml", rand::random::<u32>()));
         std::fs::write(&path, text.replace("{d}", &self.d())).unwrap();
         let mut cmd = Command::new(&self.bins.coordinator);
-        cmd.arg("--state-dir").arg(self.state()).arg("run").arg("--heartbeat-interval-ms").arg("200");
+        // Heartbeats every second: these runs copy and mount on a loaded 2-core machine, and
+        // nothing here is about losing agents.
+        cmd.arg("--state-dir").arg(self.state()).arg("run").arg("--heartbeat-interval-ms").arg("1000");
         cmd.args(["--agents", "1", "--infra-retries", "0"]).arg(&path);
         for (k, v) in env {
             cmd.env(k, v);

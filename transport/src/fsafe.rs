@@ -192,13 +192,14 @@ impl Dir {
         }
     }
 
-    /// Opens the regular file `name` for reading, refusing a symlink.
+    /// Opens the regular file `name` for reading, refusing a symlink, and anything else that
+    /// is not a regular file (without blocking on a fifo put in its place).
     pub fn open_file(&self, name: &OsStr) -> io::Result<File> {
         let name = single(name)?;
         let fd = rustix::fs::openat(
             &self.fd,
             name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
             Mode::empty(),
         )
         .map_err(|e| {
@@ -208,6 +209,13 @@ impl Dir {
                 io::Error::new(err(e).kind(), format!("opening {}: {e}", self.path.join(name).display()))
             }
         })?;
+        let st = rustix::fs::fstat(&fd).map_err(err)?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", self.path.join(name).display()),
+            ));
+        }
         Ok(File::from(fd))
     }
 
@@ -368,5 +376,20 @@ mod tests {
         d.remove_all(OsStr::new("real")).unwrap();
         assert!(outside.exists());
         assert_eq!(d.names().unwrap(), vec![OsString::from("link"), OsString::from("new")]);
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_a_file_is_refused_without_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        let fifo = std::ffi::CString::new(t.path().join("f").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        std::fs::write(t.path().join("plain"), b"x").unwrap();
+        let d = Dir::open(t.path()).unwrap();
+        let e = d.open_file(OsStr::new("f")).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut d.open_file(OsStr::new("plain")).unwrap(), &mut text).unwrap();
+        assert_eq!(text, "x");
     }
 }

@@ -795,6 +795,8 @@ pub struct WriteOutStats {
 pub struct PendingOut {
     root: Dir,
     renames: Vec<(Dir, OsString, OsString)>,
+    /// Files that hold the stored bytes but not the stored mode: set at commit.
+    modes: Vec<(Dir, OsString, u32)>,
     created: Vec<PathBuf>,
     dir_times: Vec<(PathBuf, u32, u64)>,
     done: bool,
@@ -802,8 +804,16 @@ pub struct PendingOut {
 
 impl PendingOut {
     pub fn commit(mut self) -> Result<(), TreeError> {
-        for (dir, temp, name) in std::mem::take(&mut self.renames) {
-            dir.rename(&temp, &dir, &name).map_err(|e| TreeError::io("writing out", e))?;
+        // On a failure, dropping `self` removes every temp file still there (those renamed
+        // already are gone under their temp names).
+        for (dir, temp, name) in &self.renames {
+            dir.rename(temp, dir, name).map_err(|e| TreeError::io("writing out", e))?;
+        }
+        self.renames.clear();
+        for (dir, name, mode) in std::mem::take(&mut self.modes) {
+            if let Ok(f) = dir.open_file(&name) {
+                let _ = f.set_permissions(fs::Permissions::from_mode(mode));
+            }
         }
         // Directories this write-out created take the stored mode and mtime, deepest first.
         self.dir_times.sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
@@ -930,6 +940,7 @@ pub fn stage_out(
     let mut pending = PendingOut {
         root: root_dir.try_clone().map_err(|e| TreeError::io("opening the root", e))?,
         renames: Vec::new(),
+        modes: Vec::new(),
         created: Vec::new(),
         dir_times: Vec::new(),
         done: false,
@@ -1007,9 +1018,9 @@ pub fn stage_out(
                         stats.unchanged += 1;
                         if let Some(st) = existing
                             && st.mode & 0o777 != mode
-                            && let Ok(f) = parent.open_file(&name)
+                            && let Ok(d) = parent.try_clone()
                         {
-                            let _ = f.set_permissions(fs::Permissions::from_mode(mode));
+                            pending.modes.push((d, name.clone(), mode));
                         }
                     }
                     Some((temp, file, written)) => {
