@@ -123,6 +123,21 @@ impl Drop for Proc {
     }
 }
 
+/// Runs `pype-coordinator --state-dir STATE ARGS...` to its end; returns (ok, stdout, stderr).
+pub fn cli(bins: &Bins, state: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(&bins.coordinator)
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("running pype-coordinator");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A coordinator with its own state dir.
 pub struct Coord {
     pub proc: Proc,
@@ -155,17 +170,7 @@ impl Coord {
 
     /// Runs a `pype-coordinator` subcommand against this state dir; returns (ok, stdout, stderr).
     pub fn cli(&self, bins: &Bins, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(&bins.coordinator)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .args(args)
-            .output()
-            .expect("running pype-coordinator");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        cli(bins, &self.state_dir, args)
     }
 
     pub fn cli_ok(&self, bins: &Bins, args: &[&str]) -> String {

@@ -73,19 +73,9 @@ impl Fx {
     }
 
     fn cli_ok(&self, args: &[&str]) -> String {
-        let out = Command::new(&self.bins.coordinator)
-            .arg("--state-dir")
-            .arg(self.state())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pype-coordinator {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (ok, stdout, stderr) = tests::cli(&self.bins, &self.state(), args);
+        assert!(ok, "pype-coordinator {args:?} failed:\n{stdout}\n{stderr}");
+        stdout
     }
 
     /// Merges `{path: (snapshot_id, in_snapshot_path)}` into the working registry.

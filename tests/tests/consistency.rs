@@ -7,11 +7,10 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 struct Fx {
     dir: tempfile::TempDir,
-    coordinator: PathBuf,
+    bins: tests::Bins,
 }
 
 /// What a command printed: success, stdout, stderr.
@@ -23,10 +22,7 @@ struct Out {
 
 impl Fx {
     fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            coordinator: PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator")),
-        }
+        Self { dir: tempfile::tempdir().unwrap(), bins: tests::bins!() }
     }
 
     fn d(&self) -> String {
@@ -45,17 +41,8 @@ impl Fx {
     }
 
     fn cli(&self, args: &[&str]) -> Out {
-        let out = Command::new(&self.coordinator)
-            .arg("--state-dir")
-            .arg(self.p("state"))
-            .args(args)
-            .output()
-            .unwrap();
-        Out {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        let (ok, stdout, stderr) = tests::cli(&self.bins, &self.p("state"), args);
+        Out { ok, stdout, stderr }
     }
 
     fn run(&self, pipeline: &Path, extra: &[&str]) -> Out {

@@ -62,17 +62,7 @@ impl Fx {
     }
 
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(&self.bins.coordinator)
-            .arg("--state-dir")
-            .arg(self.state())
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        tests::cli(&self.bins, &self.state(), args)
     }
 
     fn cli_ok(&self, args: &[&str]) -> String {
