@@ -258,21 +258,13 @@ impl Engine {
                 )
                 .await
             }
-            Ok(None) if !is_new => Ok((false, "interrupted before any agent joined".to_string())),
-            Err(e) if !is_new => Err(e),
-            // A new run that cannot start leaves nothing to resume: it is not recorded.
-            not_started => {
-                let e = match not_started {
-                    Err(e) => e,
-                    _ => anyhow!("interrupted before the run started; nothing ran"),
-                };
-                self.want_agents(&run_id, 0, 0, HashSet::new(), Vec::new());
-                if let Err(db) = self.state.forget_run(&run_id) {
-                    warn!(run = %run_id, "state database: could not remove the run that did not start: {db:#}");
-                }
-                rep.emit("run not started", None, None, None, &format!("{e:#}"));
-                return Err(e.context(format!("pipeline {} did not start", pipeline.name)));
+            Ok(None) if is_new => {
+                let e = anyhow!("interrupted before the run started; nothing ran");
+                return Err(self.not_started(&pipeline, &run_id, &rep, e));
             }
+            Ok(None) => Ok((false, "interrupted before any agent joined".to_string())),
+            Err(e) if is_new => return Err(self.not_started(&pipeline, &run_id, &rep, e)),
+            Err(e) => Err(e),
         };
         self.want_agents(&run_id, 0, 0, HashSet::new(), Vec::new());
         let (state, error, succeeded, summary) = match result {
@@ -289,6 +281,23 @@ impl Engine {
         self.state.set_run_state(&run_id, state, error.as_deref())?;
         rep.emit("run finished", None, None, None, &format!("{state}: {summary}"));
         Ok(RunResult { run_id, succeeded, summary })
+    }
+
+    /// A new run that could not start leaves nothing to resume: it is removed from the state
+    /// database, and the error says it did not start.
+    fn not_started(
+        &self,
+        pipeline: &Pipeline,
+        run_id: &str,
+        rep: &Reporter,
+        e: anyhow::Error,
+    ) -> anyhow::Error {
+        self.want_agents(run_id, 0, 0, HashSet::new(), Vec::new());
+        if let Err(db) = self.state.forget_run(run_id) {
+            warn!(run = %run_id, "state database: could not remove the run that did not start: {db:#}");
+        }
+        rep.emit("run not started", None, None, None, &format!("{e:#}"));
+        e.context(format!("pipeline {} did not start", pipeline.name))
     }
 
     /// Waits until at least `n` agents are connected.
