@@ -10,6 +10,7 @@ pub mod mounts;
 pub mod objects;
 pub mod remote;
 pub mod runner;
+pub mod served;
 pub mod session;
 pub mod settings;
 pub mod step;

@@ -29,6 +29,10 @@ pub trait SnapshotRemote: Send + Sync {
     async fn store(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo>;
     /// Sizes of `(snapshot_id, in_snapshot_path)` pairs, from the store's index.
     async fn stat(&self, queries: Vec<(String, String)>) -> Result<Vec<Option<u64>>>;
+    /// The coordinator's working registry.
+    async fn registry(&self) -> Result<protocol::Registry> {
+        bail!("this snapshot remote has no registry")
+    }
 }
 
 /// Requests over the agent's QUIC connection, whichever connection is current.
@@ -60,7 +64,7 @@ impl QuicRemote {
     }
 
     /// The coordinator's working registry, for an instance whose user-data had no room for it.
-    pub async fn registry(&self) -> Result<protocol::Registry> {
+    pub async fn fetch_registry(&self) -> Result<protocol::Registry> {
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::Registry).await?;
         send.finish()?;
@@ -97,6 +101,10 @@ fn refused(e: protocol::RemoteError) -> anyhow::Error {
 
 #[async_trait]
 impl SnapshotRemote for QuicRemote {
+    async fn registry(&self) -> Result<protocol::Registry> {
+        self.fetch_registry().await
+    }
+
     async fn fetch(&self, id: &str, dest: &Path) -> Result<TransferSummary> {
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::FetchDirect { snapshot_id: id.to_string() }).await?;

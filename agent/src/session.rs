@@ -415,7 +415,7 @@ async fn fetch_registry(quic: Arc<QuicRemote>, steps: Steps, shutdown: Cancellat
     loop {
         let got = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = quic.registry() => r,
+            r = quic.fetch_registry() => r,
         };
         match got {
             Ok(reg) => {

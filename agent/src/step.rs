@@ -24,7 +24,7 @@ use crate::exec::{self, ExecEnd, ExecSpec};
 use crate::mounts::{self, NsPlan};
 use crate::remote::SnapshotRemote;
 use crate::settings::Settings;
-use crate::subst;
+use crate::{served, subst};
 
 /// What every attempt on this agent shares.
 #[derive(Clone)]
@@ -54,7 +54,7 @@ impl Steps {
         self.settings.work_dir.join("logs").join(format!("attempt-{}", spec.attempt_id))
     }
 
-    fn context(&self, attempt_id: u64, run: &str, step: &str) -> StepContext {
+    pub(crate) fn context(&self, attempt_id: u64, run: &str, step: &str) -> StepContext {
         StepContext {
             settings: self.settings.clone(),
             attempt_id,
@@ -63,6 +63,7 @@ impl Steps {
             step_dir: self.step_dir(attempt_id),
             cache: self.cache.clone(),
             remote: self.remote.clone(),
+            registry: None,
         }
     }
 
@@ -162,7 +163,8 @@ impl Steps {
         if step_dir.exists() && mounts::mounts_under(&step_dir).is_empty() {
             remove_tree(&step_dir);
         }
-        outcome.new_entries = backend.take_new_entries();
+        // What the snippet's own processes harvested through the served backend comes first.
+        outcome.new_entries.extend(backend.take_new_entries());
         if let Err(e) = self.merge_registry(&outcome.new_entries).await {
             warn!("could not record new registry entries: {e:#}");
         }
@@ -252,6 +254,14 @@ impl Steps {
             env.push((format!("PYPE_OUTPUT_{}", i + 1), effective(p)));
         }
         std::fs::write(log_dir.join("command.sh"), &script).context("writing command.sh")?;
+        let served = if matches!(spec.kind, StepKind::Run) && served::wanted(spec) {
+            let s =
+                served::Served::start(self, spec).await.context("serving the storage backend to the step")?;
+            env.push((served::SOCKET_ENV.to_string(), s.socket.to_string_lossy().into_owned()));
+            Some(s)
+        } else {
+            None
+        };
         info!(attempt = spec.attempt_id, backend = %backend.name(), view = %how, "running snippet");
         on_start(backend.name(), &how);
         let end = exec::run(
@@ -269,6 +279,9 @@ impl Steps {
             lines,
         )
         .await;
+        if let Some(s) = served {
+            outcome.new_entries = s.finish().await;
+        }
         let end = end?;
         outcome.exit = match end {
             ExecEnd::Exited(c) => StepExit::Exited(c),

@@ -21,7 +21,7 @@ use protocol::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::pipeline::{Pipeline, Profile};
 use crate::plan::{self, Action as Planned, PlanOptions};
@@ -72,6 +72,8 @@ pub struct Engine {
     pub state_dir: PathBuf,
     /// Agents the current run wants, for a provisioner to follow.
     pub demand: tokio::sync::watch::Sender<crate::provision::Demand>,
+    /// Steps clients cancel, `(run, step)`: each running run takes its own.
+    pub cancels: tokio::sync::broadcast::Sender<(String, String)>,
 }
 
 fn new_run_id(pipeline: &str) -> String {
@@ -185,6 +187,20 @@ impl Engine {
     }
 
     /// Opens (or reopens, with `resume`) a run and drives it to its end.
+    /// Cancels `step` of the running `run` (a client's request): its attempt is cancelled
+    /// without a retry, and what depends on it is cancelled. Errors when no run of this
+    /// coordinator is running.
+    pub fn cancel_step(&self, run: &str, step: &str) -> Result<()> {
+        let rec = self.state.run(run)?.ok_or_else(|| anyhow!("no run {run}"))?;
+        if rec.state != "running" {
+            bail!("run {run} is {}, not running", rec.state);
+        }
+        self.cancels
+            .send((run.to_string(), step.to_string()))
+            .map_err(|_| anyhow!("run {run} is not running on this coordinator"))?;
+        Ok(())
+    }
+
     pub async fn run(
         &self,
         pipeline: Pipeline,
@@ -431,9 +447,11 @@ impl Engine {
                 outcome.new_entries.clone(),
                 step_name.clone(),
             );
-            tokio::task::spawn_blocking(move || check_harvest(store.as_ref(), &name, &outputs, &entries))
-                .await?
-                .map_err(|why| anyhow!("building program {reg_key}: the result was refused: {why}"))?;
+            tokio::task::spawn_blocking(move || {
+                check_harvest(store.as_ref(), &name, &outputs, &[], &entries)
+            })
+            .await?
+            .map_err(|why| anyhow!("building program {reg_key}: the result was refused: {why}"))?;
             self.registry.merge(outcome.new_entries)?;
             if let Some(r) = rep {
                 r.emit("program built", Some(&step_name), Some(outcome.attempt_id), Some(&agent), &reg_key);
@@ -568,8 +586,13 @@ impl Engine {
         // External inputs not in the registry: import them from this host.
         let needed: HashSet<&String> = running_steps.iter().flat_map(|&i| p.steps[i].inputs.iter()).collect();
         reg = self.registry.load()?;
-        let missing: Vec<String> =
+        let mut missing: Vec<String> =
             p.external_inputs().into_iter().filter(|x| needed.contains(x) && reg.get(x).is_none()).collect();
+        for x in &p.imports {
+            if reg.get(x).is_none() && !missing.contains(x) {
+                missing.push(x.clone());
+            }
+        }
         if opts.import_inputs && !missing.is_empty() {
             let absent: Vec<&String> =
                 missing.iter().filter(|m| std::fs::symlink_metadata(m).is_err()).collect();
@@ -641,6 +664,7 @@ impl Engine {
             Box::new(crate::server::new_attempt_id),
         );
         let (tx, mut rx) = mpsc::unbounded_channel::<(u64, StepEvent)>();
+        let mut cancels = self.cancels.subscribe();
         let mut running: HashMap<u64, Running> = HashMap::new();
         let mut members = self.coord.membership();
         let mut known: HashSet<String> = HashSet::new();
@@ -725,6 +749,17 @@ impl Engine {
                 _ = shutdown.cancelled(), if !interrupted => {
                     interrupted = true;
                     sched.handle(Event::Abort { reason: "the coordinator is shutting down".into() });
+                }
+                Ok((run, step)) = cancels.recv() => {
+                    if run == run_id {
+                        match p.index_of(&step) {
+                            Some(i) => {
+                                info!(run = %run_id, step = %step, "step cancelled by a client");
+                                sched.handle(Event::Cancel { step: i, reason: "cancelled by a client".into() });
+                            }
+                            None => warn!(run = %run_id, step = %step, "a client cancelled a step the run does not have"),
+                        }
+                    }
                 }
                 Some((attempt_id, event)) = rx.recv() => {
                     self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep)?;
@@ -948,7 +983,7 @@ impl Engine {
                     outputs: s.outputs.clone(),
                     no_harvest: s.no_harvest.clone(),
                     program,
-                    env: s.env.clone(),
+                    env: served_env(p, s),
                     timeout_secs: s.timeout_secs,
                     registry: reg.relevant(paths, &profiles),
                 };
@@ -1076,6 +1111,7 @@ impl Engine {
                         self.coord.store().as_ref(),
                         &step.name,
                         &step.outputs,
+                        if step.serve_backend { &p.roots } else { &[] },
                         &outcome.new_entries,
                     )
                 {
@@ -1106,6 +1142,8 @@ impl Engine {
                             })
                             .collect();
                         let n = entries.len();
+                        let back: Vec<(String, protocol::RegistryEntry)> =
+                            if p.write_back { entries.clone() } else { Vec::new() };
                         let merged = if entries.is_empty() {
                             Ok(None)
                         } else {
@@ -1133,6 +1171,24 @@ impl Engine {
                                     end: AttemptEnd::InfraFailed(msg),
                                 });
                                 return Ok(());
+                            }
+                        }
+                        if !back.is_empty() {
+                            let store = self.coord.store().clone();
+                            let roots = p.roots.clone();
+                            // Before `step harvested`: a client that sees it finds the files.
+                            let write = || write_back(store.as_ref(), &roots, &back);
+                            let written = match tokio::runtime::Handle::current().runtime_flavor() {
+                                tokio::runtime::RuntimeFlavor::CurrentThread => write(),
+                                _ => tokio::task::block_in_place(write),
+                            };
+                            match written {
+                                Ok(w) => {
+                                    debug!(run = %run_id, step = %name, files = w, "harvest written back")
+                                }
+                                Err(e) => {
+                                    warn!(run = %run_id, step = %name, "writing the harvest back failed: {e:#}")
+                                }
                             }
                         }
                         rep.emit(
@@ -1203,11 +1259,19 @@ fn check_harvest(
     store: &dyn crate::store::SnapshotStore,
     step: &str,
     outputs: &[String],
+    roots: &[String],
     entries: &[(String, protocol::RegistryEntry)],
 ) -> std::result::Result<(), String> {
     for (path, e) in entries {
-        if !outputs.contains(path) {
-            return Err(format!("{path} is not a declared output of step {step}"));
+        if !outputs.contains(path) && !under_roots(path, roots) {
+            return Err(if roots.is_empty() {
+                format!("{path} is not a declared output of step {step}")
+            } else {
+                format!(
+                    "{path} is neither a declared output of step {step} nor under its roots ({})",
+                    roots.join(", ")
+                )
+            });
         }
         let meta = match store.meta(&e.snapshot_id) {
             Ok(Some(m)) => m,
@@ -1242,6 +1306,50 @@ fn check_harvest(
         }
     }
     Ok(())
+}
+
+/// Writes harvested paths to their real places on this host, each beneath the root holding
+/// it (else its parent), through the store's verified write-out. Returns the files written.
+fn write_back(
+    store: &dyn crate::store::SnapshotStore,
+    roots: &[String],
+    entries: &[(String, protocol::RegistryEntry)],
+) -> Result<u64> {
+    let mut written = 0;
+    for (path, e) in entries.iter().filter(|(k, _)| k.starts_with('/')) {
+        let dest = Path::new(path);
+        let root = roots
+            .iter()
+            .map(Path::new)
+            .find(|r| dest.starts_with(r) && dest != *r)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dest.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/")));
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        let stats = store
+            .write_out(&e.snapshot_id, &e.in_snapshot_path, dest, &root)
+            .with_context(|| format!("writing {path} from snapshot {}", e.snapshot_id))?;
+        written += stats.written;
+    }
+    Ok(written)
+}
+
+/// Whether `path` is a normal absolute path strictly below one of `roots`.
+pub fn under_roots(path: &str, roots: &[String]) -> bool {
+    let p = Path::new(path);
+    path.starts_with('/')
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
+        && roots.iter().any(|r| p.starts_with(r) && p != Path::new(r))
+}
+
+/// A step's environment, with what the agent needs to serve it its backend.
+fn served_env(p: &Pipeline, s: &crate::pipeline::Step) -> Vec<(String, String)> {
+    let mut env = s.env.clone();
+    if s.serve_backend {
+        env.push(("PYPE_RS_SERVE".into(), "1".into()));
+        env.push(("PYPE_RS_ROOTS".into(), p.roots.join(":")));
+    }
+    env
 }
 
 /// Whose fault an attempt's end is: the command's (its retry budget) or the

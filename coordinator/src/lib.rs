@@ -3,6 +3,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod client;
 pub mod cloudinit;
 pub mod config;
 pub mod display;
@@ -107,6 +108,22 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Which paths the working registry and snapshot store hold: `{path: size or null}` as
+    /// JSON on stdout (from a running coordinator with --coordinator, else the state dir).
+    Paths {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long)]
+        coordinator: Option<SocketAddr>,
+    },
+    /// Cancel one step of a running run (no retry; what depends on it is cancelled too).
+    Cancel {
+        run: String,
+        step: String,
+        /// Coordinator address (default: the one recorded in the state dir).
+        #[arg(long)]
+        coordinator: Option<SocketAddr>,
+    },
     /// Show a run (default: the latest): its steps, and the connected agents.
     Status {
         run: Option<String>,
@@ -207,8 +224,12 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Pipeline file (TOML).
+    /// Pipeline file (TOML; with --json, JSON, `-` for stdin's first line).
     pipeline: Option<PathBuf>,
+    /// For programs: the pipeline is JSON (version 1), events go to stdout as JSON lines, and
+    /// stdin's later lines are control lines (PROTOCOL.md, "Runs from programs").
+    #[arg(long)]
+    json: bool,
     /// Finish an interrupted run (its pipeline is kept in the state database).
     #[arg(long, value_name = "RUN")]
     resume: Option<String>,
@@ -321,6 +342,13 @@ enum RegistryCommand {
     },
     /// Remove entries (their steps run again next time).
     Remove {
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Write paths (a directory: everything the registry holds below it) from their snapshots
+    /// to their real places on this host: compared first, changed files replaced by rename.
+    #[command(name = "write-out")]
+    WriteOut {
         #[arg(required = true)]
         paths: Vec<String>,
     },
@@ -479,7 +507,8 @@ async fn run_cli(cli: Cli) -> Result<()> {
                     fail_unschedulable: a.coordinator.is_none(),
                     agent_wait_secs: a.agent_wait.as_secs(),
                 },
-                materialize: !a.no_materialize && a.coordinator.is_none(),
+                materialize: !a.no_materialize && a.coordinator.is_none() && !a.json,
+                json: a.json,
                 provider: (a.provider != "local").then(|| (a.provider.clone(), a.provider_config.clone())),
                 overrides: provider::Overrides {
                     max_instances: a.max_agents,
@@ -492,6 +521,8 @@ async fn run_cli(cli: Cli) -> Result<()> {
             };
             ops::run(&dir, req).await
         }
+        Command::Paths { paths, coordinator } => client::paths(&dir, coordinator, paths).await,
+        Command::Cancel { run, step, coordinator } => client::cancel(&dir, coordinator, run, step).await,
         Command::CloudInit {
             command: CloudInitCommand::Render { pipeline, step, provider_config, port },
         } => ops::cloud_init_render(&dir, &pipeline, &step, provider_config.as_deref(), port),
@@ -520,6 +551,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
                 RegistryCommand::Import { file } => ops::RegistryOp::Import(file),
                 RegistryCommand::Export { output } => ops::RegistryOp::Export(output),
                 RegistryCommand::Remove { paths } => ops::RegistryOp::Remove(paths),
+                RegistryCommand::WriteOut { paths } => ops::RegistryOp::WriteOut(paths),
             },
         ),
         Command::Gc { min_age, dry_run } => ops::gc(&dir, min_age, dry_run),

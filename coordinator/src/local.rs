@@ -74,6 +74,7 @@ pub async fn start_server(
         registry: Arc::new(WorkingRegistry::open(state_dir)?),
         state_dir: state_dir.to_path_buf(),
         demand: tokio::sync::watch::channel(Default::default()).0,
+        cancels: tokio::sync::broadcast::channel(64).0,
     });
     coord.set_engine(engine.clone());
     let c = coord.clone();

@@ -33,11 +33,15 @@ pub struct RunRequest {
     pub provider: Option<(String, Option<PathBuf>)>,
     /// Command-line settings over the provider config file.
     pub overrides: provider::Overrides,
+    /// The pipeline is JSON (`-`: stdin's first line); events go to stdout as JSON lines
+    /// (see [`crate::client`]).
+    pub json: bool,
 }
 
 /// `pype-coordinator run`.
 pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
     let (pipeline, resume) = match (&req.pipeline, &req.resume) {
+        (Some(path), None) if req.json => (crate::client::read_pipeline(path)?, None),
         (Some(path), None) => (Pipeline::load(path)?, None),
         (None, Some(run_id)) => {
             let state = State::open(dir)?;
@@ -55,6 +59,9 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
     if let Some(addr) = req.coordinator {
         if resume.is_some() {
             bail!("--resume runs on an embedded coordinator; resume on the host of the state dir");
+        }
+        if req.json {
+            return crate::client::run_remote(dir, addr, &pipeline, &req.options).await;
         }
         return run_remote(dir, addr, &pipeline, &req.options).await;
     }
@@ -107,15 +114,21 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
             Some(tokio::spawn(p.run(cluster.engine.demand.subscribe(), provisioning.clone())))
         }
     };
+    let json = req.json;
     let display = Arc::new(Display::new(false));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let d = display.clone();
     let shown = tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
-            d.event(&ev);
+            if json {
+                crate::client::print_line(&crate::client::event_line(&ev));
+            } else {
+                d.event(&ev);
+            }
         }
     });
     let cancel = CancellationToken::new();
+    let control = json.then(|| crate::client::control_embedded(cluster.engine.clone(), cancel.clone()));
     let c = cancel.clone();
     let signal = tokio::spawn(async move {
         transport::cli::shutdown_signal().await;
@@ -131,7 +144,14 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
     }
     let _ = shown.await;
     display.finish();
+    if let Some(c) = control {
+        c.abort();
+    }
     let outcome = match result {
+        Ok(r) if json => {
+            crate::client::print_line(&crate::client::done_line(&r.run_id, r.succeeded, &r.summary));
+            if r.succeeded { Ok(()) } else { Err(anyhow!("run {} did not succeed: {}", r.run_id, r.summary)) }
+        }
         Ok(r) if r.succeeded => {
             let reg = cluster.engine.registry.load()?;
             let store = cluster.coord.store().clone();
@@ -257,6 +277,7 @@ pub enum RegistryOp {
     Import(PathBuf),
     Export(Option<PathBuf>),
     Remove(Vec<String>),
+    WriteOut(Vec<String>),
 }
 
 /// `pype-coordinator registry ...`.
@@ -300,6 +321,27 @@ pub fn registry(dir: &Path, op: RegistryOp) -> Result<()> {
                     Ok(())
                 }
             }
+        }
+        RegistryOp::WriteOut(paths) => {
+            let reg = working.load()?;
+            let store = crate::config::open_store(dir)?;
+            for path in &paths {
+                let found = reg.locate(path);
+                if found.is_empty() || !path.starts_with('/') {
+                    bail!("{path} is not in the registry");
+                }
+                // Beneath the asked path's parent: nothing in the tree below it is followed.
+                let root =
+                    Path::new(path).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+                std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+                for (at, id, isp) in found {
+                    let stats = store
+                        .write_out(&id, &isp, Path::new(&at), &root)
+                        .with_context(|| format!("writing {at} from snapshot {id}"))?;
+                    println!("{at}\t{} written, {} unchanged (from {id})", stats.written, stats.unchanged);
+                }
+            }
+            Ok(())
         }
         RegistryOp::Remove(paths) => {
             let removed =

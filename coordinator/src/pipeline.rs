@@ -90,6 +90,12 @@ struct PipelineFile {
     profile: Option<Spanned<String>>,
     #[serde(default)]
     data_root: Option<Spanned<String>>,
+    #[serde(default)]
+    roots: Vec<Spanned<String>>,
+    #[serde(default)]
+    imports: Vec<Spanned<String>>,
+    #[serde(default)]
+    write_back: bool,
     steps: Vec<StepFile>,
 }
 
@@ -116,6 +122,8 @@ struct StepFile {
     retries: u32,
     #[serde(default)]
     after: Vec<Spanned<String>>,
+    #[serde(default)]
+    serve_backend: bool,
 }
 
 #[derive(Deserialize)]
@@ -161,6 +169,11 @@ pub struct Step {
     pub retries: u32,
     /// Indexes of the steps this one runs after (explicit and inferred), sorted.
     pub deps: Vec<usize>,
+    /// The agent serves its storage backend to the step's processes (bio-pype's `pype_rs`
+    /// backend, one call per code chunk); what they harvest under the pipeline's `roots` is
+    /// merged like declared outputs.
+    #[serde(default)]
+    pub serve_backend: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +189,15 @@ pub struct Pipeline {
     /// Where each input is first declared, as `file:line:col`, for errors about it.
     #[serde(default)]
     pub inputs_at: HashMap<String, String>,
+    /// The directories a served backend may touch and harvest under (absolute, never `/`).
+    #[serde(default)]
+    pub roots: Vec<String>,
+    /// Paths imported into the store when the run starts, unless the registry has them.
+    #[serde(default)]
+    pub imports: Vec<String>,
+    /// Write each successful attempt's harvested paths back to this host at once.
+    #[serde(default)]
+    pub write_back: bool,
 }
 
 #[derive(Deserialize)]
@@ -194,6 +216,9 @@ struct ProgramFile {
     artifact_path: Spanned<String>,
     build: String,
 }
+
+/// The version of the JSON pipeline format [`Pipeline::parse_json`] reads.
+pub const JSON_PIPELINE_VERSION: u64 = 1;
 
 /// Kinds of program artifacts a profile can name.
 pub const PROGRAM_KINDS: &[&str] = &["file", "directory", "singularity", "conda"];
@@ -359,6 +384,25 @@ impl Pipeline {
         if file.steps.is_empty() {
             return Err(src.error(None, "the pipeline has no steps"));
         }
+        let absolute = |p: &Spanned<String>, what: &str| -> Result<String, FileError> {
+            let raw = p.get_ref();
+            match raw.starts_with('/').then(|| normalize(raw)).flatten() {
+                Some(n) => Ok(n),
+                None => Err(src
+                    .error(Some(p.span()), format!("{what} {raw:?} must be an absolute path without '..'"))),
+            }
+        };
+        let mut roots = Vec::new();
+        for r in &file.roots {
+            let n = absolute(r, "root")?;
+            if n == "/" {
+                return Err(
+                    src.error(Some(r.span()), "a root must not be / (name the directories steps work in)")
+                );
+            }
+            roots.push(n);
+        }
+        let imports = file.imports.iter().map(|i| absolute(i, "import")).collect::<Result<Vec<_>, _>>()?;
         let resolve = |p: &Spanned<String>| -> Result<String, FileError> {
             let raw = p.get_ref();
             let joined = if raw.starts_with('/') { raw.clone() } else { format!("{root}/{raw}") };
@@ -477,7 +521,16 @@ impl Pipeline {
                 timeout_secs: s.timeout_secs,
                 retries: s.retries,
                 deps: Vec::new(),
+                serve_backend: s.serve_backend,
             });
+        }
+        if roots.is_empty()
+            && let Some(i) = steps.iter().position(|s: &Step| s.serve_backend)
+        {
+            return Err(src.error(
+                Some(name_spans[i].clone()),
+                format!("step {:?} serves its backend: the pipeline must name its roots", steps[i].name),
+            ));
         }
         // Dependencies: explicit `after`, and every input another step produces.
         for i in 0..steps.len() {
@@ -538,7 +591,33 @@ impl Pipeline {
             steps: sorted,
             producers,
             inputs_at,
+            roots,
+            imports,
+            write_back: file.write_back,
         })
+    }
+
+    /// Reads a pipeline given as JSON (version 1: the TOML file's fields, plus `"version": 1`),
+    /// as a program submits one. Relative paths resolve against the current directory.
+    pub fn parse_json(text: &str) -> Result<Pipeline, FileError> {
+        let file = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")).join("pipeline.json");
+        let fail = |message: String| FileError { file: file.clone(), line: 0, column: 0, message };
+        let mut v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| fail(format!("not JSON: {e}")))?;
+        let Some(obj) = v.as_object_mut() else { return Err(fail("expected a JSON object".into())) };
+        match obj.remove("version").and_then(|v| v.as_u64()) {
+            Some(JSON_PIPELINE_VERSION) => {}
+            Some(other) => {
+                return Err(fail(format!(
+                    "JSON pipeline version {other}: this coordinator reads version {JSON_PIPELINE_VERSION}"
+                )));
+            }
+            None => return Err(fail(format!("missing \"version\": {JSON_PIPELINE_VERSION}"))),
+        }
+        let t: toml::Value =
+            toml::Value::try_from(&v).map_err(|e| fail(format!("{e} (null is not a value)")))?;
+        let text = toml::to_string(&t).map_err(|e| fail(format!("{e}")))?;
+        Self::parse(&file, &text).map_err(|e| fail(e.message))
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {

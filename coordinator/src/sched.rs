@@ -90,6 +90,12 @@ pub enum Event {
     Abort {
         reason: String,
     },
+    /// A client cancels one step: its running attempt is cancelled without a retry, and it
+    /// and everything downstream end cancelled.
+    Cancel {
+        step: usize,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -298,6 +304,11 @@ impl Scheduler {
                 let Some(step) = self.running_step(attempt_id) else { return };
                 self.end_attempt(step, end);
             }
+            Event::Cancel { step, reason } => {
+                if step < self.steps.len() {
+                    self.cancel_step(step, reason);
+                }
+            }
             Event::Abort { reason } => {
                 self.aborted = true;
                 for i in 0..self.steps.len() {
@@ -316,6 +327,26 @@ impl Scheduler {
                     }
                 }
             }
+        }
+    }
+
+    fn cancel_step(&mut self, step: usize, reason: String) {
+        let mut stack = vec![step];
+        while let Some(i) = stack.pop() {
+            let why =
+                if i == step { reason.clone() } else { format!("a dependency was cancelled (step #{step})") };
+            match self.steps[i].state.clone() {
+                StepState::Running { attempt_id, agent } => {
+                    self.release(&agent, i);
+                    self.queue.push_back(Action::Supersede { step: i, attempt_id, agent });
+                }
+                StepState::Waiting | StepState::Ready => {}
+                _ => continue,
+            }
+            self.steps[i].state = StepState::Cancelled;
+            self.queue.retain(|a| !matches!(a, Action::Ready { step: s } if *s == i));
+            self.queue.push_back(Action::Cancelled { step: i, reason: why });
+            stack.extend(self.steps[i].dependents.clone());
         }
     }
 
@@ -543,6 +574,36 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_cancelled_step_is_not_retried_and_cancels_what_depends_on_it() {
+        let p = fan(2, 3);
+        let mut s = sched(&p, 3);
+        s.handle(Event::AgentUp { agent: "a".into(), capacity: cap(1.0) });
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d.len(), 1, "{d:?}");
+        let (running, _, attempt) = d[0].clone();
+        s.handle(Event::Cancel { step: running, reason: "by the client".into() });
+        let actions = drain(&mut s);
+        assert!(
+            actions.contains(&Action::Supersede { step: running, attempt_id: attempt, agent: "a".into() }),
+            "{actions:?}"
+        );
+        assert!(actions.contains(&Action::Cancelled { step: running, reason: "by the client".into() }));
+        let join = p.index_of("join").unwrap();
+        assert_eq!(s.state(join), &StepState::Cancelled, "the join depends on the cancelled step");
+        // The late result of the cancelled attempt changes nothing; the other step still runs.
+        s.handle(Event::Finished { attempt_id: attempt, end: AttemptEnd::InfraFailed("cancelled".into()) });
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d.len(), 1, "the agent's slot was released: {d:?}");
+        assert_ne!(d[0].0, running);
+        s.handle(Event::Finished { attempt_id: d[0].2, end: AttemptEnd::Succeeded });
+        drain(&mut s);
+        assert_eq!(s.finished(), Some(false), "a run with a cancelled step did not succeed");
+        // Cancelling a finished step does nothing.
+        s.handle(Event::Cancel { step: d[0].0, reason: "late".into() });
+        assert!(drain(&mut s).is_empty());
     }
 
     #[test]

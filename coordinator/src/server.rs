@@ -1304,6 +1304,51 @@ async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse 
                 }
             };
         }
+        AdminRequest::Present { paths } => {
+            let Some(engine) = coord.engine() else {
+                return AdminResponse::Error(RemoteError {
+                    code: ErrorCode::NotFound,
+                    message: "this coordinator keeps no working registry".into(),
+                });
+            };
+            let store = coord.store().clone();
+            let reg = match engine.registry.load() {
+                Ok(r) => r,
+                Err(e) => {
+                    return AdminResponse::Error(RemoteError {
+                        code: ErrorCode::Internal,
+                        message: format!("{e:#}"),
+                    });
+                }
+            };
+            return match tokio::task::spawn_blocking(move || {
+                crate::store::present(store.as_ref(), &reg, &paths)
+            })
+            .await
+            {
+                Ok(Ok(sizes)) => AdminResponse::Outputs(sizes),
+                Ok(Err(e)) => {
+                    AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: format!("{e:#}") })
+                }
+                Err(e) => {
+                    AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: format!("{e}") })
+                }
+            };
+        }
+        AdminRequest::CancelRunStep { run, step } => {
+            let Some(engine) = coord.engine() else {
+                return AdminResponse::Error(RemoteError {
+                    code: ErrorCode::NotFound,
+                    message: "this coordinator runs no pipelines".into(),
+                });
+            };
+            return match engine.cancel_step(&run, &step) {
+                Ok(()) => AdminResponse::Done,
+                Err(e) => {
+                    AdminResponse::Error(RemoteError { code: ErrorCode::NotFound, message: format!("{e:#}") })
+                }
+            };
+        }
         AdminRequest::DrainAgent { agent } => {
             return match coord.drain_agent(&agent) {
                 Ok(()) => AdminResponse::Done,

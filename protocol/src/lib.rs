@@ -35,7 +35,7 @@ pub use step::*;
 /// Major protocol version: carried in the ALPN string; peers with different majors never talk.
 pub const PROTOCOL_MAJOR: u32 = 1;
 /// Minor protocol version: carried in `Hello`/`Welcome`; minors only add enum variants at the end.
-pub const PROTOCOL_MINOR: u32 = 3;
+pub const PROTOCOL_MINOR: u32 = 4;
 
 /// ALPN of agent connections (control stream plus bulk streams).
 pub const ALPN_AGENT: &[u8] = b"pype/1";

@@ -257,6 +257,16 @@ pub enum AdminRequest {
     DrainAgent {
         agent: String,
     },
+    /// Which of `paths` the working registry and the snapshot store hold, with their sizes
+    /// (answered with `Outputs`). (Minor 4.)
+    Present {
+        paths: Vec<String>,
+    },
+    /// Cancel one step of a running run: no retry, its dependents cancelled. (Minor 4.)
+    CancelRunStep {
+        run: String,
+        step: String,
+    },
 }
 
 /// One lifecycle event of a run, for operators' displays; the coordinator's log has the same

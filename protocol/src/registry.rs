@@ -139,6 +139,39 @@ impl Registry {
 }
 
 impl Registry {
+    /// Where `path` lives: `(key, snapshot_id, in_snapshot_path)` from its own entry, from an
+    /// entry of a directory above it (the path inside that directory's snapshot), or from the
+    /// entries of the data paths below it (a directory made of harvested files). Empty when
+    /// the registry does not know it.
+    pub fn locate(&self, path: &str) -> Vec<(String, String, String)> {
+        let rel = |p: &str| p.trim_start_matches('/').to_string();
+        let path = path.trim_end_matches('/');
+        if let Some(e) = self.get(path) {
+            return vec![(path.to_string(), e.snapshot_id.clone(), rel(&e.in_snapshot_path))];
+        }
+        let mut at = path;
+        while let Some(i) = at.rfind('/') {
+            at = &at[..i];
+            let ancestor = if at.is_empty() { "/" } else { at };
+            if let Some(e) = self.get(ancestor) {
+                let rest = path[at.len()..].trim_start_matches('/');
+                let isp = format!("{}/{rest}", rel(&e.in_snapshot_path).trim_end_matches('/'));
+                return vec![(
+                    path.to_string(),
+                    e.snapshot_id.clone(),
+                    isp.trim_start_matches('/').to_string(),
+                )];
+            }
+        }
+        let below = format!("{path}/");
+        self.entries
+            .range(below.clone()..)
+            .take_while(|(k, _)| k.starts_with(&below))
+            .filter(|(k, _)| !k.contains("/programs/") || k.starts_with('/'))
+            .map(|(k, e)| (k.clone(), e.snapshot_id.clone(), rel(&e.in_snapshot_path)))
+            .collect()
+    }
+
     /// The entries an attempt needs: those of the declared paths, of paths below or above
     /// them (a directory input restored from the entries of its files, or a file inside a
     /// harvested directory), and the program entries of `profiles`.

@@ -123,6 +123,10 @@ pub struct StepContext {
     pub step_dir: PathBuf,
     pub cache: Arc<Cache>,
     pub remote: Arc<dyn SnapshotRemote>,
+    /// The registry to resolve paths with, when not the agent's registry file (the backend a
+    /// step's processes call through [`crate::served`]: the coordinator's working registry
+    /// and what the attempt harvested so far).
+    pub registry: Option<Arc<protocol::Registry>>,
 }
 
 pub const BUILT_IN: &[&str] = &["direct", "overlay", "snapshot"];

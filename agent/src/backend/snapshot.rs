@@ -57,7 +57,10 @@ fn rel(p: &str) -> &str {
 
 impl Snapshot {
     pub fn new(ctx: &StepContext) -> Result<Self> {
-        let registry = read_registry(&ctx.settings.snapshot_registry)?;
+        let registry = match &ctx.registry {
+            Some(r) => (**r).clone(),
+            None => read_registry(&ctx.settings.snapshot_registry)?,
+        };
         let dir = &ctx.step_dir;
         Ok(Self {
             ctx: ctx.clone(),
@@ -79,36 +82,8 @@ impl Snapshot {
         })
     }
 
-    /// Where `path` lives: `(snapshot_id, in_snapshot_path)` from its own entry, an entry of a
-    /// directory above it, or the entries of the files below it.
     fn locate(&self, path: &str) -> Vec<(String, String, String)> {
-        let path = path.trim_end_matches('/');
-        if let Some(e) = self.registry.get(path) {
-            return vec![(path.to_string(), e.snapshot_id.clone(), rel(&e.in_snapshot_path).to_string())];
-        }
-        for ancestor in Path::new(path).ancestors().skip(1) {
-            let a = ancestor.to_string_lossy();
-            if let Some(e) = self.registry.get(&a) {
-                let rest = Path::new(path)
-                    .strip_prefix(ancestor)
-                    .map(|r| r.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let isp = format!("{}/{rest}", rel(&e.in_snapshot_path).trim_end_matches('/'));
-                return vec![(
-                    path.to_string(),
-                    e.snapshot_id.clone(),
-                    isp.trim_start_matches('/').to_string(),
-                )];
-            }
-        }
-        let below = format!("{path}/");
-        self.registry
-            .entries
-            .range(below.clone()..)
-            .take_while(|(k, _)| k.starts_with(&below))
-            .filter(|(k, _)| !k.contains("/programs/") || k.starts_with('/'))
-            .map(|(k, e)| (k.clone(), e.snapshot_id.clone(), rel(&e.in_snapshot_path).to_string()))
-            .collect()
+        self.registry.locate(path)
     }
 
     async fn restore(&mut self, id: &str) -> Result<PathBuf> {

@@ -80,6 +80,36 @@ impl SnapshotMeta {
     }
 }
 
+/// Which of `paths` the registry and the store hold, as the snapshot backend's
+/// `check_outputs` answers them (bio-pype's conventions: a zero-byte file is present, a
+/// directory's size is the total below it): a path is present when the registry locates it
+/// (its own entry, a directory entry above it, or entries below it) and every snapshot it
+/// lives in holds it.
+pub fn present(
+    store: &dyn SnapshotStore,
+    reg: &protocol::Registry,
+    paths: &[String],
+) -> Result<Vec<(String, Option<u64>)>> {
+    let mut queries = Vec::new();
+    let mut owners = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        for (_, id, isp) in reg.locate(p) {
+            queries.push((id, isp));
+            owners.push(i);
+        }
+    }
+    let sizes = if queries.is_empty() { Vec::new() } else { sizes_of(store, queries)? };
+    let mut total: Vec<Option<u64>> = vec![None; paths.len()];
+    let mut missing = vec![false; paths.len()];
+    for (i, size) in owners.into_iter().zip(sizes) {
+        match size {
+            Some(s) => total[i] = Some(total[i].unwrap_or(0) + s),
+            None => missing[i] = true,
+        }
+    }
+    Ok(paths.iter().enumerate().map(|(i, p)| (p.clone(), if missing[i] { None } else { total[i] })).collect())
+}
+
 /// Sizes of `(snapshot_id, in_snapshot_path)` pairs from the store's index (each snapshot's
 /// index read once): what the snapshot backend's `check_outputs` answers.
 pub fn sizes_of(store: &dyn SnapshotStore, queries: Vec<(String, String)>) -> Result<Vec<Option<u64>>> {
