@@ -368,6 +368,11 @@ impl Chunk {
                 steps.context(self.shared.attempt_id, &self.shared.spec_run, &self.shared.spec_step);
             ctx.step_dir = self.shared.step_dir.join(format!("chunk-{}", self.n));
             ctx.registry = Some(self.registry.clone());
+            // The snippet may already run in a mount namespace of its own, made before this
+            // chunk: a mount the agent makes now would not reach it. Views are copies.
+            let mut settings = (*ctx.settings).clone();
+            settings.mount_overlay = false;
+            ctx.settings = Arc::new(settings);
             self.backend = Some(backend::resolve_backend(&ctx).await?);
         }
         Ok(self.backend.as_mut().expect("set above"))
@@ -424,6 +429,16 @@ impl Chunk {
             "restore_program" => {
                 let profile = string(params, "profile_name")?;
                 let key = string(params, "program_key")?;
+                let snapshot = self.snapshot_mode();
+                self.backend().await?;
+                let reg_key = protocol::registry::program_key(&profile, &key);
+                if snapshot && self.registry.get(&reg_key).is_none() {
+                    // As bio-pype's cloud backend: a program never staged runs from the
+                    // worker's own install (a `path@` or module namespace).
+                    return Ok(json!({"warnings": [format!(
+                        "program {reg_key} is not in the snapshot registry: using the worker's own install"
+                    )]}));
+                }
                 self.backend().await?.restore_program(&profile, &key).await?;
                 Ok(json!({}))
             }
