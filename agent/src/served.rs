@@ -383,6 +383,9 @@ impl Chunk {
     }
 
     async fn call(&mut self, method: &str, params: &Value) -> Result<Value> {
+        if method != "init" && !self.initialized {
+            bail!("the first call must be init");
+        }
         match method {
             "init" => {
                 let theirs = params.get("protocol").and_then(Value::as_u64);

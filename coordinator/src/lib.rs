@@ -783,6 +783,8 @@ fn print_transfer(resp: AdminResponse) -> Result<()> {
 }
 
 pub(crate) const ADDR_FILE: &str = "coordinator.addr";
+/// How long an operator request waits for the coordinator's handshake.
+const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn serve(
     dir: &Path,
@@ -857,9 +859,11 @@ pub(crate) async fn admin_stream(
     let tuning = endpoint::Tuning::default();
     let tls = pki::client_tls(&ca, Some(&admin), protocol::ALPN_ADMIN)?;
     let ep = endpoint::client(addr, &tuning)?;
-    let conn = ep
-        .connect_with(endpoint::client_config(tls, &tuning)?, addr, "localhost")?
+    let connecting = ep.connect_with(endpoint::client_config(tls, &tuning)?, addr, "localhost")?;
+    let conn = tokio::time::timeout(ADMIN_CONNECT_TIMEOUT, connecting)
         .await
+        .map_err(|_| anyhow!("no answer within {ADMIN_CONNECT_TIMEOUT:?} (is it running?)"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
         .with_context(|| format!("connecting to coordinator at {addr}"))?;
     let (mut send, mut recv) = conn.open_bi().await?;
     framed::write_frame(&mut send, &req).await?;

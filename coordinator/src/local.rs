@@ -166,6 +166,12 @@ impl LocalCluster {
         }
         self.server_stop.cancel();
         let _ = (&mut self.server).await;
+        // Nobody answers at the recorded address any more (unless another coordinator wrote
+        // its own since).
+        let file = self.engine.state_dir.join(crate::ADDR_FILE);
+        if std::fs::read_to_string(&file).is_ok_and(|a| a.trim() == self.addr.to_string()) {
+            let _ = std::fs::remove_file(&file);
+        }
     }
 }
 
