@@ -87,6 +87,11 @@ def cancel(run: str, step: str) -> None:
     _run(args, timeout=60)
 
 
+def status(run: str) -> str:
+    """``pype-coordinator status RUN``: the run's step table."""
+    return _run(["status", run], timeout=60)
+
+
 def logs(run: str, step: str) -> str:
     return _run(["logs", run, step], timeout=60)
 

@@ -160,8 +160,66 @@ def world(jobs: Dict[str, Dict[str, Any]], plog: str) -> Tuple[List[str], List[s
     return _collapse(roots), sorted(imports)
 
 
+def split_command(command: str) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """A job command's leading ``KEY=value`` words and the rest (the executable and its args)."""
+    words = shlex.split(command)
+    env: List[Tuple[str, str]] = []
+    while words and "=" in words[0] and not words[0].startswith(("-", "/")):
+        k, v = words.pop(0).split("=", 1)
+        env.append((k, v))
+    return env, words
+
+
+def _site_packages() -> str:
+    import pype
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(pype.__file__)))
+
+
+def worker_command(command: str, ship: bool) -> Tuple[str, List[str]]:
+    """The step's bash command for a job, and the paths it needs shipped.
+
+    The job command names this host's ``pype`` and ``PYPE_MODULES``. On the worker they are
+    mapped: ``$PYPE_RS_WORKER_PYPE`` / ``$PYPE_RS_WORKER_MODULES`` when the agent's environment
+    sets them, else the same paths when they exist there, else ``pype`` on the worker's
+    ``PATH``. With ``ship``, bio-pype's packages and the modules directory travel with the run
+    instead (inputs of the step, restored by the agent) and the job runs as ``python3 -m
+    pype.commands`` with them (the worker needs only a ``python3`` of the same minor version).
+    """
+    env, words = split_command(command)
+    modules = dict(env).get("PYPE_MODULES") or os.environ.get("PYPE_MODULES", "")
+    if len(words) > 2 and words[1:3] == ["-m", "pype.commands"]:
+        exe, args = words[:3], words[3:]
+    else:
+        exe, args = words[:1], words[1:]
+    assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env if k != "PYPE_MODULES")
+    if ship:
+        # bio-pype's packages, and this package where it is not among them (a source tree).
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        paths = list(dict.fromkeys([here, _site_packages()]))
+        line = (
+            f"PYTHONPATH={':'.join(shlex.quote(p) for p in paths)} {assigns} PYPE_MODULES={shlex.quote(modules)} "
+            f"exec python3 -m pype.commands {shlex.join(args)}"
+        )
+        return line, [p for p in paths + [modules] if p]
+    exe_text = shlex.join(exe)
+    lines = [
+        f"pype_rs_exe=({exe_text})",
+        'if [ -n "${PYPE_RS_WORKER_PYPE:-}" ]; then pype_rs_exe=("$PYPE_RS_WORKER_PYPE");',
+        'elif [ ! -x "${pype_rs_exe[0]}" ]; then',
+        '  pype_rs_exe=("$(command -v pype)") || { echo "pype_rs: no pype on this worker (${pype_rs_exe[0]} is missing, none on PATH; set PYPE_RS_WORKER_PYPE)" >&2; exit 127; }',
+        "fi",
+        f"pype_rs_modules={shlex.quote(modules)}",
+        'if [ -n "${PYPE_RS_WORKER_MODULES:-}" ]; then pype_rs_modules=$PYPE_RS_WORKER_MODULES;',
+        'elif [ ! -d "$pype_rs_modules" ]; then echo "pype_rs: the modules directory $pype_rs_modules is not on this worker (set PYPE_RS_WORKER_MODULES)" >&2; exit 127; fi',
+        f'{assigns} PYPE_MODULES="$pype_rs_modules" exec "${{pype_rs_exe[@]}}" {shlex.join(args)}',
+    ]
+    return "\n".join(lines), []
+
+
 def build_pipeline(name: str, jobs: Dict[str, Dict[str, Any]], to_run: List[str], plog: str) -> Dict[str, Any]:
     roots, imports = world({r: jobs[r] for r in to_run}, plog)
+    ship = os.environ.get("PYPE_RS_SHIP_PYPE", "") not in ("", "0", "no", "false")
     names = {r: step_name(r, jobs[r].get("name")) for r in to_run}
     steps = []
     for rid in to_run:
@@ -181,9 +239,12 @@ def build_pipeline(name: str, jobs: Dict[str, Dict[str, Any]], to_run: List[str]
         mem = _memory(req.get("mem"))
         if mem:
             resources["memory"] = mem
+        command, shipped = worker_command(job["command"], ship)
+        imports.extend(p for p in shipped if p not in imports)
         step: Dict[str, Any] = {
             "name": names[rid],
-            "command": job["command"],
+            "command": command,
+            "inputs": shipped,
             "outputs": [os.path.normpath(log_dir)],
             "after": [names[d] for d in job.get("dependencies") or [] if d in names],
             "resources": resources,
@@ -206,6 +267,17 @@ def build_pipeline(name: str, jobs: Dict[str, Dict[str, Any]], to_run: List[str]
 # -- following a run ----------------------------------------------------------------------------
 
 TERMINAL = ("completed", "failed", "cancelled")
+#: The coordinator's step states as bio-pype's job statuses.
+STATES = {
+    "pending": "pending",
+    "ready": "submitted",
+    "running": "running",
+    "succeeded": "completed",
+    "skipped": "completed",
+    "pruned": "completed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
 
 
 class PypeRsQueue:
@@ -427,7 +499,16 @@ def _handler_class():
             raise NotImplementedError("pype_rs submits jobs with `execute`")
 
         def check_job_status(self, queue_id: str) -> Tuple[str, Optional[str]]:
-            return "unknown", None
+            run, _, step = str(queue_id).partition("/")
+            try:
+                table = coordinator.status(run)
+            except coordinator.CoordinatorError as e:
+                return "unknown", str(e)
+            for line in table.splitlines():
+                words = line.split()
+                if len(words) >= 2 and words[0] == step:
+                    return STATES.get(words[1], words[1]), None
+            return "unknown", f"run {run} has no step {step}"
 
         def _cancel_job_impl(self, queue_id: str) -> bool:
             run, _, step = str(queue_id).partition("/")

@@ -541,3 +541,69 @@ print("cleanup", json.dumps(call(c, "cleanup", {})))
     let socket = field("socket-mode").rsplit(' ').next().unwrap().to_string();
     assert!(!Path::new(&socket).exists(), "{socket} removed");
 }
+
+/// Workers need bio-pype: a worker's own `pype` (`PYPE_RS_WORKER_PYPE` in the agent's
+/// environment) replaces the submitting host's path in the job command; or bio-pype's
+/// packages and the modules directory travel with the run (`PYPE_RS_SHIP_PYPE=1`) and the
+/// job runs from the agent's restored copies.
+#[test]
+fn jobs_use_the_workers_pype_or_a_shipped_one() {
+    let Some(mut bp) = Bp::new("jobs_use_the_workers_pype_or_a_shipped_one") else { return };
+    let r = bp.pipelines("parallel", "ref-log", "wordcount", "ref");
+    assert!(r.status.success());
+    let reference = tree(&bp.p("ref"));
+
+    // The worker's own pype: a wrapper that leaves a mark, then runs bio-pype.
+    let wrapper = bp.p("worker-pype");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$$\" >> {}\nexec {} \"$@\"\n",
+            bp.p("worker-pype.calls").display(),
+            bp.venv.join("bin/pype").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    bp.env.push(("PYPE_RS_WORKER_PYPE".into(), wrapper.display().to_string()));
+    let r = bp.pipelines("pype_rs", "log1", "wordcount", "out1");
+    assert!(r.status.success());
+    let jobs = bp.jobs(&bp.plog("log1"));
+    assert!(jobs.values().all(|j| j.status == "completed"), "{:?}", statuses(&jobs));
+    assert_eq!(tree(&bp.p("out1")), reference);
+    let calls = std::fs::read_to_string(bp.p("worker-pype.calls")).unwrap_or_default();
+    assert_eq!(calls.lines().count(), 7, "every job ran the worker's pype");
+    bp.env.clear();
+
+    // Shipped: the job command names the agent's restored copies, not this host's paths.
+    bp.env.push(("PYPE_RS_SHIP_PYPE".into(), "1".into()));
+    let r = bp.pipelines("pype_rs", "log2", "wordcount", "out2");
+    assert!(r.status.success());
+    let jobs = bp.jobs(&bp.plog("log2"));
+    assert!(jobs.values().all(|j| j.status == "completed"), "{:?}", statuses(&jobs));
+    assert_eq!(tree(&bp.p("out2")), reference);
+    let site = bp.venv.join("lib");
+    let (ok, reg, err) = bp.cli(&["registry", "show"]);
+    assert!(ok, "{err}");
+    assert!(reg.contains(&site.display().to_string()), "bio-pype's packages were imported:\n{reg}");
+    assert!(reg.contains(&bp.p("modules").display().to_string()), "and the modules:\n{reg}");
+    let (ok, status, _) = bp.cli(&["status"]);
+    assert!(ok);
+    let run = status
+        .lines()
+        .find_map(|l| l.split_whitespace().find(|w| w.starts_with("wordcount-")))
+        .unwrap()
+        .to_string();
+    let merge = jobs.iter().find(|(_, j)| j.name == "merge").map(|(k, _)| format!("merge.{k}")).unwrap();
+    // The step's command as the agent ran it is in its log dir: find it by the attempt.
+    let mut commands = Vec::new();
+    for agent in std::fs::read_dir(bp.state().join("local-agents")).unwrap().flatten() {
+        for a in std::fs::read_dir(agent.path().join("work/logs")).into_iter().flatten().flatten() {
+            if let Ok(c) = std::fs::read_to_string(a.path().join("command.sh")) {
+                commands.push(c);
+            }
+        }
+    }
+    let shipped = commands.iter().filter(|c| c.contains("python3 -m pype.commands")).count();
+    assert!(shipped >= 7, "{run} {merge}: jobs ran `python3 -m pype.commands`: {commands:?}");
+}
