@@ -40,6 +40,12 @@ pub const SERVED_PROTOCOL: u64 = 1;
 pub const SERVE_ENV: &str = "PYPE_RS_SERVE";
 /// In a spec's environment: `:`-separated absolute directories the served backend may touch.
 pub const ROOTS_ENV: &str = "PYPE_RS_ROOTS";
+/// In a spec's environment: the roots beneath which outputs may be written and harvested.
+pub const WRITE_ROOTS_ENV: &str = "PYPE_RS_WRITE_ROOTS";
+/// Most chunks connected at once.
+const MAX_CHUNKS: usize = 256;
+/// How long the end of an attempt waits for its chunks to finish their calls.
+const FINISH_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// In the snippet's environment: the socket path.
 pub const SOCKET_ENV: &str = "PYPE_RS_SOCKET";
 /// Longest request line.
@@ -59,8 +65,11 @@ struct Shared {
     attempt_id: u64,
     step_dir: PathBuf,
     roots: Vec<String>,
+    write_roots: Vec<String>,
     /// Registry entries the attempt's chunks harvested, in order.
     entries: Mutex<Vec<(String, RegistryEntry)>>,
+    /// The coordinator's working registry, fetched once per attempt.
+    registry: Mutex<Option<Arc<Registry>>>,
 }
 
 /// A listening socket for one attempt.
@@ -112,6 +121,23 @@ fn private_dir(dir: &Path) -> Result<()> {
 impl Served {
     /// Listens for `spec`'s chunks.
     pub async fn start(steps: &Steps, spec: &StepSpec) -> Result<Served> {
+        let env_roots = |key: &str| -> Vec<String> {
+            spec.env
+                .iter()
+                .filter(|(k, _)| k == key)
+                .flat_map(|(_, v)| {
+                    v.split(':').filter(|r| !r.is_empty()).map(str::to_string).collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let roots = env_roots(ROOTS_ENV);
+        if roots.is_empty() || roots.iter().any(|r| !normal_abs(r) || r == "/") {
+            bail!("the step serves its backend but names no valid roots ({ROOTS_ENV}={roots:?})");
+        }
+        let mut write_roots = env_roots(WRITE_ROOTS_ENV);
+        if write_roots.is_empty() {
+            write_roots = roots.clone();
+        }
         let socket = socket_path(steps, spec.attempt_id)?;
         let _ = std::fs::remove_file(&socket);
         let listener =
@@ -121,12 +147,6 @@ impl Served {
             std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
                 .with_context(|| format!("chmod {}", socket.display()))?;
         }
-        let roots = spec
-            .env
-            .iter()
-            .filter(|(k, _)| k == ROOTS_ENV)
-            .flat_map(|(_, v)| v.split(':').filter(|r| !r.is_empty()).map(str::to_string).collect::<Vec<_>>())
-            .collect();
         let shared = Arc::new(Shared {
             steps: steps.clone(),
             spec_run: spec.run.clone(),
@@ -134,7 +154,9 @@ impl Served {
             attempt_id: spec.attempt_id,
             step_dir: steps.step_dir(spec.attempt_id).join("served"),
             roots,
+            write_roots,
             entries: Mutex::new(Vec::new()),
+            registry: Mutex::new(None),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(accept_loop(listener, shared.clone(), cancel.clone()));
@@ -144,9 +166,18 @@ impl Served {
 
     /// Stops listening, ends every chunk (each cleaned up), removes the socket, and returns
     /// what the chunks harvested.
-    pub async fn finish(self) -> Vec<(String, RegistryEntry)> {
+    pub async fn finish(mut self) -> Vec<(String, RegistryEntry)> {
         self.cancel.cancel();
-        let _ = self.task.await;
+        // A chunk stuck in a call (a client that never reads its answers) is abandoned: its
+        // views are copies under the step dir, removed below.
+        if tokio::time::timeout(FINISH_GRACE, &mut self.task).await.is_err() {
+            warn!(
+                attempt = self.shared.attempt_id,
+                "chunks still busy after the snippet ended; abandoning them"
+            );
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
         let _ = std::fs::remove_file(&self.socket);
         let dir = self.shared.step_dir.clone();
         if dir.exists() {
@@ -163,13 +194,18 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>, cancel: Cancel
         tokio::select! {
             _ = cancel.cancelled() => break,
             a = listener.accept() => match a {
+                Ok((stream, _)) if chunks.len() >= MAX_CHUNKS => {
+                    warn!(attempt = shared.attempt_id, "refusing a chunk connection: {MAX_CHUNKS} are open");
+                    drop(stream);
+                }
                 Ok((stream, _)) => {
                     n += 1;
                     chunks.spawn(serve_chunk(stream, shared.clone(), n, cancel.clone()));
                 }
                 Err(e) => {
+                    // Out of descriptors, say: try again shortly rather than stop serving.
                     warn!(attempt = shared.attempt_id, "accepting a chunk connection: {e}");
-                    break;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             },
             Some(_) = chunks.join_next(), if !chunks.is_empty() => {}
@@ -187,6 +223,8 @@ struct Chunk {
     cleaned: bool,
     /// The registry the backend resolves paths with.
     registry: Arc<Registry>,
+    /// Scratch dirs this chunk's backend handed out: the only `upper` a harvest may name.
+    scratch_dirs: Vec<String>,
 }
 
 async fn serve_chunk(stream: UnixStream, shared: Arc<Shared>, n: u64, cancel: CancellationToken) {
@@ -199,6 +237,7 @@ async fn serve_chunk(stream: UnixStream, shared: Arc<Shared>, n: u64, cancel: Ca
         backend: None,
         cleaned: false,
         registry: Arc::new(Registry::default()),
+        scratch_dirs: Vec::new(),
     };
     let mut buf = Vec::new();
     loop {
@@ -277,6 +316,27 @@ async fn reply(w: &mut tokio::net::unix::OwnedWriteHalf, id: &Value, result: Res
     Ok(())
 }
 
+/// An absolute path of normal components only (no `.`, `..`, empty component, NUL or newline).
+fn normal_abs(p: &str) -> bool {
+    p == "/"
+        || (p.starts_with('/')
+            && p[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+            && !p.contains('\0')
+            && !p.contains('\n'))
+}
+
+/// A profile or program name: one path component of letters, digits, `.`, `_`, `-`.
+fn check_name(what: &str, n: &str) -> Result<()> {
+    if n.is_empty()
+        || n.len() > 200
+        || n.starts_with('.')
+        || !n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        bail!("{what} {n:?}: use letters, digits, '.', '_', '-'");
+    }
+    Ok(())
+}
+
 fn strings(params: &Value, key: &str) -> Result<Vec<String>> {
     match params.get(key) {
         None | Some(Value::Null) => Ok(Vec::new()),
@@ -320,25 +380,30 @@ impl Chunk {
     /// Refuses a path the step may not name: relative, not normal, outside the declared
     /// roots, or inside the agent's own directories.
     fn check_path(&self, what: &str, p: &str) -> Result<()> {
-        let path = Path::new(p);
-        let normal = p.starts_with('/')
-            && !p.contains("//")
-            && (p == "/" || !p.ends_with('/'))
-            && path
-                .components()
-                .all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
-            && !p.contains('\0')
-            && !p.contains('\n');
-        if !normal {
+        self.check_beneath(what, p, &self.shared.roots)
+    }
+
+    /// As [`Chunk::check_path`], for a path the chunk writes.
+    fn check_write(&self, what: &str, p: &str) -> Result<()> {
+        self.check_beneath(what, p, &self.shared.write_roots)
+    }
+
+    /// Refuses a path the step may not name: not absolute and normal, outside `roots`, or the
+    /// agent's own directories.
+    fn check_beneath(&self, what: &str, p: &str, roots: &[String]) -> Result<()> {
+        if !normal_abs(p) {
             bail!("{what} {p:?} is not an absolute path without '.', '..' or '//'");
         }
+        let path = Path::new(p);
         let settings = &self.shared.steps.settings;
-        let own = [&settings.work_dir];
+        let mut own = vec![settings.work_dir.clone()];
+        if let Ok(s) = settings.scratch_root() {
+            own.push(s);
+        }
         if let Some(o) = own.iter().find(|o| path.starts_with(o) || o.starts_with(path)) {
             bail!("{what} {p} is the agent's own directory {} or holds it", o.display());
         }
-        let roots = &self.shared.roots;
-        if !roots.is_empty() && !roots.iter().any(|r| path.starts_with(r)) {
+        if !roots.iter().any(|r| path.starts_with(r)) {
             bail!("{what} {p} is outside the step's declared world ({})", roots.join(", "));
         }
         Ok(())
@@ -354,15 +419,33 @@ impl Chunk {
         if self.backend.is_none() {
             let steps = &self.shared.steps;
             if steps.settings.overlay_mode == "snapshot" {
-                let mut reg = match steps.remote.registry().await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        warn!("the coordinator's registry is not available ({e:#}); using the agent's");
-                        backend::read_registry(&steps.settings.snapshot_registry)?
+                let mut cached = self.shared.registry.lock().await;
+                let base = match &*cached {
+                    Some(r) => r.clone(),
+                    None => {
+                        let reg = match steps.remote.registry().await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                warn!(
+                                    "the coordinator's registry is not available ({e:#}); using the agent's"
+                                );
+                                backend::read_registry(&steps.settings.snapshot_registry)?
+                            }
+                        };
+                        let reg = Arc::new(reg);
+                        *cached = Some(reg.clone());
+                        reg
                     }
                 };
-                reg.merge(self.shared.entries.lock().await.iter().cloned());
-                self.registry = Arc::new(reg);
+                drop(cached);
+                let harvested = self.shared.entries.lock().await;
+                self.registry = if harvested.is_empty() {
+                    base
+                } else {
+                    let mut reg = (*base).clone();
+                    reg.merge(harvested.iter().cloned());
+                    Arc::new(reg)
+                };
             }
             let mut ctx =
                 steps.context(self.shared.attempt_id, &self.shared.spec_run, &self.shared.spec_step);
@@ -372,6 +455,8 @@ impl Chunk {
             // chunk: a mount the agent makes now would not reach it. Views are copies.
             let mut settings = (*ctx.settings).clone();
             settings.mount_overlay = false;
+            // Each chunk's scratch of its own (the overlay backend keys it by attempt).
+            settings.overlay_scratch = Some(ctx.step_dir.join("scratch").to_string_lossy().into_owned());
             ctx.settings = Arc::new(settings);
             self.backend = Some(backend::resolve_backend(&ctx).await?);
         }
@@ -432,6 +517,8 @@ impl Chunk {
             "restore_program" => {
                 let profile = string(params, "profile_name")?;
                 let key = string(params, "program_key")?;
+                check_name("profile_name", &profile)?;
+                check_name("program_key", &key)?;
                 let snapshot = self.snapshot_mode();
                 self.backend().await?;
                 let reg_key = protocol::registry::program_key(&profile, &key);
@@ -448,7 +535,7 @@ impl Chunk {
             "prepare_outputs" => {
                 let outputs = strings(params, "outputs")?;
                 for p in &outputs {
-                    self.check_path("output", p)?;
+                    self.check_write("output", p)?;
                 }
                 let harvest: BTreeMap<String, bool> = match params.get("output_harvest") {
                     None | Some(Value::Null) => BTreeMap::new(),
@@ -464,12 +551,16 @@ impl Chunk {
                     outputs.clone()
                 };
                 self.backend().await?.prepare_outputs(&redirected, &harvest, &mut ovs).await?;
+                self.scratch_dirs.extend(ovs.iter().map(|v| v.scratch_dir.clone()));
                 Ok(json!({"overlay_volumes": ovs}))
             }
             "harvest" => {
                 let upper = string(params, "upper")?;
                 let original = string(params, "original_dir")?;
-                self.check_path("original_dir", &original)?;
+                self.check_write("original_dir", &original)?;
+                if !self.scratch_dirs.contains(&upper) {
+                    bail!("harvest: upper {upper} is not a scratch dir this backend handed out");
+                }
                 let b = self.backend().await?;
                 b.harvest(Path::new(&upper), Path::new(&original)).await?;
                 let new = b.take_new_entries();
@@ -505,6 +596,13 @@ impl Chunk {
                     self.check_path("path", p)?;
                 }
                 let keys = strings(params, "program_keys")?;
+                for k in &keys {
+                    match k.split_once("/programs/") {
+                        Some((profile, key))
+                            if check_name("", profile).is_ok() && check_name("", key).is_ok() => {}
+                        _ => bail!("program key {k:?} is not of the form PROFILE/programs/KEY"),
+                    }
+                }
                 self.backend().await?.prepare_build(&paths, &keys).await?;
                 Ok(json!({}))
             }
@@ -512,7 +610,9 @@ impl Chunk {
                 let profile = string(params, "profile_name")?;
                 let key = string(params, "program_key")?;
                 let artifact = string(params, "artifact_path")?;
-                self.check_path("artifact_path", &artifact)?;
+                check_name("profile_name", &profile)?;
+                check_name("program_key", &key)?;
+                self.check_write("artifact_path", &artifact)?;
                 let b = self.backend().await?;
                 b.stage_program(&profile, &key, Path::new(&artifact)).await?;
                 let new = b.take_new_entries();

@@ -165,6 +165,10 @@ impl Steps {
         }
         // What the snippet's own processes harvested through the served backend comes first.
         outcome.new_entries.extend(backend.take_new_entries());
+        // Only a successful attempt's entries (a failed one's chunks may have harvested).
+        if !outcome.succeeded() {
+            outcome.new_entries.clear();
+        }
         if let Err(e) = self.merge_registry(&outcome.new_entries).await {
             warn!("could not record new registry entries: {e:#}");
         }

@@ -195,6 +195,9 @@ impl Engine {
         if rec.state != "running" {
             bail!("run {run} is {}, not running", rec.state);
         }
+        if !self.state.steps_of(run)?.iter().any(|s| s.step == step) {
+            bail!("run {run} has no step {step}");
+        }
         self.cancels
             .send((run.to_string(), step.to_string()))
             .map_err(|_| anyhow!("run {run} is not running on this coordinator"))?;
@@ -589,7 +592,8 @@ impl Engine {
         let mut missing: Vec<String> =
             p.external_inputs().into_iter().filter(|x| needed.contains(x) && reg.get(x).is_none()).collect();
         for x in &p.imports {
-            if reg.get(x).is_none() && !missing.contains(x) {
+            // Not when the registry knows it (its entry, or a harvested directory above it).
+            if reg.locate(x).is_empty() && !missing.contains(x) {
                 missing.push(x.clone());
             }
         }
@@ -750,7 +754,15 @@ impl Engine {
                     interrupted = true;
                     sched.handle(Event::Abort { reason: "the coordinator is shutting down".into() });
                 }
-                Ok((run, step)) = cancels.recv() => {
+                got = cancels.recv() => {
+                    let (run, step) = match got {
+                        Ok(c) => c,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            warn!(run = %run_id, missed = n, "cancel requests came faster than the run took them; some were lost");
+                            continue;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => continue,
+                    };
                     if run == run_id {
                         match p.index_of(&step) {
                             Some(i) => {
@@ -1111,7 +1123,7 @@ impl Engine {
                         self.coord.store().as_ref(),
                         &step.name,
                         &step.outputs,
-                        if step.serve_backend { &p.roots } else { &[] },
+                        if step.serve_backend { p.harvest_roots() } else { &[] },
                         &outcome.new_entries,
                     )
                 {
@@ -1142,23 +1154,45 @@ impl Engine {
                             })
                             .collect();
                         let n = entries.len();
-                        let back: Vec<(String, protocol::RegistryEntry)> =
-                            if p.write_back { entries.clone() } else { Vec::new() };
-                        let merged = if entries.is_empty() {
-                            Ok(None)
+                        // Written back before merged: a client that sees `step harvested`
+                        // finds the files, and a write-back that fails fails the attempt.
+                        let written = if p.write_back && !entries.is_empty() {
+                            let store = self.coord.store().clone();
+                            let write = || write_back(store.as_ref(), p.harvest_roots(), &entries);
+                            match tokio::runtime::Handle::current().runtime_flavor() {
+                                tokio::runtime::RuntimeFlavor::CurrentThread => write(),
+                                _ => tokio::task::block_in_place(write),
+                            }
+                            .map(Some)
                         } else {
-                            self.registry.update(|g| {
-                                g.merge(entries);
-                                Some(g.clone())
-                            })
+                            Ok(None)
+                        };
+                        let merged = match written {
+                            Err(e) => Err(anyhow!("writing the harvest back failed: {e:#}")),
+                            Ok(w) => {
+                                if let Some(w) = w {
+                                    debug!(run = %run_id, step = %name, files = w, "harvest written back");
+                                }
+                                if entries.is_empty() {
+                                    Ok(None)
+                                } else {
+                                    self.registry
+                                        .update(|g| {
+                                            g.merge(entries);
+                                            Some(g.clone())
+                                        })
+                                        .map_err(|e| anyhow!("merging the registry failed: {e:#}"))
+                                }
+                            }
                         };
                         match merged {
                             Ok(Some(g)) => *reg = g,
                             Ok(None) => {}
                             Err(e) => {
-                                // The outputs exist in the store but not in the registry:
-                                // the attempt does not count.
-                                let msg = format!("merging the registry failed: {e:#}");
+                                // The outputs exist in the store but not in the registry (or
+                                // not where the client looks): the attempt does not count.
+                                let msg = format!("{e:#}");
+                                warn!(run = %run_id, step = %name, attempt = attempt_id, "{msg}");
                                 self.state.attempt_ended(
                                     attempt_id,
                                     "failed",
@@ -1171,24 +1205,6 @@ impl Engine {
                                     end: AttemptEnd::InfraFailed(msg),
                                 });
                                 return Ok(());
-                            }
-                        }
-                        if !back.is_empty() {
-                            let store = self.coord.store().clone();
-                            let roots = p.roots.clone();
-                            // Before `step harvested`: a client that sees it finds the files.
-                            let write = || write_back(store.as_ref(), &roots, &back);
-                            let written = match tokio::runtime::Handle::current().runtime_flavor() {
-                                tokio::runtime::RuntimeFlavor::CurrentThread => write(),
-                                _ => tokio::task::block_in_place(write),
-                            };
-                            match written {
-                                Ok(w) => {
-                                    debug!(run = %run_id, step = %name, files = w, "harvest written back")
-                                }
-                                Err(e) => {
-                                    warn!(run = %run_id, step = %name, "writing the harvest back failed: {e:#}")
-                                }
                             }
                         }
                         rep.emit(
@@ -1333,21 +1349,24 @@ fn write_back(
     Ok(written)
 }
 
-/// Whether `path` is a normal absolute path strictly below one of `roots`.
+/// Whether `path` is a normal absolute path at or below one of `roots`.
 pub fn under_roots(path: &str, roots: &[String]) -> bool {
     let p = Path::new(path);
     path.starts_with('/')
         && p.components()
             .all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
-        && roots.iter().any(|r| p.starts_with(r) && p != Path::new(r))
+        && roots.iter().any(|r| p.starts_with(r))
 }
 
 /// A step's environment, with what the agent needs to serve it its backend.
 fn served_env(p: &Pipeline, s: &crate::pipeline::Step) -> Vec<(String, String)> {
-    let mut env = s.env.clone();
+    // What the agent serves is the coordinator's to say, never the step's own env.
+    let mut env: Vec<(String, String)> =
+        s.env.iter().filter(|(k, _)| !k.starts_with("PYPE_RS_")).cloned().collect();
     if s.serve_backend {
         env.push(("PYPE_RS_SERVE".into(), "1".into()));
         env.push(("PYPE_RS_ROOTS".into(), p.roots.join(":")));
+        env.push(("PYPE_RS_WRITE_ROOTS".into(), p.harvest_roots().join(":")));
     }
     env
 }
@@ -1406,6 +1425,9 @@ pub async fn admin_submit(
         Ok(p) => p,
         Err(e) => return err(format!("malformed pipeline: {e}")),
     };
+    if let Err(e) = pipeline.check_submitted() {
+        return err(format!("pipeline {}: {e}", pipeline.name));
+    }
     let opts: RunOptions = match serde_json::from_str(options_json) {
         Ok(o) => o,
         Err(e) => return err(format!("malformed run options: {e}")),
@@ -1422,5 +1444,23 @@ pub async fn admin_submit(
         Ok(Ok(r)) => AdminResponse::RunDone { run: r.run_id, succeeded: r.succeeded, summary: r.summary },
         Ok(Err(e)) => err(format!("{e:#}")),
         Err(e) => err(format!("the run task failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_normal_paths_strictly_below_a_root_are_under_it() {
+        let roots = vec!["/data/run".to_string()];
+        assert!(under_roots("/data/run/x", &roots));
+        assert!(under_roots("/data/run/a/b", &roots));
+        assert!(under_roots("/data/run", &roots), "a directory output may be the root itself");
+        assert!(!under_roots("/data/run2/x", &roots), "component-wise, not a string prefix");
+        assert!(!under_roots("/data/run/../etc", &roots));
+        assert!(!under_roots("data/run/x", &roots));
+        assert!(!under_roots("/data/run/x", &[]));
+        assert!(!under_roots("p/programs/tool", &roots));
     }
 }

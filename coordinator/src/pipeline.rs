@@ -93,6 +93,8 @@ struct PipelineFile {
     #[serde(default)]
     roots: Vec<Spanned<String>>,
     #[serde(default)]
+    write_roots: Vec<Spanned<String>>,
+    #[serde(default)]
     imports: Vec<Spanned<String>>,
     #[serde(default)]
     write_back: bool,
@@ -189,9 +191,12 @@ pub struct Pipeline {
     /// Where each input is first declared, as `file:line:col`, for errors about it.
     #[serde(default)]
     pub inputs_at: HashMap<String, String>,
-    /// The directories a served backend may touch and harvest under (absolute, never `/`).
+    /// The directories a served backend may touch (absolute, never `/`).
     #[serde(default)]
     pub roots: Vec<String>,
+    /// Those beneath which it may write and harvest (each inside a root; default: the roots).
+    #[serde(default)]
+    pub write_roots: Vec<String>,
     /// Paths imported into the store when the run starts, unless the registry has them.
     #[serde(default)]
     pub imports: Vec<String>,
@@ -215,6 +220,25 @@ struct ProgramFile {
     kind: Spanned<String>,
     artifact_path: Spanned<String>,
     build: String,
+}
+
+/// Roots are never `/` nor hold a `:` (the agent's list separator); each write root lies
+/// inside a root.
+fn check_roots(roots: &[String], write_roots: &[String]) -> Result<(), String> {
+    for r in roots.iter().chain(write_roots) {
+        if r == "/" {
+            return Err("a root must not be / (name the directories steps work in)".into());
+        }
+        if r.contains(':') {
+            return Err(format!("root {r:?} holds a ':'"));
+        }
+    }
+    for w in write_roots {
+        if !roots.iter().any(|r| Path::new(w).starts_with(r)) {
+            return Err(format!("write root {w} is inside none of the roots"));
+        }
+    }
+    Ok(())
 }
 
 /// The version of the JSON pipeline format [`Pipeline::parse_json`] reads.
@@ -394,13 +418,15 @@ impl Pipeline {
         };
         let mut roots = Vec::new();
         for r in &file.roots {
-            let n = absolute(r, "root")?;
-            if n == "/" {
-                return Err(
-                    src.error(Some(r.span()), "a root must not be / (name the directories steps work in)")
-                );
-            }
-            roots.push(n);
+            roots.push(absolute(r, "root")?);
+        }
+        let mut write_roots = Vec::new();
+        for r in &file.write_roots {
+            write_roots.push(absolute(r, "write root")?);
+        }
+        if let Err(e) = check_roots(&roots, &write_roots) {
+            let at = file.roots.first().map(|r| r.span());
+            return Err(src.error(at, e));
         }
         let imports = file.imports.iter().map(|i| absolute(i, "import")).collect::<Result<Vec<_>, _>>()?;
         let resolve = |p: &Spanned<String>| -> Result<String, FileError> {
@@ -592,6 +618,7 @@ impl Pipeline {
             producers,
             inputs_at,
             roots,
+            write_roots,
             imports,
             write_back: file.write_back,
         })
@@ -618,6 +645,28 @@ impl Pipeline {
             toml::Value::try_from(&v).map_err(|e| fail(format!("{e} (null is not a value)")))?;
         let text = toml::to_string(&t).map_err(|e| fail(format!("{e}")))?;
         Self::parse(&file, &text).map_err(|e| fail(e.message))
+    }
+
+    /// Re-checks what a submitted pipeline (deserialized, not parsed) says about where its
+    /// steps may write: the same rules [`Pipeline::parse`] applies.
+    pub fn check_submitted(&self) -> Result<(), String> {
+        for r in self.roots.iter().chain(&self.write_roots).chain(&self.imports) {
+            if normalize(r).as_deref() != Some(r.as_str()) || !r.starts_with('/') {
+                return Err(format!("{r:?} is not an absolute normal path"));
+            }
+        }
+        check_roots(&self.roots, &self.write_roots)?;
+        if self.roots.is_empty()
+            && let Some(s) = self.steps.iter().find(|s| s.serve_backend)
+        {
+            return Err(format!("step {:?} serves its backend: the pipeline must name its roots", s.name));
+        }
+        Ok(())
+    }
+
+    /// Where a step that serves its backend may write: the write roots, else the roots.
+    pub fn harvest_roots(&self) -> &[String] {
+        if self.write_roots.is_empty() { &self.roots } else { &self.write_roots }
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {
@@ -740,6 +789,50 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text).expect_err("should fail").to_string()
+    }
+
+    #[test]
+    fn json_pipelines_are_checked_like_toml_ones() {
+        let p = Pipeline::parse_json(
+            r#"{"version": 1, "name": "bp", "roots": ["/data/run", "/logs/"], "imports": ["/data/in.txt"],
+                "write_back": true,
+                "steps": [{"name": "a.R1", "command": "echo a", "outputs": ["/logs/q1"], "serve_backend": true},
+                          {"name": "b.R2", "command": "echo b", "after": ["a.R1"], "serve_backend": true,
+                           "resources": {"cpus": 2, "memory": 1048576}, "timeout_secs": 60}]}"#,
+        )
+        .unwrap();
+        assert_eq!(p.roots, vec!["/data/run".to_string(), "/logs".to_string()]);
+        assert_eq!(p.imports, vec!["/data/in.txt".to_string()]);
+        assert!(p.write_back && p.steps.iter().all(|s| s.serve_backend));
+        assert_eq!(p.steps[1].deps, vec![0]);
+        assert_eq!(p.steps[1].resources.memory_bytes, 1 << 20);
+        let e = |t: &str| Pipeline::parse_json(t).expect_err("should fail").message;
+        assert!(e(r#"{"name": "x", "steps": []}"#).contains("missing \"version\": 1"));
+        assert!(
+            e(r#"{"version": 2, "name": "x", "steps": []}"#)
+                .contains("version 2: this coordinator reads version 1")
+        );
+        assert!(e("[1]").contains("expected a JSON object"));
+        assert!(e("{").contains("not JSON"));
+        assert!(
+            e(r#"{"version": 1, "name": "x", "steps": [{"name": "a", "command": null}]}"#).contains("null")
+        );
+        assert!(
+            e(r#"{"version": 1, "name": "x", "roots": ["/"], "steps": [{"name": "a", "command": "true"}]}"#)
+                .contains("a root must not be /")
+        );
+        assert!(
+            e(r#"{"version": 1, "name": "x", "roots": ["rel"], "steps": [{"name": "a", "command": "true"}]}"#)
+                .contains("must be an absolute path")
+        );
+        assert!(
+            e(r#"{"version": 1, "name": "x", "steps": [{"name": "a", "command": "true", "serve_backend": true}]}"#)
+                .contains("must name its roots")
+        );
+        assert!(
+            e(r#"{"version": 1, "name": "x", "steps": [{"name": "a", "command": "true", "bogus": 1}]}"#)
+                .contains("unknown field")
+        );
     }
 
     #[test]

@@ -218,6 +218,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn locate_finds_a_path_by_its_entry_a_directory_above_or_the_entries_below() {
+        let text = r#"{
+  "/out/chunks": {"snapshot_id": "snap-d", "in_snapshot_path": "out/chunks"},
+  "/out/counts/a.tsv": {"snapshot_id": "snap-a", "in_snapshot_path": "out/counts/a.tsv"},
+  "/out/counts/b.tsv": {"snapshot_id": "snap-b", "in_snapshot_path": "out/counts/b.tsv"},
+  "/out/countsx": {"snapshot_id": "snap-x", "in_snapshot_path": "out/countsx"},
+  "p/programs/tool": {"snapshot_id": "snap-p", "in_snapshot_path": "/opt/tool"}
+}"#;
+        let reg = Registry::parse(text).unwrap();
+        let t = |k: &str, id: &str, isp: &str| (k.to_string(), id.to_string(), isp.to_string());
+        assert_eq!(reg.locate("/out/chunks"), vec![t("/out/chunks", "snap-d", "out/chunks")]);
+        assert_eq!(
+            reg.locate("/out/chunks/c1.txt"),
+            vec![t("/out/chunks/c1.txt", "snap-d", "out/chunks/c1.txt")]
+        );
+        assert_eq!(
+            reg.locate("/out/counts/"),
+            vec![
+                t("/out/counts/a.tsv", "snap-a", "out/counts/a.tsv"),
+                t("/out/counts/b.tsv", "snap-b", "out/counts/b.tsv")
+            ],
+            "a directory made of harvested files; /out/countsx is not below it"
+        );
+        assert!(reg.locate("/out/missing").is_empty());
+        assert!(reg.locate("/p").is_empty(), "program keys are not data paths");
+    }
+
+    #[test]
     fn bio_pype_registry_round_trips() {
         let text = r#"{
   "/data/sample.bam": {"snapshot_id": "snap-aaa", "in_snapshot_path": "data/sample.bam"},

@@ -43,19 +43,24 @@ def merge_registry_file(path: str, entries: Dict[str, Any]) -> None:
     """Merges entries into a registry file (bio-pype's JSON, ``indent=2``), atomically."""
     if not entries:
         return
-    current: Dict[str, Any] = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            try:
-                current = json.load(f)
-            except ValueError:
-                current = {}
-    current.update(entries)
+    import fcntl
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(current, f, indent=2)
-    os.replace(tmp, path)
+    # Chunks of one job may harvest at once: one writer at a time.
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current: Dict[str, Any] = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                try:
+                    current = json.load(f)
+                except ValueError:
+                    current = {}
+        current.update(entries)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(current, f, indent=2)
+        os.replace(tmp, path)
 
 
 class StorageBackend:
@@ -89,11 +94,17 @@ class StorageBackend:
             raise BackendError(f"cannot reach the pype agent at {self._socket_path}: {e}")
         self._sock = s
         self._reader = s.makefile("rb")
-        init = self._call_raw("init", {"protocol": SERVED_PROTOCOL, "pid": os.getpid()})
-        if init.get("protocol") != SERVED_PROTOCOL:
-            raise BackendError(
-                f"the pype agent speaks storage protocol {init.get('protocol')}, this pype_rs {SERVED_PROTOCOL}"
-            )
+        try:
+            init = self._call_raw("init", {"protocol": SERVED_PROTOCOL, "pid": os.getpid()})
+            if init.get("protocol") != SERVED_PROTOCOL:
+                raise BackendError(
+                    f"the pype agent speaks storage protocol {init.get('protocol')}, this pype_rs {SERVED_PROTOCOL}"
+                )
+        except BackendError:
+            self._reader.close()
+            s.close()
+            self._sock = None
+            raise
 
     def _call_raw(self, method: str, params: Dict[str, Any]) -> Dict[str, Any]:
         self._next_id += 1

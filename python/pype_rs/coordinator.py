@@ -89,7 +89,10 @@ def cancel(run: str, step: str) -> None:
 
 def status(run: str) -> str:
     """``pype-coordinator status RUN``: the run's step table."""
-    return _run(["status", run], timeout=60)
+    args = ["status", run]
+    if address():
+        args += ["--coordinator", address()]
+    return _run(args, timeout=60)
 
 
 def logs(run: str, step: str) -> str:

@@ -135,11 +135,15 @@ def _collapse(roots: Set[str]) -> List[str]:
     return out
 
 
-def world(jobs: Dict[str, Dict[str, Any]], plog: str) -> Tuple[List[str], List[str]]:
-    """The directories the jobs may touch (roots) and the files to import at submission:
-    the directories their absolute arguments name (an argument that is a directory or has no
-    suffix, else its parent), the pipeline log dir, the profile's files, ``PYPE_RS_ROOTS``."""
+def world(jobs: Dict[str, Dict[str, Any]], plog: str) -> Tuple[List[str], List[str], List[str]]:
+    """The directories the jobs may touch (roots), those they may write (write roots), and the
+    files to import at submission. Roots: the directories their absolute arguments name (an
+    argument that is a directory or has no suffix, else its parent), the pipeline log dir, the
+    profile's files' directories, ``PYPE_RS_ROOTS``. Write roots: the directory-like arguments,
+    the log dir and ``PYPE_RS_ROOTS``; never the directory of an existing input file alone, so
+    a step cannot have the coordinator write over what sits beside the user's inputs."""
     roots: Set[str] = {os.path.normpath(plog)}
+    write: Set[str] = {os.path.normpath(plog)}
     imports: Set[str] = set()
     for job in jobs.values():
         words, log_dir, profile = job_words(job.get("command", ""))
@@ -150,14 +154,20 @@ def world(jobs: Dict[str, Dict[str, Any]], plog: str) -> Tuple[List[str], List[s
             p = os.path.normpath(w)
             if os.path.isdir(p) or not os.path.splitext(p)[1]:
                 roots.add(p)
+                if w not in files:
+                    write.add(p)
             else:
                 roots.add(os.path.dirname(p))
+                if not os.path.exists(p) and w not in files:
+                    # An output file to be: its directory is written.
+                    write.add(os.path.dirname(p))
             if os.path.isfile(p) and not p.startswith(os.path.normpath(plog) + "/"):
                 imports.add(p)
     for r in os.environ.get("PYPE_RS_ROOTS", "").split(":"):
         if r.startswith("/"):
             roots.add(os.path.normpath(r))
-    return _collapse(roots), sorted(imports)
+            write.add(os.path.normpath(r))
+    return _collapse(roots), _collapse(write), sorted(imports)
 
 
 def split_command(command: str) -> Tuple[List[Tuple[str, str]], List[str]]:
@@ -176,7 +186,21 @@ def _site_packages() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(pype.__file__)))
 
 
-def worker_command(command: str, ship: bool) -> Tuple[str, List[str]]:
+def ship_mode() -> str:
+    """``PYPE_RS_SHIP_PYPE``: ``all`` (or ``1``) ships bio-pype's packages and the modules,
+    ``modules`` only the modules (workers with bio-pype installed, e.g. an image built with
+    ``deploy/qemu/build-image.sh --with-biopype``), unset ships nothing."""
+    v = os.environ.get("PYPE_RS_SHIP_PYPE", "").strip().lower()
+    if v in ("", "0", "no", "false", "none"):
+        return ""
+    if v == "modules":
+        return "modules"
+    if v in ("1", "yes", "true", "all"):
+        return "all"
+    raise ValueError(f"PYPE_RS_SHIP_PYPE={v!r}: expected all, modules or nothing")
+
+
+def worker_command(command: str, ship: str) -> Tuple[str, List[str]]:
     """The step's bash command for a job, and the paths it needs shipped.
 
     The job command names this host's ``pype`` and ``PYPE_MODULES``. On the worker they are
@@ -193,7 +217,7 @@ def worker_command(command: str, ship: bool) -> Tuple[str, List[str]]:
     else:
         exe, args = words[:1], words[1:]
     assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env if k != "PYPE_MODULES")
-    if ship:
+    if ship == "all":
         # bio-pype's packages, and this package where it is not among them (a source tree).
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         paths = list(dict.fromkeys([here, _site_packages()]))
@@ -202,6 +226,7 @@ def worker_command(command: str, ship: bool) -> Tuple[str, List[str]]:
             f"exec python3 -m pype.commands {shlex.join(args)}"
         )
         return line, [p for p in paths + [modules] if p]
+    shipped = [modules] if ship == "modules" and modules else []
     exe_text = shlex.join(exe)
     lines = [
         f"pype_rs_exe=({exe_text})",
@@ -214,12 +239,12 @@ def worker_command(command: str, ship: bool) -> Tuple[str, List[str]]:
         'elif [ ! -d "$pype_rs_modules" ]; then echo "pype_rs: the modules directory $pype_rs_modules is not on this worker (set PYPE_RS_WORKER_MODULES)" >&2; exit 127; fi',
         f'{assigns} PYPE_MODULES="$pype_rs_modules" exec "${{pype_rs_exe[@]}}" {shlex.join(args)}',
     ]
-    return "\n".join(lines), []
+    return "\n".join(lines), shipped
 
 
 def build_pipeline(name: str, jobs: Dict[str, Dict[str, Any]], to_run: List[str], plog: str) -> Dict[str, Any]:
-    roots, imports = world({r: jobs[r] for r in to_run}, plog)
-    ship = os.environ.get("PYPE_RS_SHIP_PYPE", "") not in ("", "0", "no", "false")
+    roots, write_roots, imports = world({r: jobs[r] for r in to_run}, plog)
+    ship = ship_mode()
     names = {r: step_name(r, jobs[r].get("name")) for r in to_run}
     steps = []
     for rid in to_run:
@@ -258,6 +283,7 @@ def build_pipeline(name: str, jobs: Dict[str, Dict[str, Any]], to_run: List[str]
         "version": PIPELINE_VERSION,
         "name": re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:80] or "biopype",
         "roots": roots,
+        "write_roots": write_roots,
         "imports": imports,
         "write_back": True,
         "steps": steps,
@@ -363,7 +389,8 @@ class PypeRsQueue:
             code = self.proc.wait()
         if not done:
             tail = _tail(coord_log, 5)
-            self.abandon(f"pype-coordinator exited with code {code} before the run finished")
+            if coordinator.address() is None:
+                self.abandon(f"pype-coordinator exited with code {code} before the run finished")
             self.error(f"pype-coordinator exited with code {code} before the run finished; its log {coord_log}:\n{tail}")
         self.report()
 
@@ -440,7 +467,9 @@ class PypeRsQueue:
         return False
 
     def abandon(self, why: str) -> None:
-        """Jobs the coordinator did not finish: cancelled, so ``pype resume`` runs them again."""
+        """Jobs an embedded coordinator did not finish (it is gone, and its agents with it):
+        cancelled, so ``pype resume`` runs them again. (A run on ``serve`` goes on without this
+        client: its jobs keep their status.)"""
         for rid in self.by_step.values():
             status = self.jobs().get(rid, {}).get("status")
             if status not in TERMINAL:

@@ -456,6 +456,16 @@ fn bad_input_gets_a_clear_error_and_leaves_the_run_consistent() {
 /// harvests under the roots merged, and the socket gone after the attempt.
 #[test]
 fn the_served_backend_checks_protocol_and_paths_and_goes_with_the_attempt() {
+    served_backend_on("snapshot");
+}
+
+/// The same through the overlay backend: each chunk has its own scratch, harvested in place.
+#[test]
+fn the_served_overlay_backend_keeps_chunks_apart() {
+    served_backend_on("overlay");
+}
+
+fn served_backend_on(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
     let bins = tests::bins!();
     let d = dir.path().display().to_string();
@@ -499,7 +509,7 @@ print("cleanup", json.dumps(call(c, "cleanup", {})))
     let mut child = Command::new(&bins.coordinator)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
-        .args(["run", "--json", "-", "--heartbeat-interval-ms", "200"])
+        .args(["run", "--json", "-", "--heartbeat-interval-ms", "200", "--backend", backend])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -534,7 +544,11 @@ print("cleanup", json.dumps(call(c, "cleanup", {})))
     assert!(field("outside").contains("outside the step's declared world"), "{log}");
     assert!(field("relative").contains("not an absolute path"), "{log}");
     assert!(field("dotdot").contains("not an absolute path"), "{log}");
-    assert!(field("harvest").contains("snapshot_id"), "{log}");
+    if backend == "snapshot" {
+        assert!(field("harvest").contains("snapshot_id"), "{log}");
+    } else {
+        assert!(field("harvest").contains("\"new_entries\": {}"), "harvested in place: {log}");
+    }
     assert!(field("check").contains("\"sizes\": {") && field("check").contains(": 7}"), "{log}");
     // Written back at once, and the socket is gone with the attempt.
     assert_eq!(std::fs::read_to_string(dir.path().join("work/out/res.txt")).unwrap(), "served\n");
@@ -606,4 +620,18 @@ fn jobs_use_the_workers_pype_or_a_shipped_one() {
     }
     let shipped = commands.iter().filter(|c| c.contains("python3 -m pype.commands")).count();
     assert!(shipped >= 7, "{run} {merge}: jobs ran `python3 -m pype.commands`: {commands:?}");
+}
+
+/// The Python package's own unit tests (python/tests), with Debian's Python and bio-pype.
+#[test]
+fn the_python_package_unit_tests_pass() {
+    let Some(venv) = venv("the_python_package_unit_tests_pass") else { return };
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-m", "unittest", "discover", "-s"])
+        .arg(repo().join("python/tests"))
+        .env("PYTHONPATH", repo().join("python"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OK"));
 }
