@@ -487,9 +487,14 @@ print("init", json.dumps(call(c, "init", {"protocol": 1})))
 print("outside", json.dumps(call(c, "prepare_inputs", {"inputs": ["/etc/passwd"], "overlay_volumes": []})))
 print("relative", json.dumps(call(c, "prepare_outputs", {"outputs": ["out/x"], "output_harvest": {}, "overlay_volumes": []})))
 print("dotdot", json.dumps(call(c, "check_outputs", {"paths": [sys.argv[1] + "/../../etc"]})))
+print("bad-upper", json.dumps(call(c, "harvest", {"upper": "/etc", "original_dir": sys.argv[1]})))
+print("bad-key", json.dumps(call(c, "restore_program", {"profile_name": "../p", "program_key": "k"})))
+print("bad-build", json.dumps(call(c, "prepare_build", {"paths": [], "program_keys": ["/data/secret"]})))
+print("read-only", json.dumps(call(c, "prepare_outputs", {"outputs": [sys.argv[2] + "/x"], "output_harvest": {}, "overlay_volumes": []})))
 r = call(c, "prepare_outputs", {"outputs": [sys.argv[1] + "/res.txt"], "output_harvest": {sys.argv[1] + "/res.txt": True}, "overlay_volumes": []})
 vol = r["result"]["overlay_volumes"][0]
 open(vol["bind_file"], "w").write("served\n")
+os.makedirs(sys.argv[1], exist_ok=True)  # as bio-pype's overlay mode, the output's directory exists
 print("harvest", json.dumps(call(c, "harvest", {"upper": vol["scratch_dir"], "original_dir": vol["original_dir"]})))
 print("check", json.dumps(call(c, "check_outputs", {"paths": [sys.argv[1] + "/res.txt"]})))
 print("cleanup", json.dumps(call(c, "cleanup", {})))
@@ -498,11 +503,12 @@ print("cleanup", json.dumps(call(c, "cleanup", {})))
     let pipeline = serde_json::json!({
         "version": 1,
         "name": "served",
-        "roots": [format!("{d}/work")],
+        "roots": [format!("{d}/work"), format!("{d}/ref")],
+        "write_roots": [format!("{d}/work")],
         "write_back": true,
         "steps": [{
             "name": "chunk",
-            "command": format!("python3 {d}/client.py {d}/work/out"),
+            "command": format!("python3 {d}/client.py {d}/work/out {d}/ref"),
             "serve_backend": true,
         }],
     });
@@ -544,6 +550,10 @@ print("cleanup", json.dumps(call(c, "cleanup", {})))
     assert!(field("outside").contains("outside the step's declared world"), "{log}");
     assert!(field("relative").contains("not an absolute path"), "{log}");
     assert!(field("dotdot").contains("not an absolute path"), "{log}");
+    assert!(field("bad-upper").contains("not a scratch dir this backend handed out"), "{log}");
+    assert!(field("bad-key").contains("profile_name \\\"../p\\\""), "{log}");
+    assert!(field("bad-build").contains("not of the form PROFILE/programs/KEY"), "{log}");
+    assert!(field("read-only").contains("outside the step's declared world"), "a read-only root: {log}");
     if backend == "snapshot" {
         assert!(field("harvest").contains("snapshot_id"), "{log}");
     } else {
