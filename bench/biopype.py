@@ -79,7 +79,17 @@ def main():
     base_env.update({"PYTHONPATH": os.path.join(ROOT, "python"), "PYPE_MODULES": os.path.join(work, "modules"),
                      "PYPE_RS_COORDINATOR_BIN": a.bin})
     if slurm:
-        subprocess.run([cluster, "start", os.path.join(work, "cluster"), "2"], check=True, stdout=subprocess.DEVNULL)
+        # bio-pype's slurm queue reads finished jobs' states from sacct, which needs slurmdbd
+        # and a database: the cluster logs finished jobs to a jobcomp file instead, and
+        # bench/sacct-jobcomp answers bio-pype's sacct call from it (on PATH as `sacct`).
+        jobcomp = os.path.join(work, "jobcomp.log")
+        shim = os.path.join(work, "shim")
+        os.makedirs(shim)
+        os.symlink(os.path.join(ROOT, "bench/sacct-jobcomp"), os.path.join(shim, "sacct"))
+        subprocess.run([cluster, "start", os.path.join(work, "cluster"), "2"], check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "JOBCOMP_LOC": jobcomp})
+        base_env["JOBCOMP_LOC"] = jobcomp
+        base_env["PATH"] = shim + os.pathsep + base_env.get("PATH", "")
         base_env["SLURM_CONF"] = os.path.join(work, "cluster", "slurm.conf")
         cfg = os.path.join(work, "provider.toml")
         with open(cfg, "w") as f:

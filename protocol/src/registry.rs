@@ -66,6 +66,31 @@ pub fn program_key(profile: &str, key: &str) -> String {
     format!("{profile}/programs/{key}")
 }
 
+/// See [`Registry::size_queries`].
+pub struct SizeQueries {
+    /// What to ask the store, in order.
+    pub queries: Vec<(String, String)>,
+    owners: Vec<usize>,
+    paths: usize,
+}
+
+impl SizeQueries {
+    /// Each path's size from the store's answers (one per query, in order): the total of its
+    /// places, `None` when the registry does not know it or a place is not in the store
+    /// (bio-pype's conventions: a zero-byte file is present, a directory has its total).
+    pub fn sizes(self, answers: Vec<Option<u64>>) -> Vec<Option<u64>> {
+        let mut total: Vec<Option<u64>> = vec![None; self.paths];
+        let mut missing = vec![false; self.paths];
+        for (i, size) in self.owners.into_iter().zip(answers) {
+            match size {
+                Some(s) => total[i] = Some(total[i].unwrap_or(0) + s),
+                None => missing[i] = true,
+            }
+        }
+        total.into_iter().zip(missing).map(|(t, m)| if m { None } else { t }).collect()
+    }
+}
+
 impl Registry {
     pub fn parse(text: &str) -> Result<Self, RegistryError> {
         if text.trim().is_empty() {
@@ -172,6 +197,20 @@ impl Registry {
             .collect()
     }
 
+    /// The size queries that answer `check_outputs(paths)` from a store's index: one
+    /// `(snapshot_id, in_snapshot_path)` per place [`Registry::locate`] finds each path.
+    pub fn size_queries(&self, paths: &[String]) -> SizeQueries {
+        let mut queries = Vec::new();
+        let mut owners = Vec::new();
+        for (i, p) in paths.iter().enumerate() {
+            for (_, id, isp) in self.locate(p) {
+                queries.push((id, isp));
+                owners.push(i);
+            }
+        }
+        SizeQueries { queries, owners, paths: paths.len() }
+    }
+
     /// The entries an attempt needs: those of the declared paths, of paths below or above
     /// them (a directory input restored from the entries of its files, or a file inside a
     /// harvested directory), and the program entries of `profiles`.
@@ -242,6 +281,11 @@ mod tests {
             "a directory made of harvested files; /out/countsx is not below it"
         );
         assert!(reg.locate("/out/missing").is_empty());
+        let q = reg.size_queries(&["/out/counts".into(), "/out/chunks/c1.txt".into(), "/nope".into()]);
+        assert_eq!(q.queries.len(), 3, "two entries below /out/counts, one above c1.txt");
+        assert_eq!(q.sizes(vec![Some(2), Some(0), Some(5)]), vec![Some(2), Some(5), None], "0 bytes is present");
+        let q = reg.size_queries(&["/out/counts".into()]);
+        assert_eq!(q.sizes(vec![Some(2), None]), vec![None], "one place missing from the store");
         assert!(reg.locate("/p").is_empty(), "program keys are not data paths");
     }
 

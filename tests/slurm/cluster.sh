@@ -83,7 +83,14 @@ ctld_port=$((20000 + RANDOM % 20000))
   echo "SchedulerParameters=batch_sched_delay=0"
   echo "ReturnToService=2"
   echo "MpiDefault=none"
-  echo "JobCompType=jobcomp/none"
+  # JOBCOMP_LOC=FILE: finished jobs are logged there (jobcomp/filetxt): what
+  # bench/sacct-jobcomp reads to stand in for sacct, which needs slurmdbd and a database.
+  if [ -n "${JOBCOMP_LOC:-}" ]; then
+    echo "JobCompType=jobcomp/filetxt"
+    echo "JobCompLoc=$JOBCOMP_LOC"
+  else
+    echo "JobCompType=jobcomp/none"
+  fi
   echo "AccountingStorageType=accounting_storage/none"
   echo "SlurmctldTimeout=30"
   echo "SlurmdTimeout=30"

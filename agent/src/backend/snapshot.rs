@@ -356,28 +356,10 @@ impl StorageBackend for Snapshot {
     }
 
     async fn check_outputs(&mut self, paths: &[String]) -> Result<BTreeMap<String, Option<u64>>> {
-        let mut queries = Vec::new();
-        let mut owners = Vec::new();
-        for (i, p) in paths.iter().enumerate() {
-            for (_, id, isp) in self.locate(p) {
-                queries.push((id, isp));
-                owners.push(i);
-            }
-        }
-        let sizes = if queries.is_empty() { Vec::new() } else { self.ctx.remote.stat(queries).await? };
-        let mut out: Vec<Option<u64>> = vec![None; paths.len()];
-        let mut missing = vec![false; paths.len()];
-        for (i, size) in owners.into_iter().zip(sizes) {
-            match size {
-                Some(s) => out[i] = Some(out[i].unwrap_or(0) + s),
-                None => missing[i] = true,
-            }
-        }
-        Ok(paths
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.clone(), if missing[i] { None } else { out[i] }))
-            .collect())
+        let q = self.registry.size_queries(paths);
+        let answers =
+            if q.queries.is_empty() { Vec::new() } else { self.ctx.remote.stat(q.queries.clone()).await? };
+        Ok(paths.iter().cloned().zip(q.sizes(answers)).collect())
     }
 
     async fn prepare_build(&mut self, _paths: &[String], program_keys: &[String]) -> Result<()> {

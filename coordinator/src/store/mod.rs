@@ -90,24 +90,9 @@ pub fn present(
     reg: &protocol::Registry,
     paths: &[String],
 ) -> Result<Vec<(String, Option<u64>)>> {
-    let mut queries = Vec::new();
-    let mut owners = Vec::new();
-    for (i, p) in paths.iter().enumerate() {
-        for (_, id, isp) in reg.locate(p) {
-            queries.push((id, isp));
-            owners.push(i);
-        }
-    }
-    let sizes = if queries.is_empty() { Vec::new() } else { sizes_of(store, queries)? };
-    let mut total: Vec<Option<u64>> = vec![None; paths.len()];
-    let mut missing = vec![false; paths.len()];
-    for (i, size) in owners.into_iter().zip(sizes) {
-        match size {
-            Some(s) => total[i] = Some(total[i].unwrap_or(0) + s),
-            None => missing[i] = true,
-        }
-    }
-    Ok(paths.iter().enumerate().map(|(i, p)| (p.clone(), if missing[i] { None } else { total[i] })).collect())
+    let q = reg.size_queries(paths);
+    let answers = if q.queries.is_empty() { Vec::new() } else { sizes_of(store, q.queries.clone())? };
+    Ok(paths.iter().cloned().zip(q.sizes(answers)).collect())
 }
 
 /// Sizes of `(snapshot_id, in_snapshot_path)` pairs from the store's index (each snapshot's
