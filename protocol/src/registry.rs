@@ -283,7 +283,11 @@ mod tests {
         assert!(reg.locate("/out/missing").is_empty());
         let q = reg.size_queries(&["/out/counts".into(), "/out/chunks/c1.txt".into(), "/nope".into()]);
         assert_eq!(q.queries.len(), 3, "two entries below /out/counts, one above c1.txt");
-        assert_eq!(q.sizes(vec![Some(2), Some(0), Some(5)]), vec![Some(2), Some(5), None], "0 bytes is present");
+        assert_eq!(
+            q.sizes(vec![Some(2), Some(0), Some(5)]),
+            vec![Some(2), Some(5), None],
+            "0 bytes is present"
+        );
         let q = reg.size_queries(&["/out/counts".into()]);
         assert_eq!(q.sizes(vec![Some(2), None]), vec![None], "one place missing from the store");
         assert!(reg.locate("/p").is_empty(), "program keys are not data paths");
