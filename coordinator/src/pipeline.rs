@@ -418,6 +418,11 @@ impl Pipeline {
         };
         let mut roots = Vec::new();
         for r in &file.roots {
+            if r.get_ref().trim_end_matches('/').is_empty() {
+                return Err(
+                    src.error(Some(r.span()), "a root must not be / (name the directories steps work in)")
+                );
+            }
             roots.push(absolute(r, "root")?);
         }
         let mut write_roots = Vec::new();
