@@ -497,8 +497,8 @@ impl Chunk {
                 }
                 let mut ovs = volumes(params)?;
                 let snapshot = self.snapshot_mode();
-                let b = self.backend().await?;
-                let _ = b;
+                // Resolving the backend loads the registry the inputs are located in.
+                self.backend().await?;
                 let mut served = Vec::new();
                 let mut warnings = Vec::new();
                 for p in &inputs {
