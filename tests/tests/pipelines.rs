@@ -145,7 +145,8 @@ fn example_pipeline_runs_then_skips_everything() {
 }
 
 /// a -> b -> c, where b also writes a report nobody consumes. Deleting the report's registry
-/// entry re-runs exactly b and c; deleting b's intermediate output alone prunes b.
+/// entry re-runs exactly b and c; deleting b's intermediate output alone prunes b. The report
+/// differs per run (a timestamp), so every re-run of b supersedes a snapshot for `gc` to remove.
 #[test]
 fn deleting_a_registry_entry_reruns_that_step_and_its_dependents() {
     let fx = Fx::new();
@@ -160,7 +161,7 @@ command = "mkdir -p {{data_root}} && echo a > {{data_root}}/a.txt"
 outputs = ["a.txt"]
 [[steps]]
 name = "b"
-command = "cat {{data_root}}/a.txt > {{data_root}}/b.txt && echo b >> {{data_root}}/b.txt && echo report > {{data_root}}/b-report.txt"
+command = "cat {{data_root}}/a.txt > {{data_root}}/b.txt && echo b >> {{data_root}}/b.txt && echo report $(date +%s%N) > {{data_root}}/b-report.txt"
 inputs = ["a.txt"]
 outputs = ["b.txt", "b-report.txt"]
 [[steps]]
