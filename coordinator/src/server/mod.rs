@@ -6,107 +6,33 @@
 //! and of the right role; each refusal is one log line and the connection is closed with a
 //! [`CloseCode`] and reason. Nothing a peer sends can stop the accept loop.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+pub mod lograte;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use protocol::{
-    AdminRequest, AdminResponse, AgentInfo, AgentToCoordinator, BulkReply, BulkRequest, CloseCode,
-    Compression, CoordinatorToAgent, DataHeader, EnrollRequest, EnrollResponse, ErrorCode, HostFacts,
-    LogLine, RegistryEntry, RemoteError, SnapshotReply, SnapshotRequest, StepOutcome, StepSpec,
-    TransferSummary, Welcome,
+    AdminRequest, AdminResponse, AgentToCoordinator, BulkReply, BulkRequest, CloseCode, Compression,
+    CoordinatorToAgent, DataHeader, EnrollRequest, EnrollResponse, ErrorCode, RemoteError, SnapshotReply,
+    SnapshotRequest, StepSpec, TransferSummary, Welcome,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
-use transport::{framed, pki, tree::UnpackLimits};
+use transport::{framed, pki};
 
-use crate::lograte::{LogRate, Verdict};
-use crate::state::{Role, State};
-use crate::store::SnapshotStore;
-use crate::unclaimed::Unclaimed;
+use crate::hub::{Hub, Joining, StepEvent};
+use crate::persist::state::Role;
+use crate::server::lograte::{LogRate, Verdict};
 
 /// Control messages queued for one agent's control stream.
 const OUTBOX_DEPTH: usize = 256;
 
-/// Results kept for attempts nobody waits for yet.
 /// Time a peer has to open its first stream and send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub struct ServerConfig {
-    pub heartbeat_interval: Duration,
-    /// Heartbeats missed in a row before an agent counts as lost.
-    pub heartbeats_missed: u32,
-    pub client_cert_days: i64,
-    pub unpack_limits: UnpackLimits,
-    /// Bounds of the results kept for attempts nobody waits for yet.
-    pub unclaimed: crate::unclaimed::Limits,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            heartbeat_interval: Duration::from_secs(5),
-            heartbeats_missed: 3,
-            client_cert_days: 365,
-            unpack_limits: UnpackLimits::default(),
-            unclaimed: Default::default(),
-        }
-    }
-}
-
-struct ConnectedAgent {
-    conn: quinn::Connection,
-    conn_serial: u64,
-    addr: SocketAddr,
-    host: HostFacts,
-    connected_at: Instant,
-    last_heartbeat: Instant,
-    load_average: f64,
-    slots: u32,
-    labels: Vec<(String, String)>,
-    outbox: mpsc::Sender<CoordinatorToAgent>,
-    /// It said `Draining`: no new work for it.
-    draining: bool,
-    /// The attempts it said it holds (running or with a result to deliver), once it said so.
-    in_hand: Option<Vec<u64>>,
-}
-
-/// What happens to a dispatched attempt, in order: `Started`, any number of `Output`,
-/// one `Finished`.
-#[derive(Debug, Clone)]
-pub enum StepEvent {
-    Started { backend: String, view: String },
-    Output(Vec<LogLine>),
-    Finished(StepOutcome),
-}
-
-/// Where an attempt's events go, tagged with its id so one receiver can serve many attempts.
-pub type EventSink = mpsc::UnboundedSender<(u64, StepEvent)>;
-
-struct Attempt {
-    agent: String,
-    events: EventSink,
-}
-
-/// A connected agent as the scheduler sees it.
-#[derive(Debug, Clone)]
-pub struct AgentView {
-    pub agent_id: String,
-    pub host: HostFacts,
-    pub slots: u32,
-    pub labels: Vec<(String, String)>,
-    /// Finishing its steps before it leaves: place nothing new on it.
-    pub draining: bool,
-    /// Attempts it holds, as it reported after connecting (`None` until it has).
-    pub in_hand: Option<Vec<u64>>,
-}
-
-type CheckReply = Result<Vec<(String, Option<u64>)>, RemoteError>;
 
 /// How long a relayed fetch waits for the agent's verdict after the last byte.
 const REFUSAL_WAIT: Duration = Duration::from_secs(30);
@@ -114,406 +40,8 @@ const REFUSAL_WAIT: Duration = Duration::from_secs(30);
 /// A peer refused at the TLS handshake is logged once per address and reason in this window.
 const HANDSHAKE_LOG_WINDOW: Duration = Duration::from_secs(60);
 
-/// Most (attempt, sender) pairs whose refusal was logged, before the set starts over.
-const MAX_REFUSALS_REMEMBERED: usize = 4096;
-
-pub struct Coordinator {
-    state: Arc<State>,
-    ca: pki::Ca,
-    config: ServerConfig,
-    store: Arc<dyn SnapshotStore>,
-    agents: Mutex<HashMap<String, ConnectedAgent>>,
-    attempts: Mutex<HashMap<u64, Attempt>>,
-    /// Output checks in flight: the agent asked, and where its answer goes.
-    checks: Mutex<HashMap<u64, (String, oneshot::Sender<CheckReply>)>>,
-    /// Results of attempts nobody waited for when they came (agents reporting to a restarted
-    /// coordinator before its run adopts the attempts), with the agent that sent each.
-    unclaimed: Mutex<Unclaimed>,
-    /// Messages refused because their sender does not hold the attempt: (attempt, sender,
-    /// kind), each logged once.
-    refusals: Mutex<std::collections::HashSet<(u64, String, &'static str)>>,
-    next_serial: std::sync::atomic::AtomicU64,
-    /// Bumped whenever an agent joins or leaves.
-    members: tokio::sync::watch::Sender<u64>,
-    engine: std::sync::OnceLock<Arc<crate::engine::Engine>>,
-    shutdown: CancellationToken,
-    /// Why the provisioner's last create failed (`None` after a success), for the operator
-    /// who is told no agent came.
-    provisioning_error: Mutex<Option<String>>,
-    /// Set when the provider refused creates again and again: no instance is coming.
-    provisioning_refused: Mutex<Option<String>>,
-}
-
-/// A fresh attempt id: random, 52 bits (exact in JSON numbers), never 0.
-pub fn new_attempt_id() -> u64 {
-    (rand::random::<u64>() >> 12) | 1
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Coordinator {
-    pub fn new(
-        state: Arc<State>,
-        ca: pki::Ca,
-        config: ServerConfig,
-        store: Arc<dyn SnapshotStore>,
-    ) -> Arc<Self> {
-        let unclaimed = Unclaimed::new(config.unclaimed);
-        Arc::new(Self {
-            state,
-            ca,
-            config,
-            store,
-            agents: Mutex::new(HashMap::new()),
-            attempts: Mutex::new(HashMap::new()),
-            checks: Mutex::new(HashMap::new()),
-            unclaimed: Mutex::new(unclaimed),
-            refusals: Mutex::new(Default::default()),
-            next_serial: std::sync::atomic::AtomicU64::new(1),
-            members: tokio::sync::watch::Sender::new(0),
-            engine: std::sync::OnceLock::new(),
-            shutdown: CancellationToken::new(),
-            provisioning_error: Mutex::new(None),
-            provisioning_refused: Mutex::new(None),
-        })
-    }
-
-    /// Lets this coordinator run submitted pipelines.
-    pub fn set_engine(&self, engine: Arc<crate::engine::Engine>) {
-        let _ = self.engine.set(engine);
-    }
-
-    pub fn engine(&self) -> Option<Arc<crate::engine::Engine>> {
-        self.engine.get().cloned()
-    }
-
-    /// Cancelled when the coordinator shuts down.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
-    pub fn state(&self) -> &Arc<State> {
-        &self.state
-    }
-
-    /// Records the outcome of the provisioner's last create.
-    pub fn set_provisioning_error(&self, error: Option<String>) {
-        *lock(&self.provisioning_error) = error;
-    }
-
-    pub fn provisioning_error(&self) -> Option<String> {
-        lock(&self.provisioning_error).clone()
-    }
-
-    /// Records that the provider keeps refusing creates (`None`: it created one after all),
-    /// and wakes whoever waits on membership.
-    pub fn set_provisioning_refused(&self, reason: Option<String>) {
-        *lock(&self.provisioning_refused) = reason;
-        self.members.send_modify(|g| *g += 1);
-    }
-
-    pub fn provisioning_refused(&self) -> Option<String> {
-        lock(&self.provisioning_refused).clone()
-    }
-
-    /// Changes whenever an agent joins or leaves.
-    pub fn membership(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.members.subscribe()
-    }
-
-    pub fn heartbeat_window(&self) -> Duration {
-        self.config.heartbeat_interval * self.config.heartbeats_missed.max(1)
-    }
-
-    /// Connected agents with what they offer.
-    pub fn agent_views(&self) -> Vec<AgentView> {
-        let mut out: Vec<AgentView> = self
-            .agents()
-            .iter()
-            .map(|(id, a)| AgentView {
-                agent_id: id.clone(),
-                host: a.host.clone(),
-                slots: a.slots,
-                labels: a.labels.clone(),
-                draining: a.draining,
-                in_hand: a.in_hand.clone(),
-            })
-            .collect();
-        out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
-        out
-    }
-
-    /// Asks a connected agent to drain (finish its steps, take nothing new, leave).
-    pub fn drain_agent(&self, agent: &str) -> Result<()> {
-        let outbox = self.outbox_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
-        outbox
-            .try_send(CoordinatorToAgent::Drain { reason: "drain requested by the operator".into() })
-            .map_err(|e| anyhow!("agent {agent}: {e}"))?;
-        info!(agent = %agent, "asked agent to drain");
-        Ok(())
-    }
-
-    /// Stops waiting for an attempt: a result it sends later is discarded.
-    pub fn forget_attempt(&self, attempt_id: u64) -> bool {
-        lock(&self.attempts).remove(&attempt_id).is_some()
-    }
-
-    fn next_id(&self) -> u64 {
-        self.next_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn outbox_of(&self, agent: &str) -> Option<mpsc::Sender<CoordinatorToAgent>> {
-        self.agents().get(agent).map(|a| a.outbox.clone())
-    }
-
-    /// Sends `spec` to `agent` and returns the attempt's events. An `attempt_id` of 0 is
-    /// replaced by a fresh one (returned). The attempt stays registered until it finishes,
-    /// across reconnects of the agent.
-    pub async fn run_step(
-        &self,
-        agent: &str,
-        spec: StepSpec,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<(u64, StepEvent)>)> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let attempt_id = self.dispatch(agent, spec, tx).await?;
-        Ok((attempt_id, rx))
-    }
-
-    /// Like [`Coordinator::run_step`], with the events going to `events`.
-    pub async fn dispatch(&self, agent: &str, mut spec: StepSpec, events: EventSink) -> Result<u64> {
-        if spec.attempt_id == 0 {
-            spec.attempt_id = new_attempt_id();
-        }
-        let attempt_id = spec.attempt_id;
-        let outbox = self.outbox_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
-        lock(&self.attempts).insert(attempt_id, Attempt { agent: agent.to_string(), events });
-        tracing::debug!(agent = %agent, run = %spec.run, step = %spec.step, attempt = attempt_id, "step dispatched");
-        if outbox.send(CoordinatorToAgent::RunStep(Box::new(spec))).await.is_err() {
-            lock(&self.attempts).remove(&attempt_id);
-            return Err(anyhow!("agent {agent} disconnected"));
-        }
-        Ok(attempt_id)
-    }
-
-    /// Whether `sender` holds `attempt_id`: the attempt was dispatched to it, or adopted from
-    /// it. A message about an attempt another agent holds is refused, and logged once per
-    /// attempt and sender with both agent ids. `None`: no one waits for the attempt.
-    fn holder_check(
-        &self,
-        attempts: &HashMap<u64, Attempt>,
-        sender: &str,
-        attempt_id: u64,
-        what: &'static str,
-    ) -> Option<bool> {
-        let holder = &attempts.get(&attempt_id)?.agent;
-        if holder == sender {
-            return Some(true);
-        }
-        self.refused(sender, holder, attempt_id, what);
-        Some(false)
-    }
-
-    fn refused(&self, sender: &str, holder: &str, attempt_id: u64, what: &'static str) {
-        let mut seen = lock(&self.refusals);
-        if seen.len() >= MAX_REFUSALS_REMEMBERED {
-            seen.clear();
-        }
-        if seen.insert((attempt_id, sender.to_string(), what)) {
-            warn!(
-                agent = %sender,
-                holder = %holder,
-                attempt = attempt_id,
-                "refused {what} from agent {sender} for attempt {attempt_id}, which agent {holder} holds"
-            );
-        }
-    }
-
-    /// Hands a result from `sender` to whoever waits for its attempt, or keeps it for a run
-    /// that will adopt the attempt from that agent: only a result of an attempt the state
-    /// database has open on `sender` is kept. Returns false when it was refused.
-    fn deliver(&self, sender: &str, outcome: StepOutcome) -> bool {
-        let attempt_id = outcome.attempt_id;
-        let outcome = match self.deliver_awaited(sender, outcome) {
-            Ok(ok) => return ok,
-            Err(outcome) => outcome,
-        };
-        // Nobody waits: is it an attempt a run dispatched to this agent and has not ended?
-        match self.state.attempt_holder(attempt_id) {
-            Ok(Some((holder, _))) if holder != sender => {
-                self.refused(sender, &holder, attempt_id, "a result");
-                return false;
-            }
-            Ok(Some((_, true))) => {}
-            Ok(Some((_, false))) => {
-                tracing::debug!(attempt = attempt_id, "discarding the result of an attempt that ended");
-                return false;
-            }
-            Ok(None) => {
-                // Made-up attempt ids: one line per sender, however many come.
-                let mut seen = lock(&self.refusals);
-                if seen.insert((0, sender.to_string(), "results for attempts no run dispatched")) {
-                    warn!(
-                        agent = %sender,
-                        attempt = attempt_id,
-                        "refused results from agent {sender} for attempts no run dispatched (first: {attempt_id})"
-                    );
-                }
-                return false;
-            }
-            Err(e) => {
-                warn!(attempt = attempt_id, "state database: {e:#}; result not kept");
-                return false;
-            }
-        }
-        // A run may have adopted it meanwhile.
-        let outcome = match self.deliver_awaited(sender, outcome) {
-            Ok(ok) => return ok,
-            Err(outcome) => outcome,
-        };
-        // Lock order: attempts, then unclaimed (as in `adopt`).
-        let _attempts = lock(&self.attempts);
-        let mut kept = lock(&self.unclaimed);
-        match kept.insert(sender, outcome) {
-            Ok(evicted) => {
-                info!(
-                    attempt = attempt_id,
-                    kept = kept.len(),
-                    kept_bytes = kept.bytes(),
-                    evicted,
-                    "keeping the result of an attempt nobody waits for yet"
-                );
-                true
-            }
-            Err(why) => {
-                warn!(attempt = attempt_id, agent = %sender, "result not kept: {why}");
-                false
-            }
-        }
-    }
-
-    /// Delivers to whoever waits for the attempt (false: refused); the outcome back when
-    /// nobody does.
-    fn deliver_awaited(&self, sender: &str, outcome: StepOutcome) -> Result<bool, StepOutcome> {
-        let attempt_id = outcome.attempt_id;
-        let mut attempts = lock(&self.attempts);
-        match self.holder_check(&attempts, sender, attempt_id, "a result") {
-            None => return Err(outcome),
-            Some(false) => return Ok(false),
-            Some(true) => {}
-        }
-        let Some(a) = attempts.remove(&attempt_id) else { return Err(outcome) };
-        tracing::debug!(
-            attempt = attempt_id,
-            exit = ?outcome.exit,
-            backend = %outcome.backend,
-            new_entries = outcome.new_entries.len(),
-            elapsed_ms = outcome.elapsed_ms,
-            error = outcome.error.as_deref().unwrap_or(""),
-            "step finished"
-        );
-        let _ = a.events.send((attempt_id, StepEvent::Finished(outcome)));
-        Ok(true)
-    }
-
-    /// Routes a step's start or output lines from `sender` to whoever waits for the attempt.
-    fn route(&self, sender: &str, attempt_id: u64, event: StepEvent) {
-        let attempts = lock(&self.attempts);
-        if self.holder_check(&attempts, sender, attempt_id, "step events") == Some(true)
-            && let Some(a) = attempts.get(&attempt_id)
-        {
-            let _ = a.events.send((attempt_id, event));
-        }
-    }
-
-    /// Waits for the events of an attempt a previous coordinator dispatched to `agent` (a
-    /// resumed run): a result that agent sent already is delivered at once.
-    pub fn adopt(&self, attempt_id: u64, agent: &str, events: EventSink) {
-        let mut attempts = lock(&self.attempts);
-        match lock(&self.unclaimed).take(attempt_id, agent) {
-            Ok(Some(outcome)) => {
-                let _ = events.send((attempt_id, StepEvent::Finished(outcome)));
-                return;
-            }
-            Ok(None) => {}
-            Err(sender) => self.refused(&sender, agent, attempt_id, "a result"),
-        }
-        attempts.insert(attempt_id, Attempt { agent: agent.to_string(), events });
-    }
-
-    /// Asks the agent running `attempt_id` to stop it.
-    pub async fn cancel_step(&self, attempt_id: u64, reason: &str) -> Result<()> {
-        let agent = lock(&self.attempts)
-            .get(&attempt_id)
-            .map(|a| a.agent.clone())
-            .ok_or_else(|| anyhow!("no running attempt {attempt_id}"))?;
-        let outbox = self.outbox_of(&agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
-        outbox
-            .send(CoordinatorToAgent::CancelStep { attempt_id, reason: reason.to_string() })
-            .await
-            .map_err(|_| anyhow!("agent {agent} disconnected"))
-    }
-
-    /// `check_outputs(paths)` through `agent`'s backend.
-    pub async fn check_outputs(
-        &self,
-        agent: &str,
-        paths: Vec<String>,
-        registry: Vec<(String, RegistryEntry)>,
-    ) -> Result<Vec<(String, Option<u64>)>> {
-        let outbox = self.outbox_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
-        let request_id = self.next_id();
-        let (tx, rx) = oneshot::channel();
-        lock(&self.checks).insert(request_id, (agent.to_string(), tx));
-        let sent = outbox.send(CoordinatorToAgent::CheckOutputs { request_id, paths, registry }).await;
-        if sent.is_err() {
-            lock(&self.checks).remove(&request_id);
-            return Err(anyhow!("agent {agent} disconnected"));
-        }
-        match tokio::time::timeout(Duration::from_secs(300), rx).await {
-            Ok(Ok(Ok(sizes))) => Ok(sizes),
-            Ok(Ok(Err(e))) => Err(anyhow!("agent {agent} could not check outputs: {}", e.message)),
-            Ok(Err(_)) | Err(_) => {
-                lock(&self.checks).remove(&request_id);
-                Err(anyhow!("agent {agent} did not answer the output check"))
-            }
-        }
-    }
-
-    pub fn store(&self) -> &Arc<dyn SnapshotStore> {
-        &self.store
-    }
-
-    fn agents(&self) -> std::sync::MutexGuard<'_, HashMap<String, ConnectedAgent>> {
-        self.agents.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn agent_infos(&self) -> Vec<AgentInfo> {
-        let now = Instant::now();
-        let mut out: Vec<AgentInfo> = self
-            .agents()
-            .iter()
-            .map(|(id, a)| AgentInfo {
-                agent_id: id.clone(),
-                address: a.addr.to_string(),
-                host: a.host.clone(),
-                connected_for_ms: now.duration_since(a.connected_at).as_millis() as u64,
-                last_heartbeat_ms_ago: now.duration_since(a.last_heartbeat).as_millis() as u64,
-                load_average: a.load_average,
-            })
-            .collect();
-        out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
-        out
-    }
-
-    fn connection_of(&self, agent: &str) -> Option<quinn::Connection> {
-        self.agents().get(agent).map(|a| a.conn.clone())
-    }
-}
-
 /// Serves until `shutdown` is cancelled, then tells every agent it is going away.
-pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Coordinator>, shutdown: CancellationToken) {
+pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Hub>, shutdown: CancellationToken) {
     let mut tasks = JoinSet::new();
     tasks.spawn(revocation_watch(coord.clone(), shutdown.clone()));
     // Handshake refusals: one line per address and reason per minute.
@@ -544,7 +72,7 @@ pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Coordinator>, shutdown: C
                     };
                     // The reason without its numbers (times, counts): one key per kind.
                     let kind: String = reason.chars().filter(|c| !c.is_ascii_digit()).collect();
-                    let verdict = lock(&refusals).event(&(remote.ip(), kind), Instant::now());
+                    let verdict = refusals.lock().unwrap_or_else(|p| p.into_inner()).event(&(remote.ip(), kind), Instant::now());
                     if let Verdict::Log { suppressed } = verdict {
                         let since = if suppressed > 0 {
                             format!(" ({suppressed} more from this address left out of the log since the last line)")
@@ -563,11 +91,10 @@ pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Coordinator>, shutdown: C
     }
     // Control loops send GoingAway on their own streams when they see the cancellation.
     let deadline = Instant::now() + Duration::from_millis(500);
-    while !coord.agents().is_empty() && Instant::now() < deadline {
+    while !coord.connections().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let conns: Vec<quinn::Connection> = coord.agents().values().map(|a| a.conn.clone()).collect();
-    for conn in conns {
+    for (_, conn) in coord.connections() {
         conn.close(close_code(CloseCode::GoingAway), b"coordinator shutting down");
     }
     tasks.shutdown().await;
@@ -583,7 +110,7 @@ fn refuse(conn: &quinn::Connection, code: CloseCode, reason: &str) {
     conn.close(close_code(code), reason.as_bytes());
 }
 
-async fn handle_connection(coord: Arc<Coordinator>, conn: quinn::Connection, shutdown: CancellationToken) {
+async fn handle_connection(coord: Arc<Hub>, conn: quinn::Connection, shutdown: CancellationToken) {
     let alpn = transport::endpoint::alpn(&conn).unwrap_or_default();
     if alpn == protocol::ALPN_ENROLL {
         handle_enroll(&coord, &conn).await;
@@ -602,7 +129,7 @@ async fn handle_connection(coord: Arc<Coordinator>, conn: quinn::Connection, shu
         return;
     };
     let fp = pki::fingerprint(&der);
-    let record = match coord.state.lookup_cert(&fp) {
+    let record = match coord.state().lookup_cert(&fp) {
         Ok(Some(r)) => r,
         Ok(None) => {
             refuse(&conn, CloseCode::Unauthorized, "client certificate was not issued to any enrolled agent");
@@ -638,7 +165,7 @@ async fn handle_connection(coord: Arc<Coordinator>, conn: quinn::Connection, shu
     }
 }
 
-async fn handle_enroll(coord: &Coordinator, conn: &quinn::Connection) {
+async fn handle_enroll(coord: &Hub, conn: &quinn::Connection) {
     let peer = conn.remote_address();
     let result = async {
         let (mut send, mut recv) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.accept_bi())
@@ -659,11 +186,11 @@ async fn handle_enroll(coord: &Coordinator, conn: &quinn::Connection) {
             })
         } else {
             let name = req.name.clone().unwrap_or_else(|| "agent".into());
-            let days = coord.config.client_cert_days;
-            match coord.state.enroll(
+            let days = coord.config().client_cert_days;
+            match coord.state().enroll(
                 &req.token,
                 &name,
-                |id| coord.ca.sign_client_csr(&req.csr_pem, id, days),
+                |id| coord.ca().sign_client_csr(&req.csr_pem, id, days),
                 |pem| {
                     let der =
                         pki::CertKey { cert_pem: pem.to_string(), key_pem: String::new() }.cert_der()?;
@@ -696,7 +223,7 @@ async fn handle_enroll(coord: &Coordinator, conn: &quinn::Connection) {
 }
 
 async fn handle_agent(
-    coord: Arc<Coordinator>,
+    coord: Arc<Hub>,
     conn: quinn::Connection,
     agent_id: String,
     shutdown: CancellationToken,
@@ -737,32 +264,19 @@ async fn handle_agent(
             &format!("Hello names agent {} but the certificate belongs to {agent_id}", hello.agent_id),
         );
     }
-    let serial = coord.next_id();
-    let now = Instant::now();
     let (outbox, mut outbox_rx) = mpsc::channel(OUTBOX_DEPTH);
-    let previous = coord.agents().insert(
-        agent_id.clone(),
-        ConnectedAgent {
+    let serial = coord.join(
+        &agent_id,
+        Joining {
             conn: conn.clone(),
-            conn_serial: serial,
-            addr: conn.remote_address(),
             host: hello.host.clone(),
-            connected_at: now,
-            last_heartbeat: now,
-            load_average: 0.0,
             slots: hello.slots,
             labels: hello.labels.clone(),
             outbox,
-            draining: false,
-            in_hand: None,
         },
     );
-    coord.members.send_modify(|g| *g += 1);
-    if let Some(prev) = previous {
-        prev.conn.close(close_code(CloseCode::Replaced), b"replaced by a newer connection of the same agent");
-    }
     let host_json = serde_json::to_string(&hello.host).unwrap_or_default();
-    if let Err(e) = coord.state.record_seen(&agent_id, &conn.remote_address().to_string(), &host_json) {
+    if let Err(e) = coord.state().record_seen(&agent_id, &conn.remote_address().to_string(), &host_json) {
         warn!("could not record agent in state database: {e:#}");
     }
     info!(
@@ -778,7 +292,7 @@ async fn handle_agent(
         protocol_minor: protocol::PROTOCOL_MINOR,
         coordinator_version: env!("CARGO_PKG_VERSION").into(),
         agent_id: agent_id.clone(),
-        heartbeat_interval_ms: coord.config.heartbeat_interval.as_millis() as u64,
+        heartbeat_interval_ms: coord.config().heartbeat_interval.as_millis() as u64,
     });
     let reason = match framed::write_frame(&mut send, &welcome).await {
         Err(e) => format!("could not send Welcome: {e}"),
@@ -792,18 +306,14 @@ async fn handle_agent(
             reason
         }
     };
-    let mut agents = coord.agents();
-    if agents.get(&agent_id).is_some_and(|a| a.conn_serial == serial) {
-        agents.remove(&agent_id);
-        drop(agents);
-        coord.members.send_modify(|g| *g += 1);
+    if coord.leave(&agent_id, serial) {
         info!(reason = %reason, "agent left");
     }
 }
 
 /// Reads control messages until the agent leaves or goes silent; returns why it ended.
 async fn control_loop(
-    coord: &Coordinator,
+    coord: &Hub,
     conn: &quinn::Connection,
     agent_id: &str,
     send: &mut quinn::SendStream,
@@ -811,7 +321,7 @@ async fn control_loop(
     outbox: &mut mpsc::Receiver<CoordinatorToAgent>,
     shutdown: &CancellationToken,
 ) -> String {
-    let allowed = coord.config.heartbeat_interval * coord.config.heartbeats_missed.max(1);
+    let allowed = coord.config().heartbeat_interval * coord.config().heartbeats_missed.max(1);
     // Frames arrive through their own task: reading a frame is not cancel-safe, and the
     // select below must be free to send to the agent while one is half read.
     let mut frames = FrameReader::spawn(recv);
@@ -853,12 +363,7 @@ async fn control_loop(
             }
             Some(Ok(None)) => return "control stream closed".into(),
             Some(Ok(Some(AgentToCoordinator::Heartbeat(hb)))) => {
-                if let Some(a) = coord.agents().get_mut(agent_id) {
-                    a.last_heartbeat = Instant::now();
-                    a.load_average = hb.load_average;
-                    a.host.memory_available_bytes = hb.memory_available_bytes;
-                    a.host.work_dir_free_bytes = hb.work_dir_free_bytes;
-                }
+                coord.heartbeat(agent_id, &hb);
                 tracing::debug!(seq = hb.seq, "heartbeat");
                 if let Err(e) =
                     framed::write_frame(send, &CoordinatorToAgent::HeartbeatAck { seq: hb.seq }).await
@@ -893,33 +398,14 @@ async fn control_loop(
             }
             Some(Ok(Some(AgentToCoordinator::InHand { attempts }))) => {
                 tracing::debug!(attempts = ?attempts, "attempts the agent holds");
-                if let Some(a) = coord.agents().get_mut(agent_id) {
-                    a.in_hand = Some(attempts);
-                }
-                coord.members.send_modify(|g| *g += 1);
+                coord.in_hand(agent_id, attempts);
             }
             Some(Ok(Some(AgentToCoordinator::Draining { reason }))) => {
-                if let Some(a) = coord.agents().get_mut(agent_id) {
-                    a.draining = true;
-                }
-                coord.members.send_modify(|g| *g += 1);
+                coord.draining(agent_id);
                 info!(reason = %reason, "agent draining: its running steps finish, it gets no new ones");
             }
             Some(Ok(Some(AgentToCoordinator::OutputsChecked { request_id, result }))) => {
-                let mut checks = lock(&coord.checks);
-                match checks.get(&request_id) {
-                    Some((asked, _)) if asked == agent_id => {
-                        if let Some((_, tx)) = checks.remove(&request_id) {
-                            let _ = tx.send(result);
-                        }
-                    }
-                    Some((asked, _)) => {
-                        let asked = asked.clone();
-                        drop(checks);
-                        coord.refused(agent_id, &asked, request_id, "an output check answer");
-                    }
-                    None => {}
-                }
+                coord.outputs_checked(agent_id, request_id, result);
             }
         }
     }
@@ -959,7 +445,7 @@ impl Drop for FrameReader {
 
 /// Serves the streams an agent opens after its control stream: snapshot fetches, stores and
 /// index lookups, each on its own task.
-async fn serve_snapshot_streams(coord: Arc<Coordinator>, conn: quinn::Connection, agent: String) {
+async fn serve_snapshot_streams(coord: Arc<Hub>, conn: quinn::Connection, agent: String) {
     let mut tasks = JoinSet::new();
     while let Ok((send, recv)) = conn.accept_bi().await {
         let coord = coord.clone();
@@ -977,7 +463,7 @@ async fn serve_snapshot_streams(coord: Arc<Coordinator>, conn: quinn::Connection
 }
 
 async fn snapshot_stream(
-    coord: &Coordinator,
+    coord: &Hub,
     agent: &str,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -985,7 +471,7 @@ async fn snapshot_stream(
     let req = framed::read_frame::<SnapshotRequest, _>(&mut recv)
         .await?
         .ok_or_else(|| anyhow!("stream closed before its request"))?;
-    let store = coord.store.clone();
+    let store = coord.store().clone();
     let reply_err = |code, message: String| SnapshotReply::Error(RemoteError { code, message });
     match req {
         SnapshotRequest::FetchDirect { snapshot_id } if store.direct().is_some() => {
@@ -1067,7 +553,7 @@ async fn snapshot_stream(
             send.finish()?;
         }
         SnapshotRequest::Registry => {
-            let reply = match coord.engine().map(|e| e.agent_registry()) {
+            let reply = match coord.runs().map(|e| e.registry_json()) {
                 Some(Ok(json)) => SnapshotReply::Registry { json },
                 Some(Err(e)) => reply_err(ErrorCode::Internal, format!("{e:#}")),
                 None => reply_err(ErrorCode::NotFound, "this coordinator keeps no working registry".into()),
@@ -1081,13 +567,13 @@ async fn snapshot_stream(
 
 /// Sends a stored snapshot over the stream (the relay).
 async fn relay_fetch(
-    coord: &Coordinator,
+    coord: &Hub,
     agent: &str,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     snapshot_id: String,
 ) -> Result<()> {
-    let store = coord.store.clone();
+    let store = coord.store().clone();
     let reply_err = |code, message: String| SnapshotReply::Error(RemoteError { code, message });
 
     let id = snapshot_id.clone();
@@ -1116,7 +602,7 @@ async fn relay_fetch(
     let bytes = sent.with_context(|| format!("sending snapshot {snapshot_id}"))?;
     let _ = send.stopped().await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    let store = coord.store.clone();
+    let store = coord.store().clone();
     let id = snapshot_id.clone();
     let content = tokio::task::spawn_blocking(move || store.meta(&id))
         .await
@@ -1129,16 +615,16 @@ async fn relay_fetch(
 
 /// Receives a snapshot on the stream (the relay) and stores it.
 async fn relay_store(
-    coord: &Coordinator,
+    coord: &Hub,
     agent: &str,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<()> {
-    let store = coord.store.clone();
+    let store = coord.store().clone();
     let reply_err = |code, message: String| SnapshotReply::Error(RemoteError { code, message });
     let started = Instant::now();
     let tmp = store.incoming_path()?;
-    let reply = match transport::bulk::recv_file(recv, &tmp, coord.config.unpack_limits.max_bytes).await {
+    let reply = match transport::bulk::recv_file(recv, &tmp, coord.config().unpack_limits.max_bytes).await {
         Err(e) => reply_err(e.code(), e.to_string()),
         Ok(trailer) => {
             let t = tmp.clone();
@@ -1171,7 +657,7 @@ async fn relay_store(
 /// A direct upload: the agent announces the packed snapshot, PUTs its parts at presigned URLs,
 /// then sends their ETags and the file index. An upload that does not complete is aborted.
 async fn direct_store(
-    coord: &Coordinator,
+    coord: &Hub,
     agent: &str,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
@@ -1181,11 +667,11 @@ async fn direct_store(
         Some(SnapshotRequest::StoreObject { wire_bytes, digest }) => (wire_bytes, digest),
         other => bail!("expected the packed snapshot's size and digest, got {other:?}"),
     };
-    let max = coord.config.unpack_limits.max_bytes;
+    let max = coord.config().unpack_limits.max_bytes;
     if wire_bytes > max {
         bail!("a snapshot of {wire_bytes} bytes is over the limit of {max}");
     }
-    let store = coord.store.clone();
+    let store = coord.store().clone();
     let begun = tokio::task::spawn_blocking(move || match store.direct() {
         Some(d) => d.begin(wire_bytes, digest),
         None => Err(anyhow!("the store has no direct path")),
@@ -1207,7 +693,7 @@ async fn direct_store(
         }
     }
     .await;
-    let store = coord.store.clone();
+    let store = coord.store().clone();
     let t = ticket.clone();
     let meta = tokio::task::spawn_blocking(move || {
         let d = store.direct().ok_or_else(|| anyhow!("the store has no direct path"))?;
@@ -1234,24 +720,23 @@ async fn direct_store(
 
 /// Closes connections of agents revoked while connected (revocation is done by another
 /// process, `pype-coordinator agent revoke`, through the state database).
-async fn revocation_watch(coord: Arc<Coordinator>, shutdown: CancellationToken) {
+async fn revocation_watch(coord: Arc<Hub>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let Ok(revoked) = coord.state.revoked_ids() else { continue };
-        let agents = coord.agents();
-        for id in revoked {
-            if let Some(a) = agents.get(&id) {
+        let Ok(revoked) = coord.state().revoked_ids() else { continue };
+        for (id, conn) in coord.connections() {
+            if revoked.contains(&id) {
                 warn!(agent = %id, "closing connection of revoked agent");
-                a.conn.close(close_code(CloseCode::Unauthorized), b"certificate revoked");
+                conn.close(close_code(CloseCode::Unauthorized), b"certificate revoked");
             }
         }
     }
 }
 
-async fn handle_admin(coord: Arc<Coordinator>, conn: quinn::Connection) {
+async fn handle_admin(coord: Arc<Hub>, conn: quinn::Connection) {
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -1264,7 +749,7 @@ async fn handle_admin(coord: Arc<Coordinator>, conn: quinn::Connection) {
                     admin_run_step(&coord, &agent, *spec, &mut send).await
                 }
                 Ok(Some(AdminRequest::SubmitRun { pipeline_json, options_json })) => {
-                    crate::engine::admin_submit(&coord, &pipeline_json, &options_json, &mut send).await
+                    admin_submit(&coord, &pipeline_json, &options_json, &mut send).await
                 }
                 Ok(Some(req)) => admin_request(&coord, req).await,
                 Ok(None) => return,
@@ -1279,7 +764,7 @@ async fn handle_admin(coord: Arc<Coordinator>, conn: quinn::Connection) {
     }
 }
 
-async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse {
+async fn admin_request(coord: &Hub, req: AdminRequest) -> AdminResponse {
     let result = match req {
         AdminRequest::ListAgents => return AdminResponse::Agents(coord.agent_infos()),
         AdminRequest::Push { agent, src, dest, compression } => {
@@ -1305,14 +790,14 @@ async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse 
             };
         }
         AdminRequest::Present { paths } => {
-            let Some(engine) = coord.engine() else {
+            let Some(runs) = coord.runs() else {
                 return AdminResponse::Error(RemoteError {
                     code: ErrorCode::NotFound,
                     message: "this coordinator keeps no working registry".into(),
                 });
             };
             let store = coord.store().clone();
-            let reg = match engine.registry.load() {
+            let reg = match runs.registry() {
                 Ok(r) => r,
                 Err(e) => {
                     return AdminResponse::Error(RemoteError {
@@ -1336,13 +821,13 @@ async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse 
             };
         }
         AdminRequest::CancelRunStep { run, step } => {
-            let Some(engine) = coord.engine() else {
+            let Some(runs) = coord.runs() else {
                 return AdminResponse::Error(RemoteError {
                     code: ErrorCode::NotFound,
                     message: "this coordinator runs no pipelines".into(),
                 });
             };
-            return match engine.cancel_step(&run, &step) {
+            return match runs.cancel_step(&run, &step) {
                 Ok(()) => AdminResponse::Done,
                 Err(e) => {
                     AdminResponse::Error(RemoteError { code: ErrorCode::NotFound, message: format!("{e:#}") })
@@ -1367,9 +852,35 @@ async fn admin_request(coord: &Coordinator, req: AdminRequest) -> AdminResponse 
     }
 }
 
+/// Serves `AdminRequest::SubmitRun`: runs the pipeline, streams its events, and returns the
+/// last frame.
+async fn admin_submit(
+    coord: &Arc<Hub>,
+    pipeline_json: &str,
+    options_json: &str,
+    send: &mut quinn::SendStream,
+) -> AdminResponse {
+    let err =
+        |message: String| AdminResponse::Error(RemoteError { code: ErrorCode::InvalidRequest, message });
+    let Some(runs) = coord.runs() else { return err("this coordinator does not run pipelines".into()) };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (pipeline_json, options_json, shutdown) =
+        (pipeline_json.to_string(), options_json.to_string(), coord.shutdown_token());
+    let run = tokio::spawn(async move { runs.submit(&pipeline_json, &options_json, tx, shutdown).await });
+    while let Some(ev) = rx.recv().await {
+        // The operator may go away; the run goes on.
+        let _ = framed::write_frame(send, &AdminResponse::RunEvent(ev)).await;
+    }
+    match run.await {
+        Ok(Ok((run, succeeded, summary))) => AdminResponse::RunDone { run, succeeded, summary },
+        Ok(Err(e)) => err(e),
+        Err(e) => err(format!("the run task failed: {e}")),
+    }
+}
+
 /// Runs a step for an operator, streaming its events as admin frames; returns the last one.
 async fn admin_run_step(
-    coord: &Coordinator,
+    coord: &Hub,
     agent: &str,
     spec: StepSpec,
     send: &mut quinn::SendStream,
@@ -1406,7 +917,7 @@ async fn admin_run_step(
 /// One "transfer done" line (for a direct fetch: "download handed out") and one `transfers`
 /// row per snapshot moved.
 fn log_snapshot_transfer(
-    coord: &Coordinator,
+    coord: &Hub,
     agent: &str,
     direction: &str,
     snapshot_id: &str,
@@ -1429,7 +940,8 @@ fn log_snapshot_transfer(
             "transfer done"
         );
     }
-    if let Err(e) = coord.state.record_transfer(agent, direction, snapshot_id, bytes, wire_bytes, elapsed_ms)
+    if let Err(e) =
+        coord.state().record_transfer(agent, direction, snapshot_id, bytes, wire_bytes, elapsed_ms)
     {
         warn!("could not record a transfer: {e:#}");
     }
@@ -1452,7 +964,7 @@ fn log_transfer(direction: &str, agent: &str, s: &TransferSummary) {
 
 /// Sends the local tree `src` to `dest` on `agent`.
 pub async fn push(
-    coord: &Coordinator,
+    coord: &Hub,
     agent: &str,
     src: PathBuf,
     dest: &str,
@@ -1489,7 +1001,7 @@ pub async fn push(
 
 /// Fetches the tree `src` from `agent` into the local `dest`.
 pub async fn pull(
-    coord: &Coordinator,
+    coord: &Hub,
     agent: &str,
     src: &str,
     dest: PathBuf,
@@ -1503,7 +1015,7 @@ pub async fn pull(
     match framed::read_frame::<BulkReply, _>(&mut recv).await.context("reading transfer reply")? {
         Some(BulkReply::Data(header)) => {
             let mut summary =
-                transport::recv_tree(&mut recv, dest, header.compression, coord.config.unpack_limits)
+                transport::recv_tree(&mut recv, dest, header.compression, coord.config().unpack_limits)
                     .await
                     .with_context(|| format!("receiving {src} from {agent}"))?;
             summary.elapsed_ms = started.elapsed().as_millis() as u64;

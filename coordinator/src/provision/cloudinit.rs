@@ -15,9 +15,9 @@ use anyhow::{Result, bail};
 use base64::Engine as _;
 use std::io::Write as _;
 
-const USER_DATA: &str = include_str!("../../cloud-init/user-data.yaml");
-const AGENT_UNIT: &str = include_str!("../../cloud-init/pype-agent.service");
-const INSTALL_AGENT: &str = include_str!("../../cloud-init/install-agent.sh");
+const USER_DATA: &str = include_str!("../../../cloud-init/user-data.yaml");
+const AGENT_UNIT: &str = include_str!("../../../cloud-init/pype-agent.service");
+const INSTALL_AGENT: &str = include_str!("../../../cloud-init/install-agent.sh");
 
 /// EC2's limit on user-data, the default cap.
 pub const EC2_USER_DATA_LIMIT: usize = 16 * 1024;

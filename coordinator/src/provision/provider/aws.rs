@@ -207,7 +207,7 @@ mod ec2 {
     use super::{
         AwsConfig, Capacity, Cooldowns, Market, choose_type, is_capacity_code, is_refusal_code, secret_hash,
     };
-    use crate::provider::{
+    use crate::provision::provider::{
         InstanceSpec, InstanceState, Launch, Listed, Provider, TAG_COORDINATOR, TAG_INSTANCE,
     };
 
@@ -417,7 +417,7 @@ mod ec2 {
                     .into());
                 }
                 Err(e) if e.code().is_some_and(is_refusal_code) => {
-                    let refused = crate::provider::Refused(format!(
+                    let refused = crate::provision::provider::Refused(format!(
                         "RunInstances refused: {}: {}",
                         e.code().unwrap_or_default(),
                         e.message().unwrap_or_default()

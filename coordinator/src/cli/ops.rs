@@ -12,15 +12,15 @@ use protocol::{AdminRequest, AdminResponse, Registry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::display::Display;
-use crate::engine::{RunOptions, runs_dir};
-use crate::local::{LocalCluster, LocalOptions};
+use crate::cli::display::Display;
+use crate::embedded::{LocalCluster, LocalOptions};
+use crate::persist::state::{State, now_ms};
+use crate::persist::working::WorkingRegistry;
 use crate::pipeline::{Pipeline, Profile};
-use crate::provider::{self, ProviderConfig};
 use crate::provision;
-use crate::state::{State, now_ms};
+use crate::provision::provider::{self, ProviderConfig};
+use crate::run::{RunOptions, runs_dir};
 use crate::store::SnapshotStore;
-use crate::working::WorkingRegistry;
 
 pub struct RunRequest {
     pub pipeline: Option<PathBuf>,
@@ -34,14 +34,14 @@ pub struct RunRequest {
     /// Command-line settings over the provider config file.
     pub overrides: provider::Overrides,
     /// The pipeline is JSON (`-`: stdin's first line); events go to stdout as JSON lines
-    /// (see [`crate::client`]).
+    /// (see [`crate::cli::client`]).
     pub json: bool,
 }
 
 /// `pype-coordinator run`.
 pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
     let (pipeline, resume) = match (&req.pipeline, &req.resume) {
-        (Some(path), None) if req.json => (crate::client::read_pipeline(path)?, None),
+        (Some(path), None) if req.json => (crate::cli::client::read_pipeline(path)?, None),
         (Some(path), None) => (Pipeline::load(path)?, None),
         (None, Some(run_id)) => {
             let state = State::open(dir)?;
@@ -61,7 +61,7 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
             bail!("--resume runs on an embedded coordinator; resume on the host of the state dir");
         }
         if req.json {
-            return crate::client::run_remote(dir, addr, &pipeline, &req.options).await;
+            return crate::cli::client::run_remote(dir, addr, &pipeline, &req.options).await;
         }
         return run_remote(dir, addr, &pipeline, &req.options).await;
     }
@@ -121,14 +121,14 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
     let shown = tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
             if json {
-                crate::client::print_line(&crate::client::event_line(&ev));
+                crate::cli::client::print_line(&crate::cli::client::event_line(&ev));
             } else {
                 d.event(&ev);
             }
         }
     });
     let cancel = CancellationToken::new();
-    let control = json.then(|| crate::client::control_embedded(cluster.engine.clone(), cancel.clone()));
+    let control = json.then(|| crate::cli::client::control_embedded(cluster.engine.clone(), cancel.clone()));
     let c = cancel.clone();
     let signal = tokio::spawn(async move {
         transport::cli::shutdown_signal().await;
@@ -149,7 +149,11 @@ pub async fn run(dir: &Path, req: RunRequest) -> Result<()> {
     }
     let outcome = match result {
         Ok(r) if json => {
-            crate::client::print_line(&crate::client::done_line(&r.run_id, r.succeeded, &r.summary));
+            crate::cli::client::print_line(&crate::cli::client::done_line(
+                &r.run_id,
+                r.succeeded,
+                &r.summary,
+            ));
             if r.succeeded { Ok(()) } else { Err(anyhow!("run {} did not succeed: {}", r.run_id, r.summary)) }
         }
         Ok(r) if r.succeeded => {
@@ -227,7 +231,7 @@ async fn run_remote(dir: &Path, addr: SocketAddr, pipeline: &Pipeline, opts: &Ru
         options_json: serde_json::to_string(opts)?,
     };
     let display = Display::new(true);
-    let last = crate::admin_stream(dir, Some(addr), req, |frame| {
+    let last = crate::cli::admin::admin_stream(dir, Some(addr), req, |frame| {
         if let AdminResponse::RunEvent(ev) = frame {
             display.event(&ev);
         }
@@ -240,7 +244,7 @@ async fn run_remote(dir: &Path, addr: SocketAddr, pipeline: &Pipeline, opts: &Ru
             Ok(())
         }
         AdminResponse::RunDone { run, summary, .. } => bail!("run {run} did not succeed: {summary}"),
-        other => Err(crate::unexpected(other)),
+        other => Err(crate::cli::admin::unexpected(other)),
     }
 }
 
@@ -306,7 +310,7 @@ pub fn registry(dir: &Path, op: RegistryOp) -> Result<()> {
             Ok(())
         }
         RegistryOp::Import(file) => {
-            let incoming = crate::stepfile::read_registry(&file)?;
+            let incoming = crate::pipeline::stepfile::read_registry(&file)?;
             let n = incoming.entries.len();
             let changed = working.merge(incoming.entries)?;
             println!("merged {n} entries from {} ({changed} new or changed)", file.display());
@@ -324,7 +328,7 @@ pub fn registry(dir: &Path, op: RegistryOp) -> Result<()> {
         }
         RegistryOp::WriteOut(paths) => {
             let reg = working.load()?;
-            let store = crate::config::open_store(dir)?;
+            let store = crate::persist::config::open_store(dir)?;
             for path in &paths {
                 let found = reg.locate(path);
                 if found.is_empty() || !path.starts_with('/') {
@@ -359,7 +363,7 @@ pub fn registry(dir: &Path, op: RegistryOp) -> Result<()> {
 /// `min_age` (younger ones may belong to a harvest whose entries are being merged).
 pub fn gc(dir: &Path, min_age: Duration, dry_run: bool) -> Result<()> {
     let reg = WorkingRegistry::open(dir)?.load()?;
-    let store = crate::config::open_store(dir)?;
+    let store = crate::persist::config::open_store(dir)?;
     let referenced: std::collections::HashSet<&str> =
         reg.entries.values().map(|e| e.snapshot_id.as_str()).collect();
     let now = (now_ms() / 1000) as i64;
@@ -407,9 +411,9 @@ pub async fn profiles_build(
                 println!("{reg_key}\talready staged");
                 continue;
             }
-            let spec = crate::engine::build_spec(&profile, program, "profiles-build");
+            let spec = crate::run::build_spec(&profile, program, "profiles-build");
             let req = AdminRequest::RunStep { agent: agent.clone(), spec: Box::new(spec) };
-            let last = crate::admin_stream(dir, addr, req, |frame| {
+            let last = crate::cli::admin::admin_stream(dir, addr, req, |frame| {
                 if let AdminResponse::StepOutput(lines) = frame {
                     for l in lines {
                         eprintln!("{}", l.line);
@@ -417,7 +421,9 @@ pub async fn profiles_build(
                 }
             })
             .await?;
-            let AdminResponse::StepDone(outcome) = last else { return Err(crate::unexpected(last)) };
+            let AdminResponse::StepDone(outcome) = last else {
+                return Err(crate::cli::admin::unexpected(last));
+            };
             if !outcome.succeeded() {
                 bail!("building {reg_key} failed: {:?} {}", outcome.exit, outcome.error.unwrap_or_default());
             }
@@ -512,8 +518,8 @@ fn fmt_ms(ms: u64) -> String {
 /// `pype-coordinator status [RUN]`.
 pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>) -> Result<()> {
     let state = State::open(dir)?;
-    let agents = if dir.join(crate::ADDR_FILE).exists() || addr.is_some() {
-        let req = crate::admin(dir, addr, AdminRequest::ListAgents);
+    let agents = if dir.join(crate::persist::ADDR_FILE).exists() || addr.is_some() {
+        let req = crate::cli::admin::admin(dir, addr, AdminRequest::ListAgents);
         match tokio::time::timeout(Duration::from_secs(3), req).await {
             Ok(Ok(AdminResponse::Agents(a))) => Some(a),
             _ => None,
@@ -602,8 +608,9 @@ pub fn cloud_init_render(
     let cfg = ProviderConfig::load(provider_config)?;
     let state = State::open(dir)?;
     let host = cfg.coordinator_host_for("qemu", ([127, 0, 0, 1], port).into());
-    let names = crate::trust::server_names(([127, 0, 0, 1], port).into(), std::slice::from_ref(&host));
-    crate::trust::setup(dir, &names, &state)?;
+    let names =
+        crate::persist::trust::server_names(([127, 0, 0, 1], port).into(), std::slice::from_ref(&host));
+    crate::persist::trust::setup(dir, &names, &state)?;
     let ca_pem = provision::ca_pem(dir)?;
     let registry = WorkingRegistry::open(dir)?.load()?;
     // A token of the real shape that enrolls nothing: it is not in the database.
@@ -620,7 +627,7 @@ pub fn cloud_init_render(
         ttl,
         registry.to_json(),
     );
-    let rendered = crate::cloudinit::render(&inputs)?;
+    let rendered = crate::provision::cloudinit::render(&inputs)?;
     print!("{}", rendered.text);
     eprintln!("step {step}: {}", rendered.summary(cfg.user_data_limit));
     Ok(())
@@ -643,7 +650,7 @@ pub async fn instances(dir: &Path, provider: &str, cfg: Option<&Path>, op: Insta
             let rows = state.instances(false)?;
             println!("{:<22} {:<8} {:<12} {:<10} {:<28} note", "instance", "provider", "state", "age", "run");
             for r in &rows {
-                let age = crate::state::now_ms().saturating_sub(r.created_ms) / 1000;
+                let age = crate::persist::state::now_ms().saturating_sub(r.created_ms) / 1000;
                 println!(
                     "{:<22} {:<8} {:<12} {:<10} {:<28} {}",
                     r.instance_id,
@@ -656,7 +663,7 @@ pub async fn instances(dir: &Path, provider: &str, cfg: Option<&Path>, op: Insta
             }
             let known: std::collections::HashSet<&str> = rows
                 .iter()
-                .filter(|r| r.state != crate::state::INSTANCE_ENDED)
+                .filter(|r| r.state != crate::persist::state::INSTANCE_ENDED)
                 .flat_map(|r| [Some(r.instance_id.as_str()), r.provider_id.as_deref()])
                 .flatten()
                 .collect();

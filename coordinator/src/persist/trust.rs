@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use transport::pki::{self, Ca, CertKey};
 
-use crate::state::{Role, State};
+use crate::persist::state::{Role, State};
 
 pub struct Identity {
     pub ca: Ca,

@@ -8,6 +8,9 @@
 //! Instance states in the database: `creating` (intent) → `booting` (provider id known) →
 //! `joined` (its agent connected) → `terminated` (with a note saying why).
 
+pub mod cloudinit;
+pub mod provider;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
@@ -18,14 +21,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cloudinit;
-use crate::provider::{
-    self, InstanceSpec, InstanceState, Provider, ProviderConfig, TAG_COORDINATOR, TAG_INSTANCE, TAG_RUN,
-    TAG_STEP,
+use crate::hub::Hub;
+use crate::persist::state::State;
+use crate::persist::working::WorkingRegistry;
+use provider::{
+    InstanceSpec, InstanceState, Provider, ProviderConfig, TAG_COORDINATOR, TAG_INSTANCE, TAG_RUN, TAG_STEP,
 };
-use crate::server::Coordinator;
-use crate::state::State;
-use crate::working::WorkingRegistry;
 
 /// What the engine wants from the provisioner right now.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -98,7 +99,7 @@ struct Mine {
 pub struct Provisioner {
     pub provider: Arc<dyn Provider>,
     pub cfg: ProviderConfig,
-    pub coord: Arc<Coordinator>,
+    pub coord: Arc<Hub>,
     pub state: Arc<State>,
     pub registry: Arc<WorkingRegistry>,
     /// This coordinator's tag value.
@@ -503,4 +504,9 @@ pub fn render_inputs(
 pub fn ca_pem(state_dir: &Path) -> Result<String> {
     std::fs::read_to_string(state_dir.join("ca.pem"))
         .with_context(|| format!("reading {}", state_dir.join("ca.pem").display()))
+}
+
+/// This machine's host name (what other hosts of a cluster usually know it by).
+pub fn hostname() -> String {
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
 }

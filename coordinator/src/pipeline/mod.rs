@@ -21,6 +21,9 @@
 //! Every error names the file, line and column it comes from: syntax, unknown keys, missing
 //! fields, bad values, two producers of one path, unknown `after` names, cycles.
 
+pub mod plan;
+pub mod stepfile;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::ops::Range;

@@ -15,21 +15,21 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use protocol::registry::Provenance;
 use protocol::{
-    AdminResponse, ErrorCode, ProgramArtifact, ProgramRef, Registry, RemoteError, RunEvent, RunProgress,
-    StepExit, StepKind, StepOutcome, StepSpec,
+    ProgramArtifact, ProgramRef, Registry, RunEvent, RunProgress, StepExit, StepKind, StepOutcome, StepSpec,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub mod sched;
+
+use crate::hub::{Hub, Runs, StepEvent};
+use crate::persist::state::{AttemptRecord, RunRecord, State, now_ms};
+use crate::persist::working::WorkingRegistry;
+use crate::pipeline::plan::{self, Action as Planned, PlanOptions};
 use crate::pipeline::{Pipeline, Profile};
-use crate::plan::{self, Action as Planned, PlanOptions};
-use crate::sched::{Action, AgentCapacity, AttemptEnd, Event, Scheduler};
-use crate::server::{Coordinator, StepEvent};
-use crate::state::AttemptRecord;
-use crate::state::{RunRecord, State, now_ms};
-use crate::working::WorkingRegistry;
+use sched::{Action, AgentCapacity, AttemptEnd, Event, Scheduler};
 
 /// Lines of a failed step's log printed with the failure.
 const TAIL_LINES: usize = 20;
@@ -66,7 +66,7 @@ pub struct RunResult {
 
 /// Everything a run needs from its coordinator.
 pub struct Engine {
-    pub coord: Arc<Coordinator>,
+    pub coord: Arc<Hub>,
     pub state: Arc<State>,
     pub registry: Arc<WorkingRegistry>,
     pub state_dir: PathBuf,
@@ -166,9 +166,6 @@ struct Running {
 impl Engine {
     /// The working registry handed to an agent that asks for all of it (an instance whose
     /// user-data had no room for it).
-    pub fn agent_registry(&self) -> Result<String> {
-        Ok(self.registry.load()?.to_json())
-    }
 
     fn want_agents(
         &self,
@@ -404,7 +401,7 @@ impl Engine {
                     .with_context(|| format!("waiting for an agent to build {reg_key} on"))?;
                 let agent = self.first_agent("build programs on")?;
                 let spec = StepSpec {
-                    attempt_id: crate::server::new_attempt_id(),
+                    attempt_id: crate::hub::new_attempt_id(),
                     ..build_spec(profile, program, run)
                 };
                 let step_name = spec.step.clone();
@@ -665,7 +662,7 @@ impl Engine {
             decisions,
             attempts_before,
             opts.infra_retries,
-            Box::new(crate::server::new_attempt_id),
+            Box::new(crate::hub::new_attempt_id),
         );
         let (tx, mut rx) = mpsc::unbounded_channel::<(u64, StepEvent)>();
         let mut cancels = self.cancels.subscribe();
@@ -1411,39 +1408,34 @@ pub fn last_log_lines(runs: &Path, step: &str, attempt: u32) -> Vec<String> {
     lines[lines.len().saturating_sub(TAIL_LINES)..].iter().map(|l| l.to_string()).collect()
 }
 
-/// Serves `AdminRequest::SubmitRun` on a running coordinator: runs the pipeline, streams its
-/// events, and returns the last frame.
-pub async fn admin_submit(
-    coord: &Arc<Coordinator>,
-    pipeline_json: &str,
-    options_json: &str,
-    send: &mut quinn::SendStream,
-) -> AdminResponse {
-    let err =
-        |message: String| AdminResponse::Error(RemoteError { code: ErrorCode::InvalidRequest, message });
-    let pipeline: Pipeline = match serde_json::from_str(pipeline_json) {
-        Ok(p) => p,
-        Err(e) => return err(format!("malformed pipeline: {e}")),
-    };
-    if let Err(e) = pipeline.check_submitted() {
-        return err(format!("pipeline {}: {e}", pipeline.name));
+#[async_trait::async_trait]
+impl Runs for Engine {
+    fn registry_json(&self) -> Result<String> {
+        Ok(self.registry.load()?.to_json())
     }
-    let opts: RunOptions = match serde_json::from_str(options_json) {
-        Ok(o) => o,
-        Err(e) => return err(format!("malformed run options: {e}")),
-    };
-    let Some(engine) = coord.engine() else { return err("this coordinator does not run pipelines".into()) };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let shutdown = coord.shutdown_token();
-    let run = tokio::spawn(async move { engine.run(pipeline, opts, None, Some(tx), shutdown).await });
-    while let Some(ev) = rx.recv().await {
-        // The operator may go away; the run goes on.
-        let _ = transport::framed::write_frame(send, &AdminResponse::RunEvent(ev)).await;
+
+    fn registry(&self) -> Result<Registry> {
+        self.registry.load()
     }
-    match run.await {
-        Ok(Ok(r)) => AdminResponse::RunDone { run: r.run_id, succeeded: r.succeeded, summary: r.summary },
-        Ok(Err(e)) => err(format!("{e:#}")),
-        Err(e) => err(format!("the run task failed: {e}")),
+
+    fn cancel_step(&self, run: &str, step: &str) -> Result<()> {
+        Engine::cancel_step(self, run, step)
+    }
+
+    async fn submit(
+        &self,
+        pipeline_json: &str,
+        options_json: &str,
+        events: mpsc::UnboundedSender<RunEvent>,
+        shutdown: CancellationToken,
+    ) -> std::result::Result<(String, bool, String), String> {
+        let pipeline: Pipeline =
+            serde_json::from_str(pipeline_json).map_err(|e| format!("malformed pipeline: {e}"))?;
+        pipeline.check_submitted().map_err(|e| format!("pipeline {}: {e}", pipeline.name))?;
+        let opts: RunOptions =
+            serde_json::from_str(options_json).map_err(|e| format!("malformed run options: {e}"))?;
+        let r = self.run(pipeline, opts, None, Some(events), shutdown).await.map_err(|e| format!("{e:#}"))?;
+        Ok((r.run_id, r.succeeded, r.summary))
     }
 }
 

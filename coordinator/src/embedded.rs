@@ -14,11 +14,12 @@ use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 use transport::{endpoint, pki};
 
-use crate::engine::Engine;
-use crate::server::{self, Coordinator, ServerConfig};
-use crate::state::State;
-use crate::trust;
-use crate::working::WorkingRegistry;
+use crate::hub::{Hub, ServerConfig};
+use crate::persist::state::State;
+use crate::persist::trust;
+use crate::persist::working::WorkingRegistry;
+use crate::run::Engine;
+use crate::server;
 
 /// The hidden subcommand under which `pype-coordinator` runs as an agent.
 pub const AGENT_SUBCOMMAND: &str = "__agent";
@@ -37,7 +38,7 @@ pub struct LocalOptions {
 }
 
 pub struct LocalCluster {
-    pub coord: Arc<Coordinator>,
+    pub coord: Arc<Hub>,
     pub engine: Arc<Engine>,
     pub addr: SocketAddr,
     agents: Vec<(Child, PathBuf)>,
@@ -52,7 +53,7 @@ pub async fn start_server(
     advertise: &[String],
     heartbeat_interval: Duration,
     shutdown: CancellationToken,
-) -> Result<(Arc<Coordinator>, Arc<Engine>, SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> Result<(Arc<Hub>, Arc<Engine>, SocketAddr, tokio::task::JoinHandle<()>)> {
     let state = Arc::new(State::open(state_dir)?);
     let names = trust::server_names(listen, advertise);
     let identity = trust::setup(state_dir, &names, &state)?;
@@ -63,11 +64,11 @@ pub async fn start_server(
     )?;
     let ep = endpoint::server(listen, tls, &endpoint::Tuning::default())?;
     let local = ep.local_addr()?;
-    pki::write_file(&state_dir.join(crate::ADDR_FILE), local.to_string().as_bytes(), 0o644)?;
+    pki::write_file(&state_dir.join(crate::persist::ADDR_FILE), local.to_string().as_bytes(), 0o644)?;
     tracing::info!(addr = %local, state_dir = %state_dir.display(), "coordinator listening");
     let config = ServerConfig { heartbeat_interval, ..Default::default() };
-    let store = crate::config::open_store(state_dir)?;
-    let coord = Coordinator::new(state.clone(), identity.ca, config, store);
+    let store = crate::persist::config::open_store(state_dir)?;
+    let coord = Hub::new(state.clone(), identity.ca, config, store);
     let engine = Arc::new(Engine {
         coord: coord.clone(),
         state,
@@ -76,7 +77,7 @@ pub async fn start_server(
         demand: tokio::sync::watch::channel(Default::default()).0,
         cancels: tokio::sync::broadcast::channel(64).0,
     });
-    coord.set_engine(engine.clone());
+    coord.set_runs(engine.clone());
     let c = coord.clone();
     let task = tokio::spawn(server::run(ep, c, shutdown));
     Ok((coord, engine, local, task))
@@ -168,7 +169,7 @@ impl LocalCluster {
         let _ = (&mut self.server).await;
         // Nobody answers at the recorded address any more (unless another coordinator wrote
         // its own since).
-        let file = self.engine.state_dir.join(crate::ADDR_FILE);
+        let file = self.engine.state_dir.join(crate::persist::ADDR_FILE);
         if std::fs::read_to_string(&file).is_ok_and(|a| a.trim() == self.addr.to_string()) {
             let _ = std::fs::remove_file(&file);
         }
@@ -228,16 +229,4 @@ fn spawn_agent(
         });
     }
     cmd.spawn().with_context(|| format!("starting local agent {name}"))
-}
-
-/// This machine's host name (what other hosts of a cluster usually know it by).
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "localhost".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }

@@ -21,7 +21,7 @@ use tokio::process::Command;
 use super::{InstanceSpec, InstanceState, Launch, Listed, Provider, TAG_COORDINATOR};
 
 /// The shipped batch script, used unless the config names another.
-const SCRIPT: &str = include_str!("../../../deploy/slurm/pype-agent.sbatch");
+const SCRIPT: &str = include_str!("../../../../deploy/slurm/pype-agent.sbatch");
 /// Longest a Slurm command may take (slurmctld busy or down).
 const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -10,8 +10,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::pipeline::plan::{Action as Planned, Decision};
 use crate::pipeline::{Pipeline, Resources};
-use crate::plan::{Action as Planned, Decision};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepState {
@@ -169,7 +169,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// `decisions` come from [`crate::plan::plan`]; `attempts_before` counts the attempts each
+    /// `decisions` come from [`crate::pipeline::plan::plan`]; `attempts_before` counts the attempts each
     /// step already had (resume), so attempt numbers go on.
     pub fn new(
         p: &Pipeline,
@@ -526,7 +526,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{PlanOptions, plan};
+    use crate::pipeline::plan::{PlanOptions, plan};
     use std::collections::HashMap;
     use std::path::Path;
 

@@ -36,7 +36,7 @@ impl WorkingRegistry {
     }
 
     pub fn load(&self) -> Result<Registry> {
-        crate::stepfile::read_registry(&self.path)
+        crate::pipeline::stepfile::read_registry(&self.path)
     }
 
     /// Applies `change` to the current file contents and writes the result back atomically.
@@ -51,7 +51,7 @@ impl WorkingRegistry {
         lock.lock().with_context(|| format!("locking {}", self.lock_path.display()))?;
         let mut reg = self.load()?;
         let out = change(&mut reg);
-        crate::stepfile::write_registry(&self.path, &reg)?;
+        crate::pipeline::stepfile::write_registry(&self.path, &reg)?;
         drop(lock);
         Ok(out)
     }

@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, RunOptions};
 use crate::pipeline::Pipeline;
+use crate::run::{Engine, RunOptions};
 
 /// Version of the event lines `run --json` writes.
 pub const EVENTS_VERSION: u64 = 1;
@@ -126,7 +126,7 @@ pub async fn run_remote(dir: &Path, addr: SocketAddr, pipeline: &Pipeline, opts:
         while let Some(line) = lines.recv().await {
             match parse_control(&line) {
                 Ok(Control::Cancel { run, step }) => {
-                    let r = crate::admin_stream(
+                    let r = crate::cli::admin::admin_stream(
                         &d,
                         Some(addr),
                         AdminRequest::CancelRunStep { run, step },
@@ -135,7 +135,9 @@ pub async fn run_remote(dir: &Path, addr: SocketAddr, pipeline: &Pipeline, opts:
                     .await;
                     match r {
                         Ok(AdminResponse::Done) => {}
-                        Ok(other) => tracing::warn!("cancel refused: {:#}", crate::unexpected(other)),
+                        Ok(other) => {
+                            tracing::warn!("cancel refused: {:#}", crate::cli::admin::unexpected(other))
+                        }
                         Err(e) => tracing::warn!("cancel failed: {e:#}"),
                     }
                 }
@@ -143,7 +145,7 @@ pub async fn run_remote(dir: &Path, addr: SocketAddr, pipeline: &Pipeline, opts:
             }
         }
     });
-    let last = crate::admin_stream(dir, Some(addr), req, |frame| {
+    let last = crate::cli::admin::admin_stream(dir, Some(addr), req, |frame| {
         if let AdminResponse::RunEvent(ev) = frame {
             print_line(&event_line(&ev));
         }
@@ -155,7 +157,7 @@ pub async fn run_remote(dir: &Path, addr: SocketAddr, pipeline: &Pipeline, opts:
             print_line(&done_line(&run, succeeded, &summary));
             if succeeded { Ok(()) } else { bail!("run {run} did not succeed: {summary}") }
         }
-        other => Err(crate::unexpected(other)),
+        other => Err(crate::cli::admin::unexpected(other)),
     }
 }
 
@@ -169,14 +171,16 @@ pub async fn paths(dir: &Path, addr: Option<SocketAddr>, paths: Vec<String>) -> 
     }
     let sizes = match addr {
         Some(addr) => {
-            match crate::admin_stream(dir, Some(addr), AdminRequest::Present { paths }, |_| {}).await? {
+            match crate::cli::admin::admin_stream(dir, Some(addr), AdminRequest::Present { paths }, |_| {})
+                .await?
+            {
                 AdminResponse::Outputs(s) => s,
-                other => return Err(crate::unexpected(other)),
+                other => return Err(crate::cli::admin::unexpected(other)),
             }
         }
         None => {
-            let reg = crate::working::WorkingRegistry::open(dir)?.load()?;
-            let store = crate::config::open_store(dir)?;
+            let reg = crate::persist::working::WorkingRegistry::open(dir)?.load()?;
+            let store = crate::persist::config::open_store(dir)?;
             tokio::task::spawn_blocking(move || crate::store::present(store.as_ref(), &reg, &paths)).await??
         }
     };
@@ -188,9 +192,11 @@ pub async fn paths(dir: &Path, addr: Option<SocketAddr>, paths: Vec<String>) -> 
 /// `cancel RUN STEP`: asks the coordinator running the run (`--coordinator`, else the one the
 /// state dir records) to cancel the step.
 pub async fn cancel(dir: &Path, addr: Option<SocketAddr>, run: String, step: String) -> Result<()> {
-    match crate::admin_stream(dir, addr, AdminRequest::CancelRunStep { run, step }, |_| {}).await? {
+    match crate::cli::admin::admin_stream(dir, addr, AdminRequest::CancelRunStep { run, step }, |_| {})
+        .await?
+    {
         AdminResponse::Done => Ok(()),
-        other => Err(crate::unexpected(other)),
+        other => Err(crate::cli::admin::unexpected(other)),
     }
 }
 

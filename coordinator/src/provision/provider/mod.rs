@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::cloudinit::AgentDelivery;
+use crate::provision::cloudinit::AgentDelivery;
 
 /// Tag keys every instance carries from its creation.
 pub const TAG_COORDINATOR: &str = "pype:coordinator";
@@ -46,7 +46,7 @@ pub struct InstanceSpec {
 pub struct Launch {
     /// Coordinator address, CA, one-time token bound to the instance id, backend, orphan
     /// guard, registry.
-    pub boot: crate::cloudinit::Inputs,
+    pub boot: crate::provision::cloudinit::Inputs,
     /// The rendered cloud-init user-data, for providers that boot machines with it.
     pub user_data: Option<String>,
 }
@@ -142,7 +142,7 @@ impl Default for ProviderConfig {
             max_instances: 2,
             idle_timeout_secs: 0,
             min_instances: 0,
-            user_data_limit: crate::cloudinit::EC2_USER_DATA_LIMIT,
+            user_data_limit: crate::provision::cloudinit::EC2_USER_DATA_LIMIT,
             coordinator_host: None,
             backend: "snapshot".into(),
             registry_path: "/var/lib/pype/snapshot_registry.json".into(),
@@ -246,7 +246,7 @@ impl ProviderConfig {
         match provider {
             "qemu" => "10.0.2.2".into(),
             _ if !listen.ip().is_unspecified() => listen.ip().to_string(),
-            _ => crate::local::hostname(),
+            _ => crate::provision::hostname(),
         }
     }
 }
