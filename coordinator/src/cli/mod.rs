@@ -4,7 +4,11 @@
 pub mod admin;
 pub mod client;
 pub mod display;
-pub mod ops;
+pub mod instances;
+pub mod profiles;
+pub mod registry;
+pub mod runs;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -478,7 +482,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Command::Run(a) => {
-            let req = ops::RunRequest {
+            let req = runs::RunRequest {
                 pipeline: a.pipeline,
                 resume: a.resume,
                 coordinator: a.coordinator,
@@ -506,20 +510,20 @@ async fn run_cli(cli: Cli) -> Result<()> {
                     sbatch_args: a.sbatch_args,
                 },
             };
-            ops::run(&dir, req).await
+            runs::run(&dir, req).await
         }
         Command::Paths { paths, coordinator } => client::paths(&dir, coordinator, paths).await,
         Command::Cancel { run, step, coordinator } => client::cancel(&dir, coordinator, run, step).await,
         Command::CloudInit {
             command: CloudInitCommand::Render { pipeline, step, provider_config, port },
-        } => ops::cloud_init_render(&dir, &pipeline, &step, provider_config.as_deref(), port),
+        } => instances::cloud_init_render(&dir, &pipeline, &step, provider_config.as_deref(), port),
         Command::Instances { command, provider, provider_config } => {
             let op = match command {
-                InstancesCommand::List => ops::InstancesOp::List,
-                InstancesCommand::Terminate { id } => ops::InstancesOp::Terminate(id),
-                InstancesCommand::Sweep => ops::InstancesOp::Sweep,
+                InstancesCommand::List => instances::InstancesOp::List,
+                InstancesCommand::Terminate { id } => instances::InstancesOp::Terminate(id),
+                InstancesCommand::Sweep => instances::InstancesOp::Sweep,
             };
-            ops::instances(&dir, &provider, provider_config.as_deref(), op).await
+            instances::instances(&dir, &provider, provider_config.as_deref(), op).await
         }
         Command::Plan { pipeline, force, empty_ok, backend, agent_bin, agent_wait } => {
             let options = crate::run::RunOptions {
@@ -528,25 +532,25 @@ async fn run_cli(cli: Cli) -> Result<()> {
                 agent_wait_secs: agent_wait.as_secs(),
                 ..Default::default()
             };
-            ops::plan(&dir, &pipeline, local_options(1, 200, agent_bin, backend), &options).await
+            runs::plan(&dir, &pipeline, local_options(1, 200, agent_bin, backend), &options).await
         }
-        Command::Registry { command } => ops::registry(
+        Command::Registry { command } => registry::registry(
             &dir,
             match command {
-                RegistryCommand::Show => ops::RegistryOp::Show,
-                RegistryCommand::Get { path } => ops::RegistryOp::Get(path),
-                RegistryCommand::Import { file } => ops::RegistryOp::Import(file),
-                RegistryCommand::Export { output } => ops::RegistryOp::Export(output),
-                RegistryCommand::Remove { paths } => ops::RegistryOp::Remove(paths),
-                RegistryCommand::WriteOut { paths } => ops::RegistryOp::WriteOut(paths),
+                RegistryCommand::Show => registry::RegistryOp::Show,
+                RegistryCommand::Get { path } => registry::RegistryOp::Get(path),
+                RegistryCommand::Import { file } => registry::RegistryOp::Import(file),
+                RegistryCommand::Export { output } => registry::RegistryOp::Export(output),
+                RegistryCommand::Remove { paths } => registry::RegistryOp::Remove(paths),
+                RegistryCommand::WriteOut { paths } => registry::RegistryOp::WriteOut(paths),
             },
         ),
-        Command::Gc { min_age, dry_run } => ops::gc(&dir, min_age, dry_run),
+        Command::Gc { min_age, dry_run } => registry::gc(&dir, min_age, dry_run),
         Command::Profiles {
             command: ProfilesCommand::Build { profile, force, agent, coordinator, agent_bin },
         } => {
             let remote = agent.map(|a| (coordinator, a));
-            ops::profiles_build(
+            profiles::profiles_build(
                 &dir,
                 &profile,
                 force,
@@ -555,8 +559,10 @@ async fn run_cli(cli: Cli) -> Result<()> {
             )
             .await
         }
-        Command::Logs { run, step, attempt, follow } => ops::logs(&dir, &run, &step, attempt, follow).await,
-        Command::Status { run, coordinator } => ops::status(&dir, run.as_deref(), coordinator).await,
+        Command::Logs { run, step, attempt, follow } => {
+            status::logs(&dir, &run, &step, attempt, follow).await
+        }
+        Command::Status { run, coordinator } => status::status(&dir, run.as_deref(), coordinator).await,
         Command::Serve { listen, advertise, heartbeat_interval_ms } => {
             serve(&dir, listen, &advertise, Duration::from_millis(heartbeat_interval_ms)).await
         }
