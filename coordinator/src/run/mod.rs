@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub mod membership;
 pub mod sched;
 
 use crate::hub::{Hub, Runs, StepEvent};
@@ -29,6 +30,7 @@ use crate::persist::state::{AttemptRecord, RunRecord, State, now_ms};
 use crate::persist::working::WorkingRegistry;
 use crate::pipeline::plan::{self, Action as Planned, PlanOptions};
 use crate::pipeline::{Pipeline, Profile};
+use membership::Membership;
 use sched::{Action, AgentCapacity, AttemptEnd, Event, Scheduler};
 
 /// Lines of a failed step's log printed with the failure.
@@ -470,11 +472,42 @@ impl Engine {
         attempt_id: u64,
         mut events: mpsc::UnboundedReceiver<(u64, StepEvent)>,
     ) -> std::result::Result<(StepOutcome, Vec<String>), String> {
-        let grace = self.coord.heartbeat_window();
+        // Only this agent matters: lost once it is away longer than the heartbeat window.
+        let mut membership = Membership::new(self.coord.heartbeat_window());
         let mut members = self.coord.membership();
-        let mut gone_since: Option<Instant> = None;
         let mut tail = VecDeque::new();
+        let mut first = true;
         loop {
+            let seen = self
+                .coord
+                .agent_views()
+                .into_iter()
+                .filter(|v| v.agent_id == agent)
+                .map(|v| membership::Seen {
+                    agent_id: v.agent_id,
+                    draining: false,
+                    capacity: AgentCapacity {
+                        cpus: 0.0,
+                        memory_bytes: 0,
+                        slots: 0,
+                        labels: Default::default(),
+                    },
+                })
+                .collect();
+            membership.handle(Instant::now(), membership::Event::Agents(seen));
+            if std::mem::take(&mut first) {
+                // Not even connected now: it has the window from now.
+                let expect = membership::Event::Expect { agent: agent.to_string(), extra: Duration::ZERO };
+                membership.handle(Instant::now(), expect);
+            }
+            while let Some(action) = membership.poll_action() {
+                if let membership::Action::Lost { reason, .. } = action {
+                    tracing::debug!(attempt = attempt_id, "build attempt given up");
+                    return Err(reason);
+                }
+            }
+            let wake = Instant::now() + Duration::from_secs(1);
+            let wake = membership.next_timeout().map_or(wake, |t| t.min(wake));
             tokio::select! {
                 ev = events.recv() => match ev {
                     None => return Err("its events ended".into()),
@@ -490,13 +523,7 @@ impl Engine {
                     Some(_) => {}
                 },
                 _ = members.changed() => {}
-                _ = tokio::time::sleep(grace / 4) => {}
-            }
-            if self.coord.agent_views().iter().any(|a| a.agent_id == agent) {
-                gone_since = None;
-            } else if gone_since.get_or_insert_with(Instant::now).elapsed() >= grace {
-                tracing::debug!(attempt = attempt_id, "build attempt given up");
-                return Err(format!("disconnected for more than {} ms", grace.as_millis()));
+                _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
     }
@@ -668,10 +695,7 @@ impl Engine {
         let mut cancels = self.cancels.subscribe();
         let mut running: HashMap<u64, Running> = HashMap::new();
         let mut members = self.coord.membership();
-        let mut known: HashSet<String> = HashSet::new();
-        let mut draining: HashSet<String> = HashSet::new();
-        let mut gone_since: HashMap<String, Instant> = HashMap::new();
-        let grace = self.coord.heartbeat_window();
+        let mut membership = Membership::new(self.coord.heartbeat_window());
         let mut failures: Vec<String> = Vec::new();
         let runs = runs_dir(&self.state_dir).join(run_id);
         let mut interrupted = false;
@@ -679,13 +703,13 @@ impl Engine {
         let adopted = self.adopt(p, decisions, in_flight, &runs, &tx, &mut sched, &mut running, rep);
         // An adopted attempt's agent not back yet gets time to reconnect (its backoff) before
         // it counts as lost and the attempt is retried.
-        let connected: HashSet<String> = self.coord.agent_views().into_iter().map(|v| v.agent_id).collect();
+        self.sync_agents(&mut sched, &mut membership, rep);
         for agent in adopted.values() {
-            if !connected.contains(agent) {
-                gone_since.insert(agent.clone(), Instant::now() + ADOPT_RECONNECT_GRACE);
-            }
+            membership.handle(
+                Instant::now(),
+                membership::Event::Expect { agent: agent.clone(), extra: ADOPT_RECONNECT_GRACE },
+            );
         }
-        self.sync_agents(&mut sched, &mut known, &mut draining, &mut gone_since, grace, rep);
         loop {
             // Carry out everything the scheduler wants now.
             while let Some(action) = sched.poll_action() {
@@ -744,8 +768,11 @@ impl Engine {
                     if failures.is_empty() { summary } else { format!("{summary}; {}", failures.join("; ")) };
                 return Ok((ok && !interrupted, summary));
             }
-            let tick =
-                tokio::time::sleep(Duration::from_millis(if gone_since.is_empty() { 1000 } else { 100 }));
+            // Wake for the next membership deadline, and at least every second (adopted
+            // attempts whose agent came back without them are found by looking).
+            let wake = Instant::now() + Duration::from_secs(1);
+            let wake = membership.next_timeout().map_or(wake, |t| t.min(wake));
+            let tick = tokio::time::sleep_until(wake.into());
             tokio::select! {
                 _ = shutdown.cancelled(), if !interrupted => {
                     interrupted = true;
@@ -778,11 +805,11 @@ impl Engine {
                     }
                 }
                 _ = members.changed() => {
-                    self.sync_agents(&mut sched, &mut known, &mut draining, &mut gone_since, grace, rep);
+                    self.sync_agents(&mut sched, &mut membership, rep);
                     self.check_adopted(p, run_id, &adopted, &mut sched, &mut running, rep);
                 }
                 _ = tick => {
-                    self.sync_agents(&mut sched, &mut known, &mut draining, &mut gone_since, grace, rep);
+                    self.sync_agents(&mut sched, &mut membership, rep);
                     self.check_adopted(p, run_id, &adopted, &mut sched, &mut running, rep);
                 }
             }
@@ -881,69 +908,47 @@ impl Engine {
         }
     }
 
-    /// Tells the scheduler about agents that joined, and about agents gone longer than
-    /// `grace` (a reconnect within it keeps the agent's running steps).
-    fn sync_agents(
-        &self,
-        sched: &mut Scheduler,
-        known: &mut HashSet<String>,
-        draining: &mut HashSet<String>,
-        gone_since: &mut HashMap<String, Instant>,
-        grace: Duration,
-        rep: &Reporter,
-    ) {
-        let views = self.coord.agent_views();
-        let now: HashSet<String> = views.iter().map(|v| v.agent_id.clone()).collect();
-        for v in &views {
-            gone_since.remove(&v.agent_id);
-            let was_draining = draining.contains(&v.agent_id);
-            if v.draining && !was_draining {
-                draining.insert(v.agent_id.clone());
-                rep.emit(
-                    "agent draining",
-                    None,
-                    None,
-                    Some(&v.agent_id),
-                    "running steps finish, no new ones",
-                );
-                sched.handle(Event::AgentDraining { agent: v.agent_id.clone() });
+    /// Feeds what the hub shows to the run's [`Membership`] and carries out what it decides:
+    /// agents that joined, drain, left or are lost (a reconnect within the heartbeat window
+    /// keeps an agent's running steps).
+    fn sync_agents(&self, sched: &mut Scheduler, membership: &mut Membership, rep: &Reporter) {
+        let seen = self.coord.agent_views().into_iter().map(|v| membership::Seen {
+            capacity: AgentCapacity {
+                cpus: f64::from(v.host.cpus.max(1)),
+                memory_bytes: v.host.memory_total_bytes,
+                slots: v.slots,
+                labels: v.labels.iter().cloned().collect(),
+            },
+            agent_id: v.agent_id,
+            draining: v.draining,
+        });
+        membership.handle(Instant::now(), membership::Event::Agents(seen.collect()));
+        while let Some(action) = membership.poll_action() {
+            match action {
+                membership::Action::Joined { agent, capacity } => {
+                    rep.emit(
+                        "agent joined",
+                        None,
+                        None,
+                        Some(&agent),
+                        &format!("{} cpus, {} MiB", capacity.cpus, capacity.memory_bytes >> 20),
+                    );
+                    sched.handle(Event::AgentUp { agent, capacity });
+                }
+                membership::Action::Draining { agent } => {
+                    rep.emit("agent draining", None, None, Some(&agent), "running steps finish, no new ones");
+                    sched.handle(Event::AgentDraining { agent });
+                }
+                membership::Action::Left { agent } => {
+                    rep.emit("agent left", None, None, Some(&agent), "drained");
+                    let reason = "drained and disconnected".to_string();
+                    sched.handle(Event::AgentDown { agent, reason });
+                }
+                membership::Action::Lost { agent, reason } => {
+                    rep.emit("agent lost", None, None, Some(&agent), &reason);
+                    sched.handle(Event::AgentDown { agent, reason });
+                }
             }
-            // The same agent back without the drain (restarted) takes work again.
-            let back = was_draining && !v.draining && draining.remove(&v.agent_id);
-            if known.insert(v.agent_id.clone()) || back {
-                let capacity = AgentCapacity {
-                    cpus: f64::from(v.host.cpus.max(1)),
-                    memory_bytes: v.host.memory_total_bytes,
-                    slots: v.slots,
-                    labels: v.labels.iter().cloned().collect(),
-                };
-                rep.emit(
-                    "agent joined",
-                    None,
-                    None,
-                    Some(&v.agent_id),
-                    &format!("{} cpus, {} MiB", v.host.cpus, v.host.memory_total_bytes >> 20),
-                );
-                sched.handle(Event::AgentUp { agent: v.agent_id.clone(), capacity });
-            }
-        }
-        for id in known.iter() {
-            if !now.contains(id) {
-                gone_since.entry(id.clone()).or_insert_with(Instant::now);
-            }
-        }
-        let lost: Vec<String> =
-            gone_since.iter().filter(|(_, t)| t.elapsed() >= grace).map(|(id, _)| id.clone()).collect();
-        for id in lost {
-            gone_since.remove(&id);
-            known.remove(&id);
-            let reason = format!("disconnected for more than {} ms", grace.as_millis());
-            if draining.remove(&id) {
-                rep.emit("agent left", None, None, Some(&id), "drained");
-            } else {
-                rep.emit("agent lost", None, None, Some(&id), &reason);
-            }
-            sched.handle(Event::AgentDown { agent: id, reason });
         }
     }
 
@@ -996,7 +1001,14 @@ impl Engine {
                     timeout_secs: s.timeout_secs,
                     registry: reg.relevant(paths, &profiles),
                 };
-                db(self.state.attempt_dispatched(run_id, &s.name, attempt_id, attempt, &agent));
+                // Every attempt is in the attempts table before it is sent: a resumed run
+                // adopts only what the table knows, so an attempt it cannot record is not sent.
+                if let Err(e) = self.state.attempt_dispatched(run_id, &s.name, attempt_id, attempt, &agent) {
+                    let reason = format!("state database: could not record the attempt: {e:#}");
+                    warn!(run = %run_id, step = %s.name, attempt = attempt_id, "{reason}; not dispatched");
+                    sched.handle(Event::Finished { attempt_id, end: AttemptEnd::InfraFailed(reason) });
+                    return;
+                }
                 let log = AttemptLog::new(runs.join(&s.name).join(format!("attempt-{attempt}.log")));
                 running.insert(attempt_id, Running { step, agent: agent.clone(), log });
                 rep.progress.running += 1;

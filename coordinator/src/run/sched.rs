@@ -58,7 +58,7 @@ pub enum AttemptEnd {
     InfraFailed(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentCapacity {
     pub cpus: f64,
     pub memory_bytes: u64,

@@ -1,0 +1,262 @@
+//! Agent membership as a run sees it: which agents joined, which drain, and when one that
+//! disconnected counts as lost (after the heartbeat window, so a reconnect within it keeps
+//! its running steps), or as gone after a drain. An attempt adopted from a previous
+//! coordinator gives its agent extra time to come back (its reconnect backoff).
+//!
+//! A state machine in the style of [`super::sched`]: [`Membership::handle`] takes `now` and
+//! what the hub shows, [`Membership::handle_timeout`] takes `now` alone,
+//! [`Membership::poll_action`] says what changed, [`Membership::next_timeout`] when to call
+//! again. No IO, no clock of its own.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::sched::AgentCapacity;
+
+/// A connected agent, as the hub shows it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub agent_id: String,
+    pub draining: bool,
+    pub capacity: AgentCapacity,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Every agent connected now.
+    Agents(Vec<Seen>),
+    /// A resumed run awaits an attempt held by `agent`: if it is not connected, it has
+    /// `extra` beyond the heartbeat window to come back before it counts as lost.
+    Expect { agent: String, extra: Duration },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// New to this run, or back without the drain it had (restarted): it takes work.
+    Joined { agent: String, capacity: AgentCapacity },
+    /// It finishes its steps and takes no new ones.
+    Draining { agent: String },
+    /// Disconnected past its deadline: its running attempts are lost.
+    Lost { agent: String, reason: String },
+    /// A draining agent that left and did not come back: gone as planned.
+    Left { agent: String },
+}
+
+pub struct Membership {
+    /// How long a disconnected agent has to reconnect.
+    window: Duration,
+    /// Agents this run has placed work on or may: joined and not lost.
+    known: HashSet<String>,
+    draining: HashSet<String>,
+    /// Disconnected agents and when they count as lost.
+    gone: BTreeMap<String, Instant>,
+    connected: HashSet<String>,
+    actions: VecDeque<Action>,
+}
+
+impl Membership {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            known: HashSet::new(),
+            draining: HashSet::new(),
+            gone: BTreeMap::new(),
+            connected: HashSet::new(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    pub fn handle(&mut self, now: Instant, event: Event) {
+        match event {
+            Event::Agents(seen) => self.agents(now, seen),
+            Event::Expect { agent, extra } => {
+                if !self.connected.contains(&agent) {
+                    self.gone.insert(agent, now + extra + self.window);
+                }
+            }
+        }
+        self.handle_timeout(now);
+    }
+
+    fn agents(&mut self, now: Instant, seen: Vec<Seen>) {
+        let mut connected = HashSet::new();
+        for v in seen {
+            self.gone.remove(&v.agent_id);
+            let was_draining = self.draining.contains(&v.agent_id);
+            if v.draining && !was_draining {
+                self.draining.insert(v.agent_id.clone());
+                self.actions.push_back(Action::Draining { agent: v.agent_id.clone() });
+            }
+            // The same agent back without the drain (restarted) takes work again.
+            let back = was_draining && !v.draining && self.draining.remove(&v.agent_id);
+            if self.known.insert(v.agent_id.clone()) || back {
+                self.actions.push_back(Action::Joined { agent: v.agent_id.clone(), capacity: v.capacity });
+            }
+            connected.insert(v.agent_id);
+        }
+        for id in &self.known {
+            if !connected.contains(id) {
+                self.gone.entry(id.clone()).or_insert(now + self.window);
+            }
+        }
+        self.connected = connected;
+    }
+
+    /// Agents past their deadline are lost (or gone, after a drain).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<String> =
+            self.gone.iter().filter(|(_, t)| **t <= now).map(|(id, _)| id.clone()).collect();
+        for id in due {
+            self.gone.remove(&id);
+            self.known.remove(&id);
+            if self.draining.remove(&id) {
+                self.actions.push_back(Action::Left { agent: id });
+            } else {
+                let reason = format!("disconnected for more than {} ms", self.window.as_millis());
+                self.actions.push_back(Action::Lost { agent: id, reason });
+            }
+        }
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Membership::handle_timeout`] has something to do.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.gone.values().min().copied()
+    }
+
+    /// Agents that are disconnected and not lost yet, with their deadlines.
+    pub fn awaited(&self) -> HashMap<&str, Instant> {
+        self.gone.iter().map(|(id, t)| (id.as_str(), *t)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: Duration = Duration::from_secs(15);
+
+    fn seen(id: &str, draining: bool) -> Seen {
+        Seen {
+            agent_id: id.into(),
+            draining,
+            capacity: AgentCapacity {
+                cpus: 2.0,
+                memory_bytes: 1 << 30,
+                slots: 1,
+                labels: Default::default(),
+            },
+        }
+    }
+
+    fn drain(m: &mut Membership) -> Vec<Action> {
+        std::iter::from_fn(|| m.poll_action()).collect()
+    }
+
+    fn names(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Joined { agent, .. } => format!("joined {agent}"),
+                Action::Draining { agent } => format!("draining {agent}"),
+                Action::Lost { agent, .. } => format!("lost {agent}"),
+                Action::Left { agent } => format!("left {agent}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_agent_that_joins_then_goes_silent_is_lost_after_the_window() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(W);
+        m.handle(t0, Event::Agents(vec![seen("a", false), seen("b", false)]));
+        assert_eq!(names(&drain(&mut m)), ["joined a", "joined b"]);
+        assert_eq!(m.next_timeout(), None);
+        // b disconnects at t0+1s.
+        m.handle(t0 + Duration::from_secs(1), Event::Agents(vec![seen("a", false)]));
+        assert!(drain(&mut m).is_empty());
+        assert_eq!(m.next_timeout(), Some(t0 + Duration::from_secs(1) + W));
+        // Still inside the window: nothing.
+        m.handle_timeout(t0 + Duration::from_secs(15));
+        assert!(drain(&mut m).is_empty());
+        // Seeing the same set again does not move the deadline.
+        m.handle(t0 + Duration::from_secs(10), Event::Agents(vec![seen("a", false)]));
+        assert_eq!(m.next_timeout(), Some(t0 + Duration::from_secs(1) + W));
+        m.handle_timeout(t0 + Duration::from_secs(16));
+        let lost = drain(&mut m);
+        assert_eq!(names(&lost), ["lost b"]);
+        assert!(matches!(&lost[0], Action::Lost { reason, .. } if reason.contains("15000 ms")));
+        assert_eq!(m.next_timeout(), None);
+        // Coming back after being lost is a new join.
+        m.handle(t0 + Duration::from_secs(20), Event::Agents(vec![seen("a", false), seen("b", false)]));
+        assert_eq!(names(&drain(&mut m)), ["joined b"]);
+    }
+
+    #[test]
+    fn an_agent_that_rejoins_inside_the_window_is_neither_lost_nor_joined_again() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(W);
+        m.handle(t0, Event::Agents(vec![seen("a", false)]));
+        drain(&mut m);
+        m.handle(t0 + Duration::from_secs(2), Event::Agents(vec![]));
+        m.handle(t0 + Duration::from_secs(14), Event::Agents(vec![seen("a", false)]));
+        assert_eq!(m.next_timeout(), None);
+        m.handle_timeout(t0 + Duration::from_secs(60));
+        assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn a_draining_agent_that_leaves_has_left_and_one_back_without_the_drain_takes_work() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(W);
+        m.handle(t0, Event::Agents(vec![seen("a", false), seen("b", false)]));
+        drain(&mut m);
+        m.handle(t0, Event::Agents(vec![seen("a", true), seen("b", true)]));
+        assert_eq!(names(&drain(&mut m)), ["draining a", "draining b"]);
+        // Draining twice is said once.
+        m.handle(t0, Event::Agents(vec![seen("a", true), seen("b", true)]));
+        assert!(drain(&mut m).is_empty());
+        // a leaves for good; b restarts (reconnects without the drain).
+        m.handle(t0 + Duration::from_secs(1), Event::Agents(vec![seen("b", false)]));
+        assert_eq!(names(&drain(&mut m)), ["joined b"]);
+        m.handle_timeout(t0 + Duration::from_secs(1) + W);
+        assert_eq!(names(&drain(&mut m)), ["left a"]);
+    }
+
+    #[test]
+    fn an_adopted_attempts_agent_gets_the_adoption_grace_and_may_rejoin_inside_it() {
+        let t0 = Instant::now();
+        let extra = Duration::from_secs(45);
+        let mut m = Membership::new(W);
+        m.handle(t0, Event::Agents(vec![seen("a", false)]));
+        drain(&mut m);
+        // b held an attempt of the previous coordinator; a is connected, so it needs no grace.
+        m.handle(t0, Event::Expect { agent: "b".into(), extra });
+        m.handle(t0, Event::Expect { agent: "a".into(), extra });
+        assert_eq!(m.next_timeout(), Some(t0 + extra + W));
+        // Seeing the agents again (b still away) keeps b's longer deadline.
+        m.handle(t0 + Duration::from_secs(30), Event::Agents(vec![seen("a", false)]));
+        m.handle_timeout(t0 + W + Duration::from_secs(1));
+        assert!(drain(&mut m).is_empty(), "lost before the grace ended");
+        // b reconnects inside the grace: it joins, nothing is lost.
+        m.handle(t0 + Duration::from_secs(50), Event::Agents(vec![seen("a", false), seen("b", false)]));
+        assert_eq!(names(&drain(&mut m)), ["joined b"]);
+        m.handle_timeout(t0 + Duration::from_secs(120));
+        assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn an_adopted_attempts_agent_that_never_returns_is_lost_when_the_grace_ends() {
+        let t0 = Instant::now();
+        let extra = Duration::from_secs(45);
+        let mut m = Membership::new(W);
+        m.handle(t0, Event::Expect { agent: "b".into(), extra });
+        m.handle_timeout(t0 + extra + W - Duration::from_millis(1));
+        assert!(drain(&mut m).is_empty());
+        m.handle_timeout(t0 + extra + W);
+        assert_eq!(names(&drain(&mut m)), ["lost b"]);
+    }
+}
