@@ -9,6 +9,7 @@
 //! `joined` (its agent connected) → `terminated` (with a note saying why).
 
 pub mod cloudinit;
+pub mod planner;
 pub mod provider;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -24,6 +25,7 @@ use tracing::{info, warn};
 use crate::hub::Hub;
 use crate::persist::state::State;
 use crate::persist::working::WorkingRegistry;
+use planner::Planner;
 use provider::{
     InstanceSpec, InstanceState, Provider, ProviderConfig, TAG_COORDINATOR, TAG_INSTANCE, TAG_RUN, TAG_STEP,
 };
@@ -72,30 +74,6 @@ fn boot_mark(console: &str, mark: usize) -> bool {
     console.contains(needle)
 }
 
-/// When the next create may be tried, after consecutive failures.
-struct Pace {
-    after: Instant,
-    failures: u32,
-    /// Consecutive creates the provider refused ([`provider::Refused`]).
-    refusals: u32,
-}
-
-/// Refused creates in a row after which the run is told no instance is coming (a few, as a
-/// just-made instance profile or subnet can take seconds to be seen).
-const REFUSALS_TO_GIVE_UP: u32 = 3;
-
-struct Mine {
-    /// The step the instance was sized for.
-    for_step: Option<String>,
-    provider_id: Option<String>,
-    requested: Instant,
-    joined: Option<Instant>,
-    gone_since: Option<Instant>,
-    marks_seen: usize,
-    /// Since when it has been connected without a step.
-    idle_since: Option<Instant>,
-}
-
 pub struct Provisioner {
     pub provider: Arc<dyn Provider>,
     pub cfg: ProviderConfig,
@@ -141,201 +119,140 @@ pub async fn startup_sweep(provider: &dyn Provider, state_dir: &Path, state: &St
 }
 
 impl Provisioner {
-    /// Follows `demand` until `shutdown`, then terminates every instance it made.
+    /// Follows `demand` until `shutdown`, then terminates every instance it made. The
+    /// decisions are the [`Planner`]'s; this feeds it the demand, the connected agents and
+    /// the provider's answers, and carries out its actions.
     pub async fn run(self, mut demand: watch::Receiver<Demand>, shutdown: CancellationToken) {
-        let mut mine: HashMap<String, Mine> = HashMap::new();
-        let mut next_sweep = Instant::now() + Duration::from_secs(self.cfg.sweep_interval_secs);
-        let mut pace = Pace { after: Instant::now(), failures: 0, refusals: 0 };
+        let settings = planner::Settings {
+            min_instances: self.cfg.min_instances,
+            max_instances: self.cfg.max_instances,
+            boot_timeout: Duration::from_secs(self.cfg.boot_timeout_secs),
+            idle_timeout: Duration::from_secs(self.cfg.idle_timeout_secs),
+            heartbeat_window: self.coord.heartbeat_window(),
+            sweep_interval: Duration::from_secs(self.cfg.sweep_interval_secs),
+            prestarts: self.provider.prestarts(),
+        };
+        let new_id = Box::new(|| format!("pype-i-{:012x}", rand::random::<u64>() >> 16));
+        let mut plan = Planner::new(settings, Instant::now(), new_id);
+        let mut marks: HashMap<String, usize> = HashMap::new();
         let mut members = self.coord.membership();
         loop {
-            let d = demand.borrow().clone();
-            self.observe(&mut mine).await;
-            if let Err(e) = self.scale(&d, &mut mine, &mut pace).await {
-                warn!("provisioning: {e:#}");
-            }
-            if Instant::now() >= next_sweep {
-                next_sweep = Instant::now() + Duration::from_secs(self.cfg.sweep_interval_secs);
-                if let Err(e) = self.sweep(&mine).await {
-                    warn!("reconciler: {e:#}");
-                }
-            }
+            plan.handle(Instant::now(), planner::Event::Demand(demand.borrow().clone()));
+            plan.handle(Instant::now(), planner::Event::Agents(self.seen()));
+            self.follow_boots(&mut plan, &mut marks).await;
+            self.carry_out(&mut plan, &mut marks).await;
+            // Console lines of booting instances are polled; otherwise wake when the planner
+            // has something due.
+            let poll = Instant::now() + Duration::from_millis(500);
+            let wake = plan.next_timeout().map_or(poll, |t| t.min(poll));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = demand.changed() => if r.is_err() { break },
                 _ = members.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
-        let ids: Vec<String> = mine.keys().cloned().collect();
-        for id in ids {
-            self.terminate(&id, &mut mine, "run ended").await;
+        plan.handle(Instant::now(), planner::Event::Shutdown);
+        self.carry_out(&mut plan, &mut marks).await;
+    }
+
+    fn seen(&self) -> Vec<planner::Seen> {
+        self.coord
+            .agent_views()
+            .into_iter()
+            .map(|a| planner::Seen { agent_id: a.agent_id, draining: a.draining, slots: a.slots })
+            .collect()
+    }
+
+    /// Boot progress from the consoles of instances not joined yet, once per mark; an
+    /// instance the provider says stopped is reported to the planner.
+    async fn follow_boots(&self, plan: &mut Planner, marks: &mut HashMap<String, usize>) {
+        for (id, pid, requested) in plan.booting() {
+            let seen = marks.entry(id.clone()).or_insert(0);
+            if let Ok(Some(console)) = self.provider.console(&pid).await {
+                while *seen < BOOT_MARKS.len() && boot_mark(&console, *seen) {
+                    info!(
+                        instance = %id,
+                        after_ms = requested.elapsed().as_millis() as u64,
+                        "instance boot: {}",
+                        BOOT_MARKS[*seen].1
+                    );
+                    *seen += 1;
+                }
+            }
+            if matches!(self.provider.describe(&pid).await, Ok(InstanceState::Gone)) {
+                plan.handle(Instant::now(), planner::Event::Stopped { id });
+            }
         }
     }
 
-    /// Joins, losses, boot progress and boot timeouts.
-    async fn observe(&self, mine: &mut HashMap<String, Mine>) {
-        let connected: HashSet<String> = self.coord.agent_views().into_iter().map(|a| a.agent_id).collect();
-        let boot_timeout = Duration::from_secs(self.cfg.boot_timeout_secs);
-        let mut doomed: Vec<(String, String)> = Vec::new();
-        for (id, m) in mine.iter_mut() {
-            if connected.contains(id) {
-                m.gone_since = None;
-                if m.joined.is_none() {
-                    m.joined = Some(Instant::now());
-                    let _ = self.state.instance_update(id, "joined", None, None);
+    /// Carries out the planner's actions until it has none (a create's result is fed back
+    /// and may lead to more).
+    async fn carry_out(&self, plan: &mut Planner, marks: &mut HashMap<String, usize>) {
+        while let Some(action) = plan.poll_action() {
+            match action {
+                planner::Action::Create { id, need, run } => {
+                    let event = match self.create(&id, need, run).await {
+                        Ok(provider_id) => planner::Event::Created { id, provider_id },
+                        Err(e) => {
+                            let kind = provider::error_kind(&e);
+                            planner::Event::CreateFailed { id, kind, message: format!("{e:#}") }
+                        }
+                    };
+                    plan.handle(Instant::now(), event);
+                }
+                planner::Action::Joined { id, boot } => {
+                    marks.remove(&id);
+                    let _ = self.state.instance_update(&id, "joined", None, None);
                     info!(
                         instance = %id,
                         provider = self.provider.name(),
-                        boot_ms = m.requested.elapsed().as_millis() as u64,
+                        boot_ms = boot.as_millis() as u64,
                         "instance joined: agent connected"
                     );
                 }
-                continue;
-            }
-            match m.joined {
-                None => {
-                    if let Some(pid) = &m.provider_id {
-                        if let Ok(Some(console)) = self.provider.console(pid).await {
-                            while m.marks_seen < BOOT_MARKS.len() && boot_mark(&console, m.marks_seen) {
-                                info!(
-                                    instance = %id,
-                                    after_ms = m.requested.elapsed().as_millis() as u64,
-                                    "instance boot: {}",
-                                    BOOT_MARKS[m.marks_seen].1
-                                );
-                                m.marks_seen += 1;
-                            }
-                        }
-                        if matches!(self.provider.describe(pid).await, Ok(InstanceState::Gone)) {
-                            doomed.push((id.clone(), "stopped before its agent connected".into()));
-                            continue;
-                        }
-                    }
-                    if m.requested.elapsed() > boot_timeout {
-                        doomed.push((
-                            id.clone(),
-                            format!("boot timeout: no agent within {}s", self.cfg.boot_timeout_secs),
-                        ));
-                    }
-                }
-                Some(_) => {
-                    let since = *m.gone_since.get_or_insert_with(Instant::now);
-                    // The engine declares the agent lost after the heartbeat window; the
-                    // instance goes once it has been gone that long too.
-                    if since.elapsed() > self.coord.heartbeat_window() {
-                        doomed.push((id.clone(), "agent lost".into()));
-                    }
-                }
-            }
-        }
-        for (id, why) in doomed {
-            if why.starts_with("boot timeout") || why.starts_with("stopped") {
-                let tail = match mine.get(&id).and_then(|m| m.provider_id.clone()) {
-                    Some(pid) => self.provider.console(&pid).await.ok().flatten().unwrap_or_default(),
-                    None => String::new(),
-                };
-                let tail: Vec<&str> =
-                    tail.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-                warn!(instance = %id, "instance failed to join ({why}); console tail:\n{}", tail.join("\n"));
-            }
-            self.terminate(&id, mine, &why).await;
-        }
-    }
-
-    async fn scale(&self, d: &Demand, mine: &mut HashMap<String, Mine>, pace: &mut Pace) -> Result<()> {
-        let floor = if d.want > 0 { self.cfg.min_instances } else { 0 };
-        let steps = if self.provider.prestarts() { d.want } else { d.active };
-        let views = self.coord.agent_views();
-        // Agents that are not ours (persistent ones) take steps first.
-        let others: usize = views
-            .iter()
-            .filter(|a| !a.draining && !mine.contains_key(&a.agent_id))
-            .map(|a| a.slots.max(1) as usize)
-            .sum();
-        let want = steps.saturating_sub(others).max(floor).min(self.cfg.max_instances);
-        let now = Instant::now();
-        for (id, m) in mine.iter_mut() {
-            if m.joined.is_some() && !d.busy.contains(id) {
-                m.idle_since.get_or_insert(now);
-            } else {
-                m.idle_since = None;
-            }
-        }
-        // Instances whose agents drain (their job is ending) are replaced while they finish.
-        let draining: HashSet<String> =
-            views.into_iter().filter(|a| a.draining).map(|a| a.agent_id).collect();
-        let live = mine.keys().filter(|id| !draining.contains(*id)).count();
-        if live < want && mine.len() < self.cfg.max_instances + draining.len() && Instant::now() >= pace.after
-        {
-            let created = self.create(d, mine).await;
-            self.coord.set_provisioning_error(created.as_ref().err().map(|e| format!("{e:#}")));
-            match created {
-                Ok(()) => {
-                    pace.failures = 0;
-                    if pace.refusals >= REFUSALS_TO_GIVE_UP {
-                        self.coord.set_provisioning_refused(None);
-                    }
-                    pace.refusals = 0;
-                }
-                Err(e) => {
-                    // Do not hammer a failing provider: 2 s, 4 s, ... up to a minute.
-                    pace.failures += 1;
-                    let wait = Duration::from_secs(1u64 << pace.failures.min(6)).min(Duration::from_secs(60));
-                    pace.after = Instant::now() + wait;
-                    if let Some(c) = e.root_cause().downcast_ref::<provider::aws::Capacity>() {
+                planner::Action::Terminate { id, provider_id, reason, failed_to_join } => {
+                    marks.remove(&id);
+                    if failed_to_join {
+                        let tail = match &provider_id {
+                            Some(pid) => self.provider.console(pid).await.ok().flatten().unwrap_or_default(),
+                            None => String::new(),
+                        };
+                        let tail: Vec<&str> =
+                            tail.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
                         warn!(
-                            provider = self.provider.name(),
-                            code = %c.code,
-                            instance_type = %c.instance_type,
-                            retry_in_s = wait.as_secs(),
-                            "no capacity for an instance: the step stays queued ({})",
-                            c.message
+                            instance = %id,
+                            "instance failed to join ({reason}); console tail:\n{}",
+                            tail.join("\n")
                         );
-                        return Ok(());
                     }
-                    if e.root_cause().downcast_ref::<provider::Refused>().is_some() {
-                        pace.refusals += 1;
-                        if pace.refusals == REFUSALS_TO_GIVE_UP {
-                            tracing::error!(
-                                provider = self.provider.name(),
-                                refusals = pace.refusals,
-                                "provisioning: the provider refuses to create instances as configured: {e:#}"
-                            );
-                            self.coord.set_provisioning_refused(Some(format!("{e:#}")));
-                            return Ok(());
-                        }
-                    } else {
-                        pace.refusals = 0;
+                    self.terminate(&id, provider_id, &reason).await;
+                }
+                planner::Action::CreateError(e) => self.coord.set_provisioning_error(e),
+                planner::Action::NoCapacity { message, retry_in } => warn!(
+                    provider = self.provider.name(),
+                    retry_in_s = retry_in.as_secs(),
+                    "no capacity for an instance: the step stays queued ({message})"
+                ),
+                planner::Action::Refused(Some(message)) => {
+                    tracing::error!(
+                        provider = self.provider.name(),
+                        refusals = planner::REFUSALS_TO_GIVE_UP,
+                        "provisioning: the provider refuses to create instances as configured: {message}"
+                    );
+                    self.coord.set_provisioning_refused(Some(message));
+                }
+                planner::Action::Refused(None) => self.coord.set_provisioning_refused(None),
+                planner::Action::Failed { message, retry_in } => {
+                    warn!(retry_in_s = retry_in.as_secs(), "provisioning: {message}")
+                }
+                planner::Action::Sweep => {
+                    if let Err(e) = self.sweep(&plan.instances()).await {
+                        warn!("reconciler: {e:#}");
                     }
-                    return Err(e);
                 }
             }
         }
-        if live > want {
-            // Idle joined instances first, then the youngest still booting (draining ones
-            // leave by themselves).
-            let idle_timeout = Duration::from_secs(self.cfg.idle_timeout_secs);
-            let mut idle: Vec<(&String, &Mine)> = mine
-                .iter()
-                .filter(|(id, _)| !draining.contains(*id))
-                .filter(|(_, m)| m.idle_since.is_some_and(|t| now.duration_since(t) >= idle_timeout))
-                .collect();
-            idle.sort_by_key(|(_, m)| m.requested);
-            let mut booting: Vec<(&String, &Mine)> =
-                mine.iter().filter(|(id, m)| m.joined.is_none() && !draining.contains(*id)).collect();
-            booting.sort_by_key(|(_, m)| std::cmp::Reverse(m.requested));
-            // Instances still booting go only when nothing else is wanted of them.
-            if !idle_timeout.is_zero() {
-                booting.clear();
-            }
-            let excess = live - want;
-            let victims: Vec<String> =
-                idle.into_iter().chain(booting).take(excess).map(|(id, _)| id.clone()).collect();
-            for id in victims {
-                self.terminate(&id, mine, "no work left for it").await;
-            }
-        }
-        Ok(())
     }
 
     /// What a new instance `instance_id` gets: a fresh one-time token bound to it, and the
@@ -364,52 +281,38 @@ impl Provisioner {
         Ok(provider::Launch { boot, user_data })
     }
 
-    async fn create(&self, d: &Demand, mine: &mut HashMap<String, Mine>) -> Result<()> {
-        let id = format!("pype-i-{:012x}", rand::random::<u64>() >> 16);
-        self.state.instance_intent(&id, self.provider.name(), d.run.as_deref())?;
+    /// Creates instance `id` (its intent recorded first); returns the provider's id.
+    async fn create(&self, id: &str, need: Option<Need>, run: Option<String>) -> Result<String> {
+        self.state.instance_intent(id, self.provider.name(), run.as_deref())?;
         let requested = Instant::now();
-        let launch = match self.launch(&id) {
+        let launch = match self.launch(id) {
             Ok(l) => l,
             Err(e) => {
-                self.state.instance_update(&id, "terminated", None, Some(&format!("launch: {e:#}")))?;
+                self.state.instance_update(id, "terminated", None, Some(&format!("launch: {e:#}")))?;
                 return Err(e.context("preparing the instance's launch"));
             }
         };
         let mut tags = BTreeMap::new();
         tags.insert(TAG_COORDINATOR.to_string(), self.tag.clone());
-        tags.insert(TAG_INSTANCE.to_string(), id.clone());
-        if let Some(run) = &d.run {
+        tags.insert(TAG_INSTANCE.to_string(), id.to_string());
+        if let Some(run) = &run {
             tags.insert(TAG_RUN.to_string(), run.clone());
         }
-        // Sized for the first step no booting instance was made for.
-        let claimed: HashSet<&str> =
-            mine.values().filter(|m| m.joined.is_none()).filter_map(|m| m.for_step.as_deref()).collect();
-        let need = d.unplaced.iter().find(|n| !claimed.contains(n.step.as_str())).cloned();
         // Empty for an instance started before any step was ready (the run's planning agent).
         tags.insert(TAG_STEP.to_string(), need.as_ref().map(|n| n.step.clone()).unwrap_or_default());
         let (cpus, memory_bytes) = need.as_ref().map_or((1, 0), |n| (n.cpus, n.memory_bytes));
-        let spec = InstanceSpec { instance_id: id.clone(), cpus, memory_bytes, tags };
-        mine.insert(
-            id.clone(),
-            Mine {
-                for_step: need.map(|n| n.step),
-                provider_id: None,
-                requested,
-                joined: None,
-                gone_since: None,
-                marks_seen: 0,
-                idle_since: None,
-            },
-        );
+        let spec = InstanceSpec { instance_id: id.to_string(), cpus, memory_bytes, tags };
         match self.provider.create(&spec, &launch).await {
             Ok(pid) => {
                 if std::env::var_os("PYPE_FAULT_KILL_AFTER_CREATE").is_some() {
                     // For the crash test: the instance exists, the database does not know its id.
                     warn!(instance = %id, provider_id = %pid, "fault injection: SIGKILL after create");
-                    // SAFETY: kill and getpid have no preconditions.
-                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                    let _ = rustix::process::kill_process(
+                        rustix::process::getpid(),
+                        rustix::process::Signal::KILL,
+                    );
                 }
-                self.state.instance_update(&id, "booting", Some(&pid), None)?;
+                self.state.instance_update(id, "booting", Some(&pid), None)?;
                 info!(
                     instance = %id,
                     provider = self.provider.name(),
@@ -417,29 +320,19 @@ impl Provisioner {
                     create_ms = requested.elapsed().as_millis() as u64,
                     "instance requested"
                 );
-                if let Some(m) = mine.get_mut(&id) {
-                    m.provider_id = Some(pid);
-                }
-                Ok(())
+                Ok(pid)
             }
             Err(e) => {
                 // Whatever the failed create left behind goes too.
-                let _ = self.provider.terminate(&id).await;
-                mine.remove(&id);
-                self.state.instance_update(
-                    &id,
-                    "terminated",
-                    None,
-                    Some(&format!("create failed: {e:#}")),
-                )?;
+                let _ = self.provider.terminate(id).await;
+                self.state.instance_update(id, "terminated", None, Some(&format!("create failed: {e:#}")))?;
                 Err(e.context(format!("creating instance {id}")))
             }
         }
     }
 
-    async fn terminate(&self, id: &str, mine: &mut HashMap<String, Mine>, why: &str) {
-        let Some(m) = mine.remove(id) else { return };
-        let pid = m.provider_id.unwrap_or_else(|| id.to_string());
+    async fn terminate(&self, id: &str, provider_id: Option<String>, why: &str) {
+        let pid = provider_id.unwrap_or_else(|| id.to_string());
         let _ = self.state.instance_update(id, "terminating", None, Some(why));
         match self.provider.terminate(&pid).await {
             Ok(()) => {
@@ -452,7 +345,7 @@ impl Provisioner {
     }
 
     /// Terminates tagged instances that are neither ours nor live in the database.
-    async fn sweep(&self, mine: &HashMap<String, Mine>) -> Result<()> {
+    async fn sweep(&self, mine: &[(String, Option<String>)]) -> Result<()> {
         let accounted: HashSet<String> = self
             .state
             .instances(true)?
@@ -461,7 +354,7 @@ impl Provisioner {
             .flatten()
             .collect();
         let ours: HashSet<&String> =
-            mine.iter().flat_map(|(id, m)| [Some(id), m.provider_id.as_ref()]).flatten().collect();
+            mine.iter().flat_map(|(id, pid)| [Some(id), pid.as_ref()]).flatten().collect();
         for listed in self.provider.list(&self.tag).await? {
             if ours.contains(&listed.provider_id) || accounted.contains(&listed.provider_id) {
                 continue;

@@ -6,7 +6,7 @@
 //! the instance and its volumes (TagSpecifications), so nothing exists untagged even for a
 //! moment. Instances shut down on power-off are terminated (the orphan guard powers off).
 //! The SDK retries throttling and transient errors with backoff; capacity and quota errors
-//! come back as [`Capacity`], so the provisioner keeps the step queued and tries again later
+//! come back as [`ErrorKind::Capacity`](super::ErrorKind), so the provisioner keeps the step queued and tries again later
 //! (with the next instance type). Every call is logged with its request id.
 //!
 //! Credentials come from the standard AWS chain on the coordinator; the user-data holds no AWS
@@ -94,15 +94,6 @@ impl Default for AwsConfig {
             capacity_cooldown_secs: 120,
         }
     }
-}
-
-/// A create refused for capacity or quota (the step stays queued; try later or elsewhere).
-#[derive(Debug, thiserror::Error)]
-#[error("{code} for {instance_type}: {message}")]
-pub struct Capacity {
-    pub code: String,
-    pub instance_type: String,
-    pub message: String,
 }
 
 /// EC2 error codes that mean "not now, not this type": the run waits instead of failing.
@@ -204,11 +195,9 @@ mod ec2 {
     use tokio::sync::OnceCell;
     use tracing::{info, warn};
 
-    use super::{
-        AwsConfig, Capacity, Cooldowns, Market, choose_type, is_capacity_code, is_refusal_code, secret_hash,
-    };
+    use super::{AwsConfig, Cooldowns, Market, choose_type, is_capacity_code, is_refusal_code, secret_hash};
     use crate::provision::provider::{
-        InstanceSpec, InstanceState, Launch, Listed, Provider, TAG_COORDINATOR, TAG_INSTANCE,
+        InstanceSpec, InstanceState, Launch, Listed, Provider, ProviderError, TAG_COORDINATOR, TAG_INSTANCE,
     };
 
     /// Tag holding the hash of the instance's enrollment token.
@@ -409,20 +398,19 @@ mod ec2 {
                 Ok(out) => out,
                 Err(e) if e.code().is_some_and(is_capacity_code) => {
                     self.cooldowns.hit(&ty.name, Duration::from_secs(self.cfg.capacity_cooldown_secs));
-                    return Err(Capacity {
-                        code: e.code().unwrap_or_default().to_string(),
-                        instance_type: ty.name.clone(),
-                        message: e.message().unwrap_or_default().to_string(),
-                    }
-                    .into());
+                    return Err(ProviderError::capacity(format!(
+                        "{} for {}: {}",
+                        e.code().unwrap_or_default(),
+                        ty.name,
+                        e.message().unwrap_or_default()
+                    )));
                 }
                 Err(e) if e.code().is_some_and(is_refusal_code) => {
-                    let refused = crate::provision::provider::Refused(format!(
+                    return Err(ProviderError::refused(format!(
                         "RunInstances refused: {}: {}",
                         e.code().unwrap_or_default(),
                         e.message().unwrap_or_default()
-                    ));
-                    return Err(refused.into());
+                    )));
                 }
                 Err(e) => return Err(describe_err("RunInstances", e)),
             };

@@ -25,12 +25,42 @@ pub const TAG_RUN: &str = "pype:run";
 pub const TAG_INSTANCE: &str = "pype:instance";
 pub const TAG_STEP: &str = "pype:step";
 
-/// A create the provider refuses for how it was asked (an image, subnet, partition or
-/// permission that is not there), not for how busy it is: trying again will not help, and
-/// the provisioner gives up after a few in a row.
+/// Why a provider call failed, in terms every provider shares: what the provisioner does
+/// next depends on it, never on a provider's own error type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No capacity or quota for it now (the step stays queued; try later or elsewhere).
+    Capacity,
+    /// Refused for how it was asked (an image, subnet, partition or permission that is not
+    /// there), not for how busy the provider is: trying again will not help, and the
+    /// provisioner gives up after a few in a row.
+    Refused,
+    /// Anything else (network, throttling, a provider hiccup): tried again with a backoff.
+    Transient,
+}
+
+/// A provider error with its [`ErrorKind`]; errors without one are [`ErrorKind::Transient`].
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
+#[error("{message}")]
+pub struct ProviderError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ProviderError {
+    pub fn capacity(message: String) -> anyhow::Error {
+        ProviderError { kind: ErrorKind::Capacity, message }.into()
+    }
+
+    pub fn refused(message: String) -> anyhow::Error {
+        ProviderError { kind: ErrorKind::Refused, message }.into()
+    }
+}
+
+/// The kind of a provider call's error: the first [`ProviderError`] in its chain.
+pub fn error_kind(e: &anyhow::Error) -> ErrorKind {
+    e.chain().find_map(|c| c.downcast_ref::<ProviderError>()).map_or(ErrorKind::Transient, |p| p.kind)
+}
 
 /// What to create.
 #[derive(Debug, Clone)]

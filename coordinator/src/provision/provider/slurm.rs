@@ -231,7 +231,9 @@ impl Provider for Slurm {
         }
         let out = match output(cmd, "sbatch").await {
             Ok(out) => out,
-            Err(e) if is_refusal(&format!("{e:#}")) => return Err(super::Refused(format!("{e:#}")).into()),
+            Err(e) if is_refusal(&format!("{e:#}")) => {
+                return Err(super::ProviderError::refused(format!("{e:#}")));
+            }
             Err(e) => return Err(e),
         };
         let job = out.trim().split(';').next().unwrap_or("").trim().to_string();
