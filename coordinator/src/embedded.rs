@@ -146,10 +146,8 @@ impl LocalCluster {
     /// Stops the agents (SIGTERM, SIGKILL after 10 s), then the server.
     pub async fn stop(mut self) {
         for (child, _) in &self.agents {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
+            let pid = rustix::process::Pid::from_child(child);
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         for (child, _) in &mut self.agents {
@@ -218,13 +216,13 @@ fn spawn_agent(
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
-    // SAFETY: prctl is async-signal-safe; it only marks this child to get SIGTERM when the
-    // thread that spawned it (a runtime worker, alive as long as the process) exits.
+    // SAFETY: `pre_exec` is unsafe by std's API (the closure runs between fork and exec);
+    // it only makes prctl(PR_SET_PDEATHSIG), which is async-signal-safe and allocates
+    // nothing: this child gets SIGTERM when the thread that spawned it (a runtime worker,
+    // alive as long as the process) exits.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
             Ok(())
         });
     }

@@ -96,7 +96,7 @@ fn main() {
     let lines = run(&bin, &dir.path().join("state-chain"), &p, 1);
     let dispatches: Vec<f64> = lines
         .iter()
-        .filter(|l| l.contains("coordinator::engine: step dispatched"))
+        .filter(|l| l.contains("coordinator::run: step dispatched"))
         .filter_map(|l| ts_us(l))
         .collect();
     assert_eq!(dispatches.len(), chain, "one dispatch per step");

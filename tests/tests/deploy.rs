@@ -79,10 +79,11 @@ fn example_configs_parse() {
 
     // The provider config, with the coordinator's loader.
     let cfg =
-        coordinator::provider::ProviderConfig::load(Some(&deploy().join("config/provider.toml"))).unwrap();
+        coordinator::provision::provider::ProviderConfig::load(Some(&deploy().join("config/provider.toml")))
+            .unwrap();
     assert_eq!(cfg.max_instances, 2);
     assert_eq!(cfg.qemu.image_dir, PathBuf::from("/var/cache/pype/images/bookworm"));
-    assert!(matches!(cfg.agent, coordinator::cloudinit::AgentDelivery::Download { .. }));
+    assert!(matches!(cfg.agent, coordinator::provision::cloudinit::AgentDelivery::Download { .. }));
 
     // A typo in it is an error with its line.
     let dir = tempfile::tempdir().unwrap();
@@ -90,7 +91,7 @@ fn example_configs_parse() {
     let text = read("config/provider.toml");
     let line = text.lines().position(|l| l.starts_with("max_instances")).unwrap() + 1;
     std::fs::write(&bad, text.replace("max_instances", "max_instance")).unwrap();
-    let err = coordinator::provider::ProviderConfig::load(Some(&bad)).unwrap_err().to_string();
+    let err = coordinator::provision::provider::ProviderConfig::load(Some(&bad)).unwrap_err().to_string();
     assert!(err.contains(&format!("provider.toml:{line}")) && err.contains("max_instance"), "{err}");
 }
 

@@ -176,7 +176,7 @@ fn rss(pid: u32) -> u64 {
 /// (each frame under the limit) gets them refused, one log line for all of them; none is
 /// kept, and the coordinator's memory does not grow with them. (Results of real attempts
 /// nobody waits for yet are kept within a byte bound, oldest evicted first: the unit tests
-/// of `coordinator::unclaimed`.)
+/// of `coordinator::hub::unclaimed`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_for_attempts_no_run_dispatched_are_refused_without_growing_memory() {
     let b = bins();

@@ -448,8 +448,7 @@ pub fn cli_main() -> ExitCode {
 
 /// `--state-dir`, else `$PYPE_STATE_DIR` (clap reads it), else the default for this user.
 fn default_state_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if rustix::process::geteuid().is_root() {
         return PathBuf::from("/var/lib/pype/coordinator");
     }
     let base = std::env::var_os("XDG_STATE_HOME")

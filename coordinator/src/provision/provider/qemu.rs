@@ -105,10 +105,9 @@ async fn run_tool(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
+fn signal(pid: i32, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, sig);
     }
 }
 
@@ -198,13 +197,13 @@ impl Provider for Qemu {
     async fn terminate(&self, provider_id: &str) -> Result<()> {
         let dir = self.instance_dir(provider_id)?;
         if let Some(pid) = self.live_pid(&dir) {
-            signal(pid, libc::SIGTERM);
+            signal(pid, rustix::process::Signal::TERM);
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while self.live_pid(&dir).is_some() && std::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             if let Some(pid) = self.live_pid(&dir) {
-                signal(pid, libc::SIGKILL);
+                signal(pid, rustix::process::Signal::KILL);
                 while self.live_pid(&dir).is_some() {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
