@@ -256,12 +256,8 @@ impl Plan {
 
 /// Flushes the filesystem holding `path` (one `syncfs` instead of an fsync per file).
 fn sync_fs(path: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
     let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: the descriptor is valid for the life of `f`.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("syncing the filesystem of {}", path.display()));
-    }
-    Ok(())
+    rustix::fs::syncfs(&f)
+        .map_err(io::Error::from)
+        .with_context(|| format!("syncing the filesystem of {}", path.display()))
 }
