@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use protocol::{LogLine, OutputStream};
+use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -58,7 +59,7 @@ pub fn kill_recorded(pid_file: &std::path::Path) -> bool {
     let (Some(Some(pid)), Some(Some(started))) = (it.next(), it.next()) else { return false };
     let pid = pid as i32;
     if start_time(pid) == Some(started) {
-        kill_group(pid, libc::SIGKILL);
+        kill_group(pid, Signal::KILL);
         return true;
     }
     false
@@ -72,12 +73,13 @@ pub enum ExecEnd {
     Cancelled,
 }
 
-fn kill_group(pgid: i32, signal: i32) {
-    if pgid > 0 {
-        // SAFETY: kill has no memory-safety preconditions; a negative pid names the group.
-        unsafe {
-            libc::kill(-pgid, signal);
-        }
+/// Signals the process group `pgid` (not a group at all when `pgid` is not positive); a group
+/// already gone is no error.
+fn kill_group(pgid: i32, signal: Signal) {
+    if pgid > 0
+        && let Some(pid) = Pid::from_raw(pgid)
+    {
+        let _ = rustix::process::kill_process_group(pid, signal);
     }
 }
 
@@ -99,7 +101,12 @@ pub async fn run(
         .process_group(0)
         .kill_on_drop(true);
     if let Some(plan) = spec.namespace {
-        // SAFETY: the closure only makes system calls on strings prepared before the fork.
+        // A mount namespace must be entered by the child alone (entered by the agent, it would
+        // hold the agent's own thread), and std has no safe hook between `fork` and `exec`:
+        // `process_group` above covers the process group, nothing covers `unshare`.
+        // SAFETY: `pre_exec` runs the closure in the forked child of a multithreaded process,
+        // where only async-signal-safe work is sound; `NsPlan::enter` only makes system calls
+        // on C strings prepared before the fork and allocates nothing.
         unsafe {
             cmd.pre_exec(move || plan.enter());
         }
@@ -127,7 +134,7 @@ pub async fn run(
         status = child.wait() => {
             let status = status.context("waiting for bash")?;
             // Whatever the snippet left running in its group goes with it.
-            kill_group(pgid, libc::SIGKILL);
+            kill_group(pgid, Signal::KILL);
             finish(out, err).await;
             use std::os::unix::process::ExitStatusExt;
             return Ok(match (status.code(), status.signal()) {
@@ -139,12 +146,12 @@ pub async fn run(
         _ = cancel.cancelled() => ExecEnd::Cancelled,
         _ = deadline => ExecEnd::TimedOut,
     };
-    kill_group(pgid, libc::SIGTERM);
+    kill_group(pgid, Signal::TERM);
     if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
-        kill_group(pgid, libc::SIGKILL);
+        kill_group(pgid, Signal::KILL);
         let _ = child.wait().await;
     }
-    kill_group(pgid, libc::SIGKILL);
+    kill_group(pgid, Signal::KILL);
     finish(out, err).await;
     Ok(forced)
 }
@@ -205,5 +212,85 @@ async fn pump(
     }
     if !partial.is_empty() {
         send(&partial);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::mounts::{self, NsMount};
+
+    fn spec(dir: &Path, script: &str, namespace: Option<NsPlan>) -> ExecSpec {
+        ExecSpec {
+            script: script.into(),
+            env: Vec::new(),
+            cwd: dir.to_path_buf(),
+            stdout_log: dir.join("stdout"),
+            stderr_log: dir.join("stderr"),
+            timeout: Some(Duration::from_secs(60)),
+            namespace,
+            pid_file: dir.join("pid"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snippet_in_a_namespace_sees_its_mounts_and_the_host_does_not() {
+        let test = "a_snippet_in_a_namespace_sees_its_mounts_and_the_host_does_not";
+        if !mounts::tests::root_or_skip(test) {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = |p: &str| {
+            let p = tmp.path().join(p);
+            std::fs::create_dir_all(&p).unwrap();
+            p
+        };
+        let (host, view, out, upper, work) = (d("host"), d("view"), d("out"), d("upper"), d("work"));
+        std::fs::write(host.join("a"), "host").unwrap();
+        std::fs::write(view.join("a"), "view").unwrap();
+        std::fs::write(out.join("kept"), "kept").unwrap();
+        let plan = NsPlan::new(&[
+            NsMount::Bind { src: view, dst: host.clone() },
+            NsMount::Overlay { lower: out.clone(), upper: upper.clone(), work, target: out.clone() },
+        ])
+        .unwrap();
+        let script = format!(
+            "cat {h}/a; echo; cat {o}/kept; echo; echo new > {o}/new",
+            h = host.display(),
+            o = out.display()
+        );
+        let (tx, _rx) = mpsc::channel(16);
+        let end = run(spec(tmp.path(), &script, Some(plan)), &CancellationToken::new(), tx).await.unwrap();
+        let stderr = std::fs::read_to_string(tmp.path().join("stderr")).unwrap_or_default();
+        assert_eq!(end, ExecEnd::Exited(0), "{stderr}");
+        assert_eq!(std::fs::read_to_string(tmp.path().join("stdout")).unwrap(), "view\nkept\n");
+        // The mounts lived and died with the snippet's namespace: the host kept its files, and
+        // the write went to the overlay's upper dir.
+        assert_eq!(std::fs::read_to_string(host.join("a")).unwrap(), "host");
+        assert!(!out.join("new").exists());
+        assert_eq!(std::fs::read_to_string(upper.join("new")).unwrap(), "new\n");
+        assert!(mounts::mounts_under(tmp.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_snippet_is_killed_with_its_whole_group() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        // Field 5 of /proc/PID/stat is the process group.
+        let script = "read -r _ _ _ _ pgrp _ < /proc/$$/stat; echo $pgrp $$; sleep 600 & echo $!; wait";
+        let mut s = spec(tmp.path(), script, None);
+        s.timeout = Some(Duration::from_millis(500));
+        let end = run(s, &CancellationToken::new(), tx).await.unwrap();
+        assert_eq!(end, ExecEnd::TimedOut);
+        let text = std::fs::read_to_string(tmp.path().join("stdout")).unwrap();
+        let ids: Vec<i32> = text.split_whitespace().map(|v| v.parse().unwrap()).collect();
+        assert_eq!(ids.len(), 3, "{text}");
+        assert_eq!(ids[0], ids[1], "the snippet leads a process group of its own");
+        // The background `sleep` went with the group (a zombie at most, until reaped by init).
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", ids[2])).ok();
+        let zombie = |s: &String| s.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'));
+        assert!(stat.as_ref().is_none_or(zombie), "{stat:?}");
     }
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protocol::{AgentToCoordinator, LogLine, RegistryEntry, RemoteError, StepExit, StepOutcome, StepSpec};
+use rustix::process::Signal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -114,7 +115,7 @@ impl Runner {
                 let mut outcome = me.steps.run(spec, cancel, tx, on_start).await;
                 if let StepExit::Signalled(sig) = outcome.exit
                     && me.draining()
-                    && [libc::SIGTERM, libc::SIGKILL, libc::SIGINT, libc::SIGHUP].contains(&sig)
+                    && [Signal::TERM, Signal::KILL, Signal::INT, Signal::HUP].iter().any(|s| s.as_raw() == sig)
                 {
                     // The batch system ended the job (scancel, preemption, time limit) and
                     // signalled the snippet with the agent: not the command's fault.

@@ -69,23 +69,13 @@ pub fn bind_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocke
 }
 
 fn force_buffer(socket: &socket2::Socket, buffer: usize) {
-    use std::os::fd::AsRawFd;
+    use rustix::net::sockopt;
     if socket.recv_buffer_size().unwrap_or(0) >= buffer {
         return;
     }
-    let val = buffer as libc::c_int;
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-        // SAFETY: valid fd, pointer to a c_int of the stated length.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&val as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
+    // Refused unless root (CAP_NET_ADMIN): the sizes set above stand, and are logged.
+    let _ = sockopt::set_socket_recv_buffer_size_force(socket, buffer);
+    let _ = sockopt::set_socket_send_buffer_size_force(socket, buffer);
 }
 
 /// A server endpoint (the coordinator) that also opens no outgoing connections.

@@ -1,5 +1,5 @@
 //! Writing beneath a destination root without ever following a symlink. This is the only
-//! module that names rustix.
+//! module that reaches the filesystem through rustix (`endpoint` sets socket options with it).
 //!
 //! A [`Dir`] is an open directory. Every path handed to its methods is relative, made of
 //! plain components only, and resolved one component at a time with `openat(O_NOFOLLOW |
@@ -18,6 +18,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+
+/// `O_NOFOLLOW`, for `std::os::unix::fs::OpenOptionsExt::custom_flags` (which takes raw bits):
+/// a path opened with it that ends in a symlink is refused, not followed.
+pub const O_NOFOLLOW: i32 = OFlags::NOFOLLOW.bits() as i32;
 
 /// What one directory entry is, read without following it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,9 +385,7 @@ mod tests {
     #[test]
     fn a_fifo_in_place_of_a_file_is_refused_without_blocking() {
         let t = tempfile::tempdir().unwrap();
-        let fifo = std::ffi::CString::new(t.path().join("f").into_os_string().into_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo on a NUL-terminated path we own.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        rustix::fs::mkfifoat(rustix::fs::CWD, t.path().join("f"), Mode::from_raw_mode(0o644)).unwrap();
         std::fs::write(t.path().join("plain"), b"x").unwrap();
         let d = Dir::open(t.path()).unwrap();
         let e = d.open_file(OsStr::new("f")).unwrap_err().to_string();

@@ -19,7 +19,7 @@ use std::path::{Component, Path, PathBuf};
 
 use filetime::FileTime;
 
-use crate::fsafe::{Dir, Kind};
+use crate::fsafe::{Dir, Kind, O_NOFOLLOW};
 
 /// Buffer size for file contents in both directions.
 pub const COPY_BUF: usize = 256 * 1024;
@@ -167,7 +167,7 @@ fn append_file<W: Write>(
     // Never through a link: the path was seen as a regular file, and must still be one.
     let file = fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(O_NOFOLLOW)
         .open(path)
         .map_err(|e| TreeError::io(format!("opening {}", path.display()), e))?;
     let mut header = base_header(meta, tar::EntryType::Regular);
@@ -409,7 +409,7 @@ pub fn unpack(input: impl Read, staging: &Path, limits: UnpackLimits) -> Result<
                 let mut file = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
+                    .custom_flags(O_NOFOLLOW)
                     .mode(0o600)
                     .open(&out)
                     .map_err(|e| TreeError::io(format!("creating {}", out.display()), e))?;

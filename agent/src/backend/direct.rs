@@ -1,5 +1,5 @@
-//! `direct`: files are where the step says they are; every method is a no-op except
-//! `check_outputs`, which stats the paths.
+//! `direct`: files are where the step says they are. Nothing to prepare, harvest or clean up;
+//! the trait's defaults do the rest (programs stay on the host, outputs are stat'ed in place).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Result;
 use async_trait::async_trait;
 
-use super::{OverlayVolume, StorageBackend, stat_local};
+use super::{OverlayVolume, StorageBackend};
 
 pub struct Direct;
 
@@ -18,10 +18,6 @@ impl StorageBackend for Direct {
     }
 
     async fn prepare_inputs(&mut self, _inputs: &[String], _ovs: &mut Vec<OverlayVolume>) -> Result<()> {
-        Ok(())
-    }
-
-    async fn restore_program(&mut self, _profile_name: &str, _program_key: &str) -> Result<()> {
         Ok(())
     }
 
@@ -39,18 +35,6 @@ impl StorageBackend for Direct {
     }
 
     async fn cleanup(&mut self) -> Result<()> {
-        Ok(())
-    }
-
-    async fn check_outputs(&mut self, paths: &[String]) -> Result<BTreeMap<String, Option<u64>>> {
-        stat_local(paths).await
-    }
-
-    async fn prepare_build(&mut self, _paths: &[String], _program_keys: &[String]) -> Result<()> {
-        Ok(())
-    }
-
-    async fn stage_program(&mut self, _profile: &str, _key: &str, _artifact_path: &Path) -> Result<()> {
         Ok(())
     }
 }

@@ -20,13 +20,12 @@
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use filetime::FileTime;
-use transport::fsafe;
+use transport::fsafe::{self, O_NOFOLLOW};
 
 /// `rel` as plain components (relative, no `..`, no root; `.` dropped).
 pub fn plain(rel: &Path) -> Result<PathBuf> {
@@ -186,17 +185,10 @@ pub fn copy_tree(
 /// A new file `dst` with the contents, mode and mtime of `src`, sharing no inode with it: a
 /// reflink where the filesystem can (btrfs, XFS: no data copied), else a copy.
 fn clone_or_copy(src: &Path, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    let mut from = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(src)?;
-    let mut to = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(dst)?;
-    // SAFETY: both descriptors stay open for the call; FICLONE takes the source descriptor
-    // as its argument and touches no memory of ours.
-    let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) } == 0;
-    if !cloned {
+    let mut from = OpenOptions::new().read(true).custom_flags(O_NOFOLLOW).open(src)?;
+    let mut to =
+        OpenOptions::new().write(true).create_new(true).custom_flags(O_NOFOLLOW).mode(0o600).open(dst)?;
+    if rustix::fs::ioctl_ficlone(&to, &from).is_err() {
         io::copy(&mut from, &mut to)?;
     }
     to.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o777))?;

@@ -6,6 +6,12 @@
 //! harvested scratch dir on success → `cleanup`, always. `check_outputs` answers skip checks;
 //! `prepare_build` / `stage_program` serve profile builds.
 //!
+//! Four methods have defaults, right for a backend that leaves files where the host has them
+//! (`direct`, `overlay`): `restore_program`, `prepare_build` and `stage_program` do nothing
+//! (programs stay installed on the host) and `check_outputs` stats the local paths.
+//! `prepare_inputs`, `prepare_outputs`, `harvest` and `cleanup` have none: a backend that
+//! forgot one would lose outputs or leave mounts and scratch behind.
+//!
 //! Built in: [`direct`] (no-ops), [`overlay`] (scratch dirs, harvested back in place),
 //! [`snapshot`] (snapshots streamed from the coordinator, overlayfs views). Any other mode
 //! names an external executable `pype-backend-<name>` spoken to over JSON lines ([`external`]).
@@ -69,8 +75,11 @@ pub trait StorageBackend: Send {
         overlay_volumes: &mut Vec<OverlayVolume>,
     ) -> Result<()>;
 
-    /// Makes the program `{profile_name}/programs/{program_key}` available.
-    async fn restore_program(&mut self, profile_name: &str, program_key: &str) -> Result<()>;
+    /// Makes the program `{profile_name}/programs/{program_key}` available. By default
+    /// nothing: the program is installed on the host.
+    async fn restore_program(&mut self, _profile_name: &str, _program_key: &str) -> Result<()> {
+        Ok(())
+    }
 
     /// Intercepts writes to the declared outputs.
     async fn prepare_outputs(
@@ -87,19 +96,28 @@ pub trait StorageBackend: Send {
     async fn cleanup(&mut self) -> Result<()>;
 
     /// `{path: Some(size)}` for present outputs, `{path: None}` for missing ones. A
-    /// directory's size is the total of the files below it.
-    async fn check_outputs(&mut self, paths: &[String]) -> Result<BTreeMap<String, Option<u64>>>;
+    /// directory's size is the total of the files below it. By default the local paths are
+    /// stat'ed ([`stat_local`]): outputs are where the step says.
+    async fn check_outputs(&mut self, paths: &[String]) -> Result<BTreeMap<String, Option<u64>>> {
+        stat_local(paths).await
+    }
 
-    /// Makes already-staged programs (`program_keys`: registry keys) appear at `paths`.
-    async fn prepare_build(&mut self, paths: &[String], program_keys: &[String]) -> Result<()>;
+    /// Makes already-staged programs (`program_keys`: registry keys) appear at `paths`. By
+    /// default nothing: a build finds earlier builds where they were installed.
+    async fn prepare_build(&mut self, _paths: &[String], _program_keys: &[String]) -> Result<()> {
+        Ok(())
+    }
 
-    /// Persists a freshly built artifact as `{profile_name}/programs/{program_key}`.
+    /// Persists a freshly built artifact as `{profile_name}/programs/{program_key}`. By
+    /// default nothing: the artifact stays where the build installed it.
     async fn stage_program(
         &mut self,
-        profile_name: &str,
-        program_key: &str,
-        artifact_path: &Path,
-    ) -> Result<()>;
+        _profile_name: &str,
+        _program_key: &str,
+        _artifact_path: &Path,
+    ) -> Result<()> {
+        Ok(())
+    }
 
     /// How the snippet may see the view at the original paths (beyond bio-pype).
     fn view(&self) -> View {

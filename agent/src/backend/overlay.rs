@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use filetime::FileTime;
 use tracing::info;
 
-use super::{OverlayVolume, StepContext, StorageBackend, View, parent_of, stat_local};
+use super::{OverlayVolume, StepContext, StorageBackend, View, parent_of};
 use crate::mounts::NsMount;
 
 pub struct Overlay {
@@ -55,10 +55,6 @@ impl StorageBackend for Overlay {
 
     async fn prepare_inputs(&mut self, inputs: &[String], _ovs: &mut Vec<OverlayVolume>) -> Result<()> {
         self.input_dirs = inputs.iter().map(|i| PathBuf::from(parent_of(i))).collect();
-        Ok(())
-    }
-
-    async fn restore_program(&mut self, _profile_name: &str, _program_key: &str) -> Result<()> {
         Ok(())
     }
 
@@ -132,18 +128,6 @@ impl StorageBackend for Overlay {
                 .await?
                 .with_context(|| format!("removing scratch {}", self.base.display()))?;
         }
-        Ok(())
-    }
-
-    async fn check_outputs(&mut self, paths: &[String]) -> Result<BTreeMap<String, Option<u64>>> {
-        stat_local(paths).await
-    }
-
-    async fn prepare_build(&mut self, _paths: &[String], _program_keys: &[String]) -> Result<()> {
-        Ok(())
-    }
-
-    async fn stage_program(&mut self, _profile: &str, _key: &str, _artifact_path: &Path) -> Result<()> {
         Ok(())
     }
 
@@ -256,12 +240,8 @@ impl Plan {
 
 /// Flushes the filesystem holding `path` (one `syncfs` instead of an fsync per file).
 fn sync_fs(path: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
     let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: the descriptor is valid for the life of `f`.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("syncing the filesystem of {}", path.display()));
-    }
-    Ok(())
+    rustix::fs::syncfs(&f)
+        .map_err(io::Error::from)
+        .with_context(|| format!("syncing the filesystem of {}", path.display()))
 }
