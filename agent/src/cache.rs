@@ -7,7 +7,7 @@
 //! its `.size` file is an interrupted fetch and is removed when the cache opens.
 //!
 //! A cached tree never changes once restored: steps are shown an overlayfs mount of it or
-//! copies (see [`crate::backend::layers`]), never its own inodes. So the symlink check of a
+//! copies (see `backend::layers`), never its own inodes. So the symlink check of a
 //! path in it ([`Cache::check_links`]) is made once per (snapshot, path) and remembered.
 
 use std::collections::HashMap;
@@ -217,7 +217,7 @@ impl Cache {
 /// The check of [`Cache::check_links`]: `Ok(Ok(links checked))`, `Ok(Err(refusal))`, or an
 /// IO error (not remembered: it may pass).
 fn links_inside(tree: &Path, isp: &str) -> Result<Result<u64, String>> {
-    let Ok(rel) = crate::backend::layers::plain(Path::new(isp)) else {
+    let Ok(rel) = crate::paths::plain(Path::new(isp)) else {
         return Ok(Err(format!("in_snapshot_path {isp:?} is not a plain relative path")));
     };
     // Reached without links: each directory above the path is a directory of the tree.

@@ -8,6 +8,7 @@ pub mod exec;
 pub mod facts;
 pub mod mounts;
 pub mod objects;
+pub mod paths;
 pub mod remote;
 pub mod runner;
 pub mod served;

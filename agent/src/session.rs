@@ -506,15 +506,17 @@ async fn session(
     );
     // Output queued for an earlier connection is stale; results are re-sent from `pending`.
     while link.outbox.try_recv().is_ok() {}
+    // Draining before InHand: once the coordinator has the InHand report, it knows whether
+    // this agent drains (a draining agent that reconnects is not taken for a restarted one).
+    if link.runner.draining() {
+        let msg = AgentToCoordinator::Draining { reason: "agent draining".into() };
+        framed::write_frame(&mut send, &msg).await?;
+    }
     let in_hand = AgentToCoordinator::InHand { attempts: link.runner.in_hand() };
     framed::write_frame(&mut send, &in_hand).await?;
     for outcome in link.runner.unacknowledged() {
         info!(attempt = outcome.attempt_id, "reporting a result finished while disconnected");
         framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome)).await?;
-    }
-    if link.runner.draining() {
-        let msg = AgentToCoordinator::Draining { reason: "agent draining".into() };
-        framed::write_frame(&mut send, &msg).await?;
     }
     let _ = link.conn.send(Some(conn.clone()));
     link.connected = true;

@@ -27,18 +27,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use filetime::FileTime;
 use transport::fsafe::{self, O_NOFOLLOW};
 
-/// `rel` as plain components (relative, no `..`, no root; `.` dropped).
-pub fn plain(rel: &Path) -> Result<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            _ => bail!("{} is not a plain relative path (no '..', not absolute)", rel.display()),
-        }
-    }
-    Ok(out)
-}
+pub use crate::paths::plain;
 
 fn through_link(dest: &Path, link: &Path) -> anyhow::Error {
     let target = fs::read_link(link).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into());

@@ -18,6 +18,9 @@ use super::sched::AgentCapacity;
 pub struct Seen {
     pub agent_id: String,
     pub draining: bool,
+    /// It has reported the attempts it holds since it connected (agents say `Draining`
+    /// before that report): until then `draining: false` may only mean "not said yet".
+    pub settled: bool,
     pub capacity: AgentCapacity,
 }
 
@@ -87,8 +90,9 @@ impl Membership {
                 self.draining.insert(v.agent_id.clone());
                 self.actions.push_back(Action::Draining { agent: v.agent_id.clone() });
             }
-            // The same agent back without the drain (restarted) takes work again.
-            let back = was_draining && !v.draining && self.draining.remove(&v.agent_id);
+            // The same agent back without the drain (restarted) takes work again; a draining
+            // agent that reconnected has not said so again until it settled.
+            let back = was_draining && !v.draining && v.settled && self.draining.remove(&v.agent_id);
             if self.known.insert(v.agent_id.clone()) || back {
                 self.actions.push_back(Action::Joined { agent: v.agent_id.clone(), capacity: v.capacity });
             }
@@ -143,6 +147,7 @@ mod tests {
         Seen {
             agent_id: id.into(),
             draining,
+            settled: true,
             capacity: AgentCapacity {
                 cpus: 2.0,
                 memory_bytes: 1 << 30,
@@ -224,6 +229,29 @@ mod tests {
         assert_eq!(names(&drain(&mut m)), ["joined b"]);
         m.handle_timeout(t0 + Duration::from_secs(1) + W);
         assert_eq!(names(&drain(&mut m)), ["left a"]);
+    }
+
+    #[test]
+    fn a_draining_agent_that_reconnects_stays_draining_until_it_settles() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(W);
+        m.handle(t0, Event::Agents(vec![seen("a", false)]));
+        m.handle(t0, Event::Agents(vec![seen("a", true)]));
+        assert_eq!(names(&drain(&mut m)), ["joined a", "draining a"]);
+        m.handle(t0 + Duration::from_millis(100), Event::Agents(vec![]));
+        // Back on a new connection: not settled, its drain not said again yet.
+        let unsettled = Seen { settled: false, ..seen("a", false) };
+        m.handle(t0 + Duration::from_millis(200), Event::Agents(vec![unsettled.clone()]));
+        assert!(drain(&mut m).is_empty(), "taken for a restarted agent");
+        m.handle(t0 + Duration::from_millis(210), Event::Agents(vec![seen("a", true)]));
+        assert!(drain(&mut m).is_empty());
+        m.handle_timeout(t0 + Duration::from_secs(60));
+        assert!(drain(&mut m).is_empty());
+        // A restart: unsettled, then settled without the drain: it takes work again.
+        m.handle(t0 + Duration::from_secs(61), Event::Agents(vec![unsettled]));
+        assert!(drain(&mut m).is_empty());
+        m.handle(t0 + Duration::from_secs(61), Event::Agents(vec![seen("a", false)]));
+        assert_eq!(names(&drain(&mut m)), ["joined a"]);
     }
 
     #[test]

@@ -488,6 +488,7 @@ impl Engine {
                 .map(|v| membership::Seen {
                     agent_id: v.agent_id,
                     draining: false,
+                    settled: true,
                     capacity: AgentCapacity {
                         cpus: 0.0,
                         memory_bytes: 0,
@@ -923,6 +924,7 @@ impl Engine {
             },
             agent_id: v.agent_id,
             draining: v.draining,
+            settled: v.in_hand.is_some(),
         });
         membership.handle(Instant::now(), membership::Event::Agents(seen.collect()));
         while let Some(action) = membership.poll_action() {
