@@ -138,8 +138,8 @@ fn keys(v: &Value) -> Vec<String> {
 /// inside a directory output), a second step consuming the first one's outputs, cleanup.
 fn snapshot_pipeline(env: &[(&str, &str)], expect_view: &str) {
     let fx = cluster(env);
-    std::fs::write(fx.pstr("data/a.txt"), "alpha\n").unwrap();
-    std::fs::write(fx.pstr("data/b.txt"), "beta\n").unwrap();
+    std::fs::write(fx.p("data/a.txt"), "alpha\n").unwrap();
+    std::fs::write(fx.p("data/b.txt"), "beta\n").unwrap();
     fx.import(&["data/a.txt", "data/b.txt"]);
     let (outcome, err) = fx.step_ok(
         r#"
@@ -162,10 +162,10 @@ outputs = ["{d}/results/my out ü.txt", "{d}/results/tree", "{d}/results/never-w
     assert_eq!(outcome["outputs"][fx.pstr("results/my out ü.txt")], 11);
     assert_eq!(outcome["outputs"][fx.pstr("results/never-written")], Value::Null);
     // The outputs went to the store, not to the host paths.
-    assert!(!Path::new(&fx.pstr("results/my out ü.txt")).exists());
+    assert!(!fx.p("results/my out ü.txt").exists());
     // Undeclared paths are not part of the view: in a namespace they land in the merged view
     // and vanish with it; with rewritten paths they are written on the host, never harvested.
-    let undeclared = Path::new(&fx.pstr("results/undeclared.tmp")).exists();
+    let undeclared = fx.p("results/undeclared.tmp").exists();
     assert_eq!(undeclared, expect_view == "rewritten paths");
     let reg = fx.registry_json();
     assert_eq!(
@@ -245,7 +245,7 @@ fn snapshot_backend_with_overlayfs_and_rewritten_paths() {
 #[test]
 fn failed_timed_out_and_cancelled_steps_harvest_nothing_and_clean_up() {
     let fx = cluster(&[("PYPE_OVERLAY_MODE", "snapshot")]);
-    std::fs::write(fx.pstr("data/a.txt"), "alpha\n").unwrap();
+    std::fs::write(fx.p("data/a.txt"), "alpha\n").unwrap();
     fx.import(&["data/a.txt"]);
     let (ok, outcome, _) = fx.step(
         r#"
@@ -272,7 +272,7 @@ timeout_secs = 1
     assert!(!ok);
     assert_eq!(outcome["exit"], "TimedOut");
     assert_eq!(keys(&outcome["new_entries"]), Vec::<String>::new());
-    let pid: i32 = std::fs::read_to_string(fx.pstr("bg.pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(fx.p("bg.pid")).unwrap().trim().parse().unwrap();
     // Dead, or a zombie waiting for its new parent to reap it.
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let alive = !state.is_empty() && state.rsplit(") ").next().is_some_and(|rest| !rest.starts_with('Z'));
@@ -317,7 +317,7 @@ fn killed_agent_leaves_mounts_and_scratch_that_the_next_start_removes() {
         return;
     }
     let mut fx = cluster(&[("PYPE_OVERLAY_MODE", "snapshot")]);
-    std::fs::write(fx.pstr("data/a.txt"), "alpha\n").unwrap();
+    std::fs::write(fx.p("data/a.txt"), "alpha\n").unwrap();
     fx.import(&["data/a.txt"]);
     let file = fx.dir.path().join("long.toml");
     std::fs::write(
@@ -340,7 +340,7 @@ fn killed_agent_leaves_mounts_and_scratch_that_the_next_start_removes() {
     fx.agents[0].wait_for(&["running snippet"], T);
     let deadline = std::time::Instant::now() + T;
     let pid = loop {
-        match std::fs::read_to_string(fx.pstr("bg.pid")) {
+        match std::fs::read_to_string(fx.p("bg.pid")) {
             Ok(p) if p.ends_with('\n') => break p,
             _ if std::time::Instant::now() > deadline => {
                 panic!("the snippet never wrote bg.pid\n{}", fx.agents[0].dump())
@@ -428,8 +428,8 @@ fn overlay_backend(env: &[(&str, &str)]) {
     let mut all = vec![("PYPE_OVERLAY_MODE", "overlay")];
     all.extend_from_slice(env);
     let fx = cluster(&all);
-    std::fs::write(fx.pstr("data/in.txt"), "input\n").unwrap();
-    std::fs::write(fx.pstr("results/existing.txt"), "keep me\n").unwrap();
+    std::fs::write(fx.p("data/in.txt"), "input\n").unwrap();
+    std::fs::write(fx.p("results/existing.txt"), "keep me\n").unwrap();
     let (ok, _, _) = fx.step(
         r#"
 command = "echo half > {d}/results/out.txt; exit 1"
@@ -437,7 +437,7 @@ outputs = ["{d}/results/out.txt"]
 "#,
     );
     assert!(!ok);
-    assert!(!Path::new(&fx.pstr("results/out.txt")).exists(), "a failed step left an output in place");
+    assert!(!fx.p("results/out.txt").exists(), "a failed step left an output in place");
     let (outcome, _) = fx.step_ok(
         r#"
 command = '''
@@ -450,15 +450,15 @@ inputs = ["{d}/data/in.txt"]
 outputs = ["{d}/results/out.txt", "{d}/results/dir ü", "{d}/data/beside.txt"]
 "#,
     );
-    assert_eq!(std::fs::read_to_string(fx.pstr("results/out.txt")).unwrap(), "keep me\n");
+    assert_eq!(std::fs::read_to_string(fx.p("results/out.txt")).unwrap(), "keep me\n");
     // Undeclared files: in a namespace they stay in scratch; with rewritten paths they are
     // written in place on the host (bio-pype's behaviour), never through scratch.
     let in_namespace = !env.contains(&("PYPE_MOUNT_NAMESPACE", "never"));
-    assert_eq!(Path::new(&fx.pstr("results/undeclared.txt")).exists(), !in_namespace);
-    assert_eq!(std::fs::read_link(fx.pstr("results/dir ü/l")).unwrap(), Path::new("f"));
-    assert_eq!(std::fs::read_to_string(fx.pstr("data/beside.txt")).unwrap(), "beside\n");
+    assert_eq!(fx.p("results/undeclared.txt").exists(), !in_namespace);
+    assert_eq!(std::fs::read_link(fx.p("results/dir ü/l")).unwrap(), Path::new("f"));
+    assert_eq!(std::fs::read_to_string(fx.p("data/beside.txt")).unwrap(), "beside\n");
     assert_eq!(outcome["outputs"][fx.pstr("results/out.txt")], 8);
-    let leftovers: Vec<_> = std::fs::read_dir(fx.pstr("results"))
+    let leftovers: Vec<_> = std::fs::read_dir(fx.p("results"))
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().contains("pype-tmp"))
@@ -493,7 +493,7 @@ env = { GREETING = "hi" }
 "#,
     );
     assert_eq!(outcome["backend"], "direct");
-    assert_eq!(std::fs::read_to_string(fx.pstr("results/x")).unwrap(), "abc");
+    assert_eq!(std::fs::read_to_string(fx.p("results/x")).unwrap(), "abc");
     assert_eq!(
         fx.check_outputs(&["results/x", "results/empty", "results/missing"]),
         vec!["3", "0", "missing"]
@@ -512,7 +512,7 @@ outputs = ["{d}/results/out.txt"]
 "#,
     );
     assert!(!ok);
-    assert!(!Path::new(&fx.pstr("results/out.txt")).exists());
+    assert!(!fx.p("results/out.txt").exists());
     let (outcome, _) = fx.step_ok(
         r#"
 command = "echo via external > {d}/results/out.txt"
@@ -520,7 +520,7 @@ outputs = ["{d}/results/out.txt"]
 "#,
     );
     assert_eq!(outcome["backend"], "copydir");
-    assert_eq!(std::fs::read_to_string(fx.pstr("results/out.txt")).unwrap(), "via external\n");
+    assert_eq!(std::fs::read_to_string(fx.p("results/out.txt")).unwrap(), "via external\n");
     assert_eq!(outcome["outputs"][fx.pstr("results/out.txt")], 13);
     assert_eq!(fx.check_outputs(&["results/out.txt", "results/nope"]), vec!["13", "missing"]);
     fx.agents[0].wait_for(&["external backend started", "copydir"], T);

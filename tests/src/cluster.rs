@@ -385,8 +385,8 @@ impl Cluster {
 
     /// One step of `status RUN`: (state, attempts, agent).
     pub fn state_of(&self, run: &str, step: &str) -> (String, u32, String) {
-        let row =
-            self.steps(run).into_iter().find(|r| r.0 == step).unwrap_or_else(|| panic!("no step {step}"));
+        let row = self.steps(run).into_iter().find(|r| r.0 == step);
+        let row = row.unwrap_or_else(|| panic!("no step {step} in\n{}", self.cli_ok(&["status", run])));
         (row.1, row.2, row.3)
     }
 }
