@@ -67,7 +67,9 @@ pub fn skip(test: &str, missing: &str, fix: &str) {
     if std::env::var_os("PYPE_REQUIRE_ALL").is_some_and(|v| v == "1") {
         panic!("{line}; PYPE_REQUIRE_ALL=1 makes a skip a failure");
     }
-    eprintln!("\n!!! {line}\n");
+    // Straight to the stderr handle, not `eprintln!`: the test harness captures what the
+    // macro prints and shows it only for failed tests, which would make the skip silent.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("\n!!! {line}\n\n").as_bytes());
 }
 
 /// Whether this process runs as root.
