@@ -1,7 +1,7 @@
 //! One test's world: a temp dir with the coordinator's state dir in it, a `serve` coordinator
 //! and agents when the test asks for them, and the CLI and `run` helpers the tests share.
 //!
-//! ```ignore
+//! ```text
 //! let fx = Cluster::new().serve().agent(Agent::named("a1").env("PYPE_OVERLAY_MODE", "snapshot"));
 //! fx.coord().proc.wait_for(&["agent joined", "a1"], T);
 //! let (run, p) = fx.run_ok(&[fx.pipeline("p.toml", "name = \"x\" ...").to_str().unwrap()]);
