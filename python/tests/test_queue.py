@@ -1,4 +1,4 @@
-"""Unit tests of pype_rs's pure parts (run by tests/tests/biopype.rs with the bio-pype venv)."""
+"""Unit tests of pype_rs's pure parts (run by tests/it/biopype.rs with the bio-pype venv)."""
 import os
 import shlex
 import unittest

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """An HTTP proxy in front of moto that injects EC2 faults into RunInstances, for
-tests/tests/aws.rs:
+tests/it/aws.rs:
 
     fault_proxy.py UPSTREAM_URL THROTTLES CAPACITY_TYPE CAPACITY_ERRORS [ALLOWED]
 

@@ -11,7 +11,7 @@
 //! 4 threads with nothing else running, the most any scheduler could reach on this machine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -54,7 +54,7 @@ fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let chain = args.first().copied().unwrap_or(300);
     let fan = args.get(1).copied().unwrap_or(1000);
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_e2e-coordinator"));
+    let bin = tests::bins().coordinator;
     let dir = tempfile::tempdir().unwrap();
 
     // Baseline: spawning bash -c true.

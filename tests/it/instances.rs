@@ -3,43 +3,13 @@
 //! `deploy/qemu/build-image.sh` builds (ci-setup builds it), inside a network namespace each
 //! test creates (only `lo` in it: the guests reach the coordinator at 10.0.2.2 and nothing
 //! leaves the machine).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::{Bins, Coord, Proc, T, start_agent_env};
-
-fn bins() -> Bins {
-    tests::bins!()
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
-}
-
-fn skip(test: &str, missing: &str) {
-    eprintln!("\n!!! SKIPPED {test}: {missing} (./ci-setup installs it)\n");
-}
-
-/// The example pipeline and its profile, copied into `dir`; returns the pipeline's path.
-fn example_in(dir: &Path) -> PathBuf {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/genome-stats");
-    for f in ["pipeline.toml", "profile.toml"] {
-        std::fs::copy(example.join(f), dir.join(f)).unwrap();
-    }
-    dir.join("pipeline.toml")
-}
-
-fn cli(bins: &Bins, state: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(&bins.coordinator).arg("--state-dir").arg(state).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use tests::{Agent, Cluster, Proc, Signal, T, example_in, have, signal_pid, skip};
 
 // ---------------------------------------------------------------------------------------------
 // User-data
@@ -50,14 +20,13 @@ fn rendered_user_data_passes_cloud_init_schema_small_and_large() {
         return skip(
             "rendered_user_data_passes_cloud_init_schema_small_and_large",
             "cloud-init is not installed",
+            "./ci-setup installs it",
         );
     }
-    let bins = bins();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let example = example_in(dir.path());
+    let fx = Cluster::new();
+    let example = example_in(fx.dir.path());
     let schema = |text: &str, name: &str| {
-        let f = dir.path().join(name);
+        let f = fx.p(name);
         std::fs::write(&f, text).unwrap();
         let out = Command::new("cloud-init").args(["schema", "--config-file"]).arg(&f).output().unwrap();
         assert!(
@@ -69,8 +38,7 @@ fn rendered_user_data_passes_cloud_init_schema_small_and_large() {
     };
 
     // Small: an empty registry, inline.
-    let (ok, small, err) =
-        cli(&bins, &state, &["cloud-init", "render", "--step", "generate", example.to_str().unwrap()]);
+    let (ok, small, err) = fx.cli(&["cloud-init", "render", "--step", "generate", example.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(small.starts_with("#cloud-config\n"), "{small}");
     assert!(err.contains("registry inline"), "{err}");
@@ -85,12 +53,11 @@ fn rendered_user_data_passes_cloud_init_schema_small_and_large() {
             serde_json::json!({"snapshot_id": format!("snap-{:032x}", i % 7), "in_snapshot_path": format!("data/sample-{i:05}/reads.fq.gz")}),
         );
     }
-    let reg_file = dir.path().join("big.json");
+    let reg_file = fx.p("big.json");
     std::fs::write(&reg_file, serde_json::Value::Object(reg).to_string()).unwrap();
-    let (ok, _, err) = cli(&bins, &state, &["registry", "import", reg_file.to_str().unwrap()]);
+    let (ok, _, err) = fx.cli(&["registry", "import", reg_file.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let (ok, large, err) =
-        cli(&bins, &state, &["cloud-init", "render", "--step", "generate", example.to_str().unwrap()]);
+    let (ok, large, err) = fx.cli(&["cloud-init", "render", "--step", "generate", example.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(err.contains("registry gzip-compressed inline"), "{err}");
     assert!(large.len() <= 16 * 1024, "{} bytes", large.len());
@@ -107,18 +74,16 @@ fn rendered_user_data_passes_cloud_init_schema_small_and_large() {
         );
     }
     std::fs::write(&reg_file, serde_json::Value::Object(reg).to_string()).unwrap();
-    let (ok, _, err) = cli(&bins, &state, &["registry", "import", reg_file.to_str().unwrap()]);
+    let (ok, _, err) = fx.cli(&["registry", "import", reg_file.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let (ok, huge, err) =
-        cli(&bins, &state, &["cloud-init", "render", "--step", "generate", example.to_str().unwrap()]);
+    let (ok, huge, err) = fx.cli(&["cloud-init", "render", "--step", "generate", example.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(err.contains("registry fetched over QUIC"), "{err}");
     assert!(!huge.contains("snapshot_registry.json\n"), "{huge}");
     schema(&huge, "huge.yaml");
 
     // A step the pipeline does not have.
-    let (ok, _, err) =
-        cli(&bins, &state, &["cloud-init", "render", "--step", "nope", example.to_str().unwrap()]);
+    let (ok, _, err) = fx.cli(&["cloud-init", "render", "--step", "nope", example.to_str().unwrap()]);
     assert!(!ok && err.contains("no step nope"), "{err}");
 }
 
@@ -127,26 +92,21 @@ fn rendered_user_data_passes_cloud_init_schema_small_and_large() {
 
 #[test]
 fn agent_fetches_the_registry_over_quic_when_told_to() {
-    let bins = bins();
-    let dir = tempfile::tempdir().unwrap();
-    let coord = Coord::start(&bins, &dir.path().join("state"), "127.0.0.1:0");
-    let reg_file = dir.path().join("in.json");
+    let fx = Cluster::new().serve();
+    let reg_file = fx.p("in.json");
     std::fs::write(
         &reg_file,
         r#"{"/ref/genome.fa": {"snapshot_id": "snap-0123456789abcdef0123456789abcdef", "in_snapshot_path": "ref/genome.fa"},
            "/ref/genome.fai": {"snapshot_id": "snap-0123456789abcdef0123456789abcdef", "in_snapshot_path": "ref/genome.fai"}}"#,
     )
     .unwrap();
-    coord.cli_ok(&bins, &["registry", "import", reg_file.to_str().unwrap()]);
-    let token = coord.token(&bins, &[]);
-    let agent_reg = dir.path().join("agent/registry.json");
-    let agent = start_agent_env(
-        &bins,
-        &coord,
-        &dir.path().join("agent"),
-        "fetcher",
-        Some(&token),
-        &[("PYPE_REGISTRY_FETCH", "1"), ("PYPE_SNAPSHOT_REGISTRY", agent_reg.to_str().unwrap())],
+    fx.cli_ok(&["registry", "import", reg_file.to_str().unwrap()]);
+    let agent_reg = fx.p("agent/registry.json");
+    let agent = fx.spawn_agent(
+        Agent::named("fetcher")
+            .dir(fx.p("agent"))
+            .env("PYPE_REGISTRY_FETCH", "1")
+            .env("PYPE_SNAPSHOT_REGISTRY", agent_reg.to_str().unwrap()),
     );
     agent.wait_for(&["registry fetched from the coordinator", "entries=2"], T);
     let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&agent_reg).unwrap()).unwrap();
@@ -156,23 +116,15 @@ fn agent_fetches_the_registry_over_quic_when_told_to() {
 
 #[test]
 fn orphaned_agent_gives_up_after_the_orphan_timeout() {
-    let bins = bins();
-    let dir = tempfile::tempdir().unwrap();
-    let coord = Coord::start(&bins, &dir.path().join("state"), "127.0.0.1:0");
-    let token = coord.token(&bins, &[]);
-    let mut agent = start_agent_env(
-        &bins,
-        &coord,
-        &dir.path().join("agent"),
-        "orphan",
-        Some(&token),
-        &[("PYPE_ORPHAN_TIMEOUT_SECS", "2"), ("PYPE_ORPHAN_ACTION", "exit")],
+    let fx = Cluster::new().serve();
+    let mut agent = fx.spawn_agent(
+        Agent::named("orphan").env("PYPE_ORPHAN_TIMEOUT_SECS", "2").env("PYPE_ORPHAN_ACTION", "exit"),
     );
     agent.wait_for(&["connected to coordinator"], T);
     // Connected agents are not orphans, however long they run.
     std::thread::sleep(Duration::from_secs(3));
     assert!(agent.count(&["orphaned"]) == 0, "{}", agent.dump());
-    coord.proc.signal(libc::SIGKILL);
+    fx.coord().proc.signal(Signal::KILL);
     let killed = Instant::now();
     let status = agent.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status}\n{}", agent.dump());
@@ -182,12 +134,10 @@ fn orphaned_agent_gives_up_after_the_orphan_timeout() {
 
 #[test]
 fn provider_without_its_image_fails_at_once_with_the_fix() {
-    let bins = bins();
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = example_in(dir.path());
-    let cfg = dir.path().join("provider.toml");
-    std::fs::write(&cfg, format!("[qemu]\nimage_dir = \"{}\"\n", dir.path().join("no-images").display()))
-        .unwrap();
+    let fx = Cluster::new();
+    let pipeline = example_in(fx.dir.path());
+    let cfg = fx.p("provider.toml");
+    std::fs::write(&cfg, format!("[qemu]\nimage_dir = \"{}\"\n", fx.p("no-images").display())).unwrap();
     let run_qemu = || {
         let args = [
             "run",
@@ -197,7 +147,7 @@ fn provider_without_its_image_fails_at_once_with_the_fix() {
             cfg.to_str().unwrap(),
             pipeline.to_str().unwrap(),
         ];
-        cli(&bins, &dir.path().join("state"), &args)
+        fx.cli(&args)
     };
     let started = Instant::now();
     let (ok, _, err) = run_qemu();
@@ -205,8 +155,7 @@ fn provider_without_its_image_fails_at_once_with_the_fix() {
     assert!(err.contains("base.qcow2 is missing") && err.contains("deploy/qemu/build-image.sh"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
     // An unknown provider and a broken config are refused too.
-    let (ok, _, err) =
-        cli(&bins, &dir.path().join("state"), &["run", "--provider", "nimbus", pipeline.to_str().unwrap()]);
+    let (ok, _, err) = fx.cli(&["run", "--provider", "nimbus", pipeline.to_str().unwrap()]);
     assert!(!ok && err.contains("unknown provider \"nimbus\""), "{err}");
     std::fs::write(&cfg, "max_instances = 0\n").unwrap();
     let (ok, _, err) = run_qemu();
@@ -239,13 +188,11 @@ fn gone(child: &mut std::process::Child) -> bool {
 
 #[test]
 fn sweep_terminates_tagged_instances_nothing_accounts_for_and_spares_others() {
-    let bins = bins();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
+    let fx = Cluster::new();
+    let state = fx.state();
     // A CA, hence this coordinator's tag (rendering user-data makes one).
-    let example = example_in(dir.path());
-    let (ok, _, err) =
-        cli(&bins, &state, &["cloud-init", "render", "--step", "generate", example.to_str().unwrap()]);
+    let example = example_in(fx.dir.path());
+    let (ok, _, err) = fx.cli(&["cloud-init", "render", "--step", "generate", example.to_str().unwrap()]);
     assert!(ok, "{err}");
     let ca = std::fs::read_to_string(state.join("ca.pem")).unwrap();
     let tag = format!("pype-{}", &blake3::hash(ca.as_bytes()).to_hex()[..12]);
@@ -257,12 +204,12 @@ fn sweep_terminates_tagged_instances_nothing_accounts_for_and_spares_others() {
         &serde_json::json!({"pype:coordinator": "pype-someone-else"}),
     );
 
-    let (ok, list, err) = cli(&bins, &state, &["instances", "list"]);
+    let (ok, list, err) = fx.cli(&["instances", "list"]);
     assert!(ok, "{err}");
     assert!(list.contains("pype-i-000000000001") && list.contains("not accounted for"), "{list}");
     assert!(!list.contains("pype-i-000000000002"), "another coordinator's instance is not ours:\n{list}");
 
-    let (ok, out, err) = cli(&bins, &state, &["instances", "sweep"]);
+    let (ok, out, err) = fx.cli(&["instances", "sweep"]);
     assert!(ok, "{err}");
     assert!(
         out.contains("terminated pype-i-000000000001") && out.contains("1 instances terminated"),
@@ -274,11 +221,11 @@ fn sweep_terminates_tagged_instances_nothing_accounts_for_and_spares_others() {
     assert!(root.join("pype-i-000000000002").exists());
 
     // terminate by id works on anything listed.
-    let (ok, _, err) = cli(&bins, &state, &["instances", "terminate", "pype-i-000000000002"]);
+    let (ok, _, err) = fx.cli(&["instances", "terminate", "pype-i-000000000002"]);
     assert!(ok, "{err}");
     assert!(gone(&mut other));
     // Unsafe ids are refused, not used as paths.
-    let (ok, _, err) = cli(&bins, &state, &["instances", "terminate", "../../etc"]);
+    let (ok, _, err) = fx.cli(&["instances", "terminate", "../../etc"]);
     assert!(!ok && err.contains("invalid qemu instance id"), "{err}");
 }
 
@@ -292,8 +239,7 @@ fn image_dir() -> PathBuf {
 
 /// What a VM test needs, or why it must skip.
 fn vm_prereqs() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !tests::is_root() {
         return Err("not root (network namespaces)".into());
     }
     for tool in ["qemu-system-x86_64", "qemu-img", "genisoimage", "ip", "python3"] {
@@ -313,21 +259,28 @@ fn vm_prereqs() -> Result<(), String> {
 }
 
 /// A network namespace with only `lo`, an HTTP server in it offering the agent binary, and
-/// a provider config pointing at both.
+/// a provider config pointing at both; derefs to the shared fixture.
 struct VmFx {
-    dir: tempfile::TempDir,
-    bins: Bins,
+    cluster: Cluster,
     netns: String,
     http: std::process::Child,
+}
+
+impl Deref for VmFx {
+    type Target = Cluster;
+
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
 }
 
 impl VmFx {
     fn new(test: &str) -> Option<Self> {
         if let Err(why) = vm_prereqs() {
-            skip(test, &why);
+            skip(test, &why, "./ci-setup installs it");
             return None;
         }
-        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::new();
         let netns = format!("pype-t{}-{}", std::process::id(), &test[..test.len().min(6)]);
         let _ =
             Command::new("ip").args(["netns", "del", &netns]).stderr(std::process::Stdio::null()).status();
@@ -339,17 +292,17 @@ impl VmFx {
                 .unwrap()
                 .success()
         );
-        let www = dir.path().join("www");
+        let www = cluster.p("www");
         std::fs::create_dir_all(&www).unwrap();
         let agent = www.join("pype-agent");
         let stripped = Command::new("objcopy")
             .arg("--strip-debug")
-            .arg(&bins().agent)
+            .arg(&cluster.bins.agent)
             .arg(&agent)
             .status()
             .is_ok_and(|s| s.success());
         if !stripped {
-            std::fs::copy(bins().agent, &agent).unwrap();
+            std::fs::copy(&cluster.bins.agent, &agent).unwrap();
         }
         let http = Command::new("ip")
             .args([
@@ -369,15 +322,7 @@ impl VmFx {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        Some(Self { dir, bins: bins(), netns, http })
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn state(&self) -> PathBuf {
-        self.p("state")
+        Some(Self { cluster, netns, http })
     }
 
     fn agent_sha256(&self) -> String {
@@ -408,7 +353,7 @@ impl VmFx {
     }
 
     /// `pype-coordinator run --provider qemu ...` inside the namespace.
-    fn start_run(&self, name: &str, args: &[&str]) -> Proc {
+    fn start_qemu_run(&self, name: &str, args: &[&str]) -> Proc {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns]).arg(&self.bins.coordinator);
         cmd.arg("--state-dir").arg(self.state()).args(["run", "--provider", "qemu"]);
@@ -435,11 +380,8 @@ impl VmFx {
     }
 
     fn instance_rows(&self) -> String {
-        let (ok, out, err) = cli(
-            &self.bins,
-            &self.state(),
-            &["instances", "list", "--provider-config", self.p("provider.toml").to_str().unwrap()],
-        );
+        let (ok, out, err) =
+            self.cli(&["instances", "list", "--provider-config", self.p("provider.toml").to_str().unwrap()]);
         assert!(ok, "{err}");
         out
     }
@@ -464,10 +406,7 @@ impl VmFx {
 impl Drop for VmFx {
     fn drop(&mut self) {
         for pid in self.qemus() {
-            // SAFETY: kill(2) on a qemu this test started.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+            signal_pid(pid, Signal::KILL);
         }
         let _ = self.http.kill();
         let _ = self.http.wait();
@@ -483,7 +422,7 @@ fn example_pipeline_on_two_qemu_vms() {
     example_in(fx.dir.path());
     // Both boot from the start (the example's steps take seconds, a VM a minute).
     fx.provider_config("max_instances = 2\nmin_instances = 2\nboot_timeout_secs = 400", true);
-    let mut run = fx.start_run("run", &[fx.p("pipeline.toml").to_str().unwrap()]);
+    let mut run = fx.start_qemu_run("run", &[fx.p("pipeline.toml").to_str().unwrap()]);
     let status = run.wait_exit(Duration::from_secs(600));
     assert!(status.success(), "{status}\n{}", run.dump());
     // Two instances, each enrolled from its own user-data.
@@ -524,7 +463,7 @@ fn killed_coordinator_leaves_a_vm_that_the_restart_terminates_and_the_run_resume
     )
     .unwrap();
     fx.provider_config("max_instances = 1\nboot_timeout_secs = 400", true);
-    let mut first = fx.start_run("first", &[pipeline.to_str().unwrap()]);
+    let mut first = fx.start_qemu_run("first", &[pipeline.to_str().unwrap()]);
     first.wait_for(&["step started", "step=\"slow\""], BOOT);
     let run_id = first
         .wait_for(&["run started"], T)
@@ -535,12 +474,12 @@ fn killed_coordinator_leaves_a_vm_that_the_restart_terminates_and_the_run_resume
         .to_string();
     let orphans = fx.qemus();
     assert_eq!(orphans.len(), 1, "{}", first.dump());
-    first.signal(libc::SIGKILL);
+    first.signal(Signal::KILL);
     first.wait_exit(T);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(fx.qemus(), orphans, "the VM outlives a killed coordinator");
 
-    let mut second = fx.start_run("second", &["--resume", &run_id]);
+    let mut second = fx.start_qemu_run("second", &["--resume", &run_id]);
     second.wait_for(&["reconciler: terminating an instance left by a previous coordinator"], T);
     let status = second.wait_exit(Duration::from_secs(600));
     assert!(status.success(), "{status}\n{}", second.dump());
@@ -563,7 +502,7 @@ fn instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_not
     std::fs::write(&pipeline, "name = \"one\"\n[[steps]]\nname = \"one\"\ncommand = \"true\"\n").unwrap();
     // An agent path the image does not have: the unit never starts.
     fx.provider_config("max_instances = 1\nboot_timeout_secs = 25", false);
-    let mut run = fx.start_run("run", &[pipeline.to_str().unwrap()]);
+    let mut run = fx.start_qemu_run("run", &[pipeline.to_str().unwrap()]);
     // Meanwhile something tagged as ours appears that the state database does not know: the
     // periodic reconciler (every 5 s here) terminates it.
     run.wait_for(&["instance requested"], T);
@@ -581,7 +520,7 @@ fn instance_whose_agent_never_starts_times_out_is_replaced_and_ctrl_c_leaves_not
     run.wait_for(&["instance terminated", "boot timeout"], T);
     // Replaced while the demand lasts.
     run.wait_for_nth(&["instance requested"], 2, T);
-    run.signal(libc::SIGTERM);
+    run.signal(Signal::TERM);
     run.wait_exit(Duration::from_secs(60));
     fx.assert_no_instances_left(&run);
     let rows = fx.instance_rows();
@@ -601,11 +540,11 @@ fn orphaned_vm_powers_itself_off() {
         .unwrap()
         .replace("orphan_timeout_secs = 120", "orphan_timeout_secs = 10");
     std::fs::write(&cfg, text).unwrap();
-    let mut run = fx.start_run("run", &[pipeline.to_str().unwrap()]);
+    let mut run = fx.start_qemu_run("run", &[pipeline.to_str().unwrap()]);
     run.wait_for(&["step started", "step=\"long\""], BOOT);
     let vms = fx.qemus();
     assert_eq!(vms.len(), 1);
-    run.signal(libc::SIGKILL);
+    run.signal(Signal::KILL);
     run.wait_exit(T);
     // Nobody terminates it: its agent gives up after 10 s and powers the VM off, and qemu exits.
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -620,8 +559,7 @@ fn orphaned_vm_powers_itself_off() {
     assert!(fx.qemus().is_empty(), "the orphaned VM still runs; console:\n{console}");
     assert!(console.contains("Power"), "no power-off on the console:\n{console}");
     // What is left on disk is swept without a coordinator.
-    let (ok, out, err) =
-        cli(&fx.bins, &fx.state(), &["instances", "sweep", "--provider-config", cfg.to_str().unwrap()]);
+    let (ok, out, err) = fx.cli(&["instances", "sweep", "--provider-config", cfg.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(out.contains("1 instances terminated"), "{out}");
 }

@@ -1,121 +1,19 @@
 //! Pipelines end to end: `pype-coordinator run` with its embedded coordinator and local agents
 //! (real child processes, real QUIC, the snapshot backend), and runs submitted to `serve`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{Bins, Coord, Proc, T, agent_of, run_id, start_agent_env};
-
-fn bins() -> Bins {
-    tests::bins!()
-}
+use tests::{Agent, Cluster, Proc, Signal, T, agent_of, dispatched, example_in, run_id, signal_pid};
 
 const LONG: Duration = Duration::from_secs(90);
-
-struct Fx {
-    dir: tempfile::TempDir,
-    bins: Bins,
-}
-
-impl Fx {
-    fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap(), bins: bins() }
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    /// Writes a pipeline file; `{d}` in it becomes the fixture dir.
-    fn pipeline(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.p(name);
-        std::fs::write(&path, text.replace("{d}", &self.dir.path().display().to_string())).unwrap();
-        path
-    }
-
-    /// Starts `pype-coordinator run` with `args` (heartbeats every 200 ms).
-    fn start_run(&self, args: &[&str]) -> Proc {
-        let mut cmd = Command::new(&self.bins.coordinator);
-        cmd.arg("--state-dir").arg(self.state()).arg("run").arg("--heartbeat-interval-ms").arg("200");
-        cmd.args(args);
-        Proc::spawn("run", cmd)
-    }
-
-    /// Runs to the end; returns (success, the run id, the process for its log).
-    fn run(&self, args: &[&str]) -> (bool, String, Proc) {
-        let mut p = self.start_run(args);
-        let status = p.wait_exit(LONG);
-        let line = p.wait_for(&["run started"], Duration::from_secs(1));
-        (status.success(), run_id(&line), p)
-    }
-
-    fn run_ok(&self, args: &[&str]) -> (String, Proc) {
-        let (ok, id, p) = self.run(args);
-        assert!(ok, "run failed\n{}", p.dump());
-        (id, p)
-    }
-
-    fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        tests::cli(&self.bins, &self.state(), args)
-    }
-
-    fn cli_ok(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.cli(args);
-        assert!(ok, "pype-coordinator {args:?} failed:\n{out}\n{err}");
-        out
-    }
-
-    /// `status RUN` rows: step -> (state, attempts, agent).
-    fn steps(&self, run: &str) -> Vec<(String, String, u32, String)> {
-        let out = self.cli_ok(&["status", run]);
-        let mut rows = Vec::new();
-        let mut in_steps = false;
-        for line in out.lines() {
-            if line.starts_with("STEP ") {
-                in_steps = true;
-                continue;
-            }
-            if !in_steps || line.trim().is_empty() {
-                continue;
-            }
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let agent = if f[1] == "succeeded" || f[1] == "failed" || f[1] == "running" {
-                f[3].to_string()
-            } else {
-                String::new()
-            };
-            rows.push((f[0].to_string(), f[1].to_string(), f[2].parse().unwrap(), agent));
-        }
-        rows
-    }
-
-    fn state_of(&self, run: &str, step: &str) -> (String, u32, String) {
-        let row =
-            self.steps(run).into_iter().find(|r| r.0 == step).unwrap_or_else(|| panic!("no step {step}"));
-        (row.1, row.2, row.3)
-    }
-}
-
-fn dispatched(p: &Proc, step: &str) -> usize {
-    p.count(&["step dispatched", &format!("step=\"{step}\"")])
-}
 
 /// The shipped example, copied so its outputs land in a temp dir: runs, writes the summary,
 /// then a second run skips everything.
 #[test]
 fn example_pipeline_runs_then_skips_everything() {
-    let fx = Fx::new();
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/genome-stats");
-    for f in ["pipeline.toml", "profile.toml"] {
-        std::fs::copy(example.join(f), fx.p(f)).unwrap();
-    }
-    let pipeline = fx.p("pipeline.toml");
+    let fx = Cluster::new();
+    let pipeline = example_in(fx.dir.path());
     let (run, p) = fx.run_ok(&[pipeline.to_str().unwrap()]);
     let summary = std::fs::read_to_string(fx.p("out/summary.txt")).unwrap();
     assert!(summary.starts_with("sequences\t800\nbases\t"), "{summary}");
@@ -149,7 +47,7 @@ fn example_pipeline_runs_then_skips_everything() {
 /// differs per run (a timestamp), so every re-run of b supersedes a snapshot for `gc` to remove.
 #[test]
 fn deleting_a_registry_entry_reruns_that_step_and_its_dependents() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let pipeline = fx.pipeline(
         "p.toml",
         r#"
@@ -212,7 +110,7 @@ outputs = ["c.txt"]
 /// 20 independent steps over 4 agents run in parallel on all of them, then fan in.
 #[test]
 fn fan_out_of_20_steps_over_4_agents() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let mut text = String::from("name = \"fan\"\ndata_root = \"{d}/data\"\n");
     let mut inputs = Vec::new();
     for i in 0..20 {
@@ -248,7 +146,7 @@ fn fan_out_of_20_steps_over_4_agents() {
 /// dependents, and leaves nothing of it in the registry.
 #[test]
 fn failing_step_fails_the_run_with_its_log_tail() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let pipeline = fx.pipeline(
         "p.toml",
         r#"
@@ -290,7 +188,7 @@ outputs = ["x.txt"]
 /// succeeds.
 #[test]
 fn agent_killed_mid_step_is_retried_elsewhere() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let pipeline = fx.pipeline(
         "p.toml",
         r#"
@@ -320,7 +218,7 @@ outputs = ["slow.txt"]
 /// and the step that uses the program runs.
 #[test]
 fn agent_killed_mid_build_builds_on_another() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     std::fs::write(
         fx.p("profile.toml"),
         r#"
@@ -363,16 +261,13 @@ outputs = ["use.txt"]
 }
 
 /// SIGKILLs the local agent a log line names (`agent="local-N"`); returns its id.
-fn sigkill_agent_of(fx: &Fx, line: &str) -> String {
+fn sigkill_agent_of(fx: &Cluster, line: &str) -> String {
     let agent =
         line.split("agent=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string();
     let n = agent.trim_start_matches("local-");
     let marker = fx.state().join(format!("local-agents/agent-{n}")).display().to_string();
     let pid = agent_pid(&marker).unwrap_or_else(|| panic!("no process for {marker}"));
-    // SAFETY: kill(2) on a process this test started.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
+    signal_pid(pid, Signal::KILL);
     agent
 }
 
@@ -394,7 +289,7 @@ fn agent_pid(marker: &str) -> Option<i32> {
 /// running completed steps again.
 #[test]
 fn killed_coordinator_resumes_the_run() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let pipeline = fx.pipeline(
         "p.toml",
         r#"
@@ -419,7 +314,7 @@ outputs = ["3.txt"]
     let mut p = fx.start_run(&[pipeline.to_str().unwrap()]);
     p.wait_for(&["step started", "step=\"second\""], LONG);
     let run = run_id(&p.wait_for(&["run started"], Duration::from_secs(1)));
-    p.signal(libc::SIGKILL);
+    p.signal(Signal::KILL);
     p.wait_exit(LONG);
     assert_eq!(fx.state_of(&run, "first").0, "succeeded");
     assert_eq!(fx.state_of(&run, "second").0, "running", "the database saw it running");
@@ -440,7 +335,7 @@ outputs = ["3.txt"]
 /// Broken pipeline files are refused with file:line:column, before anything starts.
 #[test]
 fn malformed_pipelines_give_located_errors() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let cases = [
         ("syntax.toml", "name = \"x\"\n[[steps]]\nname = \"a\"\ncommand = \"true\n", ":4:"),
         (
@@ -474,16 +369,15 @@ fn malformed_pipelines_give_located_errors() {
 /// `run --coordinator ADDR` submits to a running `serve` whose agents were started apart.
 #[test]
 fn run_submitted_to_a_running_coordinator() {
-    let fx = Fx::new();
-    let coord = Coord::start(&fx.bins, &fx.state(), "127.0.0.1:0");
-    let token = coord.token(&fx.bins, &["--uses", "2"]);
-    let env = [("PYPE_OVERLAY_MODE", "snapshot")];
-    let reg1 = fx.p("a1/registry.json").display().to_string();
-    let reg2 = fx.p("a2/registry.json").display().to_string();
-    let env1 = [env[0], ("PYPE_SNAPSHOT_REGISTRY", reg1.as_str())];
-    let env2 = [env[0], ("PYPE_SNAPSHOT_REGISTRY", reg2.as_str())];
-    let _a1 = start_agent_env(&fx.bins, &coord, &fx.p("a1"), "r1", Some(&token), &env1);
-    let _a2 = start_agent_env(&fx.bins, &coord, &fx.p("a2"), "r2", Some(&token), &env2);
+    let fx = Cluster::new().serve();
+    let token = fx.token(&["--uses", "2"]);
+    let agent = |dir: &str, name: &str| {
+        let reg = fx.pstr(&format!("{dir}/registry.json"));
+        let agent = Agent::named(name).dir(fx.p(dir)).token(&token);
+        fx.spawn_agent(agent.env("PYPE_OVERLAY_MODE", "snapshot").env("PYPE_SNAPSHOT_REGISTRY", &reg))
+    };
+    let _agents = [agent("a1", "r1"), agent("a2", "r2")];
+    let coord = fx.coord();
     coord.proc.wait_for_nth(&["agent joined"], 2, LONG);
     std::fs::create_dir_all(fx.p("in")).unwrap();
     std::fs::write(fx.p("in/words.txt"), "b\na\nc\n").unwrap();
@@ -514,7 +408,7 @@ outputs = ["out/sorted.txt"]
 /// step ends.
 #[test]
 fn logs_follow_a_running_step() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let pipeline = fx.pipeline(
         "p.toml",
         r#"
@@ -543,7 +437,7 @@ command = "for i in 1 2 3 4; do echo tick-$i; sleep 0.4; done"
 /// interrupted, to be resumed.
 #[test]
 fn interrupt_cancels_running_steps() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let pipeline = fx.pipeline(
         "p.toml",
         r#"
@@ -556,7 +450,7 @@ command = "sleep 300"
     let mut p = fx.start_run(&[pipeline.to_str().unwrap()]);
     p.wait_for(&["step started", "step=\"long\""], LONG);
     let run = run_id(&p.wait_for(&["run started"], Duration::from_secs(1)));
-    p.signal(libc::SIGINT);
+    p.signal(Signal::INT);
     let status = p.wait_exit(Duration::from_secs(30));
     assert!(!status.success());
     p.wait_for(&["run finished", "interrupted"], Duration::from_secs(1));
@@ -574,17 +468,15 @@ command = "sleep 300"
 /// going-away and exits 0. `agent drain` does the same from the operator's side.
 #[test]
 fn sigterm_drains_an_agent_and_agent_drain_asks_for_it() {
-    let fx = Fx::new();
-    let coord = Coord::start(&fx.bins, &fx.state(), "127.0.0.1:0");
-    let token = coord.token(&fx.bins, &["--uses", "2"]);
-    let reg = |n: &str| fx.p(&format!("{n}/registry.json")).display().to_string();
-    let (reg1, reg2) = (reg("a1"), reg("a2"));
-    let env1 = [("PYPE_OVERLAY_MODE", "snapshot"), ("PYPE_SNAPSHOT_REGISTRY", reg1.as_str())];
-    let env2 = [("PYPE_OVERLAY_MODE", "snapshot"), ("PYPE_SNAPSHOT_REGISTRY", reg2.as_str())];
-    let mut agents = [
-        start_agent_env(&fx.bins, &coord, &fx.p("a1"), "d1", Some(&token), &env1),
-        start_agent_env(&fx.bins, &coord, &fx.p("a2"), "d2", Some(&token), &env2),
-    ];
+    let fx = Cluster::new().serve();
+    let token = fx.token(&["--uses", "2"]);
+    let agent = |dir: &str, name: &str| {
+        let reg = fx.pstr(&format!("{dir}/registry.json"));
+        let agent = Agent::named(name).dir(fx.p(dir)).token(&token);
+        fx.spawn_agent(agent.env("PYPE_OVERLAY_MODE", "snapshot").env("PYPE_SNAPSHOT_REGISTRY", &reg))
+    };
+    let mut agents = [agent("a1", "d1"), agent("a2", "d2")];
+    let coord = fx.coord();
     coord.proc.wait_for_nth(&["agent joined"], 2, LONG);
     let pipeline = fx.pipeline(
         "p.toml",
@@ -602,14 +494,14 @@ inputs = ["slow.txt"]
 outputs = ["next.txt"]
 "#,
     );
-    let mut cmd = Command::new(&fx.bins.coordinator);
-    cmd.arg("--state-dir").arg(fx.state()).args(["run", "--coordinator", &coord.addr.to_string()]);
+    let mut cmd = fx.command();
+    cmd.args(["run", "--coordinator", &coord.addr.to_string()]);
     cmd.arg(&pipeline);
     let mut client = Proc::spawn("run client", cmd);
     let started = coord.proc.wait_for(&["step started", "step=\"slow\""], LONG);
     let busy = agent_of(&started);
     let (bi, other) = if busy == "d1" { (0, "d2") } else { (1, "d1") };
-    agents[bi].signal(libc::SIGTERM);
+    agents[bi].signal(Signal::TERM);
     agents[bi].wait_for(&["draining: running steps finish"], T);
     coord.proc.wait_for(&["agent draining", &format!("agent=\"{busy}\"")], T);
     let next = coord.proc.wait_for(&["step started", "step=\"next\""], LONG);
@@ -640,23 +532,21 @@ outputs = ["next.txt"]
 /// retries it) and the agent exits.
 #[test]
 fn second_sigterm_stops_a_draining_agent() {
-    let fx = Fx::new();
-    let coord = Coord::start(&fx.bins, &fx.state(), "127.0.0.1:0");
-    let token = coord.token(&fx.bins, &[]);
-    let env = [("PYPE_OVERLAY_MODE", "direct")];
-    let mut agent = start_agent_env(&fx.bins, &coord, &fx.p("a"), "d", Some(&token), &env);
+    let mut fx = Cluster::new().serve().agent(Agent::named("d").env("PYPE_OVERLAY_MODE", "direct"));
+    let coord = fx.coord();
     coord.proc.wait_for(&["agent joined"], LONG);
     let pipeline =
         fx.pipeline("p.toml", "name = \"long\"\n[[steps]]\nname = \"long\"\ncommand = \"sleep 300\"\n");
-    let mut cmd = Command::new(&fx.bins.coordinator);
-    cmd.arg("--state-dir").arg(fx.state()).args(["run", "--coordinator", &coord.addr.to_string()]);
+    let mut cmd = fx.command();
+    cmd.args(["run", "--coordinator", &coord.addr.to_string()]);
     cmd.arg(&pipeline);
     let _client = Proc::spawn("run client", cmd);
     coord.proc.wait_for(&["step started", "step=\"long\""], LONG);
-    agent.signal(libc::SIGTERM);
+    let agent = &mut fx.agents[0];
+    agent.signal(Signal::TERM);
     agent.wait_for(&["draining: running steps finish"], T);
-    agent.signal(libc::SIGTERM);
+    agent.signal(Signal::TERM);
     assert!(agent.wait_exit(T).success(), "{}", agent.dump());
     agent.wait_for(&["exit=Cancelled"], T);
-    coord.proc.wait_for(&["agent left", "going away: agent shutting down"], T);
+    fx.coord().proc.wait_for(&["agent left", "going away: agent shutting down"], T);
 }

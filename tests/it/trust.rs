@@ -1,45 +1,34 @@
 //! The coordinator refuses every untrusted peer before any application message, logs one line
 //! saying why, and keeps serving the agents it trusts.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::time::Duration;
 
 use protocol::AgentToCoordinator;
-use tests::{Bins, Coord, T, closed_reason, connect, enroll_identity, hello, start_agent};
+use tests::{Agent, Cluster, T, closed_reason, connect, hello};
 use transport::{framed, pki};
 
-fn bins() -> Bins {
-    tests::bins!()
-}
-
-fn state_ca(coord: &Coord) -> pki::Ca {
-    let ck = pki::CertKey::load(&coord.state_dir, "ca").unwrap().unwrap();
+fn state_ca(fx: &Cluster) -> pki::Ca {
+    let ck = pki::CertKey::load(&fx.state(), "ca").unwrap().unwrap();
     pki::Ca::from_cert_key(ck).unwrap()
 }
 
-/// A coordinator, its CA certificate, and one well-behaved agent that every test checks is
-/// never disturbed by what the others do.
-fn coordinator_with_healthy_agent(b: &Bins, dir: &std::path::Path) -> (Coord, String, tests::Proc) {
-    coordinator_with_healthy_agent_at(b, dir, tests::HEARTBEAT_MS)
+/// A coordinator, its CA certificate, and one well-behaved agent (`fx.agents[0]`) that every
+/// test checks is never disturbed by what the others do.
+fn coordinator_with_healthy_agent() -> (Cluster, String) {
+    coordinator_with_healthy_agent_at(tests::HEARTBEAT_MS)
 }
 
-fn coordinator_with_healthy_agent_at(
-    b: &Bins,
-    dir: &std::path::Path,
-    heartbeat_ms: u64,
-) -> (Coord, String, tests::Proc) {
-    let coord = Coord::start_with_heartbeat(b, &dir.join("coord"), "127.0.0.1:0", heartbeat_ms);
-    let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
-    let healthy = start_agent(b, &coord, &dir.join("healthy"), "healthy", Some(&coord.token(b, &[])));
-    coord.proc.wait_for(&["agent joined", "healthy"], T);
-    (coord, ca_pem, healthy)
+fn coordinator_with_healthy_agent_at(heartbeat_ms: u64) -> (Cluster, String) {
+    let fx = Cluster::new().heartbeat_ms(heartbeat_ms).serve().agent(Agent::named("healthy"));
+    let ca_pem = std::fs::read_to_string(fx.coord().ca()).unwrap();
+    fx.coord().proc.wait_for(&["agent joined", "healthy"], T);
+    (fx, ca_pem)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_peers_are_refused_and_others_keep_working() {
-    let b = bins();
-    let tmp = tempfile::tempdir().unwrap();
-    let (coord, ca_pem, healthy) = coordinator_with_healthy_agent(&b, tmp.path());
+    let (fx, ca_pem) = coordinator_with_healthy_agent();
+    let coord = fx.coord();
 
     // No client certificate.
     let conn = connect(coord.addr, &ca_pem, None, protocol::ALPN_AGENT).await.unwrap();
@@ -61,7 +50,7 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
     coord.proc.wait_for(&["refused connection", "TLS handshake failed", "UnknownIssuer"], T);
 
     // An expired certificate from the right CA.
-    let ca = state_ca(&coord);
+    let ca = state_ca(&fx);
     let expired = ca.issue_expired_client("healthy").unwrap();
     if let Ok(conn) = connect(coord.addr, &ca_pem, Some(&expired), protocol::ALPN_AGENT).await {
         assert!(!closed_reason(&conn, T).await.contains("still open"));
@@ -74,7 +63,7 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
     assert!(closed_reason(&conn, T).await.contains("not issued to any enrolled agent"));
 
     // An agent certificate is not an admin certificate.
-    let me = enroll_identity(&coord, &b, &tmp.path().join("me"), "prober").await;
+    let me = fx.enroll_identity("prober").await;
     let conn = connect(coord.addr, &ca_pem, Some(&me.cert), protocol::ALPN_ADMIN).await.unwrap();
     assert!(closed_reason(&conn, T).await.contains("not allowed on this protocol"));
 
@@ -101,45 +90,43 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
     }
 
     // Tokens: used up, expired, unknown.
-    let once = coord.token(&b, &["--uses", "1"]);
-    let mut first = start_agent(&b, &coord, &tmp.path().join("t1"), "t1", Some(&once));
+    let once = fx.token(&["--uses", "1"]);
+    let mut first = fx.spawn_agent(Agent::named("t1").token(&once));
     first.wait_for(&["connected to coordinator"], T);
-    let mut second = start_agent(&b, &coord, &tmp.path().join("t2"), "t2", Some(&once));
+    let mut second = fx.spawn_agent(Agent::named("t2").token(&once));
     assert!(!second.wait_exit(T).success());
     second.wait_for(&["enrollment refused", "enrollment token used up"], T);
     coord.proc.wait_for(&["refused enrollment", "used up"], T);
-    let stale = coord.token(&b, &["--ttl", "0s"]);
-    let mut third = start_agent(&b, &coord, &tmp.path().join("t3"), "t3", Some(&stale));
+    let stale = fx.token(&["--ttl", "0s"]);
+    let mut third = fx.spawn_agent(Agent::named("t3").token(&stale));
     assert!(!third.wait_exit(T).success());
     third.wait_for(&["enrollment token expired"], T);
-    let mut fourth = start_agent(&b, &coord, &tmp.path().join("t4"), "t4", Some("pype1.0000"));
+    let mut fourth = fx.spawn_agent(Agent::named("t4").token("pype1.0000"));
     assert!(!fourth.wait_exit(T).success());
     fourth.wait_for(&["unknown enrollment token"], T);
-    assert!(!tmp.path().join("t2/agent.key").exists(), "refused agent kept a certificate");
+    assert!(!fx.p("t2/agent.key").exists(), "refused agent kept a certificate");
 
     // Revocation: the connected agent is cut off and cannot come back.
-    coord.cli_ok(&b, &["agent", "revoke", "t1"]);
+    fx.cli_ok(&["agent", "revoke", "t1"]);
     assert!(!first.wait_exit(T).success());
     first.wait_for(&["revoked"], T);
     coord.proc.wait_for(&["closing connection of revoked agent", "t1"], T);
-    let mut again = start_agent(&b, &coord, &tmp.path().join("t1"), "t1", None);
+    let mut again = fx.spawn_agent(Agent::named("t1").enrolled());
     assert!(!again.wait_exit(T).success());
     coord.proc.wait_for(&["refused connection", "certificate of agent t1 is revoked"], T);
 
     // Through all of this the healthy agent stayed connected and heartbeating.
     assert_eq!(coord.proc.count(&["agent joined", "healthy"]), 1);
     assert_eq!(coord.proc.count(&["agent left", "healthy"]), 0);
-    let listing = coord.cli_ok(&b, &["agents"]);
+    let listing = fx.cli_ok(&["agents"]);
     assert!(listing.contains("healthy"), "{listing}");
-    drop(healthy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_and_truncated_control_frames() {
-    let b = bins();
-    let tmp = tempfile::tempdir().unwrap();
-    let (coord, ca_pem, healthy) = coordinator_with_healthy_agent(&b, tmp.path());
-    let me = enroll_identity(&coord, &b, &tmp.path().join("me"), "fuzzer").await;
+    let (fx, ca_pem) = coordinator_with_healthy_agent();
+    let coord = fx.coord();
+    let me = fx.enroll_identity("fuzzer").await;
 
     let valid_hello = protocol::codec::encode(&hello("fuzzer", 1)).unwrap();
     let mut rng = tests::Rng(0x5EED_1234_ABCD_0001);
@@ -189,14 +176,13 @@ async fn random_and_truncated_control_frames() {
 
     // The coordinator is still up and the healthy agent never noticed.
     assert_eq!(coord.proc.count(&["agent left", "healthy"]), 0);
-    assert!(coord.cli_ok(&b, &["agents"]).contains("healthy"));
-    let src = tmp.path().join("src");
+    assert!(fx.cli_ok(&["agents"]).contains("healthy"));
+    let src = fx.p("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("f"), b"still works").unwrap();
-    let dest = tmp.path().join("dest");
-    coord.cli_ok(&b, &["push", "healthy", src.to_str().unwrap(), dest.to_str().unwrap()]);
+    let dest = fx.p("dest");
+    fx.cli_ok(&["push", "healthy", src.to_str().unwrap(), dest.to_str().unwrap()]);
     assert_eq!(std::fs::read(dest.join("f")).unwrap(), b"still works");
-    drop(healthy);
 }
 
 async fn next_frame(recv: &mut quinn::RecvStream) -> protocol::CoordinatorToAgent {
@@ -209,12 +195,11 @@ async fn next_frame(recv: &mut quinn::RecvStream) -> protocol::CoordinatorToAgen
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_split_around_a_coordinator_send_is_read_whole() {
     use protocol::{CoordinatorToAgent, Heartbeat};
-    let b = bins();
-    let tmp = tempfile::tempdir().unwrap();
     // Heartbeats every 2 s: the coordinator waits 6 s for a frame, time enough for the
     // drain command below while our half frame blocks the stream.
-    let (coord, ca_pem, healthy) = coordinator_with_healthy_agent_at(&b, tmp.path(), 2000);
-    let me = enroll_identity(&coord, &b, &tmp.path().join("me"), "slowpoke").await;
+    let (fx, ca_pem) = coordinator_with_healthy_agent_at(2000);
+    let coord = fx.coord();
+    let me = fx.enroll_identity("slowpoke").await;
     let conn = connect(coord.addr, &ca_pem, Some(&me.cert), protocol::ALPN_AGENT).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     framed::write_frame(&mut send, &hello("slowpoke", protocol::PROTOCOL_MAJOR)).await.unwrap();
@@ -233,18 +218,9 @@ async fn a_frame_split_around_a_coordinator_send_is_read_whole() {
     let cut = first.len() / 2;
     send.write_all(&first[..cut]).await.unwrap();
     // While that half waits in the coordinator's reader, the coordinator sends us a Drain.
-    let state_dir = coord.state_dir.clone();
-    let bin = b.coordinator.clone();
-    let drained = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(bin)
-            .arg("--state-dir")
-            .arg(state_dir)
-            .args(["agent", "drain", "slowpoke"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let mut drain = fx.command();
+    drain.args(["agent", "drain", "slowpoke"]);
+    let drained = tokio::task::spawn_blocking(move || drain.output().unwrap()).await.unwrap();
     assert!(drained.status.success(), "{}", String::from_utf8_lossy(&drained.stderr));
     assert!(matches!(next_frame(&mut recv).await, CoordinatorToAgent::Drain { .. }));
     // Then the rest of the frame, and a whole one: both are acknowledged in order.
@@ -260,5 +236,4 @@ async fn a_frame_split_around_a_coordinator_send_is_read_whole() {
     assert_eq!(coord.proc.count(&["slowpoke", "malformed"]), 0, "{}", coord.proc.dump());
     assert_eq!(coord.proc.count(&["agent left", "healthy"]), 0);
     conn.close(0u32.into(), b"");
-    drop(healthy);
 }

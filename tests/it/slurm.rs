@@ -1,38 +1,33 @@
 //! Agents on a real Slurm cluster (tests/slurm/cluster.sh: munged, slurmctld and two slurmd
 //! on 127.0.0.1): elastic agents the coordinator submits as batch jobs (`--provider slurm`),
 //! and persistent agents an operator submitted, across a coordinator restart.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::{Bins, Proc, Slurm, T, agent_of, example_in, run_id};
+use tests::{Cluster, LONG, Proc, Signal, Slurm, T, agent_of, example_in, run_id};
 
-const LONG: Duration = Duration::from_secs(120);
-
-fn bins() -> Bins {
-    tests::bins!()
+/// The shared fixture (every coordinator command with this cluster's `SLURM_CONF`) and a
+/// Slurm cluster; derefs to the [`Cluster`].
+struct Fx {
+    cluster: Cluster,
+    slurm: Slurm,
 }
 
-struct Fx {
-    dir: tempfile::TempDir,
-    bins: Bins,
-    slurm: Slurm,
+impl Deref for Fx {
+    type Target = Cluster;
+
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
 }
 
 impl Fx {
     fn new(test: &str) -> Option<Self> {
         let slurm = Slurm::start(test)?;
-        Some(Self { dir: tempfile::tempdir().unwrap(), bins: bins(), slurm })
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn state(&self) -> PathBuf {
-        self.p("state")
+        let cluster = Cluster::new().env("SLURM_CONF", slurm.conf.to_str().unwrap());
+        Some(Self { cluster, slurm })
     }
 
     /// `p.toml`: one step `slow` that counts its runs in `slow.count`, sleeps `secs`, then
@@ -64,35 +59,12 @@ impl Fx {
         path
     }
 
-    fn coordinator(&self) -> Command {
-        let mut cmd = Command::new(&self.bins.coordinator);
-        cmd.env("SLURM_CONF", &self.slurm.conf).arg("--state-dir").arg(self.state());
-        cmd
-    }
-
-    fn start_run(&self, args: &[&str]) -> Proc {
-        let mut cmd = self.coordinator();
-        cmd.args(["run", "--heartbeat-interval-ms", "200"]).args(args);
-        Proc::spawn("run", cmd)
-    }
-
     /// `run --provider slurm --provider-config CFG EXTRA... PIPELINE`.
     fn start_slurm_run(&self, cfg: &Path, pipeline: &Path, extra: &[&str]) -> Proc {
         let mut args = vec!["--provider", "slurm", "--provider-config", cfg.to_str().unwrap()];
         args.extend_from_slice(extra);
         args.push(pipeline.to_str().unwrap());
         self.start_run(&args)
-    }
-
-    fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.coordinator().args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "pype-coordinator {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Jobs of the coordinator's agents (named after their instances) in squeue.
@@ -106,17 +78,6 @@ impl Fx {
             assert!(Instant::now() < deadline, "agent jobs still queued: {:?}", self.agent_jobs());
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-
-    /// `status RUN`: step -> (state, attempts, agent).
-    fn step(&self, run: &str, step: &str) -> (String, u32, String) {
-        let out = self.cli_ok(&["status", run]);
-        let line = out
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(step))
-            .unwrap_or_else(|| panic!("no step {step} in\n{out}"));
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f[1].to_string(), f[2].parse().unwrap(), f.get(3).unwrap_or(&"").to_string())
     }
 }
 
@@ -157,7 +118,7 @@ fn example_pipeline_on_slurm_agents() {
     assert!(status.success(), "{}", run.dump());
     let id = run_id(&run.wait_for(&["run started"], T));
     for step in ["generate", "gc-1", "gc-2", "gc-3", "gc-4", "summary"] {
-        let (state, attempts, agent) = fx.step(&id, step);
+        let (state, attempts, agent) = fx.state_of(&id, step);
         assert_eq!((state.as_str(), attempts), ("succeeded", 1), "{step}");
         assert!(agent.starts_with("pype-i-"), "{step} ran on {agent}, not a Slurm agent");
     }
@@ -207,7 +168,7 @@ fn scancel_mid_step_retries_on_another_agent() {
     let status = run.wait_exit(LONG);
     assert!(status.success(), "{}", run.dump());
     let id = run_id(&run.wait_for(&["run started"], T));
-    let (state, attempts, agent) = fx.step(&id, "slow");
+    let (state, attempts, agent) = fx.state_of(&id, "slow");
     assert_eq!((state.as_str(), attempts), ("succeeded", 2));
     assert_ne!(agent, first);
     assert_eq!(std::fs::read_to_string(fx.p("data/slow.txt")).unwrap(), "done\n");
@@ -227,7 +188,7 @@ fn sigkilled_coordinator_leaves_jobs_that_the_next_start_cancels() {
     let id = run_id(&run.wait_for(&["run started"], T));
     let before = fx.agent_jobs();
     assert_eq!(before.len(), 1, "{before:?}");
-    run.signal(libc::SIGKILL);
+    run.signal(Signal::KILL);
     run.wait_exit(T);
     // The job outlives its coordinator (its orphan guard waits 600 s).
     std::thread::sleep(Duration::from_millis(500));
@@ -239,7 +200,7 @@ fn sigkilled_coordinator_leaves_jobs_that_the_next_start_cancels() {
     let status = again.wait_exit(LONG);
     assert!(status.success(), "{}", again.dump());
     assert!(!fx.slurm.jobs().contains(&format!("{old_job} ")), "{}", fx.slurm.jobs());
-    let (state, _, agent) = fx.step(&id, "slow");
+    let (state, _, agent) = fx.state_of(&id, "slow");
     assert_eq!(state, "succeeded");
     assert!(agent.starts_with("pype-i-"));
     fx.wait_no_agent_jobs(T);
@@ -312,7 +273,7 @@ outputs = ["3.txt"]
     }
     let started = run.wait_for(&["step started", "step=\"second\""], LONG);
     let holder = agent_of(&started);
-    run.signal(libc::SIGKILL);
+    run.signal(Signal::KILL);
     run.wait_exit(T);
     // "second" finishes on its agent while no coordinator runs.
     let deadline = Instant::now() + T;
@@ -328,7 +289,7 @@ outputs = ["3.txt"]
     for step in ["first", "second", "third"] {
         let count = std::fs::read_to_string(fx.p(&format!("{step}.count"))).unwrap();
         assert_eq!(count, "run\n", "{step} ran more than once");
-        let (state, attempts, _) = fx.step(&id, step);
+        let (state, attempts, _) = fx.state_of(&id, step);
         assert_eq!((state.as_str(), attempts), ("succeeded", 1), "{step}");
     }
     assert_eq!(std::fs::read_to_string(fx.p("data/3.txt")).unwrap(), "1\n2\n3\n");
@@ -384,7 +345,7 @@ fn boot_timeout_cancels_a_job_that_never_connects() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(fx.agent_jobs().len(), 1, "the replacement: {:?}", fx.agent_jobs());
-    run.signal(libc::SIGTERM);
+    run.signal(Signal::TERM);
     assert!(!run.wait_exit(T).success());
     fx.wait_no_agent_jobs(T);
 }

@@ -1,81 +1,37 @@
 //! The trust boundary on paths and stored data, through the real binaries: links judged where
 //! they will really sit, nothing written through a link, every read of a stored snapshot
 //! verified, and writing final outputs out idempotent and never destructive.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use tests::{Bins, Proc};
+use tests::{Cluster, LONG, Proc};
 
-fn bins() -> Bins {
-    tests::bins!()
+/// This file's helpers on the shared fixture.
+trait HostilePaths {
+    /// Runs `pipeline` with one local agent and no infrastructure retries to its end;
+    /// returns (success, its stdout, the process).
+    fn run_file(&self, pipeline: &Path) -> (bool, String, Proc);
+    fn run_file_ok(&self, pipeline: &Path) -> (String, Proc);
+    /// The working registry's entry for `path`: (snapshot id, in-snapshot path).
+    fn entry(&self, path: &Path) -> Option<(String, String)>;
 }
 
-const LONG: Duration = Duration::from_secs(120);
-
-struct Fx {
-    dir: tempfile::TempDir,
-    bins: Bins,
-}
-
-impl Fx {
-    fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap(), bins: bins() }
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    /// Writes a pipeline file; `{d}` in it becomes the fixture dir.
-    fn pipeline(&self, text: &str) -> PathBuf {
-        let path = self.p("pipeline.toml");
-        fs::write(&path, text.replace("{d}", &self.dir.path().display().to_string())).unwrap();
-        path
-    }
-
-    /// Runs `pype-coordinator run` to its end; returns (success, its stdout, the process).
-    fn run(&self, pipeline: &Path) -> (bool, String, Proc) {
-        let out = self.p(&format!("run-{:x}.out", rand::random::<u32>()));
-        let mut cmd = Command::new(&self.bins.coordinator);
-        cmd.arg("--state-dir")
-            .arg(self.state())
-            .arg("run")
-            .arg("--agents")
-            .arg("1")
-            .arg("--infra-retries")
-            .arg("0")
-            .arg("--heartbeat-interval-ms")
-            .arg("200")
-            .arg(pipeline);
-        // Keep stdout (where the outputs are reported) in a file.
-        let script = format!("exec \"$@\" > {}", out.display());
-        let mut sh = Command::new("sh");
-        sh.arg("-c").arg(script).arg("sh").arg(cmd.get_program()).args(cmd.get_args());
-        let mut p = Proc::spawn("run", sh);
+impl HostilePaths for Cluster {
+    fn run_file(&self, pipeline: &Path) -> (bool, String, Proc) {
+        let mut p = self.start_run(&["--agents", "1", "--infra-retries", "0", pipeline.to_str().unwrap()]);
         let status = p.wait_exit(LONG);
-        (status.success(), fs::read_to_string(&out).unwrap_or_default(), p)
+        (status.success(), p.stdout(), p)
     }
 
-    fn run_ok(&self, pipeline: &Path) -> (String, Proc) {
-        let (ok, out, p) = self.run(pipeline);
+    fn run_file_ok(&self, pipeline: &Path) -> (String, Proc) {
+        let (ok, out, p) = self.run_file(pipeline);
         assert!(ok, "run failed\n{out}\n{}", p.dump());
         (out, p)
     }
 
-    fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        tests::cli(&self.bins, &self.state(), args)
-    }
-
-    /// The working registry's entry for `path`: (snapshot id, in-snapshot path).
     fn entry(&self, path: &Path) -> Option<(String, String)> {
         let text = fs::read_to_string(self.state().join("snapshot_registry.json")).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -109,10 +65,11 @@ fn tree(dir: &Path) -> Vec<String> {
 /// host's file through it.
 #[test]
 fn a_link_leading_out_of_its_declared_output_is_refused_at_harvest() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     fs::create_dir_all(fx.p("data")).unwrap();
     fs::write(fx.p("data/secret.txt"), "the host's own file\n").unwrap();
     let pipeline = fx.pipeline(
+        "pipeline.toml",
         r#"
 name = "leak"
 data_root = "{d}/data"
@@ -129,7 +86,7 @@ outputs = ["copied.txt"]
 command = "cat {{data_root}}/out/leak > {{data_root}}/copied.txt"
 "#,
     );
-    let (ok, _, p) = fx.run(&pipeline);
+    let (ok, _, p) = fx.run_file(&pipeline);
     assert!(!ok, "the run must fail\n{}", p.dump());
     let line = p.wait_for(&["leak", "leads outside"], Duration::from_secs(1));
     assert!(line.contains("out"), "{line}");
@@ -176,10 +133,11 @@ fn zstd_compress(data: &[u8]) -> Vec<u8> {
 /// snapshot, and the destination is left exactly as it was (no file, no empty directory).
 #[test]
 fn stored_snapshots_are_judged_and_verified_when_written_out() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let data = fx.p("data");
     fs::create_dir_all(&data).unwrap();
     let pipeline = fx.pipeline(
+        "pipeline.toml",
         r#"
 name = "finals"
 data_root = "{d}/data"
@@ -190,7 +148,7 @@ outputs = ["deep/er/out"]
 command = "mkdir -p {{data_root}}/deep/er/out && head -c 300000 /dev/urandom > {{data_root}}/deep/er/out/blob"
 "#,
     );
-    fx.run_ok(&pipeline);
+    fx.run_file_ok(&pipeline);
     let out = fx.p("data/deep/er/out");
     let blob = fs::read(out.join("blob")).unwrap();
     let (id, isp) = fx.entry(&out).expect("registered");
@@ -206,7 +164,7 @@ command = "mkdir -p {{data_root}}/deep/er/out && head -c 300000 /dev/urandom > {
     let good = fs::read(&archive).unwrap();
     fs::write(&archive, zstd_compress(&tar)).unwrap();
     fs::remove_dir_all(fx.p("data/deep")).unwrap();
-    let (ok, _, p) = fx.run(&pipeline);
+    let (ok, _, p) = fx.run_file(&pipeline);
     assert!(!ok, "a tampered snapshot was written out\n{}", p.dump());
     let err = p.dump();
     assert!(err.contains(&id) && err.contains("verification"), "{err}");
@@ -230,7 +188,7 @@ command = "mkdir -p {{data_root}}/deep/er/out && head -c 300000 /dev/urandom > {
     .unwrap();
     let (ok, _, err) = fx.cli(&["registry", "import", reg.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let (ok, _, p) = fx.run(&pipeline);
+    let (ok, _, p) = fx.run_file(&pipeline);
     assert!(!ok, "a link leading out of its output was written out\n{}", p.dump());
     let err = p.dump();
     assert!(err.contains(&bad) && err.contains("leak") && err.contains("leads outside"), "{err}");
@@ -242,13 +200,14 @@ command = "mkdir -p {{data_root}}/deep/er/out && head -c 300000 /dev/urandom > {
 /// empty.
 #[test]
 fn an_output_is_never_written_through_a_link() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     fs::create_dir_all(fx.p("data")).unwrap();
     let elsewhere = fx.p("elsewhere");
     fs::create_dir_all(&elsewhere).unwrap();
     // Left by an earlier output (or anyone) where `results/` goes.
     std::os::unix::fs::symlink("../elsewhere", fx.p("data/results")).unwrap();
     let pipeline = fx.pipeline(
+        "pipeline.toml",
         r#"
 name = "through"
 data_root = "{d}/data"
@@ -259,7 +218,7 @@ outputs = ["results/summary.txt"]
 command = "mkdir -p {{data_root}}/results && echo summary > {{data_root}}/results/summary.txt"
 "#,
     );
-    let (ok, _, p) = fx.run(&pipeline);
+    let (ok, _, p) = fx.run_file(&pipeline);
     assert!(!ok, "the write-out must be refused\n{}", p.dump());
     let err = p.dump();
     assert!(err.contains("results") && err.contains("elsewhere") && err.contains("symlink"), "{err}");
@@ -272,9 +231,10 @@ command = "mkdir -p {{data_root}}/results && echo summary > {{data_root}}/result
 /// changed file is replaced by rename (a new inode) while its neighbours keep theirs.
 #[test]
 fn writing_outputs_out_is_idempotent_and_keeps_user_files() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     fs::create_dir_all(fx.p("data")).unwrap();
     let pipeline = fx.pipeline(
+        "pipeline.toml",
         r#"
 name = "idem"
 data_root = "{d}/data"
@@ -285,14 +245,14 @@ outputs = ["outdir", "big.bin"]
 command = "mkdir -p {{data_root}}/outdir && echo a > {{data_root}}/outdir/a.txt && echo b > {{data_root}}/outdir/b.txt && head -c 20000000 /dev/urandom > {{data_root}}/big.bin"
 "#,
     );
-    fx.run_ok(&pipeline);
+    fx.run_file_ok(&pipeline);
     let ino = |p: &str| fs::metadata(fx.p(p)).unwrap().ino();
     let mtime = |p: &str| fs::metadata(fx.p(p)).unwrap().mtime();
     let (big, a, b) = (ino("data/big.bin"), ino("data/outdir/a.txt"), ino("data/outdir/b.txt"));
     let big_mtime = mtime("data/big.bin");
     fs::write(fx.p("data/outdir/mine.txt"), "the user's own notes\n").unwrap();
 
-    let (out, p) = fx.run_ok(&pipeline);
+    let (out, p) = fx.run_file_ok(&pipeline);
     assert!(p.count(&["step skipped"]) >= 1, "{}", p.dump());
     assert!(out.contains("up to date"), "{out}");
     assert_eq!((ino("data/big.bin"), ino("data/outdir/a.txt"), ino("data/outdir/b.txt")), (big, a, b));
@@ -302,7 +262,7 @@ command = "mkdir -p {{data_root}}/outdir && echo a > {{data_root}}/outdir/a.txt 
     // A changed file is put back by rename; nothing else is touched.
     fs::write(fx.p("data/outdir/a.txt"), "changed by hand\n").unwrap();
     let a_now = ino("data/outdir/a.txt");
-    fx.run_ok(&pipeline);
+    fx.run_file_ok(&pipeline);
     assert_eq!(fs::read_to_string(fx.p("data/outdir/a.txt")).unwrap(), "a\n");
     assert_ne!(ino("data/outdir/a.txt"), a_now, "rewritten in place instead of renamed over");
     assert_eq!(ino("data/outdir/b.txt"), b);

@@ -1,118 +1,92 @@
 //! Storage backends and the step lifecycle through the real binaries: a coordinator with its
 //! snapshot store and an agent, steps sent with `pype-coordinator step run`, outputs checked
 //! on disk, in the registry, in the coordinator's index and in `/proc/self/mountinfo`.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::{Bins, Coord, Proc, T, start_agent_env};
+use tests::{Agent, Cluster, Signal, T};
 
-fn bins() -> Bins {
-    tests::bins!()
+/// Whether this test may mount (overlayfs, mount namespaces); says loudly when not.
+fn can_mount(test: &str) -> bool {
+    tests::require_root(test, "overlayfs and mount namespaces need it to mount")
 }
 
-fn can_mount() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("SKIPPING the overlayfs / mount namespace part: this test needs root to mount");
+/// A coordinator and one agent `a1` (`fx.agents[0]`, with `env` and its own registry), in a
+/// temp dir holding `data/`, `results/` and the operator's registry `registry.json`.
+fn cluster(env: &[(&str, &str)]) -> Cluster {
+    let fx = Cluster::new();
+    std::fs::create_dir_all(fx.p("data")).unwrap();
+    std::fs::create_dir_all(fx.p("results")).unwrap();
+    let mut agent = Agent::named("a1");
+    for (k, v) in env {
+        agent = agent.env(k, v);
     }
-    root
+    let agent = agent.env("PYPE_SNAPSHOT_REGISTRY", &fx.pstr("agent-registry.json"));
+    let fx = fx.serve().agent(agent);
+    fx.agents[0].wait_for(&["connected to coordinator"], T);
+    fx
 }
 
-/// A coordinator and one agent `a1`, in a temp dir holding `data/`, `results/` and the
-/// operator's registry `registry.json`.
-struct Fx {
-    dir: tempfile::TempDir,
-    bins: Bins,
-    coord: Coord,
-    agent: Proc,
-    env: Vec<(String, String)>,
+/// This file's helpers on the shared fixture: steps sent to `a1` with `step run`.
+trait Backends {
+    fn work_dir(&self) -> PathBuf;
+    fn registry(&self) -> PathBuf;
+    fn import(&self, rels: &[&str]);
+    /// Runs a step file (TOML text, `{d}` replaced by the temp dir); returns (ok, outcome, stderr).
+    fn step(&self, toml: &str) -> (bool, Value, String);
+    fn step_ok(&self, toml: &str) -> (Value, String);
+    fn registry_json(&self) -> Value;
+    fn check_outputs(&self, rels: &[&str]) -> Vec<String>;
+    /// Mount points below the agent's work dir, as the kernel lists them.
+    fn mounts(&self) -> Vec<String>;
+    fn step_dirs(&self) -> Vec<String>;
+    fn assert_clean(&self);
 }
 
-impl Fx {
-    fn new(env: &[(&str, &str)]) -> Fx {
-        let dir = tempfile::tempdir().unwrap();
-        let bins = bins();
-        std::fs::create_dir_all(dir.path().join("data")).unwrap();
-        std::fs::create_dir_all(dir.path().join("results")).unwrap();
-        let coord = Coord::start(&bins, &dir.path().join("coord"), "127.0.0.1:0");
-        let token = coord.token(&bins, &[]);
-        let mut env: Vec<(String, String)> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        env.push((
-            "PYPE_SNAPSHOT_REGISTRY".into(),
-            dir.path().join("agent-registry.json").display().to_string(),
-        ));
-        let agent = Self::spawn_agent(&bins, &coord, dir.path(), Some(&token), &env);
-        Fx { dir, bins, coord, agent, env }
-    }
-
-    fn spawn_agent(
-        bins: &Bins,
-        coord: &Coord,
-        dir: &Path,
-        token: Option<&str>,
-        env: &[(String, String)],
-    ) -> Proc {
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let agent = start_agent_env(bins, coord, &dir.join("agent"), "a1", token, &env);
-        agent.wait_for(&["connected to coordinator"], T);
-        agent
-    }
-
-    fn restart_agent(&mut self) {
-        self.agent = Self::spawn_agent(&self.bins, &self.coord, self.dir.path(), None, &self.env);
-    }
-
-    fn p(&self, rel: &str) -> String {
-        self.dir.path().join(rel).display().to_string()
-    }
-
+impl Backends for Cluster {
     fn work_dir(&self) -> PathBuf {
-        self.dir.path().join("agent/work")
+        self.p("a1/work")
     }
 
     fn registry(&self) -> PathBuf {
-        self.dir.path().join("registry.json")
+        self.p("registry.json")
     }
 
     fn import(&self, rels: &[&str]) {
         let mut args = vec!["import".to_string()];
-        args.extend(rels.iter().map(|r| self.p(r)));
+        args.extend(rels.iter().map(|r| self.pstr(r)));
         args.push("--registry".into());
         args.push(self.registry().display().to_string());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.coord.cli_ok(&self.bins, &args);
+        self.cli_ok(&args);
     }
 
-    /// Runs a step file (TOML text, `{d}` replaced by the temp dir); returns (ok, outcome, stderr).
     fn step(&self, toml: &str) -> (bool, Value, String) {
-        let file = self.dir.path().join(format!("step-{}.toml", rand::random::<u32>()));
-        std::fs::write(&file, toml.replace("{d}", &self.dir.path().display().to_string())).unwrap();
-        let (ok, out, err) = self.coord.cli(
-            &self.bins,
-            &[
-                "step",
-                "run",
-                "--agent",
-                "a1",
-                file.to_str().unwrap(),
-                "--registry",
-                self.registry().to_str().unwrap(),
-            ],
-        );
+        let file = self.pipeline(&format!("step-{}.toml", rand::random::<u32>()), toml);
+        let (ok, out, err) = self.cli(&[
+            "step",
+            "run",
+            "--agent",
+            "a1",
+            file.to_str().unwrap(),
+            "--registry",
+            self.registry().to_str().unwrap(),
+        ]);
         let outcome: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| {
-            panic!("no outcome JSON ({e}):\n{out}\n{err}\n{}\n{}", self.agent.dump(), self.coord.proc.dump())
+            panic!(
+                "no outcome JSON ({e}):\n{out}\n{err}\n{}\n{}",
+                self.agents[0].dump(),
+                self.coord().proc.dump()
+            )
         });
         (ok, outcome, err)
     }
 
     fn step_ok(&self, toml: &str) -> (Value, String) {
         let (ok, outcome, err) = self.step(toml);
-        assert!(ok, "step failed: {outcome}\n{err}\n{}", self.agent.dump());
+        assert!(ok, "step failed: {outcome}\n{err}\n{}", self.agents[0].dump());
         (outcome, err)
     }
 
@@ -124,13 +98,12 @@ impl Fx {
         let mut args = vec!["check-outputs", "--agent", "a1", "--registry"];
         let reg = self.registry().display().to_string();
         args.push(&reg);
-        let paths: Vec<String> = rels.iter().map(|r| self.p(r)).collect();
+        let paths: Vec<String> = rels.iter().map(|r| self.pstr(r)).collect();
         args.extend(paths.iter().map(String::as_str));
-        let out = self.coord.cli_ok(&self.bins, &args);
+        let out = self.cli_ok(&args);
         out.lines().map(|l| l.rsplit('\t').next().unwrap().to_string()).collect()
     }
 
-    /// Mount points below the agent's work dir, as the kernel lists them.
     fn mounts(&self) -> Vec<String> {
         let work = self.work_dir().display().to_string();
         std::fs::read_to_string("/proc/self/mountinfo")
@@ -164,7 +137,7 @@ fn keys(v: &Value) -> Vec<String> {
 /// cached across steps), exactly the declared outputs harvested (spaces, unicode, symlinks
 /// inside a directory output), a second step consuming the first one's outputs, cleanup.
 fn snapshot_pipeline(env: &[(&str, &str)], expect_view: &str) {
-    let fx = Fx::new(env);
+    let fx = cluster(env);
     std::fs::write(fx.p("data/a.txt"), "alpha\n").unwrap();
     std::fs::write(fx.p("data/b.txt"), "beta\n").unwrap();
     fx.import(&["data/a.txt", "data/b.txt"]);
@@ -185,18 +158,21 @@ outputs = ["{d}/results/my out ü.txt", "{d}/results/tree", "{d}/results/never-w
     assert!(err.contains("merged view ok"), "snippet output streamed to the operator: {err}");
     assert!(err.contains(&format!("view {expect_view}")), "{err}");
     let new = &outcome["new_entries"];
-    assert_eq!(keys(new), vec![fx.p("results/my out ü.txt"), fx.p("results/tree")], "{outcome}");
-    assert_eq!(outcome["outputs"][fx.p("results/my out ü.txt")], 11);
-    assert_eq!(outcome["outputs"][fx.p("results/never-written")], Value::Null);
+    assert_eq!(keys(new), vec![fx.pstr("results/my out ü.txt"), fx.pstr("results/tree")], "{outcome}");
+    assert_eq!(outcome["outputs"][fx.pstr("results/my out ü.txt")], 11);
+    assert_eq!(outcome["outputs"][fx.pstr("results/never-written")], Value::Null);
     // The outputs went to the store, not to the host paths.
-    assert!(!Path::new(&fx.p("results/my out ü.txt")).exists());
+    assert!(!fx.p("results/my out ü.txt").exists());
     // Undeclared paths are not part of the view: in a namespace they land in the merged view
     // and vanish with it; with rewritten paths they are written on the host, never harvested.
-    let undeclared = Path::new(&fx.p("results/undeclared.tmp")).exists();
+    let undeclared = fx.p("results/undeclared.tmp").exists();
     assert_eq!(undeclared, expect_view == "rewritten paths");
     let reg = fx.registry_json();
-    assert_eq!(reg[fx.p("results/tree")]["in_snapshot_path"], fx.p("results/tree").trim_start_matches('/'));
-    assert!(reg[fx.p("results/tree")]["produced_by"]["attempt"].is_u64());
+    assert_eq!(
+        reg[fx.pstr("results/tree")]["in_snapshot_path"],
+        fx.pstr("results/tree").trim_start_matches('/')
+    );
+    assert!(reg[fx.pstr("results/tree")]["produced_by"]["attempt"].is_u64());
     fx.assert_clean();
 
     // check_outputs answers from the coordinator's index.
@@ -219,22 +195,25 @@ inputs = ["{d}/results/my out ü.txt", "{d}/results/tree", "{d}/data/a.txt"]
 outputs = ["{d}/results/count.txt"]
 "#,
     );
-    assert_eq!(outcome2["outputs"][fx.p("results/count.txt")], 2, "{outcome2}");
+    assert_eq!(outcome2["outputs"][fx.pstr("results/count.txt")], 2, "{outcome2}");
     assert_eq!(fx.check_outputs(&["results/count.txt"]), vec!["2"]);
-    let imported = reg[fx.p("data/a.txt")]["snapshot_id"].as_str().unwrap().to_string();
-    assert_eq!(fx.agent.count(&["snapshot fetched", &imported]), 1, "{}", fx.agent.dump());
-    assert!(fx.agent.count(&["snapshot cache hit", &imported]) >= 1, "{}", fx.agent.dump());
-    assert_eq!(fx.coord.proc.count(&["transfer done", "fetch", &imported]), 1);
+    let imported = reg[fx.pstr("data/a.txt")]["snapshot_id"].as_str().unwrap().to_string();
+    assert_eq!(fx.agents[0].count(&["snapshot fetched", &imported]), 1, "{}", fx.agents[0].dump());
+    assert!(fx.agents[0].count(&["snapshot cache hit", &imported]) >= 1, "{}", fx.agents[0].dump());
+    assert_eq!(fx.coord().proc.count(&["transfer done", "fetch", &imported]), 1);
     fx.assert_clean();
     let agent_reg: Value =
         serde_json::from_str(&std::fs::read_to_string(fx.dir.path().join("agent-registry.json")).unwrap())
             .unwrap();
-    assert!(agent_reg.get(fx.p("results/count.txt")).is_some(), "the agent keeps its registry: {agent_reg}");
+    assert!(
+        agent_reg.get(fx.pstr("results/count.txt")).is_some(),
+        "the agent keeps its registry: {agent_reg}"
+    );
 }
 
 #[test]
 fn snapshot_backend_with_overlayfs_and_mount_namespace() {
-    if !can_mount() {
+    if !can_mount("snapshot_backend_with_overlayfs_and_mount_namespace") {
         return;
     }
     snapshot_pipeline(&[("PYPE_OVERLAY_MODE", "snapshot")], "mount namespace");
@@ -254,7 +233,7 @@ fn snapshot_backend_with_hardlinked_view_and_rewritten_paths() {
 
 #[test]
 fn snapshot_backend_with_overlayfs_and_rewritten_paths() {
-    if !can_mount() {
+    if !can_mount("snapshot_backend_with_overlayfs_and_rewritten_paths") {
         return;
     }
     snapshot_pipeline(
@@ -265,7 +244,7 @@ fn snapshot_backend_with_overlayfs_and_rewritten_paths() {
 
 #[test]
 fn failed_timed_out_and_cancelled_steps_harvest_nothing_and_clean_up() {
-    let fx = Fx::new(&[("PYPE_OVERLAY_MODE", "snapshot")]);
+    let fx = cluster(&[("PYPE_OVERLAY_MODE", "snapshot")]);
     std::fs::write(fx.p("data/a.txt"), "alpha\n").unwrap();
     fx.import(&["data/a.txt"]);
     let (ok, outcome, _) = fx.step(
@@ -278,7 +257,7 @@ outputs = ["{d}/results/out.txt"]
     assert!(!ok);
     assert_eq!(outcome["exit"], "Exited(3)");
     assert_eq!(keys(&outcome["new_entries"]), Vec::<String>::new());
-    assert!(fx.registry_json().get(fx.p("results/out.txt")).is_none());
+    assert!(fx.registry_json().get(fx.pstr("results/out.txt")).is_none());
     fx.assert_clean();
 
     // A timeout kills the whole process group, background children included.
@@ -301,8 +280,6 @@ timeout_secs = 1
     fx.assert_clean();
 
     // Cancel from the coordinator.
-    let bins = bins();
-    let state = fx.coord.state_dir.clone();
     let file = fx.dir.path().join("long.toml");
     std::fs::write(
         &file,
@@ -312,9 +289,8 @@ timeout_secs = 1
         ),
     )
     .unwrap();
-    let runner = std::process::Command::new(&bins.coordinator)
-        .arg("--state-dir")
-        .arg(&state)
+    let runner = fx
+        .command()
         .args(["step", "run", "--agent", "a1", "--registry"])
         .arg(fx.registry())
         .arg(&file)
@@ -322,12 +298,12 @@ timeout_secs = 1
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let line = fx.coord.proc.wait_for(&["step started", "view="], T);
+    let line = fx.coord().proc.wait_for(&["step started", "view="], T);
     let _ = line;
-    let dispatched = fx.coord.proc.wait_for_nth(&["step dispatched"], 3, T);
+    let dispatched = fx.coord().proc.wait_for_nth(&["step dispatched"], 3, T);
     let attempt = dispatched.split("attempt=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
-    fx.agent.wait_for(&["running snippet", &format!("attempt={attempt}")], T);
-    fx.coord.cli_ok(&bins, &["step", "cancel", &attempt]);
+    fx.agents[0].wait_for(&["running snippet", &format!("attempt={attempt}")], T);
+    fx.cli_ok(&["step", "cancel", &attempt]);
     let out = runner.wait_with_output().unwrap();
     assert!(!out.status.success());
     let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -337,10 +313,10 @@ timeout_secs = 1
 
 #[test]
 fn killed_agent_leaves_mounts_and_scratch_that_the_next_start_removes() {
-    if !can_mount() {
+    if !can_mount("killed_agent_leaves_mounts_and_scratch_that_the_next_start_removes") {
         return;
     }
-    let mut fx = Fx::new(&[("PYPE_OVERLAY_MODE", "snapshot")]);
+    let mut fx = cluster(&[("PYPE_OVERLAY_MODE", "snapshot")]);
     std::fs::write(fx.p("data/a.txt"), "alpha\n").unwrap();
     fx.import(&["data/a.txt"]);
     let file = fx.dir.path().join("long.toml");
@@ -352,9 +328,8 @@ fn killed_agent_leaves_mounts_and_scratch_that_the_next_start_removes() {
         ),
     )
     .unwrap();
-    let mut runner = std::process::Command::new(&fx.bins.coordinator)
-        .arg("--state-dir")
-        .arg(&fx.coord.state_dir)
+    let mut runner = fx
+        .command()
         .args(["step", "run", "--agent", "a1", "--registry"])
         .arg(fx.registry())
         .arg(&file)
@@ -362,25 +337,25 @@ fn killed_agent_leaves_mounts_and_scratch_that_the_next_start_removes() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    fx.agent.wait_for(&["running snippet"], T);
+    fx.agents[0].wait_for(&["running snippet"], T);
     let deadline = std::time::Instant::now() + T;
     let pid = loop {
         match std::fs::read_to_string(fx.p("bg.pid")) {
             Ok(p) if p.ends_with('\n') => break p,
             _ if std::time::Instant::now() > deadline => {
-                panic!("the snippet never wrote bg.pid\n{}", fx.agent.dump())
+                panic!("the snippet never wrote bg.pid\n{}", fx.agents[0].dump())
             }
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
     };
-    fx.agent.signal(libc::SIGKILL);
-    fx.agent.wait_exit(T);
+    fx.agents[0].signal(Signal::KILL);
+    fx.agents[0].wait_exit(T);
     assert_eq!(fx.mounts().len(), 1, "the killed agent's overlay is still mounted");
     assert_eq!(fx.step_dirs().len(), 1);
     assert!(Path::new(&format!("/proc/{}", pid.trim())).exists());
-    fx.restart_agent();
-    fx.agent.wait_for(&["killed a snippet an earlier agent left running"], T);
-    fx.agent.wait_for(&["unmounted a leftover"], T);
+    fx.restart_agent(0).wait_for(&["connected to coordinator"], T);
+    fx.agents[0].wait_for(&["killed a snippet an earlier agent left running"], T);
+    fx.agents[0].wait_for(&["unmounted a leftover"], T);
     fx.assert_clean();
     let state = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
     assert!(state.is_empty() || state.contains(") Z"), "the left-over snippet still runs: {state}");
@@ -390,7 +365,7 @@ fn killed_agent_leaves_mounts_and_scratch_that_the_next_start_removes() {
 
 #[test]
 fn ten_thousand_file_output_directory() {
-    let fx = Fx::new(&[("PYPE_OVERLAY_MODE", "snapshot")]);
+    let fx = cluster(&[("PYPE_OVERLAY_MODE", "snapshot")]);
     let (outcome, _) = fx.step_ok(
         r#"
 command = '''
@@ -401,7 +376,7 @@ for d in $(seq 0 99); do mkdir d$d; for f in $(seq 0 99); do echo $d-$f > d$d/f$
 outputs = ["{d}/results/many"]
 "#,
     );
-    let size = outcome["outputs"][fx.p("results/many")].as_u64().unwrap();
+    let size = outcome["outputs"][fx.pstr("results/many")].as_u64().unwrap();
     assert!(size > 40_000, "{outcome}");
     let (outcome2, _) = fx.step_ok(
         r#"
@@ -410,13 +385,13 @@ inputs = ["{d}/results/many"]
 outputs = ["{d}/results/n.txt"]
 "#,
     );
-    assert_eq!(outcome2["outputs"][fx.p("results/n.txt")], 6);
+    assert_eq!(outcome2["outputs"][fx.pstr("results/n.txt")], 6);
     fx.assert_clean();
 }
 
 #[test]
 fn profile_build_stages_a_program_and_steps_find_it_at_its_bind_path() {
-    let fx = Fx::new(&[("PYPE_OVERLAY_MODE", "snapshot")]);
+    let fx = cluster(&[("PYPE_OVERLAY_MODE", "snapshot")]);
     let build = r#"
 command = '''
 if [ -e {d}/opt/tools/hello.sh ]; then echo "already there"; exit 0; fi
@@ -430,8 +405,8 @@ programs = [{ key = "hello", artifact_path = "{d}/opt/tools/hello.sh" }]
 "#;
     let (outcome, _) = fx.step_ok(build);
     let entry = &outcome["new_entries"]["demo/programs/hello"];
-    assert_eq!(entry["bind_path"], fx.p("opt/tools"), "{outcome}");
-    assert_eq!(entry["in_snapshot_path"], fx.p("opt/tools/hello.sh"));
+    assert_eq!(entry["bind_path"], fx.pstr("opt/tools"), "{outcome}");
+    assert_eq!(entry["in_snapshot_path"], fx.pstr("opt/tools/hello.sh"));
     // Building again finds the staged program in place and keeps it.
     let (again, err) = fx.step_ok(build);
     assert!(err.contains("already there"), "{err}");
@@ -452,7 +427,7 @@ program = { profile = "demo", key = "hello" }
 fn overlay_backend(env: &[(&str, &str)]) {
     let mut all = vec![("PYPE_OVERLAY_MODE", "overlay")];
     all.extend_from_slice(env);
-    let fx = Fx::new(&all);
+    let fx = cluster(&all);
     std::fs::write(fx.p("data/in.txt"), "input\n").unwrap();
     std::fs::write(fx.p("results/existing.txt"), "keep me\n").unwrap();
     let (ok, _, _) = fx.step(
@@ -462,7 +437,7 @@ outputs = ["{d}/results/out.txt"]
 "#,
     );
     assert!(!ok);
-    assert!(!Path::new(&fx.p("results/out.txt")).exists(), "a failed step left an output in place");
+    assert!(!fx.p("results/out.txt").exists(), "a failed step left an output in place");
     let (outcome, _) = fx.step_ok(
         r#"
 command = '''
@@ -479,10 +454,10 @@ outputs = ["{d}/results/out.txt", "{d}/results/dir ü", "{d}/data/beside.txt"]
     // Undeclared files: in a namespace they stay in scratch; with rewritten paths they are
     // written in place on the host (bio-pype's behaviour), never through scratch.
     let in_namespace = !env.contains(&("PYPE_MOUNT_NAMESPACE", "never"));
-    assert_eq!(Path::new(&fx.p("results/undeclared.txt")).exists(), !in_namespace);
+    assert_eq!(fx.p("results/undeclared.txt").exists(), !in_namespace);
     assert_eq!(std::fs::read_link(fx.p("results/dir ü/l")).unwrap(), Path::new("f"));
     assert_eq!(std::fs::read_to_string(fx.p("data/beside.txt")).unwrap(), "beside\n");
-    assert_eq!(outcome["outputs"][fx.p("results/out.txt")], 8);
+    assert_eq!(outcome["outputs"][fx.pstr("results/out.txt")], 8);
     let leftovers: Vec<_> = std::fs::read_dir(fx.p("results"))
         .unwrap()
         .flatten()
@@ -501,7 +476,7 @@ fn overlay_backend_with_rewritten_paths() {
 
 #[test]
 fn overlay_backend_in_a_mount_namespace() {
-    if !can_mount() {
+    if !can_mount("overlay_backend_in_a_mount_namespace") {
         return;
     }
     overlay_backend(&[]);
@@ -509,7 +484,7 @@ fn overlay_backend_in_a_mount_namespace() {
 
 #[test]
 fn direct_backend_runs_in_place_and_stats_outputs() {
-    let fx = Fx::new(&[]);
+    let fx = cluster(&[]);
     let (outcome, _) = fx.step_ok(
         r#"
 command = "printf abc > {d}/results/x; printf '' > {d}/results/empty"
@@ -529,7 +504,7 @@ env = { GREETING = "hi" }
 fn external_backend_over_json_lines() {
     let queues = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/backends");
     let queues = queues.canonicalize().unwrap().display().to_string();
-    let fx = Fx::new(&[("PYPE_OVERLAY_MODE", "copydir"), ("PYPE_QUEUES", &queues)]);
+    let fx = cluster(&[("PYPE_OVERLAY_MODE", "copydir"), ("PYPE_QUEUES", &queues)]);
     let (ok, _, _) = fx.step(
         r#"
 command = "echo no > {d}/results/out.txt; false"
@@ -537,7 +512,7 @@ outputs = ["{d}/results/out.txt"]
 "#,
     );
     assert!(!ok);
-    assert!(!Path::new(&fx.p("results/out.txt")).exists());
+    assert!(!fx.p("results/out.txt").exists());
     let (outcome, _) = fx.step_ok(
         r#"
 command = "echo via external > {d}/results/out.txt"
@@ -546,14 +521,14 @@ outputs = ["{d}/results/out.txt"]
     );
     assert_eq!(outcome["backend"], "copydir");
     assert_eq!(std::fs::read_to_string(fx.p("results/out.txt")).unwrap(), "via external\n");
-    assert_eq!(outcome["outputs"][fx.p("results/out.txt")], 13);
+    assert_eq!(outcome["outputs"][fx.pstr("results/out.txt")], 13);
     assert_eq!(fx.check_outputs(&["results/out.txt", "results/nope"]), vec!["13", "missing"]);
-    fx.agent.wait_for(&["external backend started", "copydir"], T);
+    fx.agents[0].wait_for(&["external backend started", "copydir"], T);
 }
 
 #[test]
 fn unknown_mode_is_an_error_naming_the_valid_modes_and_where_it_looked() {
-    let fx = Fx::new(&[("PYPE_OVERLAY_MODE", "nosuch"), ("PYPE_QUEUES", "/nonexistent/queues")]);
+    let fx = cluster(&[("PYPE_OVERLAY_MODE", "nosuch"), ("PYPE_QUEUES", "/nonexistent/queues")]);
     let (ok, outcome, _) = fx.step(r#"command = "true""#);
     assert!(!ok);
     assert_eq!(outcome["exit"], "SetupFailed");
@@ -564,5 +539,5 @@ fn unknown_mode_is_an_error_naming_the_valid_modes_and_where_it_looked() {
     assert!(err.contains("/nonexistent/queues"), "{err}");
     // The agent is still there for the next step.
     std::thread::sleep(Duration::from_millis(1));
-    assert!(fx.agent.count(&["step finished"]) >= 1);
+    assert!(fx.agents[0].count(&["step finished"]) >= 1);
 }

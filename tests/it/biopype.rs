@@ -3,19 +3,15 @@
 //! (python/, taken from the working tree through PYTHONPATH), against the module set in
 //! tests/biopype/ (markdown snippets, an API 2.1.0 pipeline with a fan-out and a join, a
 //! profile with a program and a file). bio-pype's own `parallel` queue is the reference.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::{Bins, Slurm};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+use tests::{Cluster, Slurm, repo};
 
 /// The venv ci-setup makes (bio-pype 2.0.99rc9 and python/), or a loud skip.
 fn venv(test: &str) -> Option<PathBuf> {
@@ -23,10 +19,7 @@ fn venv(test: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join(".venv-biopype"));
     if !v.join("bin/pype").exists() {
-        eprintln!(
-            "\n!!! SKIPPED {test}: bio-pype is not installed at {} (./ci-setup installs it)\n",
-            v.display()
-        );
+        tests::skip(test, &format!("bio-pype is not installed at {}", v.display()), "./ci-setup installs it");
         return None;
     }
     Some(v)
@@ -39,23 +32,30 @@ struct Job {
     started_at: String,
 }
 
+/// The shared fixture (its state dir is the pype_rs runs'), bio-pype's venv and the
+/// environment bio-pype runs with; derefs to the [`Cluster`].
 struct Bp {
-    dir: tempfile::TempDir,
+    cluster: Cluster,
     venv: PathBuf,
-    bins: Bins,
     /// `PYPE_RS_RUN_ARGS` for pype_rs runs.
     run_args: String,
     env: Vec<(String, String)>,
 }
 
+impl Deref for Bp {
+    type Target = Cluster;
+
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
 impl Bp {
     fn new(test: &str) -> Option<Bp> {
         let venv = venv(test)?;
-        let dir = tempfile::tempdir().unwrap();
         let bp = Bp {
-            dir,
+            cluster: Cluster::new(),
             venv,
-            bins: tests::bins!(),
             run_args: "--heartbeat-interval-ms 200".into(),
             env: Vec::new(),
         };
@@ -73,14 +73,6 @@ impl Bp {
             bp.python_cmd("pype-rs").args(["install", "--dir"]).arg(bp.p("modules/queues")).output().unwrap();
         assert!(out.status.success(), "pype-rs install: {}", String::from_utf8_lossy(&out.stderr));
         Some(bp)
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn state(&self) -> PathBuf {
-        self.p("state")
     }
 
     /// A venv executable with the test environment (bio-pype's modules, this repo's python/).
@@ -170,10 +162,6 @@ impl Bp {
                 )
             })
             .collect()
-    }
-
-    fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        tests::cli(&self.bins, &self.state(), args)
     }
 }
 
@@ -466,9 +454,8 @@ fn the_served_overlay_backend_keeps_chunks_apart() {
 }
 
 fn served_backend_on(backend: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let bins = tests::bins!();
-    let d = dir.path().display().to_string();
+    let fx = Cluster::new();
+    let d = fx.d();
     let client = r#"
 import json, os, socket, stat, sys
 path = os.environ["PYPE_RS_SOCKET"]
@@ -499,7 +486,7 @@ print("harvest", json.dumps(call(c, "harvest", {"upper": vol["scratch_dir"], "or
 print("check", json.dumps(call(c, "check_outputs", {"paths": [sys.argv[1] + "/res.txt"]})))
 print("cleanup", json.dumps(call(c, "cleanup", {})))
 "#;
-    std::fs::write(dir.path().join("client.py"), client).unwrap();
+    std::fs::write(fx.p("client.py"), client).unwrap();
     let pipeline = serde_json::json!({
         "version": 1,
         "name": "served",
@@ -512,9 +499,8 @@ print("cleanup", json.dumps(call(c, "cleanup", {})))
             "serve_backend": true,
         }],
     });
-    let mut child = Command::new(&bins.coordinator)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
+    let mut child = fx
+        .command()
         .args(["run", "--json", "-", "--heartbeat-interval-ms", "200", "--backend", backend])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -535,7 +521,7 @@ print("cleanup", json.dumps(call(c, "cleanup", {})))
     }
     let run = lines.last().unwrap()["run"].as_str().unwrap().to_string();
     assert_eq!(lines.last().unwrap()["succeeded"], true);
-    let (ok, log, err) = tests::cli(&bins, &dir.path().join("state"), &["logs", &run, "chunk"]);
+    let (ok, log, err) = fx.cli(&["logs", &run, "chunk"]);
     assert!(ok, "{err}");
     let field = |k: &str| {
         log.lines()
@@ -561,7 +547,7 @@ print("cleanup", json.dumps(call(c, "cleanup", {})))
     }
     assert!(field("check").contains("\"sizes\": {") && field("check").contains(": 7}"), "{log}");
     // Written back at once, and the socket is gone with the attempt.
-    assert_eq!(std::fs::read_to_string(dir.path().join("work/out/res.txt")).unwrap(), "served\n");
+    assert_eq!(std::fs::read_to_string(fx.p("work/out/res.txt")).unwrap(), "served\n");
     let socket = field("socket-mode").rsplit(' ').next().unwrap().to_string();
     assert!(!Path::new(&socket).exists(), "{socket} removed");
 }

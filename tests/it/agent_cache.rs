@@ -11,7 +11,6 @@
 //! Snapshots with hostile content are crafted here byte by byte (a ustar archive in a zstd
 //! frame of raw blocks) and put straight into the coordinator's local store, so nothing on
 //! the packing side can tidy them up first.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -19,44 +18,27 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tests::{Bins, Proc, manifest, run_id};
+use tests::{Cluster, Proc, manifest};
 
-const LONG: Duration = Duration::from_secs(120);
-
-fn bins() -> Bins {
-    tests::bins!()
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-struct Fx {
-    dir: tempfile::TempDir,
-    bins: Bins,
-}
-
-impl Fx {
-    fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap(), bins: bins() }
-    }
-
-    fn d(&self) -> String {
-        self.dir.path().display().to_string()
-    }
-
+/// This file's helpers on the shared fixture: one local agent, its cache and its log.
+trait AgentCache {
     /// `{d}` without its leading `/`: where the fixture's paths sit inside a snapshot.
+    fn rd(&self) -> String;
+    fn agent_dir(&self) -> PathBuf;
+    fn agent_log(&self) -> String;
+    /// The cached tree of a snapshot on the one local agent.
+    fn cached(&self, id: &str) -> PathBuf;
+    /// Merges `{path: (snapshot_id, in_snapshot_path)}` into the working registry.
+    fn register(&self, entries: &[(String, &str, String)]);
+    fn entry(&self, path: &str) -> (String, String);
+    /// Runs a pipeline (`{d}` replaced) to its end with one local agent whose environment
+    /// has `env`; returns (success, run id, the run's process for its log).
+    fn run_text(&self, text: &str, env: &[(&str, &str)]) -> (bool, String, Proc);
+}
+
+impl AgentCache for Cluster {
     fn rd(&self) -> String {
         self.d().trim_start_matches('/').to_string()
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn state(&self) -> PathBuf {
-        self.p("state")
     }
 
     fn agent_dir(&self) -> PathBuf {
@@ -67,18 +49,10 @@ impl Fx {
         std::fs::read_to_string(self.agent_dir().join("agent.log")).unwrap_or_default()
     }
 
-    /// The cached tree of a snapshot on the one local agent.
     fn cached(&self, id: &str) -> PathBuf {
         self.agent_dir().join("cache").join(id)
     }
 
-    fn cli_ok(&self, args: &[&str]) -> String {
-        let (ok, stdout, stderr) = tests::cli(&self.bins, &self.state(), args);
-        assert!(ok, "pype-coordinator {args:?} failed:\n{stdout}\n{stderr}");
-        stdout
-    }
-
-    /// Merges `{path: (snapshot_id, in_snapshot_path)}` into the working registry.
     fn register(&self, entries: &[(String, &str, String)]) {
         let mut reg = serde_json::Map::new();
         for (path, id, isp) in entries {
@@ -96,24 +70,16 @@ impl Fx {
         (e["snapshot_id"].as_str().unwrap().to_string(), e["in_snapshot_path"].as_str().unwrap().to_string())
     }
 
-    /// Runs a pipeline (`{d}` replaced) to its end with one local agent whose environment
-    /// has `env`; returns (success, run id, the run's process for its log).
-    fn run(&self, text: &str, env: &[(&str, &str)]) -> (bool, String, Proc) {
-        let path = self.p(&format!("p-{}.toml", rand::random::<u32>()));
-        std::fs::write(&path, text.replace("{d}", &self.d())).unwrap();
-        let mut cmd = Command::new(&self.bins.coordinator);
-        // Heartbeats every second: these runs copy and mount on a loaded 2-core machine, and
-        // nothing here is about losing agents.
-        cmd.arg("--state-dir").arg(self.state()).arg("run").arg("--heartbeat-interval-ms").arg("1000");
-        cmd.args(["--agents", "1", "--infra-retries", "0"]).arg(&path);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut p = Proc::spawn("run", cmd);
-        let status = p.wait_exit(LONG);
-        let line = p.wait_for(&["run started"], Duration::from_secs(1));
-        (status.success(), run_id(&line), p)
+    fn run_text(&self, text: &str, env: &[(&str, &str)]) -> (bool, String, Proc) {
+        let path = self.pipeline(&format!("p-{}.toml", rand::random::<u32>()), text);
+        self.run_env(&["--agents", "1", "--infra-retries", "0", path.to_str().unwrap()], env)
     }
+}
+
+/// Heartbeats every second: these runs copy and mount on a loaded 2-core machine, and
+/// nothing here is about losing agents.
+fn cluster() -> Cluster {
+    Cluster::new().heartbeat_ms(1000)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -293,7 +259,7 @@ fn damage(p: &str) -> String {
 /// own layout) and at other paths (`alias/`, registry entries naming the same snapshot paths,
 /// presented through the remap layer); step `reader`, later on the same agent, lists them.
 fn vandal_then_reader(env: &[(&str, &str)], expect_view: &str) {
-    let fx = Fx::new();
+    let fx = cluster();
     let d = fx.d();
     for (name, body) in DIR_FILES {
         let f = fx.p(&format!("data/dir/{name}"));
@@ -347,7 +313,7 @@ outputs = ["{{d}}/out/reader.txt"]
         listing("{d}/data"),
         listing("{d}/alias"),
     );
-    let (ok, _run, p) = fx.run(&pipeline, env);
+    let (ok, _run, p) = fx.run_text(&pipeline, env);
     let log = fx.agent_log();
     assert!(ok, "the run failed\n{}\n--- agent\n{log}", p.dump());
     assert!(log.contains(expect_view), "expected {expect_view:?} in the agent's log\n{log}");
@@ -364,8 +330,7 @@ outputs = ["{{d}}/out/reader.txt"]
 
 #[test]
 fn overlayfs_view_in_a_namespace_keeps_the_cache_intact() {
-    if !is_root() {
-        eprintln!("SKIPPED: overlayfs needs root");
+    if !tests::require_root("overlayfs_view_in_a_namespace_keeps_the_cache_intact", "overlayfs needs it") {
         return;
     }
     vandal_then_reader(&[], "overlayfs view mounted");
@@ -373,8 +338,10 @@ fn overlayfs_view_in_a_namespace_keeps_the_cache_intact() {
 
 #[test]
 fn overlayfs_view_with_rewritten_paths_keeps_the_cache_intact() {
-    if !is_root() {
-        eprintln!("SKIPPED: overlayfs needs root");
+    if !tests::require_root(
+        "overlayfs_view_with_rewritten_paths_keeps_the_cache_intact",
+        "overlayfs needs it",
+    ) {
         return;
     }
     vandal_then_reader(&[("PYPE_MOUNT_NAMESPACE", "never")], "overlayfs view mounted");
@@ -403,7 +370,7 @@ fn copied_view_with_rewritten_paths_keeps_the_cache_intact() {
 /// never run. A link that stays inside its input is restored as before.
 #[test]
 fn restore_refuses_links_that_leave_their_input() {
-    let fx = Fx::new();
+    let fx = cluster();
     let d = fx.d();
     let rd = fx.rd();
     std::fs::write(fx.p("secret.txt"), "HOST SECRET\n").unwrap();
@@ -429,7 +396,7 @@ fn restore_refuses_links_that_leave_their_input() {
         (format!("{d}/data/link.txt"), &snap, link.clone()),
         (format!("{d}/data/good"), &snap, format!("{rd}/data/good")),
     ]);
-    let (ok, _run, p) = fx.run(
+    let (ok, _run, p) = fx.run_text(
         r#"
 name = "leaky"
 [[steps]]
@@ -479,7 +446,7 @@ outputs = ["{d}/out/good.txt"]
 /// refused the same way.
 #[test]
 fn view_is_never_written_through_a_link() {
-    let fx = Fx::new();
+    let fx = cluster();
     let d = fx.d();
     let rd = fx.rd();
     let mut a_items: Vec<Item> = Vec::new();
@@ -500,7 +467,7 @@ fn view_is_never_written_through_a_link() {
         (format!("{d}/x/link/f.txt"), &b, b_file.clone()),
         (format!("{d}/y"), &a, format!("{rd}/w/a")),
     ]);
-    let (ok, _run, p) = fx.run(
+    let (ok, _run, p) = fx.run_text(
         r#"
 name = "through"
 [[steps]]
@@ -538,7 +505,7 @@ outputs = ["{d}/y/link/out.txt"]
 /// and the snapshot, instead of a stream stopped by the peer; the step fails at setup.
 #[test]
 fn an_agent_refusing_a_relayed_snapshot_tells_the_coordinator_why() {
-    let fx = Fx::new();
+    let fx = cluster();
     let d = fx.d();
     let rd = fx.rd();
     let mut items: Vec<Item> = Vec::new();
@@ -548,7 +515,7 @@ fn an_agent_refusing_a_relayed_snapshot_tells_the_coordinator_why() {
     items.push(Item::Device(&dev));
     let snap = store_snapshot(&fx.state(), &items);
     fx.register(&[(format!("{d}/data/dev.txt"), &snap, dev.clone())]);
-    let (ok, _run, p) = fx.run(
+    let (ok, _run, p) = fx.run_text(
         r#"
 name = "device"
 [[steps]]

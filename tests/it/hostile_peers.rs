@@ -1,20 +1,13 @@
 //! Hostile peers through the real binaries: a second enrolled agent forging another agent's
 //! results is refused and changes nothing; results for attempts nobody waits for are bounded
 //! in bytes.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::process::Command;
 use std::time::Duration;
 
 use protocol::{AgentToCoordinator, RegistryEntry, StepExit, StepOutcome};
-use tests::{Bins, Coord, Proc, T, connect, enroll_identity, hello, start_agent_env};
+use tests::{Agent, Cluster, LONG, Proc, Signal, T, connect, hello};
 use transport::framed;
-
-fn bins() -> Bins {
-    tests::bins!()
-}
-
-const LONG: Duration = Duration::from_secs(120);
 
 /// Heartbeats on `send` every 50 ms, so the hand-made agent stays connected.
 fn keep_alive(mut send: quinn::SendStream) -> tokio::task::JoinHandle<()> {
@@ -77,35 +70,27 @@ fn forged(attempt_id: u64, path: &str, entries: usize) -> StepOutcome {
 /// takes `honest`'s real result, and the registry names `honest`'s snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_results_for_another_agents_attempt_are_refused() {
-    let b = bins();
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path().display().to_string();
-    let coord = Coord::start(&b, &tmp.path().join("state"), "127.0.0.1:0");
-    let reg = tmp.path().join("honest/registry.json").display().to_string();
-    let env = [("PYPE_OVERLAY_MODE", "snapshot"), ("PYPE_SNAPSHOT_REGISTRY", reg.as_str())];
-    let token = coord.token(&b, &[]);
-    let _honest = start_agent_env(&b, &coord, &tmp.path().join("honest"), "honest", Some(&token), &env);
+    let fx = Cluster::new().serve();
+    let d = fx.d();
+    let coord = fx.coord();
+    let reg = fx.pstr("honest/registry.json");
+    let _honest = fx.spawn_agent(
+        Agent::named("honest").env("PYPE_OVERLAY_MODE", "snapshot").env("PYPE_SNAPSHOT_REGISTRY", &reg),
+    );
     wait_for(&coord.proc, &["agent joined", "honest"], T);
-    let forger = enroll_identity(&coord, &b, &tmp.path().join("forger"), "forger").await;
+    let forger = fx.enroll_identity("forger").await;
     let _ = &forger;
 
     let out = format!("{d}/out.txt");
-    let pipeline = tmp.path().join("p.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
+    let pipeline = fx.pipeline(
+        "p.toml",
+        &format!(
             "name = \"victim\"\n[[steps]]\nname = \"slow\"\n\
              command = \"sleep 3; echo honest > {out}\"\noutputs = [\"{out}\"]\n"
         ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(&b.coordinator);
-    cmd.arg("--state-dir")
-        .arg(tmp.path().join("state"))
-        .arg("run")
-        .arg("--coordinator")
-        .arg(coord.addr.to_string())
-        .arg(&pipeline);
+    );
+    let mut cmd = fx.command();
+    cmd.arg("run").arg("--coordinator").arg(coord.addr.to_string()).arg(&pipeline);
     let mut run = Proc::spawn("run", cmd);
     let line = wait_for(&coord.proc, &["step dispatched", "agent=\"honest\""], LONG);
     let attempt: u64 =
@@ -148,14 +133,13 @@ async fn forged_results_for_another_agents_attempt_are_refused() {
     assert_eq!(coord.proc.count(&["refused step events from agent forger"]), 1, "{}", coord.proc.dump());
     assert_eq!(run.count(&["FORGED"]), 0, "{}", run.dump());
     assert_eq!(run.count(&["step started", "forged"]), 0, "{}", run.dump());
-    let reg = tokio::task::block_in_place(|| coord.cli_ok(&b, &["registry", "get", &out]));
+    let reg = tokio::task::block_in_place(|| fx.cli_ok(&["registry", "get", &out]));
     let v: serde_json::Value = serde_json::from_str(&reg).unwrap();
     let e = &v[out.as_str()];
     assert_ne!(e["snapshot_id"], "snap-f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0", "{reg}");
     assert_eq!(e["produced_by"]["attempt"].as_u64(), Some(attempt), "{reg}");
     // The honest agent's bytes are what the store holds for it.
-    let object =
-        tmp.path().join("state/snapshots").join(format!("{}.tar.zst", e["snapshot_id"].as_str().unwrap()));
+    let object = fx.state().join("snapshots").join(format!("{}.tar.zst", e["snapshot_id"].as_str().unwrap()));
     let tar = zstd::decode_all(std::fs::File::open(&object).unwrap()).unwrap();
     assert!(tar.windows(7).any(|w| w == b"honest\n"), "{} does not hold the honest output", object.display());
 }
@@ -179,10 +163,9 @@ fn rss(pid: u32) -> u64 {
 /// of `coordinator::hub::unclaimed`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_for_attempts_no_run_dispatched_are_refused_without_growing_memory() {
-    let b = bins();
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coord::start(&b, &tmp.path().join("state"), "127.0.0.1:0");
-    let forger = enroll_identity(&coord, &b, &tmp.path().join("forger"), "flooder").await;
+    let fx = Cluster::new().serve();
+    let coord = fx.coord();
+    let forger = fx.enroll_identity("flooder").await;
     let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
     let conn = connect(coord.addr, &ca_pem, Some(&forger.cert), protocol::ALPN_AGENT).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -224,7 +207,7 @@ async fn results_for_attempts_no_run_dispatched_are_refused_without_growing_memo
         &["refused results from agent flooder for attempts no run dispatched", "first: 1000"],
         T,
     );
-    let agents = tokio::task::block_in_place(|| coord.cli_ok(&b, &["agents"]));
+    let agents = tokio::task::block_in_place(|| fx.cli_ok(&["agents"]));
     assert!(agents.contains("flooder"), "{agents}");
     let after = rss(coord.proc.child.id());
     assert_eq!(coord.proc.count(&["refused results from agent flooder"]), 1, "{}", coord.proc.dump());
@@ -251,21 +234,19 @@ fn at(line: &str) -> f64 {
 /// between attempts from the first refusal on, instead of reconnecting at full rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_certificate_is_logged_once_and_its_agent_backs_off() {
-    let b = bins();
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coord::start(&b, &tmp.path().join("state"), "127.0.0.1:0");
-    let dir = tmp.path().join("stale");
-    let mut first = tests::start_agent(&b, &coord, &dir, "stale", Some(&coord.token(&b, &[])));
+    let fx = Cluster::new().serve();
+    let coord = fx.coord();
+    let dir = fx.p("stale");
+    let mut first = fx.spawn_agent(Agent::named("stale"));
     wait_for(&coord.proc, &["agent joined", "stale"], T);
-    first.signal(libc::SIGKILL);
+    first.signal(Signal::KILL);
     tokio::task::block_in_place(|| first.wait_exit(T));
     // Its certificate is replaced by an expired one from the same CA.
-    let ca = transport::pki::Ca::from_cert_key(
-        transport::pki::CertKey::load(&tmp.path().join("state"), "ca").unwrap().unwrap(),
-    )
-    .unwrap();
+    let ca =
+        transport::pki::Ca::from_cert_key(transport::pki::CertKey::load(&fx.state(), "ca").unwrap().unwrap())
+            .unwrap();
     ca.issue_expired_client("stale").unwrap().save(&dir, "agent").unwrap();
-    let again = tests::start_agent(&b, &coord, &dir, "stale", None);
+    let again = fx.spawn_agent(Agent::named("stale").enrolled());
     let fourth = wait_for_nth(&again, &["refused this agent's certificate"], 4, T);
     let refusals: Vec<String> = tokio::task::block_in_place(|| {
         (1..=4).map(|n| again.wait_for_nth(&["refused this agent's certificate"], n, T)).collect()
@@ -293,22 +274,19 @@ fn wait_for_nth(p: &Proc, needles: &[&str], n: usize, timeout: Duration) -> Stri
 /// reset by the peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_refusals_reach_the_operator() {
-    let b = bins();
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coord::start(&b, &tmp.path().join("state"), "127.0.0.1:0");
-    let token = coord.token(&b, &[]);
-    let _agent = tests::start_agent(&b, &coord, &tmp.path().join("agent"), "refuser", Some(&token));
+    let fx = Cluster::new().serve().agent(Agent::named("refuser"));
+    let coord = fx.coord();
     wait_for(&coord.proc, &["agent joined", "refuser"], T);
 
-    let tree = tmp.path().join("tree");
+    let tree = fx.p("tree");
     std::fs::create_dir_all(&tree).unwrap();
     std::fs::write(tree.join("ok.txt"), "fine\n").unwrap();
     let fifo = tree.join("pipe");
     let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(status.success());
-    let dest = tmp.path().join("pulled");
+    let dest = fx.p("pulled");
     let (ok, out, err) = tokio::task::block_in_place(|| {
-        coord.cli(&b, &["pull", "refuser", tree.to_str().unwrap(), dest.to_str().unwrap()])
+        fx.cli(&["pull", "refuser", tree.to_str().unwrap(), dest.to_str().unwrap()])
     });
     assert!(!ok, "{out}{err}");
     let want = format!("agent refuser refused to send {}", tree.display());
@@ -317,11 +295,11 @@ async fn transfer_refusals_reach_the_operator() {
     assert!(!dest.exists(), "a refused pull left {}", dest.display());
     wait_for(&coord.proc, &["agent refused a pull", "device, fifo or socket"], T);
 
-    let src = tmp.path().join("src");
+    let src = fx.p("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("f.txt"), vec![7u8; 4 << 20]).unwrap();
     let (ok, out, err) = tokio::task::block_in_place(|| {
-        coord.cli(&b, &["push", "refuser", src.to_str().unwrap(), "/proc/pype-no-such-dir/dest"])
+        fx.cli(&["push", "refuser", src.to_str().unwrap(), "/proc/pype-no-such-dir/dest"])
     });
     assert!(!ok, "{out}{err}");
     assert!(

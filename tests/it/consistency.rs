@@ -2,16 +2,12 @@
 //! overlapping outputs are a located parse error, `plan` takes `run`'s backend and decides as
 //! `run` does for direct, overlay and snapshot, and a run that cannot start (missing input,
 //! bad config) records nothing and suggests no `--resume`.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-struct Fx {
-    dir: tempfile::TempDir,
-    bins: tests::Bins,
-}
+use tests::Cluster;
 
 /// What a command printed: success, stdout, stderr.
 struct Out {
@@ -20,44 +16,36 @@ struct Out {
     stderr: String,
 }
 
-impl Fx {
-    fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap(), bins: tests::bins!() }
-    }
+/// This file's helpers on the shared fixture.
+trait Consistency {
+    /// [`Cluster::cli`] as an [`Out`].
+    fn out(&self, args: &[&str]) -> Out;
+    /// `run` with one local agent and no infrastructure retries, to its end.
+    fn run_pipeline(&self, pipeline: &Path, extra: &[&str]) -> Out;
+    /// `plan`'s table: step -> action.
+    fn plan(&self, pipeline: &Path, extra: &[&str]) -> BTreeMap<String, String>;
+    /// No run is recorded.
+    fn no_runs(&self);
+}
 
-    fn d(&self) -> String {
-        self.dir.path().display().to_string()
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    /// Writes `pipeline.toml`; `{d}` in it becomes the fixture dir.
-    fn pipeline(&self, text: &str) -> PathBuf {
-        let path = self.p("pipeline.toml");
-        fs::write(&path, text.replace("{d}", &self.d())).unwrap();
-        path
-    }
-
-    fn cli(&self, args: &[&str]) -> Out {
-        let (ok, stdout, stderr) = tests::cli(&self.bins, &self.p("state"), args);
+impl Consistency for Cluster {
+    fn out(&self, args: &[&str]) -> Out {
+        let (ok, stdout, stderr) = self.cli(args);
         Out { ok, stdout, stderr }
     }
 
-    fn run(&self, pipeline: &Path, extra: &[&str]) -> Out {
+    fn run_pipeline(&self, pipeline: &Path, extra: &[&str]) -> Out {
         let mut args = vec!["run", "--agents", "1", "--heartbeat-interval-ms", "200", "--infra-retries", "0"];
         args.extend_from_slice(extra);
         args.push(pipeline.to_str().unwrap());
-        self.cli(&args)
+        self.out(&args)
     }
 
-    /// `plan`'s table: step -> action.
     fn plan(&self, pipeline: &Path, extra: &[&str]) -> BTreeMap<String, String> {
         let mut args = vec!["plan"];
         args.extend_from_slice(extra);
         args.push(pipeline.to_str().unwrap());
-        let out = self.cli(&args);
+        let out = self.out(&args);
         assert!(out.ok, "plan failed\n{}\n{}", out.stdout, out.stderr);
         out.stdout
             .lines()
@@ -70,7 +58,7 @@ impl Fx {
     }
 
     fn no_runs(&self) {
-        let out = self.cli(&["status"]);
+        let out = self.out(&["status"]);
         assert!(out.ok && out.stdout.starts_with("no runs in"), "{}\n{}", out.stdout, out.stderr);
     }
 }
@@ -95,22 +83,18 @@ fn decided(log: &str) -> BTreeMap<String, String> {
     out
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Point 3: an output inside another output (two steps, or one) is refused at parse time,
 /// naming the file, line and column of the inner one; by `run` and by `plan`, before anything
 /// is recorded.
 #[test]
 fn overlapping_outputs_are_a_located_pipeline_error() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let two = fx.pipeline(
+        "pipeline.toml",
         "name = \"nest\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\noutputs = [\"{d}/out\"]\n\
          [[steps]]\nname = \"b\"\ncommand = \"true\"\noutputs = [\"{d}/out/f.txt\"]\n",
     );
-    let out = fx.run(&two, &[]);
+    let out = fx.run_pipeline(&two, &[]);
     assert!(!out.ok, "{}", out.stderr);
     let d = fx.d();
     let want = format!(
@@ -118,12 +102,13 @@ fn overlapping_outputs_are_a_located_pipeline_error() {
         two.display()
     );
     assert!(out.stderr.contains(&want), "{want:?} not in\n{}", out.stderr);
-    let plan = fx.cli(&["plan", two.to_str().unwrap()]);
+    let plan = fx.out(&["plan", two.to_str().unwrap()]);
     assert!(!plan.ok && plan.stderr.contains(&want), "{}", plan.stderr);
     let one = fx.pipeline(
+        "pipeline.toml",
         "name = \"nest\"\n[[steps]]\nname = \"a\"\ncommand = \"true\"\noutputs = [\"{d}/o/x/y\", \"{d}/o\"]\n",
     );
-    let out = fx.run(&one, &[]);
+    let out = fx.run_pipeline(&one, &[]);
     let want = format!(
         "{}:5:{}: output {d}/o overlaps output {d}/o/x/y that step \"a\" also declares",
         one.display(),
@@ -137,9 +122,10 @@ fn overlapping_outputs_are_a_located_pipeline_error() {
 /// every step: after a first run (all skip), and after one output goes away (its step and
 /// what follows run, the rest skip).
 fn plan_agrees_with_run(backend: &str) {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     fs::create_dir_all(fx.p("out")).unwrap();
     let pipeline = fx.pipeline(
+        "pipeline.toml",
         r#"
 name = "agree"
 [[steps]]
@@ -160,7 +146,7 @@ outputs = ["{d}/out/c.txt"]
     );
     let b = ["--backend", backend];
     let before = fx.plan(&pipeline, &b);
-    let first = fx.run(&pipeline, &b);
+    let first = fx.run_pipeline(&pipeline, &b);
     assert!(first.ok, "{backend}: first run failed\n{}", first.stderr);
     let all_run: BTreeMap<String, String> =
         ["first", "second", "third"].iter().map(|s| (s.to_string(), "run".to_string())).collect();
@@ -170,7 +156,7 @@ outputs = ["{d}/out/c.txt"]
 
     // Everything is there: both say skip.
     let plan = fx.plan(&pipeline, &b);
-    let again = fx.run(&pipeline, &b);
+    let again = fx.run_pipeline(&pipeline, &b);
     assert!(again.ok, "{}", again.stderr);
     let all_skip: BTreeMap<String, String> =
         ["first", "second", "third"].iter().map(|s| (s.to_string(), "skip".to_string())).collect();
@@ -182,7 +168,7 @@ outputs = ["{d}/out/c.txt"]
     let expect = [("skip", "prune", "skip"), ("skip", "run", "run")];
     for (gone, (a, b2, c)) in ["b.txt", "c.txt"].into_iter().zip(expect) {
         if backend == "snapshot" {
-            let out = fx.cli(&["registry", "remove", &format!("{}/out/{gone}", fx.d())]);
+            let out = fx.out(&["registry", "remove", &format!("{}/out/{gone}", fx.d())]);
             assert!(out.ok, "{}", out.stderr);
         } else {
             fs::remove_file(fx.p(&format!("out/{gone}"))).unwrap();
@@ -193,7 +179,7 @@ outputs = ["{d}/out/c.txt"]
             .map(|(s, x)| (s.to_string(), x.to_string()))
             .collect();
         assert_eq!(plan, want, "{backend}: plan without {gone}");
-        let run = fx.run(&pipeline, &b);
+        let run = fx.run_pipeline(&pipeline, &b);
         assert!(run.ok, "{}", run.stderr);
         assert_eq!(decided(&run.stderr), plan, "{backend}: run and plan disagree\n{}", run.stderr);
     }
@@ -207,8 +193,7 @@ fn plan_agrees_with_run_direct() {
 
 #[test]
 fn plan_agrees_with_run_overlay() {
-    if !is_root() {
-        eprintln!("SKIPPED: the overlay backend mounts overlayfs, which needs root");
+    if !tests::require_root("plan_agrees_with_run_overlay", "the overlay backend mounts overlayfs") {
         return;
     }
     plan_agrees_with_run("overlay");
@@ -223,12 +208,13 @@ fn plan_agrees_with_run_snapshot() {
 /// no `--resume` is suggested.
 #[test]
 fn a_run_missing_an_input_is_not_recorded() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     let pipeline = fx.pipeline(
+        "pipeline.toml",
         "name = \"lacking\"\n[[steps]]\nname = \"use\"\ncommand = \"cat {d}/in/nope.txt > {d}/out.txt\"\n\
          inputs = [\n  \"{d}/in/nope.txt\",\n]\noutputs = [\"{d}/out.txt\"]\n",
     );
-    let out = fx.run(&pipeline, &[]);
+    let out = fx.run_pipeline(&pipeline, &[]);
     assert!(!out.ok, "{}", out.stderr);
     let want = format!(
         "{}:6:3: input {}/in/nope.txt is neither in the registry nor on this host",
@@ -242,10 +228,10 @@ fn a_run_missing_an_input_is_not_recorded() {
     // With the input there, the same pipeline runs, and that run is recorded.
     fs::create_dir_all(fx.p("in")).unwrap();
     fs::write(fx.p("in/nope.txt"), "here now\n").unwrap();
-    let out = fx.run(&pipeline, &[]);
+    let out = fx.run_pipeline(&pipeline, &[]);
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(fs::read_to_string(fx.p("out.txt")).unwrap(), "here now\n");
-    let status = fx.cli(&["status"]);
+    let status = fx.out(&["status"]);
     assert!(status.stdout.starts_with("run lacking-"), "{}", status.stdout);
 }
 
@@ -253,10 +239,12 @@ fn a_run_missing_an_input_is_not_recorded() {
 /// anything starts or is recorded.
 #[test]
 fn unknown_store_keys_are_refused_at_their_line() {
-    let fx = Fx::new();
+    let fx = Cluster::new();
     fs::create_dir_all(fx.p("state")).unwrap();
     let pipeline =
-        fx.pipeline("name = \"cfg\"\n[[steps]]\nname = \"a\"\ncommand = \"echo a > {d}/a.txt\"\noutputs = [\"{d}/a.txt\"]\n");
+        fx.pipeline(
+"pipeline.toml",
+"name = \"cfg\"\n[[steps]]\nname = \"a\"\ncommand = \"echo a > {d}/a.txt\"\noutputs = [\"{d}/a.txt\"]\n");
     let config = fx.p("state/coordinator.toml");
     for (kind, text, at) in [
         ("local", "[store]\nkind = \"local\"\n\n   bucket = \"b\"\n", ":4:4:"),
@@ -264,7 +252,7 @@ fn unknown_store_keys_are_refused_at_their_line() {
         ("s3", "[store]\nkind = \"s3\"\nbucket = \"b\"\npart_size = 8\n", ":4:1:"),
     ] {
         fs::write(&config, text).unwrap();
-        let out = fx.run(&pipeline, &[]);
+        let out = fx.run_pipeline(&pipeline, &[]);
         assert!(!out.ok, "{text}\n{}", out.stderr);
         let want = format!("{}{at} unknown key", config.display());
         assert!(out.stderr.contains(&want), "{kind}: {want:?} not in\n{}", out.stderr);

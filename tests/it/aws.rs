@@ -5,10 +5,10 @@
 //! the user-data back from moto (DescribeInstanceAttribute), and starts a `pype-agent` with
 //! exactly that configuration, in its own work dir and network namespace; when the instance
 //! is terminated in moto, its agent is killed.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,51 +17,38 @@ use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
 use base64::Engine as _;
-use tests::{Bins, Lan, MOTO_SECRET, Moto, Proc, T, example_in, run_id};
+use tests::{Cluster, Lan, MOTO_SECRET, Moto, Proc, Signal, T, example_in, run_id};
 
 const LONG: Duration = Duration::from_secs(240);
-
-fn bins() -> Bins {
-    tests::bins!()
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
+/// The shared fixture (every coordinator process with moto's credentials in its
+/// environment), moto, and a runtime for the test's own SDK calls; derefs to the [`Cluster`].
 struct Fx {
-    dir: tempfile::TempDir,
-    bins: Bins,
+    cluster: Cluster,
     moto: Moto,
     rt: tokio::runtime::Runtime,
+}
+
+impl Deref for Fx {
+    type Target = Cluster;
+
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
 }
 
 impl Fx {
     fn new(test: &str, moto_host: &str) -> Option<Fx> {
         let moto = Moto::start_on(test, moto_host)?;
-        Some(Fx { dir: tempfile::tempdir().unwrap(), bins: bins(), moto, rt: rt() })
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn coordinator(&self, state: &Path) -> Command {
-        let mut cmd = Command::new(&self.bins.coordinator);
-        for (k, v) in self.moto.env() {
-            cmd.env(k, v);
+        let mut cluster = Cluster::new();
+        for (k, v) in moto.env() {
+            cluster = cluster.env(k, &v);
         }
-        cmd.arg("--state-dir").arg(state);
-        cmd
-    }
-
-    fn start_run(&self, state: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut cmd = self.coordinator(state);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.args(["run", "--heartbeat-interval-ms", "200"]).args(args);
-        Proc::spawn("run", cmd)
+        Some(Fx { cluster, moto, rt: rt() })
     }
 
     /// `run --provider aws --provider-config CFG EXTRA... PIPELINE`.
@@ -69,18 +56,7 @@ impl Fx {
         let mut args = vec!["--provider", "aws", "--provider-config", cfg.to_str().unwrap()];
         args.extend_from_slice(extra);
         args.push(pipeline.to_str().unwrap());
-        self.start_run(state, &args, &[])
-    }
-
-    fn cli_ok(&self, state: &Path, args: &[&str]) -> String {
-        let out = self.coordinator(state).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "pype-coordinator {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.start_run_at(state, &args, &[])
     }
 
     /// An image moto knows.
@@ -344,7 +320,7 @@ fn example_pipeline_on_ec2_instances() {
     assert!(run.count(&["ec2 call", "op=\"RunInstances\"", "request_id="]) >= 1, "RunInstances not logged");
     let summary = std::fs::read_to_string(fx.p("out/summary.txt")).unwrap();
     assert!(summary.starts_with("sequences\t800\n"), "{summary}");
-    let status_out = fx.cli_ok(&state, &["status", &id]);
+    let status_out = fx.cli_ok(&["status", &id]);
     for step in ["generate", "gc-1", "gc-2", "gc-3", "gc-4", "summary"] {
         let line = status_out.lines().find(|l| l.split_whitespace().next() == Some(step)).unwrap();
         assert!(line.contains("succeeded") && line.contains("pype-i-"), "{step}: {line}");
@@ -399,10 +375,10 @@ fn killed_after_run_instances_then_reconciled() {
     let cfg = fx.provider_config("127.0.0.1");
     let state = fx.p("state");
     let args = ["--provider", "aws", "--provider-config", cfg.to_str().unwrap(), pipeline.to_str().unwrap()];
-    let mut run = fx.start_run(&state, &args, &[("PYPE_FAULT_KILL_AFTER_CREATE", "1")]);
+    let mut run = fx.start_run_at(&state, &args, &[("PYPE_FAULT_KILL_AFTER_CREATE", "1")]);
     let status = run.wait_exit(T);
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "{}", run.dump());
+    assert_eq!(status.signal(), Some(Signal::KILL.as_raw()), "{}", run.dump());
     let run1 = run_id(&run.wait_for(&["run started"], T));
     let ca = std::fs::read_to_string(state.join("ca.pem")).unwrap();
     let tag = format!("pype-{}", &blake3::hash(ca.as_bytes()).to_hex()[..12]);
@@ -431,14 +407,12 @@ fn killed_after_run_instances_then_reconciled() {
     };
     let stranger = launch(&tag);
     let foreign = launch("pype-0123456789ab");
-    let listing = fx.cli_ok(
-        &state,
-        &["instances", "--provider", "aws", "--provider-config", cfg.to_str().unwrap(), "list"],
-    );
+    let listing =
+        fx.cli_ok(&["instances", "--provider", "aws", "--provider-config", cfg.to_str().unwrap(), "list"]);
     assert!(listing.contains(&format!("{stranger} ")) && listing.contains("not accounted for"), "{listing}");
     // Restart: the run resumes, the reconciler ends both leftovers before anything else.
     let mut hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), None);
-    let mut resumed = fx.start_run(
+    let mut resumed = fx.start_run_at(
         &state,
         &["--resume", &run1, "--provider", "aws", "--provider-config", cfg.to_str().unwrap()],
         &[],
@@ -515,7 +489,7 @@ fn s3_store_direct_transfers_and_digest() {
             .unwrap();
         }
         let p = s3_pipeline(&dir);
-        let mut run = fx.start_run(&dir.join("state"), &["--agents", "2", p.to_str().unwrap()], &[]);
+        let mut run = fx.start_run_at(&dir.join("state"), &["--agents", "2", p.to_str().unwrap()], &[]);
         assert!(run.wait_exit(LONG).success(), "{}", run.dump());
         if kind == "s3" {
             // Bytes went between agents and the bucket, never through the coordinator.
@@ -566,7 +540,7 @@ fn s3_store_direct_transfers_and_digest() {
     let state = fx.p("s3/state");
     let _ = std::fs::remove_dir_all(state.join("local-agents"));
     let p = fx.p("s3/p.toml");
-    let mut run = fx.start_run(&state, &["--agents", "1", "--force", "use", p.to_str().unwrap()], &[]);
+    let mut run = fx.start_run_at(&state, &["--agents", "1", "--force", "use", p.to_str().unwrap()], &[]);
     let status = run.wait_exit(LONG);
     assert!(!status.success(), "a corrupted input was accepted:\n{}", run.dump());
     let agent_log = std::fs::read_to_string(state.join("local-agents/agent-1/agent.log")).unwrap_or_default();
@@ -755,7 +729,7 @@ fn a_direct_upload_whose_index_is_over_the_frame_limit_uploads_nothing() {
     )
     .unwrap();
     let mut run =
-        fx.start_run(&state, &["--agents", "1", "--infra-retries", "0", pipeline.to_str().unwrap()], &[]);
+        fx.start_run_at(&state, &["--agents", "1", "--infra-retries", "0", pipeline.to_str().unwrap()], &[]);
     assert!(!run.wait_exit(LONG).success(), "{}", run.dump());
     let agent_log = std::fs::read_to_string(state.join("local-agents/agent-1/agent.log")).unwrap_or_default();
     let all = format!("{}\n{agent_log}", run.dump());

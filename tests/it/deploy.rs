@@ -1,13 +1,14 @@
 //! `deploy/`: the systemd units pass `systemd-analyze verify` (with their binaries at the
 //! paths the units name replaced by the ones this build made), the example configs parse with
 //! the code that reads them, and the Slurm batch script is valid bash that execs the agent.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use tests::{Cluster, Slurm, T};
+
 fn deploy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+    tests::repo().join("deploy")
 }
 
 fn read(rel: &str) -> String {
@@ -17,19 +18,18 @@ fn read(rel: &str) -> String {
 #[test]
 fn systemd_units_pass_systemd_analyze_verify() {
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
-        eprintln!(
-            "\n!!! SKIPPED systemd_units_pass_systemd_analyze_verify: systemd-analyze is missing (Debian package systemd)\n"
+        tests::skip(
+            "systemd_units_pass_systemd_analyze_verify",
+            "systemd-analyze is missing",
+            "Debian package systemd; ./ci-setup installs it",
         );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    let bins = tests::bins();
     for (unit, bin, exe) in [
-        ("pype-agent.service", "/usr/local/bin/pype-agent", env!("CARGO_BIN_EXE_e2e-agent")),
-        (
-            "pype-coordinator.service",
-            "/usr/local/bin/pype-coordinator",
-            env!("CARGO_BIN_EXE_e2e-coordinator"),
-        ),
+        ("pype-agent.service", "/usr/local/bin/pype-agent", bins.agent.to_str().unwrap()),
+        ("pype-coordinator.service", "/usr/local/bin/pype-coordinator", bins.coordinator.to_str().unwrap()),
     ] {
         let text = read(&format!("systemd/{unit}"));
         assert!(text.contains(&format!("ExecStart={bin} ")), "{unit} runs {bin}");
@@ -177,15 +177,13 @@ fn base64_of(s: &str) -> String {
 
 #[test]
 fn slurm_batch_script_runs_an_agent_that_leaves_cleanly_on_scancel_term() {
-    let Some(slurm) =
-        tests::Slurm::start("slurm_batch_script_runs_an_agent_that_leaves_cleanly_on_scancel_term")
+    let Some(slurm) = Slurm::start("slurm_batch_script_runs_an_agent_that_leaves_cleanly_on_scancel_term")
     else {
         return;
     };
-    let bins = tests::bins!();
-    let dir = tempfile::tempdir().unwrap();
-    let coord = tests::Coord::start(&bins, &dir.path().join("state"), "127.0.0.1:0");
-    let token = coord.token(&bins, &[]);
+    let fx = Cluster::new().serve();
+    let (dir, bins, coord) = (&fx.dir, &fx.bins, fx.coord());
+    let token = fx.token(&[]);
     let out = slurm
         .cmd("sbatch")
         .arg("--parsable")
@@ -203,14 +201,14 @@ fn slurm_batch_script_runs_an_agent_that_leaves_cleanly_on_scancel_term() {
     assert!(out.status.success(), "sbatch: {}", String::from_utf8_lossy(&out.stderr));
     let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
     // The job is an agent: enrolled under the job's name, connected.
-    coord.proc.wait_for(&["agent joined", &format!("slurm-{job}")], tests::T);
+    coord.proc.wait_for(&["agent joined", &format!("slurm-{job}")], T);
     assert!(slurm.jobs().contains(&format!("{job} pype-agent RUNNING")), "{}", slurm.jobs());
     // TERM to the batch process (what --signal=B:TERM@120 sends before the time limit): the
     // agent leaves cleanly and the job ends.
     let st = slurm.cmd("scancel").args(["--batch", "--signal=TERM", &job]).status().unwrap();
     assert!(st.success());
-    coord.proc.wait_for(&["agent left", &format!("slurm-{job}")], tests::T);
-    let deadline = std::time::Instant::now() + tests::T;
+    coord.proc.wait_for(&["agent left", &format!("slurm-{job}")], T);
+    let deadline = std::time::Instant::now() + T;
     while slurm.jobs().contains(&job) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

@@ -1,16 +1,13 @@
 //! A large, awkward tree pushed to an agent and pulled back through the real binaries arrives
 //! byte-identical with modes, mtimes and links preserved.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
+use std::fs::FileTimes;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
-use tests::{Bins, Coord, T, manifest, start_agent};
-
-fn bins() -> Bins {
-    tests::bins!()
-}
+use tests::{Agent, Cluster, T, manifest};
 
 fn build_tree(root: &Path) {
     let mut rng = tests::Rng(42);
@@ -51,41 +48,26 @@ fn build_tree(root: &Path) {
     std::os::unix::fs::symlink("../many/d001", root.join("deep/many-link")).unwrap();
     std::os::unix::fs::symlink("er/not-yet", root.join("deep/dangling")).unwrap();
     // Fixed mtimes on a few entries, to see them survive.
-    let t = filetime_like(1_600_000_000);
+    // (The access time is left as it is.)
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
     for p in ["deep/run.sh", "many/d050/f050.dat", "big.bin"] {
-        set_mtime(&root.join(p), t);
+        let f = std::fs::File::open(root.join(p)).unwrap();
+        f.set_times(FileTimes::new().set_modified(t)).unwrap();
     }
-}
-
-fn filetime_like(secs: i64) -> libc::timespec {
-    libc::timespec { tv_sec: secs, tv_nsec: 0 }
-}
-
-fn set_mtime(path: &Path, t: libc::timespec) {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let times = [libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }, t];
-    // SAFETY: valid C string and array of two timespecs.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
-    assert_eq!(r, 0);
 }
 
 #[test]
 fn push_and_pull_a_large_tree() {
-    let b = bins();
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coord::start(&b, &tmp.path().join("coord"), "127.0.0.1:0");
-    let token = coord.token(&b, &[]);
-    let _agent = start_agent(&b, &coord, &tmp.path().join("agent"), "mover", Some(&token));
-    coord.proc.wait_for(&["agent joined", "mover"], T);
+    let fx = Cluster::new().serve().agent(Agent::named("mover"));
+    fx.coord().proc.wait_for(&["agent joined", "mover"], T);
 
-    let src = tmp.path().join("src");
+    let src = fx.p("src");
     build_tree(&src);
-    let on_agent = tmp.path().join("on-agent/tree");
-    let back = tmp.path().join("back");
-    let out = coord.cli_ok(&b, &["push", "mover", src.to_str().unwrap(), on_agent.to_str().unwrap()]);
+    let on_agent = fx.p("on-agent/tree");
+    let back = fx.p("back");
+    let out = fx.cli_ok(&["push", "mover", src.to_str().unwrap(), on_agent.to_str().unwrap()]);
     assert!(out.contains("entries"), "{out}");
-    coord.cli_ok(&b, &["pull", "mover", on_agent.to_str().unwrap(), back.to_str().unwrap(), "--zstd", "1"]);
+    fx.cli_ok(&["pull", "mover", on_agent.to_str().unwrap(), back.to_str().unwrap(), "--zstd", "1"]);
 
     let want = manifest(&src);
     assert!(want.len() > 10_100, "tree has {} entries", want.len());
@@ -95,9 +77,9 @@ fn push_and_pull_a_large_tree() {
             assert_eq!(g, w, "{name}: entry differs");
         }
     }
-    coord.proc.wait_for(&["transfer done", "push", "mover"], T);
+    fx.coord().proc.wait_for(&["transfer done", "push", "mover"], T);
     // No staging directories left anywhere.
-    for dir in [tmp.path().join("on-agent"), tmp.path().to_path_buf()] {
+    for dir in [fx.p("on-agent"), fx.dir.path().to_path_buf()] {
         for e in std::fs::read_dir(dir).unwrap() {
             let name = e.unwrap().file_name().to_string_lossy().into_owned();
             assert!(!name.contains("pype-incoming"), "staging left: {name}");
@@ -107,17 +89,12 @@ fn push_and_pull_a_large_tree() {
 
 #[test]
 fn pull_of_a_missing_path_is_a_clear_error() {
-    let b = bins();
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coord::start(&b, &tmp.path().join("coord"), "127.0.0.1:0");
-    let token = coord.token(&b, &[]);
-    let _agent = start_agent(&b, &coord, &tmp.path().join("agent"), "a", Some(&token));
-    coord.proc.wait_for(&["agent joined"], T);
-    let (ok, _, err) =
-        coord.cli(&b, &["pull", "a", "/nonexistent/pype", tmp.path().join("x").to_str().unwrap()]);
+    let fx = Cluster::new().serve().agent(Agent::named("a"));
+    fx.coord().proc.wait_for(&["agent joined"], T);
+    let (ok, _, err) = fx.cli(&["pull", "a", "/nonexistent/pype", fx.p("x").to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("/nonexistent/pype"), "{err}");
-    let (ok, _, err) = coord.cli(&b, &["push", "nobody", tmp.path().to_str().unwrap(), "/tmp/x"]);
+    let (ok, _, err) = fx.cli(&["push", "nobody", fx.dir.path().to_str().unwrap(), "/tmp/x"]);
     assert!(!ok);
     assert!(err.contains("agent nobody is not connected"), "{err}");
 }

@@ -1,0 +1,90 @@
+//! Agents enroll, connect, heartbeat, reconnect, get lost and leave: real processes.
+
+use std::time::Duration;
+
+use tests::{Agent, Cluster, Proc, Signal, T};
+
+#[test]
+fn enroll_connect_heartbeat_and_reconnect_after_restart() {
+    let mut fx = Cluster::new().serve();
+    let token = fx.token(&["--ttl", "10m", "--uses", "1"]);
+    let agent_dir = fx.p("agent");
+    let agent = fx.spawn_agent(Agent::named("node-a").dir(&agent_dir).token(&token));
+    agent.wait_for(&["enrolled"], T);
+    agent.wait_for(&["connected to coordinator"], T);
+    fx.coord().proc.wait_for(&["agent joined", "node-a"], T);
+
+    // Key and certificate stay on the agent, key readable by its owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let key_mode = std::fs::metadata(agent_dir.join("agent.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(key_mode, 0o600);
+    for key in ["ca.key", "server.key", "admin.key"] {
+        let mode = std::fs::metadata(fx.coord().state_dir.join(key)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+
+    // `agents` lists it with its host facts and a recent heartbeat.
+    let listing = fx.cli_ok(&["agents"]);
+    let row = listing.lines().find(|l| l.starts_with("node-a")).unwrap_or_else(|| panic!("{listing}"));
+    let last_hb_ms: u64 = row.split_whitespace().last().unwrap().trim_end_matches("ms").parse().unwrap();
+    assert!(last_hb_ms < 3 * tests::HEARTBEAT_MS, "{row}");
+
+    // Restart the coordinator on the same port: the agent reconnects with its certificate.
+    let addr = fx.kill_coordinator(); // SIGKILL
+    agent.wait_for(&["lost coordinator"], T);
+    fx.start_coordinator(&addr.to_string());
+    fx.coord().proc.wait_for(&["agent joined", "node-a"], T);
+    agent.wait_for_nth(&["connected to coordinator"], 2, T);
+    assert_eq!(agent.count(&["enrolled"]), 1, "agent enrolled twice");
+    assert!(fx.cli_ok(&["agents"]).contains("node-a"));
+}
+
+#[test]
+fn silent_agent_is_lost_then_rejoins() {
+    let fx = Cluster::new().serve().agent(Agent::named("sleepy"));
+    let coord = &fx.coord().proc;
+    let agent = &fx.agents[0];
+    coord.wait_for(&["agent joined", "sleepy"], T);
+    agent.signal(Signal::STOP);
+    coord.wait_for(&["agent lost", "heartbeats missed", "sleepy"], T);
+    assert!(!fx.cli_ok(&["agents"]).contains("sleepy"));
+    agent.signal(Signal::CONT);
+    coord.wait_for_nth(&["agent joined", "sleepy"], 2, T);
+}
+
+#[test]
+fn sigterm_sends_going_away_and_exits_cleanly() {
+    let mut fx = Cluster::new().serve().agent(Agent::named("leaver"));
+    fx.coord().proc.wait_for(&["agent joined", "leaver"], T);
+    fx.agents[0].signal(Signal::TERM);
+    let status = fx.agents[0].wait_exit(T);
+    assert!(status.success(), "agent exited with {status}\n{}", fx.agents[0].dump());
+    fx.coord().proc.wait_for(&["agent left", "going away", "leaver"], T);
+}
+
+#[test]
+fn agent_waits_for_a_coordinator_that_is_not_there_yet() {
+    // Start once to create the CA and learn a free port, then stop.
+    let mut fx = Cluster::new().serve().agent(Agent::named("early"));
+    fx.coord().proc.wait_for(&["agent joined", "early"], T);
+    let addr = fx.kill_coordinator();
+    // Several failed attempts while nothing listens, with growing delays.
+    fx.agents[0].wait_for_nth(&["cannot reach coordinator"], 2, Duration::from_secs(30));
+    fx.start_coordinator(&addr.to_string());
+    fx.coord().proc.wait_for(&["agent joined", "early"], T);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let fx = Cluster::new();
+    let mut cmd = std::process::Command::new(&fx.bins.coordinator);
+    cmd.args(["--log-format", "json", "--state-dir"]).arg(fx.state()).args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let proc = Proc::spawn("coordinator (json)", cmd);
+    let line = proc.wait_for(&["coordinator listening"], T);
+    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    assert!(line.contains("\"level\":\"INFO\"") && line.contains("\"addr\":\"127.0.0.1:"), "{line}");
+}

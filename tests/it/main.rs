@@ -1,0 +1,19 @@
+//! The end-to-end tests: one binary, one module per area, so the AWS SDK and everything else
+//! link once. `cargo test -p tests --test it pipelines::` runs one area; the shared fixture
+//! and helpers are the `tests` library (tests/src).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+mod agent_cache;
+mod aws;
+mod backends;
+mod biopype;
+mod consistency;
+mod deploy;
+mod hostile_paths;
+mod hostile_peers;
+mod instances;
+mod lifecycle;
+mod pipelines;
+mod roundtrip;
+mod slurm;
+mod trust;
