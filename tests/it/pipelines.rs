@@ -550,3 +550,56 @@ fn second_sigterm_stops_a_draining_agent() {
     agent.wait_for(&["exit=Cancelled"], T);
     fx.coord().proc.wait_for(&["agent left", "going away: agent shutting down"], T);
 }
+
+/// Every attempt is in the attempts table before it is sent: while the state database refuses
+/// new attempts (a trigger fails every insert), no step is dispatched, the run fails naming the
+/// state database, and the agent never runs the command. Without the trigger it runs.
+#[test]
+fn an_attempt_the_state_database_cannot_record_is_never_sent() {
+    let fx = Cluster::new();
+    // Any command that opens the state database creates it.
+    fx.cli_ok(&["token", "create"]);
+    let db = fx.state().join("state.db");
+    assert!(db.exists(), "no state database at {}", db.display());
+    let sql = |stmt: &str| {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()",
+            ])
+            .arg(&db)
+            .arg(stmt)
+            .output()
+            .expect("python3");
+        assert!(out.status.success(), "{stmt}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    sql(
+        "CREATE TRIGGER refuse_attempts BEFORE INSERT ON attempts BEGIN SELECT RAISE(FAIL, 'injected: disk full'); END",
+    );
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "record"
+data_root = "{d}/data"
+[[steps]]
+name = "a"
+command = "touch {d}/ran && mkdir -p {{data_root}} && echo a > {{data_root}}/a.txt"
+outputs = ["a.txt"]
+"#,
+    );
+    let pl = pipeline.to_str().unwrap();
+    let (ok, _, p) = fx.run(&[pl]);
+    assert!(!ok, "{}", p.dump());
+    assert_eq!(p.count(&["step dispatched"]), 0, "{}", p.dump());
+    assert!(
+        p.count(&["could not record the attempt", "injected: disk full", "not dispatched"]) >= 1,
+        "{}",
+        p.dump()
+    );
+    assert!(p.count(&["step failed", "could not record the attempt"]) == 1, "{}", p.dump());
+    assert!(!fx.p("ran").exists(), "the command ran although its attempt was never recorded");
+    sql("DROP TRIGGER refuse_attempts");
+    let (_, p) = fx.run_ok(&[pl]);
+    assert_eq!(dispatched(&p, "a"), 1, "{}", p.dump());
+    assert!(fx.p("ran").exists());
+}
