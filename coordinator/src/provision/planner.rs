@@ -228,14 +228,13 @@ impl Planner {
                 continue;
             }
             match m.joined {
-                None if m.provider_id.is_some() || self.creating.as_deref() != Some(id.as_str()) => {
-                    if now.duration_since(m.requested) > self.settings.boot_timeout {
-                        let reason = format!(
-                            "boot timeout: no agent within {}s",
-                            self.settings.boot_timeout.as_secs()
-                        );
-                        doomed.push((id.clone(), reason, true));
-                    }
+                // An instance whose create is still in flight has not started booting.
+                None if (m.provider_id.is_some() || self.creating.as_deref() != Some(id.as_str()))
+                    && now.duration_since(m.requested) > self.settings.boot_timeout =>
+                {
+                    let reason =
+                        format!("boot timeout: no agent within {}s", self.settings.boot_timeout.as_secs());
+                    doomed.push((id.clone(), reason, true));
                 }
                 None => {}
                 Some(_) => {

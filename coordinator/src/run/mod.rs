@@ -168,9 +168,7 @@ struct Running {
 }
 
 impl Engine {
-    /// The working registry handed to an agent that asks for all of it (an instance whose
-    /// user-data had no room for it).
-
+    /// Publishes what the run wants from the provisioner.
     fn want_agents(
         &self,
         run: &str,
