@@ -60,9 +60,37 @@ pub fn kill_recorded(pid_file: &std::path::Path) -> bool {
     let pid = pid as i32;
     if start_time(pid) == Some(started) {
         kill_group(pid, Signal::KILL);
+        wait_group_gone(pid, Duration::from_secs(10));
         return true;
     }
     false
+}
+
+/// Waits (at most `limit`) until no live process of group `pgid` is left: a killed process
+/// can take a while to exit (tearing down its mount namespace), and the leftovers it holds
+/// (mounts, open files in the step directory) are only gone once it has. Zombies count as
+/// gone: whoever inherited them reaps them, or not, in its own time.
+fn wait_group_gone(pgid: i32, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while group_has_live_process(pgid) {
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(pgid, "a killed snippet's processes are still there");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether a process of group `pgid` exists that is not a zombie (from `/proc/*/stat`).
+fn group_has_live_process(pgid: i32) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return false };
+    rd.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { return false };
+        let mut fields = stat.rsplit(") ").next().unwrap_or("").split(' ');
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|v| v.parse::<i32>().ok());
+        pgrp == Some(pgid) && state != Some("Z")
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,5 +320,42 @@ mod tests {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", ids[2])).ok();
         let zombie = |s: &String| s.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'));
         assert!(stat.as_ref().is_none_or(zombie), "{stat:?}");
+    }
+
+    #[test]
+    fn a_recorded_group_is_gone_when_kill_recorded_returns() {
+        use std::os::unix::process::CommandExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("bash")
+            .args(["-c", "sleep 600 & sleep 600 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let started = start_time(pid).unwrap();
+        let pid_file = tmp.path().join("pid");
+        std::fs::write(&pid_file, format!("{pid} {started}\n")).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("stat"))
+                    .is_ok_and(|s| s.contains("(sleep)") && s.split(' ').nth(4) == Some(&pid.to_string()))
+            })
+            .count()
+            < 2
+        {
+            assert!(std::time::Instant::now() < deadline, "the sleeps never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(group_has_live_process(pid));
+        assert!(kill_recorded(&pid_file));
+        // The leader is our child: a zombie until we reap it, which counts as gone.
+        assert!(!group_has_live_process(pid), "kill_recorded returned with the group alive");
+        let _ = child.wait();
+        // A pid file naming another process's start time kills nothing.
+        std::fs::write(&pid_file, format!("{} 1\n", std::process::id())).unwrap();
+        assert!(!kill_recorded(&pid_file));
     }
 }
