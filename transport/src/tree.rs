@@ -1093,3 +1093,123 @@ pub fn stage_out(
     }
     Ok((pending, stats))
 }
+
+/// One entry of a tree as a manifest records it: what a tar header carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryMeta {
+    /// Relative path, without `./` or a leading `/`.
+    pub path: String,
+    pub kind: EntryKind,
+    /// Permission bits (`0o7777` at most).
+    pub mode: u32,
+    /// Seconds since the epoch.
+    pub mtime: i64,
+    /// Content bytes (0 for everything but files).
+    pub size: u64,
+    /// A link's target.
+    pub target: Option<String>,
+}
+
+/// Reads a tar stream entry by entry, handing each to `f` with a reader of its content (files
+/// only; empty for the rest). Entries [`unpack`] would refuse by name are refused here too;
+/// links are judged when the tree is unpacked.
+pub fn visit(
+    input: impl Read,
+    limits: UnpackLimits,
+    mut f: impl FnMut(EntryMeta, &mut dyn Read) -> Result<(), TreeError>,
+) -> Result<TreeStats, TreeError> {
+    let mut archive = tar::Archive::new(Limited { inner: input, read: 0, limit: limits.max_bytes });
+    let mut stats = TreeStats::default();
+    let entries = archive.entries().map_err(|e| map_read_err("reading tar stream", e))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| map_read_err("reading tar entry", e))?;
+        let raw_path = entry.path().map_err(|e| map_read_err("reading entry path", e))?.into_owned();
+        let kind = match entry.header().entry_type() {
+            tar::EntryType::XGlobalHeader => continue,
+            tar::EntryType::Directory => EntryKind::Dir,
+            tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
+            tar::EntryType::Symlink => EntryKind::Symlink,
+            tar::EntryType::Link => EntryKind::Hardlink,
+            other => {
+                return Err(TreeError::refused(&raw_path, format!("entry type {other:?} is not accepted")));
+            }
+        };
+        let rel = sanitize(&raw_path)?;
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let path =
+            rel.to_str().ok_or_else(|| TreeError::refused(&raw_path, "path is not UTF-8"))?.to_string();
+        let target = match kind {
+            EntryKind::Symlink | EntryKind::Hardlink => {
+                let t = entry
+                    .link_name()
+                    .map_err(|e| map_read_err("reading link target", e))?
+                    .ok_or_else(|| TreeError::refused(&raw_path, "link without a target"))?;
+                Some(
+                    t.to_str()
+                        .ok_or_else(|| TreeError::refused(&raw_path, "link target is not UTF-8"))?
+                        .to_string(),
+                )
+            }
+            _ => None,
+        };
+        let header = entry.header();
+        let mode = header.mode().map_err(|e| map_read_err("reading entry mode", e))? & 0o7777;
+        let mtime = header.mtime().map_err(|e| map_read_err("reading entry mtime", e))?;
+        let size = if kind == EntryKind::File { entry.size() } else { 0 };
+        stats.entries += 1;
+        stats.content_bytes += size;
+        let meta = EntryMeta { path, kind, mode, mtime: i64::try_from(mtime).unwrap_or(i64::MAX), size, target };
+        f(meta, &mut entry)?;
+    }
+    Ok(stats)
+}
+
+/// Writes a tree as a tar stream, entry by entry (the inverse of [`visit`]).
+pub struct TarWriter<W: Write> {
+    builder: tar::Builder<io::BufWriter<W>>,
+}
+
+impl<W: Write> TarWriter<W> {
+    pub fn new(out: W) -> Self {
+        Self { builder: tar::Builder::new(io::BufWriter::with_capacity(COPY_BUF, out)) }
+    }
+
+    /// Appends `meta`; a file's content is read from `content`, exactly `meta.size` bytes.
+    pub fn append(&mut self, meta: &EntryMeta, content: &mut dyn Read) -> Result<(), TreeError> {
+        let kind = match meta.kind {
+            EntryKind::File => tar::EntryType::Regular,
+            EntryKind::Dir => tar::EntryType::Directory,
+            EntryKind::Symlink => tar::EntryType::Symlink,
+            EntryKind::Hardlink => tar::EntryType::Link,
+        };
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(meta.mode & 0o7777);
+        header.set_mtime(meta.mtime.max(0) as u64);
+        header.set_uid(0);
+        header.set_gid(0);
+        let err = |e| TreeError::io(format!("writing entry {}", meta.path), e);
+        match (&meta.kind, &meta.target) {
+            (EntryKind::File, _) => {
+                header.set_size(meta.size);
+                self.builder.append_data(&mut header, &meta.path, content.take(meta.size)).map_err(err)
+            }
+            (EntryKind::Dir, _) => {
+                header.set_size(0);
+                self.builder.append_data(&mut header, &meta.path, io::empty()).map_err(err)
+            }
+            (_, Some(target)) => {
+                header.set_size(0);
+                self.builder.append_link(&mut header, &meta.path, target).map_err(err)
+            }
+            (_, None) => Err(TreeError::refused(&meta.path, "link without a target")),
+        }
+    }
+
+    /// Writes the end-of-archive blocks and flushes.
+    pub fn finish(self) -> Result<(), TreeError> {
+        finish(self.builder)
+    }
+}
