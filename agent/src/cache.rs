@@ -5,6 +5,9 @@
 //! Layout: `<id>/` is the unpacked tree (files read-only), `<id>.size` its content bytes;
 //! the `.size` file's mtime is the last use, so the order survives restarts. A tree without
 //! its `.size` file is an interrupted fetch and is removed when the cache opens.
+//! `<id>.manifest` (snapshots that came as manifest and blobs) says which chunk sits where in
+//! the tree: the cache offers every chunk of every cached tree to later fetches
+//! ([`ChunkSource`]), so a file held under any snapshot is not fetched again.
 //!
 //! A cached tree never changes once restored: steps are shown an overlayfs mount of it or
 //! copies (see `backend::layers`), never its own inodes. So the symlink check of a
@@ -15,6 +18,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -22,7 +26,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use protocol::registry::valid_snapshot_id;
 use tracing::{info, warn};
 
+use transport::cas::{Chunk, ChunkSource, Digest, Manifest};
+
 use crate::remote::SnapshotRemote;
+
+/// Where a chunk sits: a file of a cached tree, at an offset.
+type Located = (PathBuf, u64, u64);
 
 struct Entry {
     size: u64,
@@ -39,6 +48,10 @@ pub struct Cache {
     /// Verdicts of [`Cache::check_links`] by (snapshot id, in_snapshot_path): `Err` holds the
     /// refusal.
     verdicts: Mutex<HashMap<(String, String), Result<(), String>>>,
+    /// Every chunk of the cached trees that came with a manifest.
+    chunks: Mutex<HashMap<Digest, Located>>,
+    /// Fetches under way: eviction waits for none, as they may read chunks of any tree.
+    active: AtomicUsize,
 }
 
 /// Keeps a snapshot from eviction while a step uses it.
@@ -77,9 +90,14 @@ impl Cache {
                 }
             }
         }
+        let mut chunks = HashMap::new();
+        for id in entries.keys() {
+            index_manifest(&dir, id, &mut chunks);
+        }
         for e in fs::read_dir(&dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !name.ends_with(".size") && !entries.contains_key(&name) {
+            let kept = name.strip_suffix(".manifest").is_some_and(|id| entries.contains_key(id));
+            if !kept && !name.ends_with(".size") && !entries.contains_key(&name) {
                 warn!(path = %e.path().display(), "removing an incomplete snapshot from the cache");
                 remove_tree(&e.path());
             }
@@ -90,6 +108,8 @@ impl Cache {
             entries: Mutex::new(entries),
             fetching: Default::default(),
             verdicts: Default::default(),
+            chunks: Mutex::new(chunks),
+            active: AtomicUsize::new(0),
         }))
     }
 
@@ -159,9 +179,19 @@ impl Cache {
         }
         let started = Instant::now();
         let dest = self.dir.join(id);
-        let summary = remote.fetch(id, &dest).await?;
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let held: Arc<dyn ChunkSource> = self.clone();
+        let fetched = remote.fetch(id, &dest, held).await;
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        let fetched = fetched?;
+        let summary = fetched.summary;
         let d = dest.clone();
         tokio::task::spawn_blocking(move || make_read_only(&d)).await??;
+        if let Some(bytes) = fetched.manifest {
+            transport::pki::write_file(&self.dir.join(format!("{id}.manifest")), &bytes, 0o644)?;
+            let mut chunks = self.chunks();
+            index_manifest(&self.dir, id, &mut chunks);
+        }
         transport::pki::write_file(
             &self.dir.join(format!("{id}.size")),
             summary.content_bytes.to_string().as_bytes(),
@@ -183,8 +213,15 @@ impl Cache {
         Ok(pin)
     }
 
+    fn chunks(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Located>> {
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Removes unpinned snapshots, least recently used first, until under the limit.
     fn evict(&self) {
+        if self.active.load(Ordering::SeqCst) > 0 {
+            return;
+        }
         let victims: Vec<String> = {
             let mut entries = self.lock();
             let mut total: u64 = entries.values().map(|e| e.size).sum();
@@ -208,9 +245,39 @@ impl Cache {
         }
         for id in victims {
             info!(snapshot = %id, "evicting snapshot from the cache");
+            let tree = self.dir.join(&id);
+            self.chunks().retain(|_, (p, _, _)| !p.starts_with(&tree));
+            let _ = fs::remove_file(self.dir.join(format!("{id}.manifest")));
             let _ = fs::remove_file(self.dir.join(format!("{id}.size")));
             remove_tree(&self.dir.join(&id));
         }
+    }
+}
+
+/// Adds the chunks of cached snapshot `id` (from its manifest, if it has one) to `chunks`.
+fn index_manifest(dir: &Path, id: &str, chunks: &mut HashMap<Digest, Located>) {
+    let Ok(bytes) = fs::read(dir.join(format!("{id}.manifest"))) else { return };
+    match Manifest::decode(&bytes, transport::UnpackLimits { max_bytes: u64::MAX }) {
+        Ok(m) => {
+            let tree = dir.join(id);
+            for (d, (path, off, len)) in m.locations() {
+                chunks.entry(d).or_insert_with(|| (tree.join(path), off, len));
+            }
+        }
+        Err(e) => warn!(snapshot = %id, "cached manifest unreadable, its chunks are not offered: {e}"),
+    }
+}
+
+impl ChunkSource for Cache {
+    fn has(&self, digest: &Digest) -> bool {
+        self.chunks().contains_key(digest)
+    }
+
+    fn read(&self, c: &Chunk) -> std::io::Result<Vec<u8>> {
+        let Some((path, off, len)) = self.chunks().get(&c.digest).cloned() else {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "chunk not cached"));
+        };
+        transport::cas::read_range(&path, off, len)
     }
 }
 
@@ -337,7 +404,12 @@ mod tests {
 
     #[async_trait]
     impl SnapshotRemote for DirRemote {
-        async fn fetch(&self, id: &str, dest: &Path) -> Result<TransferSummary> {
+        async fn fetch(
+            &self,
+            id: &str,
+            dest: &Path,
+            _held: Arc<dyn ChunkSource>,
+        ) -> Result<crate::remote::Fetched> {
             self.fetches.fetch_add(1, Ordering::SeqCst);
             let src = self.root.join(id);
             fs::create_dir_all(dest)?;
@@ -346,7 +418,8 @@ mod tests {
                 let e = e?;
                 bytes += fs::copy(e.path(), dest.join(e.file_name()))?;
             }
-            Ok(TransferSummary { wire_bytes: bytes, content_bytes: bytes, entries: 1, elapsed_ms: 0 })
+            let summary = TransferSummary { wire_bytes: bytes, content_bytes: bytes, entries: 1, elapsed_ms: 0 };
+            Ok(crate::remote::Fetched { summary, manifest: None })
         }
         async fn store(&self, _root: &Path, _paths: Vec<PathBuf>) -> Result<SnapshotInfo> {
             bail!("not used")

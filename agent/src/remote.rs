@@ -6,25 +6,48 @@
 //! and a store with presigned part URLs: the bytes then go between the agent and the store
 //! ([`crate::objects`]), checked against the BLAKE3 digest the store keeps as object metadata.
 //! Otherwise they go over the QUIC stream (the relay).
+//!
+//! When the store keeps manifests and blobs (the coordinator's local store), a fetch asks for
+//! the manifest, then only for the blobs neither the agent's cache nor its blob spool holds,
+//! and builds the tree from all three; a store sends the manifest, then only the blobs the
+//! store lacks. Received blobs are kept in the spool (`<state>/blobs`) until the tree they
+//! belong to is committed, so a fetch broken off by a lost connection or a restart resumes
+//! from the blobs already here.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use protocol::{RemoteError, SnapshotInfo, SnapshotReply, SnapshotRequest, Trailer, TransferSummary};
-use tokio::sync::watch;
-use transport::{framed, tree::UnpackLimits};
+use tokio::sync::{mpsc, watch};
+use transport::cas::{self, BlobStore, Chunk, ChunkSource, Manifest};
+use transport::{blobwire, framed, tree::UnpackLimits};
 
 /// zstd level of the snapshots the agent stores.
 const STORE_ZSTD_LEVEL: i32 = 3;
+/// zstd level of the blobs the agent sends (kept only when it saves an eighth).
+const BLOB_ZSTD_LEVEL: i32 = 1;
+/// Digests per `Want` frame.
+const DIGESTS_PER_FRAME: usize = 100_000;
+/// Blobs in flight between the network task and the blocking thread that reads or keeps them.
+const BLOBS_IN_FLIGHT: usize = 16;
+
+/// What a fetch brought: its summary, and the manifest's bytes when the snapshot came as
+/// manifest and blobs (the cache keeps them, to offer the tree's chunks to later fetches).
+pub struct Fetched {
+    pub summary: TransferSummary,
+    pub manifest: Option<Vec<u8>>,
+}
 /// How long a request waits for the agent to be connected.
 const CONNECTION_WAIT: Duration = Duration::from_secs(120);
 
 #[async_trait]
 pub trait SnapshotRemote: Send + Sync {
-    /// Unpacks snapshot `id` into `dest` (committed only when complete and verified).
-    async fn fetch(&self, id: &str, dest: &Path) -> Result<TransferSummary>;
+    /// Unpacks snapshot `id` into `dest` (committed only when complete and verified), taking
+    /// the chunks `held` has from it instead of fetching them.
+    async fn fetch(&self, id: &str, dest: &Path, held: Arc<dyn ChunkSource>) -> Result<Fetched>;
     /// Stores `paths` (relative to `root`) as one snapshot.
     async fn store(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo>;
     /// Sizes of `(snapshot_id, in_snapshot_path)` pairs, from the store's index.
@@ -41,6 +64,8 @@ pub struct QuicRemote {
     limits: UnpackLimits,
     /// Where snapshots are packed before a direct upload.
     spool: PathBuf,
+    /// Blobs received for trees not committed yet.
+    blobs: Arc<BlobStore>,
 }
 
 impl QuicRemote {
@@ -48,8 +73,9 @@ impl QuicRemote {
         conn: watch::Receiver<Option<quinn::Connection>>,
         limits: UnpackLimits,
         spool: PathBuf,
+        blobs: Arc<BlobStore>,
     ) -> Self {
-        Self { conn, limits, spool }
+        Self { conn, limits, spool, blobs }
     }
 
     async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
@@ -76,36 +102,8 @@ impl QuicRemote {
             other => bail!("unexpected answer to a registry fetch: {other:?}"),
         }
     }
-}
-
-/// A packed snapshot in the spool, removed when dropped.
-struct Spooled(PathBuf);
-
-impl Drop for Spooled {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn stored(reply: Option<SnapshotReply>) -> Result<SnapshotInfo> {
-    match reply {
-        Some(SnapshotReply::Stored(info)) => Ok(info),
-        Some(SnapshotReply::Error(e)) => Err(refused(e)).context("storing a snapshot"),
-        other => bail!("unexpected answer to a snapshot store: {other:?}"),
-    }
-}
-
-fn refused(e: protocol::RemoteError) -> anyhow::Error {
-    anyhow!("coordinator: {}", e.message)
-}
-
-#[async_trait]
-impl SnapshotRemote for QuicRemote {
-    async fn registry(&self) -> Result<protocol::Registry> {
-        self.fetch_registry().await
-    }
-
-    async fn fetch(&self, id: &str, dest: &Path) -> Result<TransferSummary> {
+    /// A snapshot as one archive (an object store's, or relayed).
+    async fn fetch_archive(&self, id: &str, dest: &Path) -> Result<TransferSummary> {
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::FetchDirect { snapshot_id: id.to_string() }).await?;
         let reply = framed::read_frame::<SnapshotReply, _>(&mut recv).await;
@@ -141,6 +139,183 @@ impl SnapshotRemote for QuicRemote {
         }
     }
 
+    /// A snapshot as manifest and blobs; `None` when the store keeps archives.
+    async fn fetch_cas(&self, id: &str, dest: &Path, held: Arc<dyn ChunkSource>) -> Result<Option<Fetched>> {
+        let started = Instant::now();
+        let (mut send, mut recv) = self.open().await?;
+        framed::write_frame(&mut send, &SnapshotRequest::Manifest { snapshot_id: id.to_string() }).await?;
+        let len = match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
+            Some(SnapshotReply::ManifestFollows { bytes }) => bytes,
+            Some(SnapshotReply::Archive) => return Ok(None),
+            Some(SnapshotReply::Error(e)) => return Err(refused(e)).with_context(|| format!("fetching snapshot {id}")),
+            other => bail!("unexpected answer to a manifest fetch: {other:?}"),
+        };
+        let bytes = blobwire::read_bytes(&mut recv, len, cas::MAX_MANIFEST).await?;
+        let (limits, spool, h) = (self.limits, self.blobs.clone(), held.clone());
+        let parsed = tokio::task::spawn_blocking(move || -> Result<(Manifest, Vec<Chunk>)> {
+            let m = Manifest::decode(&bytes, limits)?;
+            let wanted = m.chunks().into_iter().filter(|c| !h.has(&c.digest) && !spool.has(&c.digest)).collect();
+            Ok((m, wanted))
+        })
+        .await?;
+        let (manifest, wanted) = match parsed {
+            Ok(v) => v,
+            Err(e) => {
+                let why = RemoteError { code: protocol::ErrorCode::RefusedArchive, message: format!("{e:#}") };
+                let _ = framed::write_frame(&mut send, &SnapshotRequest::Refused(why)).await;
+                let _ = send.finish();
+                return Err(e).with_context(|| format!("manifest of snapshot {id}"));
+            }
+        };
+        for batch in wanted.chunks(DIGESTS_PER_FRAME) {
+            let digests = batch.iter().map(|c| c.digest).collect();
+            framed::write_frame(&mut send, &SnapshotRequest::Want { digests }).await?;
+        }
+        framed::write_frame(&mut send, &SnapshotRequest::Want { digests: Vec::new() }).await?;
+        let wire = len + receive_blobs(&mut recv, &wanted, self.blobs.clone()).await
+            .with_context(|| format!("receiving the blobs of snapshot {id}"))?;
+        // Every chunk is here: build the tree from the cache's trees and the spool.
+        let (dest_buf, spool, limits) = (dest.to_path_buf(), self.blobs.clone(), self.limits);
+        let m = manifest.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let sources = cas::Sources(vec![held.as_ref(), spool.as_ref() as &dyn ChunkSource]);
+            cas::with_tar(&m, &sources, |r| transport::tree::unpack_into(r, &dest_buf, limits))
+        })
+        .await?;
+        let stats = match built {
+            Ok(stats) => stats,
+            Err(e) => {
+                let why = RemoteError { code: protocol::ErrorCode::RefusedArchive, message: e.to_string() };
+                let _ = framed::write_frame(&mut send, &SnapshotRequest::Refused(why)).await;
+                let _ = send.finish();
+                return Err(e).with_context(|| format!("building snapshot {id}"));
+            }
+        };
+        let _ = send.finish();
+        // The tree holds them now: the spool's copies go.
+        let spool = self.blobs.clone();
+        let received: Vec<Chunk> = wanted;
+        tokio::task::spawn_blocking(move || {
+            for c in received {
+                let _ = spool.remove(&c.digest);
+            }
+        });
+        let (bytes, _) = manifest.encode();
+        Ok(Some(Fetched {
+            summary: TransferSummary {
+                wire_bytes: wire,
+                content_bytes: stats.content_bytes,
+                entries: stats.entries,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            },
+            manifest: Some(bytes),
+        }))
+    }
+
+    /// Stores `paths` as manifest and blobs; `None` when the store keeps archives.
+    async fn store_cas(&self, root: &Path, paths: &[PathBuf]) -> Result<Option<SnapshotInfo>> {
+        let (r, p, limits) = (root.to_path_buf(), paths.to_vec(), self.limits);
+        let manifest = tokio::task::spawn_blocking(move || cas::build(&r, &p, limits, |_, _| Ok(())))
+            .await?
+            .context("refusing to store the outputs")?
+            .0;
+        let (bytes, _) = manifest.encode();
+        let (mut send, mut recv) = self.open().await?;
+        framed::write_frame(&mut send, &SnapshotRequest::StoreManifest { bytes: bytes.len() as u64 }).await?;
+        send.write_all(&bytes).await?;
+        let mut missing = Vec::new();
+        loop {
+            match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
+                Some(SnapshotReply::Missing { digests, done }) => {
+                    missing.extend(digests);
+                    if done {
+                        break;
+                    }
+                }
+                Some(SnapshotReply::Archive) => return Ok(None),
+                other => return stored(other).map(Some),
+            }
+        }
+        let known = manifest.locations();
+        let mut chunks = Vec::with_capacity(missing.len());
+        for d in missing {
+            let Some((_, _, len)) = known.get(&d) else {
+                bail!("the coordinator asked for blob {} which the outputs do not hold", hex::encode(d));
+            };
+            chunks.push(Chunk { digest: d, len: *len });
+        }
+        // Read, verified and encoded on a blocking thread; sent here.
+        let (tx, mut rx) = mpsc::channel::<Result<(Chunk, u8, Vec<u8>)>>(BLOBS_IN_FLIGHT);
+        let source = cas::TreeSource::new(root.to_path_buf(), &manifest);
+        let reader = tokio::task::spawn_blocking(move || {
+            for c in chunks {
+                let got = source.read(&c).map_err(anyhow::Error::from).and_then(|data| {
+                    cas::check_blob(&c, &data).map_err(|_| {
+                        anyhow!("an output changed while it was being stored (blob {})", hex::encode(c.digest))
+                    })?;
+                    Ok(cas::encode_blob(&data, BLOB_ZSTD_LEVEL))
+                });
+                let stop = got.is_err();
+                if tx.blocking_send(got.map(|(e, p)| (c, e, p))).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let sent = async {
+            while let Some(item) = rx.recv().await {
+                let (c, enc, payload) = item?;
+                blobwire::write_blob(&mut send, &c, enc, &payload).await?;
+            }
+            blobwire::write_end(&mut send).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        drop(rx);
+        let _ = reader.await;
+        if sent.is_ok() {
+            let _ = send.finish();
+        }
+        let reply = framed::read_frame::<SnapshotReply, _>(&mut recv).await;
+        sent.context("sending outputs to the coordinator")?;
+        stored(reply.context("reading the store reply")?).map(Some)
+    }
+}
+
+/// A packed snapshot in the spool, removed when dropped.
+struct Spooled(PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn stored(reply: Option<SnapshotReply>) -> Result<SnapshotInfo> {
+    match reply {
+        Some(SnapshotReply::Stored(info)) => Ok(info),
+        Some(SnapshotReply::Error(e)) => Err(refused(e)).context("storing a snapshot"),
+        other => bail!("unexpected answer to a snapshot store: {other:?}"),
+    }
+}
+
+fn refused(e: protocol::RemoteError) -> anyhow::Error {
+    anyhow!("coordinator: {}", e.message)
+}
+
+#[async_trait]
+impl SnapshotRemote for QuicRemote {
+    async fn registry(&self) -> Result<protocol::Registry> {
+        self.fetch_registry().await
+    }
+
+    async fn fetch(&self, id: &str, dest: &Path, held: Arc<dyn ChunkSource>) -> Result<Fetched> {
+        if let Some(done) = self.fetch_cas(id, dest, held).await? {
+            return Ok(done);
+        }
+        let summary = self.fetch_archive(id, dest).await?;
+        Ok(Fetched { summary, manifest: None })
+    }
+
     async fn store(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo> {
         // What the packer would refuse is refused here, before a transfer begins: the
         // coordinator never sees a stream broken off half way.
@@ -148,6 +323,9 @@ impl SnapshotRemote for QuicRemote {
         tokio::task::spawn_blocking(move || transport::tree::check_paths_packable(&r, &p))
             .await?
             .context("refusing to store the outputs")?;
+        if let Some(info) = self.store_cas(root, &paths).await? {
+            return Ok(info);
+        }
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::StoreBegin).await?;
         let part_size = match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
@@ -228,4 +406,39 @@ impl SnapshotRemote for QuicRemote {
             other => bail!("unexpected answer to a snapshot lookup: {other:?}"),
         }
     }
+}
+
+/// Reads blob records until the end record, verifying and keeping each in `spool` on a
+/// blocking thread; every one of `wanted` must come, and nothing else. Returns the bytes read.
+async fn receive_blobs(recv: &mut quinn::RecvStream, wanted: &[Chunk], spool: Arc<BlobStore>) -> Result<u64> {
+    let mut expected: std::collections::HashMap<[u8; 32], u64> = wanted.iter().map(|c| (c.digest, c.len)).collect();
+    let (tx, mut rx) = mpsc::channel::<blobwire::Received>(BLOBS_IN_FLIGHT);
+    let keeper = tokio::task::spawn_blocking(move || -> Result<()> {
+        while let Some(r) = rx.blocking_recv() {
+            spool.put(&r.chunk, r.encoding, &r.payload)?;
+        }
+        Ok(())
+    });
+    let mut wire = 0u64;
+    let received = async {
+        while let Some(r) = blobwire::read_blob(recv).await? {
+            match expected.remove(&r.chunk.digest) {
+                Some(len) if len == r.chunk.len => {}
+                _ => bail!("the coordinator sent blob {} which was not asked for", hex::encode(r.chunk.digest)),
+            }
+            wire += (protocol::BLOB_HEADER_LEN + r.payload.len()) as u64;
+            if tx.send(r).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    drop(tx);
+    keeper.await??;
+    received?;
+    if let Some(d) = expected.keys().next() {
+        bail!("blob {} never came ({} missing)", hex::encode(d), expected.len());
+    }
+    Ok(wire)
 }

@@ -60,6 +60,61 @@ impl Trailer {
     }
 }
 
+/// Length of an encoded [`BlobHeader`].
+pub const BLOB_HEADER_LEN: usize = 32 + 1 + 8 + 4;
+/// Largest blob payload on the wire: a 4 MiB chunk and zstd's worst case.
+pub const MAX_BLOB_PAYLOAD: u32 = (4 << 20) + (64 << 10);
+const BLOB_END: u8 = 0xff;
+
+/// Precedes each blob's payload in a content-addressed transfer: the blob's digest, how its
+/// payload is encoded (0 raw, 1 zstd), its decoded length and the payload's length. An end
+/// record ([`BlobHeader::END`]) closes the sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobHeader {
+    pub digest: [u8; 32],
+    pub encoding: u8,
+    pub len: u64,
+    pub payload_len: u32,
+}
+
+impl BlobHeader {
+    pub const END: Self = Self { digest: [0; 32], encoding: BLOB_END, len: 0, payload_len: 0 };
+
+    pub fn is_end(&self) -> bool {
+        self.encoding == BLOB_END
+    }
+
+    pub fn encode(&self) -> [u8; BLOB_HEADER_LEN] {
+        let mut out = [0u8; BLOB_HEADER_LEN];
+        out[..32].copy_from_slice(&self.digest);
+        out[32] = self.encoding;
+        out[33..41].copy_from_slice(&self.len.to_le_bytes());
+        out[41..].copy_from_slice(&self.payload_len.to_le_bytes());
+        out
+    }
+
+    /// Decodes a header; `None` when its payload would exceed [`MAX_BLOB_PAYLOAD`] or an end
+    /// record carries anything.
+    pub fn decode(raw: &[u8; BLOB_HEADER_LEN]) -> Option<Self> {
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(&raw[..32]);
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&raw[33..41]);
+        let mut payload_len = [0u8; 4];
+        payload_len.copy_from_slice(&raw[41..]);
+        let h = Self {
+            digest,
+            encoding: raw[32],
+            len: u64::from_le_bytes(len),
+            payload_len: u32::from_le_bytes(payload_len),
+        };
+        if h.payload_len > MAX_BLOB_PAYLOAD || (h.is_end() && h != Self::END) {
+            return None;
+        }
+        Some(h)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +127,16 @@ mod tests {
         let mut bad = raw;
         bad[0] = b'X';
         assert_eq!(Trailer::decode(&bad), None);
+    }
+
+    #[test]
+    fn blob_header_round_trip_and_limits() {
+        let h = BlobHeader { digest: [3; 32], encoding: 1, len: 4 << 20, payload_len: 1234 };
+        assert_eq!(BlobHeader::decode(&h.encode()), Some(h));
+        assert_eq!(BlobHeader::decode(&BlobHeader::END.encode()), Some(BlobHeader::END));
+        let big = BlobHeader { payload_len: MAX_BLOB_PAYLOAD + 1, ..h };
+        assert_eq!(BlobHeader::decode(&big.encode()), None);
+        let odd_end = BlobHeader { len: 1, ..BlobHeader::END };
+        assert_eq!(BlobHeader::decode(&odd_end.encode()), None);
     }
 }

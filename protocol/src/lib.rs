@@ -26,7 +26,7 @@ mod messages;
 pub mod registry;
 pub mod step;
 
-pub use bulk::{Compression, DataHeader, TRAILER_LEN, Trailer};
+pub use bulk::{BLOB_HEADER_LEN, BlobHeader, Compression, DataHeader, TRAILER_LEN, Trailer};
 pub use codec::{CodecError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use messages::*;
 pub use registry::{Registry, RegistryEntry};
@@ -35,7 +35,10 @@ pub use step::*;
 /// Major protocol version: carried in the ALPN string; peers with different majors never talk.
 pub const PROTOCOL_MAJOR: u32 = 1;
 /// Minor protocol version: carried in `Hello`/`Welcome`; minors only add enum variants at the end.
-pub const PROTOCOL_MINOR: u32 = 4;
+pub const PROTOCOL_MINOR: u32 = 5;
+/// The oldest agent minor a coordinator accepts: minor 5 moved snapshots to manifests and
+/// blobs, which older agents cannot read.
+pub const OLDEST_AGENT_MINOR: u32 = 5;
 
 /// ALPN of agent connections (control stream plus bulk streams).
 pub const ALPN_AGENT: &[u8] = b"pype/1";

@@ -338,6 +338,20 @@ pub enum SnapshotRequest {
     StoreParts { etags: Vec<String>, index_json: Vec<u8> },
     /// After a relayed `Fetch`: the agent refused what it received, and why. (Minor 3.)
     Refused(RemoteError),
+    /// A content-addressed snapshot's manifest: the answer is `ManifestFollows` and the
+    /// manifest's bytes, or `Archive` when the store keeps snapshots as archives (then use
+    /// `FetchDirect`). The agent then sends `Want` batches, the last one empty; the
+    /// coordinator answers with blob records (see [`crate::bulk::BlobHeader`]) for every
+    /// wanted digest, then an end record. (Minor 5.)
+    Manifest { snapshot_id: String },
+    /// Digests of blobs the agent lacks; an empty batch ends the wants. (Minor 5.)
+    Want { digests: Vec<[u8; 32]> },
+    /// A manifest of `bytes` bytes follows; the coordinator answers `Missing` batches (the
+    /// last with `done`), the agent sends a blob record for each missing digest and an end
+    /// record, and the coordinator answers `Stored` once every blob of the manifest is
+    /// present and verified, or `Error` (nothing committed). `Archive` when the store keeps
+    /// snapshots as archives (then use `StoreBegin`). (Minor 5.)
+    StoreManifest { bytes: u64 },
 }
 
 /// What a stored snapshot holds.
@@ -376,4 +390,15 @@ pub enum SnapshotReply {
     Upload {
         urls: Vec<String>,
     },
+    /// The manifest's `bytes` bytes follow. (Minor 5.)
+    ManifestFollows {
+        bytes: u64,
+    },
+    /// Blobs the store lacks; `done` on the last batch. (Minor 5.)
+    Missing {
+        digests: Vec<[u8; 32]>,
+        done: bool,
+    },
+    /// The store keeps snapshots as archives: use the archive requests. (Minor 5.)
+    Archive,
 }

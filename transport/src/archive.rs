@@ -99,10 +99,21 @@ pub fn digest(path: &Path) -> Result<Trailer, TreeError> {
 }
 
 /// Reads through to a hasher, counting.
-struct HashingReader<R> {
+pub struct HashingReader<R> {
     inner: R,
     hasher: blake3::Hasher,
     bytes: u64,
+}
+
+impl<R> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self { inner, hasher: blake3::Hasher::new(), bytes: 0 }
+    }
+
+    /// Bytes read and their digest.
+    pub fn finish(&self) -> (u64, [u8; 32]) {
+        (self.bytes, *self.hasher.finalize().as_bytes())
+    }
 }
 
 impl<R: Read> Read for HashingReader<R> {

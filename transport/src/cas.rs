@@ -315,13 +315,42 @@ pub fn write_tar(manifest: &Manifest, source: &dyn ChunkSource, out: impl Write)
             size: e.size,
             target: e.target.clone(),
         };
-        let mut content = ChunkReader { chunks: &e.chunks, next: 0, buf: Vec::new(), pos: 0, source };
-        w.append(&meta, &mut content)?;
+        let mut content =
+            ChunkReader { chunks: &e.chunks, next: 0, buf: Vec::new(), pos: 0, source, failed: None };
+        let appended = w.append(&meta, &mut content);
+        if let Some(why) = content.failed.take() {
+            return Err(TreeError::Mismatch(format!("{}: {why}", e.path)));
+        }
+        appended?;
         if content.next < e.chunks.len() || content.pos < content.buf.len() {
             return Err(TreeError::Mismatch(format!("{} was not written whole", e.path)));
         }
     }
     w.finish()
+}
+
+/// Hands `consume` the tar stream of the tree `manifest` describes (see [`write_tar`]), written
+/// on a thread of its own. A chunk that fails verification is the error, whatever the
+/// consumer made of the stream it cut short; what the consumer left unread is drained.
+pub fn with_tar<T>(
+    manifest: &Manifest,
+    source: &dyn ChunkSource,
+    consume: impl FnOnce(&mut dyn Read) -> Result<T, TreeError>,
+) -> Result<T, TreeError> {
+    let (mut reader, writer) =
+        io::pipe().map_err(|e| TreeError::Io { context: "making a pipe".into(), source: e })?;
+    std::thread::scope(|s| {
+        let w = s.spawn(move || write_tar(manifest, source, writer));
+        let consumed = consume(&mut reader);
+        let _ = io::copy(&mut reader, &mut io::sink());
+        drop(reader);
+        match w.join() {
+            Ok(Ok(())) => consumed,
+            Ok(Err(e @ TreeError::Mismatch(_))) => Err(e),
+            Ok(Err(e)) => consumed.and(Err(e)),
+            Err(_) => Err(TreeError::Mismatch("the tar writer thread panicked".into())),
+        }
+    })
 }
 
 /// Reads a file's chunks in order, each verified.
@@ -331,14 +360,26 @@ struct ChunkReader<'a> {
     buf: Vec<u8>,
     pos: usize,
     source: &'a dyn ChunkSource,
+    /// Why a chunk could not be read or failed verification.
+    failed: Option<String>,
 }
 
 impl Read for ChunkReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.buf.len() {
             let Some(c) = self.chunks.get(self.next) else { return Ok(0) };
-            let data = self.source.read(c)?;
-            check_blob(c, &data).map_err(io::Error::other)?;
+            let data = match self.source.read(c) {
+                Ok(d) => d,
+                Err(e) => {
+                    let why = format!("blob {}: {e}", hex::encode(c.digest));
+                    self.failed = Some(why.clone());
+                    return Err(io::Error::other(why));
+                }
+            };
+            if let Err(e) = check_blob(c, &data) {
+                self.failed = Some(e.to_string());
+                return Err(io::Error::other(e.to_string()));
+            }
             self.buf = data;
             self.pos = 0;
             self.next += 1;
@@ -601,12 +642,7 @@ mod tests {
         assert_eq!(Manifest::decode(&bytes, UnpackLimits::default()).unwrap(), m);
         assert!(snapshot_id_of(&digest).starts_with("snap-"));
         let dest = tempfile::tempdir().unwrap();
-        let (r, w) = io::pipe().unwrap();
-        std::thread::scope(|s| {
-            let writer = s.spawn(|| write_tar(&m, &blobs, w));
-            tree::unpack_into(r, &dest.path().join("t"), UnpackLimits::default()).unwrap();
-            writer.join().unwrap().unwrap();
-        });
+        with_tar(&m, &blobs, |r| tree::unpack_into(r, &dest.path().join("t"), UnpackLimits::default())).unwrap();
         for p in ["out/a.txt", "out/empty", "out/sub/big"] {
             assert_eq!(fs::read(dest.path().join("t").join(p)).unwrap(), fs::read(src.path().join(p)).unwrap());
         }

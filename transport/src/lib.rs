@@ -5,6 +5,7 @@
 
 pub mod archive;
 pub mod bulk;
+pub mod blobwire;
 pub mod cas;
 pub mod cli;
 pub mod endpoint;

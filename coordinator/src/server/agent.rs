@@ -52,6 +52,19 @@ pub(super) async fn handle_agent(
         );
         return refuse(&conn, CloseCode::VersionMismatch, &reason);
     }
+    if hello.protocol_minor < protocol::OLDEST_AGENT_MINOR {
+        let reason = format!(
+            "agent speaks protocol {}.{}, this coordinator needs {}.{} or newer (snapshots moved to \
+             manifests and blobs in {}.{}): upgrade pype-agent",
+            hello.protocol_major,
+            hello.protocol_minor,
+            protocol::PROTOCOL_MAJOR,
+            protocol::OLDEST_AGENT_MINOR,
+            protocol::PROTOCOL_MAJOR,
+            protocol::OLDEST_AGENT_MINOR
+        );
+        return refuse(&conn, CloseCode::VersionMismatch, &reason);
+    }
     if hello.agent_id != agent_id {
         return refuse(
             &conn,

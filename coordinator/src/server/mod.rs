@@ -8,6 +8,7 @@
 
 mod admin;
 mod agent;
+mod cas;
 mod enroll;
 pub mod lograte;
 mod snapshots;

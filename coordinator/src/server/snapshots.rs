@@ -114,6 +114,17 @@ pub(super) async fn snapshot_stream(
             framed::write_frame(&mut send, &reply).await?;
             send.finish()?;
         }
+        SnapshotRequest::Manifest { snapshot_id } => {
+            super::cas::fetch(coord, agent, &mut send, &mut recv, snapshot_id).await?;
+        }
+        SnapshotRequest::StoreManifest { bytes } => {
+            super::cas::store(coord, agent, &mut send, &mut recv, bytes).await?;
+        }
+        SnapshotRequest::Want { .. } => {
+            let reply = reply_err(ErrorCode::InvalidRequest, "Want outside of a manifest fetch".into());
+            framed::write_frame(&mut send, &reply).await?;
+            send.finish()?;
+        }
         SnapshotRequest::Stat { queries } => {
             let sizes =
                 tokio::task::spawn_blocking(move || crate::store::sizes_of(store.as_ref(), queries)).await?;

@@ -7,6 +7,12 @@
 //!
 //! Snapshot ids are content addresses: `snap-` and the first 32 hex digits of the BLAKE3
 //! digest of the stored bytes, so storing the same outputs twice stores them once.
+//!
+//! The local store keeps snapshots content-addressed ([`CasStore`]): a manifest per snapshot
+//! (`<id>.manifest`, its id the address of its bytes) and blobs by digest under `blobs/`
+//! ([`transport::cas`]), so two snapshots share every chunk they have in common and an agent
+//! sends or fetches only the blobs the other side lacks. Archives of an older store
+//! (`<id>.tar.zst`) are converted when the store opens, keeping their ids.
 
 #[cfg(feature = "aws")]
 pub mod s3;
@@ -18,6 +24,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use protocol::{SnapshotInfo, Trailer, registry::valid_snapshot_id};
 use serde::{Deserialize, Serialize};
+use transport::cas::{self, BlobStore, Chunk, Digest, Manifest};
 use transport::tree::{EntryKind, IndexEntry, UnpackLimits};
 
 /// Compression level of archives the coordinator writes itself (imports).
@@ -34,6 +41,10 @@ pub struct SnapshotMeta {
     pub digest: String,
     pub created_at: i64,
     pub files: Vec<IndexEntry>,
+    /// BLAKE3 of the manifest's bytes, hex, for a snapshot converted from an archive (whose
+    /// id is the address of the archive, not of its manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<String>,
 }
 
 impl SnapshotMeta {
@@ -244,18 +255,23 @@ pub fn meta_from_index(
         digest: hex::encode(digest),
         created_at: now_secs(),
         files,
+        manifest_digest: None,
     })
 }
 
 /// The content address of stored bytes whose digest is `digest`.
 pub fn snapshot_id_of(digest: &[u8; 32]) -> String {
-    format!("snap-{}", hex::encode(&digest[..16]))
+    cas::snapshot_id_of(digest)
 }
 
 /// Where snapshots live. Methods block (file IO); async callers use `spawn_blocking`.
 pub trait SnapshotStore: Send + Sync {
     /// The direct path for agents, when the store has one (object stores).
     fn direct(&self) -> Option<&dyn DirectStore> {
+        None
+    }
+    /// The content-addressed side, when the store keeps snapshots as manifests and blobs.
+    fn cas(&self) -> Option<&dyn CasStore> {
         None
     }
     /// A fresh path for an incoming stream, on the same filesystem as the store.
@@ -270,14 +286,7 @@ pub trait SnapshotStore: Send + Sync {
 
     /// Packs local paths (absolute) into one snapshot, laid out at their absolute paths.
     fn import(&self, paths: &[PathBuf]) -> Result<SnapshotMeta> {
-        let mut rels = Vec::with_capacity(paths.len());
-        for p in paths {
-            if !p.is_absolute() {
-                bail!("{} is not an absolute path", p.display());
-            }
-            fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?;
-            rels.push(p.strip_prefix("/").map(Path::to_path_buf).unwrap_or_else(|_| p.clone()));
-        }
+        let rels = import_rels(paths)?;
         let tmp = self.incoming_path()?;
         let (trailer, _) = transport::archive::write(Path::new("/"), &rels, &tmp, IMPORT_ZSTD_LEVEL)
             .context("packing the imported paths")?;
@@ -324,6 +333,36 @@ pub trait SnapshotStore: Send + Sync {
     }
 }
 
+/// A store of manifests and blobs. Methods block (file IO).
+pub trait CasStore: Send + Sync {
+    /// A snapshot's manifest as stored (its bytes, checked against the snapshot's id) and
+    /// parsed; `None` when the store does not hold it.
+    fn manifest(&self, snapshot_id: &str) -> Result<Option<(Vec<u8>, Manifest)>>;
+    fn has_blob(&self, digest: &Digest) -> bool;
+    /// A blob as stored: its encoding and payload (the reader verifies them).
+    fn blob(&self, digest: &Digest) -> Result<(u8, Vec<u8>)>;
+    /// Verifies and keeps a blob; returns its stored size.
+    fn put_blob(&self, chunk: &Chunk, encoding: u8, payload: &[u8]) -> Result<u64>;
+    /// Commits a manifest whose every blob is present: the snapshot becomes visible.
+    fn commit(&self, bytes: &[u8], manifest: &Manifest) -> Result<SnapshotMeta>;
+    /// Removes blobs no manifest references and older than `min_age` (a transfer in progress
+    /// may have stored them for a manifest not committed yet). Returns (blobs, bytes).
+    fn gc_blobs(&self, min_age: std::time::Duration) -> Result<(u64, u64)>;
+}
+
+/// Absolute paths to import, relative to `/`; each must exist.
+fn import_rels(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut rels = Vec::with_capacity(paths.len());
+    for p in paths {
+        if !p.is_absolute() {
+            bail!("{} is not an absolute path", p.display());
+        }
+        fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        rels.push(p.strip_prefix("/").map(Path::to_path_buf).unwrap_or_else(|_| p.clone()));
+    }
+    Ok(rels)
+}
+
 /// Checks that an index read from the store describes the snapshot it was asked for: its id,
 /// and the content address of its recorded digest. A store whose index was swapped or edited
 /// fails here, naming the snapshot.
@@ -344,12 +383,19 @@ pub fn check_meta(snapshot_id: &str, meta: &SnapshotMeta) -> Result<()> {
 pub struct LocalStore {
     dir: PathBuf,
     limits: UnpackLimits,
+    blobs: BlobStore,
 }
+
+/// zstd level of blobs the coordinator encodes itself (imports, conversions).
+const BLOB_ZSTD_LEVEL: i32 = 3;
 
 impl LocalStore {
     pub fn open_dir(dir: PathBuf) -> Result<Self> {
         fs::create_dir_all(dir.join("incoming")).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self { dir, limits: UnpackLimits::default() })
+        let blobs = BlobStore::open(dir.join("blobs")).with_context(|| format!("creating {}/blobs", dir.display()))?;
+        let store = Self { dir, limits: UnpackLimits::default(), blobs };
+        store.convert_archives()?;
+        Ok(store)
     }
 
     fn data_path(&self, id: &str) -> PathBuf {
@@ -358,6 +404,102 @@ impl LocalStore {
 
     fn meta_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.json"))
+    }
+
+    fn manifest_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.manifest"))
+    }
+
+    /// Converts the archives of an older store into manifests and blobs, keeping their ids
+    /// (the registry names them); one log line for all. An archive that fails its digest is
+    /// left as it is, with a warning naming it.
+    fn convert_archives(&self) -> Result<()> {
+        let mut pending = Vec::new();
+        for e in fs::read_dir(&self.dir).with_context(|| format!("listing {}", self.dir.display()))? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".tar.zst")
+                && valid_snapshot_id(id)
+                && !self.manifest_path(id).exists()
+                && self.meta_path(id).exists()
+            {
+                pending.push(id.to_string());
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let (mut converted, mut bytes) = (0u64, 0u64);
+        for id in &pending {
+            match self.convert_archive(id) {
+                Ok(n) => {
+                    converted += 1;
+                    bytes += n;
+                }
+                Err(e) => tracing::warn!(snapshot = %id, "snapshot store: could not convert the archive: {e:#}"),
+            }
+        }
+        tracing::info!(
+            converted,
+            of = pending.len(),
+            content_bytes = bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot store: converted archives to manifests and blobs"
+        );
+        Ok(())
+    }
+
+    fn convert_archive(&self, id: &str) -> Result<u64> {
+        let mut meta: SnapshotMeta = serde_json::from_slice(&fs::read(self.meta_path(id))?)?;
+        check_meta(id, &meta)?;
+        let mut expected = [0u8; 32];
+        hex::decode_to_slice(&meta.digest, &mut expected)?;
+        let file = fs::File::open(self.data_path(id))?;
+        let mut hashing = transport::archive::HashingReader::new(file);
+        let built = {
+            let dec = zstd::stream::read::Decoder::new(&mut hashing)?;
+            cas::build_from_tar(dec, self.limits, |c, data| {
+                let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
+                self.blobs.put_verified(&c.digest, enc, &payload).map(|_| ())
+            })
+        };
+        std::io::copy(&mut hashing, &mut std::io::sink())?;
+        let (bytes_read, digest) = hashing.finish();
+        if bytes_read != meta.wire_bytes || digest != expected {
+            bail!("the archive does not match its recorded length and digest");
+        }
+        let (manifest, _) = built?;
+        let (bytes, mdigest) = manifest.encode();
+        transport::pki::write_file(&self.manifest_path(id), &bytes, 0o644)?;
+        meta.manifest_digest = Some(hex::encode(mdigest));
+        meta.files = manifest.index();
+        meta.wire_bytes = self.stored_bytes(&manifest);
+        transport::pki::write_file(&self.meta_path(id), &serde_json::to_vec(&meta)?, 0o644)?;
+        let _ = fs::remove_file(self.data_path(id));
+        Ok(manifest.content_bytes())
+    }
+
+    /// Stored bytes of a manifest's distinct blobs.
+    fn stored_bytes(&self, m: &Manifest) -> u64 {
+        m.chunks().iter().filter_map(|c| self.blobs.stored_len(&c.digest)).sum()
+    }
+
+    /// Takes a tar stream into the store as manifest and blobs.
+    fn ingest_tar(&self, input: impl std::io::Read) -> Result<SnapshotMeta> {
+        let (manifest, _) = cas::build_from_tar(input, self.limits, |c, data| {
+            if self.blobs.has(&c.digest) {
+                return Ok(());
+            }
+            let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
+            self.blobs.put_verified(&c.digest, enc, &payload).map(|_| ())
+        })?;
+        let (bytes, _) = manifest.encode();
+        self.commit(&bytes, &manifest)
+    }
+
+    /// The blob store's directory (for benchmarks and tests).
+    pub fn blob_dir(&self) -> &Path {
+        self.blobs.dir()
     }
 }
 
@@ -368,49 +510,121 @@ pub(crate) fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+impl CasStore for LocalStore {
+    fn manifest(&self, snapshot_id: &str) -> Result<Option<(Vec<u8>, Manifest)>> {
+        let Some(meta) = self.meta(snapshot_id)? else { return Ok(None) };
+        let path = self.manifest_path(snapshot_id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let digest = hex::encode(blake3::hash(&bytes).as_bytes());
+        let expected = meta.manifest_digest.as_deref().unwrap_or(&meta.digest);
+        if digest != expected {
+            bail!("the manifest of snapshot {snapshot_id} does not match its digest");
+        }
+        let m = Manifest::decode(&bytes, self.limits).with_context(|| format!("manifest of snapshot {snapshot_id}"))?;
+        Ok(Some((bytes, m)))
+    }
+
+    fn has_blob(&self, digest: &Digest) -> bool {
+        self.blobs.has(digest)
+    }
+
+    fn blob(&self, digest: &Digest) -> Result<(u8, Vec<u8>)> {
+        self.blobs.get_raw(digest).with_context(|| format!("reading blob {}", hex::encode(digest)))
+    }
+
+    fn put_blob(&self, chunk: &Chunk, encoding: u8, payload: &[u8]) -> Result<u64> {
+        Ok(self.blobs.put(chunk, encoding, payload)?)
+    }
+
+    fn commit(&self, bytes: &[u8], manifest: &Manifest) -> Result<SnapshotMeta> {
+        if let Some(c) = manifest.chunks().iter().find(|c| !self.blobs.has(&c.digest)) {
+            bail!("the manifest names blob {} which the store does not hold: nothing committed", hex::encode(c.digest));
+        }
+        let digest = *blake3::hash(bytes).as_bytes();
+        let id = snapshot_id_of(&digest);
+        if let Some(meta) = self.meta(&id)?
+            && self.manifest_path(&id).exists()
+        {
+            return Ok(meta);
+        }
+        let files = manifest.index();
+        let meta = SnapshotMeta {
+            snapshot_id: id.clone(),
+            wire_bytes: self.stored_bytes(manifest),
+            content_bytes: manifest.content_bytes(),
+            entries: files.len() as u64,
+            digest: hex::encode(digest),
+            created_at: now_secs(),
+            files,
+            manifest_digest: None,
+        };
+        transport::pki::write_file(&self.manifest_path(&id), bytes, 0o644)?;
+        // The index is written last: its presence means the snapshot is complete.
+        transport::pki::write_file(&self.meta_path(&id), &serde_json::to_vec(&meta)?, 0o644)?;
+        Ok(meta)
+    }
+
+    fn gc_blobs(&self, min_age: std::time::Duration) -> Result<(u64, u64)> {
+        let mut referenced = std::collections::HashSet::new();
+        for id in self.list()? {
+            if let Some((_, m)) = self.manifest(&id)? {
+                referenced.extend(m.chunks().into_iter().map(|c| c.digest));
+            }
+        }
+        let (mut n, mut bytes) = (0, 0);
+        for d in self.blobs.list()? {
+            if referenced.contains(&d) {
+                continue;
+            }
+            let p = self.blobs.dir().join(&hex::encode(d)[..2]).join(hex::encode(d));
+            let young = fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() < min_age)
+                .unwrap_or(true);
+            if young {
+                continue;
+            }
+            bytes += self.blobs.remove(&d).unwrap_or(0);
+            n += 1;
+        }
+        Ok((n, bytes))
+    }
+}
+
 impl SnapshotStore for LocalStore {
+    fn cas(&self) -> Option<&dyn CasStore> {
+        Some(self)
+    }
+
     fn incoming_path(&self) -> Result<PathBuf> {
         Ok(self.dir.join("incoming").join(format!("{:016x}.part", rand::random::<u64>())))
     }
 
-    fn ingest(&self, file: &Path, trailer: &Trailer) -> Result<SnapshotMeta> {
-        let id = snapshot_id_of(&trailer.digest);
-        if let Some(meta) = self.meta(&id)? {
-            // Same bytes stored before: keep the old copy. An index written before link
-            // targets were indexed is written anew from the new (verified) copy.
-            if meta.links_indexed() {
-                let _ = fs::remove_file(file);
-                return Ok(meta);
-            }
-            tracing::info!(snapshot = %id, "snapshot store: indexing the link targets of a stored snapshot");
-        }
-        let (mut files, stats) = transport::archive::index(file, self.limits)
-            .with_context(|| format!("indexing snapshot {id}"))?;
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        files.dedup_by(|later, earlier| later.path == earlier.path);
-        let meta = SnapshotMeta {
-            snapshot_id: id.clone(),
-            wire_bytes: trailer.bytes,
-            content_bytes: stats.content_bytes,
-            entries: stats.entries,
-            digest: hex::encode(trailer.digest),
-            created_at: now_secs(),
-            files,
-        };
-        fs::rename(file, self.data_path(&id)).with_context(|| format!("storing snapshot {id}"))?;
-        let json = serde_json::to_vec(&meta)?;
-        // The index is written last: its presence means the snapshot is complete.
-        transport::pki::write_file(&self.meta_path(&id), &json, 0o644)?;
-        Ok(meta)
+    /// A verified zstd tar stream (an agent that stores through the archive requests) becomes
+    /// manifest and blobs.
+    fn ingest(&self, file: &Path, _trailer: &Trailer) -> Result<SnapshotMeta> {
+        let input = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let dec = zstd::stream::read::Decoder::new(input)?;
+        let meta = self.ingest_tar(dec);
+        let _ = fs::remove_file(file);
+        meta
     }
 
     fn open(&self, snapshot_id: &str) -> Result<(PathBuf, [u8; 32])> {
         let meta =
             self.meta(snapshot_id)?.ok_or_else(|| anyhow!("snapshot {snapshot_id} is not in the store"))?;
+        let path = self.data_path(snapshot_id);
+        if !path.exists() {
+            bail!("snapshot {snapshot_id} is kept as manifest and blobs, not as an archive");
+        }
         let mut digest = [0u8; 32];
         hex::decode_to_slice(&meta.digest, &mut digest)
             .map_err(|e| anyhow!("index of snapshot {snapshot_id} has a bad digest: {e}"))?;
-        Ok((self.data_path(snapshot_id), digest))
+        Ok((path, digest))
     }
 
     fn meta(&self, snapshot_id: &str) -> Result<Option<SnapshotMeta>> {
@@ -445,8 +659,52 @@ impl SnapshotStore for LocalStore {
             bail!("invalid snapshot id {snapshot_id:?}");
         }
         let _ = fs::remove_file(self.meta_path(snapshot_id));
+        let _ = fs::remove_file(self.manifest_path(snapshot_id));
         let _ = fs::remove_file(self.data_path(snapshot_id));
         Ok(())
+    }
+
+    fn import(&self, paths: &[PathBuf]) -> Result<SnapshotMeta> {
+        let rels = import_rels(paths)?;
+        let (manifest, _) = cas::build(Path::new("/"), &rels, self.limits, |c, data| {
+            if self.blobs.has(&c.digest) {
+                return Ok(());
+            }
+            let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
+            self.blobs.put_verified(&c.digest, enc, &payload).map(|_| ())
+        })
+        .context("packing the imported paths")?;
+        let (bytes, _) = manifest.encode();
+        self.commit(&bytes, &manifest)
+    }
+
+    fn write_out(
+        &self,
+        snapshot_id: &str,
+        in_snapshot_path: &str,
+        dest: &Path,
+        root: &Path,
+    ) -> Result<transport::tree::WriteOutStats> {
+        let Some((_, manifest)) = self.manifest(snapshot_id)? else {
+            bail!("snapshot {snapshot_id} is not in the store");
+        };
+        let dest_rel = dest
+            .strip_prefix(root)
+            .map_err(|_| anyhow!("{} is not beneath {}", dest.display(), root.display()))?;
+        fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let isp = Path::new(in_snapshot_path.trim_start_matches('/'));
+        let staged = cas::with_tar(&manifest, &self.blobs, |r| {
+            transport::tree::stage_out(r, isp, root, dest_rel, self.limits)
+        });
+        let staged = match staged {
+            Err(e @ transport::tree::TreeError::Mismatch(_)) => {
+                bail!("snapshot {snapshot_id} failed verification: {e}")
+            }
+            other => other,
+        };
+        let (pending, stats) = staged.map_err(|e| anyhow!("snapshot {snapshot_id}: {e}"))?;
+        pending.commit().map_err(|e| anyhow!("snapshot {snapshot_id}: {e}"))?;
+        Ok(stats)
     }
 }
 
