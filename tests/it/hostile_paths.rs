@@ -153,23 +153,30 @@ command = "mkdir -p {{data_root}}/deep/er/out && head -c 300000 /dev/urandom > {
     let blob = fs::read(out.join("blob")).unwrap();
     let (id, isp) = fx.entry(&out).expect("registered");
 
-    // Tampered: other bytes (a valid archive of other content) under the old index.
-    let other = tempfile::tempdir().unwrap();
-    let inner = other.path().join(isp.trim_start_matches('/'));
-    fs::create_dir_all(&inner).unwrap();
-    fs::write(inner.join("blob"), b"not what was stored").unwrap();
-    let mut tar = Vec::new();
-    transport::tree::pack(other.path(), &mut tar).unwrap();
-    let archive = fx.state().join("snapshots").join(format!("{id}.tar.zst"));
-    let good = fs::read(&archive).unwrap();
-    fs::write(&archive, zstd_compress(&tar)).unwrap();
+    // Tampered: the blob holding the file's bytes replaced by other bytes (a valid encoding of
+    // other content) under the same digest.
+    let snaps = fx.state().join("snapshots");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(snaps.join(format!("{id}.manifest"))).unwrap()).unwrap();
+    let chunk = manifest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"].as_str().unwrap().ends_with("/blob"))
+        .and_then(|e| e["chunks"][0].as_str())
+        .expect("the file's chunk")
+        .to_string();
+    let digest = chunk.split(':').next().unwrap();
+    let stored = snaps.join("blobs").join(&digest[..2]).join(digest);
+    let good = fs::read(&stored).unwrap();
+    fs::write(&stored, b"\0not what was stored").unwrap();
     fs::remove_dir_all(fx.p("data/deep")).unwrap();
     let (ok, _, p) = fx.run_file(&pipeline);
     assert!(!ok, "a tampered snapshot was written out\n{}", p.dump());
     let err = p.dump();
     assert!(err.contains(&id) && err.contains("verification"), "{err}");
     assert!(!fx.p("data/deep").exists(), "a refused write left {:?}", tree(&data));
-    fs::write(&archive, &good).unwrap();
+    fs::write(&stored, &good).unwrap();
 
     // A link that leads out of the declared output, from where it will sit.
     let crafted = tempfile::tempdir().unwrap();

@@ -139,9 +139,9 @@ async fn forged_results_for_another_agents_attempt_are_refused() {
     assert_ne!(e["snapshot_id"], "snap-f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0", "{reg}");
     assert_eq!(e["produced_by"]["attempt"].as_u64(), Some(attempt), "{reg}");
     // The honest agent's bytes are what the store holds for it.
-    let object = fx.state().join("snapshots").join(format!("{}.tar.zst", e["snapshot_id"].as_str().unwrap()));
-    let tar = zstd::decode_all(std::fs::File::open(&object).unwrap()).unwrap();
-    assert!(tar.windows(7).any(|w| w == b"honest\n"), "{} does not hold the honest output", object.display());
+    let id = e["snapshot_id"].as_str().unwrap();
+    let held = tests::snapshot_file(&fx.state(), id, "out.txt");
+    assert!(held.windows(7).any(|w| w == b"honest\n"), "{id} does not hold the honest output");
 }
 
 /// Resident memory of a process, in bytes.

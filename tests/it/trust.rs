@@ -74,13 +74,18 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
 
     // A Hello claiming another major version, or another agent's id.
     let mismatch = format!(
-        "protocol version mismatch: coordinator speaks {}.{}, agent speaks 2.0",
+        "protocol version mismatch: coordinator speaks {}.{}, agent speaks 2.{}",
         protocol::PROTOCOL_MAJOR,
+        protocol::PROTOCOL_MINOR,
         protocol::PROTOCOL_MINOR
     );
-    for (msg, expect) in
-        [(hello("prober", 2), mismatch.as_str()), (hello("healthy", 1), "certificate belongs to prober")]
-    {
+    // An agent of before manifests and blobs (minor 4) is told to upgrade.
+    let old = format!("agent speaks protocol 1.4, this coordinator needs 1.{}", protocol::OLDEST_AGENT_MINOR);
+    for (msg, expect) in [
+        (hello("prober", 2), mismatch.as_str()),
+        (tests::hello_minor("prober", 1, 4), old.as_str()),
+        (hello("healthy", 1), "certificate belongs to prober"),
+    ] {
         let conn = connect(coord.addr, &ca_pem, Some(&me.cert), protocol::ALPN_AGENT).await.unwrap();
         let (mut send, _recv) = conn.open_bi().await.unwrap();
         framed::write_frame(&mut send, &msg).await.unwrap();

@@ -21,9 +21,14 @@ pub async fn connect(
 
 /// The first message of a hand-made agent: `agent_id` speaking protocol `major`.
 pub fn hello(agent_id: &str, major: u32) -> protocol::AgentToCoordinator {
+    hello_minor(agent_id, major, protocol::PROTOCOL_MINOR)
+}
+
+/// A `Hello` claiming protocol `major.minor`.
+pub fn hello_minor(agent_id: &str, major: u32, minor: u32) -> protocol::AgentToCoordinator {
     protocol::AgentToCoordinator::Hello(protocol::Hello {
         protocol_major: major,
-        protocol_minor: 0,
+        protocol_minor: minor,
         agent_version: "test".into(),
         agent_id: agent_id.into(),
         host: protocol::HostFacts::default(),

@@ -123,5 +123,12 @@ pub fn gc(dir: &Path, min_age: Duration, dry_run: bool) -> Result<()> {
         "{removed} snapshots ({bytes} bytes) {}, {kept} kept",
         if dry_run { "to remove" } else { "removed" }
     );
+    // Blobs no manifest references any more (chunks shared with a kept snapshot stay).
+    if let Some(cas) = store.cas()
+        && !dry_run
+    {
+        let (blobs, blob_bytes) = cas.gc_blobs(min_age)?;
+        println!("{blobs} blobs ({blob_bytes} bytes) no snapshot references removed");
+    }
     Ok(())
 }

@@ -49,6 +49,12 @@ pub(super) async fn fetch(
     let found = tokio::task::spawn_blocking(move || s.cas().map(|c| c.manifest(&id)).transpose()).await?;
     let (bytes, manifest) = match found {
         Ok(Some(Some(m))) => m,
+        Ok(_) if store.open(&snapshot_id).is_ok() => {
+            // Kept as an archive the store could not convert: the agent fetches it whole.
+            framed::write_frame(send, &SnapshotReply::Archive).await?;
+            send.finish()?;
+            return Ok(());
+        }
         Ok(_) => {
             let msg = format!("snapshot {snapshot_id} is not in the store");
             framed::write_frame(send, &reply_err(ErrorCode::NotFound, msg)).await?;

@@ -514,6 +514,18 @@ impl CasStore for LocalStore {
     fn manifest(&self, snapshot_id: &str) -> Result<Option<(Vec<u8>, Manifest)>> {
         let Some(meta) = self.meta(snapshot_id)? else { return Ok(None) };
         let path = self.manifest_path(snapshot_id);
+        if !path.exists() && self.data_path(snapshot_id).exists() {
+            // An archive stored after this store opened (by an older coordinator sharing the
+            // directory, or planted): converted on first use. One that cannot be converted
+            // stays an archive, served as one.
+            match self.convert_archive(snapshot_id) {
+                Ok(_) => tracing::info!(snapshot = %snapshot_id, "snapshot store: converted an archive on first use"),
+                Err(e) => {
+                    tracing::warn!(snapshot = %snapshot_id, "snapshot store: serving an archive that cannot be converted: {e:#}");
+                    return Ok(None);
+                }
+            }
+        }
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
