@@ -418,7 +418,8 @@ mod tests {
                 let e = e?;
                 bytes += fs::copy(e.path(), dest.join(e.file_name()))?;
             }
-            let summary = TransferSummary { wire_bytes: bytes, content_bytes: bytes, entries: 1, elapsed_ms: 0 };
+            let summary =
+                TransferSummary { wire_bytes: bytes, content_bytes: bytes, entries: 1, elapsed_ms: 0 };
             Ok(crate::remote::Fetched { summary, manifest: None })
         }
         async fn store(&self, _root: &Path, _paths: Vec<PathBuf>) -> Result<SnapshotInfo> {

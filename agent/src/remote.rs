@@ -147,21 +147,25 @@ impl QuicRemote {
         let len = match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
             Some(SnapshotReply::ManifestFollows { bytes }) => bytes,
             Some(SnapshotReply::Archive) => return Ok(None),
-            Some(SnapshotReply::Error(e)) => return Err(refused(e)).with_context(|| format!("fetching snapshot {id}")),
+            Some(SnapshotReply::Error(e)) => {
+                return Err(refused(e)).with_context(|| format!("fetching snapshot {id}"));
+            }
             other => bail!("unexpected answer to a manifest fetch: {other:?}"),
         };
         let bytes = blobwire::read_bytes(&mut recv, len, cas::MAX_MANIFEST).await?;
         let (limits, spool, h) = (self.limits, self.blobs.clone(), held.clone());
         let parsed = tokio::task::spawn_blocking(move || -> Result<(Manifest, Vec<Chunk>)> {
             let m = Manifest::decode(&bytes, limits)?;
-            let wanted = m.chunks().into_iter().filter(|c| !h.has(&c.digest) && !spool.has(&c.digest)).collect();
+            let wanted =
+                m.chunks().into_iter().filter(|c| !h.has(&c.digest) && !spool.has(&c.digest)).collect();
             Ok((m, wanted))
         })
         .await?;
         let (manifest, wanted) = match parsed {
             Ok(v) => v,
             Err(e) => {
-                let why = RemoteError { code: protocol::ErrorCode::RefusedArchive, message: format!("{e:#}") };
+                let why =
+                    RemoteError { code: protocol::ErrorCode::RefusedArchive, message: format!("{e:#}") };
                 let _ = framed::write_frame(&mut send, &SnapshotRequest::Refused(why)).await;
                 let _ = send.finish();
                 return Err(e).with_context(|| format!("manifest of snapshot {id}"));
@@ -172,8 +176,10 @@ impl QuicRemote {
             framed::write_frame(&mut send, &SnapshotRequest::Want { digests }).await?;
         }
         framed::write_frame(&mut send, &SnapshotRequest::Want { digests: Vec::new() }).await?;
-        let wire = len + receive_blobs(&mut recv, &wanted, self.blobs.clone()).await
-            .with_context(|| format!("receiving the blobs of snapshot {id}"))?;
+        let wire = len
+            + receive_blobs(&mut recv, &wanted, self.blobs.clone())
+                .await
+                .with_context(|| format!("receiving the blobs of snapshot {id}"))?;
         // Every chunk is here: build the tree from the cache's trees and the spool.
         let (dest_buf, spool, limits) = (dest.to_path_buf(), self.blobs.clone(), self.limits);
         let m = manifest.clone();
@@ -251,7 +257,10 @@ impl QuicRemote {
             for c in chunks {
                 let got = source.read(&c).map_err(anyhow::Error::from).and_then(|data| {
                     cas::check_blob(&c, &data).map_err(|_| {
-                        anyhow!("an output changed while it was being stored (blob {})", hex::encode(c.digest))
+                        anyhow!(
+                            "an output changed while it was being stored (blob {})",
+                            hex::encode(c.digest)
+                        )
                     })?;
                     Ok(cas::encode_blob(&data, BLOB_ZSTD_LEVEL))
                 });
@@ -411,7 +420,8 @@ impl SnapshotRemote for QuicRemote {
 /// Reads blob records until the end record, verifying and keeping each in `spool` on a
 /// blocking thread; every one of `wanted` must come, and nothing else. Returns the bytes read.
 async fn receive_blobs(recv: &mut quinn::RecvStream, wanted: &[Chunk], spool: Arc<BlobStore>) -> Result<u64> {
-    let mut expected: std::collections::HashMap<[u8; 32], u64> = wanted.iter().map(|c| (c.digest, c.len)).collect();
+    let mut expected: std::collections::HashMap<[u8; 32], u64> =
+        wanted.iter().map(|c| (c.digest, c.len)).collect();
     let (tx, mut rx) = mpsc::channel::<blobwire::Received>(BLOBS_IN_FLIGHT);
     let keeper = tokio::task::spawn_blocking(move || -> Result<()> {
         while let Some(r) = rx.blocking_recv() {
@@ -424,7 +434,9 @@ async fn receive_blobs(recv: &mut quinn::RecvStream, wanted: &[Chunk], spool: Ar
         while let Some(r) = blobwire::read_blob(recv).await? {
             match expected.remove(&r.chunk.digest) {
                 Some(len) if len == r.chunk.len => {}
-                _ => bail!("the coordinator sent blob {} which was not asked for", hex::encode(r.chunk.digest)),
+                _ => {
+                    bail!("the coordinator sent blob {} which was not asked for", hex::encode(r.chunk.digest))
+                }
             }
             wire += (protocol::BLOB_HEADER_LEN + r.payload.len()) as u64;
             if tx.send(r).await.is_err() {

@@ -6,26 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use protocol::{AgentToCoordinator, RegistryEntry, StepExit, StepOutcome};
-use tests::{Agent, Cluster, LONG, Proc, Signal, T, connect, hello};
+use tests::{Agent, Cluster, LONG, Proc, Signal, T, connect, hello, keep_alive};
 use transport::framed;
-
-/// Heartbeats on `send` every 50 ms, so the hand-made agent stays connected.
-fn keep_alive(mut send: quinn::SendStream) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        for seq in 1.. {
-            let hb = AgentToCoordinator::Heartbeat(protocol::Heartbeat {
-                seq,
-                memory_available_bytes: 1 << 30,
-                work_dir_free_bytes: 1 << 30,
-                load_average: 0.0,
-            });
-            if framed::write_frame(&mut send, &hb).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-}
 
 /// Waits for a log line without holding up the runtime's other tasks.
 fn wait_for(p: &Proc, needles: &[&str], timeout: Duration) -> String {

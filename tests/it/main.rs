@@ -7,6 +7,7 @@ mod agent_cache;
 mod aws;
 mod backends;
 mod biopype;
+mod cas;
 mod consistency;
 mod deploy;
 mod hostile_paths;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 pub use child::{Proc, signal_pid};
 pub use cluster::{Agent, Cluster, Coord, dispatched};
-pub use peer::{closed_reason, connect, hello, hello_minor};
+pub use peer::{closed_reason, connect, hello, hello_minor, keep_alive};
 pub use rustix::process::Signal;
 pub use services::{Lan, MOTO_SECRET, Moto, Slurm};
 pub use tree::{Entry, Rng, manifest};
@@ -118,6 +118,7 @@ pub fn snapshot_file(state: &Path, id: &str, suffix: &str) -> Vec<u8> {
     let bytes = std::fs::read(snaps.join(format!("{id}.manifest"))).expect("the snapshot's manifest");
     let m = Manifest::decode(&bytes, transport::UnpackLimits::default()).expect("a valid manifest");
     let blobs = BlobStore::open(snaps.join("blobs")).expect("the blob store");
-    let e = m.entries.iter().find(|e| e.path.ends_with(suffix)).unwrap_or_else(|| panic!("no {suffix} in {id}"));
+    let e =
+        m.entries.iter().find(|e| e.path.ends_with(suffix)).unwrap_or_else(|| panic!("no {suffix} in {id}"));
     e.chunks.iter().flat_map(|c| blobs.read(c).expect("a verified blob")).collect()
 }

@@ -48,3 +48,21 @@ pub async fn closed_reason(conn: &quinn::Connection, timeout: Duration) -> Strin
         Err(_) => "still open".to_string(),
     }
 }
+
+/// Heartbeats on `send` every 50 ms, so the hand-made agent stays connected.
+pub fn keep_alive(mut send: quinn::SendStream) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for seq in 1.. {
+            let hb = protocol::AgentToCoordinator::Heartbeat(protocol::Heartbeat {
+                seq,
+                memory_available_bytes: 1 << 30,
+                work_dir_free_bytes: 1 << 30,
+                load_average: 0.0,
+            });
+            if transport::framed::write_frame(&mut send, &hb).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}

@@ -111,8 +111,8 @@ impl Manifest {
         if bytes.len() as u64 > MAX_MANIFEST {
             return Err(TreeError::TooLarge { limit: MAX_MANIFEST });
         }
-        let m: Manifest =
-            serde_json::from_slice(bytes).map_err(|e| TreeError::Mismatch(format!("malformed manifest: {e}")))?;
+        let m: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| TreeError::Mismatch(format!("malformed manifest: {e}")))?;
         m.check(limits)?;
         Ok(m)
     }
@@ -176,6 +176,32 @@ impl Manifest {
         if total > limits.max_bytes {
             return Err(TreeError::TooLarge { limit: limits.max_bytes });
         }
+        // Links: a symlink resolves (through the tree's other symlinks) inside the tree; a
+        // hardlink names a file listed before it.
+        let symlinks: std::collections::HashMap<&Path, &Path> = self
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Symlink)
+            .filter_map(|e| Some((Path::new(&e.path), Path::new(e.target.as_deref()?))))
+            .collect();
+        let lookup = |p: &Path| symlinks.get(p).map(|t| t.to_path_buf());
+        let mut files = HashSet::new();
+        for e in &self.entries {
+            match (e.kind, e.target.as_deref()) {
+                (EntryKind::File, _) => {
+                    files.insert(e.path.as_str());
+                }
+                (EntryKind::Symlink, Some(t))
+                    if !crate::links::stays_within(&lookup, Path::new(&e.path), Path::new(t)) =>
+                {
+                    return Err(refuse(e, format!("symlink to {t} leads outside the snapshot")));
+                }
+                (EntryKind::Hardlink, Some(t)) if !files.contains(t) => {
+                    return Err(refuse(e, format!("hardlink to {t}, which is not a file listed before it")));
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 
@@ -194,7 +220,12 @@ impl Manifest {
         let mut files: Vec<IndexEntry> = self
             .entries
             .iter()
-            .map(|e| IndexEntry { path: e.path.clone(), kind: e.kind, size: e.size, target: e.target.clone() })
+            .map(|e| IndexEntry {
+                path: e.path.clone(),
+                kind: e.kind,
+                size: e.size,
+                target: e.target.clone(),
+            })
             .collect();
         files.sort_by(|a, b| a.path.cmp(&b.path));
         files
@@ -280,13 +311,13 @@ pub fn build(
     limits: UnpackLimits,
     blob: impl FnMut(&Chunk, &[u8]) -> Result<(), TreeError>,
 ) -> Result<(Manifest, TreeStats), TreeError> {
-    let (reader, writer) = io::pipe().map_err(|e| TreeError::Io { context: "making a pipe".into(), source: e })?;
+    let (reader, writer) =
+        io::pipe().map_err(|e| TreeError::Io { context: "making a pipe".into(), source: e })?;
     std::thread::scope(|s| {
         let packer = s.spawn(move || tree::pack_paths(root, paths, writer));
         let built = build_from_tar(reader, limits, blob);
-        let packed = packer.join().unwrap_or_else(|_| {
-            Err(TreeError::Mismatch("the packer thread panicked".into()))
-        });
+        let packed =
+            packer.join().unwrap_or_else(|_| Err(TreeError::Mismatch("the packer thread panicked".into())));
         // The packer's refusal says why the stream ended early.
         packed?;
         built
@@ -598,7 +629,10 @@ impl ChunkSource for Sources<'_> {
         for s in self.0.iter().filter(|s| s.has(&c.digest)) {
             match s.read(c) {
                 Ok(d) if check_blob(c, &d).is_ok() => return Ok(d),
-                Ok(_) => last = Some(io::Error::other(format!("a copy of blob {} is damaged", hex::encode(c.digest)))),
+                Ok(_) => {
+                    last =
+                        Some(io::Error::other(format!("a copy of blob {} is damaged", hex::encode(c.digest))))
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -642,9 +676,13 @@ mod tests {
         assert_eq!(Manifest::decode(&bytes, UnpackLimits::default()).unwrap(), m);
         assert!(snapshot_id_of(&digest).starts_with("snap-"));
         let dest = tempfile::tempdir().unwrap();
-        with_tar(&m, &blobs, |r| tree::unpack_into(r, &dest.path().join("t"), UnpackLimits::default())).unwrap();
+        with_tar(&m, &blobs, |r| tree::unpack_into(r, &dest.path().join("t"), UnpackLimits::default()))
+            .unwrap();
         for p in ["out/a.txt", "out/empty", "out/sub/big"] {
-            assert_eq!(fs::read(dest.path().join("t").join(p)).unwrap(), fs::read(src.path().join(p)).unwrap());
+            assert_eq!(
+                fs::read(dest.path().join("t").join(p)).unwrap(),
+                fs::read(src.path().join(p)).unwrap()
+            );
         }
         assert_eq!(fs::read_link(dest.path().join("t/out/link")).unwrap(), Path::new("a.txt"));
     }
@@ -687,16 +725,50 @@ mod tests {
             Entry { path: String::new(), ..ok.clone() },
             Entry { size: 4, ..ok.clone() },
             Entry { chunks: vec![Chunk { digest: [1; 32], len: 0 }], size: 0, ..ok.clone() },
-            Entry { chunks: vec![Chunk { digest: [1; 32], len: MAX_BLOB + 1 }], size: MAX_BLOB + 1, ..ok.clone() },
+            Entry {
+                chunks: vec![Chunk { digest: [1; 32], len: MAX_BLOB + 1 }],
+                size: MAX_BLOB + 1,
+                ..ok.clone()
+            },
             Entry { kind: EntryKind::Symlink, ..ok.clone() },
             Entry { kind: EntryKind::Symlink, size: 0, chunks: vec![], target: None, ..ok.clone() },
             Entry { mode: 0o170000, ..ok.clone() },
         ] {
             assert!(check(bad.clone()).is_err(), "accepted {bad:?}");
         }
+        let link = |path: &str, kind, target: &str| Entry {
+            path: path.into(),
+            kind,
+            size: 0,
+            chunks: vec![],
+            target: Some(target.into()),
+            ..ok.clone()
+        };
+        let with =
+            |e: Entry| Manifest { version: 1, entries: vec![ok.clone(), e] }.check(UnpackLimits::default());
+        assert!(with(link("l", EntryKind::Symlink, "a")).is_ok());
+        assert!(with(link("d/l", EntryKind::Symlink, "../a")).is_ok());
+        assert!(with(link("l", EntryKind::Hardlink, "a")).is_ok());
+        for bad in [
+            link("l", EntryKind::Symlink, "/etc/passwd"),
+            link("l", EntryKind::Symlink, "../a"),
+            link("d/l", EntryKind::Symlink, "../../a"),
+            link("l", EntryKind::Hardlink, "../a"),
+            link("l", EntryKind::Hardlink, "missing"),
+        ] {
+            assert!(with(bad.clone()).is_err(), "accepted {bad:?}");
+        }
+        // Through another link of the tree.
+        let up = Manifest {
+            version: 1,
+            entries: vec![link("d", EntryKind::Symlink, ".."), link("e", EntryKind::Symlink, "d/../x")],
+        };
+        assert!(up.check(UnpackLimits::default()).is_err());
         let twice = Manifest { version: 1, entries: vec![ok.clone(), ok.clone()] };
         assert!(twice.check(UnpackLimits::default()).is_err());
-        assert!(Manifest::decode(b"{\"version\":1,\"entries\":[{\"path\":", UnpackLimits::default()).is_err());
+        assert!(
+            Manifest::decode(b"{\"version\":1,\"entries\":[{\"path\":", UnpackLimits::default()).is_err()
+        );
     }
 
     #[test]
@@ -714,7 +786,15 @@ mod tests {
         fs::write(&p, b"\0hellq").unwrap();
         let m = Manifest {
             version: 1,
-            entries: vec![Entry { path: "f".into(), kind: EntryKind::File, mode: 0o644, mtime: 0, size: 5, target: None, chunks: vec![c] }],
+            entries: vec![Entry {
+                path: "f".into(),
+                kind: EntryKind::File,
+                mode: 0o644,
+                mtime: 0,
+                size: 5,
+                target: None,
+                chunks: vec![c],
+            }],
         };
         let err = write_tar(&m, &blobs, io::sink()).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");

@@ -4,8 +4,8 @@
 //! configuration, rcgen or tar directly.
 
 pub mod archive;
-pub mod bulk;
 pub mod blobwire;
+pub mod bulk;
 pub mod cas;
 pub mod cli;
 pub mod endpoint;

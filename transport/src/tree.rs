@@ -1160,7 +1160,8 @@ pub fn visit(
         let size = if kind == EntryKind::File { entry.size() } else { 0 };
         stats.entries += 1;
         stats.content_bytes += size;
-        let meta = EntryMeta { path, kind, mode, mtime: i64::try_from(mtime).unwrap_or(i64::MAX), size, target };
+        let meta =
+            EntryMeta { path, kind, mode, mtime: i64::try_from(mtime).unwrap_or(i64::MAX), size, target };
         f(meta, &mut entry)?;
     }
     Ok(stats)

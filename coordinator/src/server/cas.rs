@@ -69,7 +69,8 @@ pub(super) async fn fetch(
     };
     framed::write_frame(send, &SnapshotReply::ManifestFollows { bytes: bytes.len() as u64 }).await?;
     send.write_all(&bytes).await?;
-    let known: std::collections::HashMap<Digest, u64> = manifest.chunks().iter().map(|c| (c.digest, c.len)).collect();
+    let known: std::collections::HashMap<Digest, u64> =
+        manifest.chunks().iter().map(|c| (c.digest, c.len)).collect();
     let mut wire = bytes.len() as u64;
     loop {
         let digests = match framed::read_frame::<SnapshotRequest, _>(recv).await? {
@@ -84,7 +85,10 @@ pub(super) async fn fetch(
         let mut chunks = Vec::with_capacity(digests.len());
         for d in digests {
             let Some(len) = known.get(&d) else {
-                bail!("agent {agent} asked for blob {} which snapshot {snapshot_id} does not hold", hex::encode(d));
+                bail!(
+                    "agent {agent} asked for blob {} which snapshot {snapshot_id} does not hold",
+                    hex::encode(d)
+                );
             };
             chunks.push(Chunk { digest: d, len: *len });
         }
@@ -104,7 +108,11 @@ pub(super) async fn fetch(
 
 /// Reads `digests` from the store on a blocking thread and writes them as blob records.
 /// Returns the bytes written.
-async fn send_blobs(store: &Arc<dyn SnapshotStore>, chunks: Vec<Chunk>, send: &mut quinn::SendStream) -> Result<u64> {
+async fn send_blobs(
+    store: &Arc<dyn SnapshotStore>,
+    chunks: Vec<Chunk>,
+    send: &mut quinn::SendStream,
+) -> Result<u64> {
     let (tx, mut rx) = mpsc::channel::<Result<(Chunk, u8, Vec<u8>)>>(BLOBS_IN_FLIGHT);
     let s = store.clone();
     let reader = tokio::task::spawn_blocking(move || {
@@ -146,7 +154,15 @@ pub(super) async fn store(
     let reply = match receive(coord, &store, send, recv, raw.map_err(anyhow::Error::from)).await {
         Ok((meta, wire)) => {
             let elapsed = started.elapsed().as_millis() as u64;
-            log_snapshot_transfer(coord, agent, "store", &meta.snapshot_id, meta.content_bytes, wire, elapsed);
+            log_snapshot_transfer(
+                coord,
+                agent,
+                "store",
+                &meta.snapshot_id,
+                meta.content_bytes,
+                wire,
+                elapsed,
+            );
             SnapshotReply::Stored(protocol::SnapshotInfo { wire_bytes: wire, ..meta.info() })
         }
         Err(e) => {
@@ -170,23 +186,26 @@ async fn receive(
     let mut wire = bytes.len() as u64;
     let limits = coord.config().unpack_limits;
     let s = store.clone();
-    let (bytes, manifest, missing) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Manifest, Vec<Chunk>)> {
-        let m = Manifest::decode(&bytes, limits).map_err(|e| anyhow!("the manifest is refused: {e}"))?;
-        let cas = s.cas().ok_or_else(|| anyhow!("no blob store"))?;
-        let missing = m.chunks().into_iter().filter(|c| !cas.has_blob(&c.digest)).collect();
-        Ok((bytes, m, missing))
-    })
-    .await??;
+    let (bytes, manifest, missing) =
+        tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Manifest, Vec<Chunk>)> {
+            let m = Manifest::decode(&bytes, limits).map_err(|e| anyhow!("the manifest is refused: {e}"))?;
+            let cas = s.cas().ok_or_else(|| anyhow!("no blob store"))?;
+            let missing = m.chunks().into_iter().filter(|c| !cas.has_blob(&c.digest)).collect();
+            Ok((bytes, m, missing))
+        })
+        .await??;
     let mut batches = missing.chunks(DIGESTS_PER_FRAME).peekable();
     if batches.peek().is_none() {
         framed::write_frame(send, &SnapshotReply::Missing { digests: Vec::new(), done: true }).await?;
     }
     while let Some(b) = batches.next() {
         let digests = b.iter().map(|c| c.digest).collect();
-        framed::write_frame(send, &SnapshotReply::Missing { digests, done: batches.peek().is_none() }).await?;
+        framed::write_frame(send, &SnapshotReply::Missing { digests, done: batches.peek().is_none() })
+            .await?;
     }
     // Received blobs go to a blocking thread that verifies and keeps them, in order.
-    let mut expected: std::collections::HashMap<Digest, u64> = missing.iter().map(|c| (c.digest, c.len)).collect();
+    let mut expected: std::collections::HashMap<Digest, u64> =
+        missing.iter().map(|c| (c.digest, c.len)).collect();
     let (tx, mut rx) = mpsc::channel::<blobwire::Received>(BLOBS_IN_FLIGHT);
     let s = store.clone();
     let keeper = tokio::task::spawn_blocking(move || -> Result<()> {

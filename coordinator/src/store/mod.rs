@@ -392,7 +392,8 @@ const BLOB_ZSTD_LEVEL: i32 = 3;
 impl LocalStore {
     pub fn open_dir(dir: PathBuf) -> Result<Self> {
         fs::create_dir_all(dir.join("incoming")).with_context(|| format!("creating {}", dir.display()))?;
-        let blobs = BlobStore::open(dir.join("blobs")).with_context(|| format!("creating {}/blobs", dir.display()))?;
+        let blobs = BlobStore::open(dir.join("blobs"))
+            .with_context(|| format!("creating {}/blobs", dir.display()))?;
         let store = Self { dir, limits: UnpackLimits::default(), blobs };
         store.convert_archives()?;
         Ok(store)
@@ -436,7 +437,9 @@ impl LocalStore {
                     converted += 1;
                     bytes += n;
                 }
-                Err(e) => tracing::warn!(snapshot = %id, "snapshot store: could not convert the archive: {e:#}"),
+                Err(e) => {
+                    tracing::warn!(snapshot = %id, "snapshot store: could not convert the archive: {e:#}")
+                }
             }
         }
         tracing::info!(
@@ -519,7 +522,9 @@ impl CasStore for LocalStore {
             // directory, or planted): converted on first use. One that cannot be converted
             // stays an archive, served as one.
             match self.convert_archive(snapshot_id) {
-                Ok(_) => tracing::info!(snapshot = %snapshot_id, "snapshot store: converted an archive on first use"),
+                Ok(_) => {
+                    tracing::info!(snapshot = %snapshot_id, "snapshot store: converted an archive on first use")
+                }
                 Err(e) => {
                     tracing::warn!(snapshot = %snapshot_id, "snapshot store: serving an archive that cannot be converted: {e:#}");
                     return Ok(None);
@@ -536,7 +541,8 @@ impl CasStore for LocalStore {
         if digest != expected {
             bail!("the manifest of snapshot {snapshot_id} does not match its digest");
         }
-        let m = Manifest::decode(&bytes, self.limits).with_context(|| format!("manifest of snapshot {snapshot_id}"))?;
+        let m = Manifest::decode(&bytes, self.limits)
+            .with_context(|| format!("manifest of snapshot {snapshot_id}"))?;
         Ok(Some((bytes, m)))
     }
 
@@ -554,7 +560,10 @@ impl CasStore for LocalStore {
 
     fn commit(&self, bytes: &[u8], manifest: &Manifest) -> Result<SnapshotMeta> {
         if let Some(c) = manifest.chunks().iter().find(|c| !self.blobs.has(&c.digest)) {
-            bail!("the manifest names blob {} which the store does not hold: nothing committed", hex::encode(c.digest));
+            bail!(
+                "the manifest names blob {} which the store does not hold: nothing committed",
+                hex::encode(c.digest)
+            );
         }
         let digest = *blake3::hash(bytes).as_bytes();
         let id = snapshot_id_of(&digest);
