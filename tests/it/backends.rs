@@ -541,3 +541,60 @@ fn unknown_mode_is_an_error_naming_the_valid_modes_and_where_it_looked() {
     std::thread::sleep(Duration::from_millis(1));
     assert!(fx.agents[0].count(&["step finished"]) >= 1);
 }
+
+/// Wire bytes of the `n`th (from 1) transfer in `direction` the coordinator logged.
+fn transfer_wire_bytes(fx: &Cluster, direction: &str, n: usize) -> u64 {
+    let needle = format!("direction=\"{direction}\"");
+    let line = fx.coord().proc.wait_for_nth(&["transfer done", &needle], n, T);
+    line.split("wire_bytes=").nth(1).and_then(|v| v.split_whitespace().next()).unwrap().parse().unwrap()
+}
+
+/// Issue 19, points 1 and 2 through the real agent: outputs that differ from stored ones in
+/// one file of twenty move that file's blob and the manifest, not the tree; a fetch of that
+/// second snapshot by an agent that holds the first moves the changed file only, and the view
+/// holds the right bytes.
+#[test]
+fn a_re_harvest_and_a_fetch_move_only_what_the_other_side_lacks() {
+    let fx = cluster(&[("PYPE_OVERLAY_MODE", "snapshot")]);
+    let src = fx.p("data/src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut rng = tests::Rng(7);
+    for i in 0..20 {
+        let mut body = vec![0u8; 64 << 10];
+        rng.fill(&mut body);
+        std::fs::write(src.join(format!("f{i:02}")), body).unwrap();
+    }
+    let tree = 20u64 * (64 << 10);
+    fx.step_ok(
+        "command = \"cp -r {d}/data/src {d}/results/one\"\noutputs = [\"{d}/results/one\"]\n"
+            .replace("{d}", &fx.d())
+            .as_str(),
+    );
+    let first = transfer_wire_bytes(&fx, "store", 1);
+    assert!(first >= tree, "the first harvest moved {first} bytes of a {tree}-byte tree");
+    fx.step_ok(
+        "command = \"cp -r {d}/data/src {d}/results/two && head -c 65536 /dev/urandom > {d}/results/two/f07\"\n\
+         outputs = [\"{d}/results/two\"]\n"
+            .replace("{d}", &fx.d())
+            .as_str(),
+    );
+    let second = transfer_wire_bytes(&fx, "store", 2);
+    assert!(second < tree / 10, "a re-harvest with one file of 20 changed moved {second} of {tree} bytes");
+
+    fx.step_ok(
+        "command = \"cat {d}/results/one/* > /dev/null\"\ninputs = [\"{d}/results/one\"]\n"
+            .replace("{d}", &fx.d())
+            .as_str(),
+    );
+    let fetched_one = transfer_wire_bytes(&fx, "fetch", 1);
+    assert!(fetched_one >= tree, "{fetched_one}");
+    fx.step_ok(
+        "command = \"cmp {d}/results/two/f00 {d}/data/src/f00 && ! cmp -s {d}/results/two/f07 {d}/data/src/f07 && \
+         test $(stat -c %s {d}/results/two/f07) = 65536\"\ninputs = [\"{d}/results/two\"]\n"
+            .replace("{d}", &fx.d())
+            .as_str(),
+    );
+    let fetched_two = transfer_wire_bytes(&fx, "fetch", 2);
+    assert!(fetched_two < tree / 10, "a fetch of a snapshot whose other 19 files are cached moved {fetched_two}");
+    fx.agents[0].wait_for(&["snapshot fetched"], T);
+}
