@@ -118,6 +118,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=1000)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = ap.parse_args()
     for b in (COORD, AGENT):
         if not os.path.exists(b):
@@ -171,6 +172,7 @@ def main():
         c.step(f"test -s {out}/h1/huge", inputs=[f"{out}/h1"])
         full_s = time.perf_counter() - t
         spool = os.path.join(c.agent_state, "blobs")
+        assert du(spool) == 0, "the blob spool holds blobs of finished fetches"
         runner = subprocess.Popen(
             [COORD, "--state-dir", c.state, "step", "run", "--agent", "bench",
              _write(work, f"test -s {out}/h2/huge", [f"{out}/h2"]), "--registry", c.registry],
@@ -205,7 +207,10 @@ def main():
               f"{store_two} bytes = {store_two / store_one:.3f}x (target <= 1.05x)")
         print(f"(first harvest of the directory moved {first} bytes)")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _write(work, command, inputs):

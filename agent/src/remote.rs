@@ -198,14 +198,15 @@ impl QuicRemote {
             }
         };
         let _ = send.finish();
-        // The tree holds them now: the spool's copies go.
+        // The tree holds them now: the spool's copies go (before the fetch counts as done, so
+        // the spool holds only blobs of fetches under way or broken off).
         let spool = self.blobs.clone();
-        let received: Vec<Chunk> = wanted;
         tokio::task::spawn_blocking(move || {
-            for c in received {
+            for c in wanted {
                 let _ = spool.remove(&c.digest);
             }
-        });
+        })
+        .await?;
         let (bytes, _) = manifest.encode();
         Ok(Some(Fetched {
             summary: TransferSummary {

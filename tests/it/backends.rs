@@ -595,6 +595,9 @@ fn a_re_harvest_and_a_fetch_move_only_what_the_other_side_lacks() {
             .as_str(),
     );
     let fetched_two = transfer_wire_bytes(&fx, "fetch", 2);
-    assert!(fetched_two < tree / 10, "a fetch of a snapshot whose other 19 files are cached moved {fetched_two}");
+    assert!(
+        fetched_two < tree / 10,
+        "a fetch of a snapshot whose other 19 files are cached moved {fetched_two}"
+    );
     fx.agents[0].wait_for(&["snapshot fetched"], T);
 }

@@ -303,6 +303,13 @@ fn io_err(path: &str, e: io::Error) -> TreeError {
     TreeError::Io { context: format!("reading {path}"), source: e }
 }
 
+/// A pipe with a 1 MiB buffer (the default 64 KiB costs a context switch per 64 KiB).
+fn pipe() -> Result<(io::PipeReader, io::PipeWriter), TreeError> {
+    let (r, w) = io::pipe().map_err(|e| TreeError::Io { context: "making a pipe".into(), source: e })?;
+    let _ = rustix::pipe::fcntl_setpipe_size(&w, 1 << 20);
+    Ok((r, w))
+}
+
 /// Builds the manifest of `paths` beneath `root` (as [`tree::pack_paths`] would pack them, with
 /// the same refusals), handing each distinct chunk to `blob`.
 pub fn build(
@@ -311,8 +318,7 @@ pub fn build(
     limits: UnpackLimits,
     blob: impl FnMut(&Chunk, &[u8]) -> Result<(), TreeError>,
 ) -> Result<(Manifest, TreeStats), TreeError> {
-    let (reader, writer) =
-        io::pipe().map_err(|e| TreeError::Io { context: "making a pipe".into(), source: e })?;
+    let (reader, writer) = pipe()?;
     std::thread::scope(|s| {
         let packer = s.spawn(move || tree::pack_paths(root, paths, writer));
         let built = build_from_tar(reader, limits, blob);
@@ -368,8 +374,7 @@ pub fn with_tar<T>(
     source: &dyn ChunkSource,
     consume: impl FnOnce(&mut dyn Read) -> Result<T, TreeError>,
 ) -> Result<T, TreeError> {
-    let (mut reader, writer) =
-        io::pipe().map_err(|e| TreeError::Io { context: "making a pipe".into(), source: e })?;
+    let (mut reader, writer) = pipe()?;
     std::thread::scope(|s| {
         let w = s.spawn(move || write_tar(manifest, source, writer));
         let consumed = consume(&mut reader);

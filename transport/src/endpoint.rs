@@ -3,6 +3,10 @@
 //! Defaults of quinn 0.11 cap throughput at any real RTT (1.25 MB stream receive window,
 //! 10 MB send window) and Linux's default UDP buffers (208 KiB) drop packets at speed, so the
 //! windows are raised and the socket buffers enlarged before the socket is handed to quinn.
+//! quinn's cost is per packet, so the packet size matters most: MTU discovery searches up to
+//! the largest UDP payload (loopback and jumbo-frame LANs carry far more than Ethernet's 1452
+//! bytes; on a 1500-byte path the search settles there), and both endpoints accept such
+//! datagrams.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +24,12 @@ pub struct Tuning {
     pub socket_buffer_bytes: usize,
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
+    /// Upper bound of MTU discovery, and the largest UDP payload accepted from peers.
+    pub max_udp_payload: u16,
 }
+
+/// The largest UDP payload (IPv6; quinn's own maximum).
+pub const MAX_UDP_PAYLOAD: u16 = 65_527;
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -31,6 +40,7 @@ impl Default for Tuning {
             socket_buffer_bytes: 8 * 1024 * 1024,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
+            max_udp_payload: MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -44,6 +54,9 @@ fn transport_config(t: &Tuning) -> Arc<quinn::TransportConfig> {
         .max_concurrent_bidi_streams(varint(256))
         .max_concurrent_uni_streams(varint(16))
         .keep_alive_interval(Some(t.keep_alive));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(t.max_udp_payload);
+    cfg.mtu_discovery_config(Some(mtu));
     if let Ok(idle) = quinn::IdleTimeout::try_from(t.idle_timeout) {
         cfg.max_idle_timeout(Some(idle));
     }
@@ -78,19 +91,21 @@ fn force_buffer(socket: &socket2::Socket, buffer: usize) {
     let _ = sockopt::set_socket_send_buffer_size_force(socket, buffer);
 }
 
+fn endpoint_config(t: &Tuning) -> quinn::EndpointConfig {
+    let mut cfg = quinn::EndpointConfig::default();
+    // Out of range only below 1200: keep quinn's default then.
+    let _ = cfg.max_udp_payload_size(t.max_udp_payload);
+    cfg
+}
+
 /// A server endpoint (the coordinator) that also opens no outgoing connections.
 pub fn server(addr: SocketAddr, tls: rustls::ServerConfig, tuning: &Tuning) -> Result<quinn::Endpoint> {
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(transport_config(tuning));
     let socket = bind_socket(addr, tuning.socket_buffer_bytes)?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .context("starting QUIC endpoint")
+    quinn::Endpoint::new(endpoint_config(tuning), Some(server), socket, Arc::new(quinn::TokioRuntime))
+        .context("starting QUIC endpoint")
 }
 
 /// A client endpoint bound to an ephemeral port of the right address family.
@@ -98,7 +113,7 @@ pub fn client(remote: SocketAddr, tuning: &Tuning) -> Result<quinn::Endpoint> {
     let local: SocketAddr =
         if remote.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().context("local address")?;
     let socket = bind_socket(local, tuning.socket_buffer_bytes)?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+    quinn::Endpoint::new(endpoint_config(tuning), None, socket, Arc::new(quinn::TokioRuntime))
         .context("starting QUIC endpoint")
 }
 
