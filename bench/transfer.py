@@ -187,6 +187,9 @@ def main():
             "pype (QUIC+mTLS)": lambda s, d: timed(lambda: pype.push(s, d)),
             "tar | ssh": lambda s, d: timed(lambda: sh(
                 f"tar -C {s} -cf - . | {sshd.ssh} root@127.0.0.1 'mkdir -p {d} && tar -C {d} -xf -'")),
+            "tar | ssh aes128-gcm": lambda s, d: timed(lambda: sh(
+                f"tar -C {s} -cf - . | {sshd.ssh} -c aes128-gcm@openssh.com root@127.0.0.1 "
+                f"'mkdir -p {d} && tar -C {d} -xf -'")),
             "rsync -a over ssh": lambda s, d: timed(lambda: sh(
                 f"rsync -a -e '{sshd.ssh}' {s}/ root@127.0.0.1:{d}/")),
             "tar | nc (plain)": lambda s, d: tar_nc(s, d),
@@ -208,7 +211,7 @@ def main():
             print(f"{name:<22} {big_bytes / 1e6 / tb:>16.0f} {args.files / ts:>20.0f} {small_bytes / 1e6 / ts:>8.0f}")
         p = "pype (QUIC+mTLS)"
         print("\nratios (pype / baseline, higher is better):")
-        for base in ("tar | ssh", "rsync -a over ssh", "tar | nc (plain)"):
+        for base in ("tar | ssh", "tar | ssh aes128-gcm", "rsync -a over ssh", "tar | nc (plain)"):
             rb = results[(base, big)] / results[(p, big)]
             rs = results[(base, small)] / results[(p, small)]
             print(f"  vs {base:<20} big file {rb:5.2f}x   small files {rs:5.2f}x")

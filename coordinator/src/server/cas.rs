@@ -9,11 +9,11 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 use protocol::{ErrorCode, RemoteError, SnapshotReply, SnapshotRequest};
 use tokio::sync::mpsc;
+use tracing::{info, warn};
 use transport::blobwire;
 use transport::cas::{self, Chunk, Digest, Manifest};
 use transport::framed;
 
-use super::snapshots::log_snapshot_transfer;
 use crate::hub::Hub;
 use crate::store::{CasStore, SnapshotStore};
 
@@ -251,4 +251,37 @@ async fn receive(
     })
     .await??;
     Ok((meta, wire))
+}
+
+/// One "transfer done" line (for a direct fetch: "download handed out") and one `transfers`
+/// row per snapshot moved.
+pub(super) fn log_snapshot_transfer(
+    coord: &Hub,
+    agent: &str,
+    direction: &str,
+    snapshot_id: &str,
+    bytes: u64,
+    wire_bytes: u64,
+    elapsed_ms: u64,
+) {
+    if direction == "fetch-direct" {
+        // The agent downloads on its own (its log has the rate); here only a URL went out.
+        info!(direction, snapshot = %snapshot_id, bytes, wire_bytes, elapsed_ms, "download handed out");
+    } else {
+        let mb_s = if elapsed_ms > 0 { bytes as f64 / 1e6 / (elapsed_ms as f64 / 1e3) } else { 0.0 };
+        info!(
+            direction,
+            snapshot = %snapshot_id,
+            bytes,
+            wire_bytes,
+            elapsed_ms,
+            mb_per_s = format!("{mb_s:.1}"),
+            "transfer done"
+        );
+    }
+    if let Err(e) =
+        coord.state().record_transfer(agent, direction, snapshot_id, bytes, wire_bytes, elapsed_ms)
+    {
+        warn!("could not record a transfer: {e:#}");
+    }
 }

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use protocol::{Compression, DataHeader, ErrorCode, RemoteError, SnapshotReply, SnapshotRequest};
 use tokio::task::JoinSet;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, warn};
 use transport::framed;
 
+use super::cas::log_snapshot_transfer;
 use crate::hub::Hub;
 
 /// How long a relayed fetch waits for the agent's verdict after the last byte.
@@ -299,37 +300,4 @@ pub(super) async fn direct_store(
         started.elapsed().as_millis() as u64,
     );
     Ok(SnapshotReply::Stored(meta.info()))
-}
-
-/// One "transfer done" line (for a direct fetch: "download handed out") and one `transfers`
-/// row per snapshot moved.
-pub(super) fn log_snapshot_transfer(
-    coord: &Hub,
-    agent: &str,
-    direction: &str,
-    snapshot_id: &str,
-    bytes: u64,
-    wire_bytes: u64,
-    elapsed_ms: u64,
-) {
-    if direction == "fetch-direct" {
-        // The agent downloads on its own (its log has the rate); here only a URL went out.
-        info!(direction, snapshot = %snapshot_id, bytes, wire_bytes, elapsed_ms, "download handed out");
-    } else {
-        let mb_s = if elapsed_ms > 0 { bytes as f64 / 1e6 / (elapsed_ms as f64 / 1e3) } else { 0.0 };
-        info!(
-            direction,
-            snapshot = %snapshot_id,
-            bytes,
-            wire_bytes,
-            elapsed_ms,
-            mb_per_s = format!("{mb_s:.1}"),
-            "transfer done"
-        );
-    }
-    if let Err(e) =
-        coord.state().record_transfer(agent, direction, snapshot_id, bytes, wire_bytes, elapsed_ms)
-    {
-        warn!("could not record a transfer: {e:#}");
-    }
 }
