@@ -23,5 +23,7 @@ t2=$(date +%s.%N)
 printf 'commit %s\nbuild_s %.0f\nsuite_s %.0f\nsuite_exit %s\n' "$commit" \
   "$(echo "$t1 - $t0" | bc)" "$(echo "$t2 - $t1" | bc)" "$status"
 grep -E '^test result' suite.log | awk '{p+=$4; f+=$6} END {print "passed", p, "failed", f}'
+grep -E '^test .* FAILED$' suite.log || true
+cp suite.log "/tmp/clean-build-$commit-suite.log" || true
 cd /
 rm -rf "$work"
