@@ -37,7 +37,8 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
     coord.proc.wait_for(&["refused connection", "no client certificate"], T);
     // Nor on the admin protocol.
     let conn = connect(coord.addr, &ca_pem, None, protocol::ALPN_ADMIN).await.unwrap();
-    assert!(closed_reason(&conn, T).await.contains("no client certificate"));
+    let reason = closed_reason(&conn, T).await;
+    assert!(reason.contains("no client certificate"), "{reason}");
 
     // A certificate from another CA fails the TLS handshake.
     let other_ca = pki::Ca::generate().unwrap();
@@ -60,12 +61,14 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
     // A valid certificate from the right CA that enrollment never issued.
     let stray = ca.issue_client("healthy", 30).unwrap();
     let conn = connect(coord.addr, &ca_pem, Some(&stray), protocol::ALPN_AGENT).await.unwrap();
-    assert!(closed_reason(&conn, T).await.contains("not issued to any enrolled agent"));
+    let reason = closed_reason(&conn, T).await;
+    assert!(reason.contains("not issued to any enrolled agent"), "{reason}");
 
     // An agent certificate is not an admin certificate.
     let me = fx.enroll_identity("prober").await;
     let conn = connect(coord.addr, &ca_pem, Some(&me.cert), protocol::ALPN_ADMIN).await.unwrap();
-    assert!(closed_reason(&conn, T).await.contains("not allowed on this protocol"));
+    let reason = closed_reason(&conn, T).await;
+    assert!(reason.contains("not allowed on this protocol"), "{reason}");
 
     // Another major version: the ALPN does not match, the handshake fails on both sides.
     let err = connect(coord.addr, &ca_pem, Some(&me.cert), b"pype/2").await.unwrap_err();
@@ -90,7 +93,7 @@ async fn untrusted_peers_are_refused_and_others_keep_working() {
         let (mut send, _recv) = conn.open_bi().await.unwrap();
         framed::write_frame(&mut send, &msg).await.unwrap();
         let reason = closed_reason(&conn, T).await;
-        assert!(reason.contains(expect), "{reason}");
+        assert!(reason.contains(expect), "expected {expect:?}, got {reason}");
         coord.proc.wait_for(&["refused connection", expect], T);
     }
 
