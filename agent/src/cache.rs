@@ -279,6 +279,22 @@ impl ChunkSource for Cache {
         };
         transport::cas::read_range(&path, off, len)
     }
+
+    /// A cached file made of exactly `chunks`: each chunk located in that file, end to end
+    /// from its start (its length is checked when it is opened).
+    fn whole_file(&self, chunks: &[Chunk]) -> Option<PathBuf> {
+        let at = self.chunks();
+        let (first, _, _) = at.get(&chunks.first()?.digest)?;
+        let mut off = 0;
+        for c in chunks {
+            let (p, o, l) = at.get(&c.digest)?;
+            if p != first || *o != off || *l != c.len {
+                return None;
+            }
+            off += c.len;
+        }
+        Some(first.clone())
+    }
 }
 
 /// The check of [`Cache::check_links`]: `Ok(Ok(links checked))`, `Ok(Err(refusal))`, or an

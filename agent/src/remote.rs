@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use protocol::{RemoteError, SnapshotInfo, SnapshotReply, SnapshotRequest, Trailer, TransferSummary};
 use tokio::sync::{mpsc, watch};
 use transport::cas::{self, BlobStore, Chunk, ChunkSource, Manifest};
+use transport::reuse;
 use transport::{blobwire, framed, tree::UnpackLimits};
 
 /// zstd level of the snapshots the agent stores.
@@ -154,14 +155,16 @@ impl QuicRemote {
         };
         let bytes = blobwire::read_bytes(&mut recv, len, cas::MAX_MANIFEST).await?;
         let (limits, spool, h) = (self.limits, self.blobs.clone(), held.clone());
-        let parsed = tokio::task::spawn_blocking(move || -> Result<(Manifest, Vec<Chunk>)> {
+        let parsed = tokio::task::spawn_blocking(move || -> Result<(Manifest, Vec<Chunk>, reuse::Plan)> {
             let m = Manifest::decode(&bytes, limits)?;
-            let wanted =
-                m.chunks().into_iter().filter(|c| !h.has(&c.digest) && !spool.has(&c.digest)).collect();
-            Ok((m, wanted))
+            // Files held whole are checked now: a damaged copy's chunks are fetched.
+            let plan = reuse::plan(&m, h.as_ref());
+            let held = |c: &Chunk| h.has(&c.digest) && !plan.damaged.contains(&c.digest);
+            let wanted = m.chunks().into_iter().filter(|c| !held(c) && !spool.has(&c.digest)).collect();
+            Ok((m, wanted, plan))
         })
         .await?;
-        let (manifest, wanted) = match parsed {
+        let (manifest, wanted, plan) = match parsed {
             Ok(v) => v,
             Err(e) => {
                 let why =
@@ -182,10 +185,25 @@ impl QuicRemote {
                 .with_context(|| format!("receiving the blobs of snapshot {id}"))?;
         // Every chunk is here: build the tree from the cache's trees and the spool.
         let (dest_buf, spool, limits) = (dest.to_path_buf(), self.blobs.clone(), self.limits);
+        // Files held whole are linked or copied in after the rest is unpacked around them.
         let m = manifest.clone();
         let built = tokio::task::spawn_blocking(move || {
             let sources = cas::Sources(vec![held.as_ref(), spool.as_ref() as &dyn ChunkSource]);
-            cas::with_tar(&m, &sources, |r| transport::tree::unpack_into(r, &dest_buf, limits))
+            let skeleton = reuse::placeholders(&m, &plan);
+            let mut stats =
+                cas::with_tar(&skeleton, &sources, |r| transport::tree::unpack_into(r, &dest_buf, limits))?;
+            let placed = reuse::place(&dest_buf, &m, plan)?;
+            if placed != reuse::Placed::default() {
+                tracing::debug!(
+                    linked = placed.linked,
+                    cloned = placed.cloned,
+                    copied = placed.copied,
+                    bytes = placed.bytes,
+                    "files held under other snapshots reused"
+                );
+            }
+            stats.content_bytes += placed.bytes;
+            Ok::<_, transport::tree::TreeError>(stats)
         })
         .await?;
         let stats = match built {

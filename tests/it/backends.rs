@@ -566,14 +566,14 @@ fn a_re_harvest_and_a_fetch_move_only_what_the_other_side_lacks() {
     }
     let tree = 20u64 * (64 << 10);
     fx.step_ok(
-        "command = \"cp -r {d}/data/src {d}/results/one\"\noutputs = [\"{d}/results/one\"]\n"
+        "command = \"cp -a {d}/data/src {d}/results/one\"\noutputs = [\"{d}/results/one\"]\n"
             .replace("{d}", &fx.d())
             .as_str(),
     );
     let first = transfer_wire_bytes(&fx, "store", 1);
     assert!(first >= tree, "the first harvest moved {first} bytes of a {tree}-byte tree");
     fx.step_ok(
-        "command = \"cp -r {d}/data/src {d}/results/two && head -c 65536 /dev/urandom > {d}/results/two/f07\"\n\
+        "command = \"cp -a {d}/data/src {d}/results/two && head -c 65536 /dev/urandom > {d}/results/two/f07\"\n\
          outputs = [\"{d}/results/two\"]\n"
             .replace("{d}", &fx.d())
             .as_str(),
@@ -600,4 +600,26 @@ fn a_re_harvest_and_a_fetch_move_only_what_the_other_side_lacks() {
         "a fetch of a snapshot whose other 19 files are cached moved {fetched_two}"
     );
     fx.agents[0].wait_for(&["snapshot fetched"], T);
+    // The 19 files held under the first snapshot, same bytes, mode and mtime, are hard links
+    // in the agent's cache, not copies; the changed one is a file of its own.
+    let inodes = |name: &str| {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = vec![];
+        let mut stack = vec![fx.p("a1/cache")];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let md = std::fs::symlink_metadata(e.path()).unwrap();
+                if md.is_dir() {
+                    stack.push(e.path());
+                } else if e.file_name() == name {
+                    out.push(md.ino());
+                }
+            }
+        }
+        out
+    };
+    let f00 = inodes("f00");
+    assert!(f00.len() == 2 && f00[0] == f00[1], "f00 in the cache: inodes {f00:?}");
+    let f07 = inodes("f07");
+    assert!(f07.len() == 2 && f07[0] != f07[1], "f07 in the cache: inodes {f07:?}");
 }

@@ -336,6 +336,11 @@ pub trait ChunkSource: Send + Sync {
     fn has(&self, digest: &Digest) -> bool;
     /// The chunk's bytes (verified by the caller).
     fn read(&self, chunk: &Chunk) -> io::Result<Vec<u8>>;
+    /// A file this source holds whose bytes are exactly `chunks` in order, to be reused whole
+    /// (see [`crate::reuse`]); unverified, the caller checks it.
+    fn whole_file(&self, _chunks: &[Chunk]) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// Writes the tree a manifest describes as a tar stream (see [`tree::TarWriter`]), reading

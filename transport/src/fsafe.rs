@@ -339,6 +339,33 @@ impl Dir {
     }
 }
 
+impl Dir {
+    /// Hard-links `from` as the new entry `name` here. `from` is a path the caller trusts
+    /// (the agent's own cache) up to its last component, which is not followed: a symlink
+    /// there is linked as a symlink, so callers compare [`Dir::stat`] of `name` with the file
+    /// they checked.
+    pub fn hard_link(&self, from: &Path, name: &OsStr) -> io::Result<()> {
+        let name = single(name)?;
+        rustix::fs::linkat(rustix::fs::CWD, from, &self.fd, name, AtFlags::empty()).map_err(|e| {
+            io::Error::new(
+                err(e).kind(),
+                format!("linking {} as {}: {e}", from.display(), self.path.join(name).display()),
+            )
+        })
+    }
+}
+
+/// Kind, size, inode, mode and mtime of an open file.
+pub fn file_stat(f: &File) -> io::Result<EntryStat> {
+    Ok(entry_stat(&rustix::fs::fstat(f).map_err(err)?))
+}
+
+/// Makes `dst` share `src`'s extents (`FICLONE`: btrfs, XFS with reflink, bcachefs); an error
+/// where the filesystem cannot (ext4) or the two are on different filesystems.
+pub fn reflink(dst: &File, src: &File) -> io::Result<()> {
+    rustix::fs::ioctl_ficlone(dst, src).map_err(err)
+}
+
 /// Splits `rel` into its parent and last component.
 pub fn split(rel: &Path) -> io::Result<(PathBuf, OsString)> {
     let comps = components(rel)?;

@@ -13,6 +13,7 @@ pub mod framed;
 pub mod fsafe;
 pub mod links;
 pub mod pki;
+pub mod reuse;
 pub mod telemetry;
 pub mod tree;
 

@@ -177,7 +177,7 @@ fn clone_or_copy(src: &Path, dst: &Path, meta: &fs::Metadata) -> io::Result<()> 
     let mut from = OpenOptions::new().read(true).custom_flags(O_NOFOLLOW).open(src)?;
     let mut to =
         OpenOptions::new().write(true).create_new(true).custom_flags(O_NOFOLLOW).mode(0o600).open(dst)?;
-    if rustix::fs::ioctl_ficlone(&to, &from).is_err() {
+    if fsafe::reflink(&to, &from).is_err() {
         io::copy(&mut from, &mut to)?;
     }
     to.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o777))?;
