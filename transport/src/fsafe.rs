@@ -265,6 +265,20 @@ impl Dir {
         })
     }
 
+    /// Hard-links `from` as the new entry `name` here. `from` is a path the caller trusts
+    /// (the agent's own cache) up to its last component, which is not followed: a symlink
+    /// there is linked as a symlink, so callers compare [`Dir::stat`] of `name` with the file
+    /// they checked.
+    pub fn hard_link(&self, from: &Path, name: &OsStr) -> io::Result<()> {
+        let name = single(name)?;
+        rustix::fs::linkat(rustix::fs::CWD, from, &self.fd, name, AtFlags::empty()).map_err(|e| {
+            io::Error::new(
+                err(e).kind(),
+                format!("linking {} as {}: {e}", from.display(), self.path.join(name).display()),
+            )
+        })
+    }
+
     /// Removes the file or link `name` (never a directory).
     pub fn remove_file(&self, name: &OsStr) -> io::Result<()> {
         let name = single(name)?;
@@ -336,22 +350,6 @@ impl Dir {
     pub fn set_mtime(&self, mtime: i64) -> io::Result<()> {
         let f = File::from(self.fd.as_fd().try_clone_to_owned()?);
         filetime::set_file_handle_times(&f, None, Some(filetime::FileTime::from_unix_time(mtime, 0)))
-    }
-}
-
-impl Dir {
-    /// Hard-links `from` as the new entry `name` here. `from` is a path the caller trusts
-    /// (the agent's own cache) up to its last component, which is not followed: a symlink
-    /// there is linked as a symlink, so callers compare [`Dir::stat`] of `name` with the file
-    /// they checked.
-    pub fn hard_link(&self, from: &Path, name: &OsStr) -> io::Result<()> {
-        let name = single(name)?;
-        rustix::fs::linkat(rustix::fs::CWD, from, &self.fd, name, AtFlags::empty()).map_err(|e| {
-            io::Error::new(
-                err(e).kind(),
-                format!("linking {} as {}: {e}", from.display(), self.path.join(name).display()),
-            )
-        })
     }
 }
 
