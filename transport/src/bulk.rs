@@ -159,6 +159,46 @@ enum Piece {
 }
 
 /// Reads chunks from a channel, hashing and counting them; remembers the trailer.
+/// The chunks received so far minus the last [`TRAILER_LEN`] bytes, which may be the trailer.
+#[derive(Default)]
+struct HeldBack {
+    chunks: std::collections::VecDeque<Bytes>,
+    len: usize,
+}
+
+impl HeldBack {
+    /// Takes `chunk` and returns the chunks that can no longer hold any trailer byte.
+    fn push(&mut self, chunk: Bytes) -> Vec<Bytes> {
+        self.len += chunk.len();
+        self.chunks.push_back(chunk);
+        let mut ready = Vec::new();
+        while let Some(front) = self.chunks.front() {
+            if self.len - front.len() < TRAILER_LEN {
+                break;
+            }
+            self.len -= front.len();
+            ready.extend(self.chunks.pop_front());
+        }
+        ready
+    }
+
+    /// At the end of the stream: the data still held, and the last TRAILER_LEN bytes (`None`
+    /// when the stream was shorter than a trailer).
+    fn finish(self) -> (Bytes, Option<[u8; TRAILER_LEN]>) {
+        let mut all = BytesMut::with_capacity(self.len);
+        for c in self.chunks {
+            all.extend_from_slice(&c);
+        }
+        if all.len() < TRAILER_LEN {
+            return (Bytes::new(), None);
+        }
+        let tail = all.split_off(all.len() - TRAILER_LEN);
+        let mut raw = [0u8; TRAILER_LEN];
+        raw.copy_from_slice(&tail);
+        (all.freeze(), Some(raw))
+    }
+}
+
 struct ChannelReader {
     rx: mpsc::Receiver<Piece>,
     current: Bytes,
@@ -262,21 +302,26 @@ pub async fn recv_tree(
     });
 
     // Feed chunks, always holding back the last TRAILER_LEN bytes: they may be the trailer.
-    let mut tail = BytesMut::new();
+    // Chunks pass through whole (no copy); only the held-back tail is ever joined.
+    let mut held = HeldBack::default();
     let end: Result<Trailer, String> = loop {
         match recv.read_chunk(CHUNK, true).await {
             Ok(Some(chunk)) => {
-                tail.extend_from_slice(&chunk.bytes);
-                if tail.len() > TRAILER_LEN {
-                    let data = tail.split_to(tail.len() - TRAILER_LEN).freeze();
+                for data in held.push(chunk.bytes) {
                     if tx.send(Piece::Data(data)).await.is_err() {
-                        break Err("unpacker stopped".into());
+                        break;
                     }
+                }
+                if tx.is_closed() {
+                    break Err("unpacker stopped".into());
                 }
             }
             Ok(None) => {
-                let raw: Option<&[u8; TRAILER_LEN]> = tail.as_ref().try_into().ok();
-                break match raw.and_then(Trailer::decode) {
+                let (data, tail) = held.finish();
+                if !data.is_empty() && tx.send(Piece::Data(data)).await.is_err() {
+                    break Err("unpacker stopped".into());
+                }
+                break match tail.and_then(|t| Trailer::decode(&t)) {
                     Some(t) => Ok(t),
                     None => Err("stream ended without a valid trailer".into()),
                 };
@@ -484,4 +529,43 @@ pub fn unpack_verified(
         entries: stats.entries,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// However the stream is cut into chunks, the data passed on plus the data left at
+        /// the end is the stream minus its last TRAILER_LEN bytes, and those are the tail.
+        #[test]
+        fn held_back_passes_everything_but_the_trailer(
+            stream in proptest::collection::vec(any::<u8>(), 0..400),
+            cuts in proptest::collection::vec(0usize..400, 0..12),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= stream.len()).collect();
+            cuts.push(0);
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let mut held = HeldBack::default();
+            let mut passed = Vec::new();
+            for w in cuts.windows(2) {
+                for data in held.push(Bytes::copy_from_slice(&stream[w[0]..w[1]])) {
+                    passed.extend_from_slice(&data);
+                    // Nothing passed on may overlap the trailer.
+                    prop_assert!(passed.len() + TRAILER_LEN <= stream.len());
+                }
+            }
+            let (rest, tail) = held.finish();
+            passed.extend_from_slice(&rest);
+            if stream.len() < TRAILER_LEN {
+                prop_assert!(tail.is_none());
+            } else {
+                let split = stream.len() - TRAILER_LEN;
+                prop_assert_eq!(&passed[..], &stream[..split]);
+                prop_assert_eq!(&tail.unwrap()[..], &stream[split..]);
+            }
+        }
+    }
 }

@@ -3,6 +3,9 @@
 //! Defaults of quinn 0.11 cap throughput at any real RTT (1.25 MB stream receive window,
 //! 10 MB send window) and Linux's default UDP buffers (208 KiB) drop packets at speed, so the
 //! windows are raised and the socket buffers enlarged before the socket is handed to quinn.
+//! The buffers (64 MiB) exceed the connection window (24 MiB) plus the kernel's per-datagram
+//! overhead, so flow control, not a full buffer, bounds what is in flight: on loopback a
+//! drop is the only loss, and each one costs a congestion event.
 //! quinn's cost is per packet, so the packet size matters most: MTU discovery searches up to
 //! the largest UDP payload (loopback and jumbo-frame LANs carry far more than Ethernet's 1452
 //! bytes; on a 1500-byte path the search settles there), and both endpoints accept such
@@ -37,7 +40,7 @@ impl Default for Tuning {
             stream_receive_window: 12 * 1024 * 1024,
             connection_receive_window: 24 * 1024 * 1024,
             send_window: 24 * 1024 * 1024,
-            socket_buffer_bytes: 8 * 1024 * 1024,
+            socket_buffer_bytes: 64 * 1024 * 1024,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             max_udp_payload: MAX_UDP_PAYLOAD,

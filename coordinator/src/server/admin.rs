@@ -209,6 +209,24 @@ pub(super) fn log_transfer(direction: &str, agent: &str, s: &TransferSummary) {
     );
 }
 
+/// The connection's path as quinn sees it after a transfer (debug level): the datagram size
+/// MTU discovery reached, losses and congestion events explain a slow transfer.
+fn log_path(agent: &str, conn: &quinn::Connection) {
+    let s = conn.stats();
+    tracing::debug!(
+        agent = %agent,
+        mtu = s.path.current_mtu,
+        rtt_us = s.path.rtt.as_micros() as u64,
+        cwnd = s.path.cwnd,
+        lost_packets = s.path.lost_packets,
+        congestion_events = s.path.congestion_events,
+        sent_packets = s.path.sent_packets,
+        mtu_probes_sent = s.path.sent_plpmtud_probes,
+        mtu_probes_lost = s.path.lost_plpmtud_probes,
+        "connection path"
+    );
+}
+
 /// Sends the local tree `src` to `dest` on `agent`.
 pub async fn push(
     coord: &Hub,
@@ -239,6 +257,7 @@ pub async fn push(
             summary.elapsed_ms = started.elapsed().as_millis() as u64;
             summary.wire_bytes = sent.wire_bytes;
             log_transfer("push", agent, &summary);
+            log_path(agent, &conn);
             Ok(summary)
         }
         Some(BulkReply::Error(e)) => Err(anyhow!("agent {agent} refused the transfer: {}", e.message)),
