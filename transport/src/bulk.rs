@@ -18,7 +18,7 @@ use crate::tree::{self, Staging, TreeError, UnpackLimits};
 /// Size of the chunks that cross between the tar thread and the QUIC stream.
 pub const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the two: bounds the memory of one transfer.
-const CHANNEL_DEPTH: usize = 8;
+const CHANNEL_DEPTH: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BulkError {
@@ -43,11 +43,10 @@ impl BulkError {
     }
 }
 
-/// Writes to a channel in [`CHUNK`]-sized pieces, hashing and counting what passes.
+/// Writes to a channel in [`CHUNK`]-sized pieces, counting what passes.
 struct ChannelWriter {
     tx: mpsc::Sender<Bytes>,
     buf: BytesMut,
-    hasher: blake3::Hasher,
     bytes: u64,
 }
 
@@ -57,7 +56,6 @@ impl ChannelWriter {
             return Ok(());
         }
         let chunk = self.buf.split().freeze();
-        self.hasher.update(&chunk);
         self.bytes += chunk.len() as u64;
         self.buf.reserve(CHUNK);
         self.tx
@@ -100,13 +98,9 @@ async fn send_packed(
 ) -> Result<TransferSummary, BulkError> {
     let started = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-    let packer = tokio::task::spawn_blocking(move || -> Result<(tree::TreeStats, Trailer), TreeError> {
-        let mut w = ChannelWriter {
-            tx,
-            buf: BytesMut::with_capacity(CHUNK),
-            hasher: blake3::Hasher::new(),
-            bytes: 0,
-        };
+    let (hash_tx, digest) = spawn_hasher();
+    let packer = tokio::task::spawn_blocking(move || -> Result<(tree::TreeStats, u64), TreeError> {
+        let mut w = ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK), bytes: 0 };
         let stats = match compression {
             Compression::None => pack(&mut w)?,
             Compression::Zstd { level } => {
@@ -118,17 +112,19 @@ async fn send_packed(
             }
         };
         w.flush().map_err(|e| TreeError::Io { context: "flushing stream".into(), source: e })?;
-        let trailer = Trailer { bytes: w.bytes, digest: *w.hasher.finalize().as_bytes() };
-        Ok((stats, trailer))
+        Ok((stats, w.bytes))
     });
     let mut write_err = None;
     while let Some(chunk) = rx.recv().await {
+        // The hasher outlives this loop; a send fails only if it panicked.
+        let _ = hash_tx.send(chunk.clone()).await;
         if let Err(e) = send.write_chunk(chunk).await {
             write_err = Some(e);
             break;
         }
     }
     drop(rx);
+    drop(hash_tx);
     let packed = packer.await.map_err(|e| BulkError::Stream(format!("packer task failed: {e}")))?;
     if let Some(e) = write_err {
         return Err(match e {
@@ -136,7 +132,7 @@ async fn send_packed(
             other => BulkError::Stream(other.to_string()),
         });
     }
-    let (stats, trailer) = match packed {
+    let (stats, bytes) = match packed {
         Ok(v) => v,
         Err(e) => {
             // Tell the receiver the stream is bad rather than letting it look truncated.
@@ -144,6 +140,8 @@ async fn send_packed(
             return Err(e.into());
         }
     };
+    let digest = digest.await.map_err(|_| BulkError::Stream("hasher task failed".into()))?;
+    let trailer = Trailer { bytes, digest };
     send.write_all(&trailer.encode()).await.map_err(|e| BulkError::Stream(e.to_string()))?;
     Ok(TransferSummary {
         wire_bytes: trailer.bytes,
@@ -158,7 +156,9 @@ enum Piece {
     End(Result<Trailer, String>),
 }
 
-/// Reads chunks from a channel, hashing and counting them; remembers the trailer.
+/// Reads chunks from a channel, counting them; remembers the trailer. The digest is another
+/// thread's work ([`spawn_hasher`]): hashing beside the unpacking, not before it, keeps the
+/// two off each other's critical path.
 /// The chunks received so far minus the last [`TRAILER_LEN`] bytes, which may be the trailer.
 #[derive(Default)]
 struct HeldBack {
@@ -202,7 +202,6 @@ impl HeldBack {
 struct ChannelReader {
     rx: mpsc::Receiver<Piece>,
     current: Bytes,
-    hasher: blake3::Hasher,
     bytes: u64,
     wire_limit: u64,
     end: Option<Result<Trailer, String>>,
@@ -216,7 +215,6 @@ impl Read for ChannelReader {
             }
             match self.rx.blocking_recv() {
                 Some(Piece::Data(b)) => {
-                    self.hasher.update(&b);
                     self.bytes += b.len() as u64;
                     if self.bytes > self.wire_limit {
                         return Err(io::Error::other(format!(
@@ -237,6 +235,21 @@ impl Read for ChannelReader {
     }
 }
 
+/// A blocking thread that hashes the chunks sent to it and, once the sender is dropped,
+/// answers with their BLAKE3 digest.
+fn spawn_hasher() -> (mpsc::Sender<Bytes>, tokio::sync::oneshot::Receiver<[u8; 32]>) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let (done, digest) = tokio::sync::oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        let mut hasher = blake3::Hasher::new();
+        while let Some(chunk) = rx.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        let _ = done.send(*hasher.finalize().as_bytes());
+    });
+    (tx, digest)
+}
+
 /// Reads raw bytes plus trailer from `recv`, unpacks them into `dest` through a staging
 /// directory, and commits only when the byte count and digest match the trailer.
 pub async fn recv_tree(
@@ -247,18 +260,12 @@ pub async fn recv_tree(
 ) -> Result<TransferSummary, BulkError> {
     let started = Instant::now();
     let (tx, rx) = mpsc::channel::<Piece>(CHANNEL_DEPTH);
+    let (hash_tx, digest) = spawn_hasher();
     let unpacker = tokio::task::spawn_blocking(move || -> Result<TransferSummary, BulkError> {
         let staging = Staging::new(&dest)?;
         // The wire may carry a little more than the tar stream (compression framing).
         let wire_limit = limits.max_bytes.saturating_add(limits.max_bytes / 8 + (1 << 20));
-        let mut reader = ChannelReader {
-            rx,
-            current: Bytes::new(),
-            hasher: blake3::Hasher::new(),
-            bytes: 0,
-            wire_limit,
-            end: None,
-        };
+        let mut reader = ChannelReader { rx, current: Bytes::new(), bytes: 0, wire_limit, end: None };
         let stats = match compression {
             Compression::None => tree::unpack(&mut reader, staging.path(), limits),
             Compression::Zstd { .. } => {
@@ -289,7 +296,9 @@ pub async fn recv_tree(
                 trailer.bytes, reader.bytes
             )));
         }
-        if trailer.digest != *reader.hasher.finalize().as_bytes() {
+        // The hasher saw every piece the reader saw: the network loop sends each to both.
+        let hashed = digest.blocking_recv().map_err(|_| BulkError::Stream("hasher stopped".into()))?;
+        if trailer.digest != hashed {
             return Err(BulkError::Corrupt("BLAKE3 digest does not match".into()));
         }
         staging.commit()?;
@@ -308,6 +317,9 @@ pub async fn recv_tree(
         match recv.read_chunk(CHUNK, true).await {
             Ok(Some(chunk)) => {
                 for data in held.push(chunk.bytes) {
+                    if hash_tx.send(data.clone()).await.is_err() {
+                        break;
+                    }
                     if tx.send(Piece::Data(data)).await.is_err() {
                         break;
                     }
@@ -318,7 +330,10 @@ pub async fn recv_tree(
             }
             Ok(None) => {
                 let (data, tail) = held.finish();
-                if !data.is_empty() && tx.send(Piece::Data(data)).await.is_err() {
+                if !data.is_empty()
+                    && (hash_tx.send(data.clone()).await.is_err()
+                        || tx.send(Piece::Data(data)).await.is_err())
+                {
                     break Err("unpacker stopped".into());
                 }
                 break match tail.and_then(|t| Trailer::decode(&t)) {
@@ -330,6 +345,8 @@ pub async fn recv_tree(
         }
     };
     let stream_failed = end.is_err();
+    // No more data: the hasher finishes its digest while the unpacker drains.
+    drop(hash_tx);
     let _ = tx.send(Piece::End(end)).await;
     drop(tx);
     let result = unpacker.await.map_err(|e| BulkError::Stream(format!("unpacker task failed: {e}")))?;
