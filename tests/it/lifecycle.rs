@@ -88,3 +88,23 @@ fn json_logs_are_one_object_per_line() {
     assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
     assert!(line.contains("\"level\":\"INFO\"") && line.contains("\"addr\":\"127.0.0.1:"), "{line}");
 }
+
+#[test]
+fn step_run_ends_with_an_error_when_its_agent_is_lost() {
+    let fx = Cluster::new().serve().agent(Agent::named("doomed"));
+    fx.coord().proc.wait_for(&["agent joined", "doomed"], T);
+    let file = fx.p("long.toml");
+    std::fs::write(&file, "command = \"echo started; sleep 30\"\n").unwrap();
+    let mut cmd = fx.command();
+    cmd.args(["step", "run", "--agent", "doomed"]).arg(&file);
+    let mut run = Proc::spawn("step run", cmd);
+    fx.agents[0].wait_for(&["running snippet"], T);
+
+    // The agent dies with the attempt: `step run` ends once the agent is lost, not never.
+    fx.agents[0].signal(Signal::KILL);
+    let status = run.wait_exit(T);
+    assert!(!status.success(), "{}", run.dump());
+    let lost = run.count(&["agent doomed was lost with attempt", "disconnected for more than"]);
+    assert!(lost > 0, "{}", run.dump());
+    fx.coord().proc.wait_for(&["step lost with its agent", "doomed"], T);
+}

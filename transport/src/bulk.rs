@@ -1,7 +1,8 @@
 //! Trees over QUIC streams: tar (optionally zstd) bytes followed by a [`Trailer`].
 //!
-//! The tar work runs on a blocking thread; chunks of [`CHUNK`] bytes cross a bounded channel
-//! to or from the QUIC stream, so memory per transfer stays at a few MiB whatever the tree.
+//! The tar work runs on a blocking thread and the stream's BLAKE3 on a thread of its own;
+//! chunks of up to [`CHUNK`] bytes cross bounded channels to or from the QUIC stream, so memory
+//! per transfer stays under about 16 MiB whatever the tree.
 //! The sender does not write the header frame nor finish the stream: callers own the framing
 //! around the raw bytes.
 
@@ -98,7 +99,7 @@ async fn send_packed(
 ) -> Result<TransferSummary, BulkError> {
     let started = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-    let (hash_tx, digest) = spawn_hasher();
+    let (hash_tx, digest) = spawn_hasher()?;
     let packer = tokio::task::spawn_blocking(move || -> Result<(tree::TreeStats, u64), TreeError> {
         let mut w = ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK), bytes: 0 };
         let stats = match compression {
@@ -156,9 +157,6 @@ enum Piece {
     End(Result<Trailer, String>),
 }
 
-/// Reads chunks from a channel, counting them; remembers the trailer. The digest is another
-/// thread's work ([`spawn_hasher`]): hashing beside the unpacking, not before it, keeps the
-/// two off each other's critical path.
 /// The chunks received so far minus the last [`TRAILER_LEN`] bytes, which may be the trailer.
 #[derive(Default)]
 struct HeldBack {
@@ -199,6 +197,9 @@ impl HeldBack {
     }
 }
 
+/// Reads chunks from a channel, counting them; remembers the trailer. The digest is another
+/// thread's work ([`spawn_hasher`]): hashing beside the unpacking, not before it, keeps the
+/// two off each other's critical path.
 struct ChannelReader {
     rx: mpsc::Receiver<Piece>,
     current: Bytes,
@@ -235,19 +236,26 @@ impl Read for ChannelReader {
     }
 }
 
-/// A blocking thread that hashes the chunks sent to it and, once the sender is dropped,
-/// answers with their BLAKE3 digest.
-fn spawn_hasher() -> (mpsc::Sender<Bytes>, tokio::sync::oneshot::Receiver<[u8; 32]>) {
+type Hasher = (mpsc::Sender<Bytes>, tokio::sync::oneshot::Receiver<[u8; 32]>);
+
+/// A thread that hashes the chunks sent to it and, once the sender is dropped, answers with
+/// their BLAKE3 digest. An OS thread of its own, not one of tokio's blocking pool: the tar
+/// thread of the same transfer waits on it, and with both in the pool, a pool full of
+/// hashers whose tar threads are still queued would wait forever.
+fn spawn_hasher() -> Result<Hasher, BulkError> {
     let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let (done, digest) = tokio::sync::oneshot::channel();
-    tokio::task::spawn_blocking(move || {
-        let mut hasher = blake3::Hasher::new();
-        while let Some(chunk) = rx.blocking_recv() {
-            hasher.update(&chunk);
-        }
-        let _ = done.send(*hasher.finalize().as_bytes());
-    });
-    (tx, digest)
+    std::thread::Builder::new()
+        .name("pype-hash".into())
+        .spawn(move || {
+            let mut hasher = blake3::Hasher::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            let _ = done.send(*hasher.finalize().as_bytes());
+        })
+        .map_err(|e| BulkError::Stream(format!("starting the hashing thread: {e}")))?;
+    Ok((tx, digest))
 }
 
 /// Reads raw bytes plus trailer from `recv`, unpacks them into `dest` through a staging
@@ -260,7 +268,7 @@ pub async fn recv_tree(
 ) -> Result<TransferSummary, BulkError> {
     let started = Instant::now();
     let (tx, rx) = mpsc::channel::<Piece>(CHANNEL_DEPTH);
-    let (hash_tx, digest) = spawn_hasher();
+    let (hash_tx, digest) = spawn_hasher()?;
     let unpacker = tokio::task::spawn_blocking(move || -> Result<TransferSummary, BulkError> {
         let staging = Staging::new(&dest)?;
         // The wire may carry a little more than the tar stream (compression framing).
@@ -314,18 +322,26 @@ pub async fn recv_tree(
     // Chunks pass through whole (no copy); only the held-back tail is ever joined.
     let mut held = HeldBack::default();
     let end: Result<Trailer, String> = loop {
-        match recv.read_chunk(CHUNK, true).await {
+        // An unpacker that refused the tree ends the transfer even if the sender stalls.
+        let read = tokio::select! {
+            read = recv.read_chunk(CHUNK, true) => read,
+            _ = tx.closed() => break Err("unpacker stopped".into()),
+        };
+        match read {
             Ok(Some(chunk)) => {
+                let mut stopped = None;
                 for data in held.push(chunk.bytes) {
                     if hash_tx.send(data.clone()).await.is_err() {
+                        stopped = Some("hasher stopped");
                         break;
                     }
                     if tx.send(Piece::Data(data)).await.is_err() {
+                        stopped = Some("unpacker stopped");
                         break;
                     }
                 }
-                if tx.is_closed() {
-                    break Err("unpacker stopped".into());
+                if let Some(why) = stopped {
+                    break Err(why.into());
                 }
             }
             Ok(None) => {

@@ -76,11 +76,20 @@ pub fn bind_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocke
     let _ = socket.set_send_buffer_size(buffer);
     force_buffer(&socket, buffer);
     socket.bind(&addr.into()).with_context(|| format!("binding UDP {addr}"))?;
-    tracing::debug!(
-        recv_buffer = socket.recv_buffer_size().unwrap_or(0),
-        send_buffer = socket.send_buffer_size().unwrap_or(0),
-        "UDP socket bound"
-    );
+    let (recv, send) = (socket.recv_buffer_size().unwrap_or(0), socket.send_buffer_size().unwrap_or(0));
+    tracing::debug!(recv_buffer = recv, send_buffer = send, "UDP socket bound");
+    if recv < buffer {
+        // Once per process: an agent binds a socket per connection attempt.
+        static CLAMPED: std::sync::Once = std::sync::Once::new();
+        CLAMPED.call_once(|| {
+            tracing::warn!(
+                wanted = buffer,
+                got = recv,
+                "UDP receive buffer clamped by net.core.rmem_max (not root): fast transfers may drop \
+                 packets; raise net.core.rmem_max and net.core.wmem_max to at least {buffer}"
+            )
+        });
+    }
     Ok(socket.into())
 }
 

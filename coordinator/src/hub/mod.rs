@@ -4,6 +4,7 @@
 //! the server asks of a run (submit, cancel, the working registry) goes through [`Runs`], which
 //! the run layer implements: the hub imports nothing above it.
 
+pub mod away;
 pub mod unclaimed;
 
 use std::collections::HashMap;

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use transport::framed;
 
+use crate::hub::away::{Away, Verdict};
 use crate::hub::{Hub, StepEvent};
 
 pub(super) async fn handle_admin(coord: Arc<Hub>, conn: quinn::Connection) {
@@ -176,7 +177,31 @@ pub(super) async fn admin_run_step(
         }
     };
     info!(agent = %agent, run = %run, step = %step, attempt = attempt_id, "step dispatched");
-    while let Some((_, event)) = events.recv().await {
+    // An agent that vanishes with the attempt (killed, its host gone) is lost after the
+    // heartbeat window, as in a run; a reconnect within it keeps the attempt.
+    let mut away = Away::new(coord.heartbeat_window());
+    let mut members = coord.membership();
+    loop {
+        let wake = match away.observe(Instant::now(), coord.connection_of(agent).is_some()) {
+            Verdict::Present => None,
+            Verdict::Away { until } => Some(until),
+            Verdict::Lost { reason } => {
+                coord.forget_attempt(attempt_id);
+                warn!(agent = %agent, attempt = attempt_id, "step lost with its agent: {reason}");
+                return AdminResponse::Error(RemoteError {
+                    code: ErrorCode::Internal,
+                    message: format!("agent {agent} was lost with attempt {attempt_id}: {reason}"),
+                });
+            }
+        };
+        let event = tokio::select! {
+            ev = events.recv() => match ev {
+                Some((_, event)) => event,
+                None => break,
+            },
+            _ = members.changed() => continue,
+            _ = sleep_until_or_forever(wake) => continue,
+        };
         let frame = match event {
             StepEvent::Started { backend, view } => {
                 info!(attempt = attempt_id, backend = %backend, view = %view, "step started");
@@ -192,6 +217,13 @@ pub(super) async fn admin_run_step(
         let _ = framed::write_frame(send, &frame).await;
     }
     AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: "the attempt was dropped".into() })
+}
+
+async fn sleep_until_or_forever(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 pub(super) fn log_transfer(direction: &str, agent: &str, s: &TransferSummary) {

@@ -474,11 +474,13 @@ impl Connection {
         // packets, this can be earlier than the start of the current QUIC packet.
         let mut datagram_start = 0;
         let mut segment_size = usize::from(self.path.current_mtu());
-        // pype patch: one sendmsg carries at most 65,535 bytes of UDP payload. Above that the
-        // kernel refuses the whole GSO batch (EMSGSIZE), quinn-udp drops it silently, and the
-        // losses make black-hole detection fall back to the minimum MTU for good. Any MTU above
-        // 6,553 bytes (jumbo frames, loopback) hit it with the 10-segment batches quinn asks for.
-        let max_datagrams = max_datagrams.min((usize::from(u16::MAX) / segment_size).max(1));
+        // pype patch: one sendmsg carries at most 65,507 bytes of UDP payload over IPv4 (65,527
+        // over IPv6). Above that the kernel refuses the whole GSO batch (EMSGSIZE), quinn-udp
+        // drops it silently, and the losses make black-hole detection fall back to the minimum
+        // MTU, again after every 60 s cooldown. Any MTU above about 6,550 bytes (jumbo frames,
+        // loopback) hit it with the 10-segment batches quinn asks for.
+        const MAX_GSO_BATCH: usize = 65_507;
+        let max_datagrams = max_datagrams.min((MAX_GSO_BATCH / segment_size).max(1));
         // The peer's maximum UDP payload size can reduce the path MTU below our configured minimum.
         let min_mtu = Ord::min(self.config.min_mtu, self.path.current_mtu());
 
