@@ -179,6 +179,9 @@ def main():
             times = []
             for _ in range(args.reps):
                 d = dest()
+                # Every method starts with no dirty pages left by the one before (untimed):
+                # write-back of an earlier GiB would otherwise land on whoever runs next.
+                os.sync()
                 times.append(fn(dataset, d))
                 shutil.rmtree(os.path.join(work, "dest"), ignore_errors=True)
             results[(name, dataset)] = statistics.median(times)
