@@ -4,8 +4,9 @@
 //! 10 MB send window) and Linux's default UDP buffers (208 KiB) drop packets at speed, so the
 //! windows are raised and the socket buffers enlarged before the socket is handed to quinn.
 //! The buffers (64 MiB) exceed the connection window (24 MiB) plus the kernel's per-datagram
-//! overhead, so flow control, not a full buffer, bounds what is in flight: on loopback a
-//! drop is the only loss, and each one costs a congestion event.
+//! overhead, so for one busy connection flow control, not a full buffer, bounds what is in
+//! flight: on loopback a drop is the only loss, and each one costs a congestion event. Many
+//! connections sending at once share the coordinator's one socket and can still fill it.
 //! quinn's cost is per packet, so the packet size matters most: MTU discovery searches up to
 //! the largest UDP payload (loopback and jumbo-frame LANs carry far more than Ethernet's 1452
 //! bytes; on a 1500-byte path the search settles there), and both endpoints accept such
