@@ -258,6 +258,16 @@ fn spawn_hasher() -> Result<Hasher, BulkError> {
     Ok((tx, digest))
 }
 
+/// Hands `data` to the hasher and then to the unpacker: both see the same pieces in order.
+async fn forward(
+    data: Bytes,
+    hash_tx: &mpsc::Sender<Bytes>,
+    tx: &mpsc::Sender<Piece>,
+) -> Result<(), &'static str> {
+    hash_tx.send(data.clone()).await.map_err(|_| "hasher stopped")?;
+    tx.send(Piece::Data(data)).await.map_err(|_| "unpacker stopped")
+}
+
 /// Reads raw bytes plus trailer from `recv`, unpacks them into `dest` through a staging
 /// directory, and commits only when the byte count and digest match the trailer.
 pub async fn recv_tree(
@@ -331,12 +341,8 @@ pub async fn recv_tree(
             Ok(Some(chunk)) => {
                 let mut stopped = None;
                 for data in held.push(chunk.bytes) {
-                    if hash_tx.send(data.clone()).await.is_err() {
-                        stopped = Some("hasher stopped");
-                        break;
-                    }
-                    if tx.send(Piece::Data(data)).await.is_err() {
-                        stopped = Some("unpacker stopped");
+                    if let Err(why) = forward(data, &hash_tx, &tx).await {
+                        stopped = Some(why);
                         break;
                     }
                 }
@@ -347,10 +353,9 @@ pub async fn recv_tree(
             Ok(None) => {
                 let (data, tail) = held.finish();
                 if !data.is_empty()
-                    && (hash_tx.send(data.clone()).await.is_err()
-                        || tx.send(Piece::Data(data)).await.is_err())
+                    && let Err(why) = forward(data, &hash_tx, &tx).await
                 {
-                    break Err("unpacker stopped".into());
+                    break Err(why.into());
                 }
                 break match tail.and_then(|t| Trailer::decode(&t)) {
                     Some(t) => Ok(t),

@@ -1,4 +1,5 @@
-//! One agent's absence, for whoever follows a single attempt outside a run (`step run`): an
+//! One agent's absence, for whoever follows a single attempt outside a run's scheduler
+//! (`step run`, a program build; see `Hub::next_attempt_event`): an
 //! agent away longer than the heartbeat window is lost, and the attempt with it. A reconnect
 //! within the window keeps the attempt, as it does for a run (`run::membership`).
 //!

@@ -235,6 +235,31 @@ impl Hub {
         self.members.subscribe()
     }
 
+    /// The next event of an attempt held by `agent`: `Ok(None)` once its events ended,
+    /// `Err(reason)` once `away` says the agent has been away longer than the heartbeat
+    /// window (a reconnect within it keeps the attempt). `away` carries the absence from one
+    /// call to the next. For attempts followed outside a run (`step run`, program builds).
+    pub async fn next_attempt_event(
+        &self,
+        agent: &str,
+        away: &mut away::Away,
+        events: &mut mpsc::UnboundedReceiver<(u64, StepEvent)>,
+    ) -> std::result::Result<Option<StepEvent>, String> {
+        let mut members = self.membership();
+        loop {
+            let wake = match away.observe(Instant::now(), self.connection_of(agent).is_some()) {
+                away::Verdict::Present => None,
+                away::Verdict::Away { until } => Some(until),
+                away::Verdict::Lost { reason } => return Err(reason),
+            };
+            tokio::select! {
+                ev = events.recv() => return Ok(ev.map(|(_, event)| event)),
+                _ = members.changed() => {}
+                _ = sleep_until_or_forever(wake) => {}
+            }
+        }
+    }
+
     pub fn heartbeat_window(&self) -> Duration {
         self.config.heartbeat_interval * self.config.heartbeats_missed.max(1)
     }
@@ -622,5 +647,12 @@ impl Hub {
 
     pub fn connection_of(&self, agent: &str) -> Option<quinn::Connection> {
         self.agents().get(agent).map(|a| a.conn.clone())
+    }
+}
+
+async fn sleep_until_or_forever(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -26,6 +26,7 @@ pub mod membership;
 pub mod outcome;
 pub mod sched;
 
+use crate::hub::away::Away;
 use crate::hub::{Hub, Runs, StepEvent};
 use crate::persist::state::{AttemptRecord, RunRecord, State, now_ms};
 use crate::persist::working::WorkingRegistry;
@@ -472,59 +473,25 @@ impl Engine {
         attempt_id: u64,
         mut events: mpsc::UnboundedReceiver<(u64, StepEvent)>,
     ) -> std::result::Result<(StepOutcome, Vec<String>), String> {
-        // Only this agent matters: lost once it is away longer than the heartbeat window.
-        let mut membership = Membership::new(self.coord.heartbeat_window());
-        let mut members = self.coord.membership();
+        let mut away = Away::new(self.coord.heartbeat_window());
         let mut tail = VecDeque::new();
-        let mut first = true;
         loop {
-            let seen = self
-                .coord
-                .agent_views()
-                .into_iter()
-                .filter(|v| v.agent_id == agent)
-                .map(|v| membership::Seen {
-                    agent_id: v.agent_id,
-                    draining: false,
-                    settled: true,
-                    capacity: AgentCapacity {
-                        cpus: 0.0,
-                        memory_bytes: 0,
-                        slots: 0,
-                        labels: Default::default(),
-                    },
-                })
-                .collect();
-            membership.handle(Instant::now(), membership::Event::Agents(seen));
-            if std::mem::take(&mut first) {
-                // Not even connected now: it has the window from now.
-                let expect = membership::Event::Expect { agent: agent.to_string(), extra: Duration::ZERO };
-                membership.handle(Instant::now(), expect);
-            }
-            while let Some(action) = membership.poll_action() {
-                if let membership::Action::Lost { reason, .. } = action {
+            match self.coord.next_attempt_event(agent, &mut away, &mut events).await {
+                Err(reason) => {
                     tracing::debug!(attempt = attempt_id, "build attempt given up");
                     return Err(reason);
                 }
-            }
-            let wake = Instant::now() + Duration::from_secs(1);
-            let wake = membership.next_timeout().map_or(wake, |t| t.min(wake));
-            tokio::select! {
-                ev = events.recv() => match ev {
-                    None => return Err("its events ended".into()),
-                    Some((_, StepEvent::Finished(o))) => return Ok((o, tail.into_iter().collect())),
-                    Some((_, StepEvent::Output(lines))) => {
-                        for l in lines {
-                            if tail.len() == TAIL_LINES {
-                                tail.pop_front();
-                            }
-                            tail.push_back(l.line);
+                Ok(None) => return Err("its events ended".into()),
+                Ok(Some(StepEvent::Finished(o))) => return Ok((o, tail.into_iter().collect())),
+                Ok(Some(StepEvent::Output(lines))) => {
+                    for l in lines {
+                        if tail.len() == TAIL_LINES {
+                            tail.pop_front();
                         }
+                        tail.push_back(l.line);
                     }
-                    Some(_) => {}
-                },
-                _ = members.changed() => {}
-                _ = tokio::time::sleep_until(wake.into()) => {}
+                }
+                Ok(Some(_)) => {}
             }
         }
     }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use transport::framed;
 
-use crate::hub::away::{Away, Verdict};
+use crate::hub::away::Away;
 use crate::hub::{Hub, StepEvent};
 
 pub(super) async fn handle_admin(coord: Arc<Hub>, conn: quinn::Connection) {
@@ -180,12 +180,11 @@ pub(super) async fn admin_run_step(
     // An agent that vanishes with the attempt (killed, its host gone) is lost after the
     // heartbeat window, as in a run; a reconnect within it keeps the attempt.
     let mut away = Away::new(coord.heartbeat_window());
-    let mut members = coord.membership();
     loop {
-        let wake = match away.observe(Instant::now(), coord.connection_of(agent).is_some()) {
-            Verdict::Present => None,
-            Verdict::Away { until } => Some(until),
-            Verdict::Lost { reason } => {
+        let event = match coord.next_attempt_event(agent, &mut away, &mut events).await {
+            Ok(Some(event)) => event,
+            Ok(None) => break,
+            Err(reason) => {
                 coord.forget_attempt(attempt_id);
                 warn!(agent = %agent, attempt = attempt_id, "step lost with its agent: {reason}");
                 return AdminResponse::Error(RemoteError {
@@ -193,14 +192,6 @@ pub(super) async fn admin_run_step(
                     message: format!("agent {agent} was lost with attempt {attempt_id}: {reason}"),
                 });
             }
-        };
-        let event = tokio::select! {
-            ev = events.recv() => match ev {
-                Some((_, event)) => event,
-                None => break,
-            },
-            _ = members.changed() => continue,
-            _ = sleep_until_or_forever(wake) => continue,
         };
         let frame = match event {
             StepEvent::Started { backend, view } => {
@@ -217,13 +208,6 @@ pub(super) async fn admin_run_step(
         let _ = framed::write_frame(send, &frame).await;
     }
     AdminResponse::Error(RemoteError { code: ErrorCode::Internal, message: "the attempt was dropped".into() })
-}
-
-async fn sleep_until_or_forever(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
-    }
 }
 
 pub(super) fn log_transfer(direction: &str, agent: &str, s: &TransferSummary) {
