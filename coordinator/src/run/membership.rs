@@ -31,6 +31,9 @@ pub enum Event {
     /// A resumed run awaits an attempt held by `agent`: if it is not connected, it has
     /// `extra` beyond the heartbeat window to come back before it counts as lost.
     Expect { agent: String, extra: Duration },
+    /// A message to `agent` could not be sent: it is away from now, whatever the hub showed
+    /// last, and counts as back only when it is seen connected again.
+    Unreachable { agent: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +42,10 @@ pub enum Action {
     Joined { agent: String, capacity: AgentCapacity },
     /// It finishes its steps and takes no new ones.
     Draining { agent: String },
+    /// Disconnected, inside its window: it keeps its running steps and takes nothing new.
+    Away { agent: String },
+    /// Reconnected inside its window: it takes work again.
+    Back { agent: String },
     /// Disconnected past its deadline: its running attempts are lost.
     Lost { agent: String, reason: String },
     /// A draining agent that left and did not come back: gone as planned.
@@ -77,6 +84,12 @@ impl Membership {
                     self.gone.insert(agent, now + extra + self.window);
                 }
             }
+            Event::Unreachable { agent } => {
+                if self.known.contains(&agent) {
+                    self.connected.remove(&agent);
+                    self.gone.entry(agent).or_insert(now + self.window);
+                }
+            }
         }
         self.handle_timeout(now);
     }
@@ -84,7 +97,7 @@ impl Membership {
     fn agents(&mut self, now: Instant, seen: Vec<Seen>) {
         let mut connected = HashSet::new();
         for v in seen {
-            self.gone.remove(&v.agent_id);
+            let was_gone = self.gone.remove(&v.agent_id).is_some();
             let was_draining = self.draining.contains(&v.agent_id);
             if v.draining && !was_draining {
                 self.draining.insert(v.agent_id.clone());
@@ -95,12 +108,20 @@ impl Membership {
             let back = was_draining && !v.draining && v.settled && self.draining.remove(&v.agent_id);
             if self.known.insert(v.agent_id.clone()) || back {
                 self.actions.push_back(Action::Joined { agent: v.agent_id.clone(), capacity: v.capacity });
+            } else if was_gone && !self.draining.contains(&v.agent_id) {
+                self.actions.push_back(Action::Back { agent: v.agent_id.clone() });
             }
             connected.insert(v.agent_id);
         }
-        for id in &self.known {
-            if !connected.contains(id) {
-                self.gone.entry(id.clone()).or_insert(now + self.window);
+        let mut away: Vec<&String> = self.known.iter().filter(|id| !connected.contains(*id)).collect();
+        away.sort();
+        for id in away {
+            if let std::collections::btree_map::Entry::Vacant(e) = self.gone.entry(id.clone()) {
+                e.insert(now + self.window);
+                // A draining agent takes nothing new anyway: its leaving is said when it has left.
+                if !self.draining.contains(id) {
+                    self.actions.push_back(Action::Away { agent: id.clone() });
+                }
             }
         }
         self.connected = connected;
@@ -167,6 +188,8 @@ mod tests {
             .map(|a| match a {
                 Action::Joined { agent, .. } => format!("joined {agent}"),
                 Action::Draining { agent } => format!("draining {agent}"),
+                Action::Away { agent } => format!("away {agent}"),
+                Action::Back { agent } => format!("back {agent}"),
                 Action::Lost { agent, .. } => format!("lost {agent}"),
                 Action::Left { agent } => format!("left {agent}"),
             })
@@ -182,7 +205,7 @@ mod tests {
         assert_eq!(m.next_timeout(), None);
         // b disconnects at t0+1s.
         m.handle(t0 + Duration::from_secs(1), Event::Agents(vec![seen("a", false)]));
-        assert!(drain(&mut m).is_empty());
+        assert_eq!(names(&drain(&mut m)), ["away b"]);
         assert_eq!(m.next_timeout(), Some(t0 + Duration::from_secs(1) + W));
         // Still inside the window: nothing.
         m.handle_timeout(t0 + Duration::from_secs(15));
@@ -207,7 +230,9 @@ mod tests {
         m.handle(t0, Event::Agents(vec![seen("a", false)]));
         drain(&mut m);
         m.handle(t0 + Duration::from_secs(2), Event::Agents(vec![]));
+        assert_eq!(names(&drain(&mut m)), ["away a"]);
         m.handle(t0 + Duration::from_secs(14), Event::Agents(vec![seen("a", false)]));
+        assert_eq!(names(&drain(&mut m)), ["back a"]);
         assert_eq!(m.next_timeout(), None);
         m.handle_timeout(t0 + Duration::from_secs(60));
         assert!(drain(&mut m).is_empty());
@@ -239,6 +264,7 @@ mod tests {
         m.handle(t0, Event::Agents(vec![seen("a", true)]));
         assert_eq!(names(&drain(&mut m)), ["joined a", "draining a"]);
         m.handle(t0 + Duration::from_millis(100), Event::Agents(vec![]));
+        assert!(drain(&mut m).is_empty(), "a draining agent's disconnect is said when it has left");
         // Back on a new connection: not settled, its drain not said again yet.
         let unsettled = Seen { settled: false, ..seen("a", false) };
         m.handle(t0 + Duration::from_millis(200), Event::Agents(vec![unsettled.clone()]));
@@ -286,5 +312,31 @@ mod tests {
         assert!(drain(&mut m).is_empty());
         m.handle_timeout(t0 + extra + W);
         assert_eq!(names(&drain(&mut m)), ["lost b"]);
+    }
+
+    #[test]
+    fn an_agent_that_could_not_be_reached_is_away_until_it_is_seen_again() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(W);
+        m.handle(t0, Event::Agents(vec![seen("a", false)]));
+        drain(&mut m);
+        // A send failed although the hub still showed a (it reconnected in between, or
+        // the hub had not noticed yet): the caller has set it away itself.
+        m.handle(t0 + Duration::from_secs(1), Event::Unreachable { agent: "a".into() });
+        assert!(drain(&mut m).is_empty());
+        assert_eq!(m.next_timeout(), Some(t0 + Duration::from_secs(1) + W));
+        // Seen again: back, and no longer awaited.
+        m.handle(t0 + Duration::from_secs(2), Event::Agents(vec![seen("a", false)]));
+        assert_eq!(names(&drain(&mut m)), ["back a"]);
+        assert_eq!(m.next_timeout(), None);
+        // Unreachable and never seen again: lost when its window ends.
+        m.handle(t0 + Duration::from_secs(3), Event::Unreachable { agent: "a".into() });
+        m.handle(t0 + Duration::from_secs(4), Event::Agents(vec![]));
+        assert!(drain(&mut m).is_empty(), "away is said once");
+        m.handle_timeout(t0 + Duration::from_secs(3) + W);
+        assert_eq!(names(&drain(&mut m)), ["lost a"]);
+        // An agent this run never knew is not awaited.
+        m.handle(t0 + Duration::from_secs(30), Event::Unreachable { agent: "z".into() });
+        assert_eq!(m.next_timeout(), None);
     }
 }

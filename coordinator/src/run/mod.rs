@@ -681,21 +681,25 @@ impl Engine {
         loop {
             // Carry out everything the scheduler wants now.
             while let Some(action) = sched.poll_action() {
-                self.carry_out(
-                    action,
-                    p,
-                    run_id,
-                    &runs,
-                    &reg,
-                    &profile_name,
-                    &tx,
-                    &mut sched,
-                    &mut running,
-                    &mut failures,
-                    rep,
-                    opts,
-                )
-                .await;
+                let unreachable = self
+                    .carry_out(
+                        action,
+                        p,
+                        run_id,
+                        &runs,
+                        &reg,
+                        &profile_name,
+                        &tx,
+                        &mut sched,
+                        &mut running,
+                        &mut failures,
+                        rep,
+                        opts,
+                    )
+                    .await;
+                if let Some(agent) = unreachable {
+                    membership.handle(Instant::now(), membership::Event::Unreachable { agent });
+                }
             }
             let counts = sched.counts();
             // Every step not yet ended may want an agent: instances boot while upstream steps
@@ -908,6 +912,20 @@ impl Engine {
                     rep.emit("agent draining", None, None, Some(&agent), "running steps finish, no new ones");
                     sched.handle(Event::AgentDraining { agent });
                 }
+                membership::Action::Away { agent } => {
+                    rep.emit(
+                        "agent away",
+                        None,
+                        None,
+                        Some(&agent),
+                        "disconnected; its steps wait for it, no new ones",
+                    );
+                    sched.handle(Event::AgentAway { agent });
+                }
+                membership::Action::Back { agent } => {
+                    rep.emit("agent back", None, None, Some(&agent), "reconnected inside its window");
+                    sched.handle(Event::AgentBack { agent });
+                }
                 membership::Action::Left { agent } => {
                     rep.emit("agent left", None, None, Some(&agent), "drained");
                     let reason = "drained and disconnected".to_string();
@@ -936,12 +954,13 @@ impl Engine {
         failures: &mut Vec<String>,
         rep: &mut Reporter,
         opts: &RunOptions,
-    ) {
+    ) -> Option<String> {
         let db = |r: Result<()>| {
             if let Err(e) = r {
                 warn!("state database: {e:#}");
             }
         };
+        let mut unreachable = None;
         match action {
             Action::Ready { step } => {
                 db(self.state.set_step_state(run_id, &p.steps[step].name, "ready", ""));
@@ -976,7 +995,7 @@ impl Engine {
                     let reason = format!("state database: could not record the attempt: {e:#}");
                     warn!(run = %run_id, step = %s.name, attempt = attempt_id, "{reason}; not dispatched");
                     sched.handle(Event::Finished { attempt_id, end: AttemptEnd::InfraFailed(reason) });
-                    return;
+                    return None;
                 }
                 let log = AttemptLog::new(runs.join(&s.name).join(format!("attempt-{attempt}.log")));
                 running.insert(attempt_id, Running { step, agent: agent.clone(), log });
@@ -989,13 +1008,13 @@ impl Engine {
                     &format!("attempt {attempt}"),
                 );
                 if let Err(e) = self.coord.dispatch(&agent, spec, tx.clone()).await {
+                    // Never sent: the step waits for another agent (or this one, back) without
+                    // using a retry, and the agent takes nothing new until it is seen again.
                     running.remove(&attempt_id);
                     rep.progress.running = rep.progress.running.saturating_sub(1);
                     db(self.state.attempt_ended(attempt_id, "lost", None, Some(&format!("{e:#}")), None));
-                    sched.handle(Event::Finished {
-                        attempt_id,
-                        end: AttemptEnd::InfraFailed(format!("{e:#}")),
-                    });
+                    sched.handle(Event::Finished { attempt_id, end: AttemptEnd::NotSent(format!("{e:#}")) });
+                    unreachable = Some(agent);
                 }
             }
             Action::Supersede { step: _, attempt_id, agent } => {
@@ -1054,6 +1073,7 @@ impl Engine {
                 }
             }
         }
+        unreachable
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1200,7 +1220,7 @@ impl Engine {
                             Some(outcome.elapsed_ms),
                         )?;
                     }
-                    AttemptEnd::CommandFailed(e) | AttemptEnd::InfraFailed(e) => {
+                    AttemptEnd::CommandFailed(e) | AttemptEnd::InfraFailed(e) | AttemptEnd::NotSent(e) => {
                         self.state.attempt_ended(
                             attempt_id,
                             "failed",

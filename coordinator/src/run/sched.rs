@@ -56,6 +56,9 @@ pub enum AttemptEnd {
     CommandFailed(String),
     /// The infrastructure failed: agent lost, setup or harvest failed, cancelled by shutdown.
     InfraFailed(String),
+    /// The attempt never reached its agent (it had disconnected): the step is ready again
+    /// without using a retry, and the agent takes nothing new until it is back.
+    NotSent(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +78,15 @@ pub enum Event {
     },
     /// The agent finishes its running steps but takes no new ones (it is leaving).
     AgentDraining {
+        agent: String,
+    },
+    /// The agent disconnected but may come back within its window: its running steps stay
+    /// its own, it takes nothing new.
+    AgentAway {
+        agent: String,
+    },
+    /// An away agent reconnected: it takes work again (unless it drains).
+    AgentBack {
         agent: String,
     },
     /// The agent is gone for good (its steps are retried elsewhere).
@@ -157,6 +169,8 @@ struct AgentSlot {
     used_memory: u64,
     running: u32,
     draining: bool,
+    /// Disconnected, within its window to come back.
+    away: bool,
 }
 
 pub struct Scheduler {
@@ -262,6 +276,7 @@ impl Scheduler {
                         used_memory: 0,
                         running: 0,
                         draining: false,
+                        away: false,
                     };
                     for s in &self.steps {
                         if matches!(&s.state, StepState::Running { agent: a, .. } if *a == agent) {
@@ -275,6 +290,7 @@ impl Scheduler {
                 let slot = self.agents.get_mut(&agent).expect("inserted above");
                 slot.capacity = capacity;
                 slot.draining = false;
+                slot.away = false;
                 for s in &mut self.steps {
                     s.said_unschedulable = false;
                 }
@@ -282,6 +298,19 @@ impl Scheduler {
             Event::AgentDraining { agent } => {
                 if let Some(a) = self.agents.get_mut(&agent) {
                     a.draining = true;
+                }
+            }
+            Event::AgentAway { agent } => {
+                if let Some(a) = self.agents.get_mut(&agent) {
+                    a.away = true;
+                }
+            }
+            Event::AgentBack { agent } => {
+                if let Some(a) = self.agents.get_mut(&agent) {
+                    a.away = false;
+                }
+                for s in &mut self.steps {
+                    s.said_unschedulable = false;
                 }
             }
             Event::AgentDown { agent, reason } => {
@@ -383,8 +412,10 @@ impl Scheduler {
     }
 
     fn end_attempt(&mut self, step: usize, end: AttemptEnd) {
+        let mut held_by = None;
         if let StepState::Running { agent, .. } = self.steps[step].state.clone() {
             self.release(&agent, step);
+            held_by = Some(agent);
         }
         let s = &mut self.steps[step];
         match end {
@@ -428,6 +459,21 @@ impl Scheduler {
                 } else {
                     self.fail(step, reason);
                 }
+            }
+            AttemptEnd::NotSent(reason) => {
+                if self.aborted {
+                    self.fail(step, reason);
+                    return;
+                }
+                s.state = StepState::Ready;
+                if let Some(a) = held_by.and_then(|agent| self.agents.get_mut(&agent)) {
+                    a.away = true;
+                }
+                self.queue.push_back(Action::Retry {
+                    step,
+                    reason: format!("{reason} (not sent, no retry used)"),
+                    infra: true,
+                });
             }
         }
     }
@@ -487,7 +533,7 @@ impl Scheduler {
                     continue;
                 }
                 why_not = Some(String::new());
-                if Self::fits(a, r) {
+                if !a.away && Self::fits(a, r) {
                     let free = a.capacity.cpus - a.used_cpus;
                     if best.is_none_or(|(_, f)| free > f) {
                         best = Some((id, free));
@@ -661,6 +707,51 @@ mod tests {
         assert!(actions.iter().any(|a| matches!(a, Action::Failed { step: 0, .. })), "{actions:?}");
         assert!(actions.iter().any(|a| matches!(a, Action::Cancelled { step: 1, .. })), "{actions:?}");
         assert_eq!(s.finished(), Some(false));
+    }
+
+    #[test]
+    fn an_attempt_that_was_never_sent_uses_no_retry_and_its_agent_takes_nothing_until_back() {
+        let p = fan(3, 0);
+        // No infrastructure retries at all: a send that failed must not fail the step.
+        let mut s = sched(&p, 0);
+        s.handle(Event::AgentUp { agent: "a".into(), capacity: cap(1.0) });
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d.len(), 1, "{d:?}");
+        s.handle(Event::Finished { attempt_id: d[0].2, end: AttemptEnd::NotSent("not connected".into()) });
+        let actions = drain(&mut s);
+        assert!(actions.iter().any(|a| matches!(a, Action::Retry { infra: true, .. })), "{actions:?}");
+        assert!(
+            dispatched(&actions).is_empty(),
+            "sent again to the agent that could not be reached: {actions:?}"
+        );
+        assert_eq!(s.state(d[0].0), &StepState::Ready);
+        // Another agent takes work.
+        s.handle(Event::AgentUp { agent: "b".into(), capacity: cap(1.0) });
+        let on_b = dispatched(&drain(&mut s));
+        assert_eq!(on_b.iter().map(|x| x.1.as_str()).collect::<Vec<_>>(), ["b"], "{on_b:?}");
+        // a is back: it takes work again.
+        s.handle(Event::AgentBack { agent: "a".into() });
+        let on_a = dispatched(&drain(&mut s));
+        assert_eq!(on_a.iter().map(|x| x.1.as_str()).collect::<Vec<_>>(), ["a"], "{on_a:?}");
+        // b disconnects inside its window: it keeps its step, and once that is done it gets
+        // no new one while away, although it is the only agent with a free CPU.
+        s.handle(Event::AgentAway { agent: "b".into() });
+        s.handle(Event::Finished { attempt_id: on_b[0].2, end: AttemptEnd::Succeeded });
+        let actions = drain(&mut s);
+        assert!(dispatched(&actions).is_empty(), "work for an away agent: {actions:?}");
+        assert!(!actions.iter().any(|a| matches!(a, Action::Unschedulable { .. })), "{actions:?}");
+        s.handle(Event::AgentBack { agent: "b".into() });
+        let back = dispatched(&drain(&mut s));
+        assert_eq!(back.iter().map(|x| x.1.as_str()).collect::<Vec<_>>(), ["b"], "{back:?}");
+        for id in [on_a[0].2, back[0].2] {
+            s.handle(Event::Finished { attempt_id: id, end: AttemptEnd::Succeeded });
+        }
+        let join = dispatched(&drain(&mut s));
+        assert_eq!(join.len(), 1, "{join:?}");
+        s.handle(Event::Finished { attempt_id: join[0].2, end: AttemptEnd::Succeeded });
+        drain(&mut s);
+        assert_eq!(s.finished(), Some(true));
+        assert_eq!(s.attempts(d[0].0), 2, "the attempt not sent still has its number");
     }
 
     #[test]
