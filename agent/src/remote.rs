@@ -14,6 +14,7 @@
 //! belong to is committed, so a fetch broken off by a lost connection or a restart resumes
 //! from the blobs already here.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,7 +62,8 @@ pub trait SnapshotRemote: Send + Sync {
 
 /// Requests over the agent's QUIC connection, whichever connection is current.
 pub struct QuicRemote {
-    conn: watch::Receiver<Option<quinn::Connection>>,
+    /// The current connection and the coordinator's protocol minor.
+    conn: watch::Receiver<Option<(quinn::Connection, u32)>>,
     limits: UnpackLimits,
     /// Where snapshots are packed before a direct upload.
     spool: PathBuf,
@@ -71,7 +73,7 @@ pub struct QuicRemote {
 
 impl QuicRemote {
     pub fn new(
-        conn: watch::Receiver<Option<quinn::Connection>>,
+        conn: watch::Receiver<Option<(quinn::Connection, u32)>>,
         limits: UnpackLimits,
         spool: PathBuf,
         blobs: Arc<BlobStore>,
@@ -80,14 +82,20 @@ impl QuicRemote {
     }
 
     async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+        self.open_with_minor().await.map(|(send, recv, _)| (send, recv))
+    }
+
+    /// A snapshot stream, and the protocol minor of the coordinator it goes to.
+    async fn open_with_minor(&self) -> Result<(quinn::SendStream, quinn::RecvStream, u32)> {
         let mut rx = self.conn.clone();
-        let conn = tokio::time::timeout(CONNECTION_WAIT, rx.wait_for(|c| c.is_some()))
+        let (conn, minor) = tokio::time::timeout(CONNECTION_WAIT, rx.wait_for(|c| c.is_some()))
             .await
             .map_err(|_| anyhow!("not connected to the coordinator for {CONNECTION_WAIT:?}"))?
             .map_err(|_| anyhow!("agent is shutting down"))?
             .clone()
             .ok_or_else(|| anyhow!("not connected to the coordinator"))?;
-        conn.open_bi().await.context("opening a snapshot stream")
+        let (send, recv) = conn.open_bi().await.context("opening a snapshot stream")?;
+        Ok((send, recv, minor))
     }
 
     /// The coordinator's working registry, for an instance whose user-data had no room for it.
@@ -143,7 +151,7 @@ impl QuicRemote {
     /// A snapshot as manifest and blobs; `None` when the store keeps archives.
     async fn fetch_cas(&self, id: &str, dest: &Path, held: Arc<dyn ChunkSource>) -> Result<Option<Fetched>> {
         let started = Instant::now();
-        let (mut send, mut recv) = self.open().await?;
+        let (mut send, mut recv, minor) = self.open_with_minor().await?;
         framed::write_frame(&mut send, &SnapshotRequest::Manifest { snapshot_id: id.to_string() }).await?;
         let len = match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
             Some(SnapshotReply::ManifestFollows { bytes }) => bytes,
@@ -174,13 +182,52 @@ impl QuicRemote {
                 return Err(e).with_context(|| format!("manifest of snapshot {id}"));
             }
         };
-        for batch in wanted.chunks(DIGESTS_PER_FRAME) {
+        // From an object store's packs, at URLs the coordinator hands out (minor 6), or
+        // relayed on this stream.
+        let mut relayed = wanted.clone();
+        let mut direct_bytes = 0u64;
+        if minor >= 6 && !wanted.is_empty() {
+            let mut places = Vec::new();
+            for batch in wanted.chunks(DIGESTS_PER_FRAME) {
+                let digests = batch.iter().map(|c| c.digest).collect();
+                framed::write_frame(&mut send, &SnapshotRequest::WantPlaces { digests }).await?;
+                match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
+                    Some(SnapshotReply::Places { packs }) => places.extend(packs),
+                    Some(SnapshotReply::Relay) => break,
+                    other => bail!("unexpected answer to WantPlaces: {other:?}"),
+                }
+            }
+            if !places.is_empty() {
+                let asked: HashMap<[u8; 32], u64> = wanted.iter().map(|c| (c.digest, c.len)).collect();
+                let spool = self.blobs.clone();
+                let got = tokio::task::spawn_blocking(move || {
+                    crate::objects::fetch_places(&places, &asked, &spool)
+                })
+                .await?;
+                let (bytes, fetched) = match got {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let why = RemoteError {
+                            code: protocol::ErrorCode::RefusedArchive,
+                            message: format!("{e:#}"),
+                        };
+                        let _ = framed::write_frame(&mut send, &SnapshotRequest::Refused(why)).await;
+                        let _ = send.finish();
+                        return Err(e).with_context(|| format!("reading the packs of snapshot {id}"));
+                    }
+                };
+                direct_bytes = bytes;
+                relayed.retain(|c| !fetched.contains(&c.digest));
+            }
+        }
+        for batch in relayed.chunks(DIGESTS_PER_FRAME) {
             let digests = batch.iter().map(|c| c.digest).collect();
             framed::write_frame(&mut send, &SnapshotRequest::Want { digests }).await?;
         }
         framed::write_frame(&mut send, &SnapshotRequest::Want { digests: Vec::new() }).await?;
         let wire = len
-            + receive_blobs(&mut recv, &wanted, self.blobs.clone())
+            + direct_bytes
+            + receive_blobs(&mut recv, &relayed, self.blobs.clone())
                 .await
                 .with_context(|| format!("receiving the blobs of snapshot {id}"))?;
         // Every chunk is here: build the tree from the cache's trees and the spool.
@@ -245,9 +292,24 @@ impl QuicRemote {
             .context("refusing to store the outputs")?
             .0;
         let (bytes, _) = manifest.encode();
-        let (mut send, mut recv) = self.open().await?;
-        framed::write_frame(&mut send, &SnapshotRequest::StoreManifest { bytes: bytes.len() as u64 }).await?;
+        let (mut send, mut recv, minor) = self.open_with_minor().await?;
+        let len = bytes.len() as u64;
+        let ask = if minor >= 6 {
+            SnapshotRequest::StoreManifestDirect { bytes: len }
+        } else {
+            SnapshotRequest::StoreManifest { bytes: len }
+        };
+        framed::write_frame(&mut send, &ask).await?;
         send.write_all(&bytes).await?;
+        let mut packs = false;
+        if minor >= 6 {
+            match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
+                Some(SnapshotReply::Direct { .. }) => packs = true,
+                Some(SnapshotReply::Relay) => {}
+                Some(SnapshotReply::Archive) => return Ok(None),
+                other => return stored(other).map(Some),
+            }
+        }
         let mut missing = Vec::new();
         loop {
             match framed::read_frame::<SnapshotReply, _>(&mut recv).await? {
@@ -268,6 +330,9 @@ impl QuicRemote {
                 bail!("the coordinator asked for blob {} which the outputs do not hold", hex::encode(d));
             };
             chunks.push(Chunk { digest: d, len: *len });
+        }
+        if packs {
+            return self.store_packs(root, &manifest, chunks, &mut send, &mut recv).await.map(Some);
         }
         // Read, verified and encoded on a blocking thread; sent here.
         let (tx, mut rx) = mpsc::channel::<Result<(Chunk, u8, Vec<u8>)>>(BLOBS_IN_FLIGHT);
@@ -306,6 +371,41 @@ impl QuicRemote {
         let reply = framed::read_frame::<SnapshotReply, _>(&mut recv).await;
         sent.context("sending outputs to the coordinator")?;
         stored(reply.context("reading the store reply")?).map(Some)
+    }
+}
+
+impl QuicRemote {
+    /// The direct half of a store: packs the missing blobs in the spool, names the packs,
+    /// uploads each at the URL the coordinator hands out, and waits for the verdict.
+    async fn store_packs(
+        &self,
+        root: &Path,
+        manifest: &Manifest,
+        chunks: Vec<Chunk>,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<SnapshotInfo> {
+        let (source, spool) = (cas::TreeSource::new(root.to_path_buf(), manifest), self.spool.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            crate::objects::build_packs(&source, chunks, &spool, BLOB_ZSTD_LEVEL)
+        })
+        .await?
+        .context("packing the outputs")?;
+        let built: Vec<(Spooled, protocol::PackPlan)> =
+            built.into_iter().map(|(path, plan)| (Spooled(path), plan)).collect();
+        let plans = built.iter().map(|(_, plan)| plan.clone()).collect();
+        framed::write_frame(send, &SnapshotRequest::PutPacks { packs: plans }).await?;
+        let urls = match framed::read_frame::<SnapshotReply, _>(recv).await? {
+            Some(SnapshotReply::Upload { urls }) => urls,
+            other => return stored(other),
+        };
+        let files: Vec<PathBuf> = built.iter().map(|(f, _)| f.0.clone()).collect();
+        let uploaded = tokio::task::spawn_blocking(move || crate::objects::put_files(&files, &urls)).await?;
+        drop(built);
+        uploaded.context("uploading packs to the object store")?;
+        framed::write_frame(send, &SnapshotRequest::PacksPut).await?;
+        let _ = send.finish();
+        stored(framed::read_frame::<SnapshotReply, _>(recv).await.context("reading the store reply")?)
     }
 }
 

@@ -403,7 +403,8 @@ fn classify(err: &quinn::ConnectionError) -> Ended {
 
 /// What a session shares with the steps: the current connection, the messages they send.
 struct Link<'a> {
-    conn: watch::Sender<Option<quinn::Connection>>,
+    /// The current connection and the coordinator's protocol minor.
+    conn: watch::Sender<Option<(quinn::Connection, u32)>>,
     outbox: &'a mut mpsc::Receiver<AgentToCoordinator>,
     runner: &'a Arc<Runner>,
     /// Set when a session got its Welcome.
@@ -521,7 +522,7 @@ async fn session(
         info!(attempt = outcome.attempt_id, "reporting a result finished while disconnected");
         framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome)).await?;
     }
-    let _ = link.conn.send(Some(conn.clone()));
+    let _ = link.conn.send(Some((conn.clone(), welcome.protocol_minor)));
     link.connected = true;
 
     // Frames from the coordinator arrive through a task, so the loop below can select on them.

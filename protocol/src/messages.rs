@@ -352,6 +352,47 @@ pub enum SnapshotRequest {
     /// present and verified, or `Error` (nothing committed). `Archive` when the store keeps
     /// snapshots as archives (then use `StoreBegin`). (Minor 5.)
     StoreManifest { bytes: u64 },
+    /// After `ManifestFollows`, instead of `Want`: where the wanted blobs lie in the object
+    /// store's packs. The answer is `Places` (GET the byte ranges yourself; every record is
+    /// checked against its digest) or `Relay` (send `Want` for them instead). (Minor 6.)
+    WantPlaces { digests: Vec<[u8; 32]> },
+    /// Like `StoreManifest`, for an agent that can upload packs: the answer is `Relay` (then
+    /// everything goes as after `StoreManifest`) or `Direct`, then the `Missing` batches;
+    /// the agent packs the missing blobs and sends `PutPacks`. (Minor 6.)
+    StoreManifestDirect { bytes: u64 },
+    /// The packs holding every missing blob (each blob in exactly one): the answer is
+    /// `Upload`, one presigned PUT URL per pack in order. (Minor 6.)
+    PutPacks { packs: Vec<PackPlan> },
+    /// Every pack is uploaded: the coordinator verifies each (its digest, and every record
+    /// against its blob's digest) and answers `Stored`, or `Error` with nothing committed.
+    /// (Minor 6.)
+    PacksPut,
+}
+
+/// Where a blob's record (one encoding byte and the payload) lies in a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobPlace {
+    pub digest: [u8; 32],
+    /// Length of the chunk the record decodes to.
+    pub len: u64,
+    pub offset: u64,
+    /// Bytes of the record.
+    pub stored: u64,
+}
+
+/// A pack of blobs an agent uploads: its BLAKE3 digest and length, and where each blob lies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackPlan {
+    pub digest: [u8; 32],
+    pub len: u64,
+    pub blobs: Vec<BlobPlace>,
+}
+
+/// Blobs of one pack: GET `url` (short-lived) with byte ranges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackPlaces {
+    pub url: String,
+    pub blobs: Vec<BlobPlace>,
 }
 
 /// What a stored snapshot holds.
@@ -401,4 +442,8 @@ pub enum SnapshotReply {
     },
     /// The store keeps snapshots as archives: use the archive requests. (Minor 5.)
     Archive,
+    /// Answer to `WantPlaces`: the packs to read the wanted blobs from. (Minor 6.)
+    Places {
+        packs: Vec<PackPlaces>,
+    },
 }

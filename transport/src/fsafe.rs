@@ -21,6 +21,8 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 /// `O_NOFOLLOW`, for `std::os::unix::fs::OpenOptionsExt::custom_flags` (which takes raw bits):
 /// a path opened with it that ends in a symlink is refused, not followed.
+/// Most bytes of a file's name kept in its temporary name (the rest of which is 27 bytes).
+pub const TEMP_BASE_MAX: usize = 200;
 pub const O_NOFOLLOW: i32 = OFlags::NOFOLLOW.bits() as i32;
 
 /// What one directory entry is, read without following it.
@@ -238,10 +240,13 @@ impl Dir {
         Ok(File::from(fd))
     }
 
-    /// A fresh name beside `base` for a file being written (`.base.pype-tmp-<random>`).
+    /// A fresh name beside `base` for a file being written (`.base.pype-tmp-<random>`), with
+    /// `base` cut to its first [`TEMP_BASE_MAX`] bytes so a name near the filesystem's limit
+    /// of 255 bytes still has a temporary name.
     pub fn temp_name(base: &OsStr) -> OsString {
+        let b = base.as_bytes();
         let mut n = OsString::from(".");
-        n.push(base);
+        n.push(OsStr::from_bytes(&b[..b.len().min(TEMP_BASE_MAX)]));
         n.push(format!(".pype-tmp-{:016x}", rand::random::<u64>()));
         n
     }

@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod framed;
 pub mod fsafe;
 pub mod links;
+pub mod pack;
 pub mod pki;
 pub mod reuse;
 pub mod telemetry;

@@ -794,9 +794,10 @@ pub struct WriteOutStats {
 /// it was.
 pub struct PendingOut {
     root: Dir,
-    renames: Vec<(Dir, OsString, OsString)>,
+    /// Each parent directory is held open once, however many files it gets.
+    renames: Vec<(std::sync::Arc<Dir>, OsString, OsString)>,
     /// Files that hold the stored bytes but not the stored mode: set at commit.
-    modes: Vec<(Dir, OsString, u32)>,
+    modes: Vec<(std::sync::Arc<Dir>, OsString, u32)>,
     created: Vec<PathBuf>,
     dir_times: Vec<(PathBuf, u32, u64)>,
     done: bool,
@@ -948,6 +949,16 @@ pub fn stage_out(
     let mut stats = WriteOutStats::default();
     let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut seen = false;
+    // Parent directories held for the commit, one handle each.
+    let mut held: std::collections::HashMap<PathBuf, std::sync::Arc<Dir>> = std::collections::HashMap::new();
+    let mut hold = |parent_rel: &Path, parent: &Dir| -> Result<std::sync::Arc<Dir>, TreeError> {
+        if let Some(d) = held.get(parent_rel) {
+            return Ok(d.clone());
+        }
+        let d = std::sync::Arc::new(parent.try_clone().map_err(|e| TreeError::io("opening a directory", e))?);
+        held.insert(parent_rel.to_path_buf(), d.clone());
+        Ok(d)
+    };
     let mut bufs = (vec![0u8; COPY_BUF], vec![0u8; COPY_BUF]);
     let mut archive = tar::Archive::new(Limited { inner: input, read: 0, limit: limits.max_bytes });
     let entries = archive.entries().map_err(|e| map_read_err("reading tar stream", e))?;
@@ -1018,17 +1029,13 @@ pub fn stage_out(
                         stats.unchanged += 1;
                         if let Some(st) = existing
                             && st.mode & 0o777 != mode
-                            && let Ok(d) = parent.try_clone()
+                            && let Ok(d) = hold(&parent_rel, &parent)
                         {
                             pending.modes.push((d, name.clone(), mode));
                         }
                     }
                     Some((temp, file, written)) => {
-                        pending.renames.push((
-                            parent.try_clone().map_err(|e| TreeError::io("opening a directory", e))?,
-                            temp,
-                            name.clone(),
-                        ));
+                        pending.renames.push((hold(&parent_rel, &parent)?, temp, name.clone()));
                         file.set_permissions(fs::Permissions::from_mode(mode))
                             .map_err(|e| TreeError::io("setting a mode", e))?;
                         filetime::set_file_handle_times(
@@ -1062,11 +1069,7 @@ pub fn stage_out(
                     _ => {
                         let temp = Dir::temp_name(&name);
                         parent.symlink(&target, &temp).map_err(|e| TreeError::io("writing out", e))?;
-                        pending.renames.push((
-                            parent.try_clone().map_err(|e| TreeError::io("opening a directory", e))?,
-                            temp,
-                            name.clone(),
-                        ));
+                        pending.renames.push((hold(&parent_rel, &parent)?, temp, name.clone()));
                         stats.written += 1;
                     }
                 }

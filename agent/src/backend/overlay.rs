@@ -159,8 +159,8 @@ struct Plan {
 }
 
 fn temp_beside(dst: &Path) -> PathBuf {
-    let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    dst.with_file_name(format!(".{name}.pype-tmp-{:08x}", rand::random::<u32>()))
+    let name = dst.file_name().unwrap_or_default();
+    dst.with_file_name(transport::fsafe::Dir::temp_name(name))
 }
 
 fn plan_tree(src: &Path, dst: &Path, plan: &mut Plan) -> Result<()> {

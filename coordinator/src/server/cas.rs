@@ -72,10 +72,26 @@ pub(super) async fn fetch(
     let known: std::collections::HashMap<Digest, u64> =
         manifest.chunks().iter().map(|c| (c.digest, c.len)).collect();
     let mut wire = bytes.len() as u64;
+    // Bytes of blob records handed out as places in packs (the agent reads them itself).
+    let mut direct = 0u64;
     loop {
         let digests = match framed::read_frame::<SnapshotRequest, _>(recv).await? {
             Some(SnapshotRequest::Want { digests }) if digests.is_empty() => break,
             Some(SnapshotRequest::Want { digests }) => digests,
+            Some(SnapshotRequest::WantPlaces { digests }) => {
+                if let Some(d) = digests.iter().find(|d| !known.contains_key(*d)) {
+                    bail!(
+                        "agent {agent} asked for blob {} which snapshot {snapshot_id} does not hold",
+                        hex::encode(d)
+                    );
+                }
+                let reply = places(&store, digests).await?;
+                if let SnapshotReply::Places { packs } = &reply {
+                    direct += packs.iter().flat_map(|p| &p.blobs).map(|b| b.stored).sum::<u64>();
+                }
+                framed::write_frame(send, &reply).await?;
+                continue;
+            }
             Some(SnapshotRequest::Refused(e)) => {
                 tracing::warn!(agent, snapshot = %snapshot_id, "agent {agent} refused snapshot {snapshot_id}: {}", e.message);
                 return Ok(());
@@ -102,8 +118,40 @@ pub(super) async fn fetch(
         return Ok(());
     }
     let elapsed = started.elapsed().as_millis() as u64;
-    log_snapshot_transfer(coord, agent, "fetch", &snapshot_id, manifest.content_bytes(), wire, elapsed);
+    if direct > 0 {
+        log_snapshot_transfer(
+            coord,
+            agent,
+            "fetch-direct",
+            &snapshot_id,
+            manifest.content_bytes(),
+            direct,
+            elapsed,
+        );
+    }
+    if direct == 0 || wire > bytes.len() as u64 {
+        log_snapshot_transfer(coord, agent, "fetch", &snapshot_id, manifest.content_bytes(), wire, elapsed);
+    }
     Ok(())
+}
+
+/// Where `digests` lie in the store's packs (`Places`), or `Relay` when the store has no
+/// packs to hand out.
+async fn places(store: &Arc<dyn SnapshotStore>, digests: Vec<Digest>) -> Result<SnapshotReply> {
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || {
+        let Some(direct) = s.cas().and_then(|c| c.packs_direct()) else { return Ok(SnapshotReply::Relay) };
+        let packs = direct
+            .places(&digests)?
+            .into_iter()
+            .map(|(url, blobs)| protocol::PackPlaces {
+                url,
+                blobs: blobs.into_iter().map(Into::into).collect(),
+            })
+            .collect();
+        Ok(SnapshotReply::Places { packs })
+    })
+    .await?
 }
 
 /// Reads `digests` from the store on a blocking thread and writes them as blob records.
@@ -135,13 +183,15 @@ async fn send_blobs(
     Ok(bytes)
 }
 
-/// `StoreManifest { bytes }`: the manifest, the blobs the store lacks, the commit.
+/// `StoreManifest { bytes }` (or `StoreManifestDirect`, `direct`): the manifest, the blobs
+/// the store lacks (sent on this stream, or uploaded by the agent in packs), the commit.
 pub(super) async fn store(
     coord: &Hub,
     agent: &str,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     manifest_len: u64,
+    direct: bool,
 ) -> Result<()> {
     let started = Instant::now();
     let store = coord.store().clone();
@@ -151,13 +201,27 @@ pub(super) async fn store(
         send.finish()?;
         return Ok(());
     }
-    let reply = match receive(coord, &store, send, recv, raw.map_err(anyhow::Error::from)).await {
+    let packs = direct && store.cas().is_some_and(|c| c.packs_direct().is_some());
+    if direct {
+        let how = if packs {
+            SnapshotReply::Direct { part_size: transport::pack::PACK_TARGET }
+        } else {
+            SnapshotReply::Relay
+        };
+        framed::write_frame(send, &how).await?;
+    }
+    let received = if packs {
+        receive_packs(coord, &store, send, recv, raw.map_err(anyhow::Error::from)).await
+    } else {
+        receive(coord, &store, send, recv, raw.map_err(anyhow::Error::from)).await
+    };
+    let reply = match received {
         Ok((meta, wire)) => {
             let elapsed = started.elapsed().as_millis() as u64;
             log_snapshot_transfer(
                 coord,
                 agent,
-                "store",
+                if packs { "store-direct" } else { "store" },
                 &meta.snapshot_id,
                 meta.content_bytes,
                 wire,
@@ -175,25 +239,26 @@ pub(super) async fn store(
     Ok(())
 }
 
-async fn receive(
+/// Decodes a manifest from an agent and finds the blobs the store lacks, on a blocking thread.
+async fn missing_of(
     coord: &Hub,
     store: &Arc<dyn SnapshotStore>,
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-    raw: Result<Vec<u8>>,
-) -> Result<(crate::store::SnapshotMeta, u64)> {
-    let bytes = raw.context("reading the manifest")?;
-    let mut wire = bytes.len() as u64;
+    bytes: Vec<u8>,
+) -> Result<(Vec<u8>, Manifest, Vec<Chunk>)> {
     let limits = coord.config().unpack_limits;
     let s = store.clone();
-    let (bytes, manifest, missing) =
-        tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Manifest, Vec<Chunk>)> {
-            let m = Manifest::decode(&bytes, limits).map_err(|e| anyhow!("the manifest is refused: {e}"))?;
-            let cas = s.cas().ok_or_else(|| anyhow!("no blob store"))?;
-            let missing = m.chunks().into_iter().filter(|c| !cas.has_blob(&c.digest)).collect();
-            Ok((bytes, m, missing))
-        })
-        .await??;
+    tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Manifest, Vec<Chunk>)> {
+        let m = Manifest::decode(&bytes, limits).map_err(|e| anyhow!("the manifest is refused: {e}"))?;
+        let cas = s.cas().ok_or_else(|| anyhow!("no blob store"))?;
+        let mut seen = std::collections::HashSet::new();
+        let missing =
+            m.chunks().into_iter().filter(|c| seen.insert(c.digest) && !cas.has_blob(&c.digest)).collect();
+        Ok((bytes, m, missing))
+    })
+    .await?
+}
+
+async fn send_missing(send: &mut quinn::SendStream, missing: &[Chunk]) -> Result<()> {
     let mut batches = missing.chunks(DIGESTS_PER_FRAME).peekable();
     if batches.peek().is_none() {
         framed::write_frame(send, &SnapshotReply::Missing { digests: Vec::new(), done: true }).await?;
@@ -203,6 +268,105 @@ async fn receive(
         framed::write_frame(send, &SnapshotReply::Missing { digests, done: batches.peek().is_none() })
             .await?;
     }
+    Ok(())
+}
+
+/// The direct half of a store: the agent names the packs that hold the missing blobs, gets a
+/// PUT URL for each, uploads them, and says so; each pack is read back and verified before the
+/// manifest is committed. Returns the snapshot and the pack bytes uploaded.
+async fn receive_packs(
+    coord: &Hub,
+    store: &Arc<dyn SnapshotStore>,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    raw: Result<Vec<u8>>,
+) -> Result<(crate::store::SnapshotMeta, u64)> {
+    let bytes = raw.context("reading the manifest")?;
+    let (bytes, manifest, missing) = missing_of(coord, store, bytes).await?;
+    send_missing(send, &missing).await?;
+    let plans = match framed::read_frame::<SnapshotRequest, _>(recv).await? {
+        Some(SnapshotRequest::PutPacks { packs }) => packs,
+        other => bail!("expected PutPacks, got {other:?}"),
+    };
+    let indexes = pack_indexes(&missing, plans)?;
+    let wire: u64 = indexes.iter().map(|i| i.len).sum();
+    let s = store.clone();
+    let idx = indexes.clone();
+    let urls = tokio::task::spawn_blocking(move || {
+        s.cas()
+            .and_then(|c| c.packs_direct())
+            .ok_or_else(|| anyhow!("no packs"))
+            .and_then(|d| d.upload_urls(&idx))
+    })
+    .await??;
+    framed::write_frame(send, &SnapshotReply::Upload { urls }).await?;
+    match framed::read_frame::<SnapshotRequest, _>(recv).await? {
+        Some(SnapshotRequest::PacksPut) => {}
+        other => bail!("expected PacksPut, got {other:?}"),
+    }
+    let s = store.clone();
+    let meta = tokio::task::spawn_blocking(move || -> Result<crate::store::SnapshotMeta> {
+        let cas = s.cas().ok_or_else(|| anyhow!("no blob store"))?;
+        let direct = cas.packs_direct().ok_or_else(|| anyhow!("no packs"))?;
+        for idx in &indexes {
+            direct.adopt(idx).context("nothing committed")?;
+        }
+        cas.commit(&bytes, &manifest)
+    })
+    .await??;
+    Ok((meta, wire))
+}
+
+/// Checks an agent's packs against the blobs the store asked for: each pack laid out end to
+/// end, each blob asked for, of its manifest length, in exactly one pack, and none missing.
+fn pack_indexes(
+    missing: &[Chunk],
+    plans: Vec<protocol::PackPlan>,
+) -> Result<Vec<transport::pack::PackIndex>> {
+    use transport::pack::{MAX_PACK, PACK_VERSION, PackIndex, Placed, check_places};
+    let mut expected: std::collections::HashMap<Digest, u64> =
+        missing.iter().map(|c| (c.digest, c.len)).collect();
+    let mut out = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let blobs: Vec<Placed> = plan.blobs.into_iter().map(Into::into).collect();
+        if blobs.is_empty() || plan.len > MAX_PACK {
+            bail!("a pack of {} blobs and {} bytes is refused", blobs.len(), plan.len);
+        }
+        check_places(&blobs, plan.len).map_err(|e| anyhow!("a pack is refused: {e}"))?;
+        for b in &blobs {
+            match expected.remove(&b.digest) {
+                Some(len) if len == b.len => {}
+                Some(len) => bail!(
+                    "blob {} is {} bytes in a pack, {len} in the manifest",
+                    hex::encode(b.digest),
+                    b.len
+                ),
+                None => bail!("blob {} was not asked for (or is in two packs)", hex::encode(b.digest)),
+            }
+        }
+        out.push(PackIndex { version: PACK_VERSION, digest: hex::encode(plan.digest), len: plan.len, blobs });
+    }
+    if let Some(d) = expected.keys().next() {
+        bail!(
+            "the manifest names blob {} which no pack holds ({} blobs missing); nothing committed",
+            hex::encode(d),
+            expected.len()
+        );
+    }
+    Ok(out)
+}
+
+async fn receive(
+    coord: &Hub,
+    store: &Arc<dyn SnapshotStore>,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    raw: Result<Vec<u8>>,
+) -> Result<(crate::store::SnapshotMeta, u64)> {
+    let bytes = raw.context("reading the manifest")?;
+    let mut wire = bytes.len() as u64;
+    let (bytes, manifest, missing) = missing_of(coord, store, bytes).await?;
+    send_missing(send, &missing).await?;
     // Received blobs go to a blocking thread that verifies and keeps them, in order.
     let mut expected: std::collections::HashMap<Digest, u64> =
         missing.iter().map(|c| (c.digest, c.len)).collect();

@@ -119,10 +119,17 @@ pub(super) async fn snapshot_stream(
             super::cas::fetch(coord, agent, &mut send, &mut recv, snapshot_id).await?;
         }
         SnapshotRequest::StoreManifest { bytes } => {
-            super::cas::store(coord, agent, &mut send, &mut recv, bytes).await?;
+            super::cas::store(coord, agent, &mut send, &mut recv, bytes, false).await?;
         }
-        SnapshotRequest::Want { .. } => {
-            let reply = reply_err(ErrorCode::InvalidRequest, "Want outside of a manifest fetch".into());
+        SnapshotRequest::StoreManifestDirect { bytes } => {
+            super::cas::store(coord, agent, &mut send, &mut recv, bytes, true).await?;
+        }
+        SnapshotRequest::Want { .. }
+        | SnapshotRequest::WantPlaces { .. }
+        | SnapshotRequest::PutPacks { .. }
+        | SnapshotRequest::PacksPut => {
+            let reply =
+                reply_err(ErrorCode::InvalidRequest, "a step of a manifest exchange outside of one".into());
             framed::write_frame(&mut send, &reply).await?;
             send.finish()?;
         }

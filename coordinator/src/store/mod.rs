@@ -14,6 +14,8 @@
 //! sends or fetches only the blobs the other side lacks. Archives of an older store
 //! (`<id>.tar.zst`) are converted when the store opens, keeping their ids.
 
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
+pub mod packs;
 #[cfg(feature = "aws")]
 pub mod s3;
 
@@ -312,24 +314,34 @@ pub trait SnapshotStore: Send + Sync {
         dest: &Path,
         root: &Path,
     ) -> Result<transport::tree::WriteOutStats> {
-        let meta =
-            self.meta(snapshot_id)?.ok_or_else(|| anyhow!("snapshot {snapshot_id} is not in the store"))?;
-        let (archive, digest) = self.open(snapshot_id)?;
-        let dest_rel = dest
-            .strip_prefix(root)
-            .map_err(|_| anyhow!("{} is not beneath {}", dest.display(), root.display()))?;
-        fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        let expected = Trailer { bytes: meta.wire_bytes, digest };
-        let isp = Path::new(in_snapshot_path.trim_start_matches('/'));
-        match transport::archive::write_out(&archive, &expected, isp, root, dest_rel, UnpackLimits::default())
-        {
-            Ok(stats) => Ok(stats),
-            Err(e @ transport::tree::TreeError::Mismatch(_)) => {
-                self.evict(snapshot_id);
-                Err(anyhow!("snapshot {snapshot_id} failed verification: {e}"))
-            }
-            Err(e) => Err(anyhow!("snapshot {snapshot_id}: {e}")),
+        write_out_archive(self, snapshot_id, in_snapshot_path, dest, root)
+    }
+}
+
+/// [`SnapshotStore::write_out`] for a snapshot kept as one archive.
+pub fn write_out_archive<S: SnapshotStore + ?Sized>(
+    store: &S,
+    snapshot_id: &str,
+    in_snapshot_path: &str,
+    dest: &Path,
+    root: &Path,
+) -> Result<transport::tree::WriteOutStats> {
+    let meta =
+        store.meta(snapshot_id)?.ok_or_else(|| anyhow!("snapshot {snapshot_id} is not in the store"))?;
+    let (archive, digest) = store.open(snapshot_id)?;
+    let dest_rel = dest
+        .strip_prefix(root)
+        .map_err(|_| anyhow!("{} is not beneath {}", dest.display(), root.display()))?;
+    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let expected = Trailer { bytes: meta.wire_bytes, digest };
+    let isp = Path::new(in_snapshot_path.trim_start_matches('/'));
+    match transport::archive::write_out(&archive, &expected, isp, root, dest_rel, UnpackLimits::default()) {
+        Ok(stats) => Ok(stats),
+        Err(e @ transport::tree::TreeError::Mismatch(_)) => {
+            store.evict(snapshot_id);
+            Err(anyhow!("snapshot {snapshot_id} failed verification: {e}"))
         }
+        Err(e) => Err(anyhow!("snapshot {snapshot_id}: {e}")),
     }
 }
 
@@ -348,6 +360,20 @@ pub trait CasStore: Send + Sync {
     /// Removes blobs no manifest references and older than `min_age` (a transfer in progress
     /// may have stored them for a manifest not committed yet). Returns (blobs, bytes).
     fn gc_blobs(&self, min_age: std::time::Duration) -> Result<(u64, u64)>;
+    /// The direct path to the store's packs, when it keeps blobs in an object store's packs.
+    fn packs_direct(&self) -> Option<&dyn PackDirect> {
+        None
+    }
+}
+
+/// Blobs in an object store's packs, read and written by agents at presigned URLs.
+pub trait PackDirect: Send + Sync {
+    /// Where each of `digests` lies: per pack, a short-lived GET URL and the blobs' places.
+    fn places(&self, digests: &[Digest]) -> Result<Vec<(String, Vec<transport::pack::Placed>)>>;
+    /// A short-lived PUT URL for each pack, in order.
+    fn upload_urls(&self, packs: &[transport::pack::PackIndex]) -> Result<Vec<String>>;
+    /// Takes in an uploaded pack once it matches its index (deleted otherwise).
+    fn adopt(&self, pack: &transport::pack::PackIndex) -> Result<()>;
 }
 
 /// Absolute paths to import, relative to `/`; each must exist.
@@ -709,24 +735,37 @@ impl SnapshotStore for LocalStore {
         let Some((_, manifest)) = self.manifest(snapshot_id)? else {
             bail!("snapshot {snapshot_id} is not in the store");
         };
-        let dest_rel = dest
-            .strip_prefix(root)
-            .map_err(|_| anyhow!("{} is not beneath {}", dest.display(), root.display()))?;
-        fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        let isp = Path::new(in_snapshot_path.trim_start_matches('/'));
-        let staged = cas::with_tar(&manifest, &self.blobs, |r| {
-            transport::tree::stage_out(r, isp, root, dest_rel, self.limits)
-        });
-        let staged = match staged {
-            Err(e @ transport::tree::TreeError::Mismatch(_)) => {
-                bail!("snapshot {snapshot_id} failed verification: {e}")
-            }
-            other => other,
-        };
-        let (pending, stats) = staged.map_err(|e| anyhow!("snapshot {snapshot_id}: {e}"))?;
-        pending.commit().map_err(|e| anyhow!("snapshot {snapshot_id}: {e}"))?;
-        Ok(stats)
+        write_out_manifest(snapshot_id, &manifest, &self.blobs, self.limits, in_snapshot_path, dest, root)
     }
+}
+
+/// [`SnapshotStore::write_out`] for a snapshot kept as manifest and blobs: every chunk is
+/// checked against its digest before a byte of it is written.
+pub fn write_out_manifest(
+    snapshot_id: &str,
+    manifest: &Manifest,
+    source: &dyn cas::ChunkSource,
+    limits: UnpackLimits,
+    in_snapshot_path: &str,
+    dest: &Path,
+    root: &Path,
+) -> Result<transport::tree::WriteOutStats> {
+    let dest_rel = dest
+        .strip_prefix(root)
+        .map_err(|_| anyhow!("{} is not beneath {}", dest.display(), root.display()))?;
+    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let isp = Path::new(in_snapshot_path.trim_start_matches('/'));
+    let staged =
+        cas::with_tar(manifest, source, |r| transport::tree::stage_out(r, isp, root, dest_rel, limits));
+    let staged = match staged {
+        Err(e @ transport::tree::TreeError::Mismatch(_)) => {
+            bail!("snapshot {snapshot_id} failed verification: {e}")
+        }
+        other => other,
+    };
+    let (pending, stats) = staged.map_err(|e| anyhow!("snapshot {snapshot_id}: {e}"))?;
+    pending.commit().map_err(|e| anyhow!("snapshot {snapshot_id}: {e}"))?;
+    Ok(stats)
 }
 
 /// Removes the least recently used files of the flat cache directory `dir` until their sizes

@@ -1,10 +1,19 @@
 //! The S3 snapshot store: the only module naming `aws-sdk-s3`.
 //!
-//! A snapshot is two objects under the prefix: `<id>.tar.zst`, the stored bytes, with the
-//! BLAKE3 digest of those bytes as object metadata (`x-amz-meta-blake3`), and `<id>.json`,
-//! its file index, written last (its presence means the snapshot is complete). Uploads are
-//! multipart with a fixed part size. Agents move the bytes themselves at presigned URLs
-//! ([`DirectStore`]); every reader checks the digest, so a corrupted object is refused.
+//! Snapshots are content-addressed, as in the local store: `cas/manifests/<id>` holds a
+//! snapshot's manifest (its id the address of those bytes), blobs live in packs
+//! (`cas/packs/<digest>` and its index `cas/packs/<digest>.idx`, see [`super::packs`]), so
+//! 100,000 small files make a few packs, not 100,000 objects. `<id>.json`, the snapshot's
+//! file index, is written last (its presence means the snapshot is complete). Agents read
+//! and write packs themselves at presigned URLs ([`PackDirect`]): they fetch only the blobs
+//! they lack, with byte ranges, and upload only the blobs the store lacks, in packs the
+//! coordinator reads back and verifies before it counts their blobs as stored.
+//!
+//! Snapshots of an older store stay readable: `<id>.tar.zst` holds the archive, with the
+//! BLAKE3 digest of its bytes as object metadata (`x-amz-meta-blake3`); agents fetch it at a
+//! presigned URL ([`DirectStore`]) and every reader checks the digest. Agents without packs
+//! (protocol minor 5) still store archives that way; an archive relayed through the
+//! coordinator, and an import, become manifest and packs.
 //!
 //! The SDK is async and the store's interface blocks, so the store runs the SDK on a runtime
 //! of its own: a blocking call never needs the caller's runtime.
@@ -29,7 +38,13 @@ use protocol::Trailer;
 use tracing::{debug, info, warn};
 use transport::tree::{IndexEntry, UnpackLimits};
 
-use super::{Begin, DirectStore, Download, S3Config, SnapshotMeta, SnapshotStore, Ticket, snapshot_id_of};
+use super::packs::{Objects, Packs};
+use super::{
+    Begin, CasStore, DirectStore, Download, PackDirect, S3Config, SnapshotMeta, SnapshotStore, Ticket,
+    snapshot_id_of,
+};
+use transport::cas::{self, Chunk, ChunkSource, Digest, Manifest};
+use transport::pack::PackIndex;
 
 /// Object metadata key of the stored bytes' BLAKE3 digest (hex).
 const DIGEST_META: &str = "blake3";
@@ -39,6 +54,8 @@ const MAX_PARTS: u64 = 10_000;
 const MIN_PART: u64 = 5 << 20;
 /// A cached object used this recently is never trimmed: a reader may hold its path.
 const CACHE_MIN_AGE: Duration = Duration::from_secs(300);
+/// zstd level of blobs the coordinator encodes itself (relayed archives, imports).
+const BLOB_ZSTD_LEVEL: i32 = 3;
 
 pub struct S3Store {
     client: Client,
@@ -53,6 +70,8 @@ pub struct S3Store {
     metas: Mutex<HashMap<String, SnapshotMeta>>,
     /// Most bytes the read cache keeps.
     cache_max: u64,
+    /// Blobs, in packs; set once the store has opened.
+    packs: Option<Packs>,
     rt: Background,
 }
 
@@ -146,7 +165,7 @@ impl S3Store {
             .build();
         let prefix = cfg.prefix.trim_matches('/').to_string();
         info!(bucket = %cfg.bucket, prefix = %prefix, part_mib = cfg.part_size_mib, "snapshot store: s3");
-        Ok(Self {
+        let mut store = Self {
             client: Client::from_conf(conf),
             bucket: cfg.bucket.clone(),
             prefix,
@@ -156,8 +175,55 @@ impl S3Store {
             limits: UnpackLimits::default(),
             metas: Mutex::new(HashMap::new()),
             cache_max: cfg.cache_max_mib << 20,
+            packs: None,
             rt,
-        })
+        };
+        fs::create_dir_all(local.join("manifests"))
+            .with_context(|| format!("creating {}", local.display()))?;
+        let packs = Packs::load(&store, store.key("cas/packs/"), local.join("cache"))?;
+        store.packs = Some(packs);
+        Ok(store)
+    }
+
+    fn packs(&self) -> Result<&Packs> {
+        self.packs.as_ref().ok_or_else(|| anyhow!("the object store has not opened"))
+    }
+
+    fn manifest_key(&self, id: &str) -> String {
+        self.key(&format!("cas/manifests/{id}"))
+    }
+
+    fn presign_get(&self, key: String) -> Result<String> {
+        let (c, b, ttl) = (self.client.clone(), self.bucket.clone(), self.ttl);
+        self.rt.block(async move {
+            let req = c.get_object().bucket(b).key(key).presigned(PresigningConfig::expires_in(ttl)?).await?;
+            anyhow::Ok(req.uri().to_string())
+        })?
+    }
+
+    fn presign_put(&self, key: String) -> Result<String> {
+        let (c, b, ttl) = (self.client.clone(), self.bucket.clone(), self.ttl);
+        self.rt.block(async move {
+            let req = c.put_object().bucket(b).key(key).presigned(PresigningConfig::expires_in(ttl)?).await?;
+            anyhow::Ok(req.uri().to_string())
+        })?
+    }
+
+    /// Takes a tar stream into the store as manifest and packed blobs.
+    fn ingest_tar(&self, input: impl std::io::Read) -> Result<SnapshotMeta> {
+        let packs = self.packs()?;
+        let (manifest, _) = cas::build_from_tar(input, self.limits, |c, data| {
+            if packs.has(&c.digest) {
+                return Ok(());
+            }
+            let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
+            packs
+                .put(self, c, enc, &payload)
+                .map(|_| ())
+                .map_err(|e| transport::TreeError::Mismatch(format!("{e:#}")))
+        })?;
+        let (bytes, _) = manifest.encode();
+        self.commit(&bytes, &manifest)
     }
 
     fn key(&self, name: &str) -> String {
@@ -258,52 +324,6 @@ impl S3Store {
         checked("DeleteObject", &key, r).map(|_| ())
     }
 
-    /// Uploads a local file (relayed stores, imports) in fixed parts.
-    fn upload_file(&self, id: &str, file: &Path, trailer: &Trailer) -> Result<()> {
-        let parts = trailer.bytes.div_ceil(self.part_size).max(1);
-        if parts > MAX_PARTS {
-            bail!("{} bytes need more than {MAX_PARTS} parts of {} MiB", trailer.bytes, self.part_size >> 20);
-        }
-        let upload_id = self.create_upload(id, &trailer.digest)?;
-        let ticket = Ticket {
-            snapshot_id: id.to_string(),
-            upload_id,
-            wire_bytes: trailer.bytes,
-            digest: trailer.digest,
-            parts: parts as usize,
-        };
-        let result = (|| {
-            let f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-            let mut etags = Vec::with_capacity(parts as usize);
-            for i in 0..parts {
-                let off = i * self.part_size;
-                let n = self.part_size.min(trailer.bytes - off) as usize;
-                let mut buf = vec![0u8; n];
-                std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, off)?;
-                let (c, b, k, u) =
-                    (self.client.clone(), self.bucket.clone(), self.data_key(id), ticket.upload_id.clone());
-                let key = k.clone();
-                let r = self.rt.block(async move {
-                    c.upload_part()
-                        .bucket(b)
-                        .key(k)
-                        .upload_id(u)
-                        .part_number(i as i32 + 1)
-                        .body(ByteStream::from(buf))
-                        .send()
-                        .await
-                })?;
-                let out = checked("UploadPart", &key, r)?;
-                etags.push(out.e_tag().ok_or_else(|| anyhow!("UploadPart {key}: no ETag"))?.to_string());
-            }
-            self.complete(&ticket, etags)
-        })();
-        if result.is_err() {
-            self.abort(&ticket);
-        }
-        result
-    }
-
     /// Rebuilds the index of stored snapshot `id` from its bytes, read through the verified
     /// read cache, and stores it.
     fn reindex(&self, id: &str) -> Result<SnapshotMeta> {
@@ -364,25 +384,58 @@ impl SnapshotStore for S3Store {
         Some(self)
     }
 
+    fn cas(&self) -> Option<&dyn CasStore> {
+        Some(self)
+    }
+
+    fn import(&self, paths: &[PathBuf]) -> Result<SnapshotMeta> {
+        let rels = super::import_rels(paths)?;
+        let packs = self.packs()?;
+        let (manifest, _) = cas::build(Path::new("/"), &rels, self.limits, |c, data| {
+            if packs.has(&c.digest) {
+                return Ok(());
+            }
+            let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
+            packs
+                .put(self, c, enc, &payload)
+                .map(|_| ())
+                .map_err(|e| transport::TreeError::Mismatch(format!("{e:#}")))
+        })
+        .context("packing the imported paths")?;
+        let (bytes, _) = manifest.encode();
+        self.commit(&bytes, &manifest)
+    }
+
+    fn write_out(
+        &self,
+        snapshot_id: &str,
+        in_snapshot_path: &str,
+        dest: &Path,
+        root: &Path,
+    ) -> Result<transport::tree::WriteOutStats> {
+        match self.manifest(snapshot_id)? {
+            Some((_, m)) => super::write_out_manifest(
+                snapshot_id,
+                &m,
+                &Blobs(self),
+                self.limits,
+                in_snapshot_path,
+                dest,
+                root,
+            ),
+            None => super::write_out_archive(self, snapshot_id, in_snapshot_path, dest, root),
+        }
+    }
+
     fn incoming_path(&self) -> Result<PathBuf> {
         Ok(self.local.join("incoming").join(format!("{:016x}.part", rand::random::<u64>())))
     }
 
-    fn ingest(&self, file: &Path, trailer: &Trailer) -> Result<SnapshotMeta> {
-        let id = snapshot_id_of(&trailer.digest);
-        if let Some(meta) = self.meta(&id)?
-            && meta.links_indexed()
-        {
-            let _ = fs::remove_file(file);
-            return Ok(meta);
-        }
+    /// A verified zstd tar stream (relayed from an agent) becomes manifest and packed blobs.
+    fn ingest(&self, file: &Path, _trailer: &Trailer) -> Result<SnapshotMeta> {
         let result = (|| {
-            let (files, _) = transport::archive::index(file, self.limits)
-                .with_context(|| format!("indexing snapshot {id}"))?;
-            let meta = super::meta_from_index(&id, trailer.bytes, &trailer.digest, files)?;
-            self.upload_file(&id, file, trailer)?;
-            self.put_index(&meta)?;
-            Ok(meta)
+            let input = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+            self.ingest_tar(zstd::stream::read::Decoder::new(input)?)
         })();
         let _ = fs::remove_file(file);
         result
@@ -471,6 +524,8 @@ impl SnapshotStore for S3Store {
         // The index first: without it the snapshot no longer counts as stored.
         self.delete(self.index_key(snapshot_id))?;
         self.delete(self.data_key(snapshot_id))?;
+        self.delete(self.manifest_key(snapshot_id))?;
+        let _ = fs::remove_file(self.local.join("manifests").join(snapshot_id));
         if let Ok(mut m) = self.metas.lock() {
             m.remove(snapshot_id);
         }
@@ -609,5 +664,179 @@ impl DirectStore for S3Store {
             }
             Err(e) => warn!("aborting the upload of {key}: {e:#}"),
         }
+    }
+}
+
+impl Objects for S3Store {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let (c, b, k) = (self.client.clone(), self.bucket.clone(), key.to_string());
+        let r = self.rt.block(async move {
+            match c.get_object().bucket(b).key(k).send().await {
+                Ok(out) => Ok(Some(out.body.collect().await.map(|d| d.into_bytes().to_vec()))),
+                Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => Ok(None),
+                Err(e) => Err(e),
+            }
+        })?;
+        match checked_opt("GetObject", key, r)? {
+            Some(body) => Ok(Some(body.with_context(|| format!("reading {key}"))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        let (c, b, k) = (self.client.clone(), self.bucket.clone(), key.to_string());
+        let r = self.rt.block(async move {
+            c.put_object().bucket(b).key(k).body(ByteStream::from(bytes)).send().await
+        })?;
+        checked("PutObject", key, r).map(|_| ())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>> {
+        let (c, b, p) = (self.client.clone(), self.bucket.clone(), prefix.to_string());
+        self.rt.block(async move {
+            let mut keys = Vec::new();
+            let mut pages = c.list_objects_v2().bucket(b).prefix(p).into_paginator().send();
+            while let Some(page) = pages.next().await {
+                let page = checked("ListObjectsV2", "", page)?;
+                keys.extend(page.contents().iter().filter_map(|o| {
+                    Some((o.key()?.to_string(), o.last_modified().map(|t| t.secs()).unwrap_or(0)))
+                }));
+            }
+            anyhow::Ok(keys)
+        })?
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        S3Store::delete(self, key.to_string())
+    }
+}
+
+/// The store's blobs as a chunk source (for writing outputs out).
+struct Blobs<'a>(&'a S3Store);
+
+impl ChunkSource for Blobs<'_> {
+    fn has(&self, digest: &Digest) -> bool {
+        self.0.packs.as_ref().is_some_and(|p| p.has(digest))
+    }
+
+    fn read(&self, c: &Chunk) -> std::io::Result<Vec<u8>> {
+        let (enc, payload) = self.0.blob(&c.digest).map_err(std::io::Error::other)?;
+        cas::decode_blob(c, enc, &payload).map_err(std::io::Error::other)
+    }
+}
+
+impl CasStore for S3Store {
+    fn manifest(&self, snapshot_id: &str) -> Result<Option<(Vec<u8>, Manifest)>> {
+        if !protocol::registry::valid_snapshot_id(snapshot_id) {
+            bail!("invalid snapshot id {snapshot_id:?}");
+        }
+        let local = self.local.join("manifests").join(snapshot_id);
+        let addressed = |b: &[u8]| snapshot_id_of(blake3::hash(b).as_bytes()) == snapshot_id;
+        let bytes = match fs::read(&local) {
+            Ok(b) if addressed(&b) => b,
+            _ => {
+                let Some(b) = Objects::get(self, &self.manifest_key(snapshot_id))? else { return Ok(None) };
+                if !addressed(&b) {
+                    bail!("the manifest of snapshot {snapshot_id} does not match its id");
+                }
+                let _ = transport::pki::write_file(&local, &b, 0o644);
+                b
+            }
+        };
+        let m = Manifest::decode(&bytes, self.limits)
+            .with_context(|| format!("manifest of snapshot {snapshot_id}"))?;
+        Ok(Some((bytes, m)))
+    }
+
+    fn has_blob(&self, digest: &Digest) -> bool {
+        self.packs.as_ref().is_some_and(|p| p.has(digest))
+    }
+
+    fn blob(&self, digest: &Digest) -> Result<(u8, Vec<u8>)> {
+        self.packs()?.blob(self, digest)
+    }
+
+    fn put_blob(&self, chunk: &Chunk, encoding: u8, payload: &[u8]) -> Result<u64> {
+        self.packs()?.put(self, chunk, encoding, payload)
+    }
+
+    fn commit(&self, bytes: &[u8], manifest: &Manifest) -> Result<SnapshotMeta> {
+        let packs = self.packs()?;
+        // Blobs still in the open pack are sealed first: a committed snapshot's blobs are all
+        // in sealed packs.
+        packs.seal(self)?;
+        if let Some(c) = manifest.chunks().iter().find(|c| packs.locate(&c.digest).is_none()) {
+            bail!(
+                "the manifest names blob {} which the store does not hold: nothing committed",
+                hex::encode(c.digest)
+            );
+        }
+        let digest = *blake3::hash(bytes).as_bytes();
+        let id = snapshot_id_of(&digest);
+        if let Some(meta) = self.meta(&id)? {
+            return Ok(meta);
+        }
+        let files = manifest.index();
+        let meta = SnapshotMeta {
+            snapshot_id: id.clone(),
+            wire_bytes: packs.stored_bytes(manifest.chunks().iter().map(|c| c.digest)),
+            content_bytes: manifest.content_bytes(),
+            entries: files.len() as u64,
+            digest: hex::encode(digest),
+            created_at: super::now_secs(),
+            files,
+            manifest_digest: None,
+        };
+        Objects::put(self, &self.manifest_key(&id), bytes.to_vec())?;
+        let _ = transport::pki::write_file(&self.local.join("manifests").join(&id), bytes, 0o644);
+        // The index is written last: its presence means the snapshot is complete.
+        self.put_index(&meta)?;
+        Ok(meta)
+    }
+
+    fn gc_blobs(&self, min_age: Duration) -> Result<(u64, u64)> {
+        let mut referenced = std::collections::HashSet::new();
+        for id in SnapshotStore::list(self)? {
+            if let Some((_, m)) = self.manifest(&id)? {
+                referenced.extend(m.chunks().into_iter().map(|c| c.digest));
+            }
+        }
+        self.packs()?.gc(self, &referenced, min_age.as_secs() as i64)
+    }
+
+    fn packs_direct(&self) -> Option<&dyn PackDirect> {
+        Some(self)
+    }
+}
+
+impl PackDirect for S3Store {
+    fn places(&self, digests: &[Digest]) -> Result<Vec<(String, Vec<transport::pack::Placed>)>> {
+        let packs = self.packs()?;
+        if digests.iter().any(|d| packs.locate(d).is_none()) {
+            // Blobs of a relayed store still in the open pack.
+            packs.seal(self)?;
+        }
+        let mut by_pack: std::collections::BTreeMap<String, Vec<transport::pack::Placed>> =
+            Default::default();
+        for d in digests {
+            let loc =
+                packs.locate(d).ok_or_else(|| anyhow!("blob {} is not in the store", hex::encode(d)))?;
+            by_pack.entry(loc.pack).or_default().push(loc.place);
+        }
+        let mut out = Vec::with_capacity(by_pack.len());
+        for (pack, mut places) in by_pack {
+            places.sort_by_key(|p| p.offset);
+            out.push((self.presign_get(packs.pack_key(&pack))?, places));
+        }
+        Ok(out)
+    }
+
+    fn upload_urls(&self, packs: &[PackIndex]) -> Result<Vec<String>> {
+        let p = self.packs()?;
+        packs.iter().map(|idx| self.presign_put(p.pack_key(&idx.digest))).collect()
+    }
+
+    fn adopt(&self, pack: &PackIndex) -> Result<()> {
+        self.packs()?.adopt(self, pack)
     }
 }
