@@ -449,3 +449,50 @@ pub(super) fn log_snapshot_transfer(
         warn!("could not record a transfer: {e:#}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::{BlobPlace, PackPlan};
+
+    fn chunk(data: &[u8]) -> Chunk {
+        Chunk { digest: *blake3::hash(data).as_bytes(), len: data.len() as u64 }
+    }
+
+    fn place(c: &Chunk, offset: u64) -> BlobPlace {
+        BlobPlace { digest: c.digest, len: c.len, offset, stored: 1 + c.len }
+    }
+
+    #[test]
+    fn an_agents_packs_must_hold_exactly_the_missing_blobs_laid_end_to_end() {
+        let (a, b, c) = (chunk(b"alpha"), chunk(b"beta"), chunk(b"gamma"));
+        let missing = vec![a, b];
+        let plan = |blobs: Vec<BlobPlace>| PackPlan {
+            digest: [7; 32],
+            len: blobs.iter().map(|p| p.stored).sum(),
+            blobs,
+        };
+        let good = vec![plan(vec![place(&a, 0), place(&b, 6)])];
+        let idx = pack_indexes(&missing, good).unwrap();
+        assert_eq!(idx.len(), 1);
+        assert_eq!(idx[0].blobs.len(), 2);
+        // In two packs is fine too.
+        assert!(pack_indexes(&missing, vec![plan(vec![place(&a, 0)]), plan(vec![place(&b, 0)])]).is_ok());
+        let err = |plans: Vec<PackPlan>| format!("{:#}", pack_indexes(&missing, plans).unwrap_err());
+        assert!(err(vec![plan(vec![place(&a, 0)])]).contains("which no pack holds"));
+        assert!(err(vec![plan(vec![place(&a, 0), place(&b, 6), place(&c, 11)])]).contains("not asked for"));
+        assert!(
+            err(vec![plan(vec![place(&a, 0)]), plan(vec![place(&a, 0), place(&b, 6)])])
+                .contains("not asked for")
+        );
+        assert!(err(vec![plan(vec![place(&a, 0), place(&b, 7)])]).contains("starts at"));
+        let mut long = place(&b, 6);
+        long.len += 1;
+        long.stored += 1;
+        assert!(err(vec![plan(vec![place(&a, 0), long])]).contains("in the manifest"));
+        assert!(err(vec![plan(vec![])]).contains("refused"));
+        let mut over = plan(vec![place(&a, 0), place(&b, 6)]);
+        over.len += 1;
+        assert!(err(vec![over]).contains("add up"));
+    }
+}
