@@ -15,8 +15,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail};
 use protocol::{Compression, PackPlaces, PackPlan, Trailer, TransferSummary};
-use transport::cas::{self, BlobStore, Chunk, ChunkSource};
+use transport::cas::{self, Chunk, ChunkSource};
 use transport::pack::{PackBuilder, Placed, record};
+use transport::spool::Spool;
 use transport::tree::UnpackLimits;
 
 /// Records this far apart in a pack are read with one GET (the bytes between are skipped).
@@ -132,7 +133,7 @@ pub fn upload_parts(file: &Path, part_size: u64, urls: &[String]) -> Result<Vec<
 pub fn fetch_places(
     packs: &[PackPlaces],
     asked: &HashMap<[u8; 32], u64>,
-    spool: &BlobStore,
+    spool: &Spool,
 ) -> Result<(u64, HashSet<[u8; 32]>)> {
     // Every range to read: (url, first byte, records).
     let mut runs: Vec<(&str, u64, u64, Vec<Placed>)> = Vec::new();

@@ -14,17 +14,19 @@
 //! belong to is committed, so a fetch broken off by a lost connection or a restart resumes
 //! from the blobs already here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use protocol::{RemoteError, SnapshotInfo, SnapshotReply, SnapshotRequest, Trailer, TransferSummary};
 use tokio::sync::{mpsc, watch};
-use transport::cas::{self, BlobStore, Chunk, ChunkSource, Manifest};
+use transport::cas::{self, Chunk, ChunkSource, Manifest};
 use transport::reuse;
+use transport::spool::{Arriving, Spool};
 use transport::{blobwire, framed, tree::UnpackLimits};
 
 /// zstd level of the snapshots the agent stores.
@@ -68,7 +70,7 @@ pub struct QuicRemote {
     /// Where snapshots are packed before a direct upload.
     spool: PathBuf,
     /// Blobs received for trees not committed yet.
-    blobs: Arc<BlobStore>,
+    blobs: Arc<Spool>,
 }
 
 impl QuicRemote {
@@ -76,7 +78,7 @@ impl QuicRemote {
         conn: watch::Receiver<Option<(quinn::Connection, u32)>>,
         limits: UnpackLimits,
         spool: PathBuf,
-        blobs: Arc<BlobStore>,
+        blobs: Arc<Spool>,
     ) -> Self {
         Self { conn, limits, spool, blobs }
     }
@@ -225,17 +227,16 @@ impl QuicRemote {
             framed::write_frame(&mut send, &SnapshotRequest::Want { digests }).await?;
         }
         framed::write_frame(&mut send, &SnapshotRequest::Want { digests: Vec::new() }).await?;
-        let wire = len
-            + direct_bytes
-            + receive_blobs(&mut recv, &relayed, self.blobs.clone())
-                .await
-                .with_context(|| format!("receiving the blobs of snapshot {id}"))?;
-        // Every chunk is here: build the tree from the cache's trees and the spool.
+        // The tree is built from the cache's trees and the spool while the relayed blobs
+        // arrive: a read of one still on its way waits for it.
+        let given_up = Arc::new(AtomicBool::new(false));
         let (dest_buf, spool, limits) = (dest.to_path_buf(), self.blobs.clone(), self.limits);
+        let coming: HashSet<[u8; 32]> = relayed.iter().map(|c| c.digest).collect();
         // Files held whole are linked or copied in after the rest is unpacked around them.
-        let m = manifest.clone();
-        let built = tokio::task::spawn_blocking(move || {
-            let sources = cas::Sources(vec![held.as_ref(), spool.as_ref() as &dyn ChunkSource]);
+        let (m, stop) = (manifest.clone(), given_up.clone());
+        let build = tokio::task::spawn_blocking(move || {
+            let arriving = Arriving { spool: &spool, coming, given_up: &stop };
+            let sources = cas::Sources(vec![held.as_ref(), &arriving as &dyn ChunkSource]);
             let skeleton = reuse::placeholders(&m, &plan);
             let mut stats =
                 cas::with_tar(&skeleton, &sources, |r| transport::tree::unpack_into(r, &dest_buf, limits))?;
@@ -251,8 +252,15 @@ impl QuicRemote {
             }
             stats.content_bytes += placed.bytes;
             Ok::<_, transport::tree::TreeError>(stats)
-        })
-        .await?;
+        });
+        let received = receive_blobs(&mut recv, &relayed, self.blobs.clone()).await;
+        if received.is_err() {
+            given_up.store(true, Ordering::Release);
+            self.blobs.wake();
+        }
+        let built = build.await?;
+        let wire =
+            len + direct_bytes + received.with_context(|| format!("receiving the blobs of snapshot {id}"))?;
         let stats = match built {
             Ok(stats) => stats,
             Err(e) => {
@@ -266,12 +274,7 @@ impl QuicRemote {
         // The tree holds them now: the spool's copies go (before the fetch counts as done, so
         // the spool holds only blobs of fetches under way or broken off).
         let spool = self.blobs.clone();
-        tokio::task::spawn_blocking(move || {
-            for c in wanted {
-                let _ = spool.remove(&c.digest);
-            }
-        })
-        .await?;
+        tokio::task::spawn_blocking(move || spool.forget(wanted.into_iter().map(|c| c.digest))).await?;
         let (bytes, _) = manifest.encode();
         Ok(Some(Fetched {
             summary: TransferSummary {
@@ -538,7 +541,7 @@ impl SnapshotRemote for QuicRemote {
 
 /// Reads blob records until the end record, verifying and keeping each in `spool` on a
 /// blocking thread; every one of `wanted` must come, and nothing else. Returns the bytes read.
-async fn receive_blobs(recv: &mut quinn::RecvStream, wanted: &[Chunk], spool: Arc<BlobStore>) -> Result<u64> {
+async fn receive_blobs(recv: &mut quinn::RecvStream, wanted: &[Chunk], spool: Arc<Spool>) -> Result<u64> {
     let mut expected: std::collections::HashMap<[u8; 32], u64> =
         wanted.iter().map(|c| (c.digest, c.len)).collect();
     let (tx, mut rx) = mpsc::channel::<blobwire::Received>(BLOBS_IN_FLIGHT);

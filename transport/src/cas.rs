@@ -447,7 +447,15 @@ pub fn check_blob(c: &Chunk, data: &[u8]) -> Result<(), TreeError> {
 
 /// Decodes a blob's payload (at most [`MAX_BLOB`] bytes once decoded) and checks it.
 pub fn decode_blob(c: &Chunk, encoding: u8, payload: &[u8]) -> Result<Vec<u8>, TreeError> {
-    let data = match encoding {
+    let data = decode_unchecked(c, encoding, payload)?;
+    check_blob(c, &data)?;
+    Ok(data)
+}
+
+/// Decodes a blob's payload without checking it against its digest: for a reader whose
+/// caller checks (a [`ChunkSource`] read goes through [`Sources`] or [`with_tar`], which do).
+pub fn decode_unchecked(c: &Chunk, encoding: u8, payload: &[u8]) -> Result<Vec<u8>, TreeError> {
+    Ok(match encoding {
         ENC_RAW => payload.to_vec(),
         ENC_ZSTD => {
             let mut out = Vec::with_capacity(c.len.min(MAX_BLOB) as usize);
@@ -457,9 +465,7 @@ pub fn decode_blob(c: &Chunk, encoding: u8, payload: &[u8]) -> Result<Vec<u8>, T
             out
         }
         other => return Err(TreeError::Mismatch(format!("blob encoding {other} is not known"))),
-    };
-    check_blob(c, &data)?;
-    Ok(data)
+    })
 }
 
 /// Encodes a blob for the wire and the store: zstd when that saves an eighth or more.

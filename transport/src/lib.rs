@@ -15,6 +15,7 @@ pub mod links;
 pub mod pack;
 pub mod pki;
 pub mod reuse;
+pub mod spool;
 pub mod telemetry;
 pub mod tree;
 
