@@ -743,3 +743,68 @@ fn forty_thousand_small_files_make_a_few_packs_in_the_bucket() {
     let back = std::fs::read_to_string(fx.dir.path().join("out").join(format!("{:0240}", 39_999))).unwrap();
     assert_eq!(back, "file 39999");
 }
+
+/// Issue 19 point 5: a snapshot an older coordinator stored in S3 as an archive
+/// (`<id>.tar.zst` with its digest as metadata, and `<id>.json`) is still fetched by today's
+/// agents, at a presigned URL and checked against its digest, and read by a step; the outputs
+/// of that run are stored as manifest and packs beside it.
+#[test]
+fn an_archive_an_older_coordinator_stored_in_s3_is_still_read() {
+    let Some(fx) = Fx::new("an_archive_an_older_coordinator_stored_in_s3_is_still_read", "127.0.0.1") else {
+        return;
+    };
+    let s3 = fx.moto.s3();
+    fx.rt.block_on(s3.create_bucket().bucket("pype-old").send()).unwrap();
+    std::fs::create_dir_all(fx.state()).unwrap();
+    std::fs::write(
+        fx.state().join("coordinator.toml"),
+        format!(
+            "[store]\nkind = \"s3\"\nbucket = \"pype-old\"\nprefix = \"old\"\nregion = \"us-east-1\"\n\
+             endpoint_url = \"{}\"\nforce_path_style = true\npart_size_mib = 5\n",
+            fx.moto.endpoint
+        ),
+    )
+    .unwrap();
+    // The archive, as the older store wrote it.
+    let src = fx.p("src");
+    std::fs::create_dir_all(src.join("x")).unwrap();
+    std::fs::write(src.join("x/hello.txt"), "from the old store\n").unwrap();
+    let archive = fx.p("old.tar.zst");
+    let (trailer, _) =
+        transport::archive::write(&src, &[std::path::PathBuf::from("x")], &archive, 3).unwrap();
+    let id = coordinator::store::snapshot_id_of(&trailer.digest);
+    let (files, _) = transport::archive::index(&archive, transport::UnpackLimits::default()).unwrap();
+    let meta = coordinator::store::meta_from_index(&id, trailer.bytes, &trailer.digest, files).unwrap();
+    let put = |key: String, body: Vec<u8>, digest: Option<String>| {
+        let mut req = s3.put_object().bucket("pype-old").key(key).body(body.into());
+        if let Some(d) = digest {
+            req = req.metadata("blake3", d);
+        }
+        fx.rt.block_on(req.send()).unwrap();
+    };
+    put(format!("old/{id}.tar.zst"), std::fs::read(&archive).unwrap(), Some(hex::encode(trailer.digest)));
+    put(format!("old/{id}.json"), serde_json::to_vec(&meta).unwrap(), None);
+    let reg = fx.p("reg.json");
+    let input = fx.pstr("in/hello.txt");
+    std::fs::write(
+        &reg,
+        serde_json::json!({ input.clone(): { "snapshot_id": id, "in_snapshot_path": "x/hello.txt" } })
+            .to_string(),
+    )
+    .unwrap();
+    fx.cli_ok(&["registry", "import", reg.to_str().unwrap()]);
+    let p = fx.pipeline(
+        "p.toml",
+        "name = \"old\"\n[[steps]]\nname = \"copy\"\ncommand = \"cat {d}/in/hello.txt > {d}/copy.txt\"\n\
+         inputs = [\"{d}/in/hello.txt\"]\noutputs = [\"{d}/copy.txt\"]\n",
+    );
+    let mut run = fx.start_run(&["--agents", "1", p.to_str().unwrap()]);
+    assert!(run.wait_exit(LONG).success(), "{}", run.dump());
+    let handed = ["download handed out", "direction=\"fetch-direct\"", &format!("snapshot={id}")];
+    assert!(run.count(&handed) >= 1, "{}", run.dump());
+    assert_eq!(std::fs::read_to_string(fx.p("copy.txt")).unwrap(), "from the old store\n");
+    let listed = fx.rt.block_on(s3.list_objects_v2().bucket("pype-old").send()).unwrap();
+    let keys: Vec<String> = listed.contents().iter().map(|o| o.key().unwrap().to_string()).collect();
+    assert!(keys.iter().any(|k| k.starts_with("old/cas/manifests/")), "{keys:?}");
+    assert!(keys.contains(&format!("old/{id}.tar.zst")), "the old archive stays: {keys:?}");
+}

@@ -49,7 +49,7 @@ pub(super) async fn fetch(
     let found = tokio::task::spawn_blocking(move || s.cas().map(|c| c.manifest(&id)).transpose()).await?;
     let (bytes, manifest) = match found {
         Ok(Some(Some(m))) => m,
-        Ok(_) if store.open(&snapshot_id).is_ok() => {
+        Ok(_) if store.meta(&snapshot_id).ok().flatten().is_some() => {
             // Kept as an archive the store could not convert: the agent fetches it whole.
             framed::write_frame(send, &SnapshotReply::Archive).await?;
             send.finish()?;
