@@ -24,7 +24,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use protocol::{RemoteError, SnapshotInfo, SnapshotReply, SnapshotRequest, Trailer, TransferSummary};
 use tokio::sync::{mpsc, watch};
-use transport::cas::{self, Chunk, ChunkSource, Manifest};
+use transport::cas::{self, Chunk, ChunkSource, Manifest, PartialTree};
 use transport::reuse;
 use transport::spool::{Arriving, Spool};
 use transport::{blobwire, framed, tree::UnpackLimits};
@@ -164,17 +164,27 @@ impl QuicRemote {
             other => bail!("unexpected answer to a manifest fetch: {other:?}"),
         };
         let bytes = blobwire::read_bytes(&mut recv, len, cas::MAX_MANIFEST).await?;
+        // What earlier fetches of this snapshot that broke off had written, and where this
+        // one stages its tree (left in place if it breaks off too).
+        let (olds, staging) = partials(&self.blobs.dir().with_file_name("partial"), id)?;
         let (limits, spool, h) = (self.limits, self.blobs.clone(), held.clone());
-        let parsed = tokio::task::spawn_blocking(move || -> Result<(Manifest, Vec<Chunk>, reuse::Plan)> {
+        type Parsed = (Manifest, Vec<Chunk>, reuse::Plan, Vec<PartialTree>);
+        let from = olds.clone();
+        let parsed = tokio::task::spawn_blocking(move || -> Result<Parsed> {
             let m = Manifest::decode(&bytes, limits)?;
+            let trees: Vec<PartialTree> =
+                from.iter().map(|d| PartialTree::new(d, &m)).filter(|t| !t.is_empty()).collect();
+            let mut all: Vec<&dyn ChunkSource> = vec![h.as_ref()];
+            all.extend(trees.iter().map(|t| t as &dyn ChunkSource));
+            let all = cas::Sources(all);
             // Files held whole are checked now: a damaged copy's chunks are fetched.
-            let plan = reuse::plan(&m, h.as_ref());
-            let held = |c: &Chunk| h.has(&c.digest) && !plan.damaged.contains(&c.digest);
+            let plan = reuse::plan(&m, &all);
+            let held = |c: &Chunk| all.has(&c.digest) && !plan.damaged.contains(&c.digest);
             let wanted = m.chunks().into_iter().filter(|c| !held(c) && !spool.has(&c.digest)).collect();
-            Ok((m, wanted, plan))
+            Ok((m, wanted, plan, trees))
         })
         .await?;
-        let (manifest, wanted, plan) = match parsed {
+        let (manifest, wanted, plan, trees) = match parsed {
             Ok(v) => v,
             Err(e) => {
                 let why =
@@ -236,10 +246,14 @@ impl QuicRemote {
         let (m, stop) = (manifest.clone(), given_up.clone());
         let build = tokio::task::spawn_blocking(move || {
             let arriving = Arriving { spool: &spool, coming, given_up: &stop };
-            let sources = cas::Sources(vec![held.as_ref(), &arriving as &dyn ChunkSource]);
+            let mut all: Vec<&dyn ChunkSource> = vec![held.as_ref()];
+            all.extend(trees.iter().map(|t| t as &dyn ChunkSource));
+            all.push(&arriving);
+            let sources = cas::Sources(all);
             let skeleton = reuse::placeholders(&m, &plan);
-            let mut stats =
-                cas::with_tar(&skeleton, &sources, |r| transport::tree::unpack_into(r, &dest_buf, limits))?;
+            let mut stats = cas::with_tar(&skeleton, &sources, |r| {
+                transport::tree::unpack_into_at(r, &dest_buf, &staging, limits)
+            })?;
             let placed = reuse::place(&dest_buf, &m, plan)?;
             if placed != reuse::Placed::default() {
                 tracing::debug!(
@@ -273,8 +287,16 @@ impl QuicRemote {
         let _ = send.finish();
         // The tree holds them now: the spool's copies go (before the fetch counts as done, so
         // the spool holds only blobs of fetches under way or broken off).
-        let spool = self.blobs.clone();
-        tokio::task::spawn_blocking(move || spool.forget(wanted.into_iter().map(|c| c.digest))).await?;
+        // Every blob of the tree, spooled by this fetch or one that broke off.
+        let (spool, all) = (self.blobs.clone(), manifest.chunks());
+        tokio::task::spawn_blocking(move || {
+            spool.forget(all.into_iter().map(|c| c.digest));
+            for d in olds {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        })
+        .await?;
+        drop(wanted);
         let (bytes, _) = manifest.encode();
         Ok(Some(Fetched {
             summary: TransferSummary {
@@ -537,6 +559,41 @@ impl SnapshotRemote for QuicRemote {
             other => bail!("unexpected answer to a snapshot lookup: {other:?}"),
         }
     }
+}
+
+/// Removes the partial trees under `root` untouched for `max_age` (fetches that never
+/// resumed).
+pub fn sweep_partials(root: &Path, max_age: Duration) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for e in entries.flatten() {
+        let stale =
+            e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > max_age);
+        if stale {
+            tracing::info!(path = %e.path().display(), "removing the partial tree of a fetch that never resumed");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Partial trees of earlier fetches of `id` under `root` (the newest two; older ones go) and a
+/// fresh staging path for this one.
+fn partials(root: &Path, id: &str) -> Result<(Vec<PathBuf>, PathBuf)> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    for e in std::fs::read_dir(root)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix(id).and_then(|r| r.strip_prefix('.')).and_then(|n| n.parse().ok())
+        {
+            found.push((n, e.path()));
+        }
+    }
+    found.sort();
+    let next = found.last().map_or(0, |(n, _)| n + 1);
+    let keep = found.len().saturating_sub(2);
+    for (_, old) in found.drain(..keep) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok((found.into_iter().map(|(_, p)| p).collect(), root.join(format!("{id}.{next}"))))
 }
 
 /// Reads blob records until the end record, verifying and keeping each in `spool` on a

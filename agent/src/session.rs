@@ -251,6 +251,8 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
     let _ = std::fs::remove_dir_all(&spool);
     std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
     // Blobs of fetches not finished yet survive a restart: a fetch resumes from them.
+    // Trees of fetches that broke off wait for the fetch to resume; after a day they are stale.
+    crate::remote::sweep_partials(&cfg.state_dir.join("partial"), Duration::from_secs(24 * 3600));
     let blobs = transport::spool::Spool::open(cfg.state_dir.join("blobs"))
         .with_context(|| format!("creating {}", cfg.state_dir.join("blobs").display()))?;
     let quic = Arc::new(QuicRemote::new(conn_rx, cfg.unpack_limits, spool, Arc::new(blobs)));

@@ -632,10 +632,74 @@ pub fn read_range(path: &Path, off: u64, len: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The files of a tree a fetch that broke off had written (its staging directory, laid out
+/// by the same manifest): only files of their full size count, each chunk at its offset, so a
+/// resumed fetch reuses them whole (see [`crate::reuse`], which checks every one against its
+/// digests before it is linked in) instead of fetching and writing them again. Files that
+/// count are made read-only with the manifest's mode, so they can be hard-linked.
+pub struct PartialTree {
+    whole: std::collections::HashMap<Vec<Digest>, PathBuf>,
+    at: std::collections::HashMap<Digest, (PathBuf, u64, u64)>,
+}
+
+impl PartialTree {
+    pub fn new(root: &Path, manifest: &Manifest) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let mut whole = std::collections::HashMap::new();
+        let mut at = std::collections::HashMap::new();
+        for e in &manifest.entries {
+            if e.kind != EntryKind::File || e.size == 0 {
+                continue;
+            }
+            let path = root.join(&e.path);
+            // Never through a link: the tree's own entries only.
+            let complete =
+                fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file() && m.len() == e.size);
+            if !complete {
+                continue;
+            }
+            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(e.mode & 0o7777 & !0o222));
+            let mut off = 0;
+            for c in &e.chunks {
+                at.entry(c.digest).or_insert_with(|| (path.clone(), off, c.len));
+                off += c.len;
+            }
+            whole.entry(e.chunks.iter().map(|c| c.digest).collect()).or_insert(path);
+        }
+        Self { whole, at }
+    }
+
+    /// Whether it holds anything at all.
+    pub fn is_empty(&self) -> bool {
+        self.whole.is_empty()
+    }
+}
+
+impl ChunkSource for PartialTree {
+    fn has(&self, digest: &Digest) -> bool {
+        self.at.contains_key(digest)
+    }
+
+    fn read(&self, c: &Chunk) -> io::Result<Vec<u8>> {
+        let Some((path, off, len)) = self.at.get(&c.digest) else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "chunk not in this tree"));
+        };
+        read_range(path, *off, *len)
+    }
+
+    fn whole_file(&self, chunks: &[Chunk]) -> Option<PathBuf> {
+        self.whole.get(&chunks.iter().map(|c| c.digest).collect::<Vec<_>>()).cloned()
+    }
+}
+
 /// Chunks from the first of several sources that has them.
 pub struct Sources<'a>(pub Vec<&'a dyn ChunkSource>);
 
 impl ChunkSource for Sources<'_> {
+    fn whole_file(&self, chunks: &[Chunk]) -> Option<PathBuf> {
+        self.0.iter().find_map(|s| s.whole_file(chunks))
+    }
+
     fn has(&self, digest: &Digest) -> bool {
         self.0.iter().any(|s| s.has(digest))
     }
@@ -684,6 +748,53 @@ mod tests {
         })
         .unwrap()
         .0
+    }
+
+    #[test]
+    fn a_partial_tree_offers_only_its_whole_files_and_a_resumed_unpack_reuses_them() {
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path());
+        let blobs = BlobStore::open(src.path().join("blobs")).unwrap();
+        let m = store_of(src.path(), &blobs);
+        // An unpack into a staging dir that broke off: the big file half written.
+        let work = tempfile::tempdir().unwrap();
+        let partial = work.path().join("partial.0");
+        with_tar(&m, &blobs, |r| {
+            tree::unpack_into_at(r, &work.path().join("t0"), &partial, UnpackLimits::default())
+        })
+        .unwrap();
+        fs::rename(work.path().join("t0"), &partial).unwrap();
+        let big_path = partial.join("out/sub/big");
+        let f = fs::OpenOptions::new().write(true).open(&big_path).unwrap();
+        f.set_len(1_000_000).unwrap();
+        let t = PartialTree::new(&partial, &m);
+        let entry = |p: &str| m.entries.iter().find(|e| e.path == p).unwrap().clone();
+        let (a, big) = (entry("out/a.txt"), entry("out/sub/big"));
+        assert_eq!(t.whole_file(&a.chunks), Some(partial.join("out/a.txt")));
+        assert_eq!(t.whole_file(&big.chunks), None, "a short file is not whole");
+        assert!(!t.has(&big.chunks[0].digest), "nor are its chunks offered");
+        assert_eq!(t.read(&a.chunks[0]).unwrap(), b"alpha\n");
+        // The tree built from the partial tree and the blobs is whole.
+        let dest = work.path().join("t");
+        let sources = Sources(vec![&t as &dyn ChunkSource, &blobs]);
+        with_tar(&m, &sources, |r| {
+            tree::unpack_into_at(r, &dest, &work.path().join("partial.1"), UnpackLimits::default())
+        })
+        .unwrap();
+        assert!(!work.path().join("partial.1").exists(), "the staging dir became the tree");
+        for p in ["out/a.txt", "out/empty", "out/sub/big"] {
+            assert_eq!(fs::read(dest.join(p)).unwrap(), fs::read(src.path().join(p)).unwrap());
+        }
+        // A staging dir that exists already is refused, nothing touched.
+        assert!(
+            with_tar(&m, &blobs, |r| tree::unpack_into_at(
+                r,
+                &work.path().join("t2"),
+                &partial,
+                UnpackLimits::default()
+            ))
+            .is_err()
+        );
     }
 
     #[test]

@@ -581,6 +581,32 @@ pub fn unpack_into(input: impl Read, dest: &Path, limits: UnpackLimits) -> Resul
     Ok(stats)
 }
 
+/// Like [`unpack_into`], staging in `staging` (which must not exist), which is left as it is
+/// when the unpack fails: a resumed transfer can reuse what it holds. On success it becomes
+/// `dest` (renamed when `dest` does not exist, merged in otherwise).
+pub fn unpack_into_at(
+    input: impl Read,
+    dest: &Path,
+    staging: &Path,
+    limits: UnpackLimits,
+) -> Result<TreeStats, TreeError> {
+    fs::create_dir(staging).map_err(|e| TreeError::io(format!("creating {}", staging.display()), e))?;
+    let stats = unpack(input, staging, limits)?;
+    let io = |e: io::Error| TreeError::io(format!("moving into {}", dest.display()), e);
+    match fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::rename(staging, dest).map_err(io)?,
+        Ok(m) if m.is_dir() => {
+            let from = Dir::open(staging).map_err(io)?;
+            let into = Dir::open(dest).map_err(io)?;
+            merge_dir(&from, &into).map_err(io)?;
+            fs::remove_dir_all(staging).map_err(io)?;
+        }
+        Ok(_) => return Err(TreeError::refused(dest, "exists and is not a directory")),
+        Err(e) => return Err(io(e)),
+    }
+    Ok(stats)
+}
+
 /// Packs the entries `paths` (relative to `root`, each a file, symlink or directory) into
 /// `out` at their relative paths, preceded by entries for their parent directories. This is
 /// how a snapshot holds outputs: `/results/a.txt` harvested from a view rooted at `root` is
