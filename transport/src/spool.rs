@@ -175,6 +175,9 @@ impl Spool {
         };
         let mut payload = vec![0u8; at.payload as usize];
         file.read_exact_at(&mut payload, at.offset)?;
+        if at.encoding == cas::ENC_RAW {
+            return Ok(Some(payload));
+        }
         cas::decode_unchecked(c, at.encoding, &payload).map(Some).map_err(io::Error::other)
     }
 
