@@ -254,6 +254,12 @@ impl QuicRemote {
             let mut stats = cas::with_tar(&skeleton, &sources, |r| {
                 transport::tree::unpack_into_at(r, &dest_buf, &staging, limits)
             })?;
+            // Files a fetch that broke off had written in part get the rest of their chunks.
+            let mut plan = plan;
+            let appended = reuse::complete(&m, &mut plan, &sources)?;
+            if appended > 0 {
+                tracing::debug!(bytes = appended, "files written in part by an earlier fetch completed");
+            }
             let placed = reuse::place(&dest_buf, &m, plan)?;
             if placed != reuse::Placed::default() {
                 tracing::debug!(
@@ -278,6 +284,13 @@ impl QuicRemote {
         let stats = match built {
             Ok(stats) => stats,
             Err(e) => {
+                if matches!(e, transport::TreeError::Mismatch(_)) {
+                    // Something held here did not match its digest: the next fetch starts from
+                    // what the cache and the spool hold, not from these partial trees.
+                    for d in &olds {
+                        let _ = std::fs::remove_dir_all(d);
+                    }
+                }
                 let why = RemoteError { code: protocol::ErrorCode::RefusedArchive, message: e.to_string() };
                 let _ = framed::write_frame(&mut send, &SnapshotRequest::Refused(why)).await;
                 let _ = send.finish();
@@ -575,8 +588,8 @@ pub fn sweep_partials(root: &Path, max_age: Duration) {
     }
 }
 
-/// Partial trees of earlier fetches of `id` under `root` (the newest two; older ones go) and a
-/// fresh staging path for this one.
+/// Partial trees of earlier fetches of `id` under `root` (the newest four; older ones go) and
+/// a fresh staging path for this one.
 fn partials(root: &Path, id: &str) -> Result<(Vec<PathBuf>, PathBuf)> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let mut found: Vec<(u64, PathBuf)> = Vec::new();
@@ -589,7 +602,7 @@ fn partials(root: &Path, id: &str) -> Result<(Vec<PathBuf>, PathBuf)> {
     }
     found.sort();
     let next = found.last().map_or(0, |(n, _)| n + 1);
-    let keep = found.len().saturating_sub(2);
+    let keep = found.len().saturating_sub(4);
     for (_, old) in found.drain(..keep) {
         let _ = std::fs::remove_dir_all(old);
     }

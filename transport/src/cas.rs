@@ -341,6 +341,11 @@ pub trait ChunkSource: Send + Sync {
     fn whole_file(&self, _chunks: &[Chunk]) -> Option<PathBuf> {
         None
     }
+    /// A file of this source that holds the start of `chunks`, written by a transfer that
+    /// broke off, to be completed in place (see [`crate::reuse::complete`]); unverified.
+    fn partial_file(&self, _chunks: &[Chunk]) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// Writes the tree a manifest describes as a tar stream (see [`tree::TarWriter`]), reading
@@ -639,6 +644,8 @@ pub fn read_range(path: &Path, off: u64, len: u64) -> io::Result<Vec<u8>> {
 /// count are made read-only with the manifest's mode, so they can be hard-linked.
 pub struct PartialTree {
     whole: std::collections::HashMap<Vec<Digest>, PathBuf>,
+    /// Files written in part: the chunks of their start that lie within their length.
+    started: std::collections::HashMap<Vec<Digest>, PathBuf>,
     at: std::collections::HashMap<Digest, (PathBuf, u64, u64)>,
 }
 
@@ -646,6 +653,7 @@ impl PartialTree {
     pub fn new(root: &Path, manifest: &Manifest) -> Self {
         use std::os::unix::fs::PermissionsExt;
         let mut whole = std::collections::HashMap::new();
+        let mut started = std::collections::HashMap::new();
         let mut at = std::collections::HashMap::new();
         for e in &manifest.entries {
             if e.kind != EntryKind::File || e.size == 0 {
@@ -653,25 +661,30 @@ impl PartialTree {
             }
             let path = root.join(&e.path);
             // Never through a link: the tree's own entries only.
-            let complete =
-                fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file() && m.len() == e.size);
-            if !complete {
-                continue;
-            }
-            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(e.mode & 0o7777 & !0o222));
+            let len = fs::symlink_metadata(&path).ok().filter(|m| m.file_type().is_file()).map(|m| m.len());
+            let Some(len) = len.filter(|l| *l > 0 && *l <= e.size) else { continue };
             let mut off = 0;
             for c in &e.chunks {
+                if off + c.len > len {
+                    break;
+                }
                 at.entry(c.digest).or_insert_with(|| (path.clone(), off, c.len));
                 off += c.len;
             }
-            whole.entry(e.chunks.iter().map(|c| c.digest).collect()).or_insert(path);
+            let key: Vec<Digest> = e.chunks.iter().map(|c| c.digest).collect();
+            if len == e.size {
+                let _ = fs::set_permissions(&path, fs::Permissions::from_mode(e.mode & 0o7777 & !0o222));
+                whole.entry(key).or_insert(path);
+            } else if off > 0 {
+                started.entry(key).or_insert(path);
+            }
         }
-        Self { whole, at }
+        Self { whole, started, at }
     }
 
     /// Whether it holds anything at all.
     pub fn is_empty(&self) -> bool {
-        self.whole.is_empty()
+        self.whole.is_empty() && self.started.is_empty()
     }
 }
 
@@ -690,6 +703,10 @@ impl ChunkSource for PartialTree {
     fn whole_file(&self, chunks: &[Chunk]) -> Option<PathBuf> {
         self.whole.get(&chunks.iter().map(|c| c.digest).collect::<Vec<_>>()).cloned()
     }
+
+    fn partial_file(&self, chunks: &[Chunk]) -> Option<PathBuf> {
+        self.started.get(&chunks.iter().map(|c| c.digest).collect::<Vec<_>>()).cloned()
+    }
 }
 
 /// Chunks from the first of several sources that has them.
@@ -698,6 +715,10 @@ pub struct Sources<'a>(pub Vec<&'a dyn ChunkSource>);
 impl ChunkSource for Sources<'_> {
     fn whole_file(&self, chunks: &[Chunk]) -> Option<PathBuf> {
         self.0.iter().find_map(|s| s.whole_file(chunks))
+    }
+
+    fn partial_file(&self, chunks: &[Chunk]) -> Option<PathBuf> {
+        self.0.iter().find_map(|s| s.partial_file(chunks))
     }
 
     fn has(&self, digest: &Digest) -> bool {
@@ -751,50 +772,71 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_tree_offers_only_its_whole_files_and_a_resumed_unpack_reuses_them() {
+    fn a_partial_tree_offers_its_whole_files_and_the_checked_start_of_the_others() {
         let src = tempfile::tempdir().unwrap();
         tree(src.path());
         let blobs = BlobStore::open(src.path().join("blobs")).unwrap();
         let m = store_of(src.path(), &blobs);
-        // An unpack into a staging dir that broke off: the big file half written.
-        let work = tempfile::tempdir().unwrap();
-        let partial = work.path().join("partial.0");
-        with_tar(&m, &blobs, |r| {
-            tree::unpack_into_at(r, &work.path().join("t0"), &partial, UnpackLimits::default())
-        })
-        .unwrap();
-        fs::rename(work.path().join("t0"), &partial).unwrap();
-        let big_path = partial.join("out/sub/big");
-        let f = fs::OpenOptions::new().write(true).open(&big_path).unwrap();
-        f.set_len(1_000_000).unwrap();
-        let t = PartialTree::new(&partial, &m);
         let entry = |p: &str| m.entries.iter().find(|e| e.path == p).unwrap().clone();
         let (a, big) = (entry("out/a.txt"), entry("out/sub/big"));
+        assert!(big.chunks.len() >= 2);
+        // An unpack into a staging dir that broke off: the big file cut inside its last chunk.
+        let work = tempfile::tempdir().unwrap();
+        let partial = work.path().join("partial.0");
+        let limits = UnpackLimits::default();
+        with_tar(&m, &blobs, |r| tree::unpack_into_at(r, &work.path().join("t0"), &partial, limits)).unwrap();
+        fs::rename(work.path().join("t0"), &partial).unwrap();
+        let big_path = partial.join("out/sub/big");
+        let cut = big.size - big.chunks.last().unwrap().len + 10;
+        fs::OpenOptions::new().write(true).open(&big_path).unwrap().set_len(cut).unwrap();
+        let t = PartialTree::new(&partial, &m);
         assert_eq!(t.whole_file(&a.chunks), Some(partial.join("out/a.txt")));
         assert_eq!(t.whole_file(&big.chunks), None, "a short file is not whole");
-        assert!(!t.has(&big.chunks[0].digest), "nor are its chunks offered");
+        assert_eq!(t.partial_file(&big.chunks), Some(big_path.clone()));
+        assert!(t.has(&big.chunks[0].digest), "the chunks of its start are offered");
+        assert!(!t.has(&big.chunks.last().unwrap().digest), "the cut one is not");
         assert_eq!(t.read(&a.chunks[0]).unwrap(), b"alpha\n");
-        // The tree built from the partial tree and the blobs is whole.
-        let dest = work.path().join("t");
+        // A resumed fetch: plan, unpack around placeholders, complete, place.
+        let mut plan = crate::reuse::plan(&m, &t);
+        assert!(plan.damaged.contains(&big.chunks.last().unwrap().digest), "the rest is fetched");
+        assert!(!plan.damaged.contains(&big.chunks[0].digest));
+        assert_eq!(plan.started.len(), 1);
+        let skeleton = crate::reuse::placeholders(&m, &plan);
         let sources = Sources(vec![&t as &dyn ChunkSource, &blobs]);
-        with_tar(&m, &sources, |r| {
-            tree::unpack_into_at(r, &dest, &work.path().join("partial.1"), UnpackLimits::default())
+        let dest = work.path().join("t");
+        with_tar(&skeleton, &sources, |r| {
+            tree::unpack_into_at(r, &dest, &work.path().join("partial.1"), limits)
         })
         .unwrap();
         assert!(!work.path().join("partial.1").exists(), "the staging dir became the tree");
+        let appended = crate::reuse::complete(&m, &mut plan, &sources).unwrap();
+        assert_eq!(appended, big.chunks.last().unwrap().len, "only the cut chunk is written again");
+        let placed = crate::reuse::place(&dest, &m, plan).unwrap();
+        assert_eq!(placed.linked, 2, "a.txt and the completed big file are linked in: {placed:?}");
         for p in ["out/a.txt", "out/empty", "out/sub/big"] {
-            assert_eq!(fs::read(dest.join(p)).unwrap(), fs::read(src.path().join(p)).unwrap());
+            assert_eq!(fs::read(dest.join(p)).unwrap(), fs::read(src.path().join(p)).unwrap(), "{p}");
         }
         // A staging dir that exists already is refused, nothing touched.
         assert!(
-            with_tar(&m, &blobs, |r| tree::unpack_into_at(
-                r,
-                &work.path().join("t2"),
-                &partial,
-                UnpackLimits::default()
-            ))
-            .is_err()
+            with_tar(&m, &blobs, |r| tree::unpack_into_at(r, &work.path().join("t2"), &partial, limits))
+                .is_err()
         );
+        // A start that does not match its chunks: the completion fails and removes the file.
+        let bad = work.path().join("partial.2");
+        with_tar(&m, &blobs, |r| tree::unpack_into_at(r, &work.path().join("t3"), &bad, limits)).unwrap();
+        fs::rename(work.path().join("t3"), &bad).unwrap();
+        let bad_big = bad.join("out/sub/big");
+        let mut bytes = fs::read(&bad_big).unwrap();
+        bytes.truncate(cut as usize);
+        bytes[100] ^= 1;
+        fs::write(&bad_big, &bytes).unwrap();
+        let t = PartialTree::new(&bad, &m);
+        let mut plan = crate::reuse::plan(&m, &t);
+        assert_eq!(plan.started.len(), 1);
+        let sources = Sources(vec![&t as &dyn ChunkSource, &blobs]);
+        let err = crate::reuse::complete(&m, &mut plan, &sources).unwrap_err();
+        assert!(err.to_string().contains("does not match its chunks"), "{err}");
+        assert!(!bad_big.exists());
     }
 
     #[test]

@@ -35,10 +35,23 @@ pub struct Held {
     stat: EntryStat,
 }
 
+/// A file of the manifest a transfer that broke off had written in part: its first `chunks`
+/// chunks (`bytes` bytes) lie within its length, checked by [`complete`] (while the rest is on
+/// its way), which then appends the rest.
+#[derive(Debug)]
+pub struct Started {
+    pub entry: usize,
+    pub path: PathBuf,
+    pub chunks: usize,
+    pub bytes: u64,
+}
+
 /// What [`plan`] found.
 #[derive(Debug, Default)]
 pub struct Plan {
     pub held: Vec<Held>,
+    /// Files to complete in place.
+    pub started: Vec<Started>,
     /// Chunks of held copies that failed their check: fetch them although the source has them.
     pub damaged: HashSet<Digest>,
 }
@@ -59,7 +72,17 @@ pub fn plan(m: &Manifest, source: &dyn ChunkSource) -> Plan {
         if e.kind != EntryKind::File || e.size == 0 {
             continue;
         }
-        let Some(path) = source.whole_file(&e.chunks) else { continue };
+        let Some(path) = source.whole_file(&e.chunks) else {
+            if let Some(path) = source.partial_file(&e.chunks) {
+                let (chunks, bytes) = start_of(&path, e);
+                // Whatever follows the checked start is fetched, wherever else it may lie.
+                out.damaged.extend(e.chunks[chunks..].iter().map(|c| c.digest));
+                if chunks > 0 {
+                    out.started.push(Started { entry: i, path, chunks, bytes });
+                }
+            }
+            continue;
+        };
         match checked(&path, e) {
             Ok((file, stat)) => out.held.push(Held { entry: i, path, file, stat }),
             Err(why) => {
@@ -97,6 +120,83 @@ fn checked(path: &Path, e: &Entry) -> Result<(File, EntryStat), String> {
     Ok((f, stat))
 }
 
+/// How many leading chunks of `e` lie within the length of the regular file at `path`, and
+/// their bytes (not read here: [`complete`] checks them).
+fn start_of(path: &Path, e: &Entry) -> (usize, u64) {
+    let Ok(md) = std::fs::symlink_metadata(path) else { return (0, 0) };
+    if !md.file_type().is_file() {
+        return (0, 0);
+    }
+    let (mut n, mut bytes) = (0, 0);
+    for c in &e.chunks {
+        if bytes + c.len > md.len() {
+            break;
+        }
+        n += 1;
+        bytes += c.len;
+    }
+    (n, bytes)
+}
+
+/// Completes each file of `plan.started` in place: its start checked against its chunks'
+/// digests (a file whose start does not match is removed, and the transfer fails: the next one
+/// fetches it whole), cut to that start, the rest of its chunks appended from `source` (each
+/// checked first), the entry's mode (read-only) and mtime set; it is then held whole, for
+/// [`place`]. Returns the bytes appended.
+pub fn complete(m: &Manifest, plan: &mut Plan, source: &dyn ChunkSource) -> Result<u64, TreeError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut appended = 0;
+    for s in std::mem::take(&mut plan.started) {
+        let Some(e) = m.entries.get(s.entry) else { continue };
+        let ioe = |source| TreeError::Io { context: format!("completing {}", s.path.display()), source };
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(fsafe::O_NOFOLLOW)
+            .open(&s.path)
+            .map_err(ioe)?;
+        if fsafe::file_stat(&f).map_err(ioe)?.kind != Kind::File {
+            return Err(TreeError::Mismatch(format!("{} is not a regular file", s.path.display())));
+        }
+        let mut buf = Vec::new();
+        for c in &e.chunks[..s.chunks] {
+            if read_chunk(&mut f, c, &mut buf).is_err() || *blake3::hash(&buf).as_bytes() != c.digest {
+                let _ = std::fs::remove_file(&s.path);
+                return Err(TreeError::Mismatch(format!(
+                    "{}, written in part by an earlier transfer, does not match its chunks: removed",
+                    s.path.display()
+                )));
+            }
+        }
+        f.set_len(s.bytes).map_err(ioe)?;
+        f.seek(io::SeekFrom::End(0)).map_err(ioe)?;
+        for c in &e.chunks[s.chunks..] {
+            let data = source.read(c).map_err(ioe)?;
+            crate::cas::check_blob(c, &data)?;
+            f.write_all(&data).map_err(ioe)?;
+            appended += c.len;
+        }
+        f.set_permissions(std::fs::Permissions::from_mode(e.mode & 0o7777 & !0o222)).map_err(ioe)?;
+        filetime::set_file_handle_times(&f, None, Some(filetime::FileTime::from_unix_time(e.mtime, 0)))
+            .map_err(ioe)?;
+        drop(f);
+        // Its start and every appended chunk were checked: the file is opened again (never
+        // through a link) for its inode and size, not read again.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(fsafe::O_NOFOLLOW)
+            .open(&s.path)
+            .map_err(ioe)?;
+        let stat = fsafe::file_stat(&file).map_err(ioe)?;
+        if stat.kind != Kind::File || stat.size != e.size {
+            return Err(TreeError::Mismatch(format!("{} changed while it was completed", s.path.display())));
+        }
+        plan.held.push(Held { entry: s.entry, path: s.path, file, stat });
+    }
+    Ok(appended)
+}
+
 fn read_chunk(f: &mut File, c: &Chunk, buf: &mut Vec<u8>) -> io::Result<()> {
     if c.len > crate::cas::MAX_BLOB {
         return Err(io::Error::other("chunk over the blob limit"));
@@ -109,8 +209,8 @@ fn read_chunk(f: &mut File, c: &Chunk, buf: &mut Vec<u8>) -> io::Result<()> {
 /// [`place`] can replace it), for the unpacker.
 pub fn placeholders(m: &Manifest, plan: &Plan) -> Manifest {
     let mut out = m.clone();
-    for h in &plan.held {
-        if let Some(e) = out.entries.get_mut(h.entry) {
+    for i in plan.held.iter().map(|h| h.entry).chain(plan.started.iter().map(|s| s.entry)) {
+        if let Some(e) = out.entries.get_mut(i) {
             e.size = 0;
             e.chunks.clear();
         }
