@@ -310,6 +310,100 @@ mod tests {
 
     const LIMITS: UnpackLimits = UnpackLimits { max_bytes: 1 << 30 };
 
+    fn sample_tree(dir: &Path) {
+        fs::create_dir_all(dir.join("out/sub")).unwrap();
+        fs::write(dir.join("out/a.txt"), b"alpha\n").unwrap();
+        fs::write(dir.join("out/empty"), b"").unwrap();
+        let big: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        fs::write(dir.join("out/sub/big"), &big).unwrap();
+    }
+
+    fn stored(dir: &Path, blobs: &cas::BlobStore) -> Manifest {
+        cas::build(dir, &[PathBuf::from("out")], LIMITS, |c, data| {
+            let (enc, payload) = cas::encode_blob(data, 1);
+            blobs.put(c, enc, &payload).map(|_| ())
+        })
+        .unwrap()
+        .0
+    }
+
+    #[test]
+    fn a_partial_tree_offers_its_whole_files_and_the_checked_start_of_the_others() {
+        let src = tempfile::tempdir().unwrap();
+        sample_tree(src.path());
+        let blobs = cas::BlobStore::open(src.path().join("blobs")).unwrap();
+        let m = stored(src.path(), &blobs);
+        let entry = |p: &str| m.entries.iter().find(|e| e.path == p).unwrap().clone();
+        let (a, big) = (entry("out/a.txt"), entry("out/sub/big"));
+        assert!(big.chunks.len() >= 2);
+        // An unpack into a staging dir that broke off: the big file cut inside its last chunk.
+        let work = tempfile::tempdir().unwrap();
+        let partial = work.path().join("partial.0");
+        let limits = LIMITS;
+        cas::with_tar(&m, &blobs, |r| {
+            crate::tree::unpack_into_at(r, &work.path().join("t0"), &partial, limits)
+        })
+        .unwrap();
+        fs::rename(work.path().join("t0"), &partial).unwrap();
+        let big_path = partial.join("out/sub/big");
+        let cut = big.size - big.chunks.last().unwrap().len + 10;
+        fs::OpenOptions::new().write(true).open(&big_path).unwrap().set_len(cut).unwrap();
+        let t = cas::PartialTree::new(&partial, &m);
+        assert_eq!(t.whole_file(&a.chunks), Some(partial.join("out/a.txt")));
+        assert_eq!(t.whole_file(&big.chunks), None, "a short file is not whole");
+        assert_eq!(t.partial_file(&big.chunks), Some(big_path.clone()));
+        assert!(t.has(&big.chunks[0].digest), "the chunks of its start are offered");
+        assert!(!t.has(&big.chunks.last().unwrap().digest), "the cut one is not");
+        assert_eq!(t.read(&a.chunks[0]).unwrap(), b"alpha\n");
+        // A resumed fetch: plan, unpack around placeholders, complete, place.
+        let mut plan = super::plan(&m, &t);
+        assert!(plan.damaged.contains(&big.chunks.last().unwrap().digest), "the rest is fetched");
+        assert!(!plan.damaged.contains(&big.chunks[0].digest));
+        assert_eq!(plan.started.len(), 1);
+        let skeleton = placeholders(&m, &plan);
+        let sources = cas::Sources(vec![&t as &dyn ChunkSource, &blobs]);
+        let dest = work.path().join("t");
+        cas::with_tar(&skeleton, &sources, |r| {
+            crate::tree::unpack_into_at(r, &dest, &work.path().join("partial.1"), limits)
+        })
+        .unwrap();
+        assert!(!work.path().join("partial.1").exists(), "the staging dir became the tree");
+        let appended = complete(&m, &mut plan, &sources).unwrap();
+        assert_eq!(appended, big.chunks.last().unwrap().len, "only the cut chunk is written again");
+        let placed = place(&dest, &m, plan).unwrap();
+        assert_eq!(placed.linked, 2, "a.txt and the completed big file are linked in: {placed:?}");
+        for p in ["out/a.txt", "out/empty", "out/sub/big"] {
+            assert_eq!(fs::read(dest.join(p)).unwrap(), fs::read(src.path().join(p)).unwrap(), "{p}");
+        }
+        // A staging dir that exists already is refused, nothing touched.
+        assert!(
+            cas::with_tar(&m, &blobs, |r| crate::tree::unpack_into_at(
+                r,
+                &work.path().join("t2"),
+                &partial,
+                limits
+            ))
+            .is_err()
+        );
+        // A start that does not match its chunks: the completion fails and removes the file.
+        let bad = work.path().join("partial.2");
+        cas::with_tar(&m, &blobs, |r| crate::tree::unpack_into_at(r, &work.path().join("t3"), &bad, limits))
+            .unwrap();
+        fs::rename(work.path().join("t3"), &bad).unwrap();
+        let bad_big = bad.join("out/sub/big");
+        let mut bytes = fs::read(&bad_big).unwrap();
+        bytes.truncate(cut as usize);
+        bytes[100] ^= 1;
+        fs::write(&bad_big, &bytes).unwrap();
+        let t = cas::PartialTree::new(&bad, &m);
+        let mut plan = super::plan(&m, &t);
+        assert_eq!(plan.started.len(), 1);
+        let sources = cas::Sources(vec![&t as &dyn ChunkSource, &blobs]);
+        let err = complete(&m, &mut plan, &sources).unwrap_err();
+        assert!(err.to_string().contains("does not match its chunks"), "{err}");
+        assert!(!bad_big.exists());
+    }
+
     /// A snapshot of `out/` under `root`, and the tree it was made from.
     fn snapshot(root: &Path) -> Manifest {
         cas::build(root, &[PathBuf::from("out")], LIMITS, |_, _| Ok(())).unwrap().0

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +22,7 @@ use std::time::Duration;
 use protocol::{BLOB_HEADER_LEN, BlobHeader};
 
 use crate::cas::{self, Chunk, ChunkSource, Digest};
-use crate::tree::TreeError;
+use crate::tree::{TreeError, read_full};
 
 /// A log is closed for appends once it holds this much.
 const LOG_MAX: u64 = 256 << 20;
@@ -255,19 +255,6 @@ fn scan(file: &File) -> io::Result<(u64, Vec<(Digest, At)>)> {
         at = offset + payload.len() as u64;
     }
     Ok((at, found))
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 impl ChunkSource for Spool {

@@ -876,7 +876,7 @@ impl Drop for PendingOut {
 }
 
 /// Fills `buf` from `r` as far as it goes; returns how many bytes were read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {

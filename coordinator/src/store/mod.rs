@@ -513,15 +513,18 @@ impl LocalStore {
         m.chunks().iter().filter_map(|c| self.blobs.stored_len(&c.digest)).sum()
     }
 
+    /// Keeps a chunk the coordinator read itself (relayed archives, imports), encoded.
+    fn keep(&self, c: &Chunk, data: &[u8]) -> Result<(), transport::TreeError> {
+        if self.blobs.has(&c.digest) {
+            return Ok(());
+        }
+        let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
+        self.blobs.put_verified(&c.digest, enc, &payload).map(|_| ())
+    }
+
     /// Takes a tar stream into the store as manifest and blobs.
     fn ingest_tar(&self, input: impl std::io::Read) -> Result<SnapshotMeta> {
-        let (manifest, _) = cas::build_from_tar(input, self.limits, |c, data| {
-            if self.blobs.has(&c.digest) {
-                return Ok(());
-            }
-            let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
-            self.blobs.put_verified(&c.digest, enc, &payload).map(|_| ())
-        })?;
+        let (manifest, _) = cas::build_from_tar(input, self.limits, |c, data| self.keep(c, data))?;
         let (bytes, _) = manifest.encode();
         self.commit(&bytes, &manifest)
     }
@@ -713,14 +716,8 @@ impl SnapshotStore for LocalStore {
 
     fn import(&self, paths: &[PathBuf]) -> Result<SnapshotMeta> {
         let rels = import_rels(paths)?;
-        let (manifest, _) = cas::build(Path::new("/"), &rels, self.limits, |c, data| {
-            if self.blobs.has(&c.digest) {
-                return Ok(());
-            }
-            let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
-            self.blobs.put_verified(&c.digest, enc, &payload).map(|_| ())
-        })
-        .context("packing the imported paths")?;
+        let (manifest, _) = cas::build(Path::new("/"), &rels, self.limits, |c, data| self.keep(c, data))
+            .context("packing the imported paths")?;
         let (bytes, _) = manifest.encode();
         self.commit(&bytes, &manifest)
     }

@@ -209,19 +209,22 @@ impl S3Store {
         })?
     }
 
+    /// Keeps a chunk the coordinator read itself (relayed archives, imports), encoded.
+    fn keep(&self, c: &Chunk, data: &[u8]) -> Result<(), transport::TreeError> {
+        let packs = self.packs().map_err(|e| transport::TreeError::Mismatch(format!("{e:#}")))?;
+        if packs.has(&c.digest) {
+            return Ok(());
+        }
+        let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
+        packs
+            .put(self, c, enc, &payload)
+            .map(|_| ())
+            .map_err(|e| transport::TreeError::Mismatch(format!("{e:#}")))
+    }
+
     /// Takes a tar stream into the store as manifest and packed blobs.
     fn ingest_tar(&self, input: impl std::io::Read) -> Result<SnapshotMeta> {
-        let packs = self.packs()?;
-        let (manifest, _) = cas::build_from_tar(input, self.limits, |c, data| {
-            if packs.has(&c.digest) {
-                return Ok(());
-            }
-            let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
-            packs
-                .put(self, c, enc, &payload)
-                .map(|_| ())
-                .map_err(|e| transport::TreeError::Mismatch(format!("{e:#}")))
-        })?;
+        let (manifest, _) = cas::build_from_tar(input, self.limits, |c, data| self.keep(c, data))?;
         let (bytes, _) = manifest.encode();
         self.commit(&bytes, &manifest)
     }
@@ -390,18 +393,8 @@ impl SnapshotStore for S3Store {
 
     fn import(&self, paths: &[PathBuf]) -> Result<SnapshotMeta> {
         let rels = super::import_rels(paths)?;
-        let packs = self.packs()?;
-        let (manifest, _) = cas::build(Path::new("/"), &rels, self.limits, |c, data| {
-            if packs.has(&c.digest) {
-                return Ok(());
-            }
-            let (enc, payload) = cas::encode_blob(data, BLOB_ZSTD_LEVEL);
-            packs
-                .put(self, c, enc, &payload)
-                .map(|_| ())
-                .map_err(|e| transport::TreeError::Mismatch(format!("{e:#}")))
-        })
-        .context("packing the imported paths")?;
+        let (manifest, _) = cas::build(Path::new("/"), &rels, self.limits, |c, data| self.keep(c, data))
+            .context("packing the imported paths")?;
         let (bytes, _) = manifest.encode();
         self.commit(&bytes, &manifest)
     }
