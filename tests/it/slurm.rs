@@ -273,6 +273,14 @@ outputs = ["3.txt"]
     }
     let started = run.wait_for(&["step started", "step=\"second\""], LONG);
     let holder = agent_of(&started);
+    // Both agents have enrolled (and joined) before the coordinator dies: an enrollment whose
+    // answer a dying coordinator never sent has spent its token use (see the issue notes), and
+    // this test is about agents that survive a restart, not about enrolling through one.
+    let deadline = Instant::now() + LONG;
+    while run.count(&["server::agent", "agent joined"]) < 2 {
+        assert!(Instant::now() < deadline, "both agents never joined:\n{}", run.dump());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     run.signal(Signal::KILL);
     run.wait_exit(T);
     // "second" finishes on its agent while no coordinator runs.
