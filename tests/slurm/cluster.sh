@@ -59,7 +59,30 @@ socket="$dir/munge/munge.socket"
 munged --key-file="$dir/munge/munge.key" --socket="$socket" --pid-file="$dir/run/munged.pid" \
   --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munge.seed" --force
 
-ctld_port=$((20000 + RANDOM % 20000))
+# Ports below the kernel's ephemeral range (32768 and up here), so no test's own sockets
+# (bound to port 0) can hold one; a base whose ports are all free is picked.
+ctld_port=$(python3 - "$nodes" <<'PY'
+import random, socket, sys
+n = int(sys.argv[1])
+for _ in range(200):
+    base = random.randrange(20000, 32000 - n)
+    socks = []
+    try:
+        for p in range(base, base + n + 1):
+            s = socket.socket()
+            s.bind(("127.0.0.1", p))
+            socks.append(s)
+    except OSError:
+        continue
+    finally:
+        for s in socks:
+            s.close()
+    print(base)
+    break
+else:
+    sys.exit("no free port range for slurm")
+PY
+)
 {
   echo "ClusterName=pype-test"
   echo "SlurmctldHost=localhost"
