@@ -289,6 +289,18 @@ async fn receive_packs(
         other => bail!("expected PutPacks, got {other:?}"),
     };
     let indexes = pack_indexes(&missing, plans)?;
+    // An upload never replaces a stored pack (its name is its digest: same name, same bytes,
+    // unless the agent lies).
+    let s = store.clone();
+    let names: Vec<String> = indexes.iter().map(|i| i.digest.clone()).collect();
+    let taken = tokio::task::spawn_blocking(move || {
+        s.cas().and_then(|c| c.packs_direct()).map(|d| names.into_iter().find(|n| d.has_pack(n)))
+    })
+    .await?
+    .flatten();
+    if let Some(name) = taken {
+        bail!("the store already holds pack {name}: nothing uploaded, nothing committed");
+    }
     let wire: u64 = indexes.iter().map(|i| i.len).sum();
     let s = store.clone();
     let idx = indexes.clone();

@@ -374,6 +374,8 @@ pub trait PackDirect: Send + Sync {
     fn upload_urls(&self, packs: &[transport::pack::PackIndex]) -> Result<Vec<String>>;
     /// Takes in an uploaded pack once it matches its index (deleted otherwise).
     fn adopt(&self, pack: &transport::pack::PackIndex) -> Result<()>;
+    /// Whether a sealed pack of that name is stored.
+    fn has_pack(&self, pack: &str) -> bool;
 }
 
 /// Absolute paths to import, relative to `/`; each must exist.

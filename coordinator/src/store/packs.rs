@@ -14,12 +14,16 @@ use std::sync::Mutex;
 use anyhow::{Context, Result, anyhow, bail};
 use tracing::{debug, info};
 use transport::cas::{self, Chunk, Digest};
-use transport::pack::{PackBuilder, PackIndex, Placed, record};
+use transport::pack::{MAX_PACK, PackBuilder, PackIndex, Placed, record};
+
+/// Largest pack index read from the object store.
+const MAX_INDEX: u64 = 256 << 20;
 
 /// What [`Packs`] needs of an object store. Keys are full keys.
 pub trait Objects: Send + Sync {
-    /// An object's bytes, `None` when absent.
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// An object's bytes, `None` when absent; an error, before anything is read, when it is
+    /// longer than `max` (objects agents wrote are not trusted for their size).
+    fn get(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>>;
     fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()>;
     /// Keys under `prefix`, with their last-modified time (seconds since the epoch).
     fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>>;
@@ -69,7 +73,7 @@ impl Packs {
             let bytes = match fs::read(&local) {
                 Ok(b) => b,
                 Err(_) => {
-                    let Some(b) = objs.get(&key)? else { continue };
+                    let Some(b) = objs.get(&key, MAX_INDEX)? else { continue };
                     let _ = transport::pki::write_file(&local, &b, 0o644);
                     fetched += 1;
                     b
@@ -207,12 +211,19 @@ impl Packs {
             return Ok(b);
         }
         let key = self.pack_key(pack);
-        let b = objs.get(&key)?.ok_or_else(|| anyhow!("pack {key} is missing from the object store"))?;
+        let b = objs
+            .get(&key, MAX_PACK)?
+            .ok_or_else(|| anyhow!("pack {key} is missing from the object store"))?;
         if hex::encode(blake3::hash(&b).as_bytes()) != pack {
             bail!("pack {key} does not match its digest");
         }
         transport::pki::write_file(&path, &b, 0o644)?;
         Ok(b)
+    }
+
+    /// Whether a sealed pack of that name is stored (an upload must never replace one).
+    pub fn has_pack(&self, pack: &str) -> bool {
+        self.lock().packs.contains_key(pack)
     }
 
     /// Takes in a pack an agent uploaded at `pack_key`: reads it back, checks it against
@@ -221,7 +232,8 @@ impl Packs {
         let key = self.pack_key(&idx.digest);
         let checked = (|| {
             idx.check_layout()?;
-            let bytes = objs.get(&key)?.ok_or_else(|| anyhow!("pack {} was not uploaded", idx.digest))?;
+            let bytes =
+                objs.get(&key, idx.len)?.ok_or_else(|| anyhow!("pack {} was not uploaded", idx.digest))?;
             idx.verify(&bytes).map_err(|e| anyhow!("uploaded pack refused: {e}"))?;
             anyhow::Ok(bytes)
         })();
@@ -311,8 +323,12 @@ mod tests {
     struct Dir(PathBuf);
 
     impl Objects for Dir {
-        fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-            Ok(fs::read(self.0.join(key.replace('/', "_"))).ok())
+        fn get(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>> {
+            let b = fs::read(self.0.join(key.replace('/', "_"))).ok();
+            if b.as_ref().is_some_and(|b| b.len() as u64 > max) {
+                bail!("{key} is longer than {max} bytes");
+            }
+            Ok(b)
         }
         fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
             Ok(fs::write(self.0.join(key.replace('/', "_")), bytes)?)
@@ -364,7 +380,7 @@ mod tests {
         // A pack tampered in the object store is refused on read.
         let pack = again.locate(&chunk(&datas[0]).digest).unwrap().pack;
         let key = again.pack_key(&pack);
-        let mut bytes = objs.get(&key).unwrap().unwrap();
+        let mut bytes = objs.get(&key, MAX_PACK).unwrap().unwrap();
         bytes[10] ^= 1;
         objs.put(&key, bytes).unwrap();
         let cache3 = tempfile::tempdir().unwrap();
@@ -394,10 +410,18 @@ mod tests {
         // Uploaded with other bytes: refused and deleted.
         objs.put(&packs.pack_key(&idx.digest), b"alphabeta!!".to_vec()).unwrap();
         assert!(packs.adopt(&objs, &idx).is_err());
-        assert!(objs.get(&packs.pack_key(&idx.digest)).unwrap().is_none());
+        assert!(objs.get(&packs.pack_key(&idx.digest), MAX_PACK).unwrap().is_none());
         assert!(!packs.has(&chunk(b"alpha").digest));
+        // Longer than its index says: refused by its size, not read.
+        let mut long = bytes.clone();
+        long.extend_from_slice(&[0; 1 << 16]);
+        objs.put(&packs.pack_key(&idx.digest), long).unwrap();
+        let err = packs.adopt(&objs, &idx).unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err:#}");
+        assert!(!packs.has_pack(&idx.digest));
         objs.put(&packs.pack_key(&idx.digest), bytes).unwrap();
         packs.adopt(&objs, &idx).unwrap();
+        assert!(packs.has_pack(&idx.digest));
         assert!(packs.has(&chunk(b"alpha").digest) && packs.has(&chunk(b"beta").digest));
         assert_eq!(packs.stored_bytes([chunk(b"alpha").digest, chunk(b"alpha").digest]), 6);
     }

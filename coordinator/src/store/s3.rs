@@ -661,11 +661,17 @@ impl DirectStore for S3Store {
 }
 
 impl Objects for S3Store {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    fn get(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let (c, b, k) = (self.client.clone(), self.bucket.clone(), key.to_string());
+        let too_long = format!("{key} is longer than {max} bytes");
         let r = self.rt.block(async move {
             match c.get_object().bucket(b).key(k).send().await {
-                Ok(out) => Ok(Some(out.body.collect().await.map(|d| d.into_bytes().to_vec()))),
+                Ok(out) if out.content_length().unwrap_or(i64::MAX).max(0) as u64 > max => {
+                    Ok(Some(Err(anyhow!(too_long))))
+                }
+                Ok(out) => Ok(Some(
+                    out.body.collect().await.map(|d| d.into_bytes().to_vec()).map_err(anyhow::Error::from),
+                )),
                 Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => Ok(None),
                 Err(e) => Err(e),
             }
@@ -728,7 +734,9 @@ impl CasStore for S3Store {
         let bytes = match fs::read(&local) {
             Ok(b) if addressed(&b) => b,
             _ => {
-                let Some(b) = Objects::get(self, &self.manifest_key(snapshot_id))? else { return Ok(None) };
+                let Some(b) = Objects::get(self, &self.manifest_key(snapshot_id), cas::MAX_MANIFEST)? else {
+                    return Ok(None);
+                };
                 if !addressed(&b) {
                     bail!("the manifest of snapshot {snapshot_id} does not match its id");
                 }
@@ -831,5 +839,9 @@ impl PackDirect for S3Store {
 
     fn adopt(&self, pack: &PackIndex) -> Result<()> {
         self.packs()?.adopt(self, pack)
+    }
+
+    fn has_pack(&self, pack: &str) -> bool {
+        self.packs.as_ref().is_some_and(|p| p.has_pack(pack))
     }
 }
