@@ -150,8 +150,12 @@ pub fn fetch_places(
                 bail!("blob {} has an impossible size in its pack", hex::encode(b.digest));
             }
             match runs.last_mut() {
-                Some((url, _, run_end, members))
-                    if *url == p.url.as_str() && b.offset >= *run_end && b.offset - *run_end <= RANGE_GAP =>
+                // One GET reads at most a pack's worth, whatever offsets the places give.
+                Some((url, start, run_end, members))
+                    if *url == p.url.as_str()
+                        && b.offset >= *run_end
+                        && b.offset - *run_end <= RANGE_GAP
+                        && end - *start <= transport::pack::MAX_PACK =>
                 {
                     *run_end = end;
                     members.push(b);
