@@ -173,10 +173,13 @@ impl Cache {
         }
         let lock = self.fetching.lock().await.entry(id.to_string()).or_default().clone();
         let _guard = lock.lock().await;
+        let m = crate::metrics::get();
         if let Some(pin) = self.pin(id) {
             info!(snapshot = %id, "snapshot cache hit");
+            m.cache.get_or_create(&crate::metrics::HIT).inc();
             return Ok(pin);
         }
+        m.cache.get_or_create(&crate::metrics::MISS).inc();
         let started = Instant::now();
         let dest = self.dir.join(id);
         self.active.fetch_add(1, Ordering::SeqCst);
@@ -184,6 +187,7 @@ impl Cache {
         let fetched = remote.fetch(id, &dest, held).await;
         self.active.fetch_sub(1, Ordering::SeqCst);
         let fetched = fetched?;
+        m.transfer(&crate::metrics::FETCHED, fetched.summary.content_bytes, started.elapsed().as_secs_f64());
         let summary = fetched.summary;
         let d = dest.clone();
         tokio::task::spawn_blocking(move || make_read_only(&d)).await??;

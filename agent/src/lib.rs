@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod cache;
 pub mod exec;
 pub mod facts;
+pub mod metrics;
 pub mod mounts;
 pub mod objects;
 pub mod paths;
@@ -95,6 +96,10 @@ struct RunArgs {
     /// signal always stops.
     #[arg(long, env = "PYPE_ON_SIGTERM", value_enum, default_value = "drain")]
     on_sigterm: OnSigterm,
+    /// Serve Prometheus metrics (OpenMetrics text at /metrics) on this TCP address
+    /// (default: PYPE_METRICS_LISTEN of the config file, else off).
+    #[arg(long, env = "PYPE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +198,19 @@ async fn run(args: RunArgs) -> Result<()> {
         orphan_action,
         fetch_registry: matches!(file.get("PYPE_REGISTRY_FETCH").as_deref(), Some("1" | "true" | "yes")),
     };
+    let metrics_listen = match (args.metrics_listen, file.get("PYPE_METRICS_LISTEN")) {
+        (Some(a), _) => Some(a),
+        (None, Some(v)) => {
+            Some(v.parse().with_context(|| format!("PYPE_METRICS_LISTEN={v:?} is not an address"))?)
+        }
+        (None, None) => None,
+    };
+    if let Some(addr) = metrics_listen {
+        let listener = transport::httpd::bind(addr)
+            .await
+            .with_context(|| format!("listening for metrics scrapes on {addr}"))?;
+        tokio::spawn(transport::httpd::serve(listener, std::sync::Arc::new(|| metrics::get().render())));
+    }
     let stop = session::Stop::default();
     let signalled = stop.clone();
     let on_sigterm = args.on_sigterm;

@@ -483,6 +483,20 @@ impl SnapshotRemote for QuicRemote {
     }
 
     async fn store(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo> {
+        let started = std::time::Instant::now();
+        let info = self.store_any(root, paths).await?;
+        let secs = started.elapsed().as_secs_f64();
+        crate::metrics::get().transfer(&crate::metrics::STORED, info.content_bytes, secs);
+        Ok(info)
+    }
+
+    async fn stat(&self, queries: Vec<(String, String)>) -> Result<Vec<Option<u64>>> {
+        self.stat_any(queries).await
+    }
+}
+
+impl QuicRemote {
+    async fn store_any(&self, root: &Path, paths: Vec<PathBuf>) -> Result<SnapshotInfo> {
         // What the packer would refuse is refused here, before a transfer begins: the
         // coordinator never sees a stream broken off half way.
         let (r, p) = (root.to_path_buf(), paths.clone());
@@ -559,7 +573,7 @@ impl SnapshotRemote for QuicRemote {
         stored(framed::read_frame::<SnapshotReply, _>(&mut recv).await?)
     }
 
-    async fn stat(&self, queries: Vec<(String, String)>) -> Result<Vec<Option<u64>>> {
+    async fn stat_any(&self, queries: Vec<(String, String)>) -> Result<Vec<Option<u64>>> {
         let n = queries.len();
         let (mut send, mut recv) = self.open().await?;
         framed::write_frame(&mut send, &SnapshotRequest::Stat { queries }).await?;

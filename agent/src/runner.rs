@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::metrics;
 use crate::step::Steps;
 
 /// Lines buffered per attempt before output is dropped (the log files keep it all).
@@ -112,7 +113,11 @@ impl Runner {
                         view: view.to_string(),
                     });
                 });
+                let m = crate::metrics::get();
+                m.steps_running.inc();
                 let mut outcome = me.steps.run(spec, cancel, tx, on_start).await;
+                m.steps_running.dec();
+                m.steps.get_or_create(if outcome.succeeded() { &metrics::SUCCEEDED } else { &metrics::FAILED }).inc();
                 if let StepExit::Signalled(sig) = outcome.exit
                     && me.draining()
                     && [Signal::TERM, Signal::KILL, Signal::INT, Signal::HUP].iter().any(|s| s.as_raw() == sig)

@@ -244,6 +244,12 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
         .with_context(|| format!("creating work dir {}", cfg.work_dir.display()))?;
     step::sweep_leftovers(&cfg.settings);
     let cache = Cache::open(cfg.state_dir.join("cache"), cfg.settings.cache_size_bytes)?;
+    let held = Arc::downgrade(&cache);
+    crate::metrics::get().on_scrape(move |m| {
+        if let Some(c) = held.upgrade() {
+            m.cache_bytes.set(i64::try_from(c.total_bytes()).unwrap_or(i64::MAX));
+        }
+    });
     let (conn_tx, conn_rx) = watch::channel(None);
     let (outbox_tx, mut outbox) = mpsc::channel(OUTBOX_DEPTH);
     // Snapshots packed for a direct upload wait here; what a killed agent left is stale.
@@ -585,6 +591,12 @@ async fn session(
                 });
                 if framed::write_frame(&mut send, &hb).await.is_err() {
                     break classify(&conn.closed().await);
+                }
+                if welcome.protocol_minor >= 7 {
+                    let stats = AgentToCoordinator::Stats(crate::metrics::get().stats());
+                    if framed::write_frame(&mut send, &stats).await.is_err() {
+                        break classify(&conn.closed().await);
+                    }
                 }
             }
             Some(msg) = link.outbox.recv() => {

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use transport::{endpoint, pki};
 
 use crate::hub::{Hub, ServerConfig};
+use crate::metrics;
 use crate::persist::state::State;
 use crate::persist::trust;
 use crate::persist::working::WorkingRegistry;
@@ -35,6 +36,8 @@ pub struct LocalOptions {
     pub listen: SocketAddr,
     /// Extra names agents reach the coordinator by (server certificate SANs).
     pub advertise: Vec<String>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub struct LocalCluster {
@@ -52,6 +55,7 @@ pub async fn start_server(
     listen: SocketAddr,
     advertise: &[String],
     heartbeat_interval: Duration,
+    metrics_listen: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) -> Result<(Arc<Hub>, Arc<Engine>, SocketAddr, tokio::task::JoinHandle<()>)> {
     let state = Arc::new(State::open(state_dir)?);
@@ -78,6 +82,9 @@ pub async fn start_server(
         cancels: tokio::sync::broadcast::channel(64).0,
     });
     coord.set_runs(engine.clone());
+    if let Some(addr) = metrics_listen {
+        export_metrics(addr, &coord, shutdown.clone()).await?;
+    }
     let c = coord.clone();
     let task = tokio::spawn(server::run(ep, c, shutdown));
     Ok((coord, engine, local, task))
@@ -91,6 +98,7 @@ impl LocalCluster {
             opts.listen,
             &opts.advertise,
             opts.heartbeat_interval,
+            opts.metrics_listen,
             server_stop.clone(),
         )
         .await?;
@@ -227,4 +235,77 @@ fn spawn_agent(
         });
     }
     cmd.spawn().with_context(|| format!("starting local agent {name}"))
+}
+
+/// How often at most the snapshot store's size is measured for the metrics (a walk of its
+/// files, or a read of every snapshot's index).
+const STORE_USAGE_EVERY: Duration = Duration::from_secs(10);
+
+/// Serves the metrics at `addr` until `shutdown`: what the hub shows (agents, the agents'
+/// caches, instances) is read at each scrape; the store's size at most every
+/// [`STORE_USAGE_EVERY`].
+async fn export_metrics(addr: SocketAddr, hub: &Arc<Hub>, shutdown: CancellationToken) -> Result<()> {
+    let listener = transport::httpd::bind(addr)
+        .await
+        .with_context(|| format!("listening for metrics scrapes on {addr}"))?;
+    let weak = Arc::downgrade(hub);
+    metrics::get().on_scrape(move |m| {
+        let Some(hub) = weak.upgrade() else { return };
+        let views = hub.agent_views();
+        let (mut ready, mut draining, mut cache_bytes) = (0, 0, 0u64);
+        m.agents_by_label.clear();
+        for v in &views {
+            let state = if v.draining { "draining" } else { "ready" };
+            if v.draining {
+                draining += 1;
+            } else {
+                ready += 1;
+            }
+            cache_bytes = cache_bytes.saturating_add(v.stats.cache_bytes);
+            let labels: Vec<String> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            for label in if labels.is_empty() { vec!["none".to_string()] } else { labels } {
+                m.agents_by_label.get_or_create(&[("state", state.to_string()), ("label", label)]).inc();
+            }
+        }
+        m.agents.get_or_create(&metrics::l1("state", "ready")).set(ready);
+        m.agents.get_or_create(&metrics::l1("state", "draining")).set(draining);
+        m.agent_cache_bytes.set(i64::try_from(cache_bytes).unwrap_or(i64::MAX));
+        if let Ok(instances) = hub.state().instances(false) {
+            m.instances.clear();
+            for i in instances {
+                m.instances.get_or_create(&[("provider", i.provider), ("state", i.state)]).inc();
+            }
+        }
+    });
+    // The store's size: measured off the scrape's task, at most every STORE_USAGE_EVERY;
+    // a scrape shows the last measurement.
+    let store = hub.store().clone();
+    let last: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    metrics::get().on_scrape(move |_| {
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.is_none_or(|t| t.elapsed() >= STORE_USAGE_EVERY);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        if !due || busy.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let (store, busy) = (store.clone(), busy.clone());
+        rt.spawn_blocking(move || {
+            match store.usage() {
+                Ok((snapshots, bytes)) => {
+                    metrics::get().store_snapshots.set(i64::try_from(snapshots).unwrap_or(i64::MAX));
+                    metrics::get().store_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                }
+                Err(e) => tracing::debug!("metrics: store usage: {e:#}"),
+            }
+            busy.store(false, std::sync::atomic::Ordering::Release);
+        });
+    });
+    let served = tokio::spawn(transport::httpd::serve(listener, Arc::new(|| metrics::get().render())));
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        served.abort();
+    });
+    Ok(())
 }

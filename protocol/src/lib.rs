@@ -35,7 +35,7 @@ pub use step::*;
 /// Major protocol version: carried in the ALPN string; peers with different majors never talk.
 pub const PROTOCOL_MAJOR: u32 = 1;
 /// Minor protocol version: carried in `Hello`/`Welcome`; minors only add enum variants at the end.
-pub const PROTOCOL_MINOR: u32 = 6;
+pub const PROTOCOL_MINOR: u32 = 7;
 /// The oldest agent minor a coordinator accepts: minor 5 moved snapshots to manifests and
 /// blobs, which older agents cannot read.
 pub const OLDEST_AGENT_MINOR: u32 = 5;

@@ -84,6 +84,25 @@ pub enum AgentToCoordinator {
     InHand {
         attempts: Vec<u64>,
     },
+    /// The agent's running totals, sent after each heartbeat to a coordinator of minor 7 or
+    /// later. (Minor 7.)
+    Stats(AgentStats),
+}
+
+/// What an agent counted since it started (totals, not increments: a restarted agent starts
+/// over from zero). (Minor 7.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStats {
+    /// Snapshot lookups its cache answered.
+    pub cache_hits: u64,
+    /// Snapshot lookups that had to fetch.
+    pub cache_misses: u64,
+    /// Content bytes its cache holds now.
+    pub cache_bytes: u64,
+    pub steps_running: u32,
+    /// Snapshot content bytes fetched and stored.
+    pub bytes_fetched: u64,
+    pub bytes_stored: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ mod hostile_paths;
 mod hostile_peers;
 mod instances;
 mod lifecycle;
+mod metrics;
 mod pipelines;
 mod roundtrip;
 mod slurm;

@@ -21,7 +21,7 @@ pub use child::{Proc, signal_pid};
 pub use cluster::{Agent, Cluster, Coord, dispatched};
 pub use peer::{closed_reason, connect, hello, hello_minor, keep_alive};
 pub use rustix::process::Signal;
-pub use services::{Lan, MOTO_SECRET, Moto, Slurm};
+pub use services::{Lan, MOTO_SECRET, Moto, OpenMetricsParser, Scrape, Slurm};
 pub use tree::{Entry, Rng, manifest};
 
 /// Heartbeat interval of the coordinators the tests start, unless a test says otherwise.

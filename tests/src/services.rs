@@ -211,3 +211,104 @@ impl Drop for Lan {
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
     }
 }
+
+/// One sample of a scraped OpenMetrics page, as prometheus_client's parser read it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Sample {
+    pub family: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A scraped page, parsed.
+#[derive(Debug, Clone)]
+pub struct Scrape(pub Vec<Sample>);
+
+impl Scrape {
+    /// The value of sample `name` whose labels include every `(key, value)` of `labels`,
+    /// summed when several match; 0 when none does.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|s| {
+                s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+
+    /// Whether the page has sample `name` at all.
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|s| s.name == name)
+    }
+}
+
+/// Parses OpenMetrics text with Python's prometheus_client (from the tools venv `ci-setup`
+/// installs), or says loudly why not and returns `None`.
+pub struct OpenMetricsParser {
+    python: PathBuf,
+}
+
+impl OpenMetricsParser {
+    pub fn find(test: &str) -> Option<Self> {
+        let venv = std::env::var_os("PYPE_MOTO_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::repo().join(".venv-moto"));
+        let python = venv.join("bin/python");
+        let ok = Command::new(&python)
+            .args(["-c", "import prometheus_client"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            crate::skip(
+                test,
+                &format!("prometheus_client in {} is missing", venv.display()),
+                "./ci-setup installs it",
+            );
+            return None;
+        }
+        Some(Self { python })
+    }
+
+    /// GETs `http://ADDR/metrics` and parses it; panics on a page the parser refuses.
+    pub fn scrape(&self, addr: &str) -> Scrape {
+        use std::io::{Read, Write};
+        let mut s =
+            std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer: {raw}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
+        self.parse(body)
+    }
+
+    pub fn parse(&self, text: &str) -> Scrape {
+        use std::io::Write;
+        let mut child = Command::new(&self.python)
+            .arg(crate::repo().join("tests/metrics/parse.py"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "prometheus_client refused the page: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Scrape(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect(),
+        )
+    }
+}

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod endpoint;
 pub mod framed;
 pub mod fsafe;
+pub mod httpd;
 pub mod links;
 pub mod pack;
 pub mod pki;

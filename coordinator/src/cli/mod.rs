@@ -42,6 +42,10 @@ pub struct Cli {
     /// [default: <state>/coordinator.toml when it exists].
     #[arg(long, env = "PYPE_COORDINATOR_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics (OpenMetrics text at /metrics) on this TCP address while
+    /// `serve` or an embedded `run` lasts [default: off].
+    #[arg(long, env = "PYPE_METRICS_LISTEN", global = true)]
+    metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -471,6 +475,7 @@ fn local_options(
         backend,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         advertise: Vec::new(),
+        metrics_listen: None,
     }
 }
 
@@ -487,6 +492,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
                 coordinator: a.coordinator,
                 local: crate::embedded::LocalOptions {
                     listen: a.listen,
+                    metrics_listen: cli.metrics_listen,
                     ..local_options(a.agents, a.heartbeat_interval_ms, a.agent_bin, a.backend)
                 },
                 options: crate::run::RunOptions {
@@ -563,7 +569,8 @@ async fn run_cli(cli: Cli) -> Result<()> {
         }
         Command::Status { run, coordinator } => status::status(&dir, run.as_deref(), coordinator).await,
         Command::Serve { listen, advertise, heartbeat_interval_ms } => {
-            serve(&dir, listen, &advertise, Duration::from_millis(heartbeat_interval_ms)).await
+            serve(&dir, listen, &advertise, Duration::from_millis(heartbeat_interval_ms), cli.metrics_listen)
+                .await
         }
         Command::Token { command: TokenCommand::Create { ttl, uses } } => {
             let state = state::State::open(&dir)?;
@@ -772,10 +779,18 @@ async fn serve(
     listen: SocketAddr,
     advertise: &[String],
     heartbeat_interval: Duration,
+    metrics_listen: Option<SocketAddr>,
 ) -> Result<()> {
     let shutdown = CancellationToken::new();
-    let (coord, _engine, _addr, server) =
-        crate::embedded::start_server(dir, listen, advertise, heartbeat_interval, shutdown.clone()).await?;
+    let (coord, _engine, _addr, server) = crate::embedded::start_server(
+        dir,
+        listen,
+        advertise,
+        heartbeat_interval,
+        metrics_listen,
+        shutdown.clone(),
+    )
+    .await?;
     let runs = coord.shutdown_token();
     tokio::spawn(async move {
         transport::cli::shutdown_signal().await;

@@ -92,6 +92,8 @@ struct ConnectedAgent {
     draining: bool,
     /// The attempts it said it holds (running or with a result to deliver), once it said so.
     in_hand: Option<Vec<u64>>,
+    /// Its last reported totals (minor 7).
+    stats: protocol::AgentStats,
 }
 
 /// What happens to a dispatched attempt, in order: `Started`, any number of `Output`,
@@ -122,6 +124,8 @@ pub struct AgentView {
     pub draining: bool,
     /// Attempts it holds, as it reported after connecting (`None` until it has).
     pub in_hand: Option<Vec<u64>>,
+    /// Its last reported totals (zero until it reports; agents of minor 6 never do).
+    pub stats: protocol::AgentStats,
 }
 
 pub type CheckReply = Result<Vec<(String, Option<u64>)>, RemoteError>;
@@ -276,6 +280,7 @@ impl Hub {
                 labels: a.labels.clone(),
                 draining: a.draining,
                 in_hand: a.in_hand.clone(),
+                stats: a.stats.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
@@ -316,6 +321,7 @@ impl Hub {
                 outbox: j.outbox,
                 draining: false,
                 in_hand: None,
+                stats: Default::default(),
             },
         );
         self.members.send_modify(|g| *g += 1);
@@ -346,6 +352,14 @@ impl Hub {
             a.load_average = hb.load_average;
             a.host.memory_available_bytes = hb.memory_available_bytes;
             a.host.work_dir_free_bytes = hb.work_dir_free_bytes;
+        }
+    }
+
+    /// The agent's reported totals.
+    pub fn agent_stats(&self, agent_id: &str, stats: protocol::AgentStats) {
+        crate::metrics::get().agent_cache_totals(agent_id, stats.cache_hits, stats.cache_misses);
+        if let Some(a) = self.agents().get_mut(agent_id) {
+            a.stats = stats;
         }
     }
 

@@ -180,7 +180,9 @@ impl Provisioner {
                     *seen += 1;
                 }
             }
-            if matches!(self.provider.describe(&pid).await, Ok(InstanceState::Gone)) {
+            let described = self.provider.describe(&pid).await;
+            self.called("describe", &described);
+            if matches!(described, Ok(InstanceState::Gone)) {
                 plan.handle(Instant::now(), planner::Event::Stopped { id });
             }
         }
@@ -203,6 +205,8 @@ impl Provisioner {
                 }
                 planner::Action::Joined { id, boot } => {
                     marks.remove(&id);
+                    let provider = crate::metrics::l1("provider", self.provider.name());
+                    crate::metrics::get().boot_seconds.get_or_create(&provider).observe(boot.as_secs_f64());
                     let _ = self.state.instance_update(&id, "joined", None, None);
                     info!(
                         instance = %id,
@@ -255,6 +259,19 @@ impl Provisioner {
         }
     }
 
+    /// Counts a provider API call in the metrics, by its result.
+    fn called<T>(&self, call: &str, result: &Result<T>) {
+        let result = match result {
+            Ok(_) => "ok",
+            Err(e) => match provider::error_kind(e) {
+                provider::ErrorKind::Capacity => "capacity",
+                provider::ErrorKind::Refused => "refused",
+                provider::ErrorKind::Transient => "transient",
+            },
+        };
+        crate::metrics::get().provider_call(self.provider.name(), call, result);
+    }
+
     /// What a new instance `instance_id` gets: a fresh one-time token bound to it, and the
     /// user-data when the provider boots machines with cloud-init.
     pub fn launch(&self, instance_id: &str) -> Result<provider::Launch> {
@@ -302,7 +319,9 @@ impl Provisioner {
         tags.insert(TAG_STEP.to_string(), need.as_ref().map(|n| n.step.clone()).unwrap_or_default());
         let (cpus, memory_bytes) = need.as_ref().map_or((1, 0), |n| (n.cpus, n.memory_bytes));
         let spec = InstanceSpec { instance_id: id.to_string(), cpus, memory_bytes, tags };
-        match self.provider.create(&spec, &launch).await {
+        let created = self.provider.create(&spec, &launch).await;
+        self.called("create", &created);
+        match created {
             Ok(pid) => {
                 if std::env::var_os("PYPE_FAULT_KILL_AFTER_CREATE").is_some() {
                     // For the crash test: the instance exists, the database does not know its id.
@@ -334,7 +353,9 @@ impl Provisioner {
     async fn terminate(&self, id: &str, provider_id: Option<String>, why: &str) {
         let pid = provider_id.unwrap_or_else(|| id.to_string());
         let _ = self.state.instance_update(id, "terminating", None, Some(why));
-        match self.provider.terminate(&pid).await {
+        let terminated = self.provider.terminate(&pid).await;
+        self.called("terminate", &terminated);
+        match terminated {
             Ok(()) => {
                 let _ = self.state.instance_update(id, "terminated", None, Some(why));
                 let _ = self.state.revoke(id);
@@ -355,7 +376,9 @@ impl Provisioner {
             .collect();
         let ours: HashSet<&String> =
             mine.iter().flat_map(|(id, pid)| [Some(id), pid.as_ref()]).flatten().collect();
-        for listed in self.provider.list(&self.tag).await? {
+        let listed = self.provider.list(&self.tag).await;
+        self.called("list", &listed);
+        for listed in listed? {
             if ours.contains(&listed.provider_id) || accounted.contains(&listed.provider_id) {
                 continue;
             }

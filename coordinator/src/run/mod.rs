@@ -28,6 +28,7 @@ pub mod sched;
 
 use crate::hub::away::Away;
 use crate::hub::{Hub, Runs, StepEvent};
+use crate::metrics;
 use crate::persist::state::{AttemptRecord, RunRecord, State, now_ms};
 use crate::persist::working::WorkingRegistry;
 use crate::pipeline::plan::{self, Action as Planned, PlanOptions};
@@ -103,9 +104,71 @@ pub struct Reporter {
     started_ms: u64,
     sink: Option<mpsc::UnboundedSender<RunEvent>>,
     progress: RunProgress,
+    /// Each step's state as the metrics count it, and since when it is ready.
+    states: HashMap<usize, (&'static str, Option<Instant>)>,
+    /// When each running attempt was dispatched.
+    dispatched: HashMap<u64, Instant>,
+}
+
+impl Drop for Reporter {
+    /// A run's steps leave `pype_steps` with it (`pype_steps_ended` keeps what they became).
+    fn drop(&mut self) {
+        for (state, _) in self.states.values() {
+            metrics::get().step_moved(Some(state), None);
+        }
+    }
 }
 
 impl Reporter {
+    fn new(run: &str, sink: Option<mpsc::UnboundedSender<RunEvent>>) -> Self {
+        Reporter {
+            run: run.to_string(),
+            started_ms: now_ms(),
+            sink,
+            progress: RunProgress::default(),
+            states: HashMap::new(),
+            dispatched: HashMap::new(),
+        }
+    }
+
+    /// Step `step` is now in `state` (for `pype_steps`). `ended` says whether reaching it
+    /// counts in `pype_steps_ended` (not for a step a resumed run finds done).
+    fn step_state(&mut self, step: usize, state: &'static str, ended: bool) {
+        let now = Instant::now();
+        let prev = self.states.insert(step, (state, (state == "ready").then_some(now)));
+        let m = metrics::get();
+        if ended {
+            m.step_moved(prev.map(|p| p.0), Some(state));
+        } else {
+            if let Some((p, _)) = prev {
+                m.step_moved(Some(p), None);
+            }
+            m.steps.get_or_create(&metrics::l1("state", state)).inc();
+        }
+    }
+
+    /// Step `step`'s attempt `attempt_id` was sent: its dispatch latency is observed.
+    fn step_dispatched(&mut self, step: usize, attempt_id: u64) {
+        let now = Instant::now();
+        if let Some((_, Some(ready))) = self.states.get(&step) {
+            metrics::get().dispatch_latency.observe(now.duration_since(*ready).as_secs_f64());
+        }
+        self.dispatched.insert(attempt_id, now);
+        self.step_state(step, "running", false);
+    }
+
+    /// Attempt `attempt_id` ended with `outcome` (`succeeded`, `command_failed`,
+    /// `infra_failed`, `lost`, `superseded`, `not_sent`).
+    fn attempt_ended(&mut self, attempt_id: u64, outcome: &str) {
+        let m = metrics::get();
+        m.attempts.get_or_create(&metrics::l1("outcome", outcome)).inc();
+        if let Some(t) = self.dispatched.remove(&attempt_id) {
+            m.step_duration
+                .get_or_create(&metrics::l1("outcome", outcome))
+                .observe(t.elapsed().as_secs_f64());
+        }
+    }
+
     fn emit(&self, event: &str, step: Option<&str>, attempt: Option<u64>, agent: Option<&str>, detail: &str) {
         info!(
             run = %self.run,
@@ -249,8 +312,7 @@ impl Engine {
                 (run_id, done, attempts)
             }
         };
-        let mut rep =
-            Reporter { run: run_id.clone(), started_ms: now_ms(), sink, progress: RunProgress::default() };
+        let mut rep = Reporter::new(&run_id, sink);
         rep.progress.total = pipeline.steps.len() as u32;
         rep.emit(
             "run started",
@@ -566,14 +628,19 @@ impl Engine {
             match d.action {
                 Planned::Skip => {
                     rep.progress.done += 1;
+                    rep.step_state(i, "skipped", true);
                     rep.emit("step skipped", Some(&p.steps[i].name), None, None, &d.why);
                 }
                 Planned::Prune => {
                     rep.progress.done += 1;
+                    rep.step_state(i, "pruned", true);
                     rep.emit("step pruned", Some(&p.steps[i].name), None, None, &d.why);
                 }
-                Planned::Done => rep.progress.done += 1,
-                Planned::Run => {}
+                Planned::Done => {
+                    rep.progress.done += 1;
+                    rep.step_state(i, "succeeded", false);
+                }
+                Planned::Run => rep.step_state(i, "pending", false),
             }
         }
         let running_steps: Vec<usize> =
@@ -813,6 +880,7 @@ impl Engine {
                     running.insert(a.attempt_id, Running { step: i, agent: a.agent.clone(), log });
                     self.coord.adopt(a.attempt_id, &a.agent, tx.clone());
                     rep.progress.running += 1;
+                    rep.step_dispatched(i, a.attempt_id);
                     rep.emit(
                         "step adopted",
                         Some(&a.step),
@@ -863,6 +931,7 @@ impl Engine {
                 let reason = format!("agent {} came back without attempt {attempt_id}", v.agent_id);
                 if let Some(r) = running.remove(&attempt_id) {
                     rep.progress.running = rep.progress.running.saturating_sub(1);
+                    rep.attempt_ended(attempt_id, "lost");
                     rep.emit(
                         "attempt lost",
                         Some(&p.steps[r.step].name),
@@ -964,6 +1033,7 @@ impl Engine {
         match action {
             Action::Ready { step } => {
                 db(self.state.set_step_state(run_id, &p.steps[step].name, "ready", ""));
+                rep.step_state(step, "ready", false);
                 rep.emit("step ready", Some(&p.steps[step].name), None, None, "");
             }
             Action::Dispatch { step, agent, attempt_id, attempt } => {
@@ -1000,6 +1070,7 @@ impl Engine {
                 let log = AttemptLog::new(runs.join(&s.name).join(format!("attempt-{attempt}.log")));
                 running.insert(attempt_id, Running { step, agent: agent.clone(), log });
                 rep.progress.running += 1;
+                rep.step_dispatched(step, attempt_id);
                 rep.emit(
                     "step dispatched",
                     Some(&s.name),
@@ -1012,6 +1083,8 @@ impl Engine {
                     // using a retry, and the agent takes nothing new until it is seen again.
                     running.remove(&attempt_id);
                     rep.progress.running = rep.progress.running.saturating_sub(1);
+                    rep.attempt_ended(attempt_id, "not_sent");
+                    rep.step_state(step, "ready", false);
                     db(self.state.attempt_ended(attempt_id, "lost", None, Some(&format!("{e:#}")), None));
                     sched.handle(Event::Finished { attempt_id, end: AttemptEnd::NotSent(format!("{e:#}")) });
                     unreachable = Some(agent);
@@ -1023,6 +1096,7 @@ impl Engine {
                 self.coord.forget_attempt(attempt_id);
                 if running.remove(&attempt_id).is_some() {
                     rep.progress.running = rep.progress.running.saturating_sub(1);
+                    rep.attempt_ended(attempt_id, "superseded");
                 }
                 db(self.state.attempt_ended(
                     attempt_id,
@@ -1034,6 +1108,8 @@ impl Engine {
             }
             Action::Retry { step, reason, infra } => {
                 let kind = if infra { "infrastructure" } else { "command" };
+                metrics::get().retries.get_or_create(&metrics::l1("kind", kind)).inc();
+                rep.step_state(step, "ready", false);
                 db(self.state.set_step_state(run_id, &p.steps[step].name, "ready", &reason));
                 rep.emit(
                     "step retried",
@@ -1045,10 +1121,12 @@ impl Engine {
             }
             Action::Succeeded { step } => {
                 rep.progress.done += 1;
+                rep.step_state(step, "succeeded", true);
                 db(self.state.set_step_state(run_id, &p.steps[step].name, "succeeded", ""));
             }
             Action::Failed { step, reason } => {
                 rep.progress.failed += 1;
+                rep.step_state(step, "failed", true);
                 let name = &p.steps[step].name;
                 db(self.state.set_step_state(run_id, name, "failed", &reason));
                 rep.emit("step failed", Some(name), None, None, &reason);
@@ -1060,6 +1138,7 @@ impl Engine {
             }
             Action::Cancelled { step, reason } => {
                 rep.progress.failed += 1;
+                rep.step_state(step, "cancelled", true);
                 db(self.state.set_step_state(run_id, &p.steps[step].name, "cancelled", &reason));
                 rep.emit("step cancelled", Some(&p.steps[step].name), None, None, &reason);
             }
@@ -1129,6 +1208,15 @@ impl Engine {
                     end = AttemptEnd::InfraFailed(format!("harvest refused: {why}"));
                 }
                 let exit = exit_text(&outcome);
+                rep.attempt_ended(
+                    attempt_id,
+                    match &end {
+                        AttemptEnd::Succeeded => "succeeded",
+                        AttemptEnd::CommandFailed(_) => "command_failed",
+                        AttemptEnd::InfraFailed(_) => "infra_failed",
+                        AttemptEnd::NotSent(_) => "not_sent",
+                    },
+                );
                 if let Ok(b) = self.state.transfer_bytes_since(rep.started_ms) {
                     rep.progress.bytes = b;
                 }

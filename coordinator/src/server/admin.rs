@@ -223,6 +223,8 @@ pub(super) fn log_transfer(direction: &str, agent: &str, s: &TransferSummary) {
         mb_per_s = format!("{mb_s:.1}"),
         "transfer done"
     );
+    let to_agent = if direction == "push" { "to_agent" } else { "from_agent" };
+    crate::metrics::get().transfer(to_agent, s.content_bytes, s.wire_bytes, s.elapsed_ms as f64 / 1e3);
 }
 
 /// The connection's path as quinn sees it after a transfer (debug level): the datagram size

@@ -204,6 +204,9 @@ pub(super) async fn control_loop(
                     return format!("could not acknowledge a result: {e}");
                 }
             }
+            Some(Ok(Some(AgentToCoordinator::Stats(stats)))) => {
+                coord.agent_stats(agent_id, stats);
+            }
             Some(Ok(Some(AgentToCoordinator::InHand { attempts }))) => {
                 tracing::debug!(attempts = ?attempts, "attempts the agent holds");
                 coord.in_hand(agent_id, attempts);

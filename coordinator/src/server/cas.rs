@@ -455,6 +455,10 @@ pub(super) fn log_snapshot_transfer(
             "transfer done"
         );
     }
+    let to_agent = direction.starts_with("fetch");
+    // A direct fetch's time here is only the URL's: no rate from it.
+    let secs = if direction == "fetch-direct" { 0.0 } else { elapsed_ms as f64 / 1e3 };
+    crate::metrics::get().transfer(if to_agent { "to_agent" } else { "from_agent" }, bytes, wire_bytes, secs);
     if let Err(e) =
         coord.state().record_transfer(agent, direction, snapshot_id, bytes, wire_bytes, elapsed_ms)
     {

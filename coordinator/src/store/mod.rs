@@ -301,6 +301,15 @@ pub trait SnapshotStore: Send + Sync {
     /// they failed verification.
     fn evict(&self, _snapshot_id: &str) {}
 
+    /// How many snapshots the store holds and their stored bytes (for metrics). By default
+    /// the sum of each snapshot's recorded stored size, which counts blobs shared between
+    /// snapshots once per snapshot.
+    fn usage(&self) -> Result<(u64, u64)> {
+        let ids = self.list()?;
+        let bytes = ids.iter().filter_map(|id| self.meta(id).ok().flatten()).map(|m| m.wire_bytes).sum();
+        Ok((ids.len() as u64, bytes))
+    }
+
     /// Writes `in_snapshot_path` of a snapshot to the local path `dest`, beneath the trusted
     /// directory `root` (see [`transport::tree::stage_out`]): every byte of the stored archive
     /// is checked against its recorded length and digest before anything becomes visible;
@@ -648,6 +657,22 @@ impl CasStore for LocalStore {
 }
 
 impl SnapshotStore for LocalStore {
+    /// Snapshots, and the bytes of every file under the store's directory (blobs, manifests,
+    /// indexes, archives), each blob counted once.
+    fn usage(&self) -> Result<(u64, u64)> {
+        fn walk(dir: &Path) -> u64 {
+            let Ok(rd) = fs::read_dir(dir) else { return 0 };
+            rd.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => walk(&e.path()),
+                    Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+                    _ => 0,
+                })
+                .sum()
+        }
+        Ok((self.list()?.len() as u64, walk(&self.dir)))
+    }
+
     fn cas(&self) -> Option<&dyn CasStore> {
         Some(self)
     }
