@@ -15,6 +15,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::mounts::NsPlan;
+use crate::usage::Meter;
+use protocol::ResourceUsage;
 
 /// Time between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -32,6 +34,8 @@ pub struct ExecSpec {
     /// Where to record the process group (pid and start time), so a later agent can kill
     /// what a killed agent left running.
     pub pid_file: PathBuf,
+    /// How the attempt's resource use is measured (and its memory limited), if at all.
+    pub meter: Option<Meter>,
 }
 
 /// `bash` as found on `PATH` once, so each spawn is one `execve` instead of a search.
@@ -111,10 +115,24 @@ fn kill_group(pgid: i32, signal: Signal) {
     }
 }
 
-/// Runs the snippet to its end. `lines` receives its output (dropped when the receiver lags
-/// behind by more than the channel holds: the log files keep everything).
+/// Runs the snippet to its end; returns how it ended and, with a meter, what it used.
+/// `lines` receives its output (dropped when the receiver lags behind by more than the
+/// channel holds: the log files keep everything).
 pub async fn run(
+    mut spec: ExecSpec,
+    cancel: &CancellationToken,
+    lines: mpsc::Sender<LogLine>,
+) -> Result<(ExecEnd, Option<ResourceUsage>)> {
+    let meter = spec.meter.take();
+    let end = run_metered(spec, meter.as_ref(), cancel, lines).await;
+    // The group is gone (killed whole either way): the meter's figures are complete.
+    let usage = meter.map(Meter::finish);
+    Ok((end?, usage))
+}
+
+async fn run_metered(
     spec: ExecSpec,
+    meter: Option<&Meter>,
     cancel: &CancellationToken,
     lines: mpsc::Sender<LogLine>,
 ) -> Result<ExecEnd> {
@@ -128,19 +146,33 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(plan) = spec.namespace {
+    let join = meter.and_then(Meter::join);
+    if spec.namespace.is_some() || join.is_some() {
+        let plan = spec.namespace;
         // A mount namespace must be entered by the child alone (entered by the agent, it would
-        // hold the agent's own thread), and std has no safe hook between `fork` and `exec`:
-        // `process_group` above covers the process group, nothing covers `unshare`.
+        // hold the agent's own thread), and so must its cgroups (nothing it starts may run
+        // outside them); std has no safe hook between `fork` and `exec`: `process_group`
+        // above covers the process group, nothing covers `unshare` or a cgroup.
         // SAFETY: `pre_exec` runs the closure in the forked child of a multithreaded process,
-        // where only async-signal-safe work is sound; `NsPlan::enter` only makes system calls
-        // on C strings prepared before the fork and allocates nothing.
+        // where only async-signal-safe work is sound; `Join::enter` and `NsPlan::enter` only
+        // make system calls on C strings prepared before the fork and allocate nothing.
         unsafe {
-            cmd.pre_exec(move || plan.enter());
+            cmd.pre_exec(move || {
+                if let Some(j) = &join {
+                    j.enter()?;
+                }
+                match &plan {
+                    Some(p) => p.enter(),
+                    None => Ok(()),
+                }
+            });
         }
     }
     let mut child = cmd.spawn().context("starting bash")?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    if let Some(m) = meter {
+        m.started(pgid);
+    }
     if let Some(started) = start_time(pgid) {
         let _ = std::fs::write(&spec.pid_file, format!("{pgid} {started}\n"));
     }
@@ -260,6 +292,7 @@ mod tests {
             timeout: Some(Duration::from_secs(60)),
             namespace,
             pid_file: dir.join("pid"),
+            meter: None,
         }
     }
 
@@ -290,7 +323,8 @@ mod tests {
             o = out.display()
         );
         let (tx, _rx) = mpsc::channel(16);
-        let end = run(spec(tmp.path(), &script, Some(plan)), &CancellationToken::new(), tx).await.unwrap();
+        let (end, _) =
+            run(spec(tmp.path(), &script, Some(plan)), &CancellationToken::new(), tx).await.unwrap();
         let stderr = std::fs::read_to_string(tmp.path().join("stderr")).unwrap_or_default();
         assert_eq!(end, ExecEnd::Exited(0), "{stderr}");
         assert_eq!(std::fs::read_to_string(tmp.path().join("stdout")).unwrap(), "view\nkept\n");
@@ -310,7 +344,7 @@ mod tests {
         let script = "read -r _ _ _ _ pgrp _ < /proc/$$/stat; echo $pgrp $$; sleep 600 & echo $!; wait";
         let mut s = spec(tmp.path(), script, None);
         s.timeout = Some(Duration::from_millis(500));
-        let end = run(s, &CancellationToken::new(), tx).await.unwrap();
+        let (end, _) = run(s, &CancellationToken::new(), tx).await.unwrap();
         assert_eq!(end, ExecEnd::TimedOut);
         let text = std::fs::read_to_string(tmp.path().join("stdout")).unwrap();
         let ids: Vec<i32> = text.split_whitespace().map(|v| v.parse().unwrap()).collect();

@@ -17,6 +17,7 @@ pub mod session;
 pub mod settings;
 pub mod step;
 pub mod subst;
+pub mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

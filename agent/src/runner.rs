@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use protocol::{AgentToCoordinator, LogLine, RegistryEntry, RemoteError, StepExit, StepOutcome, StepSpec};
+use protocol::{
+    AgentToCoordinator, LogLine, RegistryEntry, RemoteError, ResourceUsage, StepExit, StepOutcome, StepSpec,
+};
 use rustix::process::Signal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +32,8 @@ pub struct Runner {
     outbox: mpsc::Sender<AgentToCoordinator>,
     running: Mutex<HashMap<u64, CancellationToken>>,
     pending: Mutex<BTreeMap<u64, StepOutcome>>,
+    /// What the pending results' attempts used, sent before each (again with each resend).
+    usages: Mutex<BTreeMap<u64, ResourceUsage>>,
     tasks: TaskTracker,
     draining: AtomicBool,
 }
@@ -45,6 +49,7 @@ impl Runner {
             outbox,
             running: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
+            usages: Mutex::new(BTreeMap::new()),
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
         })
@@ -77,6 +82,9 @@ impl Runner {
             return;
         }
         if let Some(done) = lock(&self.pending).get(&attempt_id).cloned() {
+            if let Some(usage) = lock(&self.usages).get(&attempt_id).cloned() {
+                let _ = self.outbox.try_send(AgentToCoordinator::StepUsage { attempt_id, usage });
+            }
             let _ = self.outbox.try_send(AgentToCoordinator::StepFinished(done));
             return;
         }
@@ -115,7 +123,7 @@ impl Runner {
                 });
                 let m = crate::metrics::get();
                 m.steps_running.inc();
-                let mut outcome = me.steps.run(spec, cancel, tx, on_start).await;
+                let (mut outcome, usage) = me.steps.run(spec, cancel, tx, on_start).await;
                 m.steps_running.dec();
                 m.steps.get_or_create(if outcome.succeeded() { &metrics::SUCCEEDED } else { &metrics::FAILED }).inc();
                 if let StepExit::Signalled(sig) = outcome.exit
@@ -133,6 +141,20 @@ impl Runner {
                 info!(exit = ?outcome.exit, elapsed_ms = outcome.elapsed_ms, error = outcome.error.as_deref().unwrap_or(""), "step finished");
                 lock(&me.pending).insert(attempt_id, outcome.clone());
                 lock(&me.running).remove(&attempt_id);
+                if let Some(usage) = usage {
+                    info!(
+                        cpu_user_ms = usage.cpu_user_ms,
+                        cpu_system_ms = usage.cpu_system_ms,
+                        peak_memory_bytes = usage.peak_memory_bytes,
+                        read_bytes = usage.read_bytes,
+                        write_bytes = usage.write_bytes,
+                        oom_killed = usage.oom_killed,
+                        measured_by = %usage.measured_by,
+                        "step resources"
+                    );
+                    lock(&me.usages).insert(attempt_id, usage.clone());
+                    let _ = me.outbox.send(AgentToCoordinator::StepUsage { attempt_id, usage }).await;
+                }
                 let _ = me.outbox.send(AgentToCoordinator::StepFinished(outcome)).await;
             }
             .instrument(span),
@@ -151,6 +173,7 @@ impl Runner {
 
     pub fn ack(&self, attempt_id: u64) {
         lock(&self.pending).remove(&attempt_id);
+        lock(&self.usages).remove(&attempt_id);
     }
 
     /// Attempts running or holding an unacknowledged result.
@@ -162,9 +185,11 @@ impl Runner {
         ids
     }
 
-    /// Results not yet acknowledged, to send again on a new connection.
-    pub fn unacknowledged(&self) -> Vec<StepOutcome> {
-        lock(&self.pending).values().cloned().collect()
+    /// Results not yet acknowledged, to send again on a new connection, with what their
+    /// attempts used.
+    pub fn unacknowledged(&self) -> Vec<(StepOutcome, Option<ResourceUsage>)> {
+        let usages = lock(&self.usages);
+        lock(&self.pending).values().map(|o| (o.clone(), usages.get(&o.attempt_id).cloned())).collect()
     }
 
     pub fn check_outputs(

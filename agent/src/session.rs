@@ -243,6 +243,12 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
     std::fs::create_dir_all(&cfg.work_dir)
         .with_context(|| format!("creating work dir {}", cfg.work_dir.display()))?;
     step::sweep_leftovers(&cfg.settings);
+    let cgroups = crate::usage::Hierarchies::get();
+    crate::usage::sweep(cgroups);
+    info!(
+        cgroups = %if !cfg.settings.cgroups { "off (PYPE_CGROUPS=never)".to_string() } else { cgroups.describe() },
+        "attempts' resource use: a cgroup per attempt where one can be created, else the process group sampled from /proc"
+    );
     let cache = Cache::open(cfg.state_dir.join("cache"), cfg.settings.cache_size_bytes)?;
     let held = Arc::downgrade(&cache);
     crate::metrics::get().on_scrape(move |m| {
@@ -526,8 +532,12 @@ async fn session(
     }
     let in_hand = AgentToCoordinator::InHand { attempts: link.runner.in_hand() };
     framed::write_frame(&mut send, &in_hand).await?;
-    for outcome in link.runner.unacknowledged() {
+    for (outcome, usage) in link.runner.unacknowledged() {
         info!(attempt = outcome.attempt_id, "reporting a result finished while disconnected");
+        if let Some(usage) = usage.filter(|_| welcome.protocol_minor >= 7) {
+            let msg = AgentToCoordinator::StepUsage { attempt_id: outcome.attempt_id, usage };
+            framed::write_frame(&mut send, &msg).await?;
+        }
         framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome)).await?;
     }
     let _ = link.conn.send(Some((conn.clone(), welcome.protocol_minor)));
@@ -600,6 +610,10 @@ async fn session(
                 }
             }
             Some(msg) = link.outbox.recv() => {
+                // Older coordinators do not know this message.
+                if matches!(msg, AgentToCoordinator::StepUsage { .. }) && welcome.protocol_minor < 7 {
+                    continue;
+                }
                 if framed::write_frame(&mut send, &msg).await.is_err() {
                     break classify(&conn.closed().await);
                 }

@@ -59,6 +59,9 @@ pub struct Settings {
     pub cache_size_bytes: u64,
     pub mount_overlay: bool,
     pub mount_namespace: bool,
+    /// `PYPE_CGROUPS`: measure (and limit) each attempt in a cgroup of its own when the agent
+    /// can create one (`auto`), or never (`never`: its process group is sampled instead).
+    pub cgroups: bool,
     pub work_dir: PathBuf,
 }
 
@@ -135,6 +138,7 @@ impl Settings {
             cache_size_bytes,
             mount_overlay: policy(cfg, "PYPE_OVERLAY_MOUNT")?,
             mount_namespace: policy(cfg, "PYPE_MOUNT_NAMESPACE")?,
+            cgroups: policy(cfg, "PYPE_CGROUPS")?,
             work_dir: work_dir.to_path_buf(),
         })
     }

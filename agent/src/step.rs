@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use protocol::{LogLine, Registry, RegistryEntry, StepExit, StepKind, StepOutcome, StepSpec};
+use protocol::{LogLine, Registry, RegistryEntry, ResourceUsage, StepExit, StepKind, StepOutcome, StepSpec};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -25,6 +25,11 @@ use crate::mounts::{self, NsPlan};
 use crate::remote::SnapshotRemote;
 use crate::settings::Settings;
 use crate::{served, subst};
+
+/// The step's `resources.memory` in bytes, which the coordinator puts in the step's
+/// environment (its `PYPE_RS_` variables are the coordinator's to set): the attempt's cgroup
+/// enforces it.
+pub const MEMORY_ENV: &str = "PYPE_RS_MEMORY_BYTES";
 
 /// What every attempt on this agent shares.
 #[derive(Clone)]
@@ -121,8 +126,9 @@ impl Steps {
         cancel: CancellationToken,
         lines: mpsc::Sender<LogLine>,
         on_start: OnStart,
-    ) -> StepOutcome {
+    ) -> (StepOutcome, Option<ResourceUsage>) {
         let started = Instant::now();
+        let mut usage = None;
         let mut outcome = StepOutcome {
             attempt_id: spec.attempt_id,
             exit: StepExit::SetupFailed,
@@ -135,18 +141,19 @@ impl Steps {
         let declared: Vec<String> = spec.inputs.iter().chain(&spec.outputs).cloned().collect();
         if let Err(e) = self.sync_registry(&declared, &spec.registry).await {
             outcome.error = Some(format!("{e:#}"));
-            return outcome;
+            return (outcome, usage);
         }
         let ctx = self.context(spec.attempt_id, &spec.run, &spec.step);
         let mut backend = match backend::resolve_backend(&ctx).await {
             Ok(b) => b,
             Err(e) => {
                 outcome.error = Some(format!("{e:#}"));
-                return outcome;
+                return (outcome, usage);
             }
         };
         outcome.backend = backend.name().to_string();
-        let result = self.run_with(&spec, backend.as_mut(), &cancel, lines, on_start, &mut outcome).await;
+        let result =
+            self.run_with(&spec, backend.as_mut(), &cancel, lines, on_start, &mut outcome, &mut usage).await;
         if let Err(e) = result {
             outcome.error = Some(format!("{e:#}"));
         }
@@ -181,9 +188,10 @@ impl Steps {
             }
         }
         outcome.elapsed_ms = started.elapsed().as_millis() as u64;
-        outcome
+        (outcome, usage)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_with(
         &self,
         spec: &StepSpec,
@@ -192,6 +200,7 @@ impl Steps {
         lines: mpsc::Sender<LogLine>,
         on_start: OnStart,
         outcome: &mut StepOutcome,
+        usage: &mut Option<ResourceUsage>,
     ) -> Result<()> {
         let log_dir = self.log_dir(spec);
         // The snippet works in its attempt's log directory: what it leaves there stays with its
@@ -267,6 +276,13 @@ impl Steps {
             None
         };
         info!(attempt = spec.attempt_id, backend = %backend.name(), view = %how, "running snippet");
+        let memory_limit = spec
+            .env
+            .iter()
+            .find(|(k, _)| k == MEMORY_ENV)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .filter(|&b| b > 0);
+        let meter = crate::usage::Meter::new(self.settings.cgroups, spec.attempt_id, memory_limit);
         on_start(backend.name(), &how);
         let end = exec::run(
             ExecSpec {
@@ -278,6 +294,7 @@ impl Steps {
                 timeout: spec.timeout_secs.map(Duration::from_secs),
                 namespace,
                 pid_file: self.pid_file(spec),
+                meter: Some(meter),
             },
             cancel,
             lines,
@@ -286,13 +303,28 @@ impl Steps {
         if let Some(s) = served {
             outcome.new_entries = s.finish().await;
         }
-        let end = end?;
+        let (end, used) = end?;
+        let oom = used.as_ref().filter(|u| u.oom_killed).map(|u| u.memory_limit_bytes);
+        *usage = used;
         outcome.exit = match end {
             ExecEnd::Exited(c) => StepExit::Exited(c),
             ExecEnd::Signalled(s) => StepExit::Signalled(s),
             ExecEnd::TimedOut => StepExit::TimedOut,
             ExecEnd::Cancelled => StepExit::Cancelled,
         };
+        if end != ExecEnd::Exited(0)
+            && let Some(limit) = oom
+        {
+            outcome.error = Some(match limit {
+                Some(l) => format!(
+                    "killed by the out-of-memory killer: the step used all of its memory limit of {} MiB \
+                     (resources.memory)",
+                    l >> 20
+                ),
+                None => "killed by the out-of-memory killer".to_string(),
+            });
+            return Ok(());
+        }
         if end != ExecEnd::Exited(0) {
             outcome.error = Some(match end {
                 ExecEnd::Exited(c) => format!("snippet exited with code {c}"),

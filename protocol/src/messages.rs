@@ -87,6 +87,33 @@ pub enum AgentToCoordinator {
     /// The agent's running totals, sent after each heartbeat to a coordinator of minor 7 or
     /// later. (Minor 7.)
     Stats(AgentStats),
+    /// What attempt `attempt_id` used, sent just before its `StepFinished` (and again before
+    /// each resend of it) to a coordinator of minor 7 or later. (Minor 7.)
+    StepUsage {
+        attempt_id: u64,
+        usage: ResourceUsage,
+    },
+}
+
+/// What one attempt used, measured by the agent. (Minor 7.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    /// CPU time in user and kernel mode, of the snippet and everything it started.
+    pub cpu_user_ms: u64,
+    pub cpu_system_ms: u64,
+    /// Peak memory: of the attempt's cgroup (page cache included), or the largest sum of
+    /// resident set sizes seen across its process group.
+    pub peak_memory_bytes: u64,
+    /// Bytes read from and written to storage (cgroup I/O accounting), or through
+    /// read/write calls (procfs).
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// How it was measured: `cgroup v2`, `cgroup v1` or `procfs` (sampled every 100 ms).
+    pub measured_by: String,
+    /// The memory limit the cgroup enforced, if any.
+    pub memory_limit_bytes: Option<u64>,
+    /// The kernel's out-of-memory killer killed a process of the attempt.
+    pub oom_killed: bool,
 }
 
 /// What an agent counted since it started (totals, not increments: a restarted agent starts

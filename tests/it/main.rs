@@ -16,6 +16,7 @@ mod instances;
 mod lifecycle;
 mod metrics;
 mod pipelines;
+mod resources;
 mod roundtrip;
 mod slurm;
 mod trust;

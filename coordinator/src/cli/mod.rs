@@ -124,6 +124,9 @@ enum Command {
         run: Option<String>,
         #[arg(long)]
         coordinator: Option<SocketAddr>,
+        /// One JSON object: the run, its steps with what their last attempts used, the agents.
+        #[arg(long)]
+        json: bool,
     },
     /// cloud-init user-data for ephemeral instances.
     #[command(name = "cloud-init")]
@@ -567,7 +570,9 @@ async fn run_cli(cli: Cli) -> Result<()> {
         Command::Logs { run, step, attempt, follow } => {
             status::logs(&dir, &run, &step, attempt, follow).await
         }
-        Command::Status { run, coordinator } => status::status(&dir, run.as_deref(), coordinator).await,
+        Command::Status { run, coordinator, json } => {
+            status::status(&dir, run.as_deref(), coordinator, json).await
+        }
         Command::Serve { listen, advertise, heartbeat_interval_ms } => {
             serve(&dir, listen, &advertise, Duration::from_millis(heartbeat_interval_ms), cli.metrics_listen)
                 .await

@@ -9,6 +9,7 @@ use anyhow::{Result, anyhow, bail};
 use protocol::{AdminRequest, AdminResponse};
 
 use crate::persist::state::{State, now_ms};
+use crate::run::outcome::human_bytes;
 use crate::run::runs_dir;
 
 /// `pype-coordinator logs RUN STEP [--follow]`.
@@ -73,7 +74,7 @@ fn fmt_ms(ms: u64) -> String {
 }
 
 /// `pype-coordinator status [RUN]`.
-pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>) -> Result<()> {
+pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>, json: bool) -> Result<()> {
     let state = State::open(dir)?;
     let agents = if dir.join(crate::persist::ADDR_FILE).exists() || addr.is_some() {
         let req = crate::cli::admin::admin(dir, addr, AdminRequest::ListAgents);
@@ -97,6 +98,10 @@ pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>) -> 
     let rec = state.run(&run_id)?.ok_or_else(|| anyhow!("no run {run_id}"))?;
     let steps = state.steps_of(&run_id)?;
     let end = rec.finished_ms.unwrap_or_else(now_ms);
+    if json {
+        println!("{}", status_json(&rec, &steps, agents.as_deref(), end));
+        return Ok(());
+    }
     println!(
         "run {} ({}): {} after {}{}",
         rec.run_id,
@@ -127,8 +132,8 @@ pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>) -> 
     }
     let width = steps.iter().map(|s| s.step.len()).max().unwrap_or(4).max(4);
     println!(
-        "\n{:<width$} {:<10} {:>7} {:<14} {:>9} {:>12} WHY",
-        "STEP", "STATE", "ATTEMPT", "AGENT", "DURATION", "BYTES"
+        "\n{:<width$} {:<10} {:>7} {:<14} {:>9} {:>12} {:>8} {:>9} {:>9} WHY",
+        "STEP", "STATE", "ATTEMPT", "AGENT", "DURATION", "BYTES", "CPU", "PEAK MEM", "REQUESTED"
     );
     for s in &steps {
         let dur = match (s.started_ms, s.finished_ms) {
@@ -136,16 +141,67 @@ pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>) -> 
             (Some(a), None) if s.state == "running" => fmt_ms(now_ms().saturating_sub(a)),
             _ => String::new(),
         };
+        let (cpu, peak) = match &s.usage {
+            Some(u) => (
+                format!("{:.1}s", (u.cpu_user_ms + u.cpu_system_ms) as f64 / 1e3),
+                format!("{}{}", human_bytes(u.peak_memory_bytes), if u.oom_killed { " OOM" } else { "" }),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let requested = if s.requested_memory > 0 { human_bytes(s.requested_memory) } else { String::new() };
         println!(
-            "{:<width$} {:<10} {:>7} {:<14} {:>9} {:>12} {}",
+            "{:<width$} {:<10} {:>7} {:<14} {:>9} {:>12} {:>8} {:>9} {:>9} {}",
             s.step,
             s.state,
             s.attempts,
             s.agent.as_deref().unwrap_or(""),
             dur,
             s.bytes,
+            cpu,
+            peak,
+            requested,
             s.why
         );
     }
     Ok(())
+}
+
+/// `status --json`: the run, its steps with what their last attempt used, and the agents.
+fn status_json(
+    rec: &crate::persist::state::RunRecord,
+    steps: &[crate::persist::state::StepRecord],
+    agents: Option<&[protocol::AgentInfo]>,
+    end: u64,
+) -> serde_json::Value {
+    let steps: Vec<serde_json::Value> = steps
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "step": s.step,
+                "state": s.state,
+                "attempts": s.attempts,
+                "agent": s.agent,
+                "started_ms": s.started_ms,
+                "finished_ms": s.finished_ms,
+                "bytes": s.bytes,
+                "why": s.why,
+                "usage": s.usage,
+                "requested_memory_bytes": s.requested_memory,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "run": rec.run_id,
+        "pipeline": rec.pipeline,
+        "state": rec.state,
+        "error": rec.error,
+        "created_ms": rec.created_ms,
+        "elapsed_ms": end.saturating_sub(rec.created_ms),
+        "steps": steps,
+        "agents": agents.map(|list| list.iter().map(|a| serde_json::json!({
+            "agent": a.agent_id,
+            "cpus": a.host.cpus,
+            "load_average": a.load_average,
+        })).collect::<Vec<_>>()),
+    })
 }

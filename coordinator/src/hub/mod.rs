@@ -100,8 +100,13 @@ struct ConnectedAgent {
 /// one `Finished`.
 #[derive(Debug, Clone)]
 pub enum StepEvent {
-    Started { backend: String, view: String },
+    Started {
+        backend: String,
+        view: String,
+    },
     Output(Vec<LogLine>),
+    /// What the attempt used (from agents of minor 7 on), just before `Finished`.
+    Usage(protocol::ResourceUsage),
     Finished(StepOutcome),
 }
 

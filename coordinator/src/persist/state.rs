@@ -121,7 +121,9 @@ CREATE TABLE IF NOT EXISTS attempts (
     finished_ms INTEGER,
     exit TEXT,
     error TEXT,
-    elapsed_ms INTEGER
+    elapsed_ms INTEGER,
+    usage_json TEXT,
+    requested_memory INTEGER
 );
 CREATE INDEX IF NOT EXISTS attempts_by_step ON attempts (run_id, step);
 CREATE TABLE IF NOT EXISTS instances (
@@ -183,6 +185,10 @@ pub struct StepRecord {
     /// Snapshot bytes the step's agent moved while the step ran (exact when the agent ran
     /// nothing else at the time).
     pub bytes: u64,
+    /// What its last attempt used, when its agent measured it.
+    pub usage: Option<protocol::ResourceUsage>,
+    /// The memory the step requested (`resources.memory`; 0: none).
+    pub requested_memory: u64,
 }
 
 /// One attempt.
@@ -206,13 +212,19 @@ impl State {
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         db.execute_batch(SCHEMA).context("creating state schema")?;
-        // Databases made before instances were provisioned lack these columns.
-        for (column, decl) in [("provider_id", "TEXT"), ("note", "TEXT NOT NULL DEFAULT ''")] {
+        // Databases made before instances were provisioned, or before attempts recorded what
+        // they used, lack these columns.
+        for (table, column, decl) in [
+            ("instances", "provider_id", "TEXT"),
+            ("instances", "note", "TEXT NOT NULL DEFAULT ''"),
+            ("attempts", "usage_json", "TEXT"),
+            ("attempts", "requested_memory", "INTEGER"),
+        ] {
             let present: bool = db
-                .prepare("SELECT 1 FROM pragma_table_info('instances') WHERE name = ?1")?
+                .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
                 .exists(params![column])?;
             if !present {
-                db.execute_batch(&format!("ALTER TABLE instances ADD COLUMN {column} {decl}"))?;
+                db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
             }
         }
         Ok(Self { db: Mutex::new(db) })
@@ -510,6 +522,22 @@ impl State {
         Ok(())
     }
 
+    /// What attempt `attempt_id` used, as its agent measured it, and the memory its step
+    /// requested (0: none).
+    pub fn attempt_usage(
+        &self,
+        attempt_id: u64,
+        usage: &protocol::ResourceUsage,
+        requested_memory: u64,
+    ) -> Result<()> {
+        self.db()
+            .prepare_cached(
+                "UPDATE attempts SET usage_json = ?2, requested_memory = ?3 WHERE attempt_id = ?1",
+            )?
+            .execute(params![attempt_id as i64, serde_json::to_string(usage)?, requested_memory as i64])?;
+        Ok(())
+    }
+
     /// Attempts of a run still marked as in flight (after a coordinator crash).
     pub fn open_attempts(&self, run_id: &str) -> Result<Vec<AttemptRecord>> {
         self.attempts_where("run_id = ?1 AND state IN ('dispatched', 'started')", run_id)
@@ -545,8 +573,10 @@ impl State {
         let mut stmt = db.prepare(
             "SELECT s.step, s.idx, s.state, s.why, s.attempts, s.attempt_id, s.agent, s.started_ms, s.finished_ms,
                (SELECT COALESCE(SUM(t.bytes), 0) FROM transfers t WHERE t.agent = s.agent
-                  AND t.at_ms >= s.started_ms AND t.at_ms <= COALESCE(s.finished_ms, 1 << 62))
-             FROM steps s WHERE s.run_id = ?1 ORDER BY s.idx",
+                  AND t.at_ms >= s.started_ms AND t.at_ms <= COALESCE(s.finished_ms, 1 << 62)),
+               a.usage_json, a.requested_memory
+             FROM steps s LEFT JOIN attempts a ON a.attempt_id = s.attempt_id
+             WHERE s.run_id = ?1 ORDER BY s.idx",
         )?;
         let rows = stmt.query_map(params![run_id], |r| {
             Ok(StepRecord {
@@ -560,6 +590,9 @@ impl State {
                 started_ms: r.get(7)?,
                 finished_ms: r.get(8)?,
                 bytes: r.get::<_, i64>(9)? as u64,
+                // A row this version cannot read shows as unmeasured, not as an error.
+                usage: r.get::<_, Option<String>>(10)?.and_then(|j| serde_json::from_str(&j).ok()),
+                requested_memory: r.get::<_, Option<i64>>(11)?.map_or(0, |v| v.max(0) as u64),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -34,7 +34,7 @@ use crate::persist::working::WorkingRegistry;
 use crate::pipeline::plan::{self, Action as Planned, PlanOptions};
 use crate::pipeline::{Pipeline, Profile};
 use membership::Membership;
-use outcome::{check_harvest, exit_text, judge, write_back};
+use outcome::{check_harvest, exit_text, judge, usage_text, write_back};
 use sched::{Action, AgentCapacity, AttemptEnd, Event, Scheduler};
 
 /// Lines of a failed step's log printed with the failure.
@@ -108,6 +108,8 @@ pub struct Reporter {
     states: HashMap<usize, (&'static str, Option<Instant>)>,
     /// When each running attempt was dispatched.
     dispatched: HashMap<u64, Instant>,
+    /// Steps already warned about their memory.
+    memory_warned: HashSet<String>,
 }
 
 impl Drop for Reporter {
@@ -128,6 +130,7 @@ impl Reporter {
             progress: RunProgress::default(),
             states: HashMap::new(),
             dispatched: HashMap::new(),
+            memory_warned: HashSet::new(),
         }
     }
 
@@ -229,9 +232,42 @@ struct Running {
     step: usize,
     agent: String,
     log: AttemptLog,
+    /// What the attempt used, when its agent said (just before its result).
+    usage: Option<protocol::ResourceUsage>,
 }
 
 impl Engine {
+    /// Records what an attempt used, says it as a `step resources` event, and warns once per
+    /// step when its peak memory was above what it requested or below a quarter of it.
+    fn report_usage(
+        &self,
+        run_id: &str,
+        step: &crate::pipeline::Step,
+        attempt_id: u64,
+        agent: &str,
+        u: &protocol::ResourceUsage,
+        rep: &mut Reporter,
+    ) {
+        let requested = step.resources.memory_bytes;
+        if let Err(e) = self.state.attempt_usage(attempt_id, u, requested) {
+            warn!(run = %run_id, "state database: {e:#}");
+        }
+        rep.emit(
+            "step resources",
+            Some(&step.name),
+            Some(attempt_id),
+            Some(agent),
+            &usage_text(u, requested),
+        );
+        let judged = outcome::memory_judgement(u.peak_memory_bytes, requested);
+        if let Some(why) = judged
+            && rep.memory_warned.insert(step.name.clone())
+        {
+            warn!(run = %run_id, step = %step.name, attempt = attempt_id, "step {}: {why}", step.name);
+            rep.emit("step memory", Some(&step.name), Some(attempt_id), Some(agent), &why);
+        }
+    }
+
     /// Publishes what the run wants from the provisioner.
     fn want_agents(
         &self,
@@ -877,7 +913,8 @@ impl Engine {
             match step {
                 Some(i) if sched.adopt(i, a.attempt_id, &a.agent) => {
                     let log = AttemptLog::new(runs.join(&a.step).join(format!("attempt-{}.log", a.number)));
-                    running.insert(a.attempt_id, Running { step: i, agent: a.agent.clone(), log });
+                    running
+                        .insert(a.attempt_id, Running { step: i, agent: a.agent.clone(), log, usage: None });
                     self.coord.adopt(a.attempt_id, &a.agent, tx.clone());
                     rep.progress.running += 1;
                     rep.step_dispatched(i, a.attempt_id);
@@ -1068,7 +1105,7 @@ impl Engine {
                     return None;
                 }
                 let log = AttemptLog::new(runs.join(&s.name).join(format!("attempt-{attempt}.log")));
-                running.insert(attempt_id, Running { step, agent: agent.clone(), log });
+                running.insert(attempt_id, Running { step, agent: agent.clone(), log, usage: None });
                 rep.progress.running += 1;
                 rep.step_dispatched(step, attempt_id);
                 rep.emit(
@@ -1190,11 +1227,17 @@ impl Engine {
                     r.log.push(&l.line);
                 }
             }
+            StepEvent::Usage(u) => r.usage = Some(u),
             StepEvent::Finished(outcome) => {
                 let r = running.remove(&attempt_id).expect("looked up above");
                 rep.progress.running = rep.progress.running.saturating_sub(1);
                 let step = &p.steps[r.step];
                 let mut end = judge(step, &outcome);
+                if let (Some(u), AttemptEnd::CommandFailed(_)) = (&r.usage, &end)
+                    && u.oom_killed
+                {
+                    end = AttemptEnd::CommandFailed(outcome::oom_reason(u));
+                }
                 if matches!(end, AttemptEnd::Succeeded)
                     && let Err(why) = check_harvest(
                         self.coord.store().as_ref(),
@@ -1217,6 +1260,9 @@ impl Engine {
                         AttemptEnd::NotSent(_) => "not_sent",
                     },
                 );
+                if let Some(u) = &r.usage {
+                    self.report_usage(run_id, step, attempt_id, &r.agent, u, rep);
+                }
                 if let Ok(b) = self.state.transfer_bytes_since(rep.started_ms) {
                     rep.progress.bytes = b;
                 }
@@ -1348,6 +1394,10 @@ fn served_env(p: &Pipeline, s: &crate::pipeline::Step) -> Vec<(String, String)> 
     // What the agent serves is the coordinator's to say, never the step's own env.
     let mut env: Vec<(String, String)> =
         s.env.iter().filter(|(k, _)| !k.starts_with("PYPE_RS_")).cloned().collect();
+    if s.resources.memory_bytes > 0 {
+        // The agent's cgroup for the attempt enforces it.
+        env.push(("PYPE_RS_MEMORY_BYTES".into(), s.resources.memory_bytes.to_string()));
+    }
     if s.serve_backend {
         env.push(("PYPE_RS_SERVE".into(), "1".into()));
         env.push(("PYPE_RS_ROOTS".into(), p.roots.join(":")));

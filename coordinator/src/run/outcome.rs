@@ -163,3 +163,104 @@ mod tests {
         assert!(!under_roots("p/programs/tool", &roots));
     }
 }
+
+/// Bytes as `12 MiB` (or `512 KiB`, `100 B`).
+pub fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 10 << 30 => format!("{} GiB", b >> 30),
+        b if b >= 10 << 20 => format!("{} MiB", b >> 20),
+        b if b >= 10 << 10 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+/// What an attempt used, in one line: `cpu 1.02 s user + 0.01 s system, peak memory 210 MiB
+/// of 256 MiB requested, read 0 B, written 4096 B (cgroup v1)`.
+pub fn usage_text(u: &protocol::ResourceUsage, requested_memory: u64) -> String {
+    let mut s = format!(
+        "cpu {:.2} s user + {:.2} s system, peak memory {}",
+        u.cpu_user_ms as f64 / 1e3,
+        u.cpu_system_ms as f64 / 1e3,
+        human_bytes(u.peak_memory_bytes)
+    );
+    if requested_memory > 0 {
+        s.push_str(&format!(" of {} requested", human_bytes(requested_memory)));
+    }
+    s.push_str(&format!(
+        ", read {}, written {} ({})",
+        human_bytes(u.read_bytes),
+        human_bytes(u.write_bytes),
+        u.measured_by
+    ));
+    if u.oom_killed {
+        s.push_str(", killed by the out-of-memory killer");
+    }
+    s
+}
+
+/// Why an attempt the out-of-memory killer ended failed.
+pub fn oom_reason(u: &protocol::ResourceUsage) -> String {
+    match u.memory_limit_bytes {
+        Some(l) => format!(
+            "killed by the out-of-memory killer: it reached its memory limit of {} (resources.memory)",
+            human_bytes(l)
+        ),
+        None => "killed by the out-of-memory killer".to_string(),
+    }
+}
+
+/// Why a step's peak memory deserves a warning: above what it requested, or below a quarter
+/// of it (its request holds back memory other steps could use). `None` without a request.
+pub fn memory_judgement(peak: u64, requested: u64) -> Option<String> {
+    if requested == 0 {
+        return None;
+    }
+    if peak > requested {
+        Some(format!(
+            "used {} of memory at its peak, more than the {} it requested (resources.memory)",
+            human_bytes(peak),
+            human_bytes(requested)
+        ))
+    } else if peak < requested / 4 {
+        Some(format!(
+            "used {} of memory at its peak, less than a quarter of the {} it requested (resources.memory)",
+            human_bytes(peak),
+            human_bytes(requested)
+        ))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_judged_against_the_request() {
+        assert_eq!(memory_judgement(10 << 30, 0), None);
+        assert!(memory_judgement(300 << 20, 256 << 20).unwrap().contains("more than the 256 MiB"));
+        assert!(memory_judgement(60 << 20, 256 << 20).unwrap().contains("less than a quarter"));
+        assert_eq!(memory_judgement(64 << 20, 256 << 20), None);
+        assert_eq!(memory_judgement(256 << 20, 256 << 20), None);
+    }
+
+    #[test]
+    fn usage_reads_as_one_line() {
+        let u = protocol::ResourceUsage {
+            cpu_user_ms: 1020,
+            cpu_system_ms: 10,
+            peak_memory_bytes: 210 << 20,
+            read_bytes: 0,
+            write_bytes: 4096,
+            measured_by: "cgroup v1".into(),
+            memory_limit_bytes: Some(256 << 20),
+            oom_killed: true,
+        };
+        assert_eq!(
+            usage_text(&u, 256 << 20),
+            "cpu 1.02 s user + 0.01 s system, peak memory 210 MiB of 256 MiB requested, read 0 B, \
+             written 4096 B (cgroup v1), killed by the out-of-memory killer"
+        );
+    }
+}

@@ -199,6 +199,7 @@ pub(super) async fn admin_run_step(
                 AdminResponse::StepStarted { backend, view }
             }
             StepEvent::Output(lines) => AdminResponse::StepOutput(lines),
+            StepEvent::Usage(_) => continue,
             StepEvent::Finished(outcome) => {
                 info!(attempt = attempt_id, exit = ?outcome.exit, elapsed_ms = outcome.elapsed_ms, "step finished");
                 return AdminResponse::StepDone(outcome);

@@ -204,6 +204,9 @@ pub(super) async fn control_loop(
                     return format!("could not acknowledge a result: {e}");
                 }
             }
+            Some(Ok(Some(AgentToCoordinator::StepUsage { attempt_id, usage }))) => {
+                coord.route(agent_id, attempt_id, StepEvent::Usage(usage));
+            }
             Some(Ok(Some(AgentToCoordinator::Stats(stats)))) => {
                 coord.agent_stats(agent_id, stats);
             }

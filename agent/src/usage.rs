@@ -1,0 +1,524 @@
+//! What an attempt uses (CPU time, peak memory, bytes read and written), and its memory
+//! limit. With a cgroup of its own when the agent can create one: cgroup v2 where the memory
+//! controller is delegated to the agent's cgroup, else the v1 `memory`, `cpuacct` (and
+//! `blkio`) hierarchies, which is what many HPC nodes run. The cgroup enforces the step's
+//! `resources.memory`, and the kernel's out-of-memory kill of one of its processes is
+//! reported as such. Otherwise the attempt's process group is sampled from `/proc` every
+//! [`SAMPLE_EVERY`], and the figures are lower bounds (what the group did after the last
+//! sample is not seen).
+//!
+//! The child joins its cgroups between `fork` and `exec` ([`Join::enter`]), so nothing it
+//! starts escapes them.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::ResourceUsage;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// How often the process group is sampled when there is no cgroup.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// Prefix of the attempts' cgroup names.
+const PREFIX: &str = "pype-attempt-";
+
+/// The cgroup hierarchies this process can place children in, found once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hierarchies {
+    /// cgroup v2: the agent's own cgroup directory, when its memory controller can be used
+    /// for children.
+    pub v2: Option<PathBuf>,
+    /// cgroup v1: the agent's own cgroup directory in each hierarchy.
+    pub memory: Option<PathBuf>,
+    pub cpuacct: Option<PathBuf>,
+    pub blkio: Option<PathBuf>,
+}
+
+/// A cgroup v1 or v2 mount from `/proc/self/mountinfo`: (mount point, v2, controllers).
+fn cgroup_mounts(mountinfo: &str) -> Vec<(PathBuf, bool, Vec<String>)> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some(mount_point) = left.split(' ').nth(4) else { continue };
+        let mut r = right.split(' ');
+        let (Some(fstype), Some(_source), Some(opts)) = (r.next(), r.next(), r.next()) else { continue };
+        let point = PathBuf::from(mount_point.replace("\\040", " "));
+        match fstype {
+            "cgroup2" => out.push((point, true, Vec::new())),
+            "cgroup" => out.push((point, false, opts.split(',').map(str::to_string).collect())),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// This process's cgroup path per v1 controller, and its v2 path (key `""`), from
+/// `/proc/self/cgroup`.
+fn own_paths(proc_cgroup: &str) -> Vec<(String, String)> {
+    proc_cgroup
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            Some((ctrls.to_string(), path.to_string()))
+        })
+        .collect()
+}
+
+/// Joins a mount point and a cgroup path; a path that climbs out is refused.
+fn under(mount: &Path, cg: &str) -> Option<PathBuf> {
+    let rel = cg.trim_start_matches('/');
+    if rel.split('/').any(|c| c == "..") {
+        return None;
+    }
+    Some(if rel.is_empty() { mount.to_path_buf() } else { mount.join(rel) })
+}
+
+impl Hierarchies {
+    /// From the text of `/proc/self/mountinfo` and `/proc/self/cgroup`.
+    pub fn parse(mountinfo: &str, proc_cgroup: &str) -> Self {
+        let mounts = cgroup_mounts(mountinfo);
+        let own = own_paths(proc_cgroup);
+        let mut h = Hierarchies::default();
+        for (point, v2, opts) in &mounts {
+            if *v2 {
+                let Some((_, path)) = own.iter().find(|(c, _)| c.is_empty()) else { continue };
+                h.v2 = under(point, path);
+                continue;
+            }
+            for (name, slot) in
+                [("memory", &mut h.memory), ("cpuacct", &mut h.cpuacct), ("blkio", &mut h.blkio)]
+            {
+                if !opts.iter().any(|o| o == name) {
+                    continue;
+                }
+                let path = own.iter().find(|(c, _)| c.split(',').any(|x| x == name)).map(|(_, p)| p);
+                if let Some(p) = path {
+                    *slot = under(point, p);
+                }
+            }
+        }
+        h
+    }
+
+    /// This process's hierarchies.
+    pub fn of_this_process() -> Self {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let mut h = Self::parse(&mi, &cg);
+        // v2 only where children can get the memory controller.
+        if let Some(dir) = &h.v2 {
+            let ctrls = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+            if !ctrls.split_whitespace().any(|c| c == "memory") {
+                h.v2 = None;
+            }
+        }
+        h
+    }
+
+    /// Which hierarchies an attempt's cgroup would use, for the log.
+    pub fn describe(&self) -> String {
+        match (&self.v2, &self.memory, &self.cpuacct) {
+            (Some(d), _, _) => format!("v2 under {}", d.display()),
+            (None, Some(m), Some(c)) => format!(
+                "v1 under {} and {}{}",
+                m.display(),
+                c.display(),
+                self.blkio.as_ref().map(|b| format!(" and {}", b.display())).unwrap_or_default()
+            ),
+            _ => "none usable".into(),
+        }
+    }
+
+    /// The process-wide answer, found once.
+    pub fn get() -> &'static Hierarchies {
+        static H: std::sync::OnceLock<Hierarchies> = std::sync::OnceLock::new();
+        H.get_or_init(Hierarchies::of_this_process)
+    }
+}
+
+/// What the child writes between `fork` and `exec`: "0" (itself) into each `cgroup.procs`.
+pub struct Join {
+    procs: Vec<CString>,
+}
+
+impl Join {
+    /// Moves the calling process into the cgroups. Only system calls on C strings prepared
+    /// before the fork: sound between `fork` and `exec`.
+    pub fn enter(&self) -> std::io::Result<()> {
+        for p in &self.procs {
+            let fd = rustix::fs::open(p.as_c_str(), rustix::fs::OFlags::WRONLY, rustix::fs::Mode::empty())?;
+            rustix::io::write(&fd, b"0")?;
+        }
+        Ok(())
+    }
+}
+
+/// One attempt's cgroup (its directory in each hierarchy used).
+pub struct Cgroup {
+    v2: bool,
+    dirs: Vec<PathBuf>,
+    limit: Option<u64>,
+}
+
+fn read(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    read(path)?.trim().parse().ok()
+}
+
+/// `key value` lines (cpu.stat, memory.events, memory.oom_control, cpuacct.stat).
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// io.stat (v2): `MAJ:MIN rbytes=N wbytes=N ...` per device, summed.
+fn io_stat_v2(text: &str) -> (u64, u64) {
+    let (mut r, mut w) = (0u64, 0u64);
+    for field in text.split_whitespace() {
+        if let Some(v) = field.strip_prefix("rbytes=") {
+            r = r.saturating_add(v.parse().unwrap_or(0));
+        } else if let Some(v) = field.strip_prefix("wbytes=") {
+            w = w.saturating_add(v.parse().unwrap_or(0));
+        }
+    }
+    (r, w)
+}
+
+/// blkio.throttle.io_service_bytes (v1): `MAJ:MIN Read N` / `MAJ:MIN Write N` lines, summed.
+fn io_service_v1(text: &str) -> (u64, u64) {
+    let (mut r, mut w) = (0u64, 0u64);
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if let [_, op, n] = f[..] {
+            let n: u64 = n.parse().unwrap_or(0);
+            match op {
+                "Read" => r = r.saturating_add(n),
+                "Write" => w = w.saturating_add(n),
+                _ => {}
+            }
+        }
+    }
+    (r, w)
+}
+
+/// USER_HZ: the unit of cpuacct.stat and /proc/PID/stat times.
+const TICKS_PER_SEC: u64 = 100;
+
+impl Cgroup {
+    /// Creates the cgroup `pype-attempt-<attempt>` in each usable hierarchy, with `limit` as
+    /// its memory limit. `None` when there is none to create it in, or creating it failed
+    /// (not root, not delegated): the caller samples instead.
+    pub fn create(h: &Hierarchies, attempt: u64, limit: Option<u64>) -> Option<Cgroup> {
+        let name = format!("{PREFIX}{attempt}");
+        let (v2, parents): (bool, Vec<&PathBuf>) = match (&h.v2, &h.memory, &h.cpuacct) {
+            (Some(d), _, _) => (true, vec![d]),
+            (None, Some(m), Some(c)) => {
+                (false, [Some(m), Some(c), h.blkio.as_ref()].into_iter().flatten().collect())
+            }
+            _ => return None,
+        };
+        let mut cg = Cgroup { v2, dirs: Vec::new(), limit };
+        for parent in parents {
+            let dir = parent.join(&name);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => cg.dirs.push(dir),
+                Err(e) if parent.ends_with("blkio") || h.blkio.as_ref() == Some(parent) => {
+                    // I/O accounting is a bonus: without it the figures say 0.
+                    debug!(dir = %dir.display(), "no blkio cgroup: {e}");
+                }
+                Err(e) => {
+                    debug!(dir = %dir.display(), "cannot create a cgroup: {e}");
+                    return None; // Drop removes what was created.
+                }
+            }
+        }
+        if v2 {
+            // The parent must hand the controllers down: possible only where it holds no
+            // process itself (cgroup v2's rule), as under a delegated service's subtree.
+            let parent = cg.dirs[0].parent().map(Path::to_path_buf).unwrap_or_default();
+            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory +cpu +io");
+            if !cg.dirs[0].join("memory.max").exists() {
+                debug!("cgroup v2: the memory controller is not enabled for children");
+                return None;
+            }
+        }
+        if let Some(limit) = limit {
+            let file = if v2 { "memory.max" } else { "memory.limit_in_bytes" };
+            if let Err(e) = std::fs::write(cg.dirs[0].join(file), limit.to_string()) {
+                warn!("cannot set the memory limit of {}: {e}", cg.dirs[0].display());
+                return None;
+            }
+            if v2 {
+                // No swapping around the limit.
+                let _ = std::fs::write(cg.dirs[0].join("memory.swap.max"), "0");
+            } else {
+                let _ = std::fs::write(cg.dirs[0].join("memory.memsw.limit_in_bytes"), limit.to_string());
+            }
+        }
+        Some(cg)
+    }
+
+    pub fn join(&self) -> Join {
+        let procs = self
+            .dirs
+            .iter()
+            .filter_map(|d| CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok())
+            .collect();
+        Join { procs }
+    }
+
+    /// What the cgroup counted.
+    pub fn usage(&self) -> ResourceUsage {
+        let mut u = ResourceUsage {
+            measured_by: if self.v2 { "cgroup v2" } else { "cgroup v1" }.into(),
+            memory_limit_bytes: self.limit,
+            ..Default::default()
+        };
+        let file = |name: &str| self.dirs.iter().map(|d| d.join(name)).find(|p| p.exists());
+        if self.v2 {
+            let d = &self.dirs[0];
+            let cpu = read(&d.join("cpu.stat")).unwrap_or_default();
+            u.cpu_user_ms = keyed(&cpu, "user_usec").unwrap_or(0) / 1000;
+            u.cpu_system_ms = keyed(&cpu, "system_usec").unwrap_or(0) / 1000;
+            u.peak_memory_bytes = read_u64(&d.join("memory.peak")).unwrap_or(0);
+            u.oom_killed =
+                keyed(&read(&d.join("memory.events")).unwrap_or_default(), "oom_kill").unwrap_or(0) > 0;
+            (u.read_bytes, u.write_bytes) = io_stat_v2(&read(&d.join("io.stat")).unwrap_or_default());
+        } else {
+            match (
+                file("cpuacct.usage_user").and_then(|p| read_u64(&p)),
+                file("cpuacct.usage_sys").and_then(|p| read_u64(&p)),
+            ) {
+                (Some(user), Some(sys)) => {
+                    u.cpu_user_ms = user / 1_000_000;
+                    u.cpu_system_ms = sys / 1_000_000;
+                }
+                _ => {
+                    let stat = file("cpuacct.stat").and_then(|p| read(&p)).unwrap_or_default();
+                    u.cpu_user_ms = keyed(&stat, "user").unwrap_or(0) * 1000 / TICKS_PER_SEC;
+                    u.cpu_system_ms = keyed(&stat, "system").unwrap_or(0) * 1000 / TICKS_PER_SEC;
+                }
+            }
+            u.peak_memory_bytes = file("memory.max_usage_in_bytes").and_then(|p| read_u64(&p)).unwrap_or(0);
+            let oom = file("memory.oom_control").and_then(|p| read(&p)).unwrap_or_default();
+            u.oom_killed = keyed(&oom, "oom_kill").unwrap_or(0) > 0;
+            let io = file("blkio.throttle.io_service_bytes_recursive")
+                .or_else(|| file("blkio.throttle.io_service_bytes"))
+                .and_then(|p| read(&p))
+                .unwrap_or_default();
+            (u.read_bytes, u.write_bytes) = io_service_v1(&io);
+        }
+        u
+    }
+}
+
+impl Drop for Cgroup {
+    /// Removes the cgroup. Its processes are gone by now (the group was killed); a cgroup
+    /// still busy for a moment is tried again briefly, then left (the next start sweeps it).
+    fn drop(&mut self) {
+        for d in &self.dirs {
+            for _ in 0..20 {
+                match std::fs::remove_dir(d) {
+                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// Removes the empty attempt cgroups a killed agent left behind.
+pub fn sweep(h: &Hierarchies) {
+    for parent in [&h.v2, &h.memory, &h.cpuacct, &h.blkio].into_iter().flatten() {
+        let Ok(rd) = std::fs::read_dir(parent) else { continue };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(PREFIX) {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
+/// The process group's figures from `/proc`, the largest seen so far.
+#[derive(Debug, Default, Clone)]
+pub struct Sampled {
+    cpu_ticks_user: u64,
+    cpu_ticks_system: u64,
+    peak_rss: u64,
+    read: u64,
+    write: u64,
+}
+
+/// One look at every process of group `pgid`: (user ticks, system ticks, resident bytes,
+/// read bytes, write bytes). A process's figures include its waited-for children.
+fn sample_group(pgid: i32, page: u64) -> (u64, u64, u64, u64, u64) {
+    let (mut ut, mut st, mut rss, mut rd, mut wr) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let Ok(dir) = std::fs::read_dir("/proc") else { return (0, 0, 0, 0, 0) };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        let Some(stat) = read(&Path::new("/proc").join(pid).join("stat")) else { continue };
+        // Fields after the command's closing parenthesis: state is field 3.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        if f.get(5 - 3).and_then(|v| v.parse::<i32>().ok()) != Some(pgid) {
+            continue;
+        }
+        ut += num(14) + num(16);
+        st += num(15) + num(17);
+        rss += num(24) * page;
+        if let Some(io) = read(&Path::new("/proc").join(pid).join("io")) {
+            let kv = |k: &str| {
+                io.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            rd += kv("rchar:").unwrap_or(0);
+            wr += kv("wchar:").unwrap_or(0);
+        }
+    }
+    (ut, st, rss, rd, wr)
+}
+
+/// How one attempt is measured.
+pub enum Meter {
+    Cgroup(Cgroup),
+    Procfs { sampled: Arc<Mutex<Sampled>>, stop: CancellationToken },
+}
+
+impl Meter {
+    /// A cgroup when `use_cgroups` and one can be created, else sampling.
+    pub fn new(use_cgroups: bool, attempt: u64, memory_limit: Option<u64>) -> Meter {
+        if use_cgroups && let Some(cg) = Cgroup::create(Hierarchies::get(), attempt, memory_limit) {
+            return Meter::Cgroup(cg);
+        }
+        Meter::Procfs { sampled: Default::default(), stop: CancellationToken::new() }
+    }
+
+    /// What the child must do between `fork` and `exec`.
+    pub fn join(&self) -> Option<Join> {
+        match self {
+            Meter::Cgroup(cg) => Some(cg.join()),
+            Meter::Procfs { .. } => None,
+        }
+    }
+
+    /// The snippet started as process group `pgid`.
+    pub fn started(&self, pgid: i32) {
+        let Meter::Procfs { sampled, stop } = self else { return };
+        let (sampled, stop) = (sampled.clone(), stop.clone());
+        let page = rustix::param::page_size() as u64;
+        tokio::spawn(async move {
+            loop {
+                let s =
+                    tokio::task::spawn_blocking(move || sample_group(pgid, page)).await.unwrap_or_default();
+                {
+                    let mut m = sampled.lock().unwrap_or_else(|p| p.into_inner());
+                    m.cpu_ticks_user = m.cpu_ticks_user.max(s.0);
+                    m.cpu_ticks_system = m.cpu_ticks_system.max(s.1);
+                    m.peak_rss = m.peak_rss.max(s.2);
+                    m.read = m.read.max(s.3);
+                    m.write = m.write.max(s.4);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// The attempt's figures, once its processes are gone.
+    pub fn finish(self) -> ResourceUsage {
+        match self {
+            Meter::Cgroup(cg) => cg.usage(),
+            Meter::Procfs { sampled, stop } => {
+                stop.cancel();
+                let s = sampled.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                ResourceUsage {
+                    cpu_user_ms: s.cpu_ticks_user * 1000 / TICKS_PER_SEC,
+                    cpu_system_ms: s.cpu_ticks_system * 1000 / TICKS_PER_SEC,
+                    peak_memory_bytes: s.peak_rss,
+                    read_bytes: s.read,
+                    write_bytes: s.write,
+                    measured_by: "procfs".into(),
+                    memory_limit_bytes: None,
+                    oom_killed: false,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO_V1: &str = "\
+24 30 0:22 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+25 24 0:23 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+26 24 0:24 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+27 24 0:25 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+28 24 0:26 / /sys/fs/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
+29 24 0:27 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const CGROUP_V1: &str = "\
+7:blkio:/
+4:memory:/process_api/abc
+2:cpuacct:/
+1:cpu:/
+0::/
+";
+
+    #[test]
+    fn finds_each_v1_hierarchy_at_this_process_own_path() {
+        let h = Hierarchies::parse(MOUNTINFO_V1, CGROUP_V1);
+        assert_eq!(h.memory.as_deref(), Some(Path::new("/sys/fs/cgroup/memory/process_api/abc")));
+        assert_eq!(h.cpuacct.as_deref(), Some(Path::new("/sys/fs/cgroup/cpuacct")));
+        assert_eq!(h.blkio.as_deref(), Some(Path::new("/sys/fs/cgroup/blkio")));
+        assert_eq!(h.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
+    }
+
+    #[test]
+    fn a_combined_cpu_cpuacct_hierarchy_and_a_pure_v2_host() {
+        let mi = "30 24 0:28 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
+        let h = Hierarchies::parse(mi, "3:cpu,cpuacct:/slurm/job_1\n");
+        assert_eq!(h.cpuacct.as_deref(), Some(Path::new("/sys/fs/cgroup/cpu,cpuacct/slurm/job_1")));
+        let v2 = Hierarchies::parse(
+            "35 24 0:29 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n",
+            "0::/system.slice/pype-agent.service\n",
+        );
+        assert_eq!(v2.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/system.slice/pype-agent.service")));
+        assert_eq!(v2.memory, None);
+        // A path that climbs out of the mount is not taken.
+        let bad =
+            Hierarchies::parse("35 24 0:29 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n", "0::/../../etc\n");
+        assert_eq!(bad.v2, None);
+    }
+
+    #[test]
+    fn reads_cgroup_files() {
+        assert_eq!(
+            keyed("usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\n", "system_usec"),
+            Some(500000)
+        );
+        assert_eq!(keyed("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n", "oom_kill"), Some(1));
+        assert_eq!(
+            io_stat_v2("8:0 rbytes=4096 wbytes=8192 rios=1 wios=2\n8:16 rbytes=1 wbytes=0\n"),
+            (4097, 8192)
+        );
+        assert_eq!(
+            io_service_v1("8:0 Read 100\n8:0 Write 50\n8:0 Sync 0\n8:0 Total 150\nTotal 150\n"),
+            (100, 50)
+        );
+    }
+}
