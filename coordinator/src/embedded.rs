@@ -270,6 +270,11 @@ async fn export_metrics(addr: SocketAddr, hub: &Arc<Hub>, shutdown: Cancellation
         m.agents.get_or_create(&metrics::l1("state", "ready")).set(ready);
         m.agents.get_or_create(&metrics::l1("state", "draining")).set(draining);
         m.agent_cache_bytes.set(i64::try_from(cache_bytes).unwrap_or(i64::MAX));
+        if let Ok(cost) = crate::run::cost::load(hub.state(), None) {
+            for (part, v) in [("steps", cost.steps), ("boot", cost.boot), ("idle", cost.idle)] {
+                m.cost.get_or_create(&metrics::l1("part", part)).set(v);
+            }
+        }
         if let Ok(instances) = hub.state().instances(false) {
             m.instances.clear();
             for i in instances {

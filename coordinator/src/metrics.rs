@@ -264,6 +264,72 @@ mod tests {
         assert_eq!((hit(&m), miss(&m)), (8, 3));
     }
 
+    /// The `pype_...` names a dashboard's queries use (histogram series as their family).
+    fn queried(json: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut rest = json;
+        while let Some(i) = rest.find("pype_") {
+            let tail = &rest[i..];
+            let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(&tail[..end], |n, s| n.strip_suffix(s).unwrap_or(n));
+            out.insert(name.to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    /// The series names in a page.
+    fn series(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(|n| {
+                ["_bucket", "_sum", "_count", "_created"]
+                    .iter()
+                    .fold(n, |n, s| n.strip_suffix(s).unwrap_or(n))
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_shipped_dashboard_queries_only_metrics_that_exist() {
+        let m = Metrics::new();
+        // One series in every family (a family without one is not rendered at all).
+        let l = || l1("k", "v");
+        m.agents.get_or_create(&l()).set(1);
+        m.agents_by_label.get_or_create(&[("k", "v".into()), ("j", "w".into())]).set(1);
+        m.step_moved(None, Some("succeeded"));
+        m.attempts.get_or_create(&l()).inc();
+        m.dispatch_latency.observe(0.1);
+        m.step_duration.get_or_create(&l()).observe(0.1);
+        m.retries.get_or_create(&l()).inc();
+        m.transfer("to_agent", 1, 1, 1.0);
+        m.store_bytes.set(1);
+        m.store_snapshots.set(1);
+        m.agent_cache_totals("a", 1, 1);
+        m.agent_cache_bytes.set(1);
+        m.instances.get_or_create(&[("k", "v".into()), ("j", "w".into())]).set(1);
+        m.provider_call("p", "create", "ok");
+        m.boot_seconds.get_or_create(&l()).observe(10.0);
+        m.cost.get_or_create(&l()).set(1.0);
+        let agent = agent::metrics::get();
+        agent.transfer(&agent::metrics::FETCHED, 1, 1.0);
+        agent.steps.get_or_create(&agent::metrics::SUCCEEDED).inc();
+        let mut exported = series(&m.render());
+        exported.extend(series(&agent.render()));
+        let dashboard = include_str!("../../deploy/grafana/pype-dashboard.json");
+        let queried = queried(dashboard);
+        assert!(queried.len() >= 20, "{queried:?}");
+        let unknown: Vec<&String> = queried.iter().filter(|n| !exported.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "the dashboard queries metrics nothing exports: {unknown:?}\n{exported:?}"
+        );
+    }
+
     #[test]
     fn renders_openmetrics_with_counters_suffixed_and_an_eof() {
         let m = Metrics::new();

@@ -313,8 +313,10 @@ fn example_pipeline_on_ec2_instances() {
     let mut hv = Hypervisor::start(&fx.moto, &fx.bins.agent, &fx.p("machines"), Some(lan.clone()));
     let state = fx.p("state");
     let listen = format!("{gw}:0");
+    let started = std::time::Instant::now();
     let mut run = fx.start_aws_run(&state, &cfg, &pipeline, &["--listen", &listen]);
     let status = run.wait_exit(LONG);
+    let wall_h = started.elapsed().as_secs_f64() / 3600.0;
     assert!(status.success(), "{}", run.dump());
     let id = run_id(&run.wait_for(&["run started"], T));
     assert!(run.count(&["ec2 call", "op=\"RunInstances\"", "request_id="]) >= 1, "RunInstances not logged");
@@ -358,6 +360,9 @@ fn example_pipeline_on_ec2_instances() {
         }
     }
     assert!(booted.len() >= 2, "only {} instance(s) booted", booted.len());
+    // What it cost: each t3.small at its configured $0.0208 an hour, for its life.
+    tests::check_cost(&fx.cli_ok(&["status", &id, "--json"]), booted.len(), 0.0208, wall_h);
+    assert!(fx.cli_ok(&["status", &id]).contains("\ncost "), "status shows the run's cost");
     let stepped =
         fx.instances("pype:run", Some(&id)).iter().filter(|(_, _, _, t)| !t["pype:step"].is_empty()).count();
     assert!(stepped >= 1, "no instance was sized for a step");

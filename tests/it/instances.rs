@@ -421,9 +421,14 @@ fn example_pipeline_on_two_qemu_vms() {
     let Some(fx) = VmFx::new("example_pipeline_on_two_qemu_vms") else { return };
     example_in(fx.dir.path());
     // Both boot from the start (the example's steps take seconds, a VM a minute).
-    fx.provider_config("max_instances = 2\nmin_instances = 2\nboot_timeout_secs = 400", true);
+    fx.provider_config(
+        "max_instances = 2\nmin_instances = 2\nboot_timeout_secs = 400\nprice_per_hour = 0.5",
+        true,
+    );
+    let started = std::time::Instant::now();
     let mut run = fx.start_qemu_run("run", &[fx.p("pipeline.toml").to_str().unwrap()]);
     let status = run.wait_exit(Duration::from_secs(600));
+    let wall_h = started.elapsed().as_secs_f64() / 3600.0;
     assert!(status.success(), "{status}\n{}", run.dump());
     // Two instances, each enrolled from its own user-data.
     assert_eq!(run.count(&["instance requested"]), 2, "{}", run.dump());
@@ -444,6 +449,13 @@ fn example_pipeline_on_two_qemu_vms() {
     assert!(std::fs::read_to_string(&summary).unwrap().lines().count() >= 2);
     // And both VMs are gone.
     fx.assert_no_instances_left(&run);
+    // What they cost at the configured $0.50 an hour each, boot and idle included.
+    let id = tests::run_id(&run.wait_for(&["run started"], T));
+    let out = fx.command().args(["status", &id, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cost = tests::check_cost(&String::from_utf8_lossy(&out.stdout), 2, 0.5, wall_h);
+    // A VM boots for tens of seconds: its boot is a visible part of the bill.
+    assert!(cost["boot"].as_f64().unwrap() > 0.5 * 10.0 / 3600.0, "{cost}");
 }
 
 #[test]

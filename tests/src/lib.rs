@@ -122,3 +122,24 @@ pub fn snapshot_file(state: &Path, id: &str, suffix: &str) -> Vec<u8> {
         m.entries.iter().find(|e| e.path.ends_with(suffix)).unwrap_or_else(|| panic!("no {suffix} in {id}"));
     e.chunks.iter().flat_map(|c| blobs.read(c).expect("a verified blob")).collect()
 }
+
+/// Checks `status --json`'s cost of a run on `instances` provisioned instances at `price` an
+/// hour that lasted at most `wall_h` hours: the parts add up, each step's share is within the
+/// steps' part, and the total is what that many instances can have cost. Returns the cost.
+pub fn check_cost(status_json: &str, instances: usize, price: f64, wall_h: f64) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(status_json).unwrap_or_else(|e| panic!("{e}: {status_json}"));
+    let c = v["cost"].clone();
+    let f = |k: &str| c[k].as_f64().unwrap_or_else(|| panic!("no {k} in {c}"));
+    let (total, steps, boot, idle) = (f("total"), f("steps"), f("boot"), f("idle"));
+    assert!(total > 0.0, "{c}");
+    assert!((total - (steps + boot + idle)).abs() < 1e-9, "parts do not add up: {c}");
+    assert!(steps > 0.0 && boot > 0.0, "{c}");
+    let by_step: f64 = c["by_step"].as_array().unwrap().iter().map(|s| s["cost"].as_f64().unwrap()).sum();
+    assert!((by_step - steps).abs() < 1e-9, "steps' shares do not add up to the steps' part: {c}");
+    assert!(
+        total <= instances as f64 * price * wall_h * 1.01 + 1e-9,
+        "more than {instances} instances can cost: {c}"
+    );
+    c
+}

@@ -220,12 +220,14 @@ pub struct Sample {
     pub kind: String,
     pub name: String,
     pub labels: std::collections::BTreeMap<String, String>,
-    pub value: f64,
+    /// `None` for a family declared without samples yet.
+    pub value: Option<f64>,
 }
 
-/// A scraped page, parsed.
+/// A scraped page, parsed: its samples, and every family it declares (`# TYPE` lines: a
+/// family may have no sample yet), with counters also under their `_total` name.
 #[derive(Debug, Clone)]
-pub struct Scrape(pub Vec<Sample>);
+pub struct Scrape(pub Vec<Sample>, pub std::collections::BTreeSet<String>);
 
 impl Scrape {
     /// The value of sample `name` whose labels include every `(key, value)` of `labels`,
@@ -236,7 +238,7 @@ impl Scrape {
             .filter(|s| {
                 s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))
             })
-            .map(|s| s.value)
+            .filter_map(|s| s.value)
             .sum()
     }
 
@@ -304,11 +306,23 @@ impl OpenMetricsParser {
             "prometheus_client refused the page: {}\n{text}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut declared = std::collections::BTreeSet::new();
+        for l in text.lines() {
+            if let Some([name, kind]) =
+                l.strip_prefix("# TYPE ").map(|r| r.split_whitespace().collect::<Vec<_>>()).as_deref()
+            {
+                declared.insert(name.to_string());
+                if *kind == "counter" {
+                    declared.insert(format!("{name}_total"));
+                }
+            }
+        }
         Scrape(
             String::from_utf8_lossy(&out.stdout)
                 .lines()
                 .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
                 .collect(),
+            declared,
         )
     }
 }

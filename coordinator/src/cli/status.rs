@@ -98,8 +98,9 @@ pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>, jso
     let rec = state.run(&run_id)?.ok_or_else(|| anyhow!("no run {run_id}"))?;
     let steps = state.steps_of(&run_id)?;
     let end = rec.finished_ms.unwrap_or_else(now_ms);
+    let cost = crate::run::cost::load(&state, Some(&run_id))?;
     if json {
-        println!("{}", status_json(&rec, &steps, agents.as_deref(), end));
+        println!("{}", status_json(&rec, &steps, agents.as_deref(), end, &cost));
         return Ok(());
     }
     println!(
@@ -163,6 +164,21 @@ pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>, jso
             s.why
         );
     }
+    if cost.total > 0.0 {
+        let top: Vec<String> = cost.by_step.iter().take(5).map(|(s, c)| format!("{s} {c:.4}")).collect();
+        println!(
+            "\ncost {:.4} (steps {:.4}, boot {:.4}, idle {:.4}){}",
+            cost.total,
+            cost.steps,
+            cost.boot,
+            cost.idle,
+            if top.is_empty() {
+                String::new()
+            } else {
+                format!("; most expensive steps: {}", top.join(", "))
+            }
+        );
+    }
     Ok(())
 }
 
@@ -172,6 +188,7 @@ fn status_json(
     steps: &[crate::persist::state::StepRecord],
     agents: Option<&[protocol::AgentInfo]>,
     end: u64,
+    cost: &crate::run::cost::Cost,
 ) -> serde_json::Value {
     let steps: Vec<serde_json::Value> = steps
         .iter()
@@ -198,6 +215,13 @@ fn status_json(
         "created_ms": rec.created_ms,
         "elapsed_ms": end.saturating_sub(rec.created_ms),
         "steps": steps,
+        "cost": {
+            "total": cost.total,
+            "steps": cost.steps,
+            "boot": cost.boot,
+            "idle": cost.idle,
+            "by_step": cost.by_step.iter().map(|(s, c)| serde_json::json!({"step": s, "cost": c})).collect::<Vec<_>>(),
+        },
         "agents": agents.map(|list| list.iter().map(|a| serde_json::json!({
             "agent": a.agent_id,
             "cpus": a.host.cpus,

@@ -126,6 +126,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     requested_memory INTEGER
 );
 CREATE INDEX IF NOT EXISTS attempts_by_step ON attempts (run_id, step);
+CREATE INDEX IF NOT EXISTS attempts_by_agent ON attempts (agent);
 CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY,
     provider TEXT NOT NULL,
@@ -136,7 +137,10 @@ CREATE TABLE IF NOT EXISTS instances (
     updated_ms INTEGER NOT NULL,
     detail_json TEXT NOT NULL DEFAULT '{}',
     provider_id TEXT,
-    note TEXT NOT NULL DEFAULT ''
+    note TEXT NOT NULL DEFAULT '',
+    price_per_hour REAL,
+    joined_ms INTEGER,
+    ended_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS transfers (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -191,6 +195,16 @@ pub struct StepRecord {
     pub requested_memory: u64,
 }
 
+/// When an attempt ran, and on which agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptSpan {
+    pub step: String,
+    pub agent: String,
+    pub dispatched_ms: u64,
+    /// `None` while it runs.
+    pub finished_ms: Option<u64>,
+}
+
 /// One attempt.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
@@ -218,6 +232,9 @@ impl State {
             ("instances", "provider_id", "TEXT"),
             ("instances", "note", "TEXT NOT NULL DEFAULT ''"),
             ("attempts", "usage_json", "TEXT"),
+            ("instances", "price_per_hour", "REAL"),
+            ("instances", "joined_ms", "INTEGER"),
+            ("instances", "ended_ms", "INTEGER"),
             ("attempts", "requested_memory", "INTEGER"),
         ] {
             let present: bool = db
@@ -648,6 +665,11 @@ pub struct InstanceRecord {
     pub created_ms: u64,
     pub updated_ms: u64,
     pub note: String,
+    /// What it costs per hour, when the provider config says.
+    pub price_per_hour: Option<f64>,
+    /// When its agent connected, and when it was terminated.
+    pub joined_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
 }
 
 /// Instance states after which nothing runs.
@@ -673,19 +695,57 @@ impl State {
         provider_id: Option<&str>,
         note: Option<&str>,
     ) -> Result<()> {
+        // The life a cost is computed from: joined (its agent connected) and ended, each the
+        // first time.
         self.db().execute(
             "UPDATE instances SET state = ?2, provider_id = COALESCE(?3, provider_id), \
-             note = COALESCE(?4, note), updated_ms = ?5 WHERE instance_id = ?1",
+             note = COALESCE(?4, note), updated_ms = ?5, \
+             joined_ms = CASE WHEN ?2 = 'joined' THEN COALESCE(joined_ms, ?5) ELSE joined_ms END, \
+             ended_ms = CASE WHEN ?2 = 'terminated' THEN COALESCE(ended_ms, ?5) ELSE ended_ms END \
+             WHERE instance_id = ?1",
             params![instance_id, state, provider_id, note, now_ms()],
         )?;
         Ok(())
+    }
+
+    /// What instance `instance_id` costs per hour.
+    pub fn instance_price(&self, instance_id: &str, per_hour: f64) -> Result<()> {
+        self.db().execute(
+            "UPDATE instances SET price_per_hour = ?2 WHERE instance_id = ?1",
+            params![instance_id, per_hour],
+        )?;
+        Ok(())
+    }
+
+    /// The attempts that ran on any of `agents`.
+    pub fn attempts_on(&self, agents: &[&str]) -> Result<Vec<AttemptSpan>> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached(
+            "SELECT step, agent, dispatched_ms, finished_ms FROM attempts WHERE agent = ?1 ORDER BY dispatched_ms",
+        )?;
+        let mut out = Vec::new();
+        for a in agents {
+            let rows = stmt.query_map(params![a], |r| {
+                Ok(AttemptSpan {
+                    step: r.get(0)?,
+                    agent: r.get(1)?,
+                    dispatched_ms: r.get(2)?,
+                    finished_ms: r.get(3)?,
+                })
+            })?;
+            for row in rows {
+                out.push(row?);
+            }
+        }
+        Ok(out)
     }
 
     /// Instances, newest first; `live_only` leaves out terminated ones.
     pub fn instances(&self, live_only: bool) -> Result<Vec<InstanceRecord>> {
         let db = self.db();
         let mut stmt = db.prepare(
-            "SELECT instance_id, provider, provider_id, state, run_id, created_ms, updated_ms, note \
+            "SELECT instance_id, provider, provider_id, state, run_id, created_ms, updated_ms, note, \
+                    price_per_hour, joined_ms, ended_ms \
              FROM instances WHERE (?1 = 0 OR state != 'terminated') ORDER BY created_ms DESC, instance_id",
         )?;
         let rows = stmt.query_map(params![live_only as i64], |r| {
@@ -698,6 +758,9 @@ impl State {
                 created_ms: r.get(5)?,
                 updated_ms: r.get(6)?,
                 note: r.get(7)?,
+                price_per_hour: r.get(8)?,
+                joined_ms: r.get(9)?,
+                ended_ms: r.get(10)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -332,6 +332,9 @@ impl Provisioner {
                     );
                 }
                 self.state.instance_update(id, "booting", Some(&pid), None)?;
+                if let Some(price) = self.provider.price_per_hour(&pid).or(self.cfg.price_per_hour) {
+                    self.state.instance_price(id, price)?;
+                }
                 info!(
                     instance = %id,
                     provider = self.provider.name(),

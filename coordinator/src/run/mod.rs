@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub mod cost;
 pub mod membership;
 pub mod outcome;
 pub mod sched;

@@ -207,6 +207,8 @@ mod ec2 {
         cfg: AwsConfig,
         client: OnceCell<aws_sdk_ec2::Client>,
         cooldowns: Cooldowns,
+        /// What each instance created here costs per hour (its type's price, or the spot cap).
+        prices: std::sync::Mutex<std::collections::HashMap<String, f64>>,
     }
 
     /// Logs one finished call with its request id and duration.
@@ -257,7 +259,12 @@ mod ec2 {
 
     impl Ec2 {
         pub fn new(cfg: AwsConfig) -> Result<Self> {
-            Ok(Self { cfg, client: OnceCell::new(), cooldowns: Cooldowns::default() })
+            Ok(Self {
+                cfg,
+                client: OnceCell::new(),
+                cooldowns: Cooldowns::default(),
+                prices: Default::default(),
+            })
         }
 
         async fn client(&self) -> &aws_sdk_ec2::Client {
@@ -427,7 +434,18 @@ mod ec2 {
                 market = ?self.cfg.market,
                 "ec2 instance launched"
             );
+            // On the spot market the configured cap bounds what it costs; without one, the
+            // on-demand price does.
+            let price = match (self.cfg.market, self.cfg.spot_max_price.as_deref().map(str::parse::<f64>)) {
+                (Market::Spot, Some(Ok(cap))) => cap.min(ty.price),
+                _ => ty.price,
+            };
+            self.prices.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), price);
             Ok(id)
+        }
+
+        fn price_per_hour(&self, provider_id: &str) -> Option<f64> {
+            self.prices.lock().unwrap_or_else(|p| p.into_inner()).get(provider_id).copied()
         }
 
         async fn describe(&self, provider_id: &str) -> Result<InstanceState> {

@@ -123,6 +123,12 @@ pub trait Provider: Send + Sync {
         Ok(())
     }
     /// The end of the instance's console, where the provider can read it.
+    /// What instance `provider_id` (created by this provider) costs per hour, when the
+    /// provider knows (its instance type's price).
+    fn price_per_hour(&self, _provider_id: &str) -> Option<f64> {
+        None
+    }
+
     async fn console(&self, _provider_id: &str) -> Result<Option<String>> {
         Ok(None)
     }
@@ -158,6 +164,9 @@ pub struct ProviderConfig {
     pub registry_path: String,
     /// How the agent gets onto an instance.
     pub agent: AgentDelivery,
+    /// What one instance costs per hour (any currency), for providers without instance types
+    /// of their own (qemu, slurm); `aws` prices each instance by its type.
+    pub price_per_hour: Option<f64>,
     pub qemu: qemu::QemuConfig,
     pub slurm: slurm::SlurmConfig,
     pub aws: aws::AwsConfig,
@@ -177,6 +186,7 @@ impl Default for ProviderConfig {
             backend: "snapshot".into(),
             registry_path: "/var/lib/pype/snapshot_registry.json".into(),
             agent: AgentDelivery::default(),
+            price_per_hour: None,
             qemu: qemu::QemuConfig::default(),
             slurm: slurm::SlurmConfig::default(),
             aws: aws::AwsConfig::default(),
