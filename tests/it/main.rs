@@ -20,3 +20,4 @@ mod resources;
 mod roundtrip;
 mod slurm;
 mod trust;
+mod watch;

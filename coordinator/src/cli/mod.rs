@@ -9,6 +9,7 @@ pub mod profiles;
 pub mod registry;
 pub mod runs;
 pub mod status;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -124,9 +125,13 @@ enum Command {
         run: Option<String>,
         #[arg(long)]
         coordinator: Option<SocketAddr>,
-        /// One JSON object: the run, its steps with what their last attempts used, the agents.
-        #[arg(long)]
+        /// One JSON object: the run, its steps with what their last attempts used, its cost,
+        /// the agents.
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// A full-terminal view redrawn every second (q quits); without RUN, the newest run.
+        #[arg(long)]
+        watch: bool,
     },
     /// cloud-init user-data for ephemeral instances.
     #[command(name = "cloud-init")]
@@ -570,7 +575,10 @@ async fn run_cli(cli: Cli) -> Result<()> {
         Command::Logs { run, step, attempt, follow } => {
             status::logs(&dir, &run, &step, attempt, follow).await
         }
-        Command::Status { run, coordinator, json } => {
+        Command::Status { run, coordinator, watch: true, .. } => {
+            watch::watch(&dir, run.as_deref(), coordinator).await
+        }
+        Command::Status { run, coordinator, json, watch: false } => {
             status::status(&dir, run.as_deref(), coordinator, json).await
         }
         Command::Serve { listen, advertise, heartbeat_interval_ms } => {

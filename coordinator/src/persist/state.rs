@@ -195,6 +195,17 @@ pub struct StepRecord {
     pub requested_memory: u64,
 }
 
+/// One snapshot transfer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferRow {
+    pub at_ms: u64,
+    pub agent: String,
+    /// `fetch`, `store`, `fetch-direct`, `store-direct`.
+    pub direction: String,
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+}
+
 /// When an attempt ran, and on which agent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptSpan {
@@ -610,6 +621,24 @@ impl State {
                 // A row this version cannot read shows as unmeasured, not as an error.
                 usage: r.get::<_, Option<String>>(10)?.and_then(|j| serde_json::from_str(&j).ok()),
                 requested_memory: r.get::<_, Option<i64>>(11)?.map_or(0, |v| v.max(0) as u64),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The last `limit` transfers, newest first.
+    pub fn recent_transfers(&self, limit: u32) -> Result<Vec<TransferRow>> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached(
+            "SELECT at_ms, agent, direction, bytes, elapsed_ms FROM transfers ORDER BY at_ms DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], |r| {
+            Ok(TransferRow {
+                at_ms: r.get(0)?,
+                agent: r.get(1)?,
+                direction: r.get(2)?,
+                bytes: r.get::<_, i64>(3)?.max(0) as u64,
+                elapsed_ms: r.get::<_, i64>(4)?.max(0) as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
