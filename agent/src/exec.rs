@@ -125,8 +125,12 @@ pub async fn run(
 ) -> Result<(ExecEnd, Option<ResourceUsage>)> {
     let meter = spec.meter.take();
     let end = run_metered(spec, meter.as_ref(), cancel, lines).await;
-    // The group is gone (killed whole either way): the meter's figures are complete.
-    let usage = meter.map(Meter::finish);
+    // The group is gone (killed whole either way); what left it but not the attempt's cgroup
+    // is killed by `finish`, which may wait for it: off the async threads.
+    let usage = match meter {
+        Some(m) => tokio::task::spawn_blocking(move || m.finish()).await.ok(),
+        None => None,
+    };
     Ok((end?, usage))
 }
 

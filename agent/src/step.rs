@@ -312,9 +312,9 @@ impl Steps {
             ExecEnd::TimedOut => StepExit::TimedOut,
             ExecEnd::Cancelled => StepExit::Cancelled,
         };
-        if end != ExecEnd::Exited(0)
-            && let Some(limit) = oom
-        {
+        // A snippet the out-of-memory killer ended (not one that timed out or was cancelled).
+        let killed = matches!(end, ExecEnd::Signalled(_)) || matches!(end, ExecEnd::Exited(c) if c != 0);
+        if killed && let Some(limit) = oom {
             outcome.error = Some(match limit {
                 Some(l) => format!(
                     "killed by the out-of-memory killer: the step used all of its memory limit of {} MiB \

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protocol::ResourceUsage;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// How often the process group is sampled when there is no cgroup.
@@ -36,22 +35,48 @@ pub struct Hierarchies {
     pub blkio: Option<PathBuf>,
 }
 
-/// A cgroup v1 or v2 mount from `/proc/self/mountinfo`: (mount point, v2, controllers).
-fn cgroup_mounts(mountinfo: &str) -> Vec<(PathBuf, bool, Vec<String>)> {
+/// A cgroup mount from `/proc/self/mountinfo`.
+struct Mount {
+    point: PathBuf,
+    /// The cgroup at the mount point (`/` unless a subtree is mounted, as in containers).
+    root: String,
+    v2: bool,
+    controllers: Vec<String>,
+}
+
+fn cgroup_mounts(mountinfo: &str) -> Vec<Mount> {
     let mut out = Vec::new();
     for line in mountinfo.lines() {
         let Some((left, right)) = line.split_once(" - ") else { continue };
-        let Some(mount_point) = left.split(' ').nth(4) else { continue };
+        let f: Vec<&str> = left.split(' ').collect();
+        let (Some(root), Some(mount_point)) = (f.get(3), f.get(4)) else { continue };
         let mut r = right.split(' ');
         let (Some(fstype), Some(_source), Some(opts)) = (r.next(), r.next(), r.next()) else { continue };
         let point = PathBuf::from(mount_point.replace("\\040", " "));
+        let root = root.replace("\\040", " ");
         match fstype {
-            "cgroup2" => out.push((point, true, Vec::new())),
-            "cgroup" => out.push((point, false, opts.split(',').map(str::to_string).collect())),
+            "cgroup2" => out.push(Mount { point, root, v2: true, controllers: Vec::new() }),
+            "cgroup" => out.push(Mount {
+                point,
+                root,
+                v2: false,
+                controllers: opts.split(',').map(str::to_string).collect(),
+            }),
             _ => {}
         }
     }
     out
+}
+
+/// A cgroup path as seen from a mount of the subtree `root`.
+fn below_root<'a>(path: &'a str, root: &str) -> &'a str {
+    if root == "/" {
+        return path;
+    }
+    match path.strip_prefix(root) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+        _ => path,
+    }
 }
 
 /// This process's cgroup path per v1 controller, and its v2 path (key `""`), from
@@ -82,21 +107,21 @@ impl Hierarchies {
         let mounts = cgroup_mounts(mountinfo);
         let own = own_paths(proc_cgroup);
         let mut h = Hierarchies::default();
-        for (point, v2, opts) in &mounts {
-            if *v2 {
+        for m in &mounts {
+            if m.v2 {
                 let Some((_, path)) = own.iter().find(|(c, _)| c.is_empty()) else { continue };
-                h.v2 = under(point, path);
+                h.v2 = under(&m.point, below_root(path, &m.root));
                 continue;
             }
             for (name, slot) in
                 [("memory", &mut h.memory), ("cpuacct", &mut h.cpuacct), ("blkio", &mut h.blkio)]
             {
-                if !opts.iter().any(|o| o == name) {
+                if !m.controllers.iter().any(|o| o == name) {
                     continue;
                 }
                 let path = own.iter().find(|(c, _)| c.split(',').any(|x| x == name)).map(|(_, p)| p);
                 if let Some(p) = path {
-                    *slot = under(point, p);
+                    *slot = under(&m.point, below_root(p, &m.root));
                 }
             }
         }
@@ -109,10 +134,17 @@ impl Hierarchies {
         let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let mut h = Self::parse(&mi, &cg);
         // v2 only where children can get the memory controller.
-        if let Some(dir) = &h.v2 {
+        if let Some(dir) = h.v2.take() {
             let ctrls = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-            if !ctrls.split_whitespace().any(|c| c == "memory") {
-                h.v2 = None;
+            if ctrls.split_whitespace().any(|c| c == "memory") {
+                match delegate_v2(&dir) {
+                    Ok(()) => h.v2 = Some(dir),
+                    Err(e) => warn!(
+                        cgroup = %dir.display(),
+                        "cgroup v2: cannot hand the memory controller to attempt cgroups ({e}); \
+                         attempts are sampled from /proc and their memory is not limited"
+                    ),
+                }
             }
         }
         h
@@ -136,6 +168,42 @@ impl Hierarchies {
     pub fn get() -> &'static Hierarchies {
         static H: std::sync::OnceLock<Hierarchies> = std::sync::OnceLock::new();
         H.get_or_init(Hierarchies::of_this_process)
+    }
+}
+
+/// Hands the memory (and, where available, cpu and io) controller of the agent's own v2
+/// cgroup down to children. cgroup v2 allows that only in a cgroup that holds no process
+/// itself, so the agent's processes move first into a leaf beside the attempts' cgroups,
+/// `pype-agent` (as under a systemd service with `Delegate=yes`).
+fn delegate_v2(own: &Path) -> std::io::Result<()> {
+    let enabled = |own: &Path| {
+        std::fs::read_to_string(own.join("cgroup.subtree_control"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|c| c == "memory")
+    };
+    if enabled(own) {
+        return Ok(());
+    }
+    let leaf = own.join("pype-agent");
+    match std::fs::create_dir(&leaf) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    // Every process of the agent's cgroup (the agent, and what else shares it) moves.
+    let procs = std::fs::read_to_string(own.join("cgroup.procs"))?;
+    for pid in procs.split_whitespace() {
+        let _ = std::fs::write(leaf.join("cgroup.procs"), pid);
+    }
+    std::fs::write(own.join("cgroup.subtree_control"), "+memory")?;
+    // Each on its own: a controller the parent does not offer must not cost the others.
+    for c in ["+cpu", "+io"] {
+        let _ = std::fs::write(own.join("cgroup.subtree_control"), c);
+    }
+    if enabled(own) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("memory not enabled in cgroup.subtree_control"))
     }
 }
 
@@ -240,15 +308,9 @@ impl Cgroup {
                 }
             }
         }
-        if v2 {
-            // The parent must hand the controllers down: possible only where it holds no
-            // process itself (cgroup v2's rule), as under a delegated service's subtree.
-            let parent = cg.dirs[0].parent().map(Path::to_path_buf).unwrap_or_default();
-            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory +cpu +io");
-            if !cg.dirs[0].join("memory.max").exists() {
-                debug!("cgroup v2: the memory controller is not enabled for children");
-                return None;
-            }
+        if v2 && !cg.dirs[0].join("memory.max").exists() {
+            warn!("cgroup v2: the memory controller is not enabled for attempt cgroups");
+            return None;
         }
         if let Some(limit) = limit {
             let file = if v2 { "memory.max" } else { "memory.limit_in_bytes" };
@@ -273,6 +335,26 @@ impl Cgroup {
             .filter_map(|d| CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok())
             .collect();
         Join { procs }
+    }
+
+    /// Kills whatever is still in the cgroup (a process that left the attempt's process
+    /// group with `setsid` is still here), for at most a second.
+    fn kill_all(&self) {
+        let Some(procs) = self.dirs.first().map(|d| d.join("cgroup.procs")) else { return };
+        for _ in 0..100 {
+            let pids: Vec<i32> =
+                read(&procs).unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()).collect();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        warn!(cgroup = %self.dirs[0].display(), "processes of a finished attempt survive SIGKILL");
     }
 
     /// What the cgroup counted.
@@ -303,8 +385,9 @@ impl Cgroup {
                 }
                 _ => {
                     let stat = file("cpuacct.stat").and_then(|p| read(&p)).unwrap_or_default();
-                    u.cpu_user_ms = keyed(&stat, "user").unwrap_or(0) * 1000 / TICKS_PER_SEC;
-                    u.cpu_system_ms = keyed(&stat, "system").unwrap_or(0) * 1000 / TICKS_PER_SEC;
+                    u.cpu_user_ms = keyed(&stat, "user").unwrap_or(0).saturating_mul(1000) / TICKS_PER_SEC;
+                    u.cpu_system_ms =
+                        keyed(&stat, "system").unwrap_or(0).saturating_mul(1000) / TICKS_PER_SEC;
                 }
             }
             u.peak_memory_bytes = file("memory.max_usage_in_bytes").and_then(|p| read_u64(&p)).unwrap_or(0);
@@ -342,7 +425,12 @@ pub fn sweep(h: &Hierarchies) {
     for parent in [&h.v2, &h.memory, &h.cpuacct, &h.blkio].into_iter().flatten() {
         let Ok(rd) = std::fs::read_dir(parent) else { continue };
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(PREFIX) {
+            // Only one a minute old: another agent on this host may have just made its own.
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60));
+            if e.file_name().to_string_lossy().starts_with(PREFIX) && old {
                 let _ = std::fs::remove_dir(e.path());
             }
         }
@@ -352,6 +440,8 @@ pub fn sweep(h: &Hierarchies) {
 /// The process group's figures from `/proc`, the largest seen so far.
 #[derive(Debug, Default, Clone)]
 pub struct Sampled {
+    /// Looks taken: none for an attempt shorter than one interval.
+    samples: u64,
     cpu_ticks_user: u64,
     cpu_ticks_system: u64,
     peak_rss: u64,
@@ -359,11 +449,14 @@ pub struct Sampled {
     write: u64,
 }
 
-/// One look at every process of group `pgid`: (user ticks, system ticks, resident bytes,
-/// read bytes, write bytes). A process's figures include its waited-for children.
-fn sample_group(pgid: i32, page: u64) -> (u64, u64, u64, u64, u64) {
-    let (mut ut, mut st, mut rss, mut rd, mut wr) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let Ok(dir) = std::fs::read_dir("/proc") else { return (0, 0, 0, 0, 0) };
+/// Per process group: (user ticks, system ticks, resident bytes, read bytes, write bytes).
+type Figures = (u64, u64, u64, u64, u64);
+
+/// One look at every process in `/proc`, summed per process group of `groups`. A process's
+/// figures include its waited-for children.
+fn scan(groups: &std::collections::HashSet<i32>, page: u64) -> std::collections::HashMap<i32, Figures> {
+    let mut out: std::collections::HashMap<i32, Figures> = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
     for e in dir.flatten() {
         let name = e.file_name();
         let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
@@ -372,27 +465,80 @@ fn sample_group(pgid: i32, page: u64) -> (u64, u64, u64, u64, u64) {
         let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
         let f: Vec<&str> = rest.split_whitespace().collect();
         let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        if f.get(5 - 3).and_then(|v| v.parse::<i32>().ok()) != Some(pgid) {
+        let Some(pgid) = f.get(5 - 3).and_then(|v| v.parse::<i32>().ok()).filter(|g| groups.contains(g))
+        else {
             continue;
-        }
-        ut += num(14) + num(16);
-        st += num(15) + num(17);
-        rss += num(24) * page;
+        };
+        let g = out.entry(pgid).or_default();
+        g.0 = g.0.saturating_add(num(14).saturating_add(num(16)));
+        g.1 = g.1.saturating_add(num(15).saturating_add(num(17)));
+        g.2 = g.2.saturating_add(num(24).saturating_mul(page));
         if let Some(io) = read(&Path::new("/proc").join(pid).join("io")) {
             let kv = |k: &str| {
                 io.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok())
             };
-            rd += kv("rchar:").unwrap_or(0);
-            wr += kv("wchar:").unwrap_or(0);
+            g.3 = g.3.saturating_add(kv("rchar:").unwrap_or(0));
+            g.4 = g.4.saturating_add(kv("wchar:").unwrap_or(0));
         }
     }
-    (ut, st, rss, rd, wr)
+    out
+}
+
+/// The agent's one sampler: a scan of `/proc` per [`SAMPLE_EVERY`] for all the process groups
+/// being measured at once, not one per attempt.
+#[derive(Default)]
+struct Sampler {
+    groups: Mutex<std::collections::HashMap<i32, Arc<Mutex<Sampled>>>>,
+    running: std::sync::atomic::AtomicBool,
+}
+
+static SAMPLER: std::sync::LazyLock<Sampler> = std::sync::LazyLock::new(Sampler::default);
+
+impl Sampler {
+    fn add(&'static self, pgid: i32, sampled: Arc<Mutex<Sampled>>) {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner()).insert(pgid, sampled);
+        if self.running.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let page = rustix::param::page_size() as u64;
+        tokio::spawn(async move {
+            loop {
+                // First look after one interval: a step shorter than that costs no scan of /proc.
+                tokio::time::sleep(SAMPLE_EVERY).await;
+                let groups: Vec<(i32, Arc<Mutex<Sampled>>)> = {
+                    let g = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+                    g.iter().map(|(k, v)| (*k, v.clone())).collect()
+                };
+                if groups.is_empty() {
+                    continue;
+                }
+                let wanted = groups.iter().map(|(g, _)| *g).collect();
+                let Ok(figures) = tokio::task::spawn_blocking(move || scan(&wanted, page)).await else {
+                    continue;
+                };
+                for (pgid, sampled) in groups {
+                    let Some(s) = figures.get(&pgid) else { continue };
+                    let mut m = sampled.lock().unwrap_or_else(|p| p.into_inner());
+                    m.samples += 1;
+                    m.cpu_ticks_user = m.cpu_ticks_user.max(s.0);
+                    m.cpu_ticks_system = m.cpu_ticks_system.max(s.1);
+                    m.peak_rss = m.peak_rss.max(s.2);
+                    m.read = m.read.max(s.3);
+                    m.write = m.write.max(s.4);
+                }
+            }
+        });
+    }
+
+    fn remove(&self, pgid: i32) {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner()).remove(&pgid);
+    }
 }
 
 /// How one attempt is measured.
 pub enum Meter {
     Cgroup(Cgroup),
-    Procfs { sampled: Arc<Mutex<Sampled>>, stop: CancellationToken },
+    Procfs { sampled: Arc<Mutex<Sampled>>, pgid: std::sync::atomic::AtomicI32 },
 }
 
 impl Meter {
@@ -401,7 +547,7 @@ impl Meter {
         if use_cgroups && let Some(cg) = Cgroup::create(Hierarchies::get(), attempt, memory_limit) {
             return Meter::Cgroup(cg);
         }
-        Meter::Procfs { sampled: Default::default(), stop: CancellationToken::new() }
+        Meter::Procfs { sampled: Default::default(), pgid: Default::default() }
     }
 
     /// What the child must do between `fork` and `exec`.
@@ -414,39 +560,26 @@ impl Meter {
 
     /// The snippet started as process group `pgid`.
     pub fn started(&self, pgid: i32) {
-        let Meter::Procfs { sampled, stop } = self else { return };
-        let (sampled, stop) = (sampled.clone(), stop.clone());
-        let page = rustix::param::page_size() as u64;
-        tokio::spawn(async move {
-            loop {
-                let s =
-                    tokio::task::spawn_blocking(move || sample_group(pgid, page)).await.unwrap_or_default();
-                {
-                    let mut m = sampled.lock().unwrap_or_else(|p| p.into_inner());
-                    m.cpu_ticks_user = m.cpu_ticks_user.max(s.0);
-                    m.cpu_ticks_system = m.cpu_ticks_system.max(s.1);
-                    m.peak_rss = m.peak_rss.max(s.2);
-                    m.read = m.read.max(s.3);
-                    m.write = m.write.max(s.4);
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(SAMPLE_EVERY) => {}
-                    _ = stop.cancelled() => return,
-                }
-            }
-        });
+        let Meter::Procfs { sampled, pgid: mine } = self else { return };
+        mine.store(pgid, std::sync::atomic::Ordering::Relaxed);
+        SAMPLER.add(pgid, sampled.clone());
     }
 
     /// The attempt's figures, once its processes are gone.
+    /// Blocks (it may wait for the cgroup's last processes): call it off the async threads.
     pub fn finish(self) -> ResourceUsage {
         match self {
-            Meter::Cgroup(cg) => cg.usage(),
-            Meter::Procfs { sampled, stop } => {
-                stop.cancel();
+            Meter::Cgroup(cg) => {
+                cg.kill_all();
+                cg.usage()
+            }
+            Meter::Procfs { sampled, pgid } => {
+                SAMPLER.remove(pgid.load(std::sync::atomic::Ordering::Relaxed));
                 let s = sampled.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 ResourceUsage {
-                    cpu_user_ms: s.cpu_ticks_user * 1000 / TICKS_PER_SEC,
-                    cpu_system_ms: s.cpu_ticks_system * 1000 / TICKS_PER_SEC,
+                    cpu_user_ms: s.cpu_ticks_user.saturating_mul(1000) / TICKS_PER_SEC,
+                    cpu_system_ms: s.cpu_ticks_system.saturating_mul(1000) / TICKS_PER_SEC,
+                    // 0 when never sampled: the coordinator takes it as not measured.
                     peak_memory_bytes: s.peak_rss,
                     read_bytes: s.read,
                     write_bytes: s.write,

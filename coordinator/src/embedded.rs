@@ -237,13 +237,13 @@ fn spawn_agent(
     cmd.spawn().with_context(|| format!("starting local agent {name}"))
 }
 
-/// How often at most the snapshot store's size is measured for the metrics (a walk of its
-/// files, or a read of every snapshot's index).
-const STORE_USAGE_EVERY: Duration = Duration::from_secs(10);
+/// Most labels of one agent that become `pype_agents_by_label` series.
+const MAX_LABELS_PER_AGENT: usize = 8;
 
 /// Serves the metrics at `addr` until `shutdown`: what the hub shows (agents, the agents'
-/// caches, instances) is read at each scrape; the store's size at most every
-/// [`STORE_USAGE_EVERY`].
+/// caches) is read at each scrape; what takes IO (the store's size, instances and cost from
+/// the state database) on a blocking thread at most every `SnapshotStore::usage_every`, a
+/// scrape showing the last figures.
 async fn export_metrics(addr: SocketAddr, hub: &Arc<Hub>, shutdown: CancellationToken) -> Result<()> {
     let listener = transport::httpd::bind(addr)
         .await
@@ -262,7 +262,14 @@ async fn export_metrics(addr: SocketAddr, hub: &Arc<Hub>, shutdown: Cancellation
                 ready += 1;
             }
             cache_bytes = cache_bytes.saturating_add(v.stats.cache_bytes);
-            let labels: Vec<String> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            // Labels come from agents: only their first few, in a safe alphabet (the metric
+            // text is not escaped by the encoder), become series.
+            let labels: Vec<String> = v
+                .labels
+                .iter()
+                .take(MAX_LABELS_PER_AGENT)
+                .map(|(k, v)| metrics::label_value(&format!("{k}={v}")))
+                .collect();
             for label in if labels.is_empty() { vec!["none".to_string()] } else { labels } {
                 m.agents_by_label.get_or_create(&[("state", state.to_string()), ("label", label)]).inc();
             }
@@ -270,33 +277,40 @@ async fn export_metrics(addr: SocketAddr, hub: &Arc<Hub>, shutdown: Cancellation
         m.agents.get_or_create(&metrics::l1("state", "ready")).set(ready);
         m.agents.get_or_create(&metrics::l1("state", "draining")).set(draining);
         m.agent_cache_bytes.set(i64::try_from(cache_bytes).unwrap_or(i64::MAX));
-        if let Ok(cost) = crate::run::cost::load(hub.state(), None) {
-            for (part, v) in [("steps", cost.steps), ("boot", cost.boot), ("idle", cost.idle)] {
-                m.cost.get_or_create(&metrics::l1("part", part)).set(v);
-            }
-        }
-        if let Ok(instances) = hub.state().instances(false) {
-            m.instances.clear();
-            for i in instances {
-                m.instances.get_or_create(&[("provider", i.provider), ("state", i.state)]).inc();
-            }
-        }
     });
-    // The store's size: measured off the scrape's task, at most every STORE_USAGE_EVERY;
-    // a scrape shows the last measurement.
+    // Figures that take IO: measured off the scrape's task, a scrape shows the last ones.
     let store = hub.store().clone();
+    let state = hub.state().clone();
+    let every = store.usage_every();
     let last: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
     let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     metrics::get().on_scrape(move |_| {
         let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        let due = last.is_none_or(|t| t.elapsed() >= STORE_USAGE_EVERY);
+        let due = last.is_none_or(|t| t.elapsed() >= every);
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         if !due || busy.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
         *last = Some(Instant::now());
-        let (store, busy) = (store.clone(), busy.clone());
+        let (store, state, busy) = (store.clone(), state.clone(), busy.clone());
         rt.spawn_blocking(move || {
+            let m = metrics::get();
+            // The state database's figures: instances by state, and what they cost.
+            if let Ok(cost) = crate::run::cost::load(&state, None) {
+                for (part, v) in [("steps", cost.steps), ("boot", cost.boot), ("idle", cost.idle)] {
+                    m.cost.get_or_create(&metrics::l1("part", part)).set(v);
+                }
+            }
+            if let Ok(instances) = state.instances(false) {
+                let mut counts: std::collections::BTreeMap<(String, String), i64> = Default::default();
+                for i in instances {
+                    *counts.entry((i.provider, i.state)).or_default() += 1;
+                }
+                m.instances.clear();
+                for ((provider, state), n) in counts {
+                    m.instances.get_or_create(&[("provider", provider), ("state", state)]).set(n);
+                }
+            }
             match store.usage() {
                 Ok((snapshots, bytes)) => {
                     metrics::get().store_snapshots.set(i64::try_from(snapshots).unwrap_or(i64::MAX));

@@ -29,6 +29,21 @@ pub fn l1(k: &'static str, v: &str) -> L1 {
     [(k, v.to_string())]
 }
 
+/// A label value from a peer made safe for the text format (which the encoder does not
+/// escape): at most 128 characters of `[A-Za-z0-9_.:/=-]`, anything else as `_`.
+pub fn label_value(v: &str) -> String {
+    v.chars()
+        .take(128)
+        .map(|c| if c.is_ascii_alphanumeric() || "_.:/=-".contains(c) { c } else { '_' })
+        .collect()
+}
+
+/// Most agents whose last cache totals are remembered.
+const MAX_AGENTS_SEEN: usize = 100_000;
+
+/// Largest plausible growth of an agent's cache counters between two reports.
+const MAX_CACHE_STEP: u64 = 1 << 20;
+
 fn seconds_buckets() -> Histogram {
     // 1 ms .. about 9 hours.
     Histogram::new(exponential_buckets(0.001, 2.5, 18))
@@ -186,7 +201,9 @@ impl Metrics {
 
     /// The OpenMetrics text of everything.
     pub fn render(&self) -> String {
-        for hook in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        // One render at a time: a hook's `clear` must not meet another render's encoding.
+        let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        for hook in hooks.iter() {
             hook(self);
         }
         let mut out = String::new();
@@ -226,7 +243,15 @@ impl Metrics {
         let mut seen = self.cache_seen.lock().unwrap_or_else(|p| p.into_inner());
         let (h0, m0) = seen.get(agent).copied().unwrap_or((0, 0));
         let (dh, dm) = if hits < h0 || misses < m0 { (hits, misses) } else { (hits - h0, misses - m0) };
+        // Agents that reconnect report the same totals again, so entries stay after a
+        // disconnect; ephemeral instances' ids would pile up, hence a bound.
+        if seen.len() >= MAX_AGENTS_SEEN && !seen.contains_key(agent) {
+            seen.clear();
+        }
         seen.insert(agent.to_string(), (hits, misses));
+        // A report no agent can make in one heartbeat counts nothing (a counter must never
+        // wrap).
+        let (dh, dm) = if dh > MAX_CACHE_STEP || dm > MAX_CACHE_STEP { (0, 0) } else { (dh, dm) };
         self.agent_cache.get_or_create(&l1("result", "hit")).inc_by(dh);
         self.agent_cache.get_or_create(&l1("result", "miss")).inc_by(dm);
     }

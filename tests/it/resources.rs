@@ -96,14 +96,19 @@ fn an_attempt_in_its_own_cgroup_reports_cpu_and_peak_memory() {
     check_run(&fx, &run, &proc, by);
     let hog = &status(&fx, &run)["hog"]["usage"];
     assert_eq!(hog["memory_limit_bytes"], 512u64 << 20, "the cgroup enforced the request: {hog}");
-    // The attempt cgroups are gone once the attempts are.
+    // This run's attempt cgroups are gone once its attempts are (other tests' may be there).
+    let attempts: Vec<String> = proc
+        .dump()
+        .lines()
+        .filter(|l| l.contains("step dispatched"))
+        .filter_map(|l| l.split("attempt=").nth(1)?.split_whitespace().next().map(str::to_string))
+        .collect();
+    assert_eq!(attempts.len(), 2, "{}", proc.dump());
     for dir in [&h.v2, &h.memory, &h.cpuacct].into_iter().flatten() {
-        let left: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("pype-attempt-"))
-            .collect();
-        assert!(left.is_empty(), "cgroups left in {}: {left:?}", dir.display());
+        for a in &attempts {
+            let cg = dir.join(format!("pype-attempt-{a}"));
+            assert!(!cg.exists(), "{} left behind", cg.display());
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod child;
 mod cluster;
+pub mod hollow;
 mod peer;
 mod services;
 mod tree;

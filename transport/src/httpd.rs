@@ -2,8 +2,8 @@
 //! scrapes (`GET /metrics`). The only module naming hyper.
 //!
 //! It serves nothing else and reads no request body: any other path is 404, any other method
-//! 405. Each connection is its own task; a client that stalls holds only its own task, and
-//! a connection is cut after [`CONNECTION_LIMIT`].
+//! 405. At most [`MAX_CONNECTIONS`] are served at once, one request each; headers must come
+//! within [`HEADER_TIMEOUT`], and a connection is cut after [`CONNECTION_LIMIT`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,6 +24,10 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 
 /// Longest a client may hold a connection open.
 const CONNECTION_LIMIT: Duration = Duration::from_secs(30);
+/// Longest a client may take to send its request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections served at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 8;
 
 /// Renders the page at scrape time.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -37,7 +41,9 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves `render()` at `/metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, render: Render) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -49,11 +55,17 @@ pub async fn serve(listener: TcpListener, render: Render) {
         };
         let render = render.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let render = render.clone();
                 async move { Ok::<_, Infallible>(answer(&req, &render)) }
             });
+            // One request per connection (what Prometheus needs), headers within a few
+            // seconds: a slow or idle client holds one of the few slots only briefly.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
                 .max_buf_size(64 << 10)
                 .serve_connection(TokioIo::new(stream), svc);
             match tokio::time::timeout(CONNECTION_LIMIT, conn).await {

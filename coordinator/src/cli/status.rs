@@ -9,7 +9,7 @@ use anyhow::{Result, anyhow, bail};
 use protocol::{AdminRequest, AdminResponse};
 
 use crate::persist::state::{State, now_ms};
-use crate::run::outcome::human_bytes;
+use crate::run::outcome::{human_bytes, peak_text};
 use crate::run::runs_dir;
 
 /// `pype-coordinator logs RUN STEP [--follow]`.
@@ -144,8 +144,8 @@ pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>, jso
         };
         let (cpu, peak) = match &s.usage {
             Some(u) => (
-                format!("{:.1}s", (u.cpu_user_ms + u.cpu_system_ms) as f64 / 1e3),
-                format!("{}{}", human_bytes(u.peak_memory_bytes), if u.oom_killed { " OOM" } else { "" }),
+                format!("{:.1}s", u.cpu_user_ms.saturating_add(u.cpu_system_ms) as f64 / 1e3),
+                format!("{}{}", peak_text(u.peak_memory_bytes), if u.oom_killed { " OOM" } else { "" }),
             ),
             None => (String::new(), String::new()),
         };

@@ -20,7 +20,7 @@ use ratatui::{DefaultTerminal, Frame};
 
 use crate::persist::state::{RunRecord, State, StepRecord, TransferRow, now_ms};
 use crate::run::cost::Cost;
-use crate::run::outcome::human_bytes;
+use crate::run::outcome::{human_bytes, peak_text};
 
 /// How often the view is redrawn.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -59,7 +59,14 @@ async fn snapshot(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>) -> Re
 
 /// Runs the view until the operator leaves.
 pub async fn watch(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>) -> Result<()> {
-    let mut terminal = ratatui::try_init().context("opening the terminal (status --watch needs one)")?;
+    let mut terminal = match ratatui::try_init() {
+        Ok(t) => t,
+        Err(e) => {
+            // Raw mode may be on already.
+            ratatui::restore();
+            return Err(e).context("opening the terminal (status --watch needs one)");
+        }
+    };
     let result = watch_in(&mut terminal, dir, run, addr).await;
     ratatui::restore();
     result
@@ -96,6 +103,9 @@ async fn watch_in(
             }
         }
     });
+    // SIGTERM and SIGHUP end the view too, with the terminal given back.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::hangup())?);
     loop {
         let snap = snapshot(dir, run, addr).await;
         terminal.draw(|f| match &snap {
@@ -107,6 +117,8 @@ async fn watch_in(
         tokio::select! {
             _ = tokio::time::sleep(REFRESH) => {}
             _ = quit.recv() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => return Ok(()),
         }
     }
 }
@@ -188,8 +200,8 @@ fn draw(f: &mut Frame, s: &Snapshot) {
         };
         let (cpu, peak) = match &x.usage {
             Some(u) => (
-                format!("{:.1}s", (u.cpu_user_ms + u.cpu_system_ms) as f64 / 1e3),
-                format!("{}{}", human_bytes(u.peak_memory_bytes), if u.oom_killed { " OOM" } else { "" }),
+                format!("{:.1}s", u.cpu_user_ms.saturating_add(u.cpu_system_ms) as f64 / 1e3),
+                format!("{}{}", peak_text(u.peak_memory_bytes), if u.oom_killed { " OOM" } else { "" }),
             ),
             None => (String::new(), String::new()),
         };

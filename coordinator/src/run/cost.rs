@@ -106,21 +106,35 @@ pub fn attribute(instances: &[Life], attempts: &[Span], now_ms: u64) -> Cost {
 /// What the priced instances of `run` (every run: `None`) cost up to now, from the state
 /// database.
 pub fn load(state: &crate::persist::state::State, run: Option<&str>) -> anyhow::Result<Cost> {
-    let lives: Vec<Life> = state
-        .instances(false)?
-        .into_iter()
-        .filter(|i| run.is_none() || i.run_id.as_deref() == run)
-        .filter_map(|i| {
-            Some(Life {
-                price_per_hour: i.price_per_hour?,
-                requested_ms: i.created_ms,
-                joined_ms: i.joined_ms,
-                // A terminated instance recorded before ended_ms existed ended at its last update.
-                ended_ms: i.ended_ms.or((i.state == "terminated").then_some(i.updated_ms)),
-                id: i.instance_id,
-            })
-        })
-        .collect();
+    let mut finished: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    let mut lives = Vec::new();
+    for i in state.instances(false)? {
+        if run.is_some() && i.run_id.as_deref() != run {
+            continue;
+        }
+        let Some(price_per_hour) = i.price_per_hour else { continue };
+        // An instance never recorded as terminated (a terminate that failed, a coordinator
+        // gone since) counts to its last update once its run is over, not forever.
+        let run_over = match &i.run_id {
+            Some(r) => match finished.get(r) {
+                Some(&f) => f,
+                None => {
+                    let f = state.run(r)?.is_some_and(|rec| rec.state != "running");
+                    finished.insert(r.clone(), f);
+                    f
+                }
+            },
+            None => false,
+        };
+        let ended_ms = i.ended_ms.or((i.state == "terminated" || run_over).then_some(i.updated_ms));
+        lives.push(Life {
+            price_per_hour,
+            requested_ms: i.created_ms,
+            joined_ms: i.joined_ms,
+            ended_ms,
+            id: i.instance_id,
+        });
+    }
     let ids: Vec<&str> = lives.iter().map(|l| l.id.as_str()).collect();
     let spans = state
         .attempts_on(&ids)?

@@ -174,6 +174,11 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// A peak memory for tables: `-` when not measured (0: an attempt too short to sample).
+pub fn peak_text(peak: u64) -> String {
+    if peak == 0 { "-".into() } else { human_bytes(peak) }
+}
+
 /// What an attempt used, in one line: `cpu 1.02 s user + 0.01 s system, peak memory 210 MiB
 /// of 256 MiB requested, read 0 B, written 4096 B (cgroup v1)`.
 pub fn usage_text(u: &protocol::ResourceUsage, requested_memory: u64) -> String {
@@ -181,7 +186,7 @@ pub fn usage_text(u: &protocol::ResourceUsage, requested_memory: u64) -> String 
         "cpu {:.2} s user + {:.2} s system, peak memory {}",
         u.cpu_user_ms as f64 / 1e3,
         u.cpu_system_ms as f64 / 1e3,
-        human_bytes(u.peak_memory_bytes)
+        if u.peak_memory_bytes == 0 { "not measured".to_string() } else { human_bytes(u.peak_memory_bytes) }
     );
     if requested_memory > 0 {
         s.push_str(&format!(" of {} requested", human_bytes(requested_memory)));
@@ -212,7 +217,8 @@ pub fn oom_reason(u: &protocol::ResourceUsage) -> String {
 /// Why a step's peak memory deserves a warning: above what it requested, or below a quarter
 /// of it (its request holds back memory other steps could use). `None` without a request.
 pub fn memory_judgement(peak: u64, requested: u64) -> Option<String> {
-    if requested == 0 {
+    // Peak 0: not measured (an attempt shorter than one sample), nothing to judge.
+    if requested == 0 || peak == 0 {
         return None;
     }
     if peak > requested {
@@ -239,6 +245,7 @@ mod usage_tests {
     #[test]
     fn memory_is_judged_against_the_request() {
         assert_eq!(memory_judgement(10 << 30, 0), None);
+        assert_eq!(memory_judgement(0, 1 << 30), None, "not measured");
         assert!(memory_judgement(300 << 20, 256 << 20).unwrap().contains("more than the 256 MiB"));
         assert!(memory_judgement(60 << 20, 256 << 20).unwrap().contains("less than a quarter"));
         assert_eq!(memory_judgement(64 << 20, 256 << 20), None);

@@ -204,7 +204,12 @@ pub(super) async fn control_loop(
                     return format!("could not acknowledge a result: {e}");
                 }
             }
-            Some(Ok(Some(AgentToCoordinator::StepUsage { attempt_id, usage }))) => {
+            Some(Ok(Some(AgentToCoordinator::StepUsage { attempt_id, mut usage }))) => {
+                // Free text from a peer goes into logs, events and the database: only the
+                // known ways of measuring pass.
+                if !["cgroup v2", "cgroup v1", "procfs"].contains(&usage.measured_by.as_str()) {
+                    usage.measured_by = "unknown".into();
+                }
                 coord.route(agent_id, attempt_id, StepEvent::Usage(usage));
             }
             Some(Ok(Some(AgentToCoordinator::Stats(stats)))) => {

@@ -301,6 +301,12 @@ pub trait SnapshotStore: Send + Sync {
     /// they failed verification.
     fn evict(&self, _snapshot_id: &str) {}
 
+    /// How often at most [`SnapshotStore::usage`] is asked for (metrics): an object store
+    /// lists its bucket for it, which costs requests.
+    fn usage_every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(10)
+    }
+
     /// How many snapshots the store holds and their stored bytes (for metrics). By default
     /// the sum of each snapshot's recorded stored size, which counts blobs shared between
     /// snapshots once per snapshot.

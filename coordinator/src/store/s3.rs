@@ -383,6 +383,11 @@ impl S3Store {
 }
 
 impl SnapshotStore for S3Store {
+    /// Listing the bucket costs requests: hourly.
+    fn usage_every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(3600)
+    }
+
     fn direct(&self) -> Option<&dyn DirectStore> {
         Some(self)
     }

@@ -122,13 +122,14 @@ pub trait Provider: Send + Sync {
     async fn preflight(&self) -> Result<()> {
         Ok(())
     }
-    /// The end of the instance's console, where the provider can read it.
+
     /// What instance `provider_id` (created by this provider) costs per hour, when the
     /// provider knows (its instance type's price).
     fn price_per_hour(&self, _provider_id: &str) -> Option<f64> {
         None
     }
 
+    /// The end of the instance's console, where the provider can read it.
     async fn console(&self, _provider_id: &str) -> Result<Option<String>> {
         Ok(None)
     }

@@ -1,0 +1,203 @@
+//! Hollow agents (issue 21, after Kubernetes' kubemark): many agents in one process, each
+//! enrolled through the real enrollment path with a certificate of its own, each holding a
+//! real QUIC connection with mutual TLS, heartbeating at the interval its `Welcome` gives, and
+//! reporting real host facts; a step is answered at once (started, exit 0) without running
+//! anything, so what a benchmark measures is the coordinator.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use protocol::{AgentToCoordinator, CoordinatorToAgent, StepExit, StepOutcome};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use transport::{endpoint, framed, pki};
+
+/// What a fleet counts.
+#[derive(Default)]
+pub struct Counters {
+    /// Hollow agents with a live session (Welcome received).
+    pub connected: AtomicUsize,
+    /// Steps answered.
+    pub steps: AtomicU64,
+    /// Sessions that ended (lost connections, a coordinator restart).
+    pub sessions_ended: AtomicU64,
+}
+
+/// Enrolls `n` agents named `PREFIX-00000`... with `token` (which must allow `n` uses),
+/// `concurrency` at a time; each keeps its key and certificate under `dir/<name>`.
+pub async fn enroll(
+    coordinator: SocketAddr,
+    ca_pem: &str,
+    token: &str,
+    n: usize,
+    prefix: &str,
+    dir: &Path,
+    concurrency: usize,
+) -> Result<Vec<agent::session::Identity>> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let name = format!("{prefix}-{i:05}");
+        let state_dir = dir.join(&name);
+        let (ca_pem, token, sem) = (ca_pem.to_string(), token.to_string(), sem.clone());
+        tasks.spawn(async move {
+            let _permit = sem.acquire().await?;
+            let cfg = agent::session::AgentConfig {
+                coordinator: coordinator.to_string(),
+                ca_pem,
+                state_dir: state_dir.clone(),
+                work_dir: state_dir.join("work"),
+                name: Some(name.clone()),
+                token: Some(token.clone()),
+                labels: vec![],
+                slots: 1,
+                instance_id: None,
+                min_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(500),
+                unpack_limits: Default::default(),
+                settings: agent::settings::Settings::from_config(
+                    &Default::default(),
+                    &state_dir.join("work"),
+                )?,
+                orphan_timeout: None,
+                orphan_action: agent::session::OrphanAction::Exit,
+                fetch_registry: false,
+            };
+            agent::session::enroll(&cfg, &token).await.with_context(|| format!("enrolling {name}"))
+        });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(r) = tasks.join_next().await {
+        out.push(r??);
+    }
+    out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+    Ok(out)
+}
+
+/// Runs one hollow agent until `stop`: connects, serves its session, and reconnects (after a
+/// jittered pause of 0.2-2 s) whenever the session ends.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    ep: quinn::Endpoint,
+    coordinator: SocketAddr,
+    ca_pem: Arc<str>,
+    id: agent::session::Identity,
+    facts: protocol::HostFacts,
+    slots: u32,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        let _ = session(&ep, coordinator, &ca_pem, &id, &facts, slots, &counters, &stop).await;
+        counters.sessions_ended.fetch_add(1, Ordering::Relaxed);
+        let pause = Duration::from_millis(200 + rand::random::<u64>() % 1800);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    ep: &quinn::Endpoint,
+    coordinator: SocketAddr,
+    ca_pem: &str,
+    id: &agent::session::Identity,
+    facts: &protocol::HostFacts,
+    slots: u32,
+    counters: &Counters,
+    stop: &CancellationToken,
+) -> Result<()> {
+    let tuning = endpoint::Tuning::default();
+    let tls = pki::client_tls(ca_pem, Some(&id.cert), protocol::ALPN_AGENT)?;
+    let conn = ep.connect_with(endpoint::client_config(tls, &tuning)?, coordinator, "127.0.0.1")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let hello = AgentToCoordinator::Hello(protocol::Hello {
+        protocol_major: protocol::PROTOCOL_MAJOR,
+        protocol_minor: protocol::PROTOCOL_MINOR,
+        agent_version: "hollow".into(),
+        agent_id: id.agent_id.clone(),
+        host: facts.clone(),
+        labels: vec![],
+        slots,
+        instance_id: None,
+    });
+    framed::write_frame(&mut send, &hello).await?;
+    let welcome = match framed::read_frame::<CoordinatorToAgent, _>(&mut recv).await? {
+        Some(CoordinatorToAgent::Welcome(w)) => w,
+        other => bail!("expected Welcome, got {other:?}"),
+    };
+    framed::write_frame(&mut send, &AgentToCoordinator::InHand { attempts: vec![] }).await?;
+    counters.connected.fetch_add(1, Ordering::Relaxed);
+    // Frames are read by a task of their own (reading a frame is not cancel-safe).
+    let (tx, mut frames) = mpsc::channel::<CoordinatorToAgent>(64);
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(f)) = framed::read_frame::<CoordinatorToAgent, _>(&mut recv).await {
+            if tx.send(f).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(50)));
+    let mut seq = 0u64;
+    let ended: Result<()> = loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = framed::write_frame(&mut send, &AgentToCoordinator::GoingAway { reason: "hollow fleet stops".into() }).await;
+                conn.close(quinn::VarInt::from_u32(0), b"bye");
+                break Ok(());
+            }
+            _ = tick.tick() => {
+                seq += 1;
+                let hb = AgentToCoordinator::Heartbeat(protocol::Heartbeat {
+                    seq,
+                    memory_available_bytes: facts.memory_available_bytes,
+                    work_dir_free_bytes: facts.work_dir_free_bytes,
+                    load_average: 0.0,
+                });
+                if let Err(e) = framed::write_frame(&mut send, &hb).await {
+                    break Err(anyhow!("heartbeat: {e}"));
+                }
+            }
+            f = frames.recv() => match f {
+                None => break Err(anyhow!("control stream closed")),
+                Some(CoordinatorToAgent::RunStep(spec)) => {
+                    let attempt_id = spec.attempt_id;
+                    let started = AgentToCoordinator::StepStarted { attempt_id, backend: "hollow".into(), view: "none".into() };
+                    let outcome = StepOutcome {
+                        attempt_id,
+                        exit: StepExit::Exited(0),
+                        error: None,
+                        backend: "hollow".into(),
+                        outputs: spec.outputs.iter().map(|o| (o.clone(), Some(0))).collect(),
+                        new_entries: vec![],
+                        elapsed_ms: 0,
+                    };
+                    if let Err(e) = framed::write_frame(&mut send, &started).await {
+                        break Err(anyhow!("{e}"));
+                    }
+                    if let Err(e) = framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome)).await {
+                        break Err(anyhow!("{e}"));
+                    }
+                    counters.steps.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(CoordinatorToAgent::CheckOutputs { request_id, paths, .. }) => {
+                    let result = Ok(paths.into_iter().map(|p| (p, None)).collect());
+                    if let Err(e) = framed::write_frame(&mut send, &AgentToCoordinator::OutputsChecked { request_id, result }).await {
+                        break Err(anyhow!("{e}"));
+                    }
+                }
+                Some(CoordinatorToAgent::GoingAway { reason }) => break Err(anyhow!("coordinator going away: {reason}")),
+                Some(_) => {}
+            }
+        }
+    };
+    counters.connected.fetch_sub(1, Ordering::Relaxed);
+    reader.abort();
+    ended
+}
