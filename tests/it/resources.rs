@@ -77,9 +77,8 @@ fn check_run(fx: &Cluster, run: &str, p: &Proc, measured_by: &str) {
     assert!(table.contains("PEAK MEM") && table.contains("512 MiB") && table.contains("1024 MiB"), "{table}");
 }
 
-#[test]
-fn an_attempt_in_its_own_cgroup_reports_cpu_and_peak_memory() {
-    let test = "resources::an_attempt_in_its_own_cgroup_reports_cpu_and_peak_memory";
+/// The cgroup hierarchies attempts can use here, or a loud skip of `test`.
+fn cgroups(test: &str) -> Option<agent::usage::Hierarchies> {
     let h = agent::usage::Hierarchies::of_this_process();
     if !is_root() || (h.v2.is_none() && (h.memory.is_none() || h.cpuacct.is_none())) {
         skip(
@@ -87,8 +86,15 @@ fn an_attempt_in_its_own_cgroup_reports_cpu_and_peak_memory() {
             "root with cgroup v2 (memory delegated) or the v1 memory and cpuacct controllers",
             "run as root",
         );
-        return;
+        return None;
     }
+    Some(h)
+}
+
+#[test]
+fn an_attempt_in_its_own_cgroup_reports_cpu_and_peak_memory() {
+    let test = "resources::an_attempt_in_its_own_cgroup_reports_cpu_and_peak_memory";
+    let Some(h) = cgroups(test) else { return };
     let fx = Cluster::new();
     let p = pipeline(&fx);
     let (run, proc) = fx.run_ok(&[p.to_str().unwrap()]);
@@ -124,13 +130,7 @@ fn without_a_cgroup_the_process_group_is_sampled() {
 #[test]
 fn a_step_over_its_memory_limit_is_killed_and_reported_as_such() {
     let test = "resources::a_step_over_its_memory_limit_is_killed_and_reported_as_such";
-    let h = agent::usage::Hierarchies::of_this_process();
-    if !is_root() || (h.v2.is_none() && (h.memory.is_none() || h.cpuacct.is_none())) {
-        skip(
-            test,
-            "root with cgroup v2 (memory delegated) or the v1 memory and cpuacct controllers",
-            "run as root",
-        );
+    if cgroups(test).is_none() {
         return;
     }
     let fx = Cluster::new();

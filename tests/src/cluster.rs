@@ -257,24 +257,8 @@ impl Cluster {
         let coord = self.coord();
         let dir = self.p(name);
         let token = self.token(&[]);
-        let cfg = agent::session::AgentConfig {
-            coordinator: coord.addr.to_string(),
-            ca_pem: std::fs::read_to_string(coord.ca()).unwrap(),
-            state_dir: dir.clone(),
-            work_dir: dir.join("work"),
-            name: Some(name.into()),
-            token: Some(token.clone()),
-            labels: vec![],
-            slots: 1,
-            instance_id: None,
-            min_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
-            unpack_limits: Default::default(),
-            settings: agent::settings::Settings::from_config(&Default::default(), &dir.join("work")).unwrap(),
-            orphan_timeout: None,
-            orphan_action: agent::session::OrphanAction::Exit,
-            fetch_registry: false,
-        };
+        let ca = std::fs::read_to_string(coord.ca()).unwrap();
+        let cfg = crate::hollow::agent_config(coord.addr, &ca, &dir, name, &token);
         agent::session::enroll(&cfg, &token).await.unwrap()
     }
 

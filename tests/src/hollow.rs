@@ -27,6 +27,36 @@ pub struct Counters {
     pub sessions_ended: AtomicU64,
 }
 
+/// What an agent named `name` with its state in `dir` enrolls with.
+pub fn agent_config(
+    coordinator: SocketAddr,
+    ca_pem: &str,
+    dir: &Path,
+    name: &str,
+    token: &str,
+) -> agent::session::AgentConfig {
+    let work = dir.join("work");
+    agent::session::AgentConfig {
+        coordinator: coordinator.to_string(),
+        ca_pem: ca_pem.to_string(),
+        state_dir: dir.to_path_buf(),
+        settings: agent::settings::Settings::from_config(&Default::default(), &work)
+            .expect("the default settings are valid"),
+        work_dir: work,
+        name: Some(name.into()),
+        token: Some(token.into()),
+        labels: vec![],
+        slots: 1,
+        instance_id: None,
+        min_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+        unpack_limits: Default::default(),
+        orphan_timeout: None,
+        orphan_action: agent::session::OrphanAction::Exit,
+        fetch_registry: false,
+    }
+}
+
 /// Enrolls `n` agents named `PREFIX-00000`... with `token` (which must allow `n` uses),
 /// `concurrency` at a time; each keeps its key and certificate under `dir/<name>`.
 pub async fn enroll(
@@ -46,27 +76,7 @@ pub async fn enroll(
         let (ca_pem, token, sem) = (ca_pem.to_string(), token.to_string(), sem.clone());
         tasks.spawn(async move {
             let _permit = sem.acquire().await?;
-            let cfg = agent::session::AgentConfig {
-                coordinator: coordinator.to_string(),
-                ca_pem,
-                state_dir: state_dir.clone(),
-                work_dir: state_dir.join("work"),
-                name: Some(name.clone()),
-                token: Some(token.clone()),
-                labels: vec![],
-                slots: 1,
-                instance_id: None,
-                min_backoff: Duration::from_millis(50),
-                max_backoff: Duration::from_millis(500),
-                unpack_limits: Default::default(),
-                settings: agent::settings::Settings::from_config(
-                    &Default::default(),
-                    &state_dir.join("work"),
-                )?,
-                orphan_timeout: None,
-                orphan_action: agent::session::OrphanAction::Exit,
-                fetch_registry: false,
-            };
+            let cfg = agent_config(coordinator, &ca_pem, &state_dir, &name, &token);
             agent::session::enroll(&cfg, &token).await.with_context(|| format!("enrolling {name}"))
         });
     }
@@ -143,8 +153,12 @@ async fn session(
             }
         }
     });
-    let mut tick = tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(50)));
+    let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(50));
+    let mut tick = tokio::time::interval(interval);
     let mut seq = 0u64;
+    // As a real agent: three intervals without a frame from the coordinator and it is gone
+    // (a killed coordinator sends no close).
+    let mut last_heard = tokio::time::Instant::now();
     let ended: Result<()> = loop {
         tokio::select! {
             _ = stop.cancelled() => {
@@ -153,6 +167,10 @@ async fn session(
                 break Ok(());
             }
             _ = tick.tick() => {
+                if last_heard.elapsed() > interval * 3 {
+                    conn.close(quinn::VarInt::from_u32(5), b"no answer from coordinator");
+                    break Err(anyhow!("no answer from the coordinator"));
+                }
                 seq += 1;
                 let hb = AgentToCoordinator::Heartbeat(protocol::Heartbeat {
                     seq,
@@ -164,7 +182,7 @@ async fn session(
                     break Err(anyhow!("heartbeat: {e}"));
                 }
             }
-            f = frames.recv() => match f {
+            f = frames.recv() => match f.inspect(|_| last_heard = tokio::time::Instant::now()) {
                 None => break Err(anyhow!("control stream closed")),
                 Some(CoordinatorToAgent::RunStep(spec)) => {
                     let attempt_id = spec.attempt_id;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Result, anyhow, bail};
 use protocol::{AdminRequest, AdminResponse};
 
-use crate::persist::state::{State, now_ms};
+use crate::persist::state::{State, StepRecord, now_ms};
 use crate::run::outcome::{human_bytes, peak_text};
 use crate::run::runs_dir;
 
@@ -137,18 +137,7 @@ pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>, jso
         "STEP", "STATE", "ATTEMPT", "AGENT", "DURATION", "BYTES", "CPU", "PEAK MEM", "REQUESTED"
     );
     for s in &steps {
-        let dur = match (s.started_ms, s.finished_ms) {
-            (Some(a), Some(b)) => fmt_ms(b.saturating_sub(a)),
-            (Some(a), None) if s.state == "running" => fmt_ms(now_ms().saturating_sub(a)),
-            _ => String::new(),
-        };
-        let (cpu, peak) = match &s.usage {
-            Some(u) => (
-                format!("{:.1}s", u.cpu_user_ms.saturating_add(u.cpu_system_ms) as f64 / 1e3),
-                format!("{}{}", peak_text(u.peak_memory_bytes), if u.oom_killed { " OOM" } else { "" }),
-            ),
-            None => (String::new(), String::new()),
-        };
+        let (dur, cpu, peak) = step_cells(s, fmt_ms);
         let requested = if s.requested_memory > 0 { human_bytes(s.requested_memory) } else { String::new() };
         println!(
             "{:<width$} {:<10} {:>7} {:<14} {:>9} {:>12} {:>8} {:>9} {:>9} {}",
@@ -180,6 +169,23 @@ pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>, jso
         );
     }
     Ok(())
+}
+
+/// A step's duration (so far, while it runs), CPU time and peak memory, as table cells.
+pub fn step_cells(s: &StepRecord, fmt_ms: fn(u64) -> String) -> (String, String, String) {
+    let dur = match (s.started_ms, s.finished_ms) {
+        (Some(a), Some(b)) => fmt_ms(b.saturating_sub(a)),
+        (Some(a), None) if s.state == "running" => fmt_ms(now_ms().saturating_sub(a)),
+        _ => String::new(),
+    };
+    let (cpu, peak) = match &s.usage {
+        Some(u) => (
+            format!("{:.1}s", u.cpu_user_ms.saturating_add(u.cpu_system_ms) as f64 / 1e3),
+            format!("{}{}", peak_text(u.peak_memory_bytes), if u.oom_killed { " OOM" } else { "" }),
+        ),
+        None => (String::new(), String::new()),
+    };
+    (dur, cpu, peak)
 }
 
 /// `status --json`: the run, its steps with what their last attempt used, and the agents.

@@ -20,7 +20,7 @@ use ratatui::{DefaultTerminal, Frame};
 
 use crate::persist::state::{RunRecord, State, StepRecord, TransferRow, now_ms};
 use crate::run::cost::Cost;
-use crate::run::outcome::{human_bytes, peak_text};
+use crate::run::outcome::human_bytes;
 
 /// How often the view is redrawn.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -193,18 +193,7 @@ fn draw(f: &mut Frame, s: &Snapshot) {
 
     // Its steps.
     let rows = s.steps.iter().map(|x| {
-        let dur = match (x.started_ms, x.finished_ms) {
-            (Some(a), Some(b)) => fmt_ms(b.saturating_sub(a)),
-            (Some(a), None) if x.state == "running" => fmt_ms(now_ms().saturating_sub(a)),
-            _ => String::new(),
-        };
-        let (cpu, peak) = match &x.usage {
-            Some(u) => (
-                format!("{:.1}s", u.cpu_user_ms.saturating_add(u.cpu_system_ms) as f64 / 1e3),
-                format!("{}{}", peak_text(u.peak_memory_bytes), if u.oom_killed { " OOM" } else { "" }),
-            ),
-            None => (String::new(), String::new()),
-        };
+        let (dur, cpu, peak) = crate::cli::status::step_cells(x, fmt_ms);
         let cost = s
             .cost
             .by_step
