@@ -242,6 +242,7 @@ impl Staging {
         let top = Dir::open(&parent).map_err(io)?;
         match top.stat(name).map_err(io)? {
             Some(st) if st.kind == Kind::Dir => {
+                links_stay_inside_merged(&self.dir, &self.dest)?;
                 let from = top.open_dir(Path::new(staged)).map_err(io)?;
                 let into = top.open_dir(Path::new(name)).map_err(io)?;
                 merge_dir(&from, &into).map_err(io)?;
@@ -323,6 +324,49 @@ pub fn resolves_inside(root: &Path, link: &Path, target: &Path) -> bool {
         }
     };
     crate::links::stays_within(&on_disk, link, target)
+}
+
+/// Before a staged tree is merged into an existing `dest`: every link of the tree must still
+/// resolve inside `dest` once merged, through the tree's own entries and through what `dest`
+/// already holds (a link already there that leads out must not become the way out of a new
+/// link that points at it). The staging dir is ours; `dest`'s entries are only looked at.
+fn links_stay_inside_merged(staging: &Path, dest: &Path) -> Result<(), TreeError> {
+    let link_at = |root: &Path, rel: &Path| -> Option<Option<PathBuf>> {
+        let m = fs::symlink_metadata(root.join(rel)).ok()?;
+        Some(if m.file_type().is_symlink() {
+            Some(fs::read_link(root.join(rel)).unwrap_or_else(|_| PathBuf::from("/")))
+        } else {
+            None
+        })
+    };
+    // The merged view: what the tree holds wins over what was there.
+    let lookup = |rel: &Path| link_at(staging, rel).or_else(|| link_at(dest, rel)).flatten();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = staging.join(&rel);
+        let entries =
+            fs::read_dir(&dir).map_err(|e| TreeError::io(format!("reading {}", dir.display()), e))?;
+        for e in entries {
+            let e = e.map_err(|e| TreeError::io(format!("reading {}", dir.display()), e))?;
+            let path = rel.join(e.file_name());
+            let kind = e.file_type().map_err(|e| TreeError::io(format!("reading {}", dir.display()), e))?;
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_symlink() {
+                let target = fs::read_link(e.path()).unwrap_or_else(|_| PathBuf::from("/"));
+                if !crate::links::stays_within(&lookup, &path, &target) {
+                    return Err(TreeError::refused(
+                        &path,
+                        &format!(
+                            "symlink to {} would leave the destination through a link already there",
+                            target.display()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Counts bytes read and fails past a limit (a decompression bomb stops here).
@@ -596,6 +640,7 @@ pub fn unpack_into_at(
     match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => fs::rename(staging, dest).map_err(io)?,
         Ok(m) if m.is_dir() => {
+            links_stay_inside_merged(staging, dest)?;
             let from = Dir::open(staging).map_err(io)?;
             let into = Dir::open(dest).map_err(io)?;
             merge_dir(&from, &into).map_err(io)?;

@@ -302,3 +302,24 @@ fn tampered_archive_is_refused_before_anything_is_written() {
     assert!(matches!(err, tree::TreeError::Mismatch(_)), "{err}");
     assert_eq!(fs::read_dir(&root).unwrap().count(), 0, "a refused write left something behind");
 }
+
+/// The case proptest found: a new link `b -> a` is fine within the tree, but `a` in the
+/// destination is already a link leading out; merged, `b` would lead out through it.
+#[test]
+fn a_link_already_in_the_destination_is_not_the_way_out_of_a_new_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let dest = tmp.path().join("box").join("dest");
+    fs::create_dir_all(&dest).unwrap();
+    std::os::unix::fs::symlink(&outside, dest.join("a")).unwrap();
+    let before = snapshot(&dest);
+    let archive = craft(&[Raw::Symlink("b".into(), "a".into())]);
+    let err = tree::unpack_into(&archive[..], &dest, UnpackLimits::default()).unwrap_err();
+    assert!(err.to_string().contains("through a link already there"), "{err}");
+    assert_eq!(snapshot(&dest), before, "the destination is as it was");
+    // Into an empty destination the same link is fine.
+    let fresh = tmp.path().join("fresh");
+    tree::unpack_into(&archive[..], &fresh, UnpackLimits::default()).unwrap();
+    assert_eq!(fs::read_link(fresh.join("b")).unwrap(), Path::new("a"));
+}
