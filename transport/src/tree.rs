@@ -357,7 +357,7 @@ fn links_stay_inside_merged(staging: &Path, dest: &Path) -> Result<(), TreeError
                 if !crate::links::stays_within(&lookup, &path, &target) {
                     return Err(TreeError::refused(
                         &path,
-                        &format!(
+                        format!(
                             "symlink to {} would leave the destination through a link already there",
                             target.display()
                         ),
