@@ -73,18 +73,27 @@ fn fmt_ms(ms: u64) -> String {
     if ms < 10_000 { format!("{ms}ms") } else { format!("{:.1}s", ms as f64 / 1e3) }
 }
 
+/// The agents a running coordinator (the one in the state dir, or at `addr`) has, if one
+/// answers within `wait`.
+pub async fn connected_agents(
+    dir: &Path,
+    addr: Option<SocketAddr>,
+    wait: Duration,
+) -> Option<Vec<protocol::AgentInfo>> {
+    if !dir.join(crate::persist::ADDR_FILE).exists() && addr.is_none() {
+        return None;
+    }
+    let req = crate::cli::admin::admin(dir, addr, AdminRequest::ListAgents);
+    match tokio::time::timeout(wait, req).await {
+        Ok(Ok(AdminResponse::Agents(a))) => Some(a),
+        _ => None,
+    }
+}
+
 /// `pype-coordinator status [RUN]`.
 pub async fn status(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>, json: bool) -> Result<()> {
     let state = State::open(dir)?;
-    let agents = if dir.join(crate::persist::ADDR_FILE).exists() || addr.is_some() {
-        let req = crate::cli::admin::admin(dir, addr, AdminRequest::ListAgents);
-        match tokio::time::timeout(Duration::from_secs(3), req).await {
-            Ok(Ok(AdminResponse::Agents(a))) => Some(a),
-            _ => None,
-        }
-    } else {
-        None
-    };
+    let agents = connected_agents(dir, addr, Duration::from_secs(3)).await;
     let run_id = match run {
         Some(r) => r.to_string(),
         None => match state.runs(1)?.into_iter().next() {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use protocol::{AdminRequest, AdminResponse, AgentInfo};
+use protocol::AgentInfo;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Modifier, Style};
@@ -35,15 +35,7 @@ struct Snapshot {
 }
 
 async fn snapshot(dir: &Path, run: Option<&str>, addr: Option<SocketAddr>) -> Result<Snapshot> {
-    let agents = if dir.join(crate::persist::ADDR_FILE).exists() || addr.is_some() {
-        let req = crate::cli::admin::admin(dir, addr, AdminRequest::ListAgents);
-        match tokio::time::timeout(Duration::from_millis(800), req).await {
-            Ok(Ok(AdminResponse::Agents(a))) => Some(a),
-            _ => None,
-        }
-    } else {
-        None
-    };
+    let agents = crate::cli::status::connected_agents(dir, addr, Duration::from_millis(800)).await;
     let state = State::open(dir)?;
     // Without a run named, the newest: a run started while watching shows up.
     let rec = match run {
