@@ -58,7 +58,10 @@ fn check_run(fx: &Cluster, run: &str, p: &Proc, measured_by: &str) {
     let peak = mib(&hog["peak_memory_bytes"]);
     assert!((195.0..320.0).contains(&peak), "hog touched 200 MiB; peak {peak} MiB: {hog}");
     let cpu = (hog["cpu_user_ms"].as_u64().unwrap() + hog["cpu_system_ms"].as_u64().unwrap()) as f64 / 1e3;
-    assert!((0.85..3.0).contains(&cpu), "hog burnt 1.0 s of CPU; measured {cpu} s: {hog}");
+    // Sampling misses what the group did after its last look (up to one interval, more on a
+    // loaded machine): a looser floor for it.
+    let floor = if measured_by == "procfs" { 0.5 } else { 0.85 };
+    assert!((floor..3.0).contains(&cpu), "hog burnt 1.0 s of CPU; measured {cpu} s: {hog}");
     assert_eq!(hog["oom_killed"], false);
     assert_eq!(steps["hog"]["requested_memory_bytes"], 512u64 << 20);
     // The run's events and log: one `step resources` line per attempt, and one warning for
