@@ -16,10 +16,15 @@ while time.process_time() - t < secs:
     pass
 "#;
 
-fn pipeline(fx: &Cluster) -> std::path::PathBuf {
+/// Pipeline `text` beside `hog.py`.
+fn hog_pipeline(fx: &Cluster, text: &str) -> std::path::PathBuf {
     std::fs::write(fx.p("hog.py"), HOG).unwrap();
-    fx.pipeline(
-        "p.toml",
+    fx.pipeline("p.toml", text)
+}
+
+fn pipeline(fx: &Cluster) -> std::path::PathBuf {
+    hog_pipeline(
+        fx,
         r#"
 name = "res"
 [[steps]]
@@ -137,9 +142,8 @@ fn a_step_over_its_memory_limit_is_killed_and_reported_as_such() {
         return;
     }
     let fx = Cluster::new();
-    std::fs::write(fx.p("hog.py"), HOG).unwrap();
-    let p = fx.pipeline(
-        "p.toml",
+    let p = hog_pipeline(
+        &fx,
         r#"
 name = "oom"
 [[steps]]

@@ -750,7 +750,7 @@ impl ChunkSource for Sources<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn tree(dir: &Path) {
@@ -762,7 +762,8 @@ mod tests {
         std::os::unix::fs::symlink("a.txt", dir.join("out/link")).unwrap();
     }
 
-    fn store_of(dir: &Path, blobs: &BlobStore) -> Manifest {
+    /// `dir/out` built into a manifest, its blobs kept in `blobs`.
+    pub(crate) fn store_of(dir: &Path, blobs: &BlobStore) -> Manifest {
         build(dir, &[PathBuf::from("out")], UnpackLimits::default(), |c, data| {
             let (enc, payload) = encode_blob(data, 1);
             blobs.put(c, enc, &payload).map(|_| ())

@@ -318,21 +318,12 @@ mod tests {
         fs::write(dir.join("out/sub/big"), &big).unwrap();
     }
 
-    fn stored(dir: &Path, blobs: &cas::BlobStore) -> Manifest {
-        cas::build(dir, &[PathBuf::from("out")], LIMITS, |c, data| {
-            let (enc, payload) = cas::encode_blob(data, 1);
-            blobs.put(c, enc, &payload).map(|_| ())
-        })
-        .unwrap()
-        .0
-    }
-
     #[test]
     fn a_partial_tree_offers_its_whole_files_and_the_checked_start_of_the_others() {
         let src = tempfile::tempdir().unwrap();
         sample_tree(src.path());
         let blobs = cas::BlobStore::open(src.path().join("blobs")).unwrap();
-        let m = stored(src.path(), &blobs);
+        let m = cas::tests::store_of(src.path(), &blobs);
         let entry = |p: &str| m.entries.iter().find(|e| e.path == p).unwrap().clone();
         let (a, big) = (entry("out/a.txt"), entry("out/sub/big"));
         assert!(big.chunks.len() >= 2);
