@@ -10,6 +10,7 @@ mod biopype;
 mod cas;
 mod consistency;
 mod deploy;
+mod hollow;
 mod hostile_paths;
 mod hostile_peers;
 mod instances;

@@ -25,6 +25,35 @@ pub struct Counters {
     pub steps: AtomicU64,
     /// Sessions that ended (lost connections, a coordinator restart).
     pub sessions_ended: AtomicU64,
+    /// Times each (run, step) was answered: a step lost or run twice shows here.
+    pub answered: std::sync::Mutex<std::collections::HashMap<(String, String), u32>>,
+    /// Fault injection: while above 0, an agent that receives a step takes one off and drops
+    /// its connection without reading the step (a connection that broke with a step on the
+    /// wire).
+    pub lose_run_steps: AtomicUsize,
+}
+
+impl Counters {
+    /// Steps of `run` answered (0 times, once, more) as (never, once, more than once) over
+    /// `steps` names.
+    pub fn tally<'a>(&self, run_prefix: &str, steps: impl Iterator<Item = &'a str>) -> (usize, usize, usize) {
+        let answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_step: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+        for ((run, step), n) in answered.iter() {
+            if run.starts_with(run_prefix) {
+                *by_step.entry(step.as_str()).or_default() += n;
+            }
+        }
+        let (mut never, mut once, mut more) = (0, 0, 0);
+        for s in steps {
+            match by_step.get(s).copied().unwrap_or(0) {
+                0 => never += 1,
+                1 => once += 1,
+                _ => more += 1,
+            }
+        }
+        (never, once, more)
+    }
 }
 
 /// What an agent named `name` with its state in `dir` enrolls with.
@@ -101,8 +130,11 @@ pub async fn run(
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) {
+    // Results not acknowledged yet: said in `InHand` and sent again after a reconnect, as a
+    // real agent does.
+    let mut pending: std::collections::BTreeMap<u64, StepOutcome> = Default::default();
     while !stop.is_cancelled() {
-        let _ = session(&ep, coordinator, &ca_pem, &id, &facts, slots, &counters, &stop).await;
+        let _ = session(&ep, coordinator, &ca_pem, &id, &facts, slots, &counters, &stop, &mut pending).await;
         counters.sessions_ended.fetch_add(1, Ordering::Relaxed);
         let pause = Duration::from_millis(200 + rand::random::<u64>() % 1800);
         tokio::select! {
@@ -122,6 +154,7 @@ async fn session(
     slots: u32,
     counters: &Counters,
     stop: &CancellationToken,
+    pending: &mut std::collections::BTreeMap<u64, StepOutcome>,
 ) -> Result<()> {
     let tuning = endpoint::Tuning::default();
     let tls = pki::client_tls(ca_pem, Some(&id.cert), protocol::ALPN_AGENT)?;
@@ -142,7 +175,11 @@ async fn session(
         Some(CoordinatorToAgent::Welcome(w)) => w,
         other => bail!("expected Welcome, got {other:?}"),
     };
-    framed::write_frame(&mut send, &AgentToCoordinator::InHand { attempts: vec![] }).await?;
+    let held: Vec<u64> = pending.keys().copied().collect();
+    framed::write_frame(&mut send, &AgentToCoordinator::InHand { attempts: held }).await?;
+    for outcome in pending.values() {
+        framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome.clone())).await?;
+    }
     counters.connected.fetch_add(1, Ordering::Relaxed);
     // Frames are read by a task of their own (reading a frame is not cancel-safe).
     let (tx, mut frames) = mpsc::channel::<CoordinatorToAgent>(64);
@@ -185,7 +222,18 @@ async fn session(
             f = frames.recv() => match f.inspect(|_| last_heard = tokio::time::Instant::now()) {
                 None => break Err(anyhow!("control stream closed")),
                 Some(CoordinatorToAgent::RunStep(spec)) => {
+                    let lose = counters.lose_run_steps.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+                    if lose.is_ok() {
+                        conn.close(quinn::VarInt::from_u32(5), b"hollow agent: connection dropped with a step on the wire");
+                        break Err(anyhow!("dropped a step (fault injection)"));
+                    }
                     let attempt_id = spec.attempt_id;
+                    *counters
+                        .answered
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry((spec.run.clone(), spec.step.clone()))
+                        .or_default() += 1;
                     let started = AgentToCoordinator::StepStarted { attempt_id, backend: "hollow".into(), view: "none".into() };
                     let outcome = StepOutcome {
                         attempt_id,
@@ -199,10 +247,14 @@ async fn session(
                     if let Err(e) = framed::write_frame(&mut send, &started).await {
                         break Err(anyhow!("{e}"));
                     }
+                    pending.insert(attempt_id, outcome.clone());
                     if let Err(e) = framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome)).await {
                         break Err(anyhow!("{e}"));
                     }
                     counters.steps.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(CoordinatorToAgent::StepResultAck { attempt_id }) => {
+                    pending.remove(&attempt_id);
                 }
                 Some(CoordinatorToAgent::CheckOutputs { request_id, paths, .. }) => {
                     let result = Ok(paths.into_iter().map(|p| (p, None)).collect());

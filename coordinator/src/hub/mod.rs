@@ -131,6 +131,17 @@ pub struct AgentView {
     pub in_hand: Option<Vec<u64>>,
     /// Its last reported totals (zero until it reports; agents of minor 6 never do).
     pub stats: protocol::AgentStats,
+    /// Its connection's serial: higher after every reconnect. `in_hand` is what it said on
+    /// this connection, so it is silent about attempts sent on this connection after it said.
+    pub serial: u64,
+}
+
+/// An attempt handed to an agent's connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    pub attempt_id: u64,
+    /// The serial of the connection it went out on (see [`AgentView::serial`]).
+    pub serial: u64,
 }
 
 pub type CheckReply = Result<Vec<(String, Option<u64>)>, RemoteError>;
@@ -286,6 +297,7 @@ impl Hub {
                 draining: a.draining,
                 in_hand: a.in_hand.clone(),
                 stats: a.stats.clone(),
+                serial: a.conn_serial,
             })
             .collect();
         out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
@@ -434,24 +446,33 @@ impl Hub {
         spec: StepSpec,
     ) -> Result<(u64, mpsc::UnboundedReceiver<(u64, StepEvent)>)> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let attempt_id = self.dispatch(agent, spec, tx).await?;
-        Ok((attempt_id, rx))
+        let sent = self.dispatch(agent, spec, tx).await?;
+        Ok((sent.attempt_id, rx))
     }
 
     /// Like [`Coordinator::run_step`], with the events going to `events`.
-    pub async fn dispatch(&self, agent: &str, mut spec: StepSpec, events: EventSink) -> Result<u64> {
+    pub async fn dispatch(&self, agent: &str, mut spec: StepSpec, events: EventSink) -> Result<Sent> {
         if spec.attempt_id == 0 {
             spec.attempt_id = new_attempt_id();
         }
         let attempt_id = spec.attempt_id;
-        let outbox = self.outbox_of(agent).ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
+        let (outbox, serial) = self
+            .agents()
+            .get(agent)
+            .map(|a| (a.outbox.clone(), a.conn_serial))
+            .ok_or_else(|| anyhow!("agent {agent} is not connected"))?;
         lock(&self.attempts).insert(attempt_id, Attempt { agent: agent.to_string(), events });
         tracing::debug!(agent = %agent, run = %spec.run, step = %spec.step, attempt = attempt_id, "step dispatched");
         if outbox.send(CoordinatorToAgent::RunStep(Box::new(spec))).await.is_err() {
             lock(&self.attempts).remove(&attempt_id);
             return Err(anyhow!("agent {agent} disconnected"));
         }
-        Ok(attempt_id)
+        Ok(Sent { attempt_id, serial })
+    }
+
+    /// The attempt's result has not come yet (it was dispatched or adopted, and not delivered).
+    pub fn awaiting(&self, attempt_id: u64) -> bool {
+        lock(&self.attempts).contains_key(&attempt_id)
     }
 
     /// Whether `sender` holds `attempt_id`: the attempt was dispatched to it, or adopted from

@@ -225,6 +225,9 @@ impl AttemptLog {
     }
 }
 
+/// The least time between two looks at the connected agents while they keep changing.
+const MEMBERSHIP_COALESCE: Duration = Duration::from_millis(50);
+
 /// How long an agent that ran an adopted attempt has to reconnect to a restarted coordinator
 /// (beyond the heartbeat window): agents retry with a backoff of up to 30 s.
 const ADOPT_RECONNECT_GRACE: Duration = Duration::from_secs(45);
@@ -235,6 +238,9 @@ struct Running {
     log: AttemptLog,
     /// What the attempt used, when its agent said (just before its result).
     usage: Option<protocol::ResourceUsage>,
+    /// The serial of the agent's connection it was sent on; 0 for an attempt adopted from a
+    /// previous coordinator (see [`lost_on_reconnect`]).
+    serial: u64,
 }
 
 impl Engine {
@@ -775,7 +781,9 @@ impl Engine {
         let adopted = self.adopt(p, decisions, in_flight, &runs, &tx, &mut sched, &mut running, rep);
         // An adopted attempt's agent not back yet gets time to reconnect (its backoff) before
         // it counts as lost and the attempt is retried.
-        self.sync_agents(&mut sched, &mut membership, rep);
+        self.sync_agents(&self.coord.agent_views(), &mut sched, &mut membership, rep);
+        let mut last_sync = Instant::now();
+        let mut sync_due: Option<Instant> = None;
         for agent in adopted.values() {
             membership.handle(
                 Instant::now(),
@@ -848,6 +856,7 @@ impl Engine {
             // attempts whose agent came back without them are found by looking).
             let wake = Instant::now() + Duration::from_secs(1);
             let wake = membership.next_timeout().map_or(wake, |t| t.min(wake));
+            let wake = sync_due.map_or(wake, |t| t.min(wake));
             let tick = tokio::time::sleep_until(wake.into());
             tokio::select! {
                 _ = shutdown.cancelled(), if !interrupted => {
@@ -880,13 +889,21 @@ impl Engine {
                         self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep)?;
                     }
                 }
-                _ = members.changed() => {
-                    self.sync_agents(&mut sched, &mut membership, rep);
-                    self.check_adopted(p, run_id, &adopted, &mut sched, &mut running, rep);
+                // Looking at the agents costs time linear in their number: when thousands join
+                // at once, one look per MEMBERSHIP_COALESCE takes them all in.
+                _ = members.changed(), if sync_due.is_none() => {
+                    let at = last_sync + MEMBERSHIP_COALESCE;
+                    if at <= Instant::now() {
+                        self.look_at_agents(p, run_id, &mut sched, &mut membership, &mut running, rep);
+                        last_sync = Instant::now();
+                    } else {
+                        sync_due = Some(at);
+                    }
                 }
                 _ = tick => {
-                    self.sync_agents(&mut sched, &mut membership, rep);
-                    self.check_adopted(p, run_id, &adopted, &mut sched, &mut running, rep);
+                    self.look_at_agents(p, run_id, &mut sched, &mut membership, &mut running, rep);
+                    last_sync = Instant::now();
+                    sync_due = None;
                 }
             }
         }
@@ -914,8 +931,10 @@ impl Engine {
             match step {
                 Some(i) if sched.adopt(i, a.attempt_id, &a.agent) => {
                     let log = AttemptLog::new(runs.join(&a.step).join(format!("attempt-{}.log", a.number)));
-                    running
-                        .insert(a.attempt_id, Running { step: i, agent: a.agent.clone(), log, usage: None });
+                    running.insert(
+                        a.attempt_id,
+                        Running { step: i, agent: a.agent.clone(), log, usage: None, serial: 0 },
+                    );
                     self.coord.adopt(a.attempt_id, &a.agent, tx.clone());
                     rep.progress.running += 1;
                     rep.step_dispatched(i, a.attempt_id);
@@ -944,61 +963,80 @@ impl Engine {
         adopted
     }
 
-    /// An adopted attempt whose agent is back but does not hold it (the agent restarted and
-    /// lost it) is retried now rather than awaited forever.
-    fn check_adopted(
+    /// What the hub shows of the agents, to the membership and to the check of what they hold.
+    fn look_at_agents(
         &self,
         p: &Pipeline,
         run_id: &str,
-        adopted: &HashMap<u64, String>,
+        sched: &mut Scheduler,
+        membership: &mut Membership,
+        running: &mut HashMap<u64, Running>,
+        rep: &mut Reporter,
+    ) {
+        let views = self.coord.agent_views();
+        self.sync_agents(&views, sched, membership, rep);
+        self.check_in_hand(&views, p, run_id, sched, running, rep);
+    }
+
+    /// An attempt whose agent reconnected and said it does not hold it is retried now rather
+    /// than awaited forever: the agent restarted and lost it, or the connection broke before
+    /// the agent read it (an adopted attempt's agent, or a `RunStep` lost with a connection).
+    fn check_in_hand(
+        &self,
+        views: &[crate::hub::AgentView],
+        p: &Pipeline,
+        run_id: &str,
         sched: &mut Scheduler,
         running: &mut HashMap<u64, Running>,
         rep: &mut Reporter,
     ) {
-        if adopted.is_empty() {
+        if running.is_empty() {
             return;
         }
-        for v in self.coord.agent_views() {
-            let Some(held) = &v.in_hand else { continue };
-            let gone: Vec<u64> = adopted
-                .iter()
-                .filter(|(id, agent)| **agent == v.agent_id && running.contains_key(id) && !held.contains(id))
-                .map(|(id, _)| *id)
-                .collect();
-            for attempt_id in gone {
-                let reason = format!("agent {} came back without attempt {attempt_id}", v.agent_id);
-                if let Some(r) = running.remove(&attempt_id) {
-                    rep.progress.running = rep.progress.running.saturating_sub(1);
-                    rep.attempt_ended(attempt_id, "lost");
-                    rep.emit(
-                        "attempt lost",
-                        Some(&p.steps[r.step].name),
-                        Some(attempt_id),
-                        Some(&v.agent_id),
-                        &reason,
-                    );
-                }
-                self.coord.forget_attempt(attempt_id);
-                if let Err(e) = self.state.attempt_ended(attempt_id, "lost", None, Some(&reason), None) {
-                    warn!(run = %run_id, "state database: {e:#}");
-                }
-                sched.handle(Event::Finished { attempt_id, end: AttemptEnd::InfraFailed(reason) });
+        let lost = lost_on_reconnect(running.iter().map(|(id, r)| (*id, r.agent.as_str(), r.serial)), views);
+        for (attempt_id, agent) in lost {
+            // A result delivered meanwhile is in the run's channel: it counts, not a retry.
+            if !self.coord.awaiting(attempt_id) {
+                continue;
             }
+            let reason = format!("agent {agent} came back without attempt {attempt_id}");
+            if let Some(r) = running.remove(&attempt_id) {
+                rep.progress.running = rep.progress.running.saturating_sub(1);
+                rep.attempt_ended(attempt_id, "lost");
+                rep.emit(
+                    "attempt lost",
+                    Some(&p.steps[r.step].name),
+                    Some(attempt_id),
+                    Some(&agent),
+                    &reason,
+                );
+            }
+            self.coord.forget_attempt(attempt_id);
+            if let Err(e) = self.state.attempt_ended(attempt_id, "lost", None, Some(&reason), None) {
+                warn!(run = %run_id, "state database: {e:#}");
+            }
+            sched.handle(Event::Finished { attempt_id, end: AttemptEnd::InfraFailed(reason) });
         }
     }
 
     /// Feeds what the hub shows to the run's [`Membership`] and carries out what it decides:
     /// agents that joined, drain, left or are lost (a reconnect within the heartbeat window
     /// keeps an agent's running steps).
-    fn sync_agents(&self, sched: &mut Scheduler, membership: &mut Membership, rep: &Reporter) {
-        let seen = self.coord.agent_views().into_iter().map(|v| membership::Seen {
+    fn sync_agents(
+        &self,
+        views: &[crate::hub::AgentView],
+        sched: &mut Scheduler,
+        membership: &mut Membership,
+        rep: &Reporter,
+    ) {
+        let seen = views.iter().map(|v| membership::Seen {
             capacity: AgentCapacity {
                 cpus: f64::from(v.host.cpus.max(1)),
                 memory_bytes: v.host.memory_total_bytes,
                 slots: v.slots,
                 labels: v.labels.iter().cloned().collect(),
             },
-            agent_id: v.agent_id,
+            agent_id: v.agent_id.clone(),
             draining: v.draining,
             settled: v.in_hand.is_some(),
         });
@@ -1106,7 +1144,8 @@ impl Engine {
                     return None;
                 }
                 let log = AttemptLog::new(runs.join(&s.name).join(format!("attempt-{attempt}.log")));
-                running.insert(attempt_id, Running { step, agent: agent.clone(), log, usage: None });
+                running
+                    .insert(attempt_id, Running { step, agent: agent.clone(), log, usage: None, serial: 0 });
                 rep.progress.running += 1;
                 rep.step_dispatched(step, attempt_id);
                 rep.emit(
@@ -1116,16 +1155,26 @@ impl Engine {
                     Some(&agent),
                     &format!("attempt {attempt}"),
                 );
-                if let Err(e) = self.coord.dispatch(&agent, spec, tx.clone()).await {
-                    // Never sent: the step waits for another agent (or this one, back) without
-                    // using a retry, and the agent takes nothing new until it is seen again.
-                    running.remove(&attempt_id);
-                    rep.progress.running = rep.progress.running.saturating_sub(1);
-                    rep.attempt_ended(attempt_id, "not_sent");
-                    rep.step_state(step, "ready", false);
-                    db(self.state.attempt_ended(attempt_id, "lost", None, Some(&format!("{e:#}")), None));
-                    sched.handle(Event::Finished { attempt_id, end: AttemptEnd::NotSent(format!("{e:#}")) });
-                    unreachable = Some(agent);
+                match self.coord.dispatch(&agent, spec, tx.clone()).await {
+                    Ok(sent) => {
+                        if let Some(r) = running.get_mut(&attempt_id) {
+                            r.serial = sent.serial;
+                        }
+                    }
+                    Err(e) => {
+                        // Never sent: the step waits for another agent (or this one, back) without
+                        // using a retry, and the agent takes nothing new until it is seen again.
+                        running.remove(&attempt_id);
+                        rep.progress.running = rep.progress.running.saturating_sub(1);
+                        rep.attempt_ended(attempt_id, "not_sent");
+                        rep.step_state(step, "ready", false);
+                        db(self.state.attempt_ended(attempt_id, "lost", None, Some(&format!("{e:#}")), None));
+                        sched.handle(Event::Finished {
+                            attempt_id,
+                            end: AttemptEnd::NotSent(format!("{e:#}")),
+                        });
+                        unreachable = Some(agent);
+                    }
                 }
             }
             Action::Supersede { step: _, attempt_id, agent } => {
@@ -1443,5 +1492,69 @@ impl Runs for Engine {
             serde_json::from_str(options_json).map_err(|e| format!("malformed run options: {e}"))?;
         let r = self.run(pipeline, opts, None, Some(events), shutdown).await.map_err(|e| format!("{e:#}"))?;
         Ok((r.run_id, r.succeeded, r.summary))
+    }
+}
+
+/// Attempts (id, agent) that their agent does not hold although it said what it holds on a
+/// connection newer than the one each went out on. `running` is (attempt, agent, serial of
+/// the connection it was sent on, 0 for one adopted from a previous coordinator). An attempt
+/// sent on the agent's current connection is not judged: the agent may have said what it
+/// holds before it read it.
+pub(crate) fn lost_on_reconnect<'a>(
+    running: impl Iterator<Item = (u64, &'a str, u64)>,
+    views: &[crate::hub::AgentView],
+) -> Vec<(u64, String)> {
+    let by_id: HashMap<&str, &crate::hub::AgentView> =
+        views.iter().map(|v| (v.agent_id.as_str(), v)).collect();
+    let mut lost: Vec<(u64, String)> = running
+        .filter(|(id, agent, serial)| {
+            by_id.get(agent).is_some_and(|v| {
+                *serial < v.serial && v.in_hand.as_ref().is_some_and(|held| !held.contains(id))
+            })
+        })
+        .map(|(id, agent, _)| (id, agent.to_string()))
+        .collect();
+    lost.sort();
+    lost
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::AgentView;
+
+    fn view(id: &str, serial: u64, in_hand: Option<Vec<u64>>) -> AgentView {
+        AgentView {
+            agent_id: id.into(),
+            host: Default::default(),
+            slots: 1,
+            labels: vec![],
+            draining: false,
+            in_hand,
+            stats: Default::default(),
+            serial,
+        }
+    }
+
+    #[test]
+    fn an_attempt_sent_on_an_older_connection_and_not_held_is_lost() {
+        let views = [view("a", 5, Some(vec![11])), view("b", 3, None), view("c", 7, Some(vec![]))];
+        let running = [
+            (10, "a", 4), // sent before the reconnect, not held: lost
+            (11, "a", 4), // held: the agent still runs it or resends its result
+            (12, "a", 5), // sent on the current connection, maybe after the agent said
+            (13, "b", 1), // b has not said what it holds yet
+            (14, "c", 0), // adopted from a previous coordinator, not held: lost
+            (15, "d", 1), // d is not connected: membership decides when it is lost
+        ];
+        let lost = lost_on_reconnect(running.iter().map(|&(id, a, s)| (id, a, s)), &views);
+        assert_eq!(lost, vec![(10, "a".to_string()), (14, "c".to_string())]);
+    }
+
+    #[test]
+    fn nothing_is_lost_while_every_agent_holds_its_attempts() {
+        let views = [view("a", 9, Some(vec![1, 2])), view("b", 2, Some(vec![3]))];
+        let running = [(1, "a", 1), (2, "a", 8), (3, "b", 0)];
+        assert!(lost_on_reconnect(running.iter().map(|&(id, a, s)| (id, a, s)), &views).is_empty());
     }
 }

@@ -1,0 +1,66 @@
+//! Hollow agents (`tests::hollow`) against a real `serve`: faults a real agent cannot be made to
+//! show on cue, such as a connection that breaks while a step is on the wire.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tests::{Cluster, LONG, Proc, hollow};
+use tokio_util::sync::CancellationToken;
+
+/// The agent drops its connection with the step unread, and is back inside the heartbeat
+/// window saying it holds nothing: the attempt is lost and run again, once. (Before, the run
+/// waited for that attempt's result forever.)
+#[test]
+fn a_step_on_the_wire_when_its_connection_broke_runs_again_once() {
+    // A window of 6 s: the hollow agent is back within its 0.2-2 s pause, not lost.
+    let c = Cluster::new().heartbeat_ms(2000).serve();
+    let addr = c.coord().addr;
+    let token = c.token(&[]);
+    let ca: Arc<str> = std::fs::read_to_string(c.coord().ca()).unwrap().into();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = rt.block_on(hollow::enroll(addr, &ca, &token, 1, "hollow", &c.p("hollow"), 1)).unwrap();
+    let counters = Arc::new(hollow::Counters::default());
+    counters.lose_run_steps.store(1, Ordering::Relaxed);
+    let stop = CancellationToken::new();
+    let ep = rt
+        .block_on(async { transport::endpoint::client(addr, &transport::endpoint::Tuning::default()) })
+        .unwrap();
+    let facts = agent::facts::host_facts(c.dir.path());
+    for id in ids {
+        rt.spawn(hollow::run(
+            ep.clone(),
+            addr,
+            ca.clone(),
+            id,
+            facts.clone(),
+            1,
+            counters.clone(),
+            stop.clone(),
+        ));
+    }
+
+    let names = ["s0", "s1", "s2"];
+    let text: String =
+        names.iter().map(|n| format!("[[steps]]\nname = \"{n}\"\ncommand = \"true\"\n")).collect();
+    let pipeline = c.pipeline("p.toml", &format!("name = \"wire\"\n{text}"));
+    let mut cmd = c.command();
+    cmd.args(["run", "--coordinator", &addr.to_string(), pipeline.to_str().unwrap()]);
+    let mut run = Proc::spawn_keeping_stdout("run", cmd);
+    let status = run.wait_exit(LONG);
+    stop.cancel();
+    assert!(status.success(), "{}\n{}", run.dump(), c.coord().proc.dump());
+    assert_eq!(counters.lose_run_steps.load(Ordering::Relaxed), 0, "the fault never fired");
+    assert!(counters.sessions_ended.load(Ordering::Relaxed) >= 1);
+    let coord_log = c.coord().proc.dump();
+    assert!(
+        coord_log.contains("attempt lost") && coord_log.contains("came back without attempt"),
+        "{coord_log}"
+    );
+    assert!(
+        coord_log.contains("agent back"),
+        "the agent should have come back inside its window:\n{coord_log}"
+    );
+    assert_eq!(counters.tally("", names.iter().copied()), (0, 3, 0), "every step answered exactly once");
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
