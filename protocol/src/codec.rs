@@ -11,8 +11,13 @@ use serde::{Serialize, de::DeserializeOwned};
 
 /// Length of the frame header (payload length, big-endian `u32`).
 pub const FRAME_HEADER_LEN: usize = 4;
-/// Largest payload any frame may carry.
+/// Largest payload of every frame but an operator's request.
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+/// Largest operator request (an admin peer, with the admin certificate): a submitted pipeline
+/// of 50,000 steps is about 9 MiB of JSON.
+pub const MAX_ADMIN_REQUEST_LEN: usize = 64 * 1024 * 1024;
+/// Largest payload any frame may carry.
+const LARGEST_FRAME: usize = MAX_ADMIN_REQUEST_LEN;
 /// Largest enrollment request or answer: read before the peer has a certificate.
 pub const MAX_ENROLL_FRAME: usize = 64 * 1024;
 
@@ -26,7 +31,7 @@ macro_rules! frames {
         $(impl Frame for $t {
             const MAX_LEN: usize = $max;
         })*
-        const _: () = { $(assert!($max <= MAX_FRAME_LEN);)* };
+        const _: () = { $(assert!($max <= LARGEST_FRAME);)* };
     };
 }
 
@@ -35,7 +40,7 @@ frames! {
     crate::CoordinatorToAgent => MAX_FRAME_LEN,
     crate::EnrollRequest => MAX_ENROLL_FRAME,
     crate::EnrollResponse => MAX_ENROLL_FRAME,
-    crate::AdminRequest => MAX_FRAME_LEN,
+    crate::AdminRequest => MAX_ADMIN_REQUEST_LEN,
     crate::AdminResponse => MAX_FRAME_LEN,
     crate::BulkRequest => MAX_FRAME_LEN,
     crate::BulkReply => MAX_FRAME_LEN,
@@ -87,11 +92,11 @@ pub fn encode<T: Frame>(msg: &T) -> Result<Vec<u8>, CodecError> {
     Ok(frame)
 }
 
-/// Reads the payload length from a frame header, refusing lengths over `max`
-/// (at most [`MAX_FRAME_LEN`]).
+/// Reads the payload length from a frame header, refusing lengths over `max` (at most
+/// [`MAX_ADMIN_REQUEST_LEN`], the largest frame of any type).
 pub fn payload_len(header: [u8; FRAME_HEADER_LEN], max: usize) -> Result<usize, CodecError> {
     let len = u32::from_be_bytes(header) as usize;
-    let max = max.min(MAX_FRAME_LEN);
+    let max = max.min(LARGEST_FRAME);
     if len == 0 {
         return Err(CodecError::Empty);
     }

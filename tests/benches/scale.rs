@@ -27,15 +27,39 @@ struct Coordinator {
     metrics: String,
 }
 
+fn start_coordinator(bin: &Path, state: &Path, listen: &str, log: &str) -> Coordinator {
+    start_coordinator_with(bin, state, &["serve", "--listen", listen], "", log)
+}
+
+impl Coordinator {
+    /// Waits for the coordinator to exit: `Some(success)`, or `None` (killed) after `limit`.
+    fn wait_timeout_or_kill(&mut self, limit: Duration) -> Option<bool> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+/// `pype-coordinator --state-dir STATE --metrics-listen 127.0.0.1:0 ARGS... [LAST]`, its log in
+/// `STATE/LOG`, once it says where it listens.
 // The child goes to the caller, which kills and waits for it.
 #[allow(clippy::zombie_processes)]
-fn start_coordinator(bin: &Path, state: &Path, listen: &str, log: &str) -> Coordinator {
+fn start_coordinator_with(bin: &Path, state: &Path, args: &[&str], last: &str, log: &str) -> Coordinator {
     let log_path = state.join(log);
     std::fs::create_dir_all(state).unwrap();
     let mut child = Command::new(bin)
         .arg("--state-dir")
         .arg(state)
-        .args(["serve", "--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(args)
+        .args((!last.is_empty()).then_some(last))
         .env("RUST_LOG", "warn,coordinator=info,transport::httpd=info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
@@ -113,6 +137,20 @@ fn quantile(page: &str, name: &str, q: f64) -> f64 {
     lo
 }
 
+/// Seconds from the log's `run started` to its `run finished` (RFC 3339 timestamps, one day).
+fn run_span(log: &str) -> f64 {
+    let at = |needle: &str| {
+        let line = log.lines().find(|l| l.contains(needle))?;
+        let time = line.split_whitespace().next()?.split('T').nth(1)?.trim_end_matches('Z');
+        let mut parts = time.split(':').map(|p| p.parse::<f64>().ok());
+        Some((parts.next()?? * 60.0 + parts.next()??) * 60.0 + parts.next()??)
+    };
+    match (at("run started"), at("run finished")) {
+        (Some(a), Some(b)) => b - a,
+        _ => f64::NAN,
+    }
+}
+
 /// utime + stime of `pid`, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -132,11 +170,14 @@ fn rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
-fn wait_ready(metrics: &str, n: usize, timeout: Duration) -> Option<Duration> {
+fn wait_ready(coord: &mut Coordinator, n: usize, timeout: Duration) -> Option<Duration> {
     let t = Instant::now();
     while t.elapsed() < timeout {
-        if metric(&scrape(metrics), "pype_agents{state=\"ready\"}") as usize >= n {
+        if metric(&scrape(&coord.metrics), "pype_agents{state=\"ready\"}") as usize >= n {
             return Some(t.elapsed());
+        }
+        if let Ok(Some(_)) = coord.child.try_wait() {
+            return None;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -183,7 +224,7 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
             stop.clone(),
         ));
     }
-    let connect = wait_ready(&coord.metrics, n, Duration::from_secs(600));
+    let connect = wait_ready(&mut coord, n, Duration::from_secs(600));
     let connect_s = connect.map_or(f64::NAN, |d| d.as_secs_f64());
     let _ = t;
 
@@ -221,29 +262,86 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
         quantile(&page, "pype_dispatch_latency_seconds", 0.99),
     );
     let answered = counters.steps.load(Ordering::Relaxed);
-
-    // A restart: every agent reconnects.
-    let _ = coord.child.kill();
-    let _ = coord.child.wait();
-    let before = counters.sessions_ended.load(Ordering::Relaxed);
-    let t = Instant::now();
-    let mut coord2 = start_coordinator(&bin, &coord.state, &coord.addr, "coordinator-2.log");
-    let reconnect = wait_ready(&coord2.metrics, n, Duration::from_secs(300));
-    let restart_s = reconnect.map_or(f64::NAN, |_| t.elapsed().as_secs_f64());
-    let ended = counters.sessions_ended.load(Ordering::Relaxed) - before;
-
-    stop.cancel();
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = coord2.child.kill();
-    let _ = coord2.child.wait();
+    let in_coordinator = run_span(&std::fs::read_to_string(coord.state.join("coordinator.log")).unwrap_or_default());
     println!(
         "{n:>6} agents | enroll {enroll_s:>6.1} s | connect {connect_s:>6.1} s | idle {idle_cores:>4.2} cores {idle_rss:>6.0} MiB | \
-         {steps} steps {} in {run_s:>6.1} s = {:>6.0} steps/s ({run_cores:.2} cores, {run_rss:.0} MiB), answered {answered} | \
-         dispatch p50 {:.1} ms p99 {:.1} ms | restart: {ended} sessions ended, all back in {restart_s:.1} s",
+         {steps} steps {} in {run_s:>6.1} s = {:>6.0} steps/s ({in_coordinator:.1} s from run started to run finished = {:.0} steps/s; \
+         {run_cores:.2} cores, {run_rss:.0} MiB), answered {answered} | dispatch p50 {:.1} ms p99 {:.1} ms",
         if run.success() { "ok" } else { "FAILED" },
         steps as f64 / run_s,
+        steps as f64 / in_coordinator,
         p50 * 1e3,
         p99 * 1e3,
+    );
+
+    // A restart in the middle of a run: the `serve` goes, an embedded coordinator (`run
+    // --agents 0 --listen` on the same address and state) takes the agents back and starts a
+    // second run of as many steps; halfway through it is killed (SIGKILL) and started again
+    // with `--resume`. Every agent must be back, and every step answered exactly once.
+    let _ = coord.child.kill();
+    let _ = coord.child.wait();
+    let mut text = String::from("name = \"restart\"\n");
+    let names: Vec<String> = (0..steps).map(|i| format!("r{i:06}")).collect();
+    for name in &names {
+        text.push_str(&format!("[[steps]]\nname = \"{name}\"\ncommand = \"true\"\n"));
+    }
+    let pipeline2 = dir.path().join("p2.toml");
+    std::fs::write(&pipeline2, text).unwrap();
+    let embedded = |log: &str, resume: Option<&str>| {
+        // The heartbeat of `serve` (5 s), not the 1 s `run` takes for its local agents.
+        let mut args = vec![
+            "run", "--agents", "0", "--listen", &coord.addr, "--agent-wait", "600s", "--heartbeat-interval-ms", "5000",
+        ];
+        if let Some(id) = resume {
+            args.extend(["--resume", id]);
+        }
+        start_coordinator_with(&bin, &coord.state, &args, pipeline2.to_str().unwrap(), log)
+    };
+    let answered_r = || {
+        let (_, once, more) = counters.tally("", names.iter().map(String::as_str));
+        once + more
+    };
+    let t = Instant::now();
+    let mut first = embedded("run-2.log", None);
+    let back_1 = wait_ready(&mut first, n, Duration::from_secs(300)).map_or(f64::NAN, |_| t.elapsed().as_secs_f64());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while answered_r() < steps / 2 && Instant::now() < deadline && matches!(first.child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log1 = std::fs::read_to_string(coord.state.join("run-2.log")).unwrap_or_default();
+    // `... run started run=ID ...` (the log) or `[ID] run started ...` (the event lines).
+    let run_id = log1
+        .lines()
+        .filter(|l| l.contains("run started"))
+        .find_map(|l| match l.split_once("run=") {
+            Some((_, rest)) => rest.split_whitespace().next().map(str::to_string),
+            None => l.split_once('[').and_then(|(_, r)| r.split_once(']')).map(|(id, _)| id.to_string()),
+        })
+        .unwrap_or_default();
+    assert!(!run_id.is_empty(), "no run id in the log:\n{log1}");
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    let at_kill = answered_r();
+    let before = counters.sessions_ended.load(Ordering::Relaxed);
+    let t = Instant::now();
+    let mut second = embedded("run-3.log", Some(&run_id));
+    let reconnect = wait_ready(&mut second, n, Duration::from_secs(300));
+    let restart_s = reconnect.map_or(f64::NAN, |_| t.elapsed().as_secs_f64());
+    let ended = counters.sessions_ended.load(Ordering::Relaxed) - before;
+    let done = second.wait_timeout_or_kill(Duration::from_secs(900));
+    let resumed_s = t.elapsed().as_secs_f64();
+    let (never, once, more) = counters.tally("", names.iter().map(String::as_str));
+    stop.cancel();
+    std::thread::sleep(Duration::from_millis(500));
+    println!(
+        "       restart of `serve` into a run: all back in {back_1:.1} s | killed with {at_kill} of {steps} steps answered; \
+         after the restart {ended} sessions ended, all back in {restart_s:.1} s, run {} in {resumed_s:.1} s | \
+         steps answered never {never}, once {once}, more than once {more}",
+        match done {
+            Some(true) => "succeeded",
+            Some(false) => "FAILED",
+            None => "DID NOT END",
+        },
     );
     if std::env::var_os("SCALE_KEEP").is_some() {
         let kept = dir.keep();

@@ -136,6 +136,21 @@ pub struct AgentView {
     pub serial: u64,
 }
 
+/// What became of a result an agent sent, which says whether to acknowledge it now. An agent
+/// keeps a result until it is acknowledged and sends it again after a reconnect, so a result is
+/// acknowledged only once it is recorded (by whoever awaited it) or will never be wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// To the run (or operator) awaiting it, which acknowledges it once recorded
+    /// ([`Hub::ack_result`]).
+    Awaited,
+    /// Kept in memory for a run that may adopt the attempt, or not kept (the database failed,
+    /// too many kept): not acknowledged, so the agent still holds it.
+    Later,
+    /// Refused or of an attempt that ended: acknowledge it, nobody will want it.
+    Done,
+}
+
 /// An attempt handed to an agent's connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Sent {
@@ -273,7 +288,14 @@ impl Hub {
                 away::Verdict::Lost { reason } => return Err(reason),
             };
             tokio::select! {
-                ev = events.recv() => return Ok(ev.map(|(_, event)| event)),
+                ev = events.recv() => {
+                    // Its consumers (an operator's `step run`, a program build) record nothing
+                    // that outlives the coordinator: the result is acknowledged as it comes.
+                    if let Some((attempt_id, StepEvent::Finished(_))) = &ev {
+                        self.ack_result(agent, *attempt_id);
+                    }
+                    return Ok(ev.map(|(_, event)| event));
+                }
                 _ = members.changed() => {}
                 _ = sleep_until_or_forever(wake) => {}
             }
@@ -470,6 +492,14 @@ impl Hub {
         Ok(Sent { attempt_id, serial })
     }
 
+    /// Tells `agent` its result of `attempt_id` is recorded: it may forget it. Best effort: an
+    /// acknowledgement that cannot be queued is sent again when the agent resends the result.
+    pub fn ack_result(&self, agent: &str, attempt_id: u64) {
+        if let Some(outbox) = self.outbox_of(agent) {
+            let _ = outbox.try_send(CoordinatorToAgent::StepResultAck { attempt_id });
+        }
+    }
+
     /// The attempt's result has not come yet (it was dispatched or adopted, and not delivered).
     pub fn awaiting(&self, attempt_id: u64) -> bool {
         lock(&self.attempts).contains_key(&attempt_id)
@@ -511,22 +541,23 @@ impl Hub {
     /// Hands a result from `sender` to whoever waits for its attempt, or keeps it for a run
     /// that will adopt the attempt from that agent: only a result of an attempt the state
     /// database has open on `sender` is kept. Returns false when it was refused.
-    pub fn deliver(&self, sender: &str, outcome: StepOutcome) -> bool {
+    pub fn deliver(&self, sender: &str, outcome: StepOutcome) -> Delivered {
         let attempt_id = outcome.attempt_id;
         let outcome = match self.deliver_awaited(sender, outcome) {
-            Ok(ok) => return ok,
+            Ok(true) => return Delivered::Awaited,
+            Ok(false) => return Delivered::Done,
             Err(outcome) => outcome,
         };
         // Nobody waits: is it an attempt a run dispatched to this agent and has not ended?
         match self.state.attempt_holder(attempt_id) {
             Ok(Some((holder, _))) if holder != sender => {
                 self.refused(sender, &holder, attempt_id, "a result");
-                return false;
+                return Delivered::Done;
             }
             Ok(Some((_, true))) => {}
             Ok(Some((_, false))) => {
                 tracing::debug!(attempt = attempt_id, "discarding the result of an attempt that ended");
-                return false;
+                return Delivered::Done;
             }
             Ok(None) => {
                 // Made-up attempt ids: one line per sender, however many come.
@@ -538,16 +569,17 @@ impl Hub {
                         "refused results from agent {sender} for attempts no run dispatched (first: {attempt_id})"
                     );
                 }
-                return false;
+                return Delivered::Done;
             }
             Err(e) => {
                 warn!(attempt = attempt_id, "state database: {e:#}; result not kept");
-                return false;
+                return Delivered::Later;
             }
         }
         // A run may have adopted it meanwhile.
         let outcome = match self.deliver_awaited(sender, outcome) {
-            Ok(ok) => return ok,
+            Ok(true) => return Delivered::Awaited,
+            Ok(false) => return Delivered::Done,
             Err(outcome) => outcome,
         };
         // Lock order: attempts, then unclaimed (as in `adopt`).
@@ -562,11 +594,11 @@ impl Hub {
                     evicted,
                     "keeping the result of an attempt nobody waits for yet"
                 );
-                true
+                Delivered::Later
             }
             Err(why) => {
                 warn!(attempt = attempt_id, agent = %sender, "result not kept: {why}");
-                false
+                Delivered::Later
             }
         }
     }

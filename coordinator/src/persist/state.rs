@@ -550,6 +550,15 @@ impl State {
         Ok(())
     }
 
+    /// Steps of `run_id` with an attempt that ended `succeeded`.
+    pub fn succeeded_attempt_steps(&self, run_id: &str) -> Result<Vec<String>> {
+        let db = self.db();
+        let mut stmt =
+            db.prepare("SELECT DISTINCT step FROM attempts WHERE run_id = ?1 AND state = 'succeeded'")?;
+        let rows = stmt.query_map(params![run_id], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+    }
+
     /// What attempt `attempt_id` used, as its agent measured it, and the memory its step
     /// requested (0: none).
     pub fn attempt_usage(

@@ -225,6 +225,9 @@ impl AttemptLog {
     }
 }
 
+/// The least time between two demands sent to a provisioner.
+const DEMAND_EVERY: Duration = Duration::from_millis(200);
+
 /// The least time between two looks at the connected agents while they keep changing.
 const MEMBERSHIP_COALESCE: Duration = Duration::from_millis(50);
 
@@ -349,6 +352,13 @@ impl Engine {
                         if s.state == "succeeded" {
                             done.insert(i);
                         }
+                    }
+                }
+                // An attempt recorded as succeeded (its entries merged) whose step's own row was
+                // not written yet when the coordinator died: done as well, not run twice.
+                for step in self.state.succeeded_attempt_steps(&run_id)? {
+                    if let Some(i) = pipeline.index_of(&step) {
+                        done.insert(i);
                     }
                 }
                 self.state.set_run_state(&run_id, "running", None)?;
@@ -783,6 +793,7 @@ impl Engine {
         // it counts as lost and the attempt is retried.
         self.sync_agents(&self.coord.agent_views(), &mut sched, &mut membership, rep);
         let mut last_sync = Instant::now();
+        let mut last_demand: Option<Instant> = None;
         let mut sync_due: Option<Instant> = None;
         for agent in adopted.values() {
             membership.handle(
@@ -818,20 +829,25 @@ impl Engine {
             // run (a VM takes a minute), and an instance stays while work remains for it.
             let n = |k: &str| counts.get(k).copied().unwrap_or(0);
             let active = n("ready") + n("running");
-            let busy = sched.agent_load().into_iter().filter(|(_, n)| *n > 0).map(|(a, _)| a).collect();
-            let unplaced = sched
-                .unplaced()
-                .into_iter()
-                .map(|i| {
-                    let s = &p.steps[i];
-                    crate::provision::Need {
-                        step: s.name.clone(),
-                        cpus: s.resources.cpus.ceil().max(1.0) as u32,
-                        memory_bytes: s.resources.memory_bytes,
-                    }
-                })
-                .collect();
-            self.want_agents(run_id, n("waiting") + active, active, busy, unplaced);
+            // The demand costs time linear in the run's steps and agents: it is worked out
+            // only for a provisioner, and at most every DEMAND_EVERY (a VM takes a minute).
+            if self.demand.receiver_count() > 0 && last_demand.is_none_or(|t| t.elapsed() >= DEMAND_EVERY) {
+                last_demand = Some(Instant::now());
+                let busy = sched.agent_load().into_iter().filter(|(_, n)| *n > 0).map(|(a, _)| a).collect();
+                let unplaced = sched
+                    .unplaced()
+                    .into_iter()
+                    .map(|i| {
+                        let s = &p.steps[i];
+                        crate::provision::Need {
+                            step: s.name.clone(),
+                            cpus: s.resources.cpus.ceil().max(1.0) as u32,
+                            memory_bytes: s.resources.memory_bytes,
+                        }
+                    })
+                    .collect();
+                self.want_agents(run_id, n("waiting") + active, active, busy, unplaced);
+            }
             // No agent left, none coming: what remains cannot run.
             if !interrupted
                 && running.is_empty()
@@ -1382,6 +1398,7 @@ impl Engine {
                                     Some(&msg),
                                     Some(outcome.elapsed_ms),
                                 )?;
+                                self.coord.ack_result(&r.agent, attempt_id);
                                 sched.handle(Event::Finished {
                                     attempt_id,
                                     end: AttemptEnd::InfraFailed(msg),
@@ -1414,6 +1431,9 @@ impl Engine {
                         )?;
                     }
                 }
+                // Recorded: the agent may forget the result (until now it would send it again
+                // to a restarted coordinator, whose resumed run adopts the attempt).
+                self.coord.ack_result(&r.agent, attempt_id);
                 sched.handle(Event::Finished { attempt_id, end });
             }
         }

@@ -8,7 +8,8 @@
 //! A failing command and a lost agent are counted separately: `retries` of the step against
 //! the first, the run's infrastructure budget against the second.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use crate::pipeline::plan::{Action as Planned, Decision};
 use crate::pipeline::{Pipeline, Resources};
@@ -33,6 +34,23 @@ impl StepState {
     fn satisfies_dependents(&self) -> bool {
         matches!(self, Self::Succeeded | Self::Skipped)
     }
+
+    /// Index into [`Scheduler`]'s per-state counts.
+    fn index(&self) -> usize {
+        match self {
+            Self::Waiting => 0,
+            Self::Ready => 1,
+            Self::Running { .. } => 2,
+            Self::Succeeded => 3,
+            Self::Skipped => 4,
+            Self::Pruned => 5,
+            Self::Failed => 6,
+            Self::Cancelled => 7,
+        }
+    }
+
+    const NAMES: [&'static str; 8] =
+        ["waiting", "ready", "running", "succeeded", "skipped", "pruned", "failed", "cancelled"];
 
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -160,7 +178,8 @@ struct StepSlot {
     command_failures: u32,
     infra_failures: u32,
     attempts: u32,
-    said_unschedulable: bool,
+    /// The agents' epoch in which this step was said unschedulable (said once per epoch).
+    said_unschedulable: Option<u64>,
 }
 
 struct AgentSlot {
@@ -171,8 +190,30 @@ struct AgentSlot {
     draining: bool,
     /// Disconnected, within its window to come back.
     away: bool,
+    /// Its key in [`Scheduler::free`], while it is there.
+    indexed: Option<Reverse<i64>>,
 }
 
+impl AgentSlot {
+    /// Free CPUs in thousandths, the key it is placed by.
+    fn free_milli(&self) -> i64 {
+        milli(self.capacity.cpus - self.used_cpus)
+    }
+
+    /// It may take a step now: not draining, not away, a slot free.
+    fn open(&self) -> bool {
+        !self.draining && !self.away && (self.capacity.slots == 0 || self.running < self.capacity.slots)
+    }
+}
+
+fn milli(cpus: f64) -> i64 {
+    (cpus * 1000.0).round() as i64
+}
+
+/// The scheduler keeps indexes beside the steps and agents so that every event and every
+/// placement costs time in what it touches, not in the size of the run or the fleet (issue
+/// 21: 50,000 steps over 10,000 agents): the ready steps in order, each state's count, the
+/// running steps by attempt and by agent, and the open agents by free CPUs.
 pub struct Scheduler {
     steps: Vec<StepSlot>,
     agents: BTreeMap<String, AgentSlot>,
@@ -180,6 +221,22 @@ pub struct Scheduler {
     queue: VecDeque<Action>,
     aborted: bool,
     next_attempt: Box<dyn FnMut() -> u64 + Send>,
+    /// Ready steps, in pipeline order.
+    ready: BTreeSet<usize>,
+    /// Steps per state ([`StepState::index`]).
+    counts: [usize; 8],
+    /// Running steps by attempt id.
+    by_attempt: HashMap<u64, usize>,
+    /// Running steps by agent (including agents not up yet: adopted attempts).
+    by_agent: HashMap<String, BTreeSet<usize>>,
+    /// Open agents by most free CPUs first, then by id: where a step goes is the first that
+    /// fits.
+    free: BTreeSet<(Reverse<i64>, String)>,
+    /// Agents by their CPUs in thousandths (a multiset): the smallest says when a walk down
+    /// `free` can stop.
+    capacities: BTreeMap<i64, usize>,
+    /// Bumped when an agent comes or comes back: an unschedulable step is said again.
+    epoch: u64,
 }
 
 impl Scheduler {
@@ -193,7 +250,7 @@ impl Scheduler {
         next_attempt: Box<dyn FnMut() -> u64 + Send>,
     ) -> Self {
         let dependents = p.dependents();
-        let mut steps: Vec<StepSlot> = p
+        let steps: Vec<StepSlot> = p
             .steps
             .iter()
             .enumerate()
@@ -211,19 +268,101 @@ impl Scheduler {
                 command_failures: 0,
                 infra_failures: 0,
                 attempts: attempts_before.get(i).copied().unwrap_or(0),
-                said_unschedulable: false,
+                said_unschedulable: None,
             })
             .collect();
-        let mut queue = VecDeque::new();
-        for i in 0..steps.len() {
-            if steps[i].state == StepState::Waiting
-                && steps[i].deps.iter().all(|&d| steps[d].state.satisfies_dependents())
+        let mut counts = [0; 8];
+        for s in &steps {
+            counts[s.state.index()] += 1;
+        }
+        let mut sched = Self {
+            steps,
+            agents: BTreeMap::new(),
+            infra_retries,
+            queue: VecDeque::new(),
+            aborted: false,
+            next_attempt,
+            ready: BTreeSet::new(),
+            counts,
+            by_attempt: HashMap::new(),
+            by_agent: HashMap::new(),
+            free: BTreeSet::new(),
+            capacities: BTreeMap::new(),
+            epoch: 0,
+        };
+        for i in 0..sched.steps.len() {
+            if sched.steps[i].state == StepState::Waiting
+                && sched.steps[i].deps.iter().all(|&d| sched.steps[d].state.satisfies_dependents())
             {
-                steps[i].state = StepState::Ready;
-                queue.push_back(Action::Ready { step: i });
+                sched.set_state(i, StepState::Ready);
+                sched.queue.push_back(Action::Ready { step: i });
             }
         }
-        Self { steps, agents: BTreeMap::new(), infra_retries, queue, aborted: false, next_attempt }
+        sched
+    }
+
+    /// Every change of a step's state goes through here, which keeps the indexes.
+    fn set_state(&mut self, step: usize, new: StepState) {
+        let old = std::mem::replace(&mut self.steps[step].state, new);
+        let new = &self.steps[step].state;
+        self.counts[old.index()] -= 1;
+        self.counts[new.index()] += 1;
+        match old {
+            StepState::Ready => {
+                self.ready.remove(&step);
+            }
+            StepState::Running { attempt_id, agent } => {
+                self.by_attempt.remove(&attempt_id);
+                if let Some(set) = self.by_agent.get_mut(&agent) {
+                    set.remove(&step);
+                    if set.is_empty() {
+                        self.by_agent.remove(&agent);
+                    }
+                }
+            }
+            _ => {}
+        }
+        match new {
+            StepState::Ready => {
+                self.ready.insert(step);
+            }
+            StepState::Running { attempt_id, agent } => {
+                self.by_attempt.insert(*attempt_id, step);
+                self.by_agent.entry(agent.clone()).or_default().insert(step);
+            }
+            _ => {}
+        }
+    }
+
+    /// Puts `agent` where it belongs in [`Scheduler::free`] after any change to its slot.
+    fn reindex(&mut self, agent: &str) {
+        let Some(slot) = self.agents.get_mut(agent) else { return };
+        let want = slot.open().then(|| Reverse(slot.free_milli()));
+        if slot.indexed == want {
+            return;
+        }
+        if let Some(old) = slot.indexed.take() {
+            self.free.remove(&(old, agent.to_string()));
+        }
+        if let Some(key) = want {
+            self.free.insert((key, agent.to_string()));
+        }
+        slot.indexed = want;
+    }
+
+    fn remove_agent(&mut self, agent: &str) {
+        if let Some(slot) = self.agents.remove(agent) {
+            if let Some(old) = slot.indexed {
+                self.free.remove(&(old, agent.to_string()));
+            }
+            let c = milli(slot.capacity.cpus);
+            if let Some(n) = self.capacities.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.capacities.remove(&c);
+                }
+            }
+        }
     }
 
     pub fn state(&self, step: usize) -> &StepState {
@@ -236,28 +375,21 @@ impl Scheduler {
 
     /// `Some(succeeded)` once every step is terminal.
     pub fn finished(&self) -> Option<bool> {
-        if !self.queue.is_empty() || !self.steps.iter().all(|s| s.state.is_terminal()) {
+        let open = self.counts[0] + self.counts[1] + self.counts[2];
+        if !self.queue.is_empty() || open > 0 {
             return None;
         }
-        Some(
-            !self.aborted
-                && self.steps.iter().all(|s| !matches!(s.state, StepState::Failed | StepState::Cancelled)),
-        )
+        Some(!self.aborted && self.counts[6] == 0 && self.counts[7] == 0)
     }
 
     /// Steps no agent runs yet, ready ones first: what new instances are sized for.
     pub fn unplaced(&self) -> Vec<usize> {
-        let ready = self.steps.iter().enumerate().filter(|(_, s)| matches!(s.state, StepState::Ready));
         let waiting = self.steps.iter().enumerate().filter(|(_, s)| matches!(s.state, StepState::Waiting));
-        ready.chain(waiting).map(|(i, _)| i).collect()
+        self.ready.iter().copied().chain(waiting.map(|(i, _)| i)).collect()
     }
 
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
-        let mut out = BTreeMap::new();
-        for s in &self.steps {
-            *out.entry(s.state.as_str()).or_insert(0) += 1;
-        }
-        out
+        StepState::NAMES.iter().zip(self.counts).filter(|(_, n)| *n > 0).map(|(k, n)| (*k, n)).collect()
     }
 
     /// Agents and their running step counts.
@@ -268,6 +400,19 @@ impl Scheduler {
     pub fn handle(&mut self, event: Event) {
         match event {
             Event::AgentUp { agent, capacity } => {
+                if let Some(slot) = self.agents.get(&agent)
+                    && milli(slot.capacity.cpus) != milli(capacity.cpus)
+                {
+                    // Re-counted below under its new capacity.
+                    let c = milli(slot.capacity.cpus);
+                    if let Some(n) = self.capacities.get_mut(&c) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.capacities.remove(&c);
+                        }
+                    }
+                    *self.capacities.entry(milli(capacity.cpus)).or_default() += 1;
+                }
                 if !self.agents.contains_key(&agent) {
                     // Steps adopted on it before it came back use it already.
                     let mut slot = AgentSlot {
@@ -277,50 +422,52 @@ impl Scheduler {
                         running: 0,
                         draining: false,
                         away: false,
+                        indexed: None,
                     };
-                    for s in &self.steps {
-                        if matches!(&s.state, StepState::Running { agent: a, .. } if *a == agent) {
-                            slot.used_cpus += s.resources.cpus.min(capacity.cpus);
-                            slot.used_memory += s.resources.memory_bytes;
-                            slot.running += 1;
-                        }
+                    for &i in self.by_agent.get(&agent).into_iter().flatten() {
+                        let r = &self.steps[i].resources;
+                        slot.used_cpus += r.cpus.min(capacity.cpus);
+                        slot.used_memory += r.memory_bytes;
+                        slot.running += 1;
                     }
+                    *self.capacities.entry(milli(capacity.cpus)).or_default() += 1;
                     self.agents.insert(agent.clone(), slot);
                 }
                 let slot = self.agents.get_mut(&agent).expect("inserted above");
                 slot.capacity = capacity;
                 slot.draining = false;
                 slot.away = false;
-                for s in &mut self.steps {
-                    s.said_unschedulable = false;
-                }
+                self.reindex(&agent);
+                self.epoch += 1;
             }
             Event::AgentDraining { agent } => {
                 if let Some(a) = self.agents.get_mut(&agent) {
                     a.draining = true;
                 }
+                self.reindex(&agent);
             }
             Event::AgentAway { agent } => {
                 if let Some(a) = self.agents.get_mut(&agent) {
                     a.away = true;
                 }
+                self.reindex(&agent);
             }
             Event::AgentBack { agent } => {
                 if let Some(a) = self.agents.get_mut(&agent) {
                     a.away = false;
                 }
-                for s in &mut self.steps {
-                    s.said_unschedulable = false;
-                }
+                self.reindex(&agent);
+                self.epoch += 1;
             }
             Event::AgentDown { agent, reason } => {
-                self.agents.remove(&agent);
+                self.remove_agent(&agent);
                 let lost: Vec<(usize, u64)> = self
-                    .steps
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, s)| match &s.state {
-                        StepState::Running { attempt_id, agent: a } if *a == agent => Some((i, *attempt_id)),
+                    .by_agent
+                    .get(&agent)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|&i| match &self.steps[i].state {
+                        StepState::Running { attempt_id, .. } => Some((i, *attempt_id)),
                         _ => None,
                     })
                     .collect();
@@ -345,11 +492,11 @@ impl Scheduler {
                         StepState::Running { attempt_id, agent } => {
                             self.release(&agent, i);
                             self.queue.push_back(Action::Supersede { step: i, attempt_id, agent });
-                            self.steps[i].state = StepState::Cancelled;
+                            self.set_state(i, StepState::Cancelled);
                             self.queue.push_back(Action::Cancelled { step: i, reason: reason.clone() });
                         }
                         StepState::Waiting | StepState::Ready => {
-                            self.steps[i].state = StepState::Cancelled;
+                            self.set_state(i, StepState::Cancelled);
                             self.queue.push_back(Action::Cancelled { step: i, reason: reason.clone() });
                         }
                         _ => {}
@@ -372,8 +519,8 @@ impl Scheduler {
                 StepState::Waiting | StepState::Ready => {}
                 _ => continue,
             }
-            self.steps[i].state = StepState::Cancelled;
-            self.queue.retain(|a| !matches!(a, Action::Ready { step: s } if *s == i));
+            // A `Ready` still queued for it is dropped when it comes up (see `poll_action`).
+            self.set_state(i, StepState::Cancelled);
             self.queue.push_back(Action::Cancelled { step: i, reason: why });
             stack.extend(self.steps[i].dependents.clone());
         }
@@ -385,21 +532,19 @@ impl Scheduler {
         if self.steps[step].state != StepState::Ready {
             return false;
         }
-        self.queue.retain(|a| !matches!(a, Action::Ready { step: s } if *s == step));
         let r = self.steps[step].resources.clone();
         if let Some(a) = self.agents.get_mut(agent) {
             a.used_cpus += r.cpus.min(a.capacity.cpus);
             a.used_memory += r.memory_bytes;
             a.running += 1;
         }
-        self.steps[step].state = StepState::Running { attempt_id, agent: agent.to_string() };
+        self.set_state(step, StepState::Running { attempt_id, agent: agent.to_string() });
+        self.reindex(agent);
         true
     }
 
     fn running_step(&self, attempt: u64) -> Option<usize> {
-        self.steps
-            .iter()
-            .position(|s| matches!(&s.state, StepState::Running { attempt_id, .. } if *attempt_id == attempt))
+        self.by_attempt.get(&attempt).copied()
     }
 
     fn release(&mut self, agent: &str, step: usize) {
@@ -409,6 +554,7 @@ impl Scheduler {
             a.used_memory = a.used_memory.saturating_sub(r.memory_bytes);
             a.running = a.running.saturating_sub(1);
         }
+        self.reindex(agent);
     }
 
     fn end_attempt(&mut self, step: usize, end: AttemptEnd) {
@@ -417,26 +563,26 @@ impl Scheduler {
             self.release(&agent, step);
             held_by = Some(agent);
         }
-        let s = &mut self.steps[step];
         match end {
             AttemptEnd::Succeeded => {
-                s.state = StepState::Succeeded;
+                self.set_state(step, StepState::Succeeded);
                 self.queue.push_back(Action::Succeeded { step });
                 let dependents = self.steps[step].dependents.clone();
                 for d in dependents {
                     if self.steps[d].state == StepState::Waiting
                         && self.steps[d].deps.iter().all(|&x| self.steps[x].state.satisfies_dependents())
                     {
-                        self.steps[d].state = StepState::Ready;
+                        self.set_state(d, StepState::Ready);
                         self.queue.push_back(Action::Ready { step: d });
                     }
                 }
             }
             AttemptEnd::CommandFailed(reason) => {
+                let s = &mut self.steps[step];
                 s.command_failures += 1;
                 if s.command_failures <= s.retries && !self.aborted {
-                    s.state = StepState::Ready;
                     let left = s.retries - s.command_failures;
+                    self.set_state(step, StepState::Ready);
                     self.queue.push_back(Action::Retry {
                         step,
                         reason: format!("{reason} ({left} command retries left)"),
@@ -447,10 +593,11 @@ impl Scheduler {
                 }
             }
             AttemptEnd::InfraFailed(reason) => {
+                let s = &mut self.steps[step];
                 s.infra_failures += 1;
                 if s.infra_failures <= self.infra_retries && !self.aborted {
-                    s.state = StepState::Ready;
                     let left = self.infra_retries - s.infra_failures;
+                    self.set_state(step, StepState::Ready);
                     self.queue.push_back(Action::Retry {
                         step,
                         reason: format!("{reason} ({left} infrastructure retries left)"),
@@ -465,9 +612,12 @@ impl Scheduler {
                     self.fail(step, reason);
                     return;
                 }
-                s.state = StepState::Ready;
-                if let Some(a) = held_by.and_then(|agent| self.agents.get_mut(&agent)) {
-                    a.away = true;
+                self.set_state(step, StepState::Ready);
+                if let Some(agent) = held_by {
+                    if let Some(a) = self.agents.get_mut(&agent) {
+                        a.away = true;
+                    }
+                    self.reindex(&agent);
                 }
                 self.queue.push_back(Action::Retry {
                     step,
@@ -479,13 +629,13 @@ impl Scheduler {
     }
 
     fn fail(&mut self, step: usize, reason: String) {
-        self.steps[step].state = StepState::Failed;
+        self.set_state(step, StepState::Failed);
         self.queue.push_back(Action::Failed { step, reason });
         // Everything downstream can no longer run.
         let mut stack = self.steps[step].dependents.clone();
         while let Some(d) = stack.pop() {
             if matches!(self.steps[d].state, StepState::Waiting | StepState::Ready) {
-                self.steps[d].state = StepState::Cancelled;
+                self.set_state(d, StepState::Cancelled);
                 let name_reason = format!("a dependency failed (step #{step})");
                 self.queue.push_back(Action::Cancelled { step: d, reason: name_reason });
                 stack.extend(self.steps[d].dependents.clone());
@@ -512,58 +662,82 @@ impl Scheduler {
         Ok(())
     }
 
+    /// The open agent with the most free CPUs (then the first by id) that fits `r` now.
+    fn place(&self, r: &Resources) -> Option<&str> {
+        let needed = milli(r.cpus);
+        // An agent with fewer free CPUs than asked fits only if it has fewer CPUs than asked
+        // and all of them are free: past `needed`, the walk goes on only while such agents exist.
+        let smallest = self.capacities.keys().next().copied().unwrap_or(i64::MAX);
+        for (Reverse(free), id) in &self.free {
+            if *free < needed && (smallest >= needed || *free < smallest) {
+                break;
+            }
+            let a = &self.agents[id];
+            if Self::could_ever_fit(a, r).is_ok() && Self::fits(a, r) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Why no connected agent (draining ones aside) can ever take `r`; `None` when one can
+    /// (it is busy now) or none is connected.
+    fn never_fits(&self, r: &Resources) -> Option<String> {
+        let mut why = None;
+        for a in self.agents.values().filter(|a| !a.draining) {
+            match Self::could_ever_fit(a, r) {
+                Ok(()) => return None,
+                Err(e) => {
+                    why.get_or_insert(e);
+                }
+            }
+        }
+        why
+    }
+
     /// The next thing the driver must do, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
-        if let Some(a) = self.queue.pop_front() {
+        while let Some(a) = self.queue.pop_front() {
+            // A step adopted or cancelled since it became ready is not said to be ready.
+            if let Action::Ready { step } = &a
+                && self.steps[*step].state != StepState::Ready
+            {
+                continue;
+            }
             return Some(a);
         }
         if self.aborted {
             return None;
         }
-        for i in 0..self.steps.len() {
-            if self.steps[i].state != StepState::Ready {
+        // Steps of a shape that fitted nowhere are not tried again in this call.
+        let mut no_room: Vec<Resources> = Vec::new();
+        let ready: Vec<usize> = self.ready.iter().copied().collect();
+        for i in ready {
+            let r = &self.steps[i].resources;
+            if no_room.contains(r) {
                 continue;
             }
-            let r = &self.steps[i].resources;
-            let mut best: Option<(&String, f64)> = None;
-            let mut why_not = None;
-            for (id, a) in self.agents.iter().filter(|(_, a)| !a.draining) {
-                if let Err(e) = Self::could_ever_fit(a, r) {
-                    why_not.get_or_insert(e);
-                    continue;
-                }
-                why_not = Some(String::new());
-                if !a.away && Self::fits(a, r) {
-                    let free = a.capacity.cpus - a.used_cpus;
-                    if best.is_none_or(|(_, f)| free > f) {
-                        best = Some((id, free));
-                    }
-                }
-            }
-            let Some((agent, _)) = best else {
-                if let Some(e) = why_not.filter(|e| !e.is_empty())
-                    && !self.steps[i].said_unschedulable
+            let Some(agent) = self.place(r).map(str::to_string) else {
+                if self.steps[i].said_unschedulable != Some(self.epoch)
+                    && let Some(e) = self.never_fits(r)
                 {
-                    self.steps[i].said_unschedulable = true;
-                    return Some(Action::Unschedulable {
-                        step: i,
-                        reason: format!("no connected agent offers {e}"),
-                    });
+                    self.steps[i].said_unschedulable = Some(self.epoch);
+                    return Some(Action::Unschedulable { step: i, reason: format!("no connected agent offers {e}") });
                 }
+                no_room.push(r.clone());
                 continue;
             };
-            let agent = agent.clone();
             let attempt_id = (self.next_attempt)();
-            let cpus = r.cpus;
-            let mem = r.memory_bytes;
-            let slot = self.agents.get_mut(&agent).expect("chosen above");
+            let (cpus, mem) = (r.cpus, r.memory_bytes);
+            let slot = self.agents.get_mut(&agent).expect("placed on a known agent");
             slot.used_cpus += cpus.min(slot.capacity.cpus);
             slot.used_memory += mem;
             slot.running += 1;
-            let s = &mut self.steps[i];
-            s.attempts += 1;
-            s.state = StepState::Running { attempt_id, agent: agent.clone() };
-            return Some(Action::Dispatch { step: i, agent, attempt_id, attempt: s.attempts });
+            self.reindex(&agent);
+            self.steps[i].attempts += 1;
+            let attempt = self.steps[i].attempts;
+            self.set_state(i, StepState::Running { attempt_id, agent: agent.clone() });
+            return Some(Action::Dispatch { step: i, agent, attempt_id, attempt });
         }
         None
     }
@@ -831,5 +1005,138 @@ mod tests {
         s.handle(Event::AgentUp { agent: "big".into(), capacity: big });
         let d = dispatched(&drain(&mut s));
         assert_eq!(d[0].1, "big");
+    }
+
+    /// The placement the scheduler made before its indexes (issue 21), by a full scan of the
+    /// steps and agents: the first ready step that fits an open agent, on the one with the most
+    /// free CPUs, then the first by id.
+    fn placement_by_full_scan(s: &Scheduler) -> Option<(usize, String)> {
+        for (i, step) in s.steps.iter().enumerate() {
+            if step.state != StepState::Ready {
+                continue;
+            }
+            let mut best: Option<(&String, f64)> = None;
+            for (id, a) in s.agents.iter().filter(|(_, a)| !a.draining && !a.away) {
+                if Scheduler::could_ever_fit(a, &step.resources).is_ok() && Scheduler::fits(a, &step.resources) {
+                    let free = a.capacity.cpus - a.used_cpus;
+                    if best.is_none_or(|(_, f)| free > f + 1e-6) {
+                        best = Some((id, free));
+                    }
+                }
+            }
+            if let Some((id, _)) = best {
+                return Some((i, id.clone()));
+            }
+        }
+        None
+    }
+
+    /// The indexes agree with the steps and agents they index.
+    fn check_indexes(s: &Scheduler) {
+        let mut counts = [0; 8];
+        for st in &s.steps {
+            counts[st.state.index()] += 1;
+        }
+        assert_eq!(counts, s.counts);
+        let ready: BTreeSet<usize> =
+            s.steps.iter().enumerate().filter(|(_, st)| st.state == StepState::Ready).map(|(i, _)| i).collect();
+        assert_eq!(ready, s.ready);
+        for (i, st) in s.steps.iter().enumerate() {
+            if let StepState::Running { attempt_id, agent } = &st.state {
+                assert_eq!(s.by_attempt.get(attempt_id), Some(&i));
+                assert!(s.by_agent[agent].contains(&i));
+            }
+        }
+        assert_eq!(s.by_attempt.len(), counts[2]);
+        let free: BTreeSet<(Reverse<i64>, String)> = s
+            .agents
+            .iter()
+            .filter(|(_, a)| a.open())
+            .map(|(id, a)| (Reverse(a.free_milli()), id.clone()))
+            .collect();
+        assert_eq!(free, s.free);
+    }
+
+    #[test]
+    fn indexed_placement_is_the_full_scans_through_random_events() {
+        // Steps of mixed shapes, agents of mixed sizes coming, going away, back, draining and
+        // down, attempts ending every way: after every event the indexes hold, and every
+        // dispatch is where the full scan would have put it.
+        let mut text = String::from("name = \"t\"\n");
+        for i in 0..120 {
+            let cpus = [0.5, 1.0, 2.0, 3.0][i % 4];
+            let mem = ["0", "1G", "3G"][i % 3];
+            let label = if i % 7 == 0 { ", labels = { pool = \"gpu\" }" } else { "" };
+            text += &format!(
+                "[[steps]]\nname = \"s{i}\"\ncommand = \"true\"\nretries = 1\nresources = {{ cpus = {cpus}, memory = \"{mem}\"{label} }}\n"
+            );
+            if i % 5 == 4 {
+                text += &format!("after = [\"s{}\"]\n", i - 1);
+            }
+        }
+        let p = Pipeline::parse(Path::new("/x.toml"), &text).unwrap();
+        let mut s = sched(&p, 2);
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut running: Vec<u64> = Vec::new();
+        let mut compared = 0;
+        for round in 0..3000 {
+            let agent = format!("a{}", rand(12));
+            match rand(10) {
+                0 | 1 => {
+                    let mut labels = BTreeMap::new();
+                    if rand(3) == 0 {
+                        labels.insert("pool".to_string(), "gpu".to_string());
+                    }
+                    let capacity = AgentCapacity {
+                        cpus: [1.0, 2.0, 4.0][rand(3) as usize],
+                        memory_bytes: [1u64 << 30, 4 << 30][rand(2) as usize],
+                        slots: rand(3) as u32,
+                        labels,
+                    };
+                    s.handle(Event::AgentUp { agent, capacity });
+                }
+                2 => s.handle(Event::AgentAway { agent }),
+                3 => s.handle(Event::AgentBack { agent }),
+                4 if rand(4) == 0 => s.handle(Event::AgentDraining { agent }),
+                5 if rand(4) == 0 => s.handle(Event::AgentDown { agent, reason: "gone".into() }),
+                _ if !running.is_empty() => {
+                    let attempt_id = running.swap_remove(rand(running.len() as u64) as usize);
+                    let end = match rand(5) {
+                        0 => AttemptEnd::CommandFailed("exit 1".into()),
+                        1 => AttemptEnd::InfraFailed("lost".into()),
+                        2 => AttemptEnd::NotSent("not sent".into()),
+                        _ => AttemptEnd::Succeeded,
+                    };
+                    s.handle(Event::Finished { attempt_id, end });
+                }
+                _ => {}
+            }
+            check_indexes(&s);
+            loop {
+                let expected = if s.queue.iter().any(|a| !matches!(a, Action::Ready { step } if s.steps[*step].state != StepState::Ready)) {
+                    None
+                } else {
+                    placement_by_full_scan(&s)
+                };
+                let Some(action) = s.poll_action() else { break };
+                if let Action::Dispatch { step, agent, attempt_id, .. } = &action {
+                    if let Some(expected) = &expected {
+                        assert_eq!((*step, agent.clone()), expected.clone(), "round {round}");
+                        compared += 1;
+                    }
+                    running.push(*attempt_id);
+                }
+                check_indexes(&s);
+            }
+            running.retain(|id| s.by_attempt.contains_key(id));
+        }
+        assert!(s.counts[3] > 0, "some steps succeeded: {:?}", s.counts());
+        assert!(compared > 100, "only {compared} dispatches compared");
     }
 }

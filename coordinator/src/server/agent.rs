@@ -12,7 +12,7 @@ use transport::framed;
 
 use super::snapshots::serve_snapshot_streams;
 use super::{FIRST_MESSAGE_TIMEOUT, close_code, refuse};
-use crate::hub::{Hub, Joining, StepEvent};
+use crate::hub::{Delivered, Hub, Joining, StepEvent};
 
 /// Control messages queued for one agent's control stream.
 const OUTBOX_DEPTH: usize = 256;
@@ -197,9 +197,11 @@ pub(super) async fn control_loop(
             }
             Some(Ok(Some(AgentToCoordinator::StepFinished(outcome)))) => {
                 let attempt_id = outcome.attempt_id;
-                coord.deliver(agent_id, outcome);
-                if let Err(e) =
-                    framed::write_frame(send, &CoordinatorToAgent::StepResultAck { attempt_id }).await
+                // A result is acknowledged once recorded: by the run that awaited it, after its
+                // database write (`Hub::ack_result`), or here when nobody will want it.
+                if coord.deliver(agent_id, outcome) == Delivered::Done
+                    && let Err(e) =
+                        framed::write_frame(send, &CoordinatorToAgent::StepResultAck { attempt_id }).await
                 {
                     return format!("could not acknowledge a result: {e}");
                 }
