@@ -66,7 +66,7 @@ pub async fn start_server(
         &identity.server,
         &[protocol::ALPN_AGENT, protocol::ALPN_ENROLL, protocol::ALPN_ADMIN],
     )?;
-    let ep = endpoint::server(listen, tls, &endpoint::Tuning::default())?;
+    let ep = endpoint::server(listen, tls, &endpoint::Tuning::default(), trust::reset_key(state_dir)?)?;
     let local = ep.local_addr()?;
     pki::write_file(&state_dir.join(crate::persist::ADDR_FILE), local.to_string().as_bytes(), 0o644)?;
     tracing::info!(addr = %local, state_dir = %state_dir.display(), "coordinator listening");

@@ -262,7 +262,8 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
         quantile(&page, "pype_dispatch_latency_seconds", 0.99),
     );
     let answered = counters.steps.load(Ordering::Relaxed);
-    let in_coordinator = run_span(&std::fs::read_to_string(coord.state.join("coordinator.log")).unwrap_or_default());
+    let in_coordinator =
+        run_span(&std::fs::read_to_string(coord.state.join("coordinator.log")).unwrap_or_default());
     println!(
         "{n:>6} agents | enroll {enroll_s:>6.1} s | connect {connect_s:>6.1} s | idle {idle_cores:>4.2} cores {idle_rss:>6.0} MiB | \
          {steps} steps {} in {run_s:>6.1} s = {:>6.0} steps/s ({in_coordinator:.1} s from run started to run finished = {:.0} steps/s; \
@@ -290,12 +291,24 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
     let embedded = |log: &str, resume: Option<&str>| {
         // The heartbeat of `serve` (5 s), not the 1 s `run` takes for its local agents.
         let mut args = vec![
-            "run", "--agents", "0", "--listen", &coord.addr, "--agent-wait", "600s", "--heartbeat-interval-ms", "5000",
+            "run",
+            "--agents",
+            "0",
+            "--listen",
+            &coord.addr,
+            "--agent-wait",
+            "600s",
+            "--heartbeat-interval-ms",
+            "5000",
         ];
-        if let Some(id) = resume {
-            args.extend(["--resume", id]);
-        }
-        start_coordinator_with(&bin, &coord.state, &args, pipeline2.to_str().unwrap(), log)
+        let last = match resume {
+            Some(id) => {
+                args.extend(["--resume", id]);
+                ""
+            }
+            None => pipeline2.to_str().unwrap(),
+        };
+        start_coordinator_with(&bin, &coord.state, &args, last, log)
     };
     let answered_r = || {
         let (_, once, more) = counters.tally("", names.iter().map(String::as_str));
@@ -303,9 +316,18 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
     };
     let t = Instant::now();
     let mut first = embedded("run-2.log", None);
-    let back_1 = wait_ready(&mut first, n, Duration::from_secs(300)).map_or(f64::NAN, |_| t.elapsed().as_secs_f64());
+    // Killed once half the steps are answered, whether or not every agent is back by then.
+    let mut back_1 = f64::NAN;
+    let mut looked = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(600);
-    while answered_r() < steps / 2 && Instant::now() < deadline && matches!(first.child.try_wait(), Ok(None)) {
+    while answered_r() < steps / 2 && Instant::now() < deadline && matches!(first.child.try_wait(), Ok(None))
+    {
+        if back_1.is_nan() && looked.elapsed() >= Duration::from_millis(500) {
+            looked = Instant::now();
+            if metric(&scrape(&first.metrics), "pype_agents{state=\"ready\"}") as usize >= n {
+                back_1 = t.elapsed().as_secs_f64();
+            }
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let log1 = std::fs::read_to_string(coord.state.join("run-2.log")).unwrap_or_default();
@@ -319,6 +341,7 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
         })
         .unwrap_or_default();
     assert!(!run_id.is_empty(), "no run id in the log:\n{log1}");
+    let kill_s = t.elapsed().as_secs_f64();
     let _ = first.child.kill();
     let _ = first.child.wait();
     let at_kill = answered_r();
@@ -334,7 +357,7 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
     stop.cancel();
     std::thread::sleep(Duration::from_millis(500));
     println!(
-        "       restart of `serve` into a run: all back in {back_1:.1} s | killed with {at_kill} of {steps} steps answered; \
+        "       restart of `serve` into a run: all back in {back_1:.1} s (NaN: not all by the kill) | killed after {kill_s:.1} s with {at_kill} of {steps} steps answered; \
          after the restart {ended} sessions ended, all back in {restart_s:.1} s, run {} in {resumed_s:.1} s | \
          steps answered never {never}, once {once}, more than once {more}",
         match done {

@@ -39,6 +39,27 @@ fn enroll_connect_heartbeat_and_reconnect_after_restart() {
     assert!(fx.cli_ok(&["agents"]).contains("node-a"));
 }
 
+/// The restarted coordinator keeps its stateless-reset secret (`reset.key`): the agent's next
+/// heartbeat on its old connection is answered with a reset, and it reconnects at once instead
+/// of after three silent heartbeat intervals (9 s here).
+#[test]
+fn a_restarted_coordinator_resets_the_connections_of_the_one_it_replaced() {
+    let mut fx = Cluster::new().heartbeat_ms(3000).serve().agent(Agent::named("kept"));
+    fx.coord().proc.wait_for(&["agent joined", "kept"], T);
+    fx.agents[0].wait_for(&["connected to coordinator"], T); // it has its Welcome
+    let addr = fx.kill_coordinator(); // SIGKILL: no CONNECTION_CLOSE reaches the agent
+    fx.start_coordinator(&addr.to_string());
+    fx.coord().proc.wait_for(&["agent joined", "kept"], T);
+    let agent = &fx.agents[0];
+    let line = agent.wait_for(&["lost coordinator"], T);
+    assert!(line.contains("reset by peer"), "{line}\n{}", agent.dump());
+    assert_eq!(agent.count(&["no answer from coordinator"]), 0, "{}", agent.dump());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(fx.state().join("reset.key")).unwrap().permissions(),
+    ) & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
 #[test]
 fn silent_agent_is_lost_then_rejoins() {
     let fx = Cluster::new().serve().agent(Agent::named("sleepy"));

@@ -111,13 +111,58 @@ fn endpoint_config(t: &Tuning) -> quinn::EndpointConfig {
     cfg
 }
 
+/// The secret a server's stateless-reset tokens are derived from (BLAKE3 in keyed mode).
+struct ResetKey([u8; 32]);
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = blake3::keyed_hash(&self.0, data);
+        let n = signature_out.len().min(blake3::OUT_LEN);
+        signature_out[..n].copy_from_slice(&mac.as_bytes()[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        blake3::OUT_LEN
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let given: [u8; blake3::OUT_LEN] = signature.try_into().map_err(|_| quinn::crypto::CryptoError)?;
+        // `blake3::Hash`'s equality takes the same time whatever the bytes.
+        if blake3::keyed_hash(&self.0, data) == blake3::Hash::from_bytes(given) {
+            Ok(())
+        } else {
+            Err(quinn::crypto::CryptoError)
+        }
+    }
+}
+
 /// A server endpoint (the coordinator) that also opens no outgoing connections.
-pub fn server(addr: SocketAddr, tls: rustls::ServerConfig, tuning: &Tuning) -> Result<quinn::Endpoint> {
+///
+/// `reset_key` is the secret its stateless resets are derived from. A server that keeps it
+/// across restarts resets its predecessor's connections as soon as their peers send to it
+/// (an agent's next heartbeat), so agents of a killed coordinator reconnect within one
+/// heartbeat instead of after their silence timeout. Resets are rate-limited to one per
+/// 500 µs, each smaller than the packet that caused it.
+pub fn server(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    tuning: &Tuning,
+    reset_key: [u8; 32],
+) -> Result<quinn::Endpoint> {
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(transport_config(tuning));
     let socket = bind_socket(addr, tuning.socket_buffer_bytes)?;
-    quinn::Endpoint::new(endpoint_config(tuning), Some(server), socket, Arc::new(quinn::TokioRuntime))
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(ResetKey(reset_key)));
+    // Connection ids carry a check keyed by the same secret: a restarted server recognises its
+    // predecessor's ids as its own kind (quinn resets only ids that pass the check).
+    let cid_key = u64::from_le_bytes(
+        blake3::derive_key("pype 2026-12 connection id key", &reset_key)[..8].try_into().unwrap_or([0; 8]),
+    );
+    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    let _ = cfg.max_udp_payload_size(tuning.max_udp_payload);
+    cfg.min_reset_interval(std::time::Duration::from_micros(500));
+    quinn::Endpoint::new(cfg, Some(server), socket, Arc::new(quinn::TokioRuntime))
         .context("starting QUIC endpoint")
 }
 

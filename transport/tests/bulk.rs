@@ -12,7 +12,7 @@ async fn pair() -> (quinn::Endpoint, quinn::Connection, quinn::Connection) {
     let server_ck = ca.issue_server(&["127.0.0.1".into()]).unwrap();
     let tuning = endpoint::Tuning::default();
     let tls = pki::server_tls(&ca.cert_key.cert_pem, &server_ck, &[b"test"]).unwrap();
-    let server = endpoint::server("127.0.0.1:0".parse().unwrap(), tls, &tuning).unwrap();
+    let server = endpoint::server("127.0.0.1:0".parse().unwrap(), tls, &tuning, rand::random()).unwrap();
     let addr = server.local_addr().unwrap();
     let client = endpoint::client(addr, &tuning).unwrap();
     let ctls = pki::client_tls(&ca.cert_key.cert_pem, None, b"test").unwrap();

@@ -2,7 +2,9 @@
 //!
 //! Files in the state dir: `ca.pem`/`ca.key`, `server.pem`/`server.key` (reissued when the
 //! set of names changes, listed in `server.names`), `admin.pem`/`admin.key` (the operator's
-//! client identity for `pype-coordinator agents|push|pull`). Keys are 0600.
+//! client identity for `pype-coordinator agents|push|pull`), `reset.key` (the secret QUIC
+//! stateless resets are derived from, kept so a restarted coordinator can reset its
+//! predecessor's connections). Keys are 0600.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -70,6 +72,27 @@ pub fn setup(dir: &Path, names: &[String], state: &State) -> Result<Identity> {
     };
     ensure_admin(dir, &ca, state)?;
     Ok(Identity { ca, server })
+}
+
+/// The coordinator's stateless-reset secret: `reset.key` in `dir`, made (32 random bytes,
+/// 0600) the first time. A file of another length is refused, not replaced.
+pub fn reset_key(dir: &Path) -> Result<[u8; 32]> {
+    let path = dir.join("reset.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => bytes.as_slice().try_into().map_err(|_| {
+            anyhow::anyhow!(
+                "{} holds {} bytes, not 32: remove it to make a new one",
+                path.display(),
+                bytes.len()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key: [u8; 32] = rand::random();
+            pki::write_file(&path, &key, 0o600)?;
+            Ok(key)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
+    }
 }
 
 fn ensure_admin(dir: &Path, ca: &Ca, state: &State) -> Result<()> {

@@ -8,7 +8,7 @@
 //! [`Membership::poll_action`] says what changed, [`Membership::next_timeout`] when to call
 //! again. No IO, no clock of its own.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::sched::AgentCapacity;
@@ -52,6 +52,57 @@ pub enum Action {
     Left { agent: String },
 }
 
+/// Disconnected agents and when each counts as lost, indexed both ways: the next deadline and
+/// the ones due cost time in what is due, not in how many agents are away (a restarted
+/// coordinator awaits thousands).
+#[derive(Default)]
+struct Deadlines {
+    at: HashMap<String, Instant>,
+    order: BTreeSet<(Instant, String)>,
+}
+
+impl Deadlines {
+    fn insert(&mut self, id: String, t: Instant) {
+        if let Some(old) = self.at.insert(id.clone(), t) {
+            self.order.remove(&(old, id.clone()));
+        }
+        self.order.insert((t, id));
+    }
+
+    /// Inserts unless `id` has a deadline already; says whether it inserted.
+    fn insert_if_absent(&mut self, id: String, t: Instant) -> bool {
+        if self.at.contains_key(&id) {
+            return false;
+        }
+        self.insert(id, t);
+        true
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Instant> {
+        let t = self.at.remove(id)?;
+        self.order.remove(&(t, id.to_string()));
+        Some(t)
+    }
+
+    fn first(&self) -> Option<Instant> {
+        self.order.first().map(|(t, _)| *t)
+    }
+
+    /// Removes and returns the agents whose deadline is at or before `now`, by id.
+    fn take_due(&mut self, now: Instant) -> Vec<String> {
+        let mut due = Vec::new();
+        while let Some((t, _)) = self.order.first()
+            && *t <= now
+        {
+            let (_, id) = self.order.pop_first().expect("looked at above");
+            self.at.remove(&id);
+            due.push(id);
+        }
+        due.sort();
+        due
+    }
+}
+
 pub struct Membership {
     /// How long a disconnected agent has to reconnect.
     window: Duration,
@@ -59,7 +110,7 @@ pub struct Membership {
     known: HashSet<String>,
     draining: HashSet<String>,
     /// Disconnected agents and when they count as lost.
-    gone: BTreeMap<String, Instant>,
+    gone: Deadlines,
     connected: HashSet<String>,
     actions: VecDeque<Action>,
 }
@@ -70,7 +121,7 @@ impl Membership {
             window,
             known: HashSet::new(),
             draining: HashSet::new(),
-            gone: BTreeMap::new(),
+            gone: Deadlines::default(),
             connected: HashSet::new(),
             actions: VecDeque::new(),
         }
@@ -87,7 +138,7 @@ impl Membership {
             Event::Unreachable { agent } => {
                 if self.known.contains(&agent) {
                     self.connected.remove(&agent);
-                    self.gone.entry(agent).or_insert(now + self.window);
+                    self.gone.insert_if_absent(agent, now + self.window);
                 }
             }
         }
@@ -116,8 +167,7 @@ impl Membership {
         let mut away: Vec<&String> = self.known.iter().filter(|id| !connected.contains(*id)).collect();
         away.sort();
         for id in away {
-            if let std::collections::btree_map::Entry::Vacant(e) = self.gone.entry(id.clone()) {
-                e.insert(now + self.window);
+            if self.gone.insert_if_absent(id.clone(), now + self.window) {
                 // A draining agent takes nothing new anyway: its leaving is said when it has left.
                 if !self.draining.contains(id) {
                     self.actions.push_back(Action::Away { agent: id.clone() });
@@ -129,10 +179,7 @@ impl Membership {
 
     /// Agents past their deadline are lost (or gone, after a drain).
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<String> =
-            self.gone.iter().filter(|(_, t)| **t <= now).map(|(id, _)| id.clone()).collect();
-        for id in due {
-            self.gone.remove(&id);
+        for id in self.gone.take_due(now) {
             self.known.remove(&id);
             if self.draining.remove(&id) {
                 self.actions.push_back(Action::Left { agent: id });
@@ -149,12 +196,12 @@ impl Membership {
 
     /// When [`Membership::handle_timeout`] has something to do.
     pub fn next_timeout(&self) -> Option<Instant> {
-        self.gone.values().min().copied()
+        self.gone.first()
     }
 
     /// Agents that are disconnected and not lost yet, with their deadlines.
     pub fn awaited(&self) -> HashMap<&str, Instant> {
-        self.gone.iter().map(|(id, t)| (id.as_str(), *t)).collect()
+        self.gone.at.iter().map(|(id, t)| (id.as_str(), *t)).collect()
     }
 }
 

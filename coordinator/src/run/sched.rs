@@ -223,6 +223,12 @@ pub struct Scheduler {
     next_attempt: Box<dyn FnMut() -> u64 + Send>,
     /// Ready steps, in pipeline order.
     ready: BTreeSet<usize>,
+    /// The distinct resource requests of the steps; steps of one shape fit the same agents.
+    shapes: Vec<Resources>,
+    /// Each step's index into `shapes`.
+    shape_of: Vec<usize>,
+    /// Ready steps per shape, in pipeline order.
+    ready_by_shape: Vec<BTreeSet<usize>>,
     /// Steps per state ([`StepState::index`]).
     counts: [usize; 8],
     /// Running steps by attempt id.
@@ -237,6 +243,9 @@ pub struct Scheduler {
     capacities: BTreeMap<i64, usize>,
     /// Bumped when an agent comes or comes back: an unschedulable step is said again.
     epoch: u64,
+    /// [`Scheduler::never_fits`] per shape, worked out once per epoch (it looks at every
+    /// agent): shape → (epoch, answer).
+    never_fits_cache: HashMap<usize, (u64, Option<String>)>,
 }
 
 impl Scheduler {
@@ -275,6 +284,19 @@ impl Scheduler {
         for s in &steps {
             counts[s.state.index()] += 1;
         }
+        let mut shapes: Vec<Resources> = Vec::new();
+        let mut shape_ids: HashMap<(u64, u64, BTreeMap<String, String>), usize> = HashMap::new();
+        let shape_of: Vec<usize> = steps
+            .iter()
+            .map(|s| {
+                let r = &s.resources;
+                *shape_ids.entry((r.cpus.to_bits(), r.memory_bytes, r.labels.clone())).or_insert_with(|| {
+                    shapes.push(r.clone());
+                    shapes.len() - 1
+                })
+            })
+            .collect();
+        let ready_by_shape = vec![BTreeSet::new(); shapes.len()];
         let mut sched = Self {
             steps,
             agents: BTreeMap::new(),
@@ -283,12 +305,16 @@ impl Scheduler {
             aborted: false,
             next_attempt,
             ready: BTreeSet::new(),
+            shapes,
+            shape_of,
+            ready_by_shape,
             counts,
             by_attempt: HashMap::new(),
             by_agent: HashMap::new(),
             free: BTreeSet::new(),
             capacities: BTreeMap::new(),
             epoch: 0,
+            never_fits_cache: HashMap::new(),
         };
         for i in 0..sched.steps.len() {
             if sched.steps[i].state == StepState::Waiting
@@ -310,6 +336,7 @@ impl Scheduler {
         match old {
             StepState::Ready => {
                 self.ready.remove(&step);
+                self.ready_by_shape[self.shape_of[step]].remove(&step);
             }
             StepState::Running { attempt_id, agent } => {
                 self.by_attempt.remove(&attempt_id);
@@ -325,6 +352,7 @@ impl Scheduler {
         match new {
             StepState::Ready => {
                 self.ready.insert(step);
+                self.ready_by_shape[self.shape_of[step]].insert(step);
             }
             StepState::Running { attempt_id, agent } => {
                 self.by_attempt.insert(*attempt_id, step);
@@ -695,6 +723,18 @@ impl Scheduler {
         why
     }
 
+    /// [`Scheduler::never_fits`] for `shape`, from the cache when this epoch has it.
+    fn never_fits_cached(&mut self, shape: usize) -> Option<String> {
+        if let Some((at, why)) = self.never_fits_cache.get(&shape)
+            && *at == self.epoch
+        {
+            return why.clone();
+        }
+        let why = self.never_fits(&self.shapes[shape]);
+        self.never_fits_cache.insert(shape, (self.epoch, why.clone()));
+        why
+    }
+
     /// The next thing the driver must do, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
         while let Some(a) = self.queue.pop_front() {
@@ -709,24 +749,35 @@ impl Scheduler {
         if self.aborted {
             return None;
         }
-        // Steps of a shape that fitted nowhere are not tried again in this call.
-        let mut no_room: Vec<Resources> = Vec::new();
-        let ready: Vec<usize> = self.ready.iter().copied().collect();
-        for i in ready {
-            let r = &self.steps[i].resources;
-            if no_room.contains(r) {
-                continue;
-            }
-            let Some(agent) = self.place(r).map(str::to_string) else {
-                if self.steps[i].said_unschedulable != Some(self.epoch)
-                    && let Some(e) = self.never_fits(r)
-                {
-                    self.steps[i].said_unschedulable = Some(self.epoch);
-                    return Some(Action::Unschedulable { step: i, reason: format!("no connected agent offers {e}") });
+        // Steps of one shape fit the same agents: the first ready step of each shape is tried,
+        // in pipeline order, so a call costs time in the shapes, not in the ready steps.
+        let mut firsts: Vec<(usize, usize)> = self
+            .ready_by_shape
+            .iter()
+            .enumerate()
+            .filter_map(|(shape, ready)| ready.first().map(|&i| (i, shape)))
+            .collect();
+        firsts.sort_unstable();
+        for (i, shape) in firsts {
+            let Some(agent) = self.place(&self.shapes[shape]).map(str::to_string) else {
+                if let Some(e) = self.never_fits_cached(shape) {
+                    // Said once per step and epoch, in pipeline order.
+                    let epoch = self.epoch;
+                    let unsaid = self.ready_by_shape[shape]
+                        .iter()
+                        .copied()
+                        .find(|&j| self.steps[j].said_unschedulable != Some(epoch));
+                    if let Some(j) = unsaid {
+                        self.steps[j].said_unschedulable = Some(epoch);
+                        return Some(Action::Unschedulable {
+                            step: j,
+                            reason: format!("no connected agent offers {e}"),
+                        });
+                    }
                 }
-                no_room.push(r.clone());
                 continue;
             };
+            let r = &self.shapes[shape];
             let attempt_id = (self.next_attempt)();
             let (cpus, mem) = (r.cpus, r.memory_bytes);
             let slot = self.agents.get_mut(&agent).expect("placed on a known agent");
@@ -1017,7 +1068,9 @@ mod tests {
             }
             let mut best: Option<(&String, f64)> = None;
             for (id, a) in s.agents.iter().filter(|(_, a)| !a.draining && !a.away) {
-                if Scheduler::could_ever_fit(a, &step.resources).is_ok() && Scheduler::fits(a, &step.resources) {
+                if Scheduler::could_ever_fit(a, &step.resources).is_ok()
+                    && Scheduler::fits(a, &step.resources)
+                {
                     let free = a.capacity.cpus - a.used_cpus;
                     if best.is_none_or(|(_, f)| free > f + 1e-6) {
                         best = Some((id, free));
@@ -1038,9 +1091,20 @@ mod tests {
             counts[st.state.index()] += 1;
         }
         assert_eq!(counts, s.counts);
-        let ready: BTreeSet<usize> =
-            s.steps.iter().enumerate().filter(|(_, st)| st.state == StepState::Ready).map(|(i, _)| i).collect();
+        let ready: BTreeSet<usize> = s
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, st)| st.state == StepState::Ready)
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(ready, s.ready);
+        for (shape, by_shape) in s.ready_by_shape.iter().enumerate() {
+            let of_shape: BTreeSet<usize> =
+                ready.iter().copied().filter(|&i| s.shape_of[i] == shape).collect();
+            assert_eq!(&of_shape, by_shape);
+            assert!(of_shape.iter().all(|&i| s.steps[i].resources == s.shapes[shape]));
+        }
         for (i, st) in s.steps.iter().enumerate() {
             if let StepState::Running { attempt_id, agent } = &st.state {
                 assert_eq!(s.by_attempt.get(attempt_id), Some(&i));
@@ -1119,11 +1183,14 @@ mod tests {
             }
             check_indexes(&s);
             loop {
-                let expected = if s.queue.iter().any(|a| !matches!(a, Action::Ready { step } if s.steps[*step].state != StepState::Ready)) {
-                    None
-                } else {
-                    placement_by_full_scan(&s)
-                };
+                let expected =
+                    if s.queue.iter().any(
+                        |a| !matches!(a, Action::Ready { step } if s.steps[*step].state != StepState::Ready),
+                    ) {
+                        None
+                    } else {
+                        placement_by_full_scan(&s)
+                    };
                 let Some(action) = s.poll_action() else { break };
                 if let Action::Dispatch { step, agent, attempt_id, .. } = &action {
                     if let Some(expected) = &expected {
