@@ -27,6 +27,9 @@ pub struct Counters {
     pub sessions_ended: AtomicU64,
     /// Times each (run, step) was answered: a step lost or run twice shows here.
     pub answered: std::sync::Mutex<std::collections::HashMap<(String, String), u32>>,
+    /// When each agent last got a `Welcome`: after a restart, the agents back are those
+    /// welcomed since.
+    pub welcomed: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Fault injection: while above 0, an agent that receives a step takes one off and drops
     /// its connection without reading the step (a connection that broke with a step on the
     /// wire).
@@ -34,6 +37,11 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Agents welcomed at or after `since`.
+    pub fn welcomed_since(&self, since: std::time::Instant) -> usize {
+        self.welcomed.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|t| **t >= since).count()
+    }
+
     /// Steps of `run` answered (0 times, once, more) as (never, once, more than once) over
     /// `steps` names.
     pub fn tally<'a>(&self, run_prefix: &str, steps: impl Iterator<Item = &'a str>) -> (usize, usize, usize) {
@@ -158,8 +166,13 @@ async fn session(
 ) -> Result<()> {
     let tuning = endpoint::Tuning::default();
     let tls = pki::client_tls(ca_pem, Some(&id.cert), protocol::ALPN_AGENT)?;
-    let conn = ep.connect_with(endpoint::client_config(tls, &tuning)?, coordinator, "127.0.0.1")?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
+    // As a real agent: a session that has no Welcome within 10 s is given up and tried again.
+    let opened = tokio::time::timeout(Duration::from_secs(10), async {
+        let conn = ep.connect_with(endpoint::client_config(tls, &tuning)?, coordinator, "127.0.0.1")?.await?;
+        let (send, recv) = conn.open_bi().await?;
+        Ok::<_, anyhow::Error>((conn, send, recv))
+    });
+    let (conn, mut send, mut recv) = opened.await.map_err(|_| anyhow!("no connection within 10s"))??;
     let hello = AgentToCoordinator::Hello(protocol::Hello {
         protocol_major: protocol::PROTOCOL_MAJOR,
         protocol_minor: protocol::PROTOCOL_MINOR,
@@ -171,9 +184,15 @@ async fn session(
         instance_id: None,
     });
     framed::write_frame(&mut send, &hello).await?;
-    let welcome = match framed::read_frame::<CoordinatorToAgent, _>(&mut recv).await? {
-        Some(CoordinatorToAgent::Welcome(w)) => w,
-        other => bail!("expected Welcome, got {other:?}"),
+    let first =
+        tokio::time::timeout(Duration::from_secs(10), framed::read_frame::<CoordinatorToAgent, _>(&mut recv));
+    let welcome = match first.await {
+        Err(_) => {
+            conn.close(quinn::VarInt::from_u32(5), b"no Welcome within 10s");
+            bail!("no Welcome within 10s")
+        }
+        Ok(Ok(Some(CoordinatorToAgent::Welcome(w)))) => w,
+        Ok(other) => bail!("expected Welcome, got {other:?}"),
     };
     let held: Vec<u64> = pending.keys().copied().collect();
     framed::write_frame(&mut send, &AgentToCoordinator::InHand { attempts: held }).await?;
@@ -181,6 +200,11 @@ async fn session(
         framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome.clone())).await?;
     }
     counters.connected.fetch_add(1, Ordering::Relaxed);
+    counters
+        .welcomed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.agent_id.clone(), std::time::Instant::now());
     // Frames are read by a task of their own (reading a frame is not cancel-safe).
     let (tx, mut frames) = mpsc::channel::<CoordinatorToAgent>(64);
     let reader = tokio::spawn(async move {
