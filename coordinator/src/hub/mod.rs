@@ -327,6 +327,11 @@ impl Hub {
     }
 
     /// Every connected agent's connection.
+    /// How many agents are connected.
+    pub fn agent_count(&self) -> usize {
+        self.agents().len()
+    }
+
     pub fn connections(&self) -> Vec<(String, quinn::Connection)> {
         self.agents().iter().map(|(id, a)| (id.clone(), a.conn.clone())).collect()
     }

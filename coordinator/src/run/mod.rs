@@ -228,7 +228,10 @@ impl AttemptLog {
 /// The least time between two demands sent to a provisioner.
 const DEMAND_EVERY: Duration = Duration::from_millis(200);
 
-/// The least time between two looks at the connected agents while they keep changing.
+/// The least time between two looks at the connected agents while they keep changing, per
+/// connected agent (a look costs time linear in them), and at most. A few agents are looked at
+/// on every change; 10,000 joining at once are taken in 50 ms at a time.
+const MEMBERSHIP_COALESCE_PER_AGENT: Duration = Duration::from_micros(5);
 const MEMBERSHIP_COALESCE: Duration = Duration::from_millis(50);
 
 /// How long an agent that ran an adopted attempt has to reconnect to a restarted coordinator
@@ -908,7 +911,8 @@ impl Engine {
                 // Looking at the agents costs time linear in their number: when thousands join
                 // at once, one look per MEMBERSHIP_COALESCE takes them all in.
                 _ = members.changed(), if sync_due.is_none() => {
-                    let at = last_sync + MEMBERSHIP_COALESCE;
+                    let agents = u32::try_from(self.coord.agent_count()).unwrap_or(u32::MAX);
+                    let at = last_sync + (MEMBERSHIP_COALESCE_PER_AGENT * agents).min(MEMBERSHIP_COALESCE);
                     if at <= Instant::now() {
                         self.look_at_agents(p, run_id, &mut sched, &mut membership, &mut running, rep);
                         last_sync = Instant::now();
