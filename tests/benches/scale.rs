@@ -208,29 +208,9 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
     let counters = Arc::new(tests::hollow::Counters::default());
     let stop = CancellationToken::new();
     let facts = agent::facts::host_facts(dir.path());
-    // One client endpoint (a UDP socket and its driver) per 500 agents: real agents each have
-    // their own, and one socket for 10,000 connections would make the fleet the bottleneck.
-    let eps: Vec<quinn::Endpoint> = rt.block_on(async {
-        (0..n.div_ceil(500))
-            .map(|_| transport::endpoint::client(addr, &transport::endpoint::Tuning::default()).unwrap())
-            .collect()
-    });
-    let t = Instant::now();
-    for (i, id) in ids.into_iter().enumerate() {
-        rt.spawn(tests::hollow::run(
-            eps[i % eps.len()].clone(),
-            addr,
-            ca.clone(),
-            id,
-            facts.clone(),
-            4,
-            counters.clone(),
-            stop.clone(),
-        ));
-    }
+    tests::hollow::spawn_fleet(rt, addr, &ca, ids, &facts, 4, 500, &counters, &stop).unwrap();
     let connect = wait_ready(&mut coord, n, Duration::from_secs(600));
     let connect_s = connect.map_or(f64::NAN, |d| d.as_secs_f64());
-    let _ = t;
 
     // Idle: heartbeats only.
     std::thread::sleep(Duration::from_secs(3));
@@ -369,17 +349,41 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
     let done = second.wait_timeout_or_kill(Duration::from_secs(900));
     let resumed_s = t.elapsed().as_secs_f64();
     let (never, once, more) = counters.tally("", names.iter().map(String::as_str));
+
+    // A plain restart, the fleet idle: `serve` again, all connected, SIGKILL, `serve` again on
+    // the same address; the time until every agent is welcomed by the new one.
+    let mut idle1 = start_coordinator(&bin, &coord.state, &coord.addr, "coordinator-3.log");
+    let settled = wait_ready(&mut idle1, n, Duration::from_secs(300)).is_some();
+    let _ = idle1.child.kill();
+    let _ = idle1.child.wait();
+    let t = Instant::now();
+    let before = counters.sessions_ended.load(Ordering::Relaxed);
+    let mut idle2 = start_coordinator(&bin, &coord.state, &coord.addr, "coordinator-4.log");
+    let mut idle_back_s = f64::NAN;
+    while idle_back_s.is_nan() && t.elapsed() < Duration::from_secs(300) {
+        if counters.welcomed_since(t) >= n {
+            idle_back_s = t.elapsed().as_secs_f64();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let idle_ended = counters.sessions_ended.load(Ordering::Relaxed) - before;
+    let _ = idle2.child.kill();
+    let _ = idle2.child.wait();
     stop.cancel();
     std::thread::sleep(Duration::from_millis(500));
     println!(
         "       restart of `serve` into a run: all back in {back_1:.1} s (NaN: not all by the kill) | killed after {kill_s:.1} s with {at_kill} of {steps} steps answered; \
-         after the restart {ended} sessions ended, all back in {restart_s:.1} s ({back_at_end} back), run {} in {resumed_s:.1} s | \
+         after the restart {ended} sessions ended, all back in {restart_s:.1} s ({back_at_end} back before the run ended), run {} in {resumed_s:.1} s | \
          steps answered never {never}, once {once}, more than once {more}",
         match done {
             Some(true) => "succeeded",
             Some(false) => "FAILED",
             None => "DID NOT END",
         },
+    );
+    println!(
+        "       restart of an idle `serve` (SIGKILL){}: all {n} back in {idle_back_s:.1} s, {idle_ended} sessions ended",
+        if settled { "" } else { " (NOT all connected before the kill)" }
     );
     if std::env::var_os("SCALE_KEEP").is_some() {
         let kept = dir.keep();

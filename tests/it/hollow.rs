@@ -23,22 +23,8 @@ fn a_step_on_the_wire_when_its_connection_broke_runs_again_once() {
     let counters = Arc::new(hollow::Counters::default());
     counters.lose_run_steps.store(1, Ordering::Relaxed);
     let stop = CancellationToken::new();
-    let ep = rt
-        .block_on(async { transport::endpoint::client(addr, &transport::endpoint::Tuning::default()) })
-        .unwrap();
     let facts = agent::facts::host_facts(c.dir.path());
-    for id in ids {
-        rt.spawn(hollow::run(
-            ep.clone(),
-            addr,
-            ca.clone(),
-            id,
-            facts.clone(),
-            1,
-            counters.clone(),
-            stop.clone(),
-        ));
-    }
+    hollow::spawn_fleet(&rt, addr, &ca, ids, &facts, 1, 1, &counters, &stop).unwrap();
 
     let names = ["s0", "s1", "s2"];
     let text: String =

@@ -125,6 +125,42 @@ pub async fn enroll(
     Ok(out)
 }
 
+/// Starts a hollow agent on `rt` for each of `ids`, `slots` each, sharing one client endpoint (a
+/// UDP socket and its driver) per `per_endpoint` agents: real agents each have their own, and
+/// one socket for 10,000 connections would make the fleet the bottleneck.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_fleet(
+    rt: &tokio::runtime::Runtime,
+    coordinator: SocketAddr,
+    ca_pem: &Arc<str>,
+    ids: Vec<agent::session::Identity>,
+    facts: &protocol::HostFacts,
+    slots: u32,
+    per_endpoint: usize,
+    counters: &Arc<Counters>,
+    stop: &CancellationToken,
+) -> Result<()> {
+    let eps = rt.block_on(async {
+        (0..ids.len().div_ceil(per_endpoint.max(1)).max(1))
+            .map(|_| endpoint::client(coordinator, &endpoint::Tuning::default()))
+            .collect::<Result<Vec<quinn::Endpoint>>>()
+    })?;
+    for (i, id) in ids.into_iter().enumerate() {
+        let ep = eps[i % eps.len()].clone();
+        rt.spawn(run(
+            ep,
+            coordinator,
+            ca_pem.clone(),
+            id,
+            facts.clone(),
+            slots,
+            counters.clone(),
+            stop.clone(),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs one hollow agent until `stop`: connects, serves its session, and reconnects (after a
 /// jittered pause of 0.2-2 s) whenever the session ends.
 #[allow(clippy::too_many_arguments)]
@@ -268,10 +304,12 @@ async fn session(
                         new_entries: vec![],
                         elapsed_ms: 0,
                     };
+                    // Held from the moment it came, as a real agent's runner holds it: a
+                    // session that breaks while answering says so in its next `InHand`.
+                    pending.insert(attempt_id, outcome.clone());
                     if let Err(e) = framed::write_frame(&mut send, &started).await {
                         break Err(anyhow!("{e}"));
                     }
-                    pending.insert(attempt_id, outcome.clone());
                     if let Err(e) = framed::write_frame(&mut send, &AgentToCoordinator::StepFinished(outcome)).await {
                         break Err(anyhow!("{e}"));
                     }

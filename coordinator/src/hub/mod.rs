@@ -407,17 +407,18 @@ impl Hub {
         }
     }
 
-    /// The attempts the agent says it holds.
-    pub fn in_hand(&self, agent_id: &str, attempts: Vec<u64>) {
-        if let Some(a) = self.agents().get_mut(agent_id) {
+    /// What the agent said it holds on its connection `serial`. A report read late from a
+    /// connection the agent has since replaced is not taken for what it holds now.
+    pub fn in_hand(&self, agent_id: &str, serial: u64, attempts: Vec<u64>) {
+        if let Some(a) = self.agents().get_mut(agent_id).filter(|a| a.conn_serial == serial) {
             a.in_hand = Some(attempts);
         }
         self.members.send_modify(|g| *g += 1);
     }
 
-    /// The agent said it drains.
-    pub fn draining(&self, agent_id: &str) {
-        if let Some(a) = self.agents().get_mut(agent_id) {
+    /// The agent said it drains (on its connection `serial`, which must be its current one).
+    pub fn draining(&self, agent_id: &str, serial: u64) {
+        if let Some(a) = self.agents().get_mut(agent_id).filter(|a| a.conn_serial == serial) {
             a.draining = true;
         }
         self.members.send_modify(|g| *g += 1);

@@ -109,7 +109,8 @@ pub(super) async fn handle_agent(
                 serve_snapshot_streams(coord.clone(), conn.clone(), agent_id.clone()).in_current_span(),
             );
             let reason =
-                control_loop(&coord, &conn, &agent_id, &mut send, recv, &mut outbox_rx, &shutdown).await;
+                control_loop(&coord, &conn, &agent_id, serial, &mut send, recv, &mut outbox_rx, &shutdown)
+                    .await;
             streams.abort();
             reason
         }
@@ -120,10 +121,12 @@ pub(super) async fn handle_agent(
 }
 
 /// Reads control messages until the agent leaves or goes silent; returns why it ended.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn control_loop(
     coord: &Hub,
     conn: &quinn::Connection,
     agent_id: &str,
+    serial: u64,
     send: &mut quinn::SendStream,
     recv: quinn::RecvStream,
     outbox: &mut mpsc::Receiver<CoordinatorToAgent>,
@@ -219,10 +222,10 @@ pub(super) async fn control_loop(
             }
             Some(Ok(Some(AgentToCoordinator::InHand { attempts }))) => {
                 tracing::debug!(attempts = ?attempts, "attempts the agent holds");
-                coord.in_hand(agent_id, attempts);
+                coord.in_hand(agent_id, serial, attempts);
             }
             Some(Ok(Some(AgentToCoordinator::Draining { reason }))) => {
-                coord.draining(agent_id);
+                coord.draining(agent_id, serial);
                 info!(reason = %reason, "agent draining: its running steps finish, it gets no new ones");
             }
             Some(Ok(Some(AgentToCoordinator::OutputsChecked { request_id, result }))) => {
