@@ -146,9 +146,19 @@ pub(super) async fn control_loop(
                 continue;
             }
             _ = shutdown.cancelled() => {
+                // Acknowledgements queued by a run that recorded its last results go out first:
+                // an agent keeps an unacknowledged result (a draining one waits for it).
+                while let Ok(out) = outbox.try_recv() {
+                    if matches!(out, CoordinatorToAgent::StepResultAck { .. }) {
+                        let _ = framed::write_frame(send, &out).await;
+                    }
+                }
                 let bye = CoordinatorToAgent::GoingAway { reason: "coordinator shutting down".into() };
                 let _ = framed::write_frame(send, &bye).await;
                 let _ = send.finish();
+                // Closing drops what the peer has not acknowledged yet: give the stream a moment
+                // to be read to its end (the server closes whatever is left after 500 ms).
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(400), send.stopped()).await;
                 conn.close(close_code(CloseCode::GoingAway), b"coordinator shutting down");
                 return "coordinator shutting down".into();
             }
