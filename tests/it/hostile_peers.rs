@@ -291,3 +291,22 @@ async fn transfer_refusals_reach_the_operator() {
     assert!(!err.contains("reset") && !err.contains("stopped"), "{err}");
     wait_for(&coord.proc, &["agent refused a push", "/proc/pype-no-such-dir"], T);
 }
+
+/// An agent that says it holds more attempts than any agent can is cut off with the reason, and
+/// the list is not kept (it would be copied and searched on every look at the agents).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_hand_report_longer_than_any_agent_holds_closes_the_connection() {
+    let fx = Cluster::new().serve();
+    let coord = fx.coord();
+    let liar = fx.enroll_identity("hoarder").await;
+    let ca_pem = std::fs::read_to_string(coord.ca()).unwrap();
+    let conn = connect(coord.addr, &ca_pem, Some(&liar.cert), protocol::ALPN_AGENT).await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    framed::write_frame(&mut send, &hello("hoarder", protocol::PROTOCOL_MAJOR)).await.unwrap();
+    wait_for(&coord.proc, &["agent joined", "hoarder"], T);
+    let attempts: Vec<u64> = (1..=100_000).collect();
+    framed::write_frame(&mut send, &AgentToCoordinator::InHand { attempts }).await.unwrap();
+    let reason = tests::closed_reason(&conn, T).await;
+    assert!(reason.contains("InHand lists 100000 attempts, more than the 65536"), "{reason}");
+    wait_for(&coord.proc, &["agent left", "hoarder", "InHand lists 100000 attempts"], T);
+}

@@ -326,12 +326,12 @@ impl Hub {
         out
     }
 
-    /// Every connected agent's connection.
     /// How many agents are connected.
     pub fn agent_count(&self) -> usize {
         self.agents().len()
     }
 
+    /// Every connected agent's connection.
     pub fn connections(&self) -> Vec<(String, quinn::Connection)> {
         self.agents().iter().map(|(id, a)| (id.clone(), a.conn.clone())).collect()
     }
@@ -546,7 +546,7 @@ impl Hub {
 
     /// Hands a result from `sender` to whoever waits for its attempt, or keeps it for a run
     /// that will adopt the attempt from that agent: only a result of an attempt the state
-    /// database has open on `sender` is kept. Returns false when it was refused.
+    /// database has open on `sender` is kept. Says whether the result may be acknowledged now.
     pub fn deliver(&self, sender: &str, outcome: StepOutcome) -> Delivered {
         let attempt_id = outcome.attempt_id;
         let outcome = match self.deliver_awaited(sender, outcome) {

@@ -908,8 +908,8 @@ impl Engine {
                         self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep)?;
                     }
                 }
-                // Looking at the agents costs time linear in their number: when thousands join
-                // at once, one look per MEMBERSHIP_COALESCE takes them all in.
+                // Looking at the agents costs time linear in their number: while they keep
+                // changing, looks are spaced by MEMBERSHIP_COALESCE_PER_AGENT per agent.
                 _ = members.changed(), if sync_due.is_none() => {
                     let agents = u32::try_from(self.coord.agent_count()).unwrap_or(u32::MAX);
                     let at = last_sync + (MEMBERSHIP_COALESCE_PER_AGENT * agents).min(MEMBERSHIP_COALESCE);

@@ -17,6 +17,10 @@ use crate::hub::{Delivered, Hub, Joining, StepEvent};
 /// Control messages queued for one agent's control stream.
 const OUTBOX_DEPTH: usize = 256;
 
+/// Most attempts an agent may say it holds (running, or with a result not acknowledged): the
+/// list is kept per connection and compared with the run's attempts on every look.
+pub(super) const MAX_IN_HAND: usize = 65_536;
+
 pub(super) async fn handle_agent(
     coord: Arc<Hub>,
     conn: quinn::Connection,
@@ -229,6 +233,15 @@ pub(super) async fn control_loop(
             }
             Some(Ok(Some(AgentToCoordinator::Stats(stats)))) => {
                 coord.agent_stats(agent_id, stats);
+            }
+            Some(Ok(Some(AgentToCoordinator::InHand { attempts }))) if attempts.len() > MAX_IN_HAND => {
+                let reason = format!(
+                    "InHand lists {} attempts, more than the {MAX_IN_HAND} an agent may hold",
+                    attempts.len()
+                );
+                warn!(reason = %reason, "closing agent connection");
+                conn.close(close_code(CloseCode::ProtocolViolation), reason.as_bytes());
+                return reason;
             }
             Some(Ok(Some(AgentToCoordinator::InHand { attempts }))) => {
                 tracing::debug!(attempts = ?attempts, "attempts the agent holds");
