@@ -295,7 +295,7 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
         start_coordinator_with(&bin, &coord.state, &args, last, log)
     };
     let answered_r = || {
-        let (_, once, more) = counters.tally("", names.iter().map(String::as_str));
+        let (_, once, more) = counters.tally(names.iter().map(String::as_str));
         once + more
     };
     let t = Instant::now();
@@ -348,7 +348,7 @@ fn one(rt: &tokio::runtime::Runtime, n: usize, steps: usize) {
     let ended = counters.sessions_ended.load(Ordering::Relaxed) - before;
     let done = second.wait_timeout_or_kill(Duration::from_secs(900));
     let resumed_s = t.elapsed().as_secs_f64();
-    let (never, once, more) = counters.tally("", names.iter().map(String::as_str));
+    let (never, once, more) = counters.tally(names.iter().map(String::as_str));
 
     // A plain restart, the fleet idle: `serve` again, all connected, SIGKILL, `serve` again on
     // the same address; the time until every agent is welcomed by the new one.

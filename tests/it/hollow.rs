@@ -47,6 +47,6 @@ fn a_step_on_the_wire_when_its_connection_broke_runs_again_once() {
         coord_log.contains("agent back"),
         "the agent should have come back inside its window:\n{coord_log}"
     );
-    assert_eq!(counters.tally("", names.iter().copied()), (0, 3, 0), "every step answered exactly once");
+    assert_eq!(counters.tally(names.iter().copied()), (0, 3, 0), "every step answered exactly once");
     rt.shutdown_timeout(Duration::from_secs(1));
 }

@@ -25,8 +25,9 @@ pub struct Counters {
     pub steps: AtomicU64,
     /// Sessions that ended (lost connections, a coordinator restart).
     pub sessions_ended: AtomicU64,
-    /// Times each (run, step) was answered: a step lost or run twice shows here.
-    pub answered: std::sync::Mutex<std::collections::HashMap<(String, String), u32>>,
+    /// Times each step (by name, whatever its run) was answered: a step lost or run twice
+    /// shows here.
+    pub answered: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// When each agent last got a `Welcome`: after a restart, the agents back are those
     /// welcomed since.
     pub welcomed: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
@@ -42,16 +43,9 @@ impl Counters {
         self.welcomed.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|t| **t >= since).count()
     }
 
-    /// Steps of `run` answered (0 times, once, more) as (never, once, more than once) over
-    /// `steps` names.
-    pub fn tally<'a>(&self, run_prefix: &str, steps: impl Iterator<Item = &'a str>) -> (usize, usize, usize) {
-        let answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
-        let mut by_step: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
-        for ((run, step), n) in answered.iter() {
-            if run.starts_with(run_prefix) {
-                *by_step.entry(step.as_str()).or_default() += n;
-            }
-        }
+    /// Of `steps`, how many were answered never, once and more than once.
+    pub fn tally<'a>(&self, steps: impl Iterator<Item = &'a str>) -> (usize, usize, usize) {
+        let by_step = self.answered.lock().unwrap_or_else(|p| p.into_inner());
         let (mut never, mut once, mut more) = (0, 0, 0);
         for s in steps {
             match by_step.get(s).copied().unwrap_or(0) {
@@ -292,7 +286,7 @@ async fn session(
                         .answered
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .entry((spec.run.clone(), spec.step.clone()))
+                        .entry(spec.step.clone())
                         .or_default() += 1;
                     let started = AgentToCoordinator::StepStarted { attempt_id, backend: "hollow".into(), view: "none".into() };
                     let outcome = StepOutcome {
