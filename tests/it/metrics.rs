@@ -85,7 +85,14 @@ outputs = ["out/copy.bin"]
     // During the run: `wait` holds until the test lets it go.
     coord.proc.wait_for(&["step started", "step=\"wait\""], LONG);
     coord.proc.wait_for(&["step harvested", "step=\"flaky\""], LONG);
-    let during = om.scrape(&caddr);
+    // `step harvested` is logged just before the run marks the step succeeded: a scrape in
+    // between still counts it running, so look again until it has settled.
+    let settle = std::time::Instant::now() + T;
+    let mut during = om.scrape(&caddr);
+    while during.sum("pype_steps", &[("state", "running")]) != 1.0 && std::time::Instant::now() < settle {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        during = om.scrape(&caddr);
+    }
     assert_eq!(during.sum("pype_steps", &[("state", "running")]), 1.0, "{during:#?}");
     assert_eq!(during.sum("pype_agents", &[("state", "ready")]), 2.0, "{during:#?}");
     assert_eq!(during.sum("pype_agents", &[("state", "draining")]), 0.0, "{during:#?}");
