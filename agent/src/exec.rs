@@ -31,9 +31,10 @@ pub struct ExecSpec {
     pub stderr_log: PathBuf,
     pub timeout: Option<Duration>,
     pub namespace: Option<NsPlan>,
-    /// Where to record the process group (pid and start time), so a later agent can kill
-    /// what a killed agent left running.
-    pub pid_file: PathBuf,
+    /// Where the script is kept (`command.sh`), its first line naming the process group that
+    /// runs it (pid and start time), so a later agent can kill what a killed agent left
+    /// running. One file, not two: on a busy ext4 each new inode costs more than the write.
+    pub record: PathBuf,
     /// How the attempt's resource use is measured (and its memory limited), if at all.
     pub meter: Option<Meter>,
 }
@@ -56,12 +57,35 @@ fn start_time(pid: i32) -> Option<u64> {
     stat.rsplit(") ").next()?.split(' ').nth(19)?.parse().ok()
 }
 
-/// Kills the process group recorded in `pid_file` if its leader is still the same process.
-pub fn kill_recorded(pid_file: &std::path::Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(pid_file) else { return false };
-    let mut it = text.split_whitespace().map(|v| v.parse::<u64>().ok());
-    let (Some(Some(pid)), Some(Some(started))) = (it.next(), it.next()) else { return false };
-    let pid = pid as i32;
+/// The first line of `command.sh` once its snippet started: what [`recorded_group`] reads.
+fn record_header(pgid: i32, started: u64) -> String {
+    format!("# pype: process group {pgid}, started {started} clock ticks after boot\n")
+}
+
+/// The process group and its leader's start time, from a `command.sh` [`record_header`]
+/// wrote (or the `pid` file of an agent before it: `PGID START`).
+fn recorded_group(text: &str) -> Option<(i32, u64)> {
+    let first = text.lines().next()?;
+    let (pgid, started) = match first.strip_prefix("# pype: process group ") {
+        Some(rest) => {
+            let (pgid, rest) = rest.split_once(", started ")?;
+            (pgid, rest.split(' ').next()?)
+        }
+        None => first.trim().split_once(' ')?,
+    };
+    Some((pgid.trim().parse().ok().filter(|p: &i32| *p > 0)?, started.trim().parse().ok()?))
+}
+
+/// Kills the process group a file names (see [`recorded_group`]) if its leader is still the
+/// same process.
+pub fn kill_recorded(record: &std::path::Path) -> bool {
+    // Only the first line matters, and a step's `command.sh` may be large.
+    let Ok(f) = std::fs::File::open(record) else { return false };
+    let mut head = Vec::with_capacity(128);
+    if std::io::Read::read_to_end(&mut std::io::Read::take(f, 128), &mut head).is_err() {
+        return false;
+    }
+    let Some((pid, started)) = recorded_group(&String::from_utf8_lossy(&head)) else { return false };
     if start_time(pid) == Some(started) {
         kill_group(pid, Signal::KILL);
         wait_group_gone(pid, Duration::from_secs(10));
@@ -172,13 +196,20 @@ async fn run_metered(
             });
         }
     }
-    let mut child = cmd.spawn().context("starting bash")?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::write(&spec.record, &spec.script);
+            return Err(e).context("starting bash");
+        }
+    };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     if let Some(m) = meter {
         m.started(pgid);
     }
-    if let Some(started) = start_time(pgid) {
-        let _ = std::fs::write(&spec.pid_file, format!("{pgid} {started}\n"));
+    let header = start_time(pgid).map(|started| record_header(pgid, started)).unwrap_or_default();
+    if let Err(e) = std::fs::write(&spec.record, format!("{header}{}", spec.script)) {
+        tracing::warn!(path = %spec.record.display(), "cannot write the snippet's command.sh: {e}");
     }
     let out = child
         .stdout
@@ -295,7 +326,7 @@ mod tests {
             stderr_log: dir.join("stderr"),
             timeout: Some(Duration::from_secs(60)),
             namespace,
-            pid_file: dir.join("pid"),
+            record: dir.join("command.sh"),
             meter: None,
         }
     }
@@ -355,9 +386,37 @@ mod tests {
         assert_eq!(ids.len(), 3, "{text}");
         assert_eq!(ids[0], ids[1], "the snippet leads a process group of its own");
         // The background `sleep` went with the group (a zombie at most, until reaped by init).
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", ids[2])).ok();
+        // SIGKILL was sent to the group; the kernel may take a moment to finish it off (its
+        // state reads `R` while it exits), so it is given a few seconds, not an instant.
         let zombie = |s: &String| s.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'));
-        assert!(stat.as_ref().is_none_or(zombie), "{stat:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", ids[2])).ok();
+            if stat.as_ref().is_none_or(zombie) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the group's sleep outlived its kill: {stat:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn the_group_is_read_back_from_command_sh_or_an_older_pid_file() {
+        let text = format!("{}true\n", record_header(4242, 987654));
+        assert_eq!(recorded_group(&text), Some((4242, 987654)));
+        assert_eq!(recorded_group("4242 987654\n"), Some((4242, 987654)), "an older agent's pid file");
+        for bad in [
+            "",
+            "true\n",
+            "# pype: process group 0, started 5",
+            "# pype: process group -1, started 5",
+            "# pype: process group x, started 5",
+            "# pype: process group 12",
+            "4242",
+            "4242 x",
+        ] {
+            assert_eq!(recorded_group(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
@@ -371,8 +430,9 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         let started = start_time(pid).unwrap();
-        let pid_file = tmp.path().join("pid");
-        std::fs::write(&pid_file, format!("{pid} {started}\n")).unwrap();
+        let record = tmp.path().join("command.sh");
+        std::fs::write(&record, format!("{}sleep 600 & sleep 600 & wait\n", record_header(pid, started)))
+            .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::fs::read_dir("/proc")
             .unwrap()
@@ -388,12 +448,12 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(group_has_live_process(pid));
-        assert!(kill_recorded(&pid_file));
+        assert!(kill_recorded(&record));
         // The leader is our child: a zombie until we reap it, which counts as gone.
         assert!(!group_has_live_process(pid), "kill_recorded returned with the group alive");
         let _ = child.wait();
-        // A pid file naming another process's start time kills nothing.
-        std::fs::write(&pid_file, format!("{} 1\n", std::process::id())).unwrap();
-        assert!(!kill_recorded(&pid_file));
+        // A record naming another start time for a live process kills nothing.
+        std::fs::write(&record, record_header(std::process::id() as i32, 1)).unwrap();
+        assert!(!kill_recorded(&record));
     }
 }

@@ -49,10 +49,10 @@ impl Steps {
         self.settings.work_dir.join("steps").join(format!("attempt-{attempt_id}"))
     }
 
-    /// Where the process group of an attempt is recorded (kept with its logs: a later agent
-    /// kills it only if that process is still the same one).
-    fn pid_file(&self, spec: &StepSpec) -> PathBuf {
-        self.log_dir(spec).join("pid")
+    /// The attempt's script, whose first line names the process group running it (kept with
+    /// its logs: a later agent kills that group only if its leader is still the same process).
+    fn record(&self, spec: &StepSpec) -> PathBuf {
+        self.log_dir(spec).join("command.sh")
     }
 
     pub fn log_dir(&self, spec: &StepSpec) -> PathBuf {
@@ -266,7 +266,6 @@ impl Steps {
         for (i, p) in outputs.iter().enumerate() {
             env.push((format!("PYPE_OUTPUT_{}", i + 1), effective(p)));
         }
-        std::fs::write(log_dir.join("command.sh"), &script).context("writing command.sh")?;
         let served = if matches!(spec.kind, StepKind::Run) && served::wanted(spec) {
             let s =
                 served::Served::start(self, spec).await.context("serving the storage backend to the step")?;
@@ -293,7 +292,7 @@ impl Steps {
                 stderr_log: log_dir.join("stderr.log"),
                 timeout: spec.timeout_secs.map(Duration::from_secs),
                 namespace,
-                pid_file: self.pid_file(spec),
+                record: self.record(spec),
                 meter: Some(meter),
             },
             cancel,
@@ -389,7 +388,9 @@ pub fn sweep_leftovers(settings: &Settings) {
     let steps = settings.work_dir.join("steps");
     if let Ok(rd) = std::fs::read_dir(settings.work_dir.join("logs")) {
         for e in rd.flatten() {
-            if exec::kill_recorded(&e.path().join("pid")) {
+            // `pid` is where an agent before this one recorded the group.
+            if exec::kill_recorded(&e.path().join("command.sh")) || exec::kill_recorded(&e.path().join("pid"))
+            {
                 warn!(log_dir = %e.path().display(), "killed a snippet an earlier agent left running");
             }
         }

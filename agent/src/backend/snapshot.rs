@@ -341,14 +341,19 @@ impl StorageBackend for Snapshot {
             }
             self.mounted = false;
         }
-        for m in mounts::mounts_under(&self.ctx.step_dir) {
-            if let Err(e) = mounts::unmount(&m) {
-                problems.push(format!("unmounting {}: {e}", m.display()));
-            }
-        }
         self.pins.clear();
-        let dir = self.ctx.step_dir.clone();
-        tokio::task::spawn_blocking(move || remove_tree(&dir)).await?;
+        // A step that needed no view has no step directory: nothing can be mounted in one
+        // that does not exist (and the mount table is not read, a cost that grows with the
+        // number of mounts on the host, for every empty step).
+        if fs::symlink_metadata(&self.ctx.step_dir).is_ok() {
+            for m in mounts::mounts_under(&self.ctx.step_dir) {
+                if let Err(e) = mounts::unmount(&m) {
+                    problems.push(format!("unmounting {}: {e}", m.display()));
+                }
+            }
+            let dir = self.ctx.step_dir.clone();
+            tokio::task::spawn_blocking(move || remove_tree(&dir)).await?;
+        }
         if !problems.is_empty() {
             bail!("{}", problems.join("; "));
         }
