@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::mounts::NsPlan;
-use crate::usage::Meter;
+use crate::usage::{Join, Meter};
 use protocol::ResourceUsage;
 
 /// Time between SIGTERM and SIGKILL.
@@ -158,28 +158,49 @@ pub async fn run(
     Ok((end?, usage))
 }
 
+/// The first line of a gated snippet: it waits for one line on stdin, which the agent sends
+/// once it has moved the shell into the attempt's cgroups, then takes stdin from /dev/null as
+/// an ungated snippet does. The gate was closed without that line: the shell exits.
+const GATE: &str = "IFS= read -r _ || exit 125; exec </dev/null; ";
+
+/// Whether bash would run code of its own choosing before the gate: `BASH_ENV` (or `ENV`) in
+/// the snippet's or the agent's environment names a file a non-interactive bash reads first.
+fn runs_code_before_the_gate(env: &[(String, String)]) -> bool {
+    let named = |k: &str| k == "BASH_ENV" || k == "ENV";
+    env.iter().any(|(k, _)| named(k))
+        || std::env::var_os("BASH_ENV").is_some()
+        || std::env::var_os("ENV").is_some()
+}
+
 async fn run_metered(
     spec: ExecSpec,
     meter: Option<&Meter>,
     cancel: &CancellationToken,
     lines: mpsc::Sender<LogLine>,
 ) -> Result<ExecEnd> {
+    let join = meter.and_then(Meter::join);
+    // A child that joins its cgroups itself must do it between `fork` and `exec`, and a fork
+    // of the agent (copying its page tables, then copy-on-write faults in the agent until the
+    // exec) costs more than the snippet `true`. So when nothing else must happen in the child
+    // (no mount namespace), it is spawned without a fork (`posix_spawn`) and waits at a gate
+    // while the agent moves it into the cgroups. Before the gate it has started nothing.
+    let gated = join.is_some() && spec.namespace.is_none() && !runs_code_before_the_gate(&spec.env);
     let mut cmd = Command::new(bash_path());
     cmd.arg("-c")
-        .arg(format!("set -eo pipefail\n{}", spec.script))
+        .arg(format!("{}set -eo pipefail\n{}", if gated { GATE } else { "" }, spec.script))
         .current_dir(&spec.cwd)
         .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
+        .stdin(if gated { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let join = meter.and_then(Meter::join);
+    let (gate_join, join): (Option<Join>, Option<Join>) = if gated { (join, None) } else { (None, join) };
     if spec.namespace.is_some() || join.is_some() {
         let plan = spec.namespace;
         // A mount namespace must be entered by the child alone (entered by the agent, it would
-        // hold the agent's own thread), and so must its cgroups (nothing it starts may run
-        // outside them); std has no safe hook between `fork` and `exec`: `process_group`
+        // hold the agent's own thread), and so must its cgroups then (nothing it starts may
+        // run outside them); std has no safe hook between `fork` and `exec`: `process_group`
         // above covers the process group, nothing covers `unshare` or a cgroup.
         // SAFETY: `pre_exec` runs the closure in the forked child of a multithreaded process,
         // where only async-signal-safe work is sound; `Join::enter` and `NsPlan::enter` only
@@ -203,6 +224,23 @@ async fn run_metered(
             return Err(e).context("starting bash");
         }
     };
+    if let (Some(j), Some(pid)) = (&gate_join, child.id()) {
+        let opened = match j.place(pid) {
+            Ok(()) => match child.stdin.take() {
+                Some(mut gate) => {
+                    tokio::io::AsyncWriteExt::write_all(&mut gate, b"\n").await.map_err(anyhow::Error::from)
+                }
+                None => Err(anyhow::anyhow!("no gate to open")),
+            },
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = opened {
+            kill_group(pid as i32, Signal::KILL);
+            let _ = child.wait().await;
+            let _ = std::fs::write(&spec.record, &spec.script);
+            return Err(e).context("moving the snippet into its cgroups");
+        }
+    }
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     if let Some(m) = meter {
         m.started(pgid);
@@ -316,6 +354,7 @@ mod tests {
 
     use super::*;
     use crate::mounts::{self, NsMount};
+    use crate::usage::Hierarchies;
 
     fn spec(dir: &Path, script: &str, namespace: Option<NsPlan>) -> ExecSpec {
         ExecSpec {
@@ -397,6 +436,55 @@ mod tests {
             }
             assert!(std::time::Instant::now() < deadline, "the group's sleep outlived its kill: {stat:?}");
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Both ways into the attempt's cgroups (the gate, and `pre_exec` when `BASH_ENV` would
+    /// run code before the gate) put the shell and what it starts there, and leave the snippet
+    /// an empty stdin.
+    #[tokio::test]
+    async fn a_snippet_and_its_children_run_in_the_attempts_cgroups_gated_or_not() {
+        let test = "a_snippet_and_its_children_run_in_the_attempts_cgroups_gated_or_not";
+        if !mounts::tests::root_or_skip(test) {
+            return;
+        }
+        for (i, bash_env) in [false, true].into_iter().enumerate() {
+            let attempt = (u64::from(std::process::id()) << 8) + i as u64;
+            let meter = Meter::new(true, attempt, None);
+            if meter.join().is_none() {
+                assert!(
+                    std::env::var_os("PYPE_REQUIRE_ALL").is_none_or(|v| v != "1"),
+                    "{test}: no usable cgroup hierarchy, and PYPE_REQUIRE_ALL=1 forbids skipping"
+                );
+                eprintln!("\n!!! SKIPPED {test}: no cgroup hierarchy this process can create cgroups in\n");
+                return;
+            }
+            let tmp = tempfile::tempdir().unwrap();
+            let script = "cat /proc/self/cgroup; (cat /proc/self/cgroup) & wait; \
+                          if read -r line; then echo \"stdin: $line\"; else echo stdin-empty; fi";
+            let mut s = spec(tmp.path(), script, None);
+            s.meter = Some(meter);
+            if bash_env {
+                std::fs::write(tmp.path().join("env.sh"), "echo sourced\n").unwrap();
+                s.env.push(("BASH_ENV".into(), tmp.path().join("env.sh").to_string_lossy().into_owned()));
+            }
+            let (tx, _rx) = mpsc::channel(64);
+            let (end, usage) = run(s, &CancellationToken::new(), tx).await.unwrap();
+            let out = std::fs::read_to_string(tmp.path().join("stdout")).unwrap();
+            let err = std::fs::read_to_string(tmp.path().join("stderr")).unwrap_or_default();
+            assert_eq!(end, ExecEnd::Exited(0), "bash_env={bash_env}: {out}{err}");
+            let name = format!("pype-attempt-{attempt}");
+            // The memory hierarchy's line (v1), or the unified one where memory is there (v2).
+            let controllers = if Hierarchies::get().v2.is_some() { "" } else { "memory" };
+            let memory: Vec<&str> = out
+                .lines()
+                .filter(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == controllers)))
+                .collect();
+            assert!(memory.len() >= 2, "bash_env={bash_env}: {out}");
+            assert!(memory.iter().all(|l| l.ends_with(&name)), "bash_env={bash_env}: not in {name}: {out}");
+            assert!(out.contains("stdin-empty"), "bash_env={bash_env}: {out}");
+            assert_eq!(out.contains("sourced"), bash_env, "{out}");
+            assert!(usage.is_some_and(|u| u.measured_by.starts_with("cgroup")));
         }
     }
 

@@ -7,10 +7,12 @@
 //! [`SAMPLE_EVERY`], and the figures are lower bounds (what the group did after the last
 //! sample is not seen).
 //!
-//! The child joins its cgroups between `fork` and `exec` ([`Join::enter`]), so nothing it
-//! starts escapes them.
+//! The child joins its cgroups before the snippet runs, so nothing it starts escapes them:
+//! moved there by the agent while it waits at a gate ([`Join::place`]), or, when it must
+//! enter a mount namespace too, between `fork` and `exec` ([`Join::enter`]).
 
 use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -207,12 +209,23 @@ fn delegate_v2(own: &Path) -> std::io::Result<()> {
     }
 }
 
-/// What the child writes between `fork` and `exec`: "0" (itself) into each `cgroup.procs`.
+/// The attempt's cgroups as a child joins them: itself between `fork` and `exec`
+/// ([`Join::enter`]), or moved there by the agent while it waits ([`Join::place`]).
 pub struct Join {
     procs: Vec<CString>,
 }
 
 impl Join {
+    /// Moves process `pid` (and its threads) into the cgroups, from the agent.
+    pub fn place(&self, pid: u32) -> std::io::Result<()> {
+        for p in &self.procs {
+            let path = Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()));
+            std::fs::write(path, pid.to_string())
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+
     /// Moves the calling process into the cgroups. Only system calls on C strings prepared
     /// before the fork: sound between `fork` and `exec`.
     pub fn enter(&self) -> std::io::Result<()> {
