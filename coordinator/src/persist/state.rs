@@ -228,6 +228,145 @@ pub struct AttemptRecord {
     pub finished_ms: Option<u64>,
 }
 
+/// One write of a run's steps and attempts, made (with its time) when the run decides it and
+/// applied later with others in one transaction ([`State::apply`]): a burst of results or
+/// dispatches costs one commit, not one per row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    StepState {
+        run_id: String,
+        step: String,
+        state: String,
+        why: String,
+        at_ms: u64,
+    },
+    AttemptDispatched {
+        run_id: String,
+        step: String,
+        attempt_id: u64,
+        number: u32,
+        agent: String,
+        at_ms: u64,
+    },
+    AttemptStarted {
+        attempt_id: u64,
+        at_ms: u64,
+    },
+    AttemptEnded {
+        attempt_id: u64,
+        state: String,
+        exit: Option<String>,
+        error: Option<String>,
+        elapsed_ms: Option<u64>,
+        at_ms: u64,
+    },
+    AttemptUsage {
+        attempt_id: u64,
+        usage_json: String,
+        requested_memory: u64,
+    },
+}
+
+impl Write {
+    pub fn step_state(run_id: &str, step: &str, state: &str, why: &str) -> Self {
+        let (run_id, step, state, why) = (run_id.into(), step.into(), state.into(), why.into());
+        Write::StepState { run_id, step, state, why, at_ms: now_ms() }
+    }
+
+    pub fn attempt_dispatched(run_id: &str, step: &str, attempt_id: u64, number: u32, agent: &str) -> Self {
+        let (run_id, step, agent) = (run_id.into(), step.into(), agent.into());
+        Write::AttemptDispatched { run_id, step, attempt_id, number, agent, at_ms: now_ms() }
+    }
+
+    pub fn attempt_started(attempt_id: u64) -> Self {
+        Write::AttemptStarted { attempt_id, at_ms: now_ms() }
+    }
+
+    /// `state` is succeeded, failed, lost or superseded.
+    pub fn attempt_ended(
+        attempt_id: u64,
+        state: &str,
+        exit: Option<&str>,
+        error: Option<&str>,
+        elapsed_ms: Option<u64>,
+    ) -> Self {
+        Write::AttemptEnded {
+            attempt_id,
+            state: state.into(),
+            exit: exit.map(str::to_string),
+            error: error.map(str::to_string),
+            elapsed_ms,
+            at_ms: now_ms(),
+        }
+    }
+
+    pub fn attempt_usage(
+        attempt_id: u64,
+        usage: &protocol::ResourceUsage,
+        requested_memory: u64,
+    ) -> Result<Self> {
+        Ok(Write::AttemptUsage { attempt_id, usage_json: serde_json::to_string(usage)?, requested_memory })
+    }
+
+    fn execute(&self, tx: &rusqlite::Transaction<'_>) -> Result<()> {
+        match self {
+            Write::StepState { run_id, step, state, why, at_ms } => {
+                let finished =
+                    matches!(state.as_str(), "succeeded" | "failed" | "cancelled").then_some(*at_ms);
+                tx.prepare_cached(
+                    "UPDATE steps SET state = ?3, why = ?4, finished_ms = COALESCE(?5, finished_ms)
+                     WHERE run_id = ?1 AND step = ?2",
+                )?
+                .execute(params![run_id, step, state, why, finished])?;
+            }
+            Write::AttemptDispatched { run_id, step, attempt_id, number, agent, at_ms } => {
+                tx.prepare_cached(
+                    "INSERT INTO attempts (attempt_id, run_id, step, number, agent, state, dispatched_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'dispatched', ?6)",
+                )?
+                .execute(params![*attempt_id as i64, run_id, step, number, agent, at_ms])?;
+                tx.prepare_cached(
+                    "UPDATE steps SET state = 'running', attempts = ?3, attempt_id = ?4, agent = ?5,
+                     started_ms = ?6, finished_ms = NULL WHERE run_id = ?1 AND step = ?2",
+                )?
+                .execute(params![run_id, step, number, *attempt_id as i64, agent, at_ms])?;
+            }
+            Write::AttemptStarted { attempt_id, at_ms } => {
+                tx.prepare_cached(
+                    "UPDATE attempts SET state = 'started', started_ms = ?2
+                     WHERE attempt_id = ?1 AND state = 'dispatched'",
+                )?
+                .execute(params![*attempt_id as i64, at_ms])?;
+            }
+            Write::AttemptEnded { attempt_id, state, exit, error, elapsed_ms, at_ms } => {
+                tx.prepare_cached(
+                    "UPDATE attempts SET state = ?2, exit = ?3, error = ?4, elapsed_ms = ?5, finished_ms = ?6
+                     WHERE attempt_id = ?1",
+                )?
+                .execute(params![
+                    *attempt_id as i64,
+                    state,
+                    exit,
+                    error,
+                    elapsed_ms,
+                    at_ms
+                ])?;
+            }
+            Write::AttemptUsage { attempt_id, usage_json, requested_memory } => {
+                tx.prepare_cached(
+                    "UPDATE attempts SET usage_json = ?2, requested_memory = ?3 WHERE attempt_id = ?1",
+                )?
+                .execute(params![
+                    *attempt_id as i64,
+                    usage_json,
+                    *requested_memory as i64
+                ])?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl State {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating state dir {}", dir.display()))?;
@@ -479,11 +618,7 @@ impl State {
     }
 
     pub fn set_step_state(&self, run_id: &str, step: &str, state: &str, why: &str) -> Result<()> {
-        let finished = matches!(state, "succeeded" | "failed" | "cancelled").then(now_ms);
-        self.db().prepare_cached(
-            "UPDATE steps SET state = ?3, why = ?4, finished_ms = COALESCE(?5, finished_ms) WHERE run_id = ?1 AND step = ?2",
-        )?.execute(params![run_id, step, state, why, finished])?;
-        Ok(())
+        self.apply(&[Write::step_state(run_id, step, state, why)])
     }
 
     /// Records a dispatched attempt and points its step at it, in one transaction.
@@ -495,19 +630,19 @@ impl State {
         number: u32,
         agent: &str,
     ) -> Result<()> {
-        let now = now_ms();
+        self.apply(&[Write::attempt_dispatched(run_id, step, attempt_id, number, agent)])
+    }
+
+    /// Applies `writes` in order, in one transaction: all of them or none.
+    pub fn apply(&self, writes: &[Write]) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
         let mut db = self.db();
         let tx = db.transaction()?;
-        tx.prepare_cached(
-            "INSERT INTO attempts (attempt_id, run_id, step, number, agent, state, dispatched_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'dispatched', ?6)",
-        )?
-        .execute(params![attempt_id as i64, run_id, step, number, agent, now])?;
-        tx.prepare_cached(
-            "UPDATE steps SET state = 'running', attempts = ?3, attempt_id = ?4, agent = ?5, started_ms = ?6,
-             finished_ms = NULL WHERE run_id = ?1 AND step = ?2",
-        )?
-        .execute(params![run_id, step, number, attempt_id as i64, agent, now])?;
+        for w in writes {
+            w.execute(&tx)?;
+        }
         tx.commit()?;
         Ok(())
     }
@@ -526,10 +661,7 @@ impl State {
     }
 
     pub fn attempt_started(&self, attempt_id: u64) -> Result<()> {
-        self.db().prepare_cached(
-            "UPDATE attempts SET state = 'started', started_ms = ?2 WHERE attempt_id = ?1 AND state = 'dispatched'",
-        )?.execute(params![attempt_id as i64, now_ms()])?;
-        Ok(())
+        self.apply(&[Write::attempt_started(attempt_id)])
     }
 
     /// Ends an attempt: `state` is succeeded, failed, lost or superseded.
@@ -541,13 +673,7 @@ impl State {
         error: Option<&str>,
         elapsed_ms: Option<u64>,
     ) -> Result<()> {
-        self.db()
-            .prepare_cached(
-                "UPDATE attempts SET state = ?2, exit = ?3, error = ?4, elapsed_ms = ?5, finished_ms = ?6
-             WHERE attempt_id = ?1",
-            )?
-            .execute(params![attempt_id as i64, state, exit, error, elapsed_ms, now_ms()])?;
-        Ok(())
+        self.apply(&[Write::attempt_ended(attempt_id, state, exit, error, elapsed_ms)])
     }
 
     /// Steps of `run_id` with an attempt that ended `succeeded`.
@@ -567,12 +693,7 @@ impl State {
         usage: &protocol::ResourceUsage,
         requested_memory: u64,
     ) -> Result<()> {
-        self.db()
-            .prepare_cached(
-                "UPDATE attempts SET usage_json = ?2, requested_memory = ?3 WHERE attempt_id = ?1",
-            )?
-            .execute(params![attempt_id as i64, serde_json::to_string(usage)?, requested_memory as i64])?;
-        Ok(())
+        self.apply(&[Write::attempt_usage(attempt_id, usage, requested_memory)?])
     }
 
     /// Attempts of a run still marked as in flight (after a coordinator crash).
@@ -841,6 +962,52 @@ mod tests {
         let found: i64 =
             db.query_row("SELECT count(*) FROM tokens WHERE hash = ?1", params![t], |r| r.get(0)).unwrap();
         assert_eq!(found, 0);
+    }
+
+    #[test]
+    fn a_batch_of_writes_is_applied_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let run = RunRecord {
+            run_id: "r".into(),
+            pipeline: "p".into(),
+            pipeline_file: String::new(),
+            pipeline_json: "{}".into(),
+            options_json: "{}".into(),
+            state: "running".into(),
+            created_ms: now_ms(),
+            finished_ms: None,
+            error: None,
+        };
+        state.create_run(&run).unwrap();
+        state.plan_steps("r", &[(0, "a", "run", ""), (1, "b", "run", "")]).unwrap();
+        state
+            .apply(&[
+                Write::attempt_dispatched("r", "a", 1, 1, "agent-1"),
+                Write::attempt_started(1),
+                Write::attempt_dispatched("r", "b", 2, 1, "agent-2"),
+                Write::attempt_ended(1, "succeeded", Some("exit 0"), None, Some(5)),
+                Write::step_state("r", "a", "succeeded", ""),
+            ])
+            .unwrap();
+        let states = |state: &State| {
+            let mut a: Vec<(u64, String)> =
+                state.attempts_of("r").unwrap().into_iter().map(|a| (a.attempt_id, a.state)).collect();
+            a.sort();
+            a
+        };
+        assert_eq!(states(&state), vec![(1, "succeeded".to_string()), (2, "dispatched".to_string())]);
+        let steps = state.steps_of("r").unwrap();
+        assert_eq!(steps.iter().find(|s| s.step == "a").unwrap().state, "succeeded");
+        assert_eq!(steps.iter().find(|s| s.step == "b").unwrap().state, "running");
+        // The second write fails (attempt 2 exists): the first, before it, is not kept either.
+        let failed = state.apply(&[
+            Write::attempt_ended(2, "failed", Some("exit 1"), Some("boom"), Some(5)),
+            Write::attempt_dispatched("r", "b", 2, 2, "agent-2"),
+        ]);
+        assert!(failed.is_err());
+        assert_eq!(states(&state), vec![(1, "succeeded".to_string()), (2, "dispatched".to_string())]);
+        state.apply(&[]).unwrap();
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub mod sched;
 use crate::hub::away::Away;
 use crate::hub::{Hub, Runs, StepEvent};
 use crate::metrics;
-use crate::persist::state::{AttemptRecord, RunRecord, State, now_ms};
+use crate::persist::state::{self, AttemptRecord, RunRecord, State, now_ms};
 use crate::persist::working::WorkingRegistry;
 use crate::pipeline::plan::{self, Action as Planned, PlanOptions};
 use crate::pipeline::{Pipeline, Profile};
@@ -111,7 +111,13 @@ pub struct Reporter {
     dispatched: HashMap<u64, Instant>,
     /// Steps already warned about their memory.
     memory_warned: HashSet<String>,
+    /// When the bytes the run moved were last summed (see [`BYTES_LOOK_EVERY`]).
+    bytes_looked: Option<Instant>,
 }
+
+/// The bytes a run moved are summed over its transfers at most this often, not at every
+/// finished step: the sum grows with the run, and a 50,000-step run would sum 50,000 times.
+const BYTES_LOOK_EVERY: Duration = Duration::from_secs(1);
 
 impl Drop for Reporter {
     /// A run's steps leave `pype_steps` with it (`pype_steps_ended` keeps what they became).
@@ -132,6 +138,7 @@ impl Reporter {
             states: HashMap::new(),
             dispatched: HashMap::new(),
             memory_warned: HashSet::new(),
+            bytes_looked: None,
         }
     }
 
@@ -249,9 +256,128 @@ struct Running {
     serial: u64,
 }
 
+/// What a run has decided and not yet committed: its writes to the state database, the
+/// attempts to send once their rows are in, and the results to acknowledge once their ends
+/// are in. One burst (a loop's dispatches, a batch of results) is one transaction
+/// ([`Engine::commit`]) instead of one per row; nothing that depends on a write leaves first.
+#[derive(Default)]
+struct Journal {
+    writes: Vec<state::Write>,
+    sends: Vec<Outgoing>,
+    acks: Vec<(String, u64)>,
+}
+
+/// An attempt decided and recorded in the journal, sent once the journal is committed.
+struct Outgoing {
+    step: usize,
+    agent: String,
+    attempt_id: u64,
+    number: u32,
+    spec: StepSpec,
+}
+
 impl Engine {
+    /// Sums the bytes the run moved so far into its progress, if [`BYTES_LOOK_EVERY`] has
+    /// passed since the last sum (or `now`).
+    fn look_at_bytes(&self, rep: &mut Reporter, now: bool) {
+        if !now && rep.bytes_looked.is_some_and(|t| t.elapsed() < BYTES_LOOK_EVERY) {
+            return;
+        }
+        rep.bytes_looked = Some(Instant::now());
+        if let Ok(b) = self.state.transfer_bytes_since(rep.started_ms) {
+            rep.progress.bytes = b;
+        }
+    }
+
+    /// Commits the journal's writes, then acknowledges its results. Its attempts to send are
+    /// left for the caller, who sends them only if this succeeded. On failure the writes and
+    /// acknowledgements are dropped (an agent sends an unacknowledged result again).
+    fn commit(&self, j: &mut Journal) -> Result<()> {
+        let writes = std::mem::take(&mut j.writes);
+        if let Err(e) = self.state.apply(&writes) {
+            j.acks.clear();
+            return Err(e);
+        }
+        for (agent, attempt_id) in j.acks.drain(..) {
+            self.coord.ack_result(&agent, attempt_id);
+        }
+        Ok(())
+    }
+
+    /// Sends the journal's attempts, whose rows `committed` says are in the state database (or
+    /// not: then each attempt fails as an infrastructure failure, unsent). An attempt that
+    /// cannot be sent waits for another agent without using a retry, and its agent takes
+    /// nothing new until it is seen again.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_attempts(
+        &self,
+        committed: &Result<()>,
+        j: &mut Journal,
+        p: &Pipeline,
+        run_id: &str,
+        runs: &Path,
+        tx: &mpsc::UnboundedSender<(u64, StepEvent)>,
+        sched: &mut Scheduler,
+        running: &mut HashMap<u64, Running>,
+        membership: &mut Membership,
+        rep: &mut Reporter,
+    ) {
+        for o in std::mem::take(&mut j.sends) {
+            let name = &p.steps[o.step].name;
+            if let Err(e) = committed {
+                // Every attempt is in the attempts table before it is sent: a resumed run
+                // adopts only what the table knows, so an attempt it cannot record is not sent.
+                let reason = format!("state database: could not record the attempt: {e:#}");
+                warn!(run = %run_id, step = %name, attempt = o.attempt_id, "{reason}; not dispatched");
+                sched.handle(Event::Finished {
+                    attempt_id: o.attempt_id,
+                    end: AttemptEnd::InfraFailed(reason),
+                });
+                continue;
+            }
+            let log = AttemptLog::new(runs.join(name).join(format!("attempt-{}.log", o.number)));
+            let r = Running { step: o.step, agent: o.agent.clone(), log, usage: None, serial: 0 };
+            running.insert(o.attempt_id, r);
+            rep.progress.running += 1;
+            rep.step_dispatched(o.step, o.attempt_id);
+            rep.emit(
+                "step dispatched",
+                Some(name),
+                Some(o.attempt_id),
+                Some(&o.agent),
+                &format!("attempt {}", o.number),
+            );
+            match self.coord.dispatch(&o.agent, o.spec, tx.clone()).await {
+                Ok(sent) => {
+                    if let Some(r) = running.get_mut(&o.attempt_id) {
+                        r.serial = sent.serial;
+                    }
+                }
+                Err(e) => {
+                    running.remove(&o.attempt_id);
+                    rep.progress.running = rep.progress.running.saturating_sub(1);
+                    rep.attempt_ended(o.attempt_id, "not_sent");
+                    rep.step_state(o.step, "ready", false);
+                    j.writes.push(state::Write::attempt_ended(
+                        o.attempt_id,
+                        "lost",
+                        None,
+                        Some(&format!("{e:#}")),
+                        None,
+                    ));
+                    sched.handle(Event::Finished {
+                        attempt_id: o.attempt_id,
+                        end: AttemptEnd::NotSent(format!("{e:#}")),
+                    });
+                    membership.handle(Instant::now(), membership::Event::Unreachable { agent: o.agent });
+                }
+            }
+        }
+    }
+
     /// Records what an attempt used, says it as a `step resources` event, and warns once per
     /// step when its peak memory was above what it requested or below a quarter of it.
+    #[allow(clippy::too_many_arguments)]
     fn report_usage(
         &self,
         run_id: &str,
@@ -260,10 +386,12 @@ impl Engine {
         agent: &str,
         u: &protocol::ResourceUsage,
         rep: &mut Reporter,
+        journal: &mut Journal,
     ) {
         let requested = step.resources.memory_bytes;
-        if let Err(e) = self.state.attempt_usage(attempt_id, u, requested) {
-            warn!(run = %run_id, "state database: {e:#}");
+        match state::Write::attempt_usage(attempt_id, u, requested) {
+            Ok(w) => journal.writes.push(w),
+            Err(e) => warn!(run = %run_id, "state database: {e:#}"),
         }
         rep.emit(
             "step resources",
@@ -416,6 +544,7 @@ impl Engine {
             }
         };
         self.state.set_run_state(&run_id, state, error.as_deref())?;
+        self.look_at_bytes(&mut rep, true);
         rep.emit("run finished", None, None, None, &format!("{state}: {summary}"));
         Ok(RunResult { run_id, succeeded, summary })
     }
@@ -804,28 +933,48 @@ impl Engine {
                 membership::Event::Expect { agent: agent.clone(), extra: ADOPT_RECONNECT_GRACE },
             );
         }
+        let mut journal = Journal::default();
         loop {
-            // Carry out everything the scheduler wants now.
-            while let Some(action) = sched.poll_action() {
-                let unreachable = self
-                    .carry_out(
+            // Carry out everything the scheduler wants now: its writes in one transaction,
+            // then the attempts it dispatched (which may make it want more).
+            loop {
+                while let Some(action) = sched.poll_action() {
+                    self.carry_out(
                         action,
                         p,
                         run_id,
                         &runs,
                         &reg,
                         &profile_name,
-                        &tx,
                         &mut sched,
                         &mut running,
                         &mut failures,
                         rep,
                         opts,
+                        &mut journal,
                     )
                     .await;
-                if let Some(agent) = unreachable {
-                    membership.handle(Instant::now(), membership::Event::Unreachable { agent });
                 }
+                let committed = self.commit(&mut journal);
+                if journal.sends.is_empty() {
+                    if let Err(e) = committed {
+                        warn!(run = %run_id, "state database: {e:#}");
+                    }
+                    break;
+                }
+                self.send_attempts(
+                    &committed,
+                    &mut journal,
+                    p,
+                    run_id,
+                    &runs,
+                    &tx,
+                    &mut sched,
+                    &mut running,
+                    &mut membership,
+                    rep,
+                )
+                .await;
             }
             let counts = sched.counts();
             // Every step not yet ended may want an agent: instances boot while upstream steps
@@ -902,11 +1051,14 @@ impl Engine {
                     }
                 }
                 Some((attempt_id, event)) = rx.recv() => {
-                    self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep)?;
+                    let j = &mut journal;
+                    self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep, j)?;
                     // Take whatever else is queued before planning again.
                     while let Ok((attempt_id, event)) = rx.try_recv() {
-                        self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep)?;
+                        self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep, j)?;
                     }
+                    // The results' ends are recorded before they are acknowledged.
+                    self.commit(&mut journal)?;
                 }
                 // Looking at the agents costs time linear in their number: while they keep
                 // changing, looks are spaced by MEMBERSHIP_COALESCE_PER_AGENT per agent.
@@ -914,14 +1066,14 @@ impl Engine {
                     let agents = u32::try_from(self.coord.agent_count()).unwrap_or(u32::MAX);
                     let at = last_sync + (MEMBERSHIP_COALESCE_PER_AGENT * agents).min(MEMBERSHIP_COALESCE);
                     if at <= Instant::now() {
-                        self.look_at_agents(p, run_id, &mut sched, &mut membership, &mut running, rep);
+                        self.look_at_agents(p, &mut sched, &mut membership, &mut running, rep, &mut journal);
                         last_sync = Instant::now();
                     } else {
                         sync_due = Some(at);
                     }
                 }
                 _ = tick => {
-                    self.look_at_agents(p, run_id, &mut sched, &mut membership, &mut running, rep);
+                    self.look_at_agents(p, &mut sched, &mut membership, &mut running, rep, &mut journal);
                     last_sync = Instant::now();
                     sync_due = None;
                 }
@@ -987,28 +1139,29 @@ impl Engine {
     fn look_at_agents(
         &self,
         p: &Pipeline,
-        run_id: &str,
         sched: &mut Scheduler,
         membership: &mut Membership,
         running: &mut HashMap<u64, Running>,
         rep: &mut Reporter,
+        journal: &mut Journal,
     ) {
         let views = self.coord.agent_views();
         self.sync_agents(&views, sched, membership, rep);
-        self.check_in_hand(&views, p, run_id, sched, running, rep);
+        self.check_in_hand(&views, p, sched, running, rep, journal);
     }
 
     /// An attempt whose agent reconnected and said it does not hold it is retried now rather
     /// than awaited forever: the agent restarted and lost it, or the connection broke before
     /// the agent read it (an adopted attempt's agent, or a `RunStep` lost with a connection).
+    #[allow(clippy::too_many_arguments)]
     fn check_in_hand(
         &self,
         views: &[crate::hub::AgentView],
         p: &Pipeline,
-        run_id: &str,
         sched: &mut Scheduler,
         running: &mut HashMap<u64, Running>,
         rep: &mut Reporter,
+        journal: &mut Journal,
     ) {
         if running.is_empty() {
             return;
@@ -1032,9 +1185,7 @@ impl Engine {
                 );
             }
             self.coord.forget_attempt(attempt_id);
-            if let Err(e) = self.state.attempt_ended(attempt_id, "lost", None, Some(&reason), None) {
-                warn!(run = %run_id, "state database: {e:#}");
-            }
+            journal.writes.push(state::Write::attempt_ended(attempt_id, "lost", None, Some(&reason), None));
             sched.handle(Event::Finished { attempt_id, end: AttemptEnd::InfraFailed(reason) });
         }
     }
@@ -1113,22 +1264,16 @@ impl Engine {
         runs: &Path,
         reg: &Registry,
         profile: &Option<String>,
-        tx: &mpsc::UnboundedSender<(u64, StepEvent)>,
         sched: &mut Scheduler,
         running: &mut HashMap<u64, Running>,
         failures: &mut Vec<String>,
         rep: &mut Reporter,
         opts: &RunOptions,
-    ) -> Option<String> {
-        let db = |r: Result<()>| {
-            if let Err(e) = r {
-                warn!("state database: {e:#}");
-            }
-        };
-        let mut unreachable = None;
+        journal: &mut Journal,
+    ) {
         match action {
             Action::Ready { step } => {
-                db(self.state.set_step_state(run_id, &p.steps[step].name, "ready", ""));
+                journal.writes.push(state::Write::step_state(run_id, &p.steps[step].name, "ready", ""));
                 rep.step_state(step, "ready", false);
                 rep.emit("step ready", Some(&p.steps[step].name), None, None, "");
             }
@@ -1155,47 +1300,11 @@ impl Engine {
                     timeout_secs: s.timeout_secs,
                     registry: reg.relevant(paths, &profiles),
                 };
-                // Every attempt is in the attempts table before it is sent: a resumed run
-                // adopts only what the table knows, so an attempt it cannot record is not sent.
-                if let Err(e) = self.state.attempt_dispatched(run_id, &s.name, attempt_id, attempt, &agent) {
-                    let reason = format!("state database: could not record the attempt: {e:#}");
-                    warn!(run = %run_id, step = %s.name, attempt = attempt_id, "{reason}; not dispatched");
-                    sched.handle(Event::Finished { attempt_id, end: AttemptEnd::InfraFailed(reason) });
-                    return None;
-                }
-                let log = AttemptLog::new(runs.join(&s.name).join(format!("attempt-{attempt}.log")));
-                running
-                    .insert(attempt_id, Running { step, agent: agent.clone(), log, usage: None, serial: 0 });
-                rep.progress.running += 1;
-                rep.step_dispatched(step, attempt_id);
-                rep.emit(
-                    "step dispatched",
-                    Some(&s.name),
-                    Some(attempt_id),
-                    Some(&agent),
-                    &format!("attempt {attempt}"),
-                );
-                match self.coord.dispatch(&agent, spec, tx.clone()).await {
-                    Ok(sent) => {
-                        if let Some(r) = running.get_mut(&attempt_id) {
-                            r.serial = sent.serial;
-                        }
-                    }
-                    Err(e) => {
-                        // Never sent: the step waits for another agent (or this one, back) without
-                        // using a retry, and the agent takes nothing new until it is seen again.
-                        running.remove(&attempt_id);
-                        rep.progress.running = rep.progress.running.saturating_sub(1);
-                        rep.attempt_ended(attempt_id, "not_sent");
-                        rep.step_state(step, "ready", false);
-                        db(self.state.attempt_ended(attempt_id, "lost", None, Some(&format!("{e:#}")), None));
-                        sched.handle(Event::Finished {
-                            attempt_id,
-                            end: AttemptEnd::NotSent(format!("{e:#}")),
-                        });
-                        unreachable = Some(agent);
-                    }
-                }
+                // Sent by `send_attempts` once this row is committed.
+                journal
+                    .writes
+                    .push(state::Write::attempt_dispatched(run_id, &s.name, attempt_id, attempt, &agent));
+                journal.sends.push(Outgoing { step, agent, attempt_id, number: attempt, spec });
             }
             Action::Supersede { step: _, attempt_id, agent } => {
                 // Cancel first: the coordinator finds the attempt's agent by the attempt.
@@ -1205,7 +1314,7 @@ impl Engine {
                     rep.progress.running = rep.progress.running.saturating_sub(1);
                     rep.attempt_ended(attempt_id, "superseded");
                 }
-                db(self.state.attempt_ended(
+                journal.writes.push(state::Write::attempt_ended(
                     attempt_id,
                     "superseded",
                     None,
@@ -1217,7 +1326,7 @@ impl Engine {
                 let kind = if infra { "infrastructure" } else { "command" };
                 metrics::get().retries.get_or_create(&metrics::l1("kind", kind)).inc();
                 rep.step_state(step, "ready", false);
-                db(self.state.set_step_state(run_id, &p.steps[step].name, "ready", &reason));
+                journal.writes.push(state::Write::step_state(run_id, &p.steps[step].name, "ready", &reason));
                 rep.emit(
                     "step retried",
                     Some(&p.steps[step].name),
@@ -1229,13 +1338,13 @@ impl Engine {
             Action::Succeeded { step } => {
                 rep.progress.done += 1;
                 rep.step_state(step, "succeeded", true);
-                db(self.state.set_step_state(run_id, &p.steps[step].name, "succeeded", ""));
+                journal.writes.push(state::Write::step_state(run_id, &p.steps[step].name, "succeeded", ""));
             }
             Action::Failed { step, reason } => {
                 rep.progress.failed += 1;
                 rep.step_state(step, "failed", true);
                 let name = &p.steps[step].name;
-                db(self.state.set_step_state(run_id, name, "failed", &reason));
+                journal.writes.push(state::Write::step_state(run_id, name, "failed", &reason));
                 rep.emit("step failed", Some(name), None, None, &reason);
                 let tail = last_log_lines(runs, name, sched.attempts(step));
                 if !tail.is_empty() {
@@ -1246,7 +1355,12 @@ impl Engine {
             Action::Cancelled { step, reason } => {
                 rep.progress.failed += 1;
                 rep.step_state(step, "cancelled", true);
-                db(self.state.set_step_state(run_id, &p.steps[step].name, "cancelled", &reason));
+                journal.writes.push(state::Write::step_state(
+                    run_id,
+                    &p.steps[step].name,
+                    "cancelled",
+                    &reason,
+                ));
                 rep.emit("step cancelled", Some(&p.steps[step].name), None, None, &reason);
             }
             Action::Unschedulable { step, reason } => {
@@ -1259,7 +1373,6 @@ impl Engine {
                 }
             }
         }
-        unreachable
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1273,6 +1386,7 @@ impl Engine {
         sched: &mut Scheduler,
         running: &mut HashMap<u64, Running>,
         rep: &mut Reporter,
+        journal: &mut Journal,
     ) -> Result<()> {
         let Some(r) = running.get_mut(&attempt_id) else {
             warn!(run = %run_id, attempt = attempt_id, "discarding an event of a superseded attempt");
@@ -1281,9 +1395,7 @@ impl Engine {
         let name = p.steps[r.step].name.clone();
         match event {
             StepEvent::Started { backend, view } => {
-                if let Err(e) = self.state.attempt_started(attempt_id) {
-                    warn!("state database: {e:#}");
-                }
+                journal.writes.push(state::Write::attempt_started(attempt_id));
                 rep.emit(
                     "step started",
                     Some(&name),
@@ -1331,11 +1443,9 @@ impl Engine {
                     },
                 );
                 if let Some(u) = &r.usage {
-                    self.report_usage(run_id, step, attempt_id, &r.agent, u, rep);
+                    self.report_usage(run_id, step, attempt_id, &r.agent, u, rep, journal);
                 }
-                if let Ok(b) = self.state.transfer_bytes_since(rep.started_ms) {
-                    rep.progress.bytes = b;
-                }
+                self.look_at_bytes(rep, false);
                 rep.emit(
                     "step exited",
                     Some(&name),
@@ -1395,14 +1505,14 @@ impl Engine {
                                 // not where the client looks): the attempt does not count.
                                 let msg = format!("{e:#}");
                                 warn!(run = %run_id, step = %name, attempt = attempt_id, "{msg}");
-                                self.state.attempt_ended(
+                                journal.writes.push(state::Write::attempt_ended(
                                     attempt_id,
                                     "failed",
                                     Some(&exit),
                                     Some(&msg),
                                     Some(outcome.elapsed_ms),
-                                )?;
-                                self.coord.ack_result(&r.agent, attempt_id);
+                                ));
+                                journal.acks.push((r.agent.clone(), attempt_id));
                                 sched.handle(Event::Finished {
                                     attempt_id,
                                     end: AttemptEnd::InfraFailed(msg),
@@ -1417,27 +1527,28 @@ impl Engine {
                             Some(&r.agent),
                             &format!("{n} registry entries"),
                         );
-                        self.state.attempt_ended(
+                        journal.writes.push(state::Write::attempt_ended(
                             attempt_id,
                             "succeeded",
                             Some(&exit),
                             None,
                             Some(outcome.elapsed_ms),
-                        )?;
+                        ));
                     }
                     AttemptEnd::CommandFailed(e) | AttemptEnd::InfraFailed(e) | AttemptEnd::NotSent(e) => {
-                        self.state.attempt_ended(
+                        journal.writes.push(state::Write::attempt_ended(
                             attempt_id,
                             "failed",
                             Some(&exit),
                             Some(e),
                             Some(outcome.elapsed_ms),
-                        )?;
+                        ));
                     }
                 }
-                // Recorded: the agent may forget the result (until now it would send it again
-                // to a restarted coordinator, whose resumed run adopts the attempt).
-                self.coord.ack_result(&r.agent, attempt_id);
+                // Acknowledged once recorded (`Engine::commit`): the agent may forget the result
+                // then (until then it would send it again to a restarted coordinator, whose
+                // resumed run adopts the attempt).
+                journal.acks.push((r.agent, attempt_id));
                 sched.handle(Event::Finished { attempt_id, end });
             }
         }
