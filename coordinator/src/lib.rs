@@ -8,6 +8,7 @@ pub mod aws;
 pub mod cli;
 pub mod embedded;
 pub mod hub;
+pub mod lograte;
 pub mod metrics;
 pub mod persist;
 pub mod pipeline;

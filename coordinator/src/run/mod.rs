@@ -29,6 +29,7 @@ pub mod sched;
 
 use crate::hub::away::Away;
 use crate::hub::{Hub, Runs, StepEvent};
+use crate::lograte::{Burst, LeftOut};
 use crate::metrics;
 use crate::persist::state::{self, AttemptRecord, RunRecord, State, now_ms};
 use crate::persist::working::WorkingRegistry;
@@ -113,7 +114,14 @@ pub struct Reporter {
     memory_warned: HashSet<String>,
     /// When the bytes the run moved were last summed (see [`BYTES_LOOK_EVERY`]).
     bytes_looked: Option<Instant>,
+    /// The log lines of each kind of membership event (see [`Reporter::emit_member`]).
+    member_lines: HashMap<&'static str, Burst>,
 }
+
+/// Membership events of one kind are logged one by one up to this many per
+/// [`MEMBER_WINDOW`], the rest in one line per window (watchers still get every event).
+const MEMBER_LINES: u64 = 20;
+const MEMBER_WINDOW: Duration = Duration::from_secs(10);
 
 /// The bytes a run moved are summed over its transfers at most this often, not at every
 /// finished step: the sum grows with the run, and a 50,000-step run would sum 50,000 times.
@@ -139,6 +147,7 @@ impl Reporter {
             dispatched: HashMap::new(),
             memory_warned: HashSet::new(),
             bytes_looked: None,
+            member_lines: HashMap::new(),
         }
     }
 
@@ -181,6 +190,11 @@ impl Reporter {
     }
 
     fn emit(&self, event: &str, step: Option<&str>, attempt: Option<u64>, agent: Option<&str>, detail: &str) {
+        self.log(event, step, attempt, agent, detail);
+        self.send(event, step, attempt, agent, detail);
+    }
+
+    fn log(&self, event: &str, step: Option<&str>, attempt: Option<u64>, agent: Option<&str>, detail: &str) {
         info!(
             run = %self.run,
             step = step.unwrap_or(""),
@@ -189,6 +203,47 @@ impl Reporter {
             detail = %detail,
             "{event}"
         );
+    }
+
+    /// A membership event (`agent joined`, `agent left`, ...): to whoever watches, always; to
+    /// the log one by one up to [`MEMBER_LINES`] per window and kind, the rest in one line
+    /// when the window ends (a fleet of 10,000 agents joining is not 10,000 lines).
+    fn emit_member(&mut self, event: &'static str, agent: &str, detail: &str) {
+        let burst = self.member_lines.entry(event).or_insert_with(|| Burst::new(MEMBER_WINDOW, MEMBER_LINES));
+        let (one, ended) = burst.event(Instant::now());
+        if let Some(l) = ended {
+            self.say_left_out(event, l);
+        }
+        if one {
+            self.log(event, None, None, Some(agent), detail);
+        }
+        self.send(event, None, None, Some(agent), detail);
+    }
+
+    /// Says what the membership windows that have ended (all of them, at the run's `end`)
+    /// left out of the log.
+    fn say_members_left_out(&mut self, now: Instant, end: bool) {
+        let ended: Vec<(&'static str, LeftOut)> = self
+            .member_lines
+            .iter_mut()
+            .filter_map(|(k, b)| if end { b.end(now) } else { b.poll(now) }.map(|l| (*k, l)))
+            .collect();
+        for (event, l) in ended {
+            self.say_left_out(event, l);
+        }
+    }
+
+    fn say_left_out(&self, event: &str, l: LeftOut) {
+        info!(
+            run = %self.run,
+            events = l.count,
+            "{} more `{event}` in the last {} s (past {MEMBER_LINES}, not logged one by one)",
+            l.count,
+            l.over.as_secs().max(1)
+        );
+    }
+
+    fn send(&self, event: &str, step: Option<&str>, attempt: Option<u64>, agent: Option<&str>, detail: &str) {
         if let Some(sink) = &self.sink {
             let _ = sink.send(RunEvent {
                 run: self.run.clone(),
@@ -545,6 +600,7 @@ impl Engine {
         };
         self.state.set_run_state(&run_id, state, error.as_deref())?;
         self.look_at_bytes(&mut rep, true);
+        rep.say_members_left_out(Instant::now(), true);
         rep.emit("run finished", None, None, None, &format!("{state}: {summary}"));
         Ok(RunResult { run_id, succeeded, summary })
     }
@@ -1073,6 +1129,7 @@ impl Engine {
                     }
                 }
                 _ = tick => {
+                    rep.say_members_left_out(Instant::now(), false);
                     self.look_at_agents(p, &mut sched, &mut membership, &mut running, rep, &mut journal);
                     last_sync = Instant::now();
                     sync_due = None;
@@ -1198,7 +1255,7 @@ impl Engine {
         views: &[crate::hub::AgentView],
         sched: &mut Scheduler,
         membership: &mut Membership,
-        rep: &Reporter,
+        rep: &mut Reporter,
     ) {
         let seen = views.iter().map(|v| membership::Seen {
             capacity: AgentCapacity {
@@ -1215,40 +1272,29 @@ impl Engine {
         while let Some(action) = membership.poll_action() {
             match action {
                 membership::Action::Joined { agent, capacity } => {
-                    rep.emit(
-                        "agent joined",
-                        None,
-                        None,
-                        Some(&agent),
-                        &format!("{} cpus, {} MiB", capacity.cpus, capacity.memory_bytes >> 20),
-                    );
+                    let detail = format!("{} cpus, {} MiB", capacity.cpus, capacity.memory_bytes >> 20);
+                    rep.emit_member("agent joined", &agent, &detail);
                     sched.handle(Event::AgentUp { agent, capacity });
                 }
                 membership::Action::Draining { agent } => {
-                    rep.emit("agent draining", None, None, Some(&agent), "running steps finish, no new ones");
+                    rep.emit_member("agent draining", &agent, "running steps finish, no new ones");
                     sched.handle(Event::AgentDraining { agent });
                 }
                 membership::Action::Away { agent } => {
-                    rep.emit(
-                        "agent away",
-                        None,
-                        None,
-                        Some(&agent),
-                        "disconnected; its steps wait for it, no new ones",
-                    );
+                    rep.emit_member("agent away", &agent, "disconnected; its steps wait for it, no new ones");
                     sched.handle(Event::AgentAway { agent });
                 }
                 membership::Action::Back { agent } => {
-                    rep.emit("agent back", None, None, Some(&agent), "reconnected inside its window");
+                    rep.emit_member("agent back", &agent, "reconnected inside its window");
                     sched.handle(Event::AgentBack { agent });
                 }
                 membership::Action::Left { agent } => {
-                    rep.emit("agent left", None, None, Some(&agent), "drained");
+                    rep.emit_member("agent left", &agent, "drained");
                     let reason = "drained and disconnected".to_string();
                     sched.handle(Event::AgentDown { agent, reason });
                 }
                 membership::Action::Lost { agent, reason } => {
-                    rep.emit("agent lost", None, None, Some(&agent), &reason);
+                    rep.emit_member("agent lost", &agent, &reason);
                     sched.handle(Event::AgentDown { agent, reason });
                 }
             }

@@ -26,6 +26,7 @@ pub(super) async fn handle_agent(
     conn: quinn::Connection,
     agent_id: String,
     shutdown: CancellationToken,
+    members: super::Members,
 ) {
     let first = async {
         let (send, mut recv) =
@@ -91,14 +92,16 @@ pub(super) async fn handle_agent(
     if let Err(e) = coord.state().record_seen(&agent_id, &conn.remote_address().to_string(), &host_json) {
         warn!("could not record agent in state database: {e:#}");
     }
-    info!(
-        hostname = %hello.host.hostname,
-        cpus = hello.host.cpus,
-        memory_total_bytes = hello.host.memory_total_bytes,
-        work_dir_free_bytes = hello.host.work_dir_free_bytes,
-        agent_version = %hello.agent_version,
-        "agent joined"
-    );
+    if super::MemberLines::one_by_one(&members, true, &coord) {
+        info!(
+            hostname = %hello.host.hostname,
+            cpus = hello.host.cpus,
+            memory_total_bytes = hello.host.memory_total_bytes,
+            work_dir_free_bytes = hello.host.work_dir_free_bytes,
+            agent_version = %hello.agent_version,
+            "agent joined"
+        );
+    }
     let welcome = CoordinatorToAgent::Welcome(Welcome {
         protocol_major: protocol::PROTOCOL_MAJOR,
         protocol_minor: protocol::PROTOCOL_MINOR,
@@ -119,7 +122,7 @@ pub(super) async fn handle_agent(
             reason
         }
     };
-    if coord.leave(&agent_id, serial) {
+    if coord.leave(&agent_id, serial) && super::MemberLines::one_by_one(&members, false, &coord) {
         info!(reason = %reason, "agent left");
     }
 }

@@ -10,7 +10,6 @@ mod admin;
 mod agent;
 mod cas;
 mod enroll;
-pub mod lograte;
 mod snapshots;
 
 pub use admin::{pull, push};
@@ -25,12 +24,12 @@ use std::time::{Duration, Instant};
 use protocol::CloseCode;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 use transport::pki;
 
 use crate::hub::Hub;
+use crate::lograte::{Burst, LogRate, Verdict};
 use crate::persist::state::Role;
-use crate::server::lograte::{LogRate, Verdict};
 
 /// Time a peer has to open its first stream and send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,10 +37,78 @@ const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer refused at the TLS handshake is logged once per address and reason in this window.
 const HANDSHAKE_LOG_WINDOW: Duration = Duration::from_secs(60);
 
+/// Joins and leaves are logged one by one up to this many per [`MEMBER_WINDOW`], the rest in
+/// one line per window: a fleet of 10,000 agents reconnecting is not 10,000 lines.
+const MEMBER_LINES: u64 = 20;
+const MEMBER_WINDOW: Duration = Duration::from_secs(10);
+
+/// The log lines of agents joining and leaving (see [`MEMBER_LINES`]).
+pub(super) struct MemberLines {
+    joined: Burst,
+    left: Burst,
+}
+
+pub(super) type Members = Arc<Mutex<MemberLines>>;
+
+impl MemberLines {
+    fn new() -> Self {
+        Self {
+            joined: Burst::new(MEMBER_WINDOW, MEMBER_LINES),
+            left: Burst::new(MEMBER_WINDOW, MEMBER_LINES),
+        }
+    }
+
+    /// Whether an agent that joins (`joined`) or leaves now is logged on a line of its own;
+    /// what an earlier window left out is logged first.
+    pub(super) fn one_by_one(members: &Members, joined: bool, coord: &Hub) -> bool {
+        let now = Instant::now();
+        let (one, ended) = {
+            let mut m = members.lock().unwrap_or_else(|p| p.into_inner());
+            if joined { m.joined.event(now) } else { m.left.event(now) }
+        };
+        if let Some(l) = ended {
+            say_left_out(if joined { "joined" } else { "left" }, l, coord.agent_count());
+        }
+        one
+    }
+}
+
+fn say_left_out(kind: &str, l: crate::lograte::LeftOut, connected: usize) {
+    info!(
+        agents = l.count,
+        connected,
+        "{} more agents {kind} in the last {} s (past {MEMBER_LINES}, not logged one by one)",
+        l.count,
+        l.over.as_secs().max(1)
+    );
+}
+
+/// Says what the member windows left out once they end, without waiting for the next join.
+async fn member_lines_watch(coord: Arc<Hub>, members: Members, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = Instant::now();
+        let (joined, left) = {
+            let mut m = members.lock().unwrap_or_else(|p| p.into_inner());
+            (m.joined.poll(now), m.left.poll(now))
+        };
+        for (kind, l) in [("joined", joined), ("left", left)] {
+            if let Some(l) = l {
+                say_left_out(kind, l, coord.agent_count());
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown` is cancelled, then tells every agent it is going away.
 pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Hub>, shutdown: CancellationToken) {
     let mut tasks = JoinSet::new();
     tasks.spawn(revocation_watch(coord.clone(), shutdown.clone()));
+    let members: Members = Arc::new(Mutex::new(MemberLines::new()));
+    tasks.spawn(member_lines_watch(coord.clone(), members.clone(), shutdown.clone()));
     // Handshake refusals: one line per address and reason per minute.
     let refusals = Arc::new(Mutex::new(LogRate::new(HANDSHAKE_LOG_WINDOW, 4096)));
     loop {
@@ -55,6 +122,7 @@ pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Hub>, shutdown: Cancellat
         let coord = coord.clone();
         let shutdown = shutdown.clone();
         let refusals = refusals.clone();
+        let members = members.clone();
         tasks.spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -82,7 +150,7 @@ pub async fn run(endpoint: quinn::Endpoint, coord: Arc<Hub>, shutdown: Cancellat
                     return;
                 }
             };
-            handle_connection(coord, conn, shutdown).await;
+            handle_connection(coord, conn, shutdown, members).await;
         });
         // Reap finished connection tasks so the set does not grow with every connection.
         while tasks.try_join_next().is_some() {}
@@ -108,7 +176,12 @@ fn refuse(conn: &quinn::Connection, code: CloseCode, reason: &str) {
     conn.close(close_code(code), reason.as_bytes());
 }
 
-async fn handle_connection(coord: Arc<Hub>, conn: quinn::Connection, shutdown: CancellationToken) {
+async fn handle_connection(
+    coord: Arc<Hub>,
+    conn: quinn::Connection,
+    shutdown: CancellationToken,
+    members: Members,
+) {
     let alpn = transport::endpoint::alpn(&conn).unwrap_or_default();
     if alpn == protocol::ALPN_ENROLL {
         handle_enroll(&coord, &conn).await;
@@ -157,7 +230,7 @@ async fn handle_connection(coord: Arc<Hub>, conn: quinn::Connection, shutdown: C
     match role {
         Role::Agent => {
             let span = info_span!("agent", agent = %record.agent_id, peer = %conn.remote_address());
-            handle_agent(coord, conn, record.agent_id, shutdown).instrument(span).await
+            handle_agent(coord, conn, record.agent_id, shutdown, members).instrument(span).await
         }
         Role::Admin => handle_admin(coord, conn).await,
     }
