@@ -57,6 +57,17 @@ impl<K: Hash + Eq + Clone> LogRate<K> {
     }
 }
 
+/// Agents joining, leaving, going away or coming back are logged (and printed by a client
+/// watching a run) one by one up to this many per [`MEMBER_WINDOW`] and kind, the rest in one
+/// line per window: a fleet of 10,000 agents reconnecting is not 10,000 lines.
+pub const MEMBER_LINES: u64 = 20;
+pub const MEMBER_WINDOW: Duration = Duration::from_secs(10);
+
+/// A [`Burst`] for membership lines.
+pub fn member_burst() -> Burst {
+    Burst::new(MEMBER_WINDOW, MEMBER_LINES)
+}
+
 /// Events of one kind left out of the log over one window of a [`Burst`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeftOut {

@@ -60,8 +60,9 @@ fn left_out(log: &str, needles: &[&str]) -> usize {
         .sum()
 }
 
-/// 60 agents joining at once are 20 lines and one summary, in the server's log and in a
-/// run's, while the run's watchers (and its scheduler) still get every join.
+/// 60 agents joining at once are 20 lines and one summary, in the server's log, in a run's,
+/// and in what the client watching the run prints, while the run's watchers (and its
+/// scheduler) still get every join.
 #[test]
 fn a_fleet_joining_at_once_is_summarised_in_the_log() {
     const N: usize = 60;
@@ -96,6 +97,11 @@ fn a_fleet_joining_at_once_is_summarised_in_the_log() {
     let run_joins = coord.count(&["coordinator::run: agent joined"]);
     assert!(run_joins <= 2 * 20, "{run_joins} run join lines:\n{log}");
     assert_eq!(run_joins + left_out(&log, &["more `agent joined`"]), N, "{log}");
+    // The client watching the run prints its events the same way.
+    let printed = run.dump();
+    let cli_joins = run.count(&["] agent joined agent="]);
+    assert!(cli_joins <= 2 * 20, "{cli_joins} printed join lines:\n{printed}");
+    assert_eq!(cli_joins + left_out(&printed, &["more `agent joined`"]), N, "{printed}");
     assert_eq!(
         counters.tally((0..N).map(|i| format!("s{i}")).collect::<Vec<_>>().iter().map(String::as_str)),
         (0, N, 0)

@@ -29,7 +29,7 @@ pub mod sched;
 
 use crate::hub::away::Away;
 use crate::hub::{Hub, Runs, StepEvent};
-use crate::lograte::{Burst, LeftOut};
+use crate::lograte::{Burst, LeftOut, MEMBER_LINES, member_burst};
 use crate::metrics;
 use crate::persist::state::{self, AttemptRecord, RunRecord, State, now_ms};
 use crate::persist::working::WorkingRegistry;
@@ -118,11 +118,6 @@ pub struct Reporter {
     member_lines: HashMap<&'static str, Burst>,
 }
 
-/// Membership events of one kind are logged one by one up to this many per
-/// [`MEMBER_WINDOW`], the rest in one line per window (watchers still get every event).
-const MEMBER_LINES: u64 = 20;
-const MEMBER_WINDOW: Duration = Duration::from_secs(10);
-
 /// The bytes a run moved are summed over its transfers at most this often, not at every
 /// finished step: the sum grows with the run, and a 50,000-step run would sum 50,000 times.
 const BYTES_LOOK_EVERY: Duration = Duration::from_secs(1);
@@ -209,7 +204,7 @@ impl Reporter {
     /// the log one by one up to [`MEMBER_LINES`] per window and kind, the rest in one line
     /// when the window ends (a fleet of 10,000 agents joining is not 10,000 lines).
     fn emit_member(&mut self, event: &'static str, agent: &str, detail: &str) {
-        let burst = self.member_lines.entry(event).or_insert_with(|| Burst::new(MEMBER_WINDOW, MEMBER_LINES));
+        let burst = self.member_lines.entry(event).or_insert_with(member_burst);
         let (one, ended) = burst.event(Instant::now());
         if let Some(l) = ended {
             self.say_left_out(event, l);

@@ -28,7 +28,7 @@ use tracing::{Instrument, info, info_span, warn};
 use transport::pki;
 
 use crate::hub::Hub;
-use crate::lograte::{Burst, LogRate, Verdict};
+use crate::lograte::{Burst, LeftOut, LogRate, MEMBER_LINES, Verdict, member_burst};
 use crate::persist::state::Role;
 
 /// Time a peer has to open its first stream and send its first message.
@@ -37,12 +37,7 @@ const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer refused at the TLS handshake is logged once per address and reason in this window.
 const HANDSHAKE_LOG_WINDOW: Duration = Duration::from_secs(60);
 
-/// Joins and leaves are logged one by one up to this many per [`MEMBER_WINDOW`], the rest in
-/// one line per window: a fleet of 10,000 agents reconnecting is not 10,000 lines.
-const MEMBER_LINES: u64 = 20;
-const MEMBER_WINDOW: Duration = Duration::from_secs(10);
-
-/// The log lines of agents joining and leaving (see [`MEMBER_LINES`]).
+/// The log lines of agents joining and leaving (see [`crate::lograte::MEMBER_LINES`]).
 pub(super) struct MemberLines {
     joined: Burst,
     left: Burst,
@@ -52,10 +47,7 @@ pub(super) type Members = Arc<Mutex<MemberLines>>;
 
 impl MemberLines {
     fn new() -> Self {
-        Self {
-            joined: Burst::new(MEMBER_WINDOW, MEMBER_LINES),
-            left: Burst::new(MEMBER_WINDOW, MEMBER_LINES),
-        }
+        Self { joined: member_burst(), left: member_burst() }
     }
 
     /// Whether an agent that joins (`joined`) or leaves now is logged on a line of its own;
@@ -73,8 +65,10 @@ impl MemberLines {
     }
 }
 
-fn say_left_out(kind: &str, l: crate::lograte::LeftOut, connected: usize) {
+fn say_left_out(kind: &str, l: LeftOut, connected: usize) {
+    // Not in the span of the agent whose join happened to end the window.
     info!(
+        parent: None,
         agents = l.count,
         connected,
         "{} more agents {kind} in the last {} s (past {MEMBER_LINES}, not logged one by one)",
