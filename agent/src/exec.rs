@@ -439,6 +439,72 @@ mod tests {
         }
     }
 
+    /// Tests that take cgroups from the agent's pool one after the other.
+    static CGROUP_POOL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// A cgroup v1 kept from one attempt to the next: the second attempt gets the same
+    /// cgroup, and its figures are its own (the first one's CPU and peak memory do not show
+    /// in them); one whose attempt left a lot of page cache charged to it is not kept.
+    #[tokio::test]
+    async fn a_kept_cgroup_counts_only_the_attempt_that_holds_it() {
+        let test = "a_kept_cgroup_counts_only_the_attempt_that_holds_it";
+        if !mounts::tests::root_or_skip(test) {
+            return;
+        }
+        if Hierarchies::get().v2.is_some() {
+            eprintln!("\n!!! {test}: cgroup v2 here, whose cgroups are not kept; nothing to test\n");
+            return;
+        }
+        let _one_at_a_time = CGROUP_POOL.lock().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let attempt = |script: &str| {
+            let meter = Meter::new(true, 1, None);
+            let dir = meter.cgroup_dir().map(Path::to_path_buf);
+            let mut s = spec(tmp.path(), script, None);
+            s.meter = Some(meter);
+            (s, dir)
+        };
+        // 48 MB in a shell variable (freed when the shell exits).
+        let (s, first_dir) = attempt("x=$(head -c 48000000 /dev/zero | tr '\\0' a); echo ${#x}");
+        let Some(first_dir) = first_dir else {
+            assert!(
+                std::env::var_os("PYPE_REQUIRE_ALL").is_none_or(|v| v != "1"),
+                "{test}: no usable cgroup hierarchy, and PYPE_REQUIRE_ALL=1 forbids skipping"
+            );
+            eprintln!("\n!!! SKIPPED {test}: no cgroup hierarchy this process can create cgroups in\n");
+            return;
+        };
+        let (tx, _rx) = mpsc::channel(64);
+        let (end, first) = run(s, &CancellationToken::new(), tx.clone()).await.unwrap();
+        assert_eq!(end, ExecEnd::Exited(0));
+        let first = first.unwrap();
+        assert!(first_dir.file_name().unwrap().to_string_lossy().starts_with("pype-slot-"), "{first_dir:?}");
+        assert!(first.peak_memory_bytes > 48_000_000, "{first:?}");
+        assert!(first.cpu_user_ms + first.cpu_system_ms > 0, "{first:?}");
+
+        let (s, second_dir) = attempt("true");
+        assert_eq!(second_dir.as_deref(), Some(first_dir.as_path()), "the kept cgroup was not reused");
+        let (end, second) = run(s, &CancellationToken::new(), tx).await.unwrap();
+        assert_eq!(end, ExecEnd::Exited(0));
+        let second = second.unwrap();
+        assert!(second.peak_memory_bytes < 8_000_000, "the first attempt's memory shows: {second:?}");
+        assert!(
+            second.cpu_user_ms + second.cpu_system_ms < first.cpu_user_ms + first.cpu_system_ms,
+            "{second:?}"
+        );
+        assert!(!second.oom_killed);
+
+        // 32 MB left in the page cache, charged to the cgroup: the next attempt gets another.
+        let (s, third_dir) = attempt("head -c 32000000 /dev/urandom > big; sync");
+        assert_eq!(third_dir.as_deref(), Some(first_dir.as_path()));
+        let (tx, _rx) = mpsc::channel(64);
+        let (end, _) = run(s, &CancellationToken::new(), tx).await.unwrap();
+        assert_eq!(end, ExecEnd::Exited(0));
+        let (_, fourth_dir) = attempt("true");
+        assert_ne!(fourth_dir.as_deref(), Some(first_dir.as_path()), "a cgroup holding 32 MB was kept");
+        assert!(!first_dir.exists(), "{first_dir:?} was neither kept nor removed");
+    }
+
     /// Both ways into the attempt's cgroups (the gate, and `pre_exec` when `BASH_ENV` would
     /// run code before the gate) put the shell and what it starts there, and leave the snippet
     /// an empty stdin.
@@ -448,9 +514,11 @@ mod tests {
         if !mounts::tests::root_or_skip(test) {
             return;
         }
+        let _one_at_a_time = CGROUP_POOL.lock().await;
         for (i, bash_env) in [false, true].into_iter().enumerate() {
             let attempt = (u64::from(std::process::id()) << 8) + i as u64;
             let meter = Meter::new(true, attempt, None);
+            let meter_dir = meter.cgroup_dir().map(Path::to_path_buf).unwrap_or_default();
             if meter.join().is_none() {
                 assert!(
                     std::env::var_os("PYPE_REQUIRE_ALL").is_none_or(|v| v != "1"),
@@ -473,7 +541,8 @@ mod tests {
             let out = std::fs::read_to_string(tmp.path().join("stdout")).unwrap();
             let err = std::fs::read_to_string(tmp.path().join("stderr")).unwrap_or_default();
             assert_eq!(end, ExecEnd::Exited(0), "bash_env={bash_env}: {out}{err}");
-            let name = format!("pype-attempt-{attempt}");
+            // The cgroup this attempt had (a kept one is named after its agent, not the attempt).
+            let name = meter_dir.file_name().unwrap().to_string_lossy().into_owned();
             // The memory hierarchy's line (v1), or the unified one where memory is there (v2).
             let controllers = if Hierarchies::get().v2.is_some() { "" } else { "memory" };
             let memory: Vec<&str> = out

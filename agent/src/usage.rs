@@ -24,6 +24,22 @@ use tracing::{debug, warn};
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Prefix of the attempts' cgroup names.
 const PREFIX: &str = "pype-attempt-";
+/// Prefix of the cgroups an agent keeps from one attempt to the next (cgroup v1, attempts
+/// without a memory limit): `pype-slot-<agent pid>-<n>`. Creating and removing three cgroups
+/// per attempt cost more than an empty step's bash. One is kept only when its attempt left
+/// less than [`POOL_LEFTOVER`] charged to it (emptying it with `memory.force_empty` costs
+/// more than a new one); the next attempt's counters and peak memory are read as
+/// differences from what it found.
+const SLOT_PREFIX: &str = "pype-slot-";
+/// At most this many cgroups kept per agent.
+const POOL_MAX: usize = 64;
+/// A cgroup whose ended attempt left this much memory charged to it (page cache of the files
+/// it wrote) is removed rather than kept: the next attempt's peak could be off by as much.
+const POOL_LEFTOVER: u64 = 1 << 20;
+
+/// The agent's kept cgroups.
+static POOL: Mutex<Vec<Cgroup>> = Mutex::new(Vec::new());
+static NEXT_SLOT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The cgroup hierarchies this process can place children in, found once.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -242,6 +258,22 @@ pub struct Cgroup {
     v2: bool,
     dirs: Vec<PathBuf>,
     limit: Option<u64>,
+    /// Kept for the next attempt when this one ends (see [`SLOT_PREFIX`]).
+    kept: bool,
+    /// The counters when this attempt took the cgroup (zero for a new one).
+    base: Counters,
+}
+
+/// What a cgroup counts from its creation on.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Counters {
+    cpu_user_ms: u64,
+    cpu_system_ms: u64,
+    read_bytes: u64,
+    write_bytes: u64,
+    oom_kills: u64,
+    /// Memory charged (v1 `memory.usage_in_bytes`; 0 for a new cgroup).
+    memory_bytes: u64,
 }
 
 fn read(path: &Path) -> Option<String> {
@@ -298,7 +330,6 @@ impl Cgroup {
     /// its memory limit. `None` when there is none to create it in, or creating it failed
     /// (not root, not delegated): the caller samples instead.
     pub fn create(h: &Hierarchies, attempt: u64, limit: Option<u64>) -> Option<Cgroup> {
-        let name = format!("{PREFIX}{attempt}");
         let (v2, parents): (bool, Vec<&PathBuf>) = match (&h.v2, &h.memory, &h.cpuacct) {
             (Some(d), _, _) => (true, vec![d]),
             (None, Some(m), Some(c)) => {
@@ -306,7 +337,14 @@ impl Cgroup {
             }
             _ => return None,
         };
-        let mut cg = Cgroup { v2, dirs: Vec::new(), limit };
+        let kept = !v2 && limit.is_none();
+        let name = if kept {
+            let n = NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("{SLOT_PREFIX}{}-{n}", std::process::id())
+        } else {
+            format!("{PREFIX}{attempt}")
+        };
+        let mut cg = Cgroup { v2, dirs: Vec::new(), limit, kept, base: Counters::default() };
         for parent in parents {
             let dir = parent.join(&name);
             match std::fs::create_dir(&dir) {
@@ -370,49 +408,93 @@ impl Cgroup {
         warn!(cgroup = %self.dirs[0].display(), "processes of a finished attempt survive SIGKILL");
     }
 
-    /// What the cgroup counted.
-    pub fn usage(&self) -> ResourceUsage {
-        let mut u = ResourceUsage {
-            measured_by: if self.v2 { "cgroup v2" } else { "cgroup v1" }.into(),
-            memory_limit_bytes: self.limit,
-            ..Default::default()
-        };
+    /// A cgroup an earlier attempt of this agent left in the pool, made ready: its peak
+    /// memory reset (to what is still charged) and its counters taken as this attempt's zero.
+    /// `None` when the pool is empty.
+    fn from_pool() -> Option<Cgroup> {
+        loop {
+            let mut cg = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            // Gone (removed by hand): dropped, and the next one tried.
+            if std::fs::write(cg.dirs[0].join("memory.max_usage_in_bytes"), "0").is_err() {
+                continue;
+            }
+            cg.base = cg.counters();
+            cg.base.memory_bytes = read_u64(&cg.dirs[0].join("memory.usage_in_bytes")).unwrap_or(0);
+            return Some(cg);
+        }
+    }
+
+    /// Puts a kept cgroup whose attempt ended back in the pool; one with a process left, or
+    /// [`POOL_LEFTOVER`] or more still charged, is removed instead (dropped).
+    fn release(self) {
+        if !self.kept {
+            return;
+        }
+        let memory = &self.dirs[0];
+        let empty = read(&memory.join("cgroup.procs")).is_some_and(|p| p.trim().is_empty());
+        let left = read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
+        if empty && left < POOL_LEFTOVER {
+            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < POOL_MAX {
+                pool.push(self);
+            }
+        }
+    }
+
+    /// The counters as they stand (from the cgroup's creation on).
+    fn counters(&self) -> Counters {
+        let mut c = Counters::default();
         let file = |name: &str| self.dirs.iter().map(|d| d.join(name)).find(|p| p.exists());
         if self.v2 {
             let d = &self.dirs[0];
             let cpu = read(&d.join("cpu.stat")).unwrap_or_default();
-            u.cpu_user_ms = keyed(&cpu, "user_usec").unwrap_or(0) / 1000;
-            u.cpu_system_ms = keyed(&cpu, "system_usec").unwrap_or(0) / 1000;
-            u.peak_memory_bytes = read_u64(&d.join("memory.peak")).unwrap_or(0);
-            u.oom_killed =
-                keyed(&read(&d.join("memory.events")).unwrap_or_default(), "oom_kill").unwrap_or(0) > 0;
-            (u.read_bytes, u.write_bytes) = io_stat_v2(&read(&d.join("io.stat")).unwrap_or_default());
+            c.cpu_user_ms = keyed(&cpu, "user_usec").unwrap_or(0) / 1000;
+            c.cpu_system_ms = keyed(&cpu, "system_usec").unwrap_or(0) / 1000;
+            c.oom_kills = keyed(&read(&d.join("memory.events")).unwrap_or_default(), "oom_kill").unwrap_or(0);
+            (c.read_bytes, c.write_bytes) = io_stat_v2(&read(&d.join("io.stat")).unwrap_or_default());
         } else {
             match (
                 file("cpuacct.usage_user").and_then(|p| read_u64(&p)),
                 file("cpuacct.usage_sys").and_then(|p| read_u64(&p)),
             ) {
                 (Some(user), Some(sys)) => {
-                    u.cpu_user_ms = user / 1_000_000;
-                    u.cpu_system_ms = sys / 1_000_000;
+                    c.cpu_user_ms = user / 1_000_000;
+                    c.cpu_system_ms = sys / 1_000_000;
                 }
                 _ => {
                     let stat = file("cpuacct.stat").and_then(|p| read(&p)).unwrap_or_default();
-                    u.cpu_user_ms = keyed(&stat, "user").unwrap_or(0).saturating_mul(1000) / TICKS_PER_SEC;
-                    u.cpu_system_ms =
+                    c.cpu_user_ms = keyed(&stat, "user").unwrap_or(0).saturating_mul(1000) / TICKS_PER_SEC;
+                    c.cpu_system_ms =
                         keyed(&stat, "system").unwrap_or(0).saturating_mul(1000) / TICKS_PER_SEC;
                 }
             }
-            u.peak_memory_bytes = file("memory.max_usage_in_bytes").and_then(|p| read_u64(&p)).unwrap_or(0);
             let oom = file("memory.oom_control").and_then(|p| read(&p)).unwrap_or_default();
-            u.oom_killed = keyed(&oom, "oom_kill").unwrap_or(0) > 0;
+            c.oom_kills = keyed(&oom, "oom_kill").unwrap_or(0);
             let io = file("blkio.throttle.io_service_bytes_recursive")
                 .or_else(|| file("blkio.throttle.io_service_bytes"))
                 .and_then(|p| read(&p))
                 .unwrap_or_default();
-            (u.read_bytes, u.write_bytes) = io_service_v1(&io);
+            (c.read_bytes, c.write_bytes) = io_service_v1(&io);
         }
-        u
+        c
+    }
+
+    /// What the cgroup counted during this attempt.
+    pub fn usage(&self) -> ResourceUsage {
+        let now = self.counters();
+        let b = self.base;
+        let peak = if self.v2 { "memory.peak" } else { "memory.max_usage_in_bytes" };
+        ResourceUsage {
+            measured_by: if self.v2 { "cgroup v2" } else { "cgroup v1" }.into(),
+            memory_limit_bytes: self.limit,
+            cpu_user_ms: now.cpu_user_ms.saturating_sub(b.cpu_user_ms),
+            cpu_system_ms: now.cpu_system_ms.saturating_sub(b.cpu_system_ms),
+            // From the charge the attempt found (under a MiB, see POOL_LEFTOVER) to its peak.
+            peak_memory_bytes: read_u64(&self.dirs[0].join(peak)).unwrap_or(0).saturating_sub(b.memory_bytes),
+            read_bytes: now.read_bytes.saturating_sub(b.read_bytes),
+            write_bytes: now.write_bytes.saturating_sub(b.write_bytes),
+            oom_killed: now.oom_kills > b.oom_kills,
+        }
     }
 }
 
@@ -443,7 +525,14 @@ pub fn sweep(h: &Hierarchies) {
                 .metadata()
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60));
-            if e.file_name().to_string_lossy().starts_with(PREFIX) && old {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // A kept cgroup goes with its agent: once that process is gone.
+            let orphan = name
+                .strip_prefix(SLOT_PREFIX)
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists());
+            if (name.starts_with(PREFIX) && old) || orphan {
                 let _ = std::fs::remove_dir(e.path());
             }
         }
@@ -557,10 +646,22 @@ pub enum Meter {
 impl Meter {
     /// A cgroup when `use_cgroups` and one can be created, else sampling.
     pub fn new(use_cgroups: bool, attempt: u64, memory_limit: Option<u64>) -> Meter {
-        if use_cgroups && let Some(cg) = Cgroup::create(Hierarchies::get(), attempt, memory_limit) {
-            return Meter::Cgroup(cg);
+        if use_cgroups {
+            let kept = if memory_limit.is_none() { Cgroup::from_pool() } else { None };
+            if let Some(cg) = kept.or_else(|| Cgroup::create(Hierarchies::get(), attempt, memory_limit)) {
+                return Meter::Cgroup(cg);
+            }
         }
         Meter::Procfs { sampled: Default::default(), pgid: Default::default() }
+    }
+
+    /// The attempt's cgroup (its memory one under v1), if it has one.
+    #[cfg(test)]
+    pub(crate) fn cgroup_dir(&self) -> Option<&Path> {
+        match self {
+            Meter::Cgroup(cg) => cg.dirs.first().map(PathBuf::as_path),
+            Meter::Procfs { .. } => None,
+        }
     }
 
     /// What the child must do between `fork` and `exec`.
@@ -584,7 +685,9 @@ impl Meter {
         match self {
             Meter::Cgroup(cg) => {
                 cg.kill_all();
-                cg.usage()
+                let u = cg.usage();
+                cg.release();
+                u
             }
             Meter::Procfs { sampled, pgid } => {
                 SAMPLER.remove(pgid.load(std::sync::atomic::Ordering::Relaxed));
