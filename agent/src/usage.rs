@@ -444,7 +444,19 @@ impl Cgroup {
     /// The counters as they stand (from the cgroup's creation on).
     fn counters(&self) -> Counters {
         let mut c = Counters::default();
-        let file = |name: &str| self.dirs.iter().map(|d| d.join(name)).find(|p| p.exists());
+        // v1: the dirs are memory, cpuacct, and blkio when it could be made (`create`); each
+        // file is read in its controller's, with no look for it first (a missing one reads
+        // as nothing).
+        let file = |name: &str| {
+            let i = if name.starts_with("memory.") {
+                0
+            } else if name.starts_with("cpuacct.") {
+                1
+            } else {
+                2
+            };
+            self.dirs.get(i).map(|d| d.join(name))
+        };
         if self.v2 {
             let d = &self.dirs[0];
             let cpu = read(&d.join("cpu.stat")).unwrap_or_default();
@@ -471,8 +483,8 @@ impl Cgroup {
             let oom = file("memory.oom_control").and_then(|p| read(&p)).unwrap_or_default();
             c.oom_kills = keyed(&oom, "oom_kill").unwrap_or(0);
             let io = file("blkio.throttle.io_service_bytes_recursive")
-                .or_else(|| file("blkio.throttle.io_service_bytes"))
                 .and_then(|p| read(&p))
+                .or_else(|| file("blkio.throttle.io_service_bytes").and_then(|p| read(&p)))
                 .unwrap_or_default();
             (c.read_bytes, c.write_bytes) = io_service_v1(&io);
         }
