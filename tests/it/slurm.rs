@@ -199,7 +199,16 @@ fn sigkilled_coordinator_leaves_jobs_that_the_next_start_cancels() {
     again.wait_for(&["left by a previous coordinator"], LONG);
     let status = again.wait_exit(LONG);
     assert!(status.success(), "{}", again.dump());
-    assert!(!fx.slurm.jobs().contains(&format!("{old_job} ")), "{}", fx.slurm.jobs());
+    // Cancelled before the restart listened: gone from the queue once Slurm has finished
+    // completing it (a cancelled job shows as COMPLETING for a moment).
+    let deadline = Instant::now() + T;
+    loop {
+        let jobs = fx.slurm.jobs();
+        let Some(line) = jobs.lines().find(|l| l.starts_with(&format!("{old_job} "))) else { break };
+        assert!(line.ends_with("COMPLETING"), "the old agent job was not cancelled: {jobs}");
+        assert!(Instant::now() < deadline, "the old agent job is still completing: {jobs}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (state, _, agent) = fx.state_of(&id, "slow");
     assert_eq!(state, "succeeded");
     assert!(agent.starts_with("pype-i-"));
