@@ -163,13 +163,14 @@ pub async fn run(
 /// an ungated snippet does. The gate was closed without that line: the shell exits.
 const GATE: &str = "IFS= read -r _ || exit 125; exec </dev/null; ";
 
-/// Whether bash would run code of its own choosing before the gate: `BASH_ENV` (or `ENV`) in
-/// the snippet's or the agent's environment names a file a non-interactive bash reads first.
+/// Whether bash could run code before the gate, from the snippet's or the agent's
+/// environment: `BASH_ENV` (or `ENV`) names a file a non-interactive bash reads first, an
+/// exported function (`BASH_FUNC_*`) can replace the gate's `read`, and `SHELLOPTS` /
+/// `BASHOPTS` can turn on tracing whose prompt runs commands.
 fn runs_code_before_the_gate(env: &[(String, String)]) -> bool {
-    let named = |k: &str| k == "BASH_ENV" || k == "ENV";
-    env.iter().any(|(k, _)| named(k))
-        || std::env::var_os("BASH_ENV").is_some()
-        || std::env::var_os("ENV").is_some()
+    let risky =
+        |k: &str| matches!(k, "BASH_ENV" | "ENV" | "SHELLOPTS" | "BASHOPTS") || k.starts_with("BASH_FUNC_");
+    env.iter().any(|(k, _)| risky(k)) || std::env::vars_os().any(|(k, _)| k.to_str().is_some_and(risky))
 }
 
 async fn run_metered(
@@ -555,6 +556,30 @@ mod tests {
             assert_eq!(out.contains("sourced"), bash_env, "{out}");
             assert!(usage.is_some_and(|u| u.measured_by.starts_with("cgroup")));
         }
+        // An exported function named like the gate's `read` would run before the gate, maybe
+        // before the agent has moved the shell (a race the agent almost always wins, so this
+        // cannot show it): with one in the environment the child joins its cgroups itself,
+        // before bash starts, and the function runs inside them.
+        let tmp = tempfile::tempdir().unwrap();
+        let meter = Meter::new(true, u64::from(std::process::id()) << 8 | 7, None);
+        let name = meter.cgroup_dir().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+        let mut s = spec(tmp.path(), "read -r _ < /dev/null || true", None);
+        s.meter = Some(meter);
+        let early = tmp.path().join("early");
+        s.env.push((
+            "BASH_FUNC_read%%".into(),
+            format!("() {{ cat /proc/self/cgroup >> {}; builtin read \"$@\"; }}", early.display()),
+        ));
+        let (tx, _rx) = mpsc::channel(64);
+        let (end, _) = run(s, &CancellationToken::new(), tx).await.unwrap();
+        assert_eq!(end, ExecEnd::Exited(0));
+        let seen = std::fs::read_to_string(&early).unwrap();
+        let controllers = if Hierarchies::get().v2.is_some() { "" } else { "memory" };
+        let lines: Vec<&str> = seen
+            .lines()
+            .filter(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == controllers)))
+            .collect();
+        assert!(!lines.is_empty() && lines.iter().all(|l| l.ends_with(&name)), "ran outside {name}: {seen}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Prefix of the attempts' cgroup names.
 const PREFIX: &str = "pype-attempt-";
 /// Prefix of the cgroups an agent keeps from one attempt to the next (cgroup v1, attempts
-/// without a memory limit): `pype-slot-<agent pid>-<n>`. Creating and removing three cgroups
+/// without a memory limit): `pype-slot-<agent pid>-<random>-<n>`. Creating and removing three cgroups
 /// per attempt cost more than an empty step's bash. One is kept only when its attempt left
 /// less than [`POOL_LEFTOVER`] charged to it (emptying it with `memory.force_empty` costs
 /// more than a new one); the next attempt's counters and peak memory are read as
@@ -40,6 +40,14 @@ const POOL_LEFTOVER: u64 = 1 << 20;
 /// The agent's kept cgroups.
 static POOL: Mutex<Vec<Cgroup>> = Mutex::new(Vec::new());
 static NEXT_SLOT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// This agent process's part of its kept cgroups' names, `<pid>-<random>`: a later process
+/// with the same pid (pid 1 in a container) neither collides with them nor takes them for
+/// its own.
+fn slot_owner() -> &'static str {
+    static OWNER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    OWNER.get_or_init(|| format!("{}-{:08x}", std::process::id(), rand::random::<u32>()))
+}
 
 /// The cgroup hierarchies this process can place children in, found once.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -340,7 +348,7 @@ impl Cgroup {
         let kept = !v2 && limit.is_none();
         let name = if kept {
             let n = NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            format!("{SLOT_PREFIX}{}-{n}", std::process::id())
+            format!("{SLOT_PREFIX}{}-{n}", slot_owner())
         } else {
             format!("{PREFIX}{attempt}")
         };
@@ -433,7 +441,10 @@ impl Cgroup {
         let memory = &self.dirs[0];
         let empty = read(&memory.join("cgroup.procs")).is_some_and(|p| p.trim().is_empty());
         let left = read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
-        if empty && left < POOL_LEFTOVER {
+        // A cgroup missing one of its directories (removed by hand, or by an agent in another
+        // pid namespace) would fail every attempt that took it: not kept.
+        let whole = self.dirs.iter().all(|d| d.join("cgroup.procs").exists());
+        if empty && whole && left < POOL_LEFTOVER {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
             if pool.len() < POOL_MAX {
                 pool.push(self);
@@ -538,12 +549,19 @@ pub fn sweep(h: &Hierarchies) {
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60));
             let name = e.file_name().to_string_lossy().into_owned();
-            // A kept cgroup goes with its agent: once that process is gone.
-            let orphan = name
-                .strip_prefix(SLOT_PREFIX)
-                .and_then(|rest| rest.split('-').next())
-                .and_then(|pid| pid.parse::<u32>().ok())
-                .is_some_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists());
+            // A kept cgroup goes with its agent: once that process is gone, or when this
+            // process has its pid (it is not this process's own).
+            let orphan = name.strip_prefix(SLOT_PREFIX).is_some_and(|rest| {
+                let mut it = rest.split('-');
+                let (pid, token) = (it.next().and_then(|p| p.parse::<u32>().ok()), it.next());
+                match pid {
+                    Some(pid) if pid == std::process::id() => {
+                        token.is_none_or(|t| !slot_owner().ends_with(&format!("-{t}")))
+                    }
+                    Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+                    None => false,
+                }
+            });
             if (name.starts_with(PREFIX) && old) || orphan {
                 let _ = std::fs::remove_dir(e.path());
             }

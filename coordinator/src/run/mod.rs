@@ -1348,6 +1348,8 @@ impl Engine {
                 journal.sends.push(Outgoing { step, agent, attempt_id, number: attempt, spec });
             }
             Action::Supersede { step: _, attempt_id, agent } => {
+                // Decided in this burst and not sent yet: it is never sent.
+                journal.sends.retain(|o| o.attempt_id != attempt_id);
                 // Cancel first: the coordinator finds the attempt's agent by the attempt.
                 let _ = self.coord.cancel_step(attempt_id, "superseded").await;
                 self.coord.forget_attempt(attempt_id);
