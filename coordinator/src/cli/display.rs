@@ -77,11 +77,11 @@ impl Display {
     }
 
     pub fn event(&self, ev: &RunEvent) {
+        let now = Instant::now();
         if self.print_events {
-            let now = Instant::now();
             self.print_left_out(now, false);
         }
-        if self.print_events && self.one_by_one(ev, Instant::now()) {
+        if self.print_events && self.one_by_one(ev, now) {
             let mut line = format!("[{}] {}", ev.run, ev.event);
             for (k, v) in [("step", &ev.step), ("agent", &ev.agent)] {
                 if let Some(v) = v {
