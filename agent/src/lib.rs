@@ -126,7 +126,7 @@ pub fn cli_main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> Exit
     let cli = Cli::parse_from(args);
     transport::telemetry::init(cli.log_format);
     match cli.command {
-        Command::Run(args) => transport::cli::block_on_main(run(args)),
+        Command::Run(args) => transport::cli::block_on_main(transport::cli::Threads::One, run(args)),
     }
 }
 

@@ -611,10 +611,17 @@ async fn session(
             }
             Some(msg) = link.outbox.recv() => {
                 // Older coordinators do not know this message.
-                if matches!(msg, AgentToCoordinator::StepUsage { .. }) && welcome.protocol_minor < 7 {
+                let unknown = |m: &AgentToCoordinator| {
+                    matches!(m, AgentToCoordinator::StepUsage { .. }) && welcome.protocol_minor < 7
+                };
+                if unknown(&msg) {
                     continue;
                 }
-                if framed::write_frame(&mut send, &msg).await.is_err() {
+                // What else is ready (a result and its usage, several steps' results) goes
+                // in the same write.
+                let outbox = &mut link.outbox;
+                let more = || outbox.try_recv().ok().map(|m| (!unknown(&m)).then_some(m));
+                if framed::write_batch(&mut send, &msg, more).await.is_err() {
                     break classify(&conn.closed().await);
                 }
             }

@@ -3,10 +3,28 @@
 use std::future::Future;
 use std::process::ExitCode;
 
-/// Runs `main` on a multi-threaded runtime; an error is printed on stderr as one line
-/// (with its causes) and the process exits with status 1.
-pub fn block_on_main(main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+/// Which runtime a binary's `main` gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    /// One thread for every task (blocking work still goes to the blocking pool). For a process
+    /// whose async work is small messages and short file operations, while the machine's cores
+    /// are wanted by something else: an agent (its steps), or a coordinator whose agents run on
+    /// the same machine. Every hand-off between tasks stays on one thread, where a
+    /// multi-threaded runtime wakes another thread for most of them (a futex wake and two
+    /// context switches, many times per step).
+    One,
+    /// A worker thread per core: a coordinator that serves a fleet.
+    PerCore,
+}
+
+/// Runs `main` on a runtime of `threads`; an error is printed on stderr as one line (with
+/// its causes) and the process exits with status 1.
+pub fn block_on_main(threads: Threads, main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let mut builder = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::PerCore => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting runtime: {e}");

@@ -20,6 +20,43 @@ pub async fn write_frame<T: Frame, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) ->
     Ok(())
 }
 
+/// Most frames and bytes [`write_batch`] puts in one write.
+pub const BATCH_FRAMES: usize = 64;
+pub const BATCH_BYTES: usize = 256 * 1024;
+
+/// Writes `first` and, in the same write, the messages `more` has ready at once (until it
+/// returns `None`, [`BATCH_FRAMES`] or [`BATCH_BYTES`]): messages made together (a result
+/// and its usage, an acknowledgement and the next step) leave in one QUIC packet instead of
+/// one each, and the connection's task is woken once. `more` may skip a message by returning
+/// `Some(None)`. A message over its type's limit is refused: what was batched before it is
+/// written, then the error returned.
+pub async fn write_batch<T: Frame, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    first: &T,
+    mut more: impl FnMut() -> Option<Option<T>>,
+) -> Result<(), FrameError> {
+    let mut buf = codec::encode(first)?;
+    let mut frames = 1;
+    let mut refused = None;
+    while frames < BATCH_FRAMES && buf.len() < BATCH_BYTES {
+        let Some(next) = more() else { break };
+        let Some(msg) = next else { continue };
+        match codec::encode(&msg) {
+            Ok(frame) => buf.extend_from_slice(&frame),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+        frames += 1;
+    }
+    w.write_all(&buf).await?;
+    match refused {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
 /// Reads one frame of at most its type's limit ([`Frame::MAX_LEN`]). `Ok(None)` when the
 /// stream ended cleanly before a new frame began.
 pub async fn read_frame<T: Frame, R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<T>, FrameError> {

@@ -455,7 +455,20 @@ pub fn cli_main() -> ExitCode {
     if let Some(c) = &cli.config {
         crate::persist::config::set_explicit(c.clone());
     }
-    transport::cli::block_on_main(run_cli(cli))
+    transport::cli::block_on_main(threads(&cli.command), run_cli(cli))
+}
+
+/// A coordinator that serves a fleet (`serve`, or a run whose provider starts agents on other
+/// machines) gets a worker thread per core. A run whose agents are local processes shares
+/// this machine's cores with them and with their steps, and a client command only waits on
+/// replies: one thread each.
+fn threads(command: &Command) -> transport::cli::Threads {
+    use transport::cli::Threads;
+    match command {
+        Command::Serve { .. } => Threads::PerCore,
+        Command::Run(a) if a.coordinator.is_none() && a.provider != "local" => Threads::PerCore,
+        _ => Threads::One,
+    }
 }
 
 /// `--state-dir`, else `$PYPE_STATE_DIR` (clap reads it), else the default for this user.

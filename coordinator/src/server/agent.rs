@@ -147,7 +147,9 @@ pub(super) async fn control_loop(
     loop {
         let msg = tokio::select! {
             Some(out) = outbox.recv() => {
-                if let Err(e) = framed::write_frame(send, &out).await {
+                // What else is queued (an acknowledgement and the next step) goes in the
+                // same write.
+                if let Err(e) = framed::write_batch(send, &out, || outbox.try_recv().ok().map(Some)).await {
                     return format!("could not send to agent: {e}");
                 }
                 continue;
