@@ -53,7 +53,19 @@ fn bash_path() -> &'static std::path::Path {
 
 /// Start time of a process in clock ticks since boot (field 22 of `/proc/PID/stat`).
 fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // One read: the line is a few hundred bytes (`read_to_string` grows its buffer from 32
+    // bytes, a system call per doubling).
+    let path = format!("/proc/{pid}/stat");
+    let mut buf = [0u8; 1024];
+    let n = std::io::Read::read(&mut std::fs::File::open(&path).ok()?, &mut buf).ok()?;
+    let long;
+    let stat = match n < buf.len() {
+        true => std::str::from_utf8(buf.get(..n)?).ok()?,
+        false => {
+            long = std::fs::read_to_string(&path).ok()?;
+            &long
+        }
+    };
     stat.rsplit(") ").next()?.split(' ').nth(19)?.parse().ok()
 }
 
@@ -152,7 +164,8 @@ pub async fn run(
     // The group is gone (killed whole either way); what left it but not the attempt's cgroup
     // is killed by `finish`, which may wait for it: off the async threads.
     let usage = match meter {
-        Some(m) => tokio::task::spawn_blocking(move || m.finish()).await.ok(),
+        Some(m) if m.finish_may_block() => tokio::task::spawn_blocking(move || m.finish()).await.ok(),
+        Some(m) => Some(m.finish()),
         None => None,
     };
     Ok((end?, usage))

@@ -110,7 +110,7 @@ impl Runner {
         let span = info_span!("step", run = %spec.run, step = %spec.step, attempt = attempt_id);
         self.tasks.spawn(
             async move {
-                info!("step received");
+                tracing::debug!("step received");
                 let (tx, rx) = mpsc::channel::<LogLine>(LINE_BUFFER);
                 let forward = tokio::spawn(forward_lines(attempt_id, rx, me.outbox.clone()));
                 let outbox = me.outbox.clone();
@@ -138,20 +138,24 @@ impl Runner {
                     ));
                 }
                 let _ = forward.await;
-                info!(exit = ?outcome.exit, elapsed_ms = outcome.elapsed_ms, error = outcome.error.as_deref().unwrap_or(""), "step finished");
+                // One line per attempt's end, with what it used.
+                let u = usage.clone().unwrap_or_default();
+                info!(
+                    exit = ?outcome.exit,
+                    elapsed_ms = outcome.elapsed_ms,
+                    error = outcome.error.as_deref().unwrap_or(""),
+                    cpu_user_ms = u.cpu_user_ms,
+                    cpu_system_ms = u.cpu_system_ms,
+                    peak_memory_bytes = u.peak_memory_bytes,
+                    read_bytes = u.read_bytes,
+                    write_bytes = u.write_bytes,
+                    oom_killed = u.oom_killed,
+                    measured_by = %u.measured_by,
+                    "step finished"
+                );
                 lock(&me.pending).insert(attempt_id, outcome.clone());
                 lock(&me.running).remove(&attempt_id);
                 if let Some(usage) = usage {
-                    info!(
-                        cpu_user_ms = usage.cpu_user_ms,
-                        cpu_system_ms = usage.cpu_system_ms,
-                        peak_memory_bytes = usage.peak_memory_bytes,
-                        read_bytes = usage.read_bytes,
-                        write_bytes = usage.write_bytes,
-                        oom_killed = usage.oom_killed,
-                        measured_by = %usage.measured_by,
-                        "step resources"
-                    );
                     lock(&me.usages).insert(attempt_id, usage.clone());
                     let _ = me.outbox.send(AgentToCoordinator::StepUsage { attempt_id, usage }).await;
                 }

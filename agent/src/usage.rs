@@ -709,8 +709,13 @@ impl Meter {
         SAMPLER.add(pgid, sampled.clone());
     }
 
+    /// Whether [`Meter::finish`] may wait (a cgroup's last processes); sampling's does not.
+    pub fn finish_may_block(&self) -> bool {
+        matches!(self, Meter::Cgroup(_))
+    }
+
     /// The attempt's figures, once its processes are gone.
-    /// Blocks (it may wait for the cgroup's last processes): call it off the async threads.
+    /// May block (see [`Meter::finish_may_block`]): then call it off the async threads.
     pub fn finish(self) -> ResourceUsage {
         match self {
             Meter::Cgroup(cg) => {

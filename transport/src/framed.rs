@@ -77,3 +77,50 @@ pub async fn read_frame<T: Frame, R: AsyncRead + Unpin>(r: &mut R) -> Result<Opt
     })?;
     Ok(Some(codec::decode(&payload)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use protocol::CoordinatorToAgent;
+    use protocol::codec::MAX_FRAME_LEN;
+
+    use super::*;
+
+    fn ack(seq: u64) -> CoordinatorToAgent {
+        CoordinatorToAgent::HeartbeatAck { seq }
+    }
+
+    async fn read_all(mut bytes: &[u8]) -> Vec<CoordinatorToAgent> {
+        let mut out = Vec::new();
+        while let Some(m) = read_frame::<CoordinatorToAgent, _>(&mut bytes).await.unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_write_of_the_ready_frames_in_order_without_the_skipped() {
+        let mut ready = vec![Some(ack(2)), None, Some(ack(4))].into_iter();
+        let mut wire = Vec::new();
+        write_batch(&mut wire, &ack(1), || ready.next()).await.unwrap();
+        assert_eq!(read_all(&wire).await, vec![ack(1), ack(2), ack(4)]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_its_frame_limit_and_leaves_the_rest_queued() {
+        let mut queue = (2..1000).map(|s| Some(ack(s)));
+        let mut wire = Vec::new();
+        write_batch(&mut wire, &ack(1), || queue.next()).await.unwrap();
+        assert_eq!(read_all(&wire).await.len(), BATCH_FRAMES);
+        assert_eq!(queue.next(), Some(Some(ack(BATCH_FRAMES as u64 + 1))));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_message_is_refused_after_the_frames_before_it_are_written() {
+        let huge = CoordinatorToAgent::GoingAway { reason: "x".repeat(MAX_FRAME_LEN + 1) };
+        let mut ready = vec![Some(ack(2)), Some(huge), Some(ack(3))].into_iter();
+        let mut wire = Vec::new();
+        let err = write_batch(&mut wire, &ack(1), || ready.next()).await.unwrap_err();
+        assert!(matches!(err, FrameError::Codec(CodecError::TooLarge { .. })), "{err}");
+        assert_eq!(read_all(&wire).await, vec![ack(1), ack(2)]);
+    }
+}

@@ -1006,7 +1006,14 @@ impl Engine {
                     )
                     .await;
                 }
+                let results = !journal.acks.is_empty();
                 let committed = self.commit(&mut journal);
+                // Results are recorded before they are acknowledged, and a run that cannot
+                // record them stops (an unacknowledged result comes again, to a run that would
+                // see it as new).
+                if results && let Err(e) = &committed {
+                    return Err(anyhow!("recording step results: {e:#}"));
+                }
                 if journal.sends.is_empty() {
                     if let Err(e) = committed {
                         warn!(run = %run_id, "state database: {e:#}");
@@ -1108,8 +1115,9 @@ impl Engine {
                     while let Ok((attempt_id, event)) = rx.try_recv() {
                         self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep, j)?;
                     }
-                    // The results' ends are recorded before they are acknowledged.
-                    self.commit(&mut journal)?;
+                    // The results' ends are committed with the attempts they let the scheduler
+                    // dispatch, in one transaction, at the top of the loop, before the results
+                    // are acknowledged and the attempts sent.
                 }
                 // Looking at the agents costs time linear in their number: while they keep
                 // changing, looks are spaced by MEMBERSHIP_COALESCE_PER_AGENT per agent.
