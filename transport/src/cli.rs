@@ -8,12 +8,12 @@ use std::process::ExitCode;
 pub enum Threads {
     /// One thread for every task (blocking work still goes to the blocking pool). For a process
     /// whose async work is small messages and short file operations, while the machine's cores
-    /// are wanted by something else: an agent (its steps), or a coordinator whose agents run on
-    /// the same machine. Every hand-off between tasks stays on one thread, where a
-    /// multi-threaded runtime wakes another thread for most of them (a futex wake and two
-    /// context switches, many times per step).
+    /// are wanted by something else: an agent (its steps), or a client command. Every hand-off
+    /// between tasks stays on one thread, where a multi-threaded runtime wakes another thread
+    /// for most of them (a futex wake and two context switches, many times per step). Nothing
+    /// on it may call `block_in_place`.
     One,
-    /// A worker thread per core: a coordinator that serves a fleet.
+    /// A worker thread per core: a coordinator (a fleet's connections; `block_in_place`).
     PerCore,
 }
 

@@ -458,17 +458,14 @@ pub fn cli_main() -> ExitCode {
     transport::cli::block_on_main(threads(&cli.command), run_cli(cli))
 }
 
-/// A coordinator that serves a fleet (`serve`, a run whose provider starts agents on other
-/// machines, or one that waits for agents to connect on their own) gets a worker thread per
-/// core. A run whose agents are local processes shares this machine's cores with them and
-/// with their steps, and a client command only waits on replies: one thread each.
+/// A coordinator (`serve`, or the one a run embeds) gets a worker thread per core: a fleet's
+/// connections, and `block_in_place` for a long write-back that must not stall heartbeats.
+/// A client command only waits on replies: one thread.
 fn threads(command: &Command) -> transport::cli::Threads {
     use transport::cli::Threads;
     match command {
         Command::Serve { .. } => Threads::PerCore,
-        Command::Run(a) if a.coordinator.is_none() && (a.provider != "local" || a.agents == 0) => {
-            Threads::PerCore
-        }
+        Command::Run(a) if a.coordinator.is_none() => Threads::PerCore,
         _ => Threads::One,
     }
 }
@@ -862,15 +859,15 @@ mod tests {
     }
 
     #[test]
-    fn a_coordinator_serving_a_fleet_gets_a_thread_per_core_and_one_beside_local_agents_gets_one() {
+    fn a_coordinator_gets_a_thread_per_core_and_a_client_one() {
         assert_eq!(threads_for(&["serve"]), Threads::PerCore);
         assert_eq!(threads_for(&["run", "p.toml", "--provider", "slurm"]), Threads::PerCore);
         assert_eq!(
             threads_for(&["run", "p.toml", "--agents", "0", "--listen", "0.0.0.0:7400"]),
             Threads::PerCore
         );
-        assert_eq!(threads_for(&["run", "p.toml"]), Threads::One);
-        assert_eq!(threads_for(&["run", "p.toml", "--agents", "4"]), Threads::One);
+        assert_eq!(threads_for(&["run", "p.toml"]), Threads::PerCore);
+        assert_eq!(threads_for(&["run", "p.toml", "--agents", "4"]), Threads::PerCore);
         assert_eq!(threads_for(&["run", "p.toml", "--coordinator", "127.0.0.1:7400"]), Threads::One);
         assert_eq!(threads_for(&["status"]), Threads::One);
     }
