@@ -458,14 +458,18 @@ pub fn cli_main() -> ExitCode {
     transport::cli::block_on_main(threads(&cli.command), run_cli(cli))
 }
 
-/// A coordinator (`serve`, or the one a run embeds) gets a worker thread per core: a fleet's
-/// connections, and `block_in_place` for a long write-back that must not stall heartbeats.
-/// A client command only waits on replies: one thread.
+/// A coordinator that holds a fleet (`serve`, or a run that agents from a provider or from
+/// other hosts join) gets a worker thread per core for their connections. A run of only its
+/// own local agents, and a client command, run on one thread: every hand-off between tasks
+/// there is a function call, not a wake-up of another thread, which at thousands of short
+/// steps a second is most of the coordinator's cost (BENCHMARKS.md, issue 21). Blocking
+/// work (a harvest's write-back) goes to the blocking pool either way.
 fn threads(command: &Command) -> transport::cli::Threads {
     use transport::cli::Threads;
     match command {
-        Command::Serve { .. } => Threads::PerCore,
-        Command::Run(a) if a.coordinator.is_none() => Threads::PerCore,
+        Command::Run(a) if a.coordinator.is_some() => Threads::One,
+        Command::Run(a) if a.provider == "local" && a.listen.ip().is_loopback() => Threads::One,
+        Command::Serve { .. } | Command::Run(_) => Threads::PerCore,
         _ => Threads::One,
     }
 }
@@ -859,15 +863,17 @@ mod tests {
     }
 
     #[test]
-    fn a_coordinator_gets_a_thread_per_core_and_a_client_one() {
+    fn a_fleet_gets_a_thread_per_core_a_local_run_and_a_client_one() {
         assert_eq!(threads_for(&["serve"]), Threads::PerCore);
         assert_eq!(threads_for(&["run", "p.toml", "--provider", "slurm"]), Threads::PerCore);
         assert_eq!(
             threads_for(&["run", "p.toml", "--agents", "0", "--listen", "0.0.0.0:7400"]),
             Threads::PerCore
         );
-        assert_eq!(threads_for(&["run", "p.toml"]), Threads::PerCore);
-        assert_eq!(threads_for(&["run", "p.toml", "--agents", "4"]), Threads::PerCore);
+        assert_eq!(threads_for(&["run", "p.toml", "--provider", "qemu"]), Threads::PerCore);
+        assert_eq!(threads_for(&["run", "p.toml"]), Threads::One);
+        assert_eq!(threads_for(&["run", "p.toml", "--agents", "4"]), Threads::One);
+        assert_eq!(threads_for(&["run", "p.toml", "--listen", "127.0.0.1:7400"]), Threads::One);
         assert_eq!(threads_for(&["run", "p.toml", "--coordinator", "127.0.0.1:7400"]), Threads::One);
         assert_eq!(threads_for(&["status"]), Threads::One);
     }

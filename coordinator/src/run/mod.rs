@@ -1110,10 +1110,10 @@ impl Engine {
                 }
                 Some((attempt_id, event)) = rx.recv() => {
                     let j = &mut journal;
-                    self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep, j)?;
+                    self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep, j).await?;
                     // Take whatever else is queued before planning again.
                     while let Ok((attempt_id, event)) = rx.try_recv() {
-                        self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep, j)?;
+                        self.on_step_event(attempt_id, event, p, run_id, &mut reg, &mut sched, &mut running, rep, j).await?;
                     }
                     // The results' ends are committed with the attempts they let the scheduler
                     // dispatch, in one transaction, at the top of the loop, before the results
@@ -1427,7 +1427,7 @@ impl Engine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn on_step_event(
+    async fn on_step_event(
         &self,
         attempt_id: u64,
         event: StepEvent,
@@ -1519,16 +1519,21 @@ impl Engine {
                         let n = entries.len();
                         // Written back before merged: a client that sees `step harvested`
                         // finds the files, and a write-back that fails fails the attempt.
-                        let written = if p.write_back && !entries.is_empty() {
+                        // The copy runs on the blocking pool: the run waits for it, the
+                        // agents' connections and heartbeats do not.
+                        let (written, entries) = if p.write_back && !entries.is_empty() {
                             let store = self.coord.store().clone();
-                            let write = || write_back(store.as_ref(), p.harvest_roots(), &entries);
-                            match tokio::runtime::Handle::current().runtime_flavor() {
-                                tokio::runtime::RuntimeFlavor::CurrentThread => write(),
-                                _ => tokio::task::block_in_place(write),
+                            let roots = p.harvest_roots().to_vec();
+                            match tokio::task::spawn_blocking(move || {
+                                (write_back(store.as_ref(), &roots, &entries), entries)
+                            })
+                            .await
+                            {
+                                Ok((w, entries)) => (w.map(Some), entries),
+                                Err(e) => (Err(anyhow!("the write-back stopped: {e}")), Vec::new()),
                             }
-                            .map(Some)
                         } else {
-                            Ok(None)
+                            (Ok(None), entries)
                         };
                         let merged = match written {
                             Err(e) => Err(anyhow!("writing the harvest back failed: {e:#}")),
