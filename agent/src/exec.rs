@@ -519,6 +519,47 @@ mod tests {
         assert!(!first_dir.exists(), "{first_dir:?} was neither kept nor removed");
     }
 
+    /// A process that left the snippet's process group (`setsid`) is still in the attempt's
+    /// cgroup: the attempt's end kills it there, and the emptied cgroup goes back to the pool.
+    #[tokio::test]
+    async fn a_process_that_left_the_group_dies_with_the_attempts_cgroup() {
+        let test = "a_process_that_left_the_group_dies_with_the_attempts_cgroup";
+        if !mounts::tests::root_or_skip(test) {
+            return;
+        }
+        let _one_at_a_time = CGROUP_POOL.lock().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let meter = Meter::new(true, 1, None);
+        let Some(dir) = meter.cgroup_dir().map(Path::to_path_buf) else {
+            assert!(
+                std::env::var_os("PYPE_REQUIRE_ALL").is_none_or(|v| v != "1"),
+                "{test}: no usable cgroup hierarchy, and PYPE_REQUIRE_ALL=1 forbids skipping"
+            );
+            eprintln!("\n!!! SKIPPED {test}: no cgroup hierarchy this process can create cgroups in\n");
+            return;
+        };
+        let pid_file = tmp.path().join("escaped.pid");
+        let script = format!(
+            "setsid bash -c 'echo $$ > {p}; exec sleep 300' </dev/null >/dev/null 2>&1 &\n\
+             while [ ! -s {p} ]; do sleep 0.01; done",
+            p = pid_file.display()
+        );
+        let mut s = spec(tmp.path(), &script, None);
+        s.meter = Some(meter);
+        let (tx, _rx) = mpsc::channel(64);
+        let (end, usage) = run(s, &CancellationToken::new(), tx).await.unwrap();
+        assert_eq!(end, ExecEnd::Exited(0));
+        assert!(usage.is_some());
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        // Gone, or a zombie until init reaps it: not running.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|st| st.rsplit_once(") ").map(|(_, rest)| rest.chars().next()));
+        assert!(matches!(state, None | Some(Some('Z'))), "the escaped process {pid} survived: {state:?}");
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        assert!(procs.trim().is_empty(), "left in {dir:?}: {procs}");
+    }
+
     /// Both ways into the attempt's cgroups (the gate, and `pre_exec` when `BASH_ENV` would
     /// run code before the gate) put the shell and what it starts there, and leave the snippet
     /// an empty stdin.

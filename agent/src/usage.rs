@@ -284,8 +284,22 @@ struct Counters {
     memory_bytes: u64,
 }
 
+/// A small control file's text. An open, reads until the end, and a close: no `statx`
+/// (a cgroup file's size reads as 0 or a page anyway), since an attempt reads a dozen.
 fn read(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok()
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        match f.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    String::from_utf8(buf).ok()
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
@@ -394,6 +408,11 @@ impl Cgroup {
             .filter_map(|d| CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok())
             .collect();
         Join { procs }
+    }
+
+    /// No process is left in it (or it cannot be read: then [`Cgroup::kill_all`] decides).
+    fn is_empty(&self) -> bool {
+        self.dirs.first().and_then(|d| read(&d.join("cgroup.procs"))).is_some_and(|p| p.trim().is_empty())
     }
 
     /// Kills whatever is still in the cgroup (a process that left the attempt's process
@@ -709,9 +728,13 @@ impl Meter {
         SAMPLER.add(pgid, sampled.clone());
     }
 
-    /// Whether [`Meter::finish`] may wait (a cgroup's last processes); sampling's does not.
+    /// Whether [`Meter::finish`] may wait: a cgroup with processes left (killed, then waited
+    /// for); sampling's, and an empty cgroup's (the common end), do not.
     pub fn finish_may_block(&self) -> bool {
-        matches!(self, Meter::Cgroup(_))
+        match self {
+            Meter::Cgroup(cg) => !cg.is_empty(),
+            Meter::Procfs { .. } => false,
+        }
     }
 
     /// The attempt's figures, once its processes are gone.
