@@ -459,16 +459,21 @@ pub fn cli_main() -> ExitCode {
 }
 
 /// A coordinator that holds a fleet (`serve`, or a run that agents from a provider or from
-/// other hosts join) gets a worker thread per core for their connections. A run of only its
-/// own local agents, and a client command, run on one thread: every hand-off between tasks
-/// there is a function call, not a wake-up of another thread, which at thousands of short
-/// steps a second is most of the coordinator's cost (BENCHMARKS.md, issue 21). Blocking
-/// work (a harvest's write-back) goes to the blocking pool either way.
+/// elsewhere join on the address `--listen` names) gets a worker thread per core for their
+/// connections. A run of only its own local agents, and a client command, run on one
+/// thread: every hand-off between tasks there is a function call, not a wake-up of another
+/// thread, which at a thousand empty steps a second was a quarter of the coordinator's CPU
+/// (BENCHMARKS.md, issue 21). Blocking work (a harvest's write-back) goes to the blocking
+/// pool either way.
 fn threads(command: &Command) -> transport::cli::Threads {
     use transport::cli::Threads;
     match command {
         Command::Run(a) if a.coordinator.is_some() => Threads::One,
-        Command::Run(a) if a.provider == "local" && a.listen.ip().is_loopback() => Threads::One,
+        // Only its own agents can find a run on loopback port 0 (`--listen` names an address
+        // for agents from elsewhere: then it may hold a fleet).
+        Command::Run(a) if a.provider == "local" && a.listen.ip().is_loopback() && a.listen.port() == 0 => {
+            Threads::One
+        }
         Command::Serve { .. } | Command::Run(_) => Threads::PerCore,
         _ => Threads::One,
     }
@@ -873,7 +878,12 @@ mod tests {
         assert_eq!(threads_for(&["run", "p.toml", "--provider", "qemu"]), Threads::PerCore);
         assert_eq!(threads_for(&["run", "p.toml"]), Threads::One);
         assert_eq!(threads_for(&["run", "p.toml", "--agents", "4"]), Threads::One);
-        assert_eq!(threads_for(&["run", "p.toml", "--listen", "127.0.0.1:7400"]), Threads::One);
+        assert_eq!(threads_for(&["run", "p.toml", "--listen", "127.0.0.1:0"]), Threads::One);
+        // Agents started by hand, or hollow ones by the thousand, join a run on a known port.
+        assert_eq!(
+            threads_for(&["run", "p.toml", "--agents", "0", "--listen", "127.0.0.1:7400"]),
+            Threads::PerCore
+        );
         assert_eq!(threads_for(&["run", "p.toml", "--coordinator", "127.0.0.1:7400"]), Threads::One);
         assert_eq!(threads_for(&["status"]), Threads::One);
     }
