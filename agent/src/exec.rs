@@ -481,11 +481,7 @@ mod tests {
         // 48 MB in a shell variable (freed when the shell exits).
         let (s, first_dir) = attempt("x=$(head -c 48000000 /dev/zero | tr '\\0' a); echo ${#x}");
         let Some(first_dir) = first_dir else {
-            assert!(
-                std::env::var_os("PYPE_REQUIRE_ALL").is_none_or(|v| v != "1"),
-                "{test}: no usable cgroup hierarchy, and PYPE_REQUIRE_ALL=1 forbids skipping"
-            );
-            eprintln!("\n!!! SKIPPED {test}: no cgroup hierarchy this process can create cgroups in\n");
+            skip_without_cgroups(test);
             return;
         };
         let (tx, _rx) = mpsc::channel(64);
@@ -519,6 +515,16 @@ mod tests {
         assert!(!first_dir.exists(), "{first_dir:?} was neither kept nor removed");
     }
 
+    /// Says loudly that `test` is skipped for want of a cgroup hierarchy, unless
+    /// `PYPE_REQUIRE_ALL=1` forbids skipping (then it fails).
+    fn skip_without_cgroups(test: &str) {
+        assert!(
+            std::env::var_os("PYPE_REQUIRE_ALL").is_none_or(|v| v != "1"),
+            "{test}: no usable cgroup hierarchy, and PYPE_REQUIRE_ALL=1 forbids skipping"
+        );
+        eprintln!("\n!!! SKIPPED {test}: no cgroup hierarchy this process can create cgroups in\n");
+    }
+
     /// A process that left the snippet's process group (`setsid`) is still in the attempt's
     /// cgroup: the attempt's end kills it there, and the emptied cgroup goes back to the pool.
     #[tokio::test]
@@ -531,11 +537,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let meter = Meter::new(true, 1, None);
         let Some(dir) = meter.cgroup_dir().map(Path::to_path_buf) else {
-            assert!(
-                std::env::var_os("PYPE_REQUIRE_ALL").is_none_or(|v| v != "1"),
-                "{test}: no usable cgroup hierarchy, and PYPE_REQUIRE_ALL=1 forbids skipping"
-            );
-            eprintln!("\n!!! SKIPPED {test}: no cgroup hierarchy this process can create cgroups in\n");
+            skip_without_cgroups(test);
             return;
         };
         let pid_file = tmp.path().join("escaped.pid");
@@ -575,11 +577,7 @@ mod tests {
             let meter = Meter::new(true, attempt, None);
             let meter_dir = meter.cgroup_dir().map(Path::to_path_buf).unwrap_or_default();
             if meter.join().is_none() {
-                assert!(
-                    std::env::var_os("PYPE_REQUIRE_ALL").is_none_or(|v| v != "1"),
-                    "{test}: no usable cgroup hierarchy, and PYPE_REQUIRE_ALL=1 forbids skipping"
-                );
-                eprintln!("\n!!! SKIPPED {test}: no cgroup hierarchy this process can create cgroups in\n");
+                skip_without_cgroups(test);
                 return;
             }
             let tmp = tempfile::tempdir().unwrap();
