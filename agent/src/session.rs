@@ -633,21 +633,11 @@ async fn session(
                 }
                 // What was held, then this, then what else is ready (a result and its usage,
                 // several steps' results) go in the same write, in the order they were made.
-                let mut before = held.take().into_iter();
-                let first = before.next();
-                let mut this = Some(msg);
+                let mut made = held.take().into_iter().chain(std::iter::once(msg));
+                let Some(first) = made.next() else { continue };
                 let outbox = &mut link.outbox;
-                let mut more = || {
-                    before.next().or_else(|| this.take()).map(Some).or_else(|| {
-                        outbox.try_recv().ok().map(|m| (!unknown(&m)).then_some(m))
-                    })
-                };
-                let first = match first {
-                    Some(f) => f,
-                    None => match more() {
-                        Some(Some(m)) => m,
-                        _ => continue,
-                    },
+                let more = || {
+                    made.next().map(Some).or_else(|| outbox.try_recv().ok().map(|m| (!unknown(&m)).then_some(m)))
                 };
                 if framed::write_batch(&mut send, &first, more).await.is_err() {
                     break classify(&conn.closed().await);

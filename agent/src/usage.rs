@@ -284,23 +284,18 @@ struct Counters {
     memory_bytes: u64,
 }
 
-/// A small control file's text. An open, reads until the end, and a close: no `statx`
-/// (a cgroup file's size reads as 0 or a page anyway), since an attempt reads a dozen.
+/// A small control file's text, at most [`CONTROL_FILE_MAX`] bytes. Read through `take`,
+/// which skips the `statx` a `File` makes to size its buffer (a cgroup file's size reads as 0
+/// or a page anyway, and an attempt reads a dozen).
 fn read(path: &Path) -> Option<String> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 512];
-    loop {
-        match f.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-    String::from_utf8(buf).ok()
+    let mut text = String::new();
+    std::fs::File::open(path).ok()?.take(CONTROL_FILE_MAX).read_to_string(&mut text).ok()?;
+    Some(text)
 }
+
+/// The most of a control file [`read`] takes (a `cgroup.procs` of some 100,000 processes).
+const CONTROL_FILE_MAX: u64 = 1 << 20;
 
 fn read_u64(path: &Path) -> Option<u64> {
     read(path)?.trim().parse().ok()
