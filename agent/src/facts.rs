@@ -1,4 +1,4 @@
-//! Host facts from sysinfo. This is the only module that names sysinfo.
+//! Host facts from sysinfo (the only module that names it) and statvfs.
 
 use std::path::Path;
 
@@ -18,17 +18,10 @@ pub fn host_facts(work_dir: &Path) -> HostFacts {
     }
 }
 
-/// Free space of the filesystem holding `path` (the disk with the longest matching mount point).
+/// Space an unprivileged writer may still use on the filesystem holding `path`: one
+/// `statvfs`, whatever else is mounted on the host (the overlays of running steps, say).
 pub fn free_bytes(path: &Path) -> u64 {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let disks = sysinfo::Disks::new_with_refreshed_list();
-    disks
-        .list()
-        .iter()
-        .filter(|d| path.starts_with(d.mount_point()))
-        .max_by_key(|d| d.mount_point().as_os_str().len())
-        .map(|d| d.available_space())
-        .unwrap_or(0)
+    rustix::fs::statvfs(path).map(|s| s.f_bavail.saturating_mul(s.f_frsize)).unwrap_or(0)
 }
 
 pub fn available_memory() -> u64 {
@@ -39,4 +32,25 @@ pub fn available_memory() -> u64 {
 
 pub fn load_average() -> f64 {
     sysinfo::System::load_average().one
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_bytes_is_what_statvfs_gives_the_filesystem_of_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = free_bytes(dir.path());
+        let out = std::process::Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let df: u64 = String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
+        // The same figure, give or take what other writers did between the two reads.
+        assert!(free.abs_diff(df) < 64 << 20, "statvfs says {free}, df says {df}");
+        assert!(free > 0);
+        assert_eq!(free_bytes(&dir.path().join("not-there")), 0);
+    }
 }

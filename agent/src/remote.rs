@@ -324,12 +324,16 @@ impl QuicRemote {
 
     /// Stores `paths` as manifest and blobs; `None` when the store keeps archives.
     async fn store_cas(&self, root: &Path, paths: &[PathBuf]) -> Result<Option<SnapshotInfo>> {
+        // Walking, hashing, encoding and indexing a tree of many files takes long enough to
+        // hold up heartbeats: all of it happens on a blocking thread.
         let (r, p, limits) = (root.to_path_buf(), paths.to_vec(), self.limits);
-        let manifest = tokio::task::spawn_blocking(move || cas::build(&r, &p, limits, |_, _| Ok(())))
-            .await?
-            .context("refusing to store the outputs")?
-            .0;
-        let (bytes, _) = manifest.encode();
+        let (bytes, source) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, cas::TreeSource)> {
+            let manifest =
+                cas::build(&r, &p, limits, |_, _| Ok(())).context("refusing to store the outputs")?.0;
+            let (bytes, _) = manifest.encode();
+            Ok((bytes, cas::TreeSource::new(r, &manifest)))
+        })
+        .await??;
         let (mut send, mut recv, minor) = self.open_with_minor().await?;
         let len = bytes.len() as u64;
         let ask = if minor >= 6 {
@@ -361,20 +365,18 @@ impl QuicRemote {
                 other => return stored(other).map(Some),
             }
         }
-        let known = manifest.locations();
         let mut chunks = Vec::with_capacity(missing.len());
         for d in missing {
-            let Some((_, _, len)) = known.get(&d) else {
+            let Some(c) = source.chunk(&d) else {
                 bail!("the coordinator asked for blob {} which the outputs do not hold", hex::encode(d));
             };
-            chunks.push(Chunk { digest: d, len: *len });
+            chunks.push(c);
         }
         if packs {
-            return self.store_packs(root, &manifest, chunks, &mut send, &mut recv).await.map(Some);
+            return self.store_packs(source, chunks, &mut send, &mut recv).await.map(Some);
         }
         // Read, verified and encoded on a blocking thread; sent here.
         let (tx, mut rx) = mpsc::channel::<Result<(Chunk, u8, Vec<u8>)>>(BLOBS_IN_FLIGHT);
-        let source = cas::TreeSource::new(root.to_path_buf(), &manifest);
         let reader = tokio::task::spawn_blocking(move || {
             for c in chunks {
                 let got = source.read(&c).map_err(anyhow::Error::from).and_then(|data| {
@@ -417,13 +419,12 @@ impl QuicRemote {
     /// uploads each at the URL the coordinator hands out, and waits for the verdict.
     async fn store_packs(
         &self,
-        root: &Path,
-        manifest: &Manifest,
+        source: cas::TreeSource,
         chunks: Vec<Chunk>,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<SnapshotInfo> {
-        let (source, spool) = (cas::TreeSource::new(root.to_path_buf(), manifest), self.spool.clone());
+        let spool = self.spool.clone();
         let built = tokio::task::spawn_blocking(move || {
             crate::objects::build_packs(&source, chunks, &spool, BLOB_ZSTD_LEVEL)
         })

@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use transport::silence::{Silence, Verdict};
 
 use anyhow::{Context, Result, anyhow, bail};
 use protocol::{
@@ -564,8 +565,9 @@ async fn session(
     let mut seq = 0u64;
     // Three intervals without any frame from the coordinator: it is gone (a killed process
     // sends no close; QUIC's idle timeout alone would take much longer).
+    // A stall of this process is not the coordinator's silence (`transport::silence`).
     let silence_limit = interval * 3;
-    let mut last_heard = Instant::now();
+    let mut silence = Silence::new(silence_limit, tokio::time::Instant::now());
     let drain = link.drain.clone();
     // `StepStarted` frames wait up to START_HOLD for the next frame to share its write.
     let mut held = Held::default();
@@ -596,12 +598,14 @@ async fn session(
                 link.runner.shutdown().await;
                 break leave(&mut send, &conn, link, held.take(), "agent shutting down").await;
             }
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > silence_limit {
+            _ = tokio::time::sleep_until(silence.deadline()) => {
+                if silence.check(tokio::time::Instant::now()) == Verdict::Silent {
                     let reason = format!("no answer from coordinator for {}ms", silence_limit.as_millis());
                     conn.close(quinn::VarInt::from_u32(CloseCode::HeartbeatTimeout as u32), reason.as_bytes());
                     break Ended::Lost(reason);
                 }
+            }
+            _ = ticker.tick() => {
                 seq += 1;
                 let hb = AgentToCoordinator::Heartbeat(Heartbeat {
                     seq,
@@ -644,28 +648,28 @@ async fn session(
                 }
             }
             frame = frames.recv() => match frame {
-                Some(Ok(CoordinatorToAgent::HeartbeatAck { .. })) => last_heard = Instant::now(),
+                Some(Ok(CoordinatorToAgent::HeartbeatAck { .. })) => silence.heard(tokio::time::Instant::now()),
                 Some(Ok(CoordinatorToAgent::RunStep(spec))) => {
-                    last_heard = Instant::now();
+                    silence.heard(tokio::time::Instant::now());
                     link.runner.start(*spec);
                 }
                 Some(Ok(CoordinatorToAgent::CancelStep { attempt_id, reason })) => {
-                    last_heard = Instant::now();
+                    silence.heard(tokio::time::Instant::now());
                     link.runner.cancel(attempt_id, &reason);
                 }
                 Some(Ok(CoordinatorToAgent::StepResultAck { attempt_id })) => {
-                    last_heard = Instant::now();
+                    silence.heard(tokio::time::Instant::now());
                     link.runner.ack(attempt_id);
                 }
                 Some(Ok(CoordinatorToAgent::CheckOutputs { request_id, paths, registry })) => {
-                    last_heard = Instant::now();
+                    silence.heard(tokio::time::Instant::now());
                     link.runner.check_outputs(request_id, paths, registry);
                 }
                 Some(Ok(CoordinatorToAgent::GoingAway { reason })) => {
                     info!(reason = %reason, "coordinator going away");
                 }
                 Some(Ok(CoordinatorToAgent::Drain { reason })) => {
-                    last_heard = Instant::now();
+                    silence.heard(tokio::time::Instant::now());
                     info!(reason = %reason, "the coordinator asks this agent to drain");
                     link.drain.cancel();
                 }

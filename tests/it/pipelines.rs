@@ -285,6 +285,42 @@ fn agent_pid(marker: &str) -> Option<i32> {
     None
 }
 
+/// A host that freezes (a paused VM; here SIGSTOP) stops a coordinator and its local agent
+/// together for ten heartbeat intervals. When both run again, each finds its silence deadline
+/// long past while the other's frames wait unread: neither blames the other for its own
+/// stall. The running step finishes on its first attempt; no agent is lost, nothing retried.
+#[test]
+fn a_frozen_host_loses_no_agent_and_runs_nothing_twice() {
+    let fx = Cluster::new();
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "frozen"
+[[steps]]
+name = "waits"
+command = "sleep 3; echo once >> {d}/ran"
+"#,
+    );
+    let mut p = fx.start_run(&[pipeline.to_str().unwrap(), "--agents", "1"]);
+    p.wait_for(&["step started", "step=\"waits\""], LONG);
+    let marker = fx.state().join("local-agents/agent-1").display().to_string();
+    let agent = agent_pid(&marker).unwrap_or_else(|| panic!("no process for {marker}"));
+    p.signal(Signal::STOP);
+    signal_pid(agent, Signal::STOP);
+    // The freeze is time passing: nothing else to wait for.
+    std::thread::sleep(Duration::from_millis(10 * tests::HEARTBEAT_MS));
+    signal_pid(agent, Signal::CONT);
+    p.signal(Signal::CONT);
+    let status = p.wait_exit(LONG);
+    assert!(status.success(), "{}", p.dump());
+    assert_eq!(p.count(&["agent lost"]), 0, "{}", p.dump());
+    assert_eq!(p.count(&["step retried"]), 0, "{}", p.dump());
+    assert_eq!(p.count(&["step dispatched"]), 1, "{}", p.dump());
+    assert_eq!(std::fs::read_to_string(fx.p("ran")).unwrap(), "once\n");
+    let log = std::fs::read_to_string(fx.state().join("local-agents/agent-1/agent.log")).unwrap();
+    assert!(!log.contains("lost coordinator"), "{log}");
+}
+
 /// A coordinator killed with SIGKILL mid-run: `run --resume` finishes the run without
 /// running completed steps again.
 #[test]

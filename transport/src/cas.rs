@@ -610,6 +610,11 @@ impl TreeSource {
     pub fn new(root: PathBuf, manifest: &Manifest) -> Self {
         Self { root, at: manifest.locations() }
     }
+
+    /// The chunk of this digest, if the tree holds it.
+    pub fn chunk(&self, digest: &Digest) -> Option<Chunk> {
+        self.at.get(digest).map(|&(_, _, len)| Chunk { digest: *digest, len })
+    }
 }
 
 impl ChunkSource for TreeSource {

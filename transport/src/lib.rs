@@ -16,6 +16,7 @@ pub mod links;
 pub mod pack;
 pub mod pki;
 pub mod reuse;
+pub mod silence;
 pub mod spool;
 pub mod telemetry;
 pub mod tree;

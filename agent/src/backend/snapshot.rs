@@ -334,26 +334,36 @@ impl StorageBackend for Snapshot {
     }
 
     async fn cleanup(&mut self) -> Result<()> {
-        let mut problems = Vec::new();
-        if self.mounted {
-            if let Err(e) = mounts::unmount(&self.merged) {
-                problems.push(format!("unmounting {}: {e}", self.merged.display()));
-            }
-            self.mounted = false;
-        }
+        let merged = std::mem::take(&mut self.mounted).then(|| self.merged.clone());
         self.pins.clear();
         // A step that needed no view has no step directory: nothing can be mounted in one
         // that does not exist (and the mount table is not read, a cost that grows with the
         // number of mounts on the host, for every empty step).
-        if fs::symlink_metadata(&self.ctx.step_dir).is_ok() {
-            for m in mounts::mounts_under(&self.ctx.step_dir) {
-                if let Err(e) = mounts::unmount(&m) {
+        let dir = fs::symlink_metadata(&self.ctx.step_dir).is_ok().then(|| self.ctx.step_dir.clone());
+        if merged.is_none() && dir.is_none() {
+            return Ok(());
+        }
+        // Unmounting a view flushes what the step wrote into it, seconds for many files: on a
+        // blocking thread, so that heartbeats and other steps go on meanwhile.
+        let problems = tokio::task::spawn_blocking(move || {
+            let mut problems = Vec::new();
+            let mut unmount = |m: &Path| {
+                if let Err(e) = mounts::unmount(m) {
                     problems.push(format!("unmounting {}: {e}", m.display()));
                 }
+            };
+            if let Some(m) = merged {
+                unmount(&m);
             }
-            let dir = self.ctx.step_dir.clone();
-            tokio::task::spawn_blocking(move || remove_tree(&dir)).await?;
-        }
+            if let Some(dir) = dir {
+                for m in mounts::mounts_under(&dir) {
+                    unmount(&m);
+                }
+                remove_tree(&dir);
+            }
+            problems
+        })
+        .await?;
         if !problems.is_empty() {
             bail!("{}", problems.join("; "));
         }

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 use transport::framed;
+use transport::silence::{Silence, Verdict};
 
 use super::snapshots::serve_snapshot_streams;
 use super::{FIRST_MESSAGE_TIMEOUT, close_code, refuse};
@@ -143,7 +144,8 @@ pub(super) async fn control_loop(
     // Frames arrive through their own task: reading a frame is not cancel-safe, and the
     // select below must be free to send to the agent while one is half read.
     let mut frames = FrameReader::spawn(recv);
-    let mut last_heard = tokio::time::Instant::now();
+    // A stall of this process is not the agent's silence (`transport::silence`).
+    let mut silence = Silence::new(allowed, tokio::time::Instant::now());
     loop {
         let msg = tokio::select! {
             Some(out) = outbox.recv() => {
@@ -171,10 +173,15 @@ pub(super) async fn control_loop(
                 conn.close(close_code(CloseCode::GoingAway), b"coordinator shutting down");
                 return "coordinator shutting down".into();
             }
-            _ = tokio::time::sleep_until(last_heard + allowed) => None,
+            _ = tokio::time::sleep_until(silence.deadline()) => {
+                if silence.check(tokio::time::Instant::now()) == Verdict::Alive {
+                    continue;
+                }
+                None
+            }
             frame = frames.rx.recv() => Some(frame.unwrap_or(Ok(None))),
         };
-        last_heard = tokio::time::Instant::now();
+        silence.heard(tokio::time::Instant::now());
         match msg {
             None => {
                 let reason = format!("heartbeats missed for {}ms", allowed.as_millis());

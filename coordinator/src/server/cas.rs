@@ -288,7 +288,8 @@ async fn receive_packs(
         Some(SnapshotRequest::PutPacks { packs }) => packs,
         other => bail!("expected PutPacks, got {other:?}"),
     };
-    let indexes = pack_indexes(&missing, plans)?;
+    // Tens of thousands of blobs take a while to check: not on the thread that answers heartbeats.
+    let indexes = tokio::task::spawn_blocking(move || pack_indexes(&missing, plans)).await??;
     // An upload never replaces a stored pack (its name is its digest: same name, same bytes,
     // unless the agent lies).
     let s = store.clone();
