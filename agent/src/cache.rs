@@ -191,16 +191,27 @@ impl Cache {
         let summary = fetched.summary;
         let d = dest.clone();
         tokio::task::spawn_blocking(move || make_read_only(&d)).await??;
-        if let Some(bytes) = fetched.manifest {
-            transport::pki::write_file(&self.dir.join(format!("{id}.manifest")), &bytes, 0o644)?;
-            let mut chunks = self.chunks();
-            index_manifest(&self.dir, id, &mut chunks);
-        }
-        transport::pki::write_file(
-            &self.dir.join(format!("{id}.size")),
-            summary.content_bytes.to_string().as_bytes(),
-            0o644,
-        )?;
+        // Writing the manifest (synced), reading it back into an index of its chunks: on a
+        // blocking thread, and the chunk map is locked only to take the index in.
+        let (me, key) = (self.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            if let Some(bytes) = fetched.manifest {
+                transport::pki::write_file(&me.dir.join(format!("{key}.manifest")), &bytes, 0o644)?;
+                let mut index = HashMap::new();
+                index_manifest(&me.dir, &key, &mut index);
+                let mut chunks = me.chunks();
+                for (d, at) in index {
+                    chunks.entry(d).or_insert(at);
+                }
+            }
+            transport::pki::write_file(
+                &me.dir.join(format!("{key}.size")),
+                summary.content_bytes.to_string().as_bytes(),
+                0o644,
+            )?;
+            Ok(())
+        })
+        .await??;
         self.lock().insert(
             id.to_string(),
             Entry { size: summary.content_bytes, last_used: SystemTime::now(), pins: 0 },
@@ -213,7 +224,9 @@ impl Cache {
             "snapshot fetched"
         );
         let pin = self.pin(id).with_context(|| format!("snapshot {id} vanished from the cache"))?;
-        self.evict();
+        // Evicted trees may hold many files: removed on a blocking thread.
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.evict()).await?;
         Ok(pin)
     }
 

@@ -243,7 +243,7 @@ impl QuicRemote {
         let (dest_buf, spool, limits) = (dest.to_path_buf(), self.blobs.clone(), self.limits);
         let coming: HashSet<[u8; 32]> = relayed.iter().map(|c| c.digest).collect();
         // Files held whole are linked or copied in after the rest is unpacked around them.
-        let (m, stop) = (manifest.clone(), given_up.clone());
+        let (m, stop) = (manifest, given_up.clone());
         let build = tokio::task::spawn_blocking(move || {
             let arriving = Arriving { spool: &spool, coming, given_up: &stop };
             let mut all: Vec<&dyn ChunkSource> = vec![held.as_ref()];
@@ -271,7 +271,7 @@ impl QuicRemote {
                 );
             }
             stats.content_bytes += placed.bytes;
-            Ok::<_, transport::tree::TreeError>(stats)
+            Ok::<_, transport::tree::TreeError>((stats, m))
         });
         let received = receive_blobs(&mut recv, &relayed, self.blobs.clone()).await;
         if received.is_err() {
@@ -281,8 +281,8 @@ impl QuicRemote {
         let built = build.await?;
         let wire =
             len + direct_bytes + received.with_context(|| format!("receiving the blobs of snapshot {id}"))?;
-        let stats = match built {
-            Ok(stats) => stats,
+        let (stats, manifest) = match built {
+            Ok(v) => v,
             Err(e) => {
                 if matches!(e, transport::TreeError::Mismatch(_)) {
                     // Something held here did not match its digest: the next fetch starts from
@@ -300,17 +300,18 @@ impl QuicRemote {
         let _ = send.finish();
         // The tree holds them now: the spool's copies go (before the fetch counts as done, so
         // the spool holds only blobs of fetches under way or broken off).
-        // Every blob of the tree, spooled by this fetch or one that broke off.
-        let (spool, all) = (self.blobs.clone(), manifest.chunks());
-        tokio::task::spawn_blocking(move || {
-            spool.forget(all.into_iter().map(|c| c.digest));
+        // Every blob of the tree, spooled by this fetch or one that broke off. The manifest is
+        // encoded for the cache there too (a large one takes long enough to hold up heartbeats).
+        let spool = self.blobs.clone();
+        let bytes = tokio::task::spawn_blocking(move || {
+            spool.forget(manifest.chunks().into_iter().map(|c| c.digest));
             for d in olds {
                 let _ = std::fs::remove_dir_all(d);
             }
+            manifest.encode().0
         })
         .await?;
         drop(wanted);
-        let (bytes, _) = manifest.encode();
         Ok(Some(Fetched {
             summary: TransferSummary {
                 wire_bytes: wire,

@@ -85,21 +85,27 @@ impl Steps {
             return Ok(());
         }
         let _g = self.registry_lock.lock().await;
-        let path = &self.settings.snapshot_registry;
-        let mut reg = backend::read_registry(path)?;
-        let mut changed = 0;
-        for p in paths {
-            if !entries.iter().any(|(k, _)| k == p) && reg.entries.remove(p).is_some() {
-                changed += 1;
+        // The whole file is read, parsed, rewritten and synced, which grows with the registry:
+        // on a blocking thread (the lock above is held across it).
+        let path = self.settings.snapshot_registry.clone();
+        let (paths, entries) = (paths.to_vec(), entries.to_vec());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut reg = backend::read_registry(&path)?;
+            let mut changed = 0;
+            for p in &paths {
+                if !entries.iter().any(|(k, _)| k == p) && reg.entries.remove(p).is_some() {
+                    changed += 1;
+                }
             }
-        }
-        if reg.merge(entries.iter().cloned()) + changed > 0 {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            if reg.merge(entries) + changed > 0 {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                }
+                transport::pki::write_file(&path, reg.to_json().as_bytes(), 0o644)?;
             }
-            transport::pki::write_file(path, reg.to_json().as_bytes(), 0o644)?;
-        }
-        Ok(())
+            Ok(())
+        })
+        .await?
     }
 
     /// `check_outputs` through a fresh backend (its cleanup runs too).

@@ -1461,7 +1461,7 @@ impl Engine {
                 }
             }
             StepEvent::Usage(u) => r.usage = Some(u),
-            StepEvent::Finished(outcome) => {
+            StepEvent::Finished(mut outcome) => {
                 let r = running.remove(&attempt_id).expect("looked up above");
                 rep.progress.running = rep.progress.running.saturating_sub(1);
                 let step = &p.steps[r.step];
@@ -1471,17 +1471,23 @@ impl Engine {
                 {
                     end = AttemptEnd::CommandFailed(outcome::oom_reason(u));
                 }
-                if matches!(end, AttemptEnd::Succeeded)
-                    && let Err(why) = check_harvest(
-                        self.coord.store().as_ref(),
-                        &step.name,
-                        &step.outputs,
-                        if step.serve_backend { p.harvest_roots() } else { &[] },
-                        &outcome.new_entries,
-                    )
-                {
-                    warn!(run = %run_id, step = %name, attempt = attempt_id, agent = %r.agent, "harvest refused: {why}");
-                    end = AttemptEnd::InfraFailed(format!("harvest refused: {why}"));
+                // Each entry's snapshot index is read and its links followed (an index lists
+                // every file): on the blocking pool, so the agents' heartbeats go on meanwhile.
+                if matches!(end, AttemptEnd::Succeeded) && !outcome.new_entries.is_empty() {
+                    let store = self.coord.store().clone();
+                    let (step_name, outputs) = (step.name.clone(), step.outputs.clone());
+                    let roots = if step.serve_backend { p.harvest_roots().to_vec() } else { Vec::new() };
+                    let entries = std::mem::take(&mut outcome.new_entries);
+                    let (checked, entries) = tokio::task::spawn_blocking(move || {
+                        (check_harvest(store.as_ref(), &step_name, &outputs, &roots, &entries), entries)
+                    })
+                    .await
+                    .unwrap_or_else(|e| (Err(format!("the harvest check stopped: {e}")), Vec::new()));
+                    outcome.new_entries = entries;
+                    if let Err(why) = checked {
+                        warn!(run = %run_id, step = %name, attempt = attempt_id, agent = %r.agent, "harvest refused: {why}");
+                        end = AttemptEnd::InfraFailed(format!("harvest refused: {why}"));
+                    }
                 }
                 let exit = exit_text(&outcome);
                 rep.attempt_ended(
@@ -1519,39 +1525,30 @@ impl Engine {
                         let n = entries.len();
                         // Written back before merged: a client that sees `step harvested`
                         // finds the files, and a write-back that fails fails the attempt.
-                        // The copy runs on the blocking pool: the run waits for it, the
-                        // agents' connections and heartbeats do not.
-                        let (written, entries) = if p.write_back && !entries.is_empty() {
+                        // The copy and the registry's rewrite run on the blocking pool: the run
+                        // waits for them, the agents' connections and heartbeats do not.
+                        let merged = if entries.is_empty() {
+                            Ok(None)
+                        } else {
                             let store = self.coord.store().clone();
-                            let roots = p.harvest_roots().to_vec();
-                            match tokio::task::spawn_blocking(move || {
-                                (write_back(store.as_ref(), &roots, &entries), entries)
+                            let registry = self.registry.clone();
+                            let roots = p.write_back.then(|| p.harvest_roots().to_vec());
+                            let (run, step) = (run_id.to_string(), name.clone());
+                            tokio::task::spawn_blocking(move || -> Result<Option<Registry>> {
+                                if let Some(roots) = roots {
+                                    let w = write_back(store.as_ref(), &roots, &entries)
+                                        .map_err(|e| anyhow!("writing the harvest back failed: {e:#}"))?;
+                                    debug!(run = %run, step = %step, files = w, "harvest written back");
+                                }
+                                registry
+                                    .update(|g| {
+                                        g.merge(entries);
+                                        Some(g.clone())
+                                    })
+                                    .map_err(|e| anyhow!("merging the registry failed: {e:#}"))
                             })
                             .await
-                            {
-                                Ok((w, entries)) => (w.map(Some), entries),
-                                Err(e) => (Err(anyhow!("the write-back stopped: {e}")), Vec::new()),
-                            }
-                        } else {
-                            (Ok(None), entries)
-                        };
-                        let merged = match written {
-                            Err(e) => Err(anyhow!("writing the harvest back failed: {e:#}")),
-                            Ok(w) => {
-                                if let Some(w) = w {
-                                    debug!(run = %run_id, step = %name, files = w, "harvest written back");
-                                }
-                                if entries.is_empty() {
-                                    Ok(None)
-                                } else {
-                                    self.registry
-                                        .update(|g| {
-                                            g.merge(entries);
-                                            Some(g.clone())
-                                        })
-                                        .map_err(|e| anyhow!("merging the registry failed: {e:#}"))
-                                }
-                            }
+                            .unwrap_or_else(|e| Err(anyhow!("the write-back stopped: {e}")))
                         };
                         match merged {
                             Ok(Some(g)) => *reg = g,
