@@ -14,6 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use protocol::{AgentToCoordinator, CoordinatorToAgent, StepExit, StepOutcome};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use transport::silence::{Silence, Verdict};
 use transport::{endpoint, framed, pki};
 
 /// What a fleet counts.
@@ -248,20 +249,22 @@ async fn session(
     let mut tick = tokio::time::interval(interval);
     let mut seq = 0u64;
     // As a real agent: three intervals without a frame from the coordinator and it is gone
-    // (a killed coordinator sends no close).
-    let mut last_heard = tokio::time::Instant::now();
+    // (a killed coordinator sends no close), unless this process was the one stalled.
+    let mut silence = Silence::new(interval * 3, tokio::time::Instant::now());
     let ended: Result<()> = loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(silence.deadline()) => {
+                if silence.check(tokio::time::Instant::now()) == Verdict::Silent {
+                    conn.close(quinn::VarInt::from_u32(5), b"no answer from coordinator");
+                    break Err(anyhow!("no answer from the coordinator"));
+                }
+            }
             _ = stop.cancelled() => {
                 let _ = framed::write_frame(&mut send, &AgentToCoordinator::GoingAway { reason: "hollow fleet stops".into() }).await;
                 conn.close(quinn::VarInt::from_u32(0), b"bye");
                 break Ok(());
             }
             _ = tick.tick() => {
-                if last_heard.elapsed() > interval * 3 {
-                    conn.close(quinn::VarInt::from_u32(5), b"no answer from coordinator");
-                    break Err(anyhow!("no answer from the coordinator"));
-                }
                 seq += 1;
                 let hb = AgentToCoordinator::Heartbeat(protocol::Heartbeat {
                     seq,
@@ -273,7 +276,7 @@ async fn session(
                     break Err(anyhow!("heartbeat: {e}"));
                 }
             }
-            f = frames.recv() => match f.inspect(|_| last_heard = tokio::time::Instant::now()) {
+            f = frames.recv() => match f.inspect(|_| silence.heard(tokio::time::Instant::now())) {
                 None => break Err(anyhow!("control stream closed")),
                 Some(CoordinatorToAgent::RunStep(spec)) => {
                     let lose = counters.lose_run_steps.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
