@@ -726,6 +726,13 @@ impl State {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Whether `run_id` has a step named `step` (one indexed row, not the run's steps).
+    pub fn has_step(&self, run_id: &str, step: &str) -> Result<bool> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached("SELECT 1 FROM steps WHERE run_id = ?1 AND step = ?2")?;
+        Ok(stmt.exists(params![run_id, step])?)
+    }
+
     pub fn steps_of(&self, run_id: &str) -> Result<Vec<StepRecord>> {
         let db = self.db();
         let mut stmt = db.prepare(
@@ -981,6 +988,8 @@ mod tests {
         };
         state.create_run(&run).unwrap();
         state.plan_steps("r", &[(0, "a", "run", ""), (1, "b", "run", "")]).unwrap();
+        assert!(state.has_step("r", "b").unwrap());
+        assert!(!state.has_step("r", "c").unwrap() && !state.has_step("q", "a").unwrap());
         state
             .apply(&[
                 Write::attempt_dispatched("r", "a", 1, 1, "agent-1"),

@@ -485,7 +485,7 @@ impl Engine {
         if rec.state != "running" {
             bail!("run {run} is {}, not running", rec.state);
         }
-        if !self.state.steps_of(run)?.iter().any(|s| s.step == step) {
+        if !self.state.has_step(run, step)? {
             bail!("run {run} has no step {step}");
         }
         self.cancels
@@ -1646,9 +1646,23 @@ fn served_env(p: &Pipeline, s: &crate::pipeline::Step) -> Vec<(String, String)> 
 
 /// The last lines of a step attempt's log file.
 pub fn last_log_lines(runs: &Path, step: &str, attempt: u32) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    // Only the log's end is read (a verbose step's log may be gigabytes), and bytes that are
+    // not UTF-8 are shown replaced, not taken for an empty log.
+    const TAIL_BYTES: u64 = 64 << 10;
     let path = runs.join(step).join(format!("attempt-{attempt}.log"));
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
+    let start = f.metadata().map_or(0, |m| m.len()).saturating_sub(TAIL_BYTES);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.take(TAIL_BYTES).read_to_end(&mut buf).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > 0 && lines.len() > 1 {
+        // Read from the middle of a line.
+        lines.remove(0);
+    }
     lines[lines.len().saturating_sub(TAIL_LINES)..].iter().map(|l| l.to_string()).collect()
 }
 
@@ -1710,6 +1724,26 @@ pub(crate) fn lost_on_reconnect<'a>(
 mod tests {
     use super::*;
     use crate::hub::AgentView;
+
+    #[test]
+    fn a_failed_steps_tail_is_its_last_lines_however_long_or_binary_its_log() {
+        let runs = tempfile::tempdir().unwrap();
+        let dir = runs.path().join("s");
+        std::fs::create_dir_all(&dir).unwrap();
+        // 4 MiB of lines, a byte that is not UTF-8 near the end.
+        let mut log: Vec<u8> = (0..100_000).flat_map(|i| format!("line {i:040}\n").into_bytes()).collect();
+        log.extend_from_slice(b"bad \xff byte\nlast\n");
+        std::fs::write(dir.join("attempt-1.log"), &log).unwrap();
+        let tail = last_log_lines(runs.path(), "s", 1);
+        assert_eq!(tail.len(), TAIL_LINES);
+        assert_eq!(tail[TAIL_LINES - 1], "last");
+        assert_eq!(tail[TAIL_LINES - 2], "bad \u{fffd} byte");
+        assert_eq!(tail[0], format!("line {:040}", 100_000 - TAIL_LINES + 2));
+        // A short log whole; no log, no lines.
+        std::fs::write(dir.join("attempt-2.log"), "one\ntwo\n").unwrap();
+        assert_eq!(last_log_lines(runs.path(), "s", 2), ["one", "two"]);
+        assert!(last_log_lines(runs.path(), "s", 3).is_empty());
+    }
 
     fn view(id: &str, serial: u64, in_hand: Option<Vec<u64>>) -> AgentView {
         AgentView {

@@ -46,10 +46,17 @@ pub(super) async fn fetch(
     }
     let started = Instant::now();
     let (s, id) = (store.clone(), snapshot_id.clone());
-    let found = tokio::task::spawn_blocking(move || s.cas().map(|c| c.manifest(&id)).transpose()).await?;
+    // The manifest, else whether the store keeps the snapshot as an archive (an object store
+    // is asked over the network): on the blocking pool.
+    let found = tokio::task::spawn_blocking(move || {
+        let m = s.cas().map(|c| c.manifest(&id)).transpose()?.flatten();
+        let archived = m.is_none() && s.meta(&id).ok().flatten().is_some();
+        anyhow::Ok((m, archived))
+    })
+    .await?;
     let (bytes, manifest) = match found {
-        Ok(Some(Some(m))) => m,
-        Ok(_) if store.meta(&snapshot_id).ok().flatten().is_some() => {
+        Ok((Some(m), _)) => m,
+        Ok((None, true)) => {
             // Kept as an archive the store could not convert: the agent fetches it whole.
             framed::write_frame(send, &SnapshotReply::Archive).await?;
             send.finish()?;

@@ -275,11 +275,7 @@ pub(super) async fn direct_store(
     let parts = async {
         framed::write_frame(send, &SnapshotReply::Upload { urls }).await?;
         match framed::read_frame::<SnapshotRequest, _>(recv).await? {
-            Some(SnapshotRequest::StoreParts { etags, index_json }) => {
-                let files: Vec<transport::tree::IndexEntry> =
-                    serde_json::from_slice(&index_json).context("parsing the snapshot's file index")?;
-                anyhow::Ok((etags, files))
-            }
+            Some(SnapshotRequest::StoreParts { etags, index_json }) => anyhow::Ok((etags, index_json)),
             other => bail!("expected the uploaded parts, got {other:?}"),
         }
     }
@@ -288,7 +284,14 @@ pub(super) async fn direct_store(
     let t = ticket.clone();
     let meta = tokio::task::spawn_blocking(move || {
         let d = store.direct().ok_or_else(|| anyhow!("the store has no direct path"))?;
-        match parts {
+        // The file index (up to a frame's size, an entry per file) is parsed here, off the
+        // thread that answers heartbeats.
+        let parsed = parts.and_then(|(etags, index_json)| {
+            let files: Vec<transport::tree::IndexEntry> =
+                serde_json::from_slice(&index_json).context("parsing the snapshot's file index")?;
+            Ok((etags, files))
+        });
+        match parsed {
             Ok((etags, files)) => d.finish(&t, etags, files),
             Err(e) => {
                 d.abort(&t);
