@@ -155,6 +155,15 @@ pub async fn resolve_backend(ctx: &StepContext) -> Result<Box<dyn StorageBackend
     Ok(match mode {
         "direct" | "" => Box::new(direct::Direct),
         "overlay" => Box::new(overlay::Overlay::new(ctx)?),
+        // The agent's registry file is read and parsed for the attempt: a large one on a
+        // blocking thread (it grows with what this agent ever harvested or was sent), a small
+        // one here (a thread hop would cost an empty step more than the read).
+        "snapshot"
+            if ctx.registry.is_none() && file_len(&ctx.settings.snapshot_registry) > REGISTRY_READ_INLINE =>
+        {
+            let c = ctx.clone();
+            Box::new(tokio::task::spawn_blocking(move || snapshot::Snapshot::new(&c)).await??)
+        }
         "snapshot" => Box::new(snapshot::Snapshot::new(ctx)?),
         name => {
             let (found, searched) = find_external(name, &ctx.settings.queues);
@@ -169,6 +178,13 @@ pub async fn resolve_backend(ctx: &StepContext) -> Result<Box<dyn StorageBackend
             }
         }
     })
+}
+
+/// Registry files up to this size are read on the runtime thread.
+const REGISTRY_READ_INLINE: u64 = 64 << 10;
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// Looks for `pype-backend-<name>` in the `PYPE_QUEUES` dirs, then `PATH`.

@@ -84,6 +84,21 @@ pub struct Engine {
     pub cancels: tokio::sync::broadcast::Sender<(String, String)>,
 }
 
+impl Engine {
+    /// The working registry, read and parsed on the blocking pool (it grows with every
+    /// harvested output; agents' heartbeats share this thread).
+    async fn load_registry(&self) -> Result<Registry> {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || registry.load()).await?
+    }
+
+    /// Merges `entries` into the working registry on the blocking pool.
+    async fn merge_registry(&self, entries: Vec<(String, protocol::RegistryEntry)>) -> Result<usize> {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || registry.merge(entries)).await?
+    }
+}
+
 fn new_run_id(pipeline: &str) -> String {
     let secs = now_ms() / 1000;
     let t =
@@ -690,7 +705,7 @@ impl Engine {
                 .program(key)
                 .ok_or_else(|| anyhow!("profile {} has no program {key}", profile.name))?;
             let reg_key = protocol::registry::program_key(&profile.name, key);
-            let reg = self.registry.load()?;
+            let reg = self.load_registry().await?;
             if !force && reg.get(&reg_key).is_some() {
                 continue;
             }
@@ -753,7 +768,7 @@ impl Engine {
             })
             .await?
             .map_err(|why| anyhow!("building program {reg_key}: the result was refused: {why}"))?;
-            self.registry.merge(outcome.new_entries)?;
+            self.merge_registry(outcome.new_entries).await?;
             if let Some(r) = rep {
                 r.emit("program built", Some(&step_name), Some(outcome.attempt_id), Some(&agent), &reg_key);
             }
@@ -844,7 +859,7 @@ impl Engine {
             r = self.wait_for_agents(1, wait) => r?,
             _ = shutdown.cancelled() => return Ok(None),
         }
-        let mut reg = self.registry.load()?;
+        let mut reg = self.load_registry().await?;
         let decisions = self.decide(p, opts, done, in_flight, &reg).await?;
         let rows: Vec<(usize, &str, &str, &str)> = decisions
             .iter()
@@ -883,7 +898,7 @@ impl Engine {
             (0..p.steps.len()).filter(|&i| decisions[i].action == Planned::Run).collect();
         // External inputs not in the registry: import them from this host.
         let needed: HashSet<&String> = running_steps.iter().flat_map(|&i| p.steps[i].inputs.iter()).collect();
-        reg = self.registry.load()?;
+        reg = self.load_registry().await?;
         let mut missing: Vec<String> =
             p.external_inputs().into_iter().filter(|x| needed.contains(x) && reg.get(x).is_none()).collect();
         for x in &p.imports {
@@ -920,7 +935,7 @@ impl Engine {
                     },
                 )
             });
-            self.registry.merge(entries)?;
+            self.merge_registry(entries.collect()).await?;
             rep.emit(
                 "inputs imported",
                 None,
@@ -938,7 +953,7 @@ impl Engine {
             let wait = Duration::from_secs(opts.agent_wait_secs.max(1));
             self.build_programs(profile, &keys, false, run_id, Some(rep), wait).await?;
         }
-        let reg = self.registry.load()?;
+        let reg = self.load_registry().await?;
         Ok(Some((decisions, reg)))
     }
 

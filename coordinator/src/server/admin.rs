@@ -78,16 +78,9 @@ pub(super) async fn admin_request(coord: &Hub, req: AdminRequest) -> AdminRespon
                 });
             };
             let store = coord.store().clone();
-            let reg = match runs.registry() {
-                Ok(r) => r,
-                Err(e) => {
-                    return AdminResponse::Error(RemoteError {
-                        code: ErrorCode::Internal,
-                        message: format!("{e:#}"),
-                    });
-                }
-            };
+            // The registry is read and parsed there too.
             return match tokio::task::spawn_blocking(move || {
+                let reg = runs.registry()?;
                 crate::store::present(store.as_ref(), &reg, &paths)
             })
             .await

@@ -144,7 +144,12 @@ pub(super) async fn snapshot_stream(
             send.finish()?;
         }
         SnapshotRequest::Registry => {
-            let reply = match coord.runs().map(|e| e.registry_json()) {
+            // Read, parsed and written out again on the blocking pool: it grows with the run.
+            let json = match coord.runs() {
+                Some(runs) => Some(tokio::task::spawn_blocking(move || runs.registry_json()).await?),
+                None => None,
+            };
+            let reply = match json {
                 Some(Ok(json)) => SnapshotReply::Registry { json },
                 Some(Err(e)) => reply_err(ErrorCode::Internal, format!("{e:#}")),
                 None => reply_err(ErrorCode::NotFound, "this coordinator keeps no working registry".into()),
