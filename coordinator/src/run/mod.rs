@@ -861,7 +861,7 @@ impl Engine {
         }
         let mut reg = self.load_registry().await?;
         let decisions = self.decide(p, opts, done, in_flight, &reg).await?;
-        let rows: Vec<(usize, &str, &str, &str)> = decisions
+        let rows: Vec<(usize, String, &str, String)> = decisions
             .iter()
             .enumerate()
             .map(|(i, d)| {
@@ -871,10 +871,17 @@ impl Engine {
                     Planned::Prune => "pruned",
                     Planned::Done => "succeeded",
                 };
-                (i, p.steps[i].name.as_str(), state, d.why.as_str())
+                (i, p.steps[i].name.clone(), state, d.why.clone())
             })
             .collect();
-        self.state.plan_steps(run_id, &rows)?;
+        // A row per step in one transaction: on the blocking pool for a pipeline of thousands.
+        let (state, run) = (self.state.clone(), run_id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let rows: Vec<(usize, &str, &str, &str)> =
+                rows.iter().map(|(i, name, st, why)| (*i, name.as_str(), *st, why.as_str())).collect();
+            state.plan_steps(&run, &rows)
+        })
+        .await??;
         for (i, d) in decisions.iter().enumerate() {
             match d.action {
                 Planned::Skip => {
