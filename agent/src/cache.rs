@@ -191,14 +191,14 @@ impl Cache {
         let summary = fetched.summary;
         let d = dest.clone();
         tokio::task::spawn_blocking(move || make_read_only(&d)).await??;
-        // Writing the manifest (synced), reading it back into an index of its chunks: on a
-        // blocking thread, and the chunk map is locked only to take the index in.
+        // Writing the manifest (synced) and indexing its chunks: on a blocking thread, and the
+        // chunk map is locked only to take the index in.
         let (me, key) = (self.clone(), id.to_string());
         tokio::task::spawn_blocking(move || -> Result<()> {
             if let Some(bytes) = fetched.manifest {
                 transport::pki::write_file(&me.dir.join(format!("{key}.manifest")), &bytes, 0o644)?;
                 let mut index = HashMap::new();
-                index_manifest(&me.dir, &key, &mut index);
+                index_manifest_bytes(&me.dir, &key, &bytes, &mut index);
                 let mut chunks = me.chunks();
                 for (d, at) in index {
                     chunks.entry(d).or_insert(at);
@@ -273,8 +273,14 @@ impl Cache {
 
 /// Adds the chunks of cached snapshot `id` (from its manifest, if it has one) to `chunks`.
 fn index_manifest(dir: &Path, id: &str, chunks: &mut HashMap<Digest, Located>) {
-    let Ok(bytes) = fs::read(dir.join(format!("{id}.manifest"))) else { return };
-    match Manifest::decode(&bytes, transport::UnpackLimits { max_bytes: u64::MAX }) {
+    if let Ok(bytes) = fs::read(dir.join(format!("{id}.manifest"))) {
+        index_manifest_bytes(dir, id, &bytes, chunks);
+    }
+}
+
+/// Adds the chunks of cached snapshot `id`, whose manifest is `bytes`, to `chunks`.
+fn index_manifest_bytes(dir: &Path, id: &str, bytes: &[u8], chunks: &mut HashMap<Digest, Located>) {
+    match Manifest::decode(bytes, transport::UnpackLimits { max_bytes: u64::MAX }) {
         Ok(m) => {
             let tree = dir.join(id);
             for (d, (path, off, len)) in m.locations() {

@@ -11,7 +11,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use transport::silence::{Silence, Verdict};
 
 use anyhow::{Context, Result, anyhow, bail};
 use protocol::{
@@ -23,6 +22,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
+use transport::silence::{Silence, Verdict};
 use transport::{endpoint, framed, pki, tree::UnpackLimits};
 
 use crate::cache::Cache;
@@ -647,47 +647,44 @@ async fn session(
                     break classify(&conn.closed().await);
                 }
             }
-            frame = frames.recv() => match frame {
-                Some(Ok(CoordinatorToAgent::HeartbeatAck { .. })) => silence.heard(tokio::time::Instant::now()),
-                Some(Ok(CoordinatorToAgent::RunStep(spec))) => {
+            frame = frames.recv() => {
+                // Any frame but a farewell says the coordinator is there.
+                if let Some(Ok(f)) = &frame && !matches!(f, CoordinatorToAgent::GoingAway { .. }) {
                     silence.heard(tokio::time::Instant::now());
-                    link.runner.start(*spec);
                 }
-                Some(Ok(CoordinatorToAgent::CancelStep { attempt_id, reason })) => {
-                    silence.heard(tokio::time::Instant::now());
-                    link.runner.cancel(attempt_id, &reason);
+                match frame {
+                    Some(Ok(CoordinatorToAgent::HeartbeatAck { .. })) => {}
+                    Some(Ok(CoordinatorToAgent::RunStep(spec))) => link.runner.start(*spec),
+                    Some(Ok(CoordinatorToAgent::CancelStep { attempt_id, reason })) => {
+                        link.runner.cancel(attempt_id, &reason);
+                    }
+                    Some(Ok(CoordinatorToAgent::StepResultAck { attempt_id })) => link.runner.ack(attempt_id),
+                    Some(Ok(CoordinatorToAgent::CheckOutputs { request_id, paths, registry })) => {
+                        link.runner.check_outputs(request_id, paths, registry);
+                    }
+                    Some(Ok(CoordinatorToAgent::GoingAway { reason })) => {
+                        info!(reason = %reason, "coordinator going away");
+                    }
+                    Some(Ok(CoordinatorToAgent::Drain { reason })) => {
+                        info!(reason = %reason, "the coordinator asks this agent to drain");
+                        link.drain.cancel();
+                    }
+                    Some(Ok(CoordinatorToAgent::Welcome(_))) => {
+                        conn.close(quinn::VarInt::from_u32(CloseCode::ProtocolViolation as u32), b"second Welcome");
+                        break Ended::Lost("coordinator sent a second Welcome".into());
+                    }
+                    Some(Err(_)) | None => {
+                        let closed = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                        break match closed {
+                            Ok(err) => classify(&err),
+                            Err(_) => {
+                                conn.close(quinn::VarInt::from_u32(CloseCode::ProtocolViolation as u32), b"control stream ended");
+                                Ended::Lost("control stream ended".into())
+                            }
+                        };
+                    }
                 }
-                Some(Ok(CoordinatorToAgent::StepResultAck { attempt_id })) => {
-                    silence.heard(tokio::time::Instant::now());
-                    link.runner.ack(attempt_id);
-                }
-                Some(Ok(CoordinatorToAgent::CheckOutputs { request_id, paths, registry })) => {
-                    silence.heard(tokio::time::Instant::now());
-                    link.runner.check_outputs(request_id, paths, registry);
-                }
-                Some(Ok(CoordinatorToAgent::GoingAway { reason })) => {
-                    info!(reason = %reason, "coordinator going away");
-                }
-                Some(Ok(CoordinatorToAgent::Drain { reason })) => {
-                    silence.heard(tokio::time::Instant::now());
-                    info!(reason = %reason, "the coordinator asks this agent to drain");
-                    link.drain.cancel();
-                }
-                Some(Ok(CoordinatorToAgent::Welcome(_))) => {
-                    conn.close(quinn::VarInt::from_u32(CloseCode::ProtocolViolation as u32), b"second Welcome");
-                    break Ended::Lost("coordinator sent a second Welcome".into());
-                }
-                Some(Err(_)) | None => {
-                    let closed = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-                    break match closed {
-                        Ok(err) => classify(&err),
-                        Err(_) => {
-                            conn.close(quinn::VarInt::from_u32(CloseCode::ProtocolViolation as u32), b"control stream ended");
-                            Ended::Lost("control stream ended".into())
-                        }
-                    };
-                }
-            },
+            }
         }
     };
     reader.abort();
