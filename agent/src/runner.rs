@@ -12,7 +12,7 @@ use protocol::{
     AgentToCoordinator, LogLine, RegistryEntry, RemoteError, ResourceUsage, StepExit, StepOutcome, StepSpec,
 };
 use rustix::process::Signal;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
@@ -36,6 +36,9 @@ pub struct Runner {
     usages: Mutex<BTreeMap<u64, ResourceUsage>>,
     tasks: TaskTracker,
     draining: AtomicBool,
+    /// One permit per slot: an attempt beyond them (the coordinator queues one on an agent of
+    /// quick steps) waits here, cancellable, until one frees.
+    slots: Arc<Semaphore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -43,7 +46,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Runner {
-    pub fn new(steps: Steps, outbox: mpsc::Sender<AgentToCoordinator>) -> Arc<Self> {
+    pub fn new(steps: Steps, outbox: mpsc::Sender<AgentToCoordinator>, slots: u32) -> Arc<Self> {
         Arc::new(Self {
             steps,
             outbox,
@@ -52,6 +55,7 @@ impl Runner {
             usages: Mutex::new(BTreeMap::new()),
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            slots: Arc::new(Semaphore::new(slots.max(1) as usize)),
         })
     }
 
@@ -122,9 +126,38 @@ impl Runner {
                     });
                 });
                 let m = crate::metrics::get();
-                m.steps_running.inc();
-                let (mut outcome, usage) = me.steps.run(spec, cancel, tx, on_start).await;
-                m.steps_running.dec();
+                let permit = match me.slots.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        tracing::debug!("step queued: every slot is busy");
+                        tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => None,
+                            p = me.slots.clone().acquire_owned() => p.ok(),
+                        }
+                    }
+                };
+                let (mut outcome, usage) = match permit {
+                    Some(_slot) => {
+                        m.steps_running.inc();
+                        let ran = me.steps.run(spec, cancel, tx, on_start).await;
+                        m.steps_running.dec();
+                        ran
+                    }
+                    None => {
+                        drop(tx);
+                        let outcome = StepOutcome {
+                            attempt_id,
+                            exit: StepExit::Cancelled,
+                            error: Some("cancelled while queued for a slot: it never started".into()),
+                            backend: String::new(),
+                            outputs: Vec::new(),
+                            new_entries: Vec::new(),
+                            elapsed_ms: 0,
+                        };
+                        (outcome, None)
+                    }
+                };
                 m.steps.get_or_create(if outcome.succeeded() { &metrics::SUCCEEDED } else { &metrics::FAILED }).inc();
                 if let StepExit::Signalled(sig) = outcome.exit
                     && me.draining()

@@ -284,7 +284,7 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
         work_dir = %cfg.work_dir.display(),
         "agent ready"
     );
-    let runner = Runner::new(steps, outbox_tx);
+    let runner = Runner::new(steps, outbox_tx, cfg.slots);
     let mut link = Link {
         conn: conn_tx,
         outbox: &mut outbox,

@@ -237,11 +237,24 @@ fn delegate_v2(own: &Path) -> std::io::Result<()> {
 /// ([`Join::enter`]), or moved there by the agent while it waits ([`Join::place`]).
 pub struct Join {
     procs: Vec<CString>,
+    /// The same files held open by the cgroup, for [`Join::place`].
+    open: Vec<Arc<std::fs::File>>,
 }
 
 impl Join {
     /// Moves process `pid` (and its threads) into the cgroups, from the agent.
     pub fn place(&self, pid: u32) -> std::io::Result<()> {
+        if self.open.len() == self.procs.len() {
+            use std::os::unix::fs::FileExt;
+            let pid = pid.to_string();
+            for (f, p) in self.open.iter().zip(&self.procs) {
+                f.write_at(pid.as_bytes(), 0).map_err(|e| {
+                    let path = Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()));
+                    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+                })?;
+            }
+            return Ok(());
+        }
         for p in &self.procs {
             let path = Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()));
             std::fs::write(path, pid.to_string())
@@ -270,6 +283,10 @@ pub struct Cgroup {
     kept: bool,
     /// The counters when this attempt took the cgroup (zero for a new one).
     base: Counters,
+    /// Its control files, opened once: a kept cgroup's are read at every attempt's start and
+    /// end, and each open is a path walk and a kernfs file set up and torn down again.
+    /// Keyed by path and whether opened for writing.
+    open: Mutex<std::collections::HashMap<(PathBuf, bool), Arc<std::fs::File>>>,
 }
 
 /// What a cgroup counts from its creation on.
@@ -296,10 +313,6 @@ fn read(path: &Path) -> Option<String> {
 
 /// The most of a control file [`read`] takes (a `cgroup.procs` of some 100,000 processes).
 const CONTROL_FILE_MAX: u64 = 1 << 20;
-
-fn read_u64(path: &Path) -> Option<u64> {
-    read(path)?.trim().parse().ok()
-}
 
 /// `key value` lines (cpu.stat, memory.events, memory.oom_control, cpuacct.stat).
 fn keyed(text: &str, key: &str) -> Option<u64> {
@@ -361,7 +374,8 @@ impl Cgroup {
         } else {
             format!("{PREFIX}{attempt}")
         };
-        let mut cg = Cgroup { v2, dirs: Vec::new(), limit, kept, base: Counters::default() };
+        let mut cg =
+            Cgroup { v2, dirs: Vec::new(), limit, kept, base: Counters::default(), open: Default::default() };
         for parent in parents {
             let dir = parent.join(&name);
             match std::fs::create_dir(&dir) {
@@ -397,17 +411,78 @@ impl Cgroup {
     }
 
     pub fn join(&self) -> Join {
-        let procs = self
-            .dirs
-            .iter()
-            .filter_map(|d| CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok())
+        let paths: Vec<PathBuf> = self.dirs.iter().map(|d| d.join("cgroup.procs")).collect();
+        let open = paths.iter().filter_map(|p| self.file(p, true)).collect();
+        let procs = paths
+            .into_iter()
+            .filter_map(|p| CString::new(p.into_os_string().into_encoded_bytes()).ok())
             .collect();
-        Join { procs }
+        Join { procs, open }
+    }
+
+    /// `path` held open ([`Cgroup::open`]) for reading or for writing. `None` when it cannot
+    /// be opened (a missing file reads as nothing).
+    fn file(&self, path: &Path, write: bool) -> Option<Arc<std::fs::File>> {
+        let key = (path.to_path_buf(), write);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = open.get(&key) {
+            return Some(f.clone());
+        }
+        let f = if write {
+            std::fs::OpenOptions::new().write(true).open(path)
+        } else {
+            std::fs::File::open(path)
+        };
+        let f = Arc::new(f.ok()?);
+        open.insert(key, f.clone());
+        Some(f)
+    }
+
+    /// Forgets an open file that failed: opened again next time.
+    fn forget(&self, path: &Path, write: bool) {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).remove(&(path.to_path_buf(), write));
+    }
+
+    /// A control file's text, through its open file (see [`read`]).
+    fn read(&self, path: &Path) -> Option<String> {
+        use std::os::unix::fs::FileExt;
+        let f = self.file(path, false)?;
+        let mut text = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match f.read_at(&mut chunk, text.len() as u64) {
+                Ok(0) => break,
+                Ok(n) => text.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.forget(path, false);
+                    return None;
+                }
+            }
+            if text.len() as u64 >= CONTROL_FILE_MAX {
+                break;
+            }
+        }
+        String::from_utf8(text).ok()
+    }
+
+    fn read_u64(&self, path: &Path) -> Option<u64> {
+        self.read(path)?.trim().parse().ok()
+    }
+
+    /// Writes a control file through its open file.
+    fn write(&self, path: &Path, text: &str) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = self.file(path, true).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+        f.write_at(text.as_bytes(), 0).map(drop).inspect_err(|_| self.forget(path, true))
     }
 
     /// No process is left in it (or it cannot be read: then [`Cgroup::kill_all`] decides).
     fn is_empty(&self) -> bool {
-        self.dirs.first().and_then(|d| read(&d.join("cgroup.procs"))).is_some_and(|p| p.trim().is_empty())
+        self.dirs
+            .first()
+            .and_then(|d| self.read(&d.join("cgroup.procs")))
+            .is_some_and(|p| p.trim().is_empty())
     }
 
     /// Kills whatever is still in the cgroup (a process that left the attempt's process
@@ -415,8 +490,12 @@ impl Cgroup {
     fn kill_all(&self) {
         let Some(procs) = self.dirs.first().map(|d| d.join("cgroup.procs")) else { return };
         for _ in 0..100 {
-            let pids: Vec<i32> =
-                read(&procs).unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()).collect();
+            let pids: Vec<i32> = self
+                .read(&procs)
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
             if pids.is_empty() {
                 return;
             }
@@ -437,11 +516,11 @@ impl Cgroup {
         loop {
             let mut cg = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
             // Gone (removed by hand): dropped, and the next one tried.
-            if std::fs::write(cg.dirs[0].join("memory.max_usage_in_bytes"), "0").is_err() {
+            if cg.write(&cg.dirs[0].join("memory.max_usage_in_bytes"), "0").is_err() {
                 continue;
             }
             cg.base = cg.counters();
-            cg.base.memory_bytes = read_u64(&cg.dirs[0].join("memory.usage_in_bytes")).unwrap_or(0);
+            cg.base.memory_bytes = cg.read_u64(&cg.dirs[0].join("memory.usage_in_bytes")).unwrap_or(0);
             return Some(cg);
         }
     }
@@ -453,8 +532,8 @@ impl Cgroup {
             return;
         }
         let memory = &self.dirs[0];
-        let empty = read(&memory.join("cgroup.procs")).is_some_and(|p| p.trim().is_empty());
-        let left = read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
+        let empty = self.read(&memory.join("cgroup.procs")).is_some_and(|p| p.trim().is_empty());
+        let left = self.read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
         // A cgroup missing one of its directories (removed by hand, or by an agent in another
         // pid namespace) would fail every attempt that took it: not kept.
         let whole = self.dirs.iter().all(|d| d.join("cgroup.procs").exists());
@@ -484,32 +563,33 @@ impl Cgroup {
         };
         if self.v2 {
             let d = &self.dirs[0];
-            let cpu = read(&d.join("cpu.stat")).unwrap_or_default();
+            let cpu = self.read(&d.join("cpu.stat")).unwrap_or_default();
             c.cpu_user_ms = keyed(&cpu, "user_usec").unwrap_or(0) / 1000;
             c.cpu_system_ms = keyed(&cpu, "system_usec").unwrap_or(0) / 1000;
-            c.oom_kills = keyed(&read(&d.join("memory.events")).unwrap_or_default(), "oom_kill").unwrap_or(0);
-            (c.read_bytes, c.write_bytes) = io_stat_v2(&read(&d.join("io.stat")).unwrap_or_default());
+            c.oom_kills =
+                keyed(&self.read(&d.join("memory.events")).unwrap_or_default(), "oom_kill").unwrap_or(0);
+            (c.read_bytes, c.write_bytes) = io_stat_v2(&self.read(&d.join("io.stat")).unwrap_or_default());
         } else {
             match (
-                file("cpuacct.usage_user").and_then(|p| read_u64(&p)),
-                file("cpuacct.usage_sys").and_then(|p| read_u64(&p)),
+                file("cpuacct.usage_user").and_then(|p| self.read_u64(&p)),
+                file("cpuacct.usage_sys").and_then(|p| self.read_u64(&p)),
             ) {
                 (Some(user), Some(sys)) => {
                     c.cpu_user_ms = user / 1_000_000;
                     c.cpu_system_ms = sys / 1_000_000;
                 }
                 _ => {
-                    let stat = file("cpuacct.stat").and_then(|p| read(&p)).unwrap_or_default();
+                    let stat = file("cpuacct.stat").and_then(|p| self.read(&p)).unwrap_or_default();
                     c.cpu_user_ms = keyed(&stat, "user").unwrap_or(0).saturating_mul(1000) / TICKS_PER_SEC;
                     c.cpu_system_ms =
                         keyed(&stat, "system").unwrap_or(0).saturating_mul(1000) / TICKS_PER_SEC;
                 }
             }
-            let oom = file("memory.oom_control").and_then(|p| read(&p)).unwrap_or_default();
+            let oom = file("memory.oom_control").and_then(|p| self.read(&p)).unwrap_or_default();
             c.oom_kills = keyed(&oom, "oom_kill").unwrap_or(0);
             let io = file("blkio.throttle.io_service_bytes_recursive")
-                .and_then(|p| read(&p))
-                .or_else(|| file("blkio.throttle.io_service_bytes").and_then(|p| read(&p)))
+                .and_then(|p| self.read(&p))
+                .or_else(|| file("blkio.throttle.io_service_bytes").and_then(|p| self.read(&p)))
                 .unwrap_or_default();
             (c.read_bytes, c.write_bytes) = io_service_v1(&io);
         }
@@ -527,7 +607,10 @@ impl Cgroup {
             cpu_user_ms: now.cpu_user_ms.saturating_sub(b.cpu_user_ms),
             cpu_system_ms: now.cpu_system_ms.saturating_sub(b.cpu_system_ms),
             // From the charge the attempt found (under a MiB, see POOL_LEFTOVER) to its peak.
-            peak_memory_bytes: read_u64(&self.dirs[0].join(peak)).unwrap_or(0).saturating_sub(b.memory_bytes),
+            peak_memory_bytes: self
+                .read_u64(&self.dirs[0].join(peak))
+                .unwrap_or(0)
+                .saturating_sub(b.memory_bytes),
             read_bytes: now.read_bytes.saturating_sub(b.read_bytes),
             write_bytes: now.write_bytes.saturating_sub(b.write_bytes),
             oom_killed: now.oom_kills > b.oom_kills,
@@ -539,6 +622,8 @@ impl Drop for Cgroup {
     /// Removes the cgroup. Its processes are gone by now (the group was killed); a cgroup
     /// still busy for a moment is tried again briefly, then left (the next start sweeps it).
     fn drop(&mut self) {
+        // Closed before the directories go.
+        self.open.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
         for d in &self.dirs {
             for _ in 0..20 {
                 match std::fs::remove_dir(d) {

@@ -1484,6 +1484,8 @@ impl Engine {
             }
             StepEvent::Usage(u) => r.usage = Some(u),
             StepEvent::Finished(mut outcome) => {
+                // The agent's own figure: a false one only changes whether it queues a step.
+                sched.handle(Event::Took { attempt_id, elapsed_ms: outcome.elapsed_ms });
                 let r = running.remove(&attempt_id).expect("looked up above");
                 rep.progress.running = rep.progress.running.saturating_sub(1);
                 let step = &p.steps[r.step];

@@ -7,6 +7,13 @@
 //! slots and labels fit it (a step asking for more CPUs than an agent has runs there alone).
 //! A failing command and a lost agent are counted separately: `retries` of the step against
 //! the first, the run's infrastructure budget against the second.
+//!
+//! An agent whose last [`QUEUE_AFTER`] attempts each took under [`QUICK_MS`] is sent one step
+//! more than its slots: it waits on the agent (which runs no more than its slots at once)
+//! and starts the moment a slot frees, instead of a round trip to the coordinator later.
+//! Only steps that fit the agent's free CPUs and memory alongside the running ones go there,
+//! and an agent with room in its slots is always preferred, so a queued step waits only when
+//! every agent that fits it is busy. One attempt that takes longer ends the queueing.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -116,6 +123,12 @@ pub enum Event {
         attempt_id: u64,
         end: AttemptEnd,
     },
+    /// How long a running attempt took on its agent (said before its `Finished`): whether the
+    /// agent is sent a step to queue.
+    Took {
+        attempt_id: u64,
+        elapsed_ms: u64,
+    },
     /// Stop dispatching; running attempts are cancelled.
     Abort {
         reason: String,
@@ -191,8 +204,16 @@ struct AgentSlot {
     /// Disconnected, within its window to come back.
     away: bool,
     /// Its key in [`Scheduler::free`], while it is there.
-    indexed: Option<Reverse<i64>>,
+    indexed: Option<FreeKey>,
+    /// Its last attempts in a row that took under [`QUICK_MS`].
+    quick: u32,
 }
+
+/// An attempt this short is dominated by the round trip around it (dispatch, result,
+/// database): worth queueing the next step on its agent.
+pub const QUICK_MS: u64 = 100;
+/// Quick attempts in a row before an agent is sent a step to queue.
+pub const QUEUE_AFTER: u32 = 3;
 
 impl AgentSlot {
     /// Free CPUs in thousandths, the key it is placed by.
@@ -200,11 +221,29 @@ impl AgentSlot {
         milli(self.capacity.cpus - self.used_cpus)
     }
 
-    /// It may take a step now: not draining, not away, a slot free.
+    /// It may take a step now: not draining, not away, a slot free (or one to queue in).
     fn open(&self) -> bool {
-        !self.draining && !self.away && (self.capacity.slots == 0 || self.running < self.capacity.slots)
+        !self.draining && !self.away && self.slot_free()
+    }
+
+    /// Where it sorts in [`Scheduler::free`]: agents with a slot free before those that would
+    /// queue the step, then by most free CPUs.
+    fn key(&self) -> FreeKey {
+        let queues = self.capacity.slots != 0 && self.running >= self.capacity.slots;
+        (u8::from(queues), Reverse(self.free_milli()))
+    }
+
+    /// Steps it holds at most: its slots, and one queued behind them after a run of quick
+    /// attempts. No limit (0) stays no limit.
+    fn slot_free(&self) -> bool {
+        let queued = u32::from(self.quick >= QUEUE_AFTER);
+        self.capacity.slots == 0 || self.running < self.capacity.slots.saturating_add(queued)
     }
 }
+
+/// An open agent's place in [`Scheduler::free`]: 1 when a step sent there would queue, then
+/// its free CPUs in thousandths, most first.
+type FreeKey = (u8, Reverse<i64>);
 
 fn milli(cpus: f64) -> i64 {
     (cpus * 1000.0).round() as i64
@@ -235,9 +274,9 @@ pub struct Scheduler {
     by_attempt: HashMap<u64, usize>,
     /// Running steps by agent (including agents not up yet: adopted attempts).
     by_agent: HashMap<String, BTreeSet<usize>>,
-    /// Open agents by most free CPUs first, then by id: where a step goes is the first that
-    /// fits.
-    free: BTreeSet<(Reverse<i64>, String)>,
+    /// Open agents, those with a slot free first, then by most free CPUs, then by id: where a
+    /// step goes is the first that fits.
+    free: BTreeSet<(FreeKey, String)>,
     /// Agents by their CPUs in thousandths (a multiset): the smallest says when a walk down
     /// `free` can stop.
     capacities: BTreeMap<i64, usize>,
@@ -365,7 +404,7 @@ impl Scheduler {
     /// Puts `agent` where it belongs in [`Scheduler::free`] after any change to its slot.
     fn reindex(&mut self, agent: &str) {
         let Some(slot) = self.agents.get_mut(agent) else { return };
-        let want = slot.open().then(|| Reverse(slot.free_milli()));
+        let want = slot.open().then(|| slot.key());
         if slot.indexed == want {
             return;
         }
@@ -451,6 +490,7 @@ impl Scheduler {
                         draining: false,
                         away: false,
                         indexed: None,
+                        quick: 0,
                     };
                     for &i in self.by_agent.get(&agent).into_iter().flatten() {
                         let r = &self.steps[i].resources;
@@ -507,6 +547,15 @@ impl Scheduler {
             Event::Finished { attempt_id, end } => {
                 let Some(step) = self.running_step(attempt_id) else { return };
                 self.end_attempt(step, end);
+            }
+            Event::Took { attempt_id, elapsed_ms } => {
+                let Some(step) = self.running_step(attempt_id) else { return };
+                let StepState::Running { agent, .. } = &self.steps[step].state else { return };
+                let agent = agent.clone();
+                if let Some(a) = self.agents.get_mut(&agent) {
+                    a.quick = if elapsed_ms < QUICK_MS { a.quick.saturating_add(1) } else { 0 };
+                }
+                self.reindex(&agent);
             }
             Event::Cancel { step, reason } => {
                 if step < self.steps.len() {
@@ -675,7 +724,7 @@ impl Scheduler {
         let cpus = r.cpus.min(a.capacity.cpus);
         a.used_cpus + cpus <= a.capacity.cpus + 1e-9
             && a.used_memory + r.memory_bytes <= a.capacity.memory_bytes
-            && (a.capacity.slots == 0 || a.running < a.capacity.slots)
+            && a.slot_free()
     }
 
     fn could_ever_fit(a: &AgentSlot, r: &Resources) -> Result<(), String> {
@@ -690,19 +739,23 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The open agent with the most free CPUs (then the first by id) that fits `r` now.
+    /// The open agent that fits `r` now: one with a slot free before one that would queue it,
+    /// then the one with the most free CPUs, then the first by id.
     fn place(&self, r: &Resources) -> Option<&str> {
         let needed = milli(r.cpus);
         // An agent with fewer free CPUs than asked fits only if it has fewer CPUs than asked
         // and all of them are free: past `needed`, the walk goes on only while such agents exist.
         let smallest = self.capacities.keys().next().copied().unwrap_or(i64::MAX);
-        for (Reverse(free), id) in &self.free {
-            if *free < needed && (smallest >= needed || *free < smallest) {
-                break;
-            }
-            let a = &self.agents[id];
-            if Self::could_ever_fit(a, r).is_ok() && Self::fits(a, r) {
-                return Some(id);
+        for tier in [0u8, 1] {
+            let from = ((tier, Reverse(i64::MAX)), String::new());
+            for ((t, Reverse(free)), id) in self.free.range(from..) {
+                if *t != tier || (*free < needed && (smallest >= needed || *free < smallest)) {
+                    break;
+                }
+                let a = &self.agents[id];
+                if Self::could_ever_fit(a, r).is_ok() && Self::fits(a, r) {
+                    return Some(id);
+                }
             }
         }
         None
@@ -845,6 +898,55 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn an_agent_of_quick_steps_is_sent_one_to_queue_until_a_slow_one() {
+        let p = fan(20, 0);
+        let mut s = sched(&p, 0);
+        let one_slot = AgentCapacity { cpus: 4.0, memory_bytes: 1 << 30, slots: 1, labels: BTreeMap::new() };
+        s.handle(Event::AgentUp { agent: "a".into(), capacity: one_slot.clone() });
+        // Quick attempts, one at a time: nothing is queued before QUEUE_AFTER of them.
+        for _ in 0..QUEUE_AFTER {
+            let d = dispatched(&drain(&mut s));
+            assert_eq!(d.len(), 1, "one slot, no streak yet: {d:?}");
+            s.handle(Event::Took { attempt_id: d[0].2, elapsed_ms: QUICK_MS - 1 });
+            s.handle(Event::Finished { attempt_id: d[0].2, end: AttemptEnd::Succeeded });
+        }
+        // Now the next step goes with one queued behind it.
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d.len(), 2, "a step to queue: {d:?}");
+        assert!(d.iter().all(|x| x.1 == "a"));
+        // An agent with a slot free is preferred to queueing on a busy one.
+        s.handle(Event::AgentUp { agent: "b".into(), capacity: one_slot.clone() });
+        let d_b = dispatched(&drain(&mut s));
+        assert_eq!(d_b.len(), 1, "{d_b:?}");
+        assert_eq!(d_b[0].1, "b");
+        // Its first attempt ends: one step goes (to b, which has no streak, nothing queued).
+        s.handle(Event::Took { attempt_id: d[0].2, elapsed_ms: 1 });
+        s.handle(Event::Finished { attempt_id: d[0].2, end: AttemptEnd::Succeeded });
+        let next = dispatched(&drain(&mut s));
+        assert_eq!(next.len(), 1, "a holds its queued step and one more: {next:?}");
+        assert_eq!(next[0].1, "a");
+        // A slow attempt ends the queueing: a holds at most its one slot again.
+        s.handle(Event::Took { attempt_id: d[1].2, elapsed_ms: QUICK_MS });
+        s.handle(Event::Finished { attempt_id: d[1].2, end: AttemptEnd::Succeeded });
+        assert!(dispatched(&drain(&mut s)).is_empty(), "a is full without its streak");
+        s.handle(Event::Took { attempt_id: next[0].2, elapsed_ms: 1 });
+        s.handle(Event::Finished { attempt_id: next[0].2, end: AttemptEnd::Succeeded });
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d.len(), 1, "one slot, the streak starts over: {d:?}");
+        // An agent without a slot limit is never sent more than its CPUs take.
+        let mut s = sched(&p, 0);
+        s.handle(Event::AgentUp { agent: "c".into(), capacity: cap(2.0) });
+        for _ in 0..QUEUE_AFTER + 2 {
+            let d = dispatched(&drain(&mut s));
+            assert_eq!(d.len(), 2, "{d:?}");
+            for x in d {
+                s.handle(Event::Took { attempt_id: x.2, elapsed_ms: 1 });
+                s.handle(Event::Finished { attempt_id: x.2, end: AttemptEnd::Succeeded });
+            }
+        }
     }
 
     #[test]
@@ -1066,18 +1168,20 @@ mod tests {
             if step.state != StepState::Ready {
                 continue;
             }
-            let mut best: Option<(&String, f64)> = None;
+            // Agents with a slot free first, those that would queue the step after.
+            let mut best: Option<(&String, u8, f64)> = None;
             for (id, a) in s.agents.iter().filter(|(_, a)| !a.draining && !a.away) {
                 if Scheduler::could_ever_fit(a, &step.resources).is_ok()
                     && Scheduler::fits(a, &step.resources)
                 {
                     let free = a.capacity.cpus - a.used_cpus;
-                    if best.is_none_or(|(_, f)| free > f + 1e-6) {
-                        best = Some((id, free));
+                    let queues = u8::from(a.capacity.slots != 0 && a.running >= a.capacity.slots);
+                    if best.is_none_or(|(_, q, f)| queues < q || (queues == q && free > f + 1e-6)) {
+                        best = Some((id, queues, free));
                     }
                 }
             }
-            if let Some((id, _)) = best {
+            if let Some((id, ..)) = best {
                 return Some((i, id.clone()));
             }
         }
@@ -1112,12 +1216,8 @@ mod tests {
             }
         }
         assert_eq!(s.by_attempt.len(), counts[2]);
-        let free: BTreeSet<(Reverse<i64>, String)> = s
-            .agents
-            .iter()
-            .filter(|(_, a)| a.open())
-            .map(|(id, a)| (Reverse(a.free_milli()), id.clone()))
-            .collect();
+        let free: BTreeSet<(FreeKey, String)> =
+            s.agents.iter().filter(|(_, a)| a.open()).map(|(id, a)| (a.key(), id.clone())).collect();
         assert_eq!(free, s.free);
     }
 
@@ -1171,6 +1271,9 @@ mod tests {
                 5 if rand(4) == 0 => s.handle(Event::AgentDown { agent, reason: "gone".into() }),
                 _ if !running.is_empty() => {
                     let attempt_id = running.swap_remove(rand(running.len() as u64) as usize);
+                    // Mostly quick attempts, so agents queue steps and stop queueing.
+                    s.handle(Event::Took { attempt_id, elapsed_ms: [1, 5, 20, 500][rand(4) as usize] });
+                    check_indexes(&s);
                     let end = match rand(5) {
                         0 => AttemptEnd::CommandFailed("exit 1".into()),
                         1 => AttemptEnd::InfraFailed("lost".into()),
