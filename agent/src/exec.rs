@@ -510,9 +510,30 @@ mod tests {
         let (tx, _rx) = mpsc::channel(64);
         let (end, _) = run(s, &CancellationToken::new(), tx).await.unwrap();
         assert_eq!(end, ExecEnd::Exited(0));
-        let (_, fourth_dir) = attempt("true");
+        let (s, fourth_dir) = attempt("true");
         assert_ne!(fourth_dir.as_deref(), Some(first_dir.as_path()), "a cgroup holding 32 MB was kept");
         assert!(!first_dir.exists(), "{first_dir:?} was neither kept nor removed");
+
+        // A kept cgroup whose cpuacct directory is removed by hand while it waits in the pool
+        // (its control files are held open) is not handed out again: the next attempt gets
+        // another and runs.
+        let (tx, _rx) = mpsc::channel(64);
+        let (end, _) = run(s, &CancellationToken::new(), tx).await.unwrap();
+        assert_eq!(end, ExecEnd::Exited(0));
+        let fourth_dir = fourth_dir.unwrap();
+        let cpuacct = Hierarchies::get().cpuacct.as_ref().unwrap().join(fourth_dir.file_name().unwrap());
+        std::fs::remove_dir(&cpuacct).unwrap();
+        let (s, fifth_dir) = attempt("echo five");
+        assert_ne!(
+            fifth_dir.as_deref(),
+            Some(fourth_dir.as_path()),
+            "a cgroup missing its cpuacct part was kept"
+        );
+        let (tx, _rx) = mpsc::channel(64);
+        let (end, fifth) = run(s, &CancellationToken::new(), tx).await.unwrap();
+        assert_eq!(end, ExecEnd::Exited(0));
+        assert_eq!(fifth.unwrap().measured_by, "cgroup v1");
+        assert!(!fourth_dir.exists(), "{fourth_dir:?} was neither kept nor removed");
     }
 
     /// Says loudly that `test` is skipped for want of a cgroup hierarchy, unless

@@ -287,6 +287,8 @@ pub struct Cgroup {
     /// end, and each open is a path walk and a kernfs file set up and torn down again.
     /// Keyed by path and whether opened for writing.
     open: Mutex<std::collections::HashMap<(PathBuf, bool), Arc<std::fs::File>>>,
+    /// A control file of it failed to read or write during this attempt.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 /// What a cgroup counts from its creation on.
@@ -374,8 +376,15 @@ impl Cgroup {
         } else {
             format!("{PREFIX}{attempt}")
         };
-        let mut cg =
-            Cgroup { v2, dirs: Vec::new(), limit, kept, base: Counters::default(), open: Default::default() };
+        let mut cg = Cgroup {
+            v2,
+            dirs: Vec::new(),
+            limit,
+            kept,
+            base: Counters::default(),
+            open: Default::default(),
+            failed: Default::default(),
+        };
         for parent in parents {
             let dir = parent.join(&name);
             match std::fs::create_dir(&dir) {
@@ -438,20 +447,32 @@ impl Cgroup {
         Some(f)
     }
 
-    /// Forgets an open file that failed: opened again next time.
+    /// Forgets an open file that failed (opened again next time), and marks the cgroup as
+    /// not to be kept: one of its directories may be gone.
     fn forget(&self, path: &Path, write: bool) {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).remove(&(path.to_path_buf(), write));
+        self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// A control file's text, through its open file (see [`read`]).
+    /// A control file's text, through its open file (see [`read`]). Not `cgroup.procs`: v1
+    /// keeps the pid list an open file read first and serves it again, up to a second
+    /// stale, to later reads through that file; a fresh open reads the cgroup as it is.
     fn read(&self, path: &Path) -> Option<String> {
         use std::os::unix::fs::FileExt;
+        if path.file_name().is_some_and(|n| n == "cgroup.procs") {
+            return read(path);
+        }
         let f = self.file(path, false)?;
         let mut text = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
             match f.read_at(&mut chunk, text.len() as u64) {
                 Ok(0) => break,
+                // A control file is a seq_file: a read comes short only at its end.
+                Ok(n) if n < chunk.len() => {
+                    text.extend_from_slice(&chunk[..n]);
+                    break;
+                }
                 Ok(n) => text.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
@@ -521,6 +542,9 @@ impl Cgroup {
             }
             cg.base = cg.counters();
             cg.base.memory_bytes = cg.read_u64(&cg.dirs[0].join("memory.usage_in_bytes")).unwrap_or(0);
+            if cg.failed.load(std::sync::atomic::Ordering::Relaxed) {
+                continue; // One of its other directories is gone.
+            }
             return Some(cg);
         }
     }
@@ -535,8 +559,9 @@ impl Cgroup {
         let empty = self.read(&memory.join("cgroup.procs")).is_some_and(|p| p.trim().is_empty());
         let left = self.read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
         // A cgroup missing one of its directories (removed by hand, or by an agent in another
-        // pid namespace) would fail every attempt that took it: not kept.
-        let whole = self.dirs.iter().all(|d| d.join("cgroup.procs").exists());
+        // pid namespace) would fail every attempt that took it: not kept. This attempt wrote
+        // and read a file in each through files held open, which fail once it is gone.
+        let whole = !self.failed.load(std::sync::atomic::Ordering::Relaxed);
         if empty && whole && left < POOL_LEFTOVER {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
             if pool.len() < POOL_MAX {

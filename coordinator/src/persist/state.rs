@@ -268,6 +268,14 @@ pub enum Write {
 }
 
 impl Write {
+    /// Nothing waits on this write being committed (no result acknowledged, no attempt sent
+    /// after it): it may wait for the next transaction. A crash before then loses only a
+    /// start time or an attempt's figures; a resumed run treats a dispatched attempt as a
+    /// started one.
+    pub fn can_wait(&self) -> bool {
+        matches!(self, Write::AttemptStarted { .. } | Write::AttemptUsage { .. })
+    }
+
     pub fn step_state(run_id: &str, step: &str, state: &str, why: &str) -> Self {
         let (run_id, step, state, why) = (run_id.into(), step.into(), state.into(), why.into());
         Write::StepState { run_id, step, state, why, at_ms: now_ms() }

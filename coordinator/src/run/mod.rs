@@ -136,6 +136,9 @@ pub struct Reporter {
 /// The bytes a run moved are summed over its transfers at most this often, not at every
 /// finished step: the sum grows with the run, and a 50,000-step run would sum 50,000 times.
 const BYTES_LOOK_EVERY: Duration = Duration::from_secs(1);
+/// Longest a step's start (or an attempt's figures) waits uncommitted for a transaction
+/// that has to happen anyway.
+const COMMIT_WAIT: Duration = Duration::from_millis(200);
 
 impl Drop for Reporter {
     /// A run's steps leave `pype_steps` with it (`pype_steps_ended` keeps what they became).
@@ -330,6 +333,32 @@ struct Journal {
     writes: Vec<state::Write>,
     sends: Vec<Outgoing>,
     acks: Vec<(String, u64)>,
+    /// Since when writes that can wait ([`state::Write::can_wait`]) wait uncommitted.
+    waiting_since: Option<Instant>,
+}
+
+impl Journal {
+    /// Whether to leave the writes for a later transaction: all of them can wait, nothing
+    /// waits on them, and the first has waited less than [`COMMIT_WAIT`]. An empty step's
+    /// start then goes in with its end, one transaction instead of two.
+    fn can_wait(&mut self, now: Instant) -> bool {
+        if !self.acks.is_empty() || !self.sends.is_empty() || !self.writes.iter().all(state::Write::can_wait)
+        {
+            self.waiting_since = None;
+            return false;
+        }
+        let since = *self.waiting_since.get_or_insert(now);
+        if now.duration_since(since) < COMMIT_WAIT {
+            return true;
+        }
+        self.waiting_since = None;
+        false
+    }
+
+    /// When writes left waiting must be committed.
+    fn commit_due(&self) -> Option<Instant> {
+        self.waiting_since.map(|t| t + COMMIT_WAIT)
+    }
 }
 
 /// An attempt decided and recorded in the journal, sent once the journal is committed.
@@ -1028,6 +1057,11 @@ impl Engine {
                     )
                     .await;
                 }
+                let nothing =
+                    journal.writes.is_empty() && journal.acks.is_empty() && journal.sends.is_empty();
+                if nothing || journal.can_wait(Instant::now()) {
+                    break;
+                }
                 let results = !journal.acks.is_empty();
                 let committed = self.commit(&mut journal);
                 // Results are recorded before they are acknowledged, and a run that cannot
@@ -1094,6 +1128,11 @@ impl Engine {
                 continue;
             }
             if let Some(ok) = sched.finished() {
+                if !journal.writes.is_empty()
+                    && let Err(e) = self.commit(&mut journal)
+                {
+                    warn!(run = %run_id, "state database: {e:#}");
+                }
                 let counts = sched.counts();
                 let summary = counts.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");
                 let summary =
@@ -1105,6 +1144,7 @@ impl Engine {
             let wake = Instant::now() + Duration::from_secs(1);
             let wake = membership.next_timeout().map_or(wake, |t| t.min(wake));
             let wake = sync_due.map_or(wake, |t| t.min(wake));
+            let wake = journal.commit_due().map_or(wake, |t| t.min(wake));
             let tick = tokio::time::sleep_until(wake.into());
             tokio::select! {
                 _ = shutdown.cancelled(), if !interrupted => {
@@ -1748,6 +1788,31 @@ pub(crate) fn lost_on_reconnect<'a>(
 mod tests {
     use super::*;
     use crate::hub::AgentView;
+
+    #[test]
+    fn a_start_waits_for_the_next_transaction_but_not_long() {
+        let t0 = Instant::now();
+        let mut j = Journal::default();
+        j.writes.push(state::Write::attempt_started(7));
+        assert!(j.can_wait(t0), "a start alone waits");
+        assert_eq!(j.commit_due(), Some(t0 + COMMIT_WAIT));
+        assert!(j.can_wait(t0 + COMMIT_WAIT / 2), "still within COMMIT_WAIT");
+        assert!(!j.can_wait(t0 + COMMIT_WAIT), "waited long enough: committed");
+        assert_eq!(j.commit_due(), None);
+        // A result to acknowledge, an attempt to send, or a write something depends on:
+        // committed now, the start with it.
+        let mut j = Journal::default();
+        j.writes.push(state::Write::attempt_started(7));
+        assert!(j.can_wait(t0));
+        j.writes.push(state::Write::attempt_ended(7, "succeeded", Some("exit 0"), None, Some(3)));
+        j.acks.push(("a".into(), 7));
+        assert!(!j.can_wait(t0 + Duration::from_millis(1)));
+        assert_eq!(j.commit_due(), None);
+        let mut j = Journal::default();
+        j.writes.push(state::Write::attempt_started(7));
+        j.writes.push(state::Write::step_state("r", "s", "cancelled", "by a client"));
+        assert!(!j.can_wait(t0));
+    }
 
     #[test]
     fn a_failed_steps_tail_is_its_last_lines_however_long_or_binary_its_log() {
