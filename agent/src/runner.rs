@@ -95,15 +95,7 @@ impl Runner {
         if self.draining() {
             // Sent before the coordinator saw our Draining: refused, so it goes elsewhere.
             warn!(attempt = attempt_id, step = %spec.step, "refusing a step: this agent is draining");
-            let refused = StepOutcome {
-                attempt_id,
-                exit: StepExit::Cancelled,
-                error: Some("agent is draining: step refused before it started".into()),
-                backend: String::new(),
-                outputs: Vec::new(),
-                new_entries: Vec::new(),
-                elapsed_ms: 0,
-            };
+            let refused = not_started(attempt_id, "agent is draining: step refused before it started");
             lock(&self.pending).insert(attempt_id, refused.clone());
             let _ = self.outbox.try_send(AgentToCoordinator::StepFinished(refused));
             return;
@@ -146,16 +138,7 @@ impl Runner {
                     }
                     None => {
                         drop(tx);
-                        let outcome = StepOutcome {
-                            attempt_id,
-                            exit: StepExit::Cancelled,
-                            error: Some("cancelled while queued for a slot: it never started".into()),
-                            backend: String::new(),
-                            outputs: Vec::new(),
-                            new_entries: Vec::new(),
-                            elapsed_ms: 0,
-                        };
-                        (outcome, None)
+                        (not_started(attempt_id, "cancelled while queued for a slot: it never started"), None)
                     }
                 };
                 m.steps.get_or_create(if outcome.succeeded() { &metrics::SUCCEEDED } else { &metrics::FAILED }).inc();
@@ -259,6 +242,19 @@ impl Runner {
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait()).await.is_err() {
             warn!("steps did not finish their cleanup within {SHUTDOWN_GRACE:?}");
         }
+    }
+}
+
+/// The outcome of an attempt that ended before it started.
+fn not_started(attempt_id: u64, why: &str) -> StepOutcome {
+    StepOutcome {
+        attempt_id,
+        exit: StepExit::Cancelled,
+        error: Some(why.into()),
+        backend: String::new(),
+        outputs: Vec::new(),
+        new_entries: Vec::new(),
+        elapsed_ms: 0,
     }
 }
 

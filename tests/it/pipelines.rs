@@ -639,3 +639,71 @@ outputs = ["a.txt"]
     assert_eq!(dispatched(&p, "a"), 1, "{}", p.dump());
     assert!(fx.p("ran").exists());
 }
+
+/// An agent of quick steps is sent one step beyond its single slot: that step waits on the
+/// agent (it never runs beside the other), starts when the slot frees, and a cancel while it
+/// waits ends it without its command ever running.
+#[test]
+fn a_step_queued_behind_a_busy_slot_waits_its_turn_or_is_cancelled_unstarted() {
+    let fx = Cluster::new();
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "queued"
+[[steps]]
+name = "q1"
+command = "true"
+[[steps]]
+name = "q2"
+command = "true"
+after = ["q1"]
+[[steps]]
+name = "q3"
+command = "true"
+after = ["q2"]
+[[steps]]
+name = "long"
+command = "touch {d}/long.started; sleep 3; touch {d}/long.done"
+after = ["q3"]
+[[steps]]
+name = "second"
+command = "test -e {d}/long.done && touch {d}/second.ran"
+after = ["q3"]
+"#,
+    );
+    // Three quick steps, then two at once on the one agent: `second` waits for `long`.
+    let (run, p) = fx.run_ok(&[pipeline.to_str().unwrap(), "--agents", "1"]);
+    assert!(fx.p("second.ran").exists(), "second ran beside long, or not at all:\n{}", p.dump());
+    let lines = p.dump();
+    let at = |needle: &[&str]| lines.lines().position(|l| needle.iter().all(|n| l.contains(n)));
+    let sent = at(&["step dispatched", "step=\"second\""]).unwrap();
+    let long_ended = at(&["step exited", "step=\"long\""]).unwrap();
+    assert!(sent < long_ended, "second was not sent until long ended (nothing queued):\n{lines}");
+    assert_eq!(fx.state_of(&run, "second").0, "succeeded");
+
+    // The same, with the queued step cancelled before its turn.
+    std::fs::remove_file(fx.p("long.done")).unwrap();
+    std::fs::remove_file(fx.p("second.ran")).unwrap();
+    let pipeline = fx.pipeline(
+        "c.toml",
+        &std::fs::read_to_string(fx.p("p.toml"))
+            .unwrap()
+            .replace("name = \"queued\"", "name = \"cancelled\""),
+    );
+    let mut p = fx.start_run(&[pipeline.to_str().unwrap(), "--agents", "1"]);
+    p.wait_for(&["step dispatched", "step=\"second\""], LONG);
+    p.wait_for(&["step started", "step=\"long\""], LONG);
+    let run = run_id(&p.wait_for(&["run started"], Duration::from_secs(1)));
+    fx.cli_ok(&["cancel", &run, "second"]);
+    let status = p.wait_exit(LONG);
+    assert!(!status.success(), "a run with a cancelled step succeeded:\n{}", p.dump());
+    assert!(fx.p("long.done").exists(), "long did not finish:\n{}", p.dump());
+    assert!(!fx.p("second.ran").exists(), "second ran:\n{}", p.dump());
+    assert_eq!(fx.state_of(&run, "second").0, "cancelled");
+    assert_eq!(fx.state_of(&run, "long").0, "succeeded");
+    let log = std::fs::read_to_string(fx.state().join("local-agents/agent-1/agent.log")).unwrap();
+    let second: Vec<&str> =
+        log.lines().filter(|l| l.contains(&format!("run={run}")) && l.contains("step=second")).collect();
+    assert!(second.iter().any(|l| l.contains("cancelled while queued for a slot")), "{log}");
+    assert!(!second.iter().any(|l| l.contains("running snippet")), "{log}");
+}
