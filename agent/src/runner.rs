@@ -36,9 +36,14 @@ pub struct Runner {
     usages: Mutex<BTreeMap<u64, ResourceUsage>>,
     tasks: TaskTracker,
     draining: AtomicBool,
-    /// One permit per slot: an attempt beyond them (the coordinator queues one on an agent of
-    /// quick steps) waits here, cancellable, until one frees.
-    slots: Arc<Semaphore>,
+    /// Steps this agent runs at once.
+    slots: u32,
+    /// A permit per slot, per run (each run's scheduler counts the agent's slots on its own):
+    /// an attempt beyond them (a run queues one on an agent of quick steps) waits here until
+    /// one frees, or until it is cancelled or the agent drains. Program builds do not wait.
+    permits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Cancelled when the agent drains: attempts still waiting for a slot are refused.
+    drained: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -55,7 +60,9 @@ impl Runner {
             usages: Mutex::new(BTreeMap::new()),
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
-            slots: Arc::new(Semaphore::new(slots.max(1) as usize)),
+            slots: slots.max(1),
+            permits: Mutex::new(HashMap::new()),
+            drained: CancellationToken::new(),
         })
     }
 
@@ -66,6 +73,22 @@ impl Runner {
     /// From now on new attempts are refused; running ones go on.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        self.drained.cancel();
+    }
+
+    /// The slots of `run`, shared by its attempts while any is here.
+    fn permits(&self, run: &str) -> Arc<Semaphore> {
+        let mut all = lock(&self.permits);
+        all.entry(run.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.slots as usize))).clone()
+    }
+
+    /// Forgets `run`'s slots once no attempt of it holds them.
+    fn done_with(&self, run: &str, permits: Arc<Semaphore>) {
+        drop(permits);
+        let mut all = lock(&self.permits);
+        if all.get(run).is_some_and(|p| Arc::strong_count(p) == 1) {
+            all.remove(run);
+        }
     }
 
     pub fn draining(&self) -> bool {
@@ -118,29 +141,35 @@ impl Runner {
                     });
                 });
                 let m = crate::metrics::get();
-                let permit = match me.slots.clone().try_acquire_owned() {
-                    Ok(p) => Some(p),
+                let run = spec.run.clone();
+                let permits = me.permits(&run);
+                let build = matches!(spec.kind, protocol::StepKind::Build { .. });
+                let permit = match permits.clone().try_acquire_owned() {
+                    Ok(p) => Ok(Some(p)),
+                    Err(_) if build => Ok(None),
                     Err(_) => {
                         tracing::debug!("step queued: every slot is busy");
                         tokio::select! {
                             biased;
-                            _ = cancel.cancelled() => None,
-                            p = me.slots.clone().acquire_owned() => p.ok(),
+                            _ = cancel.cancelled() => Err("cancelled while queued for a slot: it never started"),
+                            _ = me.drained.cancelled() => Err("agent is draining: step refused before it started"),
+                            p = permits.clone().acquire_owned() => p.map(Some).map_err(|_| "no slot"),
                         }
                     }
                 };
                 let (mut outcome, usage) = match permit {
-                    Some(_slot) => {
+                    Ok(_slot) => {
                         m.steps_running.inc();
                         let ran = me.steps.run(spec, cancel, tx, on_start).await;
                         m.steps_running.dec();
                         ran
                     }
-                    None => {
+                    Err(why) => {
                         drop(tx);
-                        (not_started(attempt_id, "cancelled while queued for a slot: it never started"), None)
+                        (not_started(attempt_id, why), None)
                     }
                 };
+                me.done_with(&run, permits);
                 m.steps.get_or_create(if outcome.succeeded() { &metrics::SUCCEEDED } else { &metrics::FAILED }).inc();
                 if let StepExit::Signalled(sig) = outcome.exit
                     && me.draining()

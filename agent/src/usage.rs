@@ -442,7 +442,16 @@ impl Cgroup {
         } else {
             std::fs::File::open(path)
         };
-        let f = Arc::new(f.ok()?);
+        let f = match f {
+            Ok(f) => Arc::new(f),
+            Err(_) => {
+                // A file this kernel lacks reads as nothing; a directory gone fails the cgroup.
+                if path.parent().is_some_and(|d| !d.exists()) {
+                    self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                return None;
+            }
+        };
         open.insert(key, f.clone());
         Some(f)
     }

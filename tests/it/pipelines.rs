@@ -707,3 +707,62 @@ after = ["q3"]
     assert!(second.iter().any(|l| l.contains("cancelled while queued for a slot")), "{log}");
     assert!(!second.iter().any(|l| l.contains("running snippet")), "{log}");
 }
+
+/// SIGTERM drains an agent holding a step queued behind its one busy slot: the queued step is
+/// refused before it starts (it goes to another agent), the running one finishes there.
+#[test]
+fn a_draining_agent_refuses_the_step_it_held_queued() {
+    let fx = Cluster::new().serve();
+    let token = fx.token(&["--uses", "2"]);
+    let agent = |dir: &str, name: &str| {
+        let reg = fx.pstr(&format!("{dir}/registry.json"));
+        let agent = Agent::named(name).dir(fx.p(dir)).token(&token);
+        fx.spawn_agent(agent.env("PYPE_OVERLAY_MODE", "snapshot").env("PYPE_SNAPSHOT_REGISTRY", &reg))
+    };
+    let mut first = agent("a1", "d1");
+    let coord = fx.coord();
+    coord.proc.wait_for(&["agent joined"], LONG);
+    let pipeline = fx.pipeline(
+        "p.toml",
+        r#"
+name = "drain-queued"
+[[steps]]
+name = "q1"
+command = "true"
+[[steps]]
+name = "q2"
+command = "true"
+after = ["q1"]
+[[steps]]
+name = "q3"
+command = "true"
+after = ["q2"]
+[[steps]]
+name = "long"
+command = "sleep 3; echo run >> {d}/long.count"
+after = ["q3"]
+[[steps]]
+name = "second"
+command = "echo run >> {d}/second.count"
+after = ["q3"]
+"#,
+    );
+    let mut cmd = fx.command();
+    cmd.args(["run", "--coordinator", &coord.addr.to_string()]);
+    cmd.arg(&pipeline);
+    let mut client = Proc::spawn("run client", cmd);
+    coord.proc.wait_for(&["step dispatched", "step=\"second\""], LONG);
+    coord.proc.wait_for(&["step started", "step=\"long\""], LONG);
+    first.signal(Signal::TERM);
+    first.wait_for(&["agent is draining: step refused before it started"], T);
+    let mut other = agent("a2", "d2");
+    let ran = coord.proc.wait_for(&["step started", "step=\"second\""], LONG);
+    assert_eq!(agent_of(&ran), "d2", "{}", coord.proc.dump());
+    assert!(first.wait_exit(LONG).success(), "{}", first.dump());
+    assert!(client.wait_exit(LONG).success(), "{}", client.dump());
+    assert_eq!(std::fs::read_to_string(fx.p("long.count")).unwrap(), "run\n");
+    assert_eq!(std::fs::read_to_string(fx.p("second.count")).unwrap(), "run\n", "second ran twice");
+    assert_eq!(first.count(&["step=second", "running snippet"]), 0, "{}", first.dump());
+    other.signal(Signal::TERM);
+    assert!(other.wait_exit(LONG).success(), "{}", other.dump());
+}

@@ -1144,6 +1144,8 @@ impl Engine {
             let wake = Instant::now() + Duration::from_secs(1);
             let wake = membership.next_timeout().map_or(wake, |t| t.min(wake));
             let wake = sync_due.map_or(wake, |t| t.min(wake));
+            // Woken only to commit, the agents are not looked at (that costs time in their number).
+            let look = wake;
             let wake = journal.commit_due().map_or(wake, |t| t.min(wake));
             let tick = tokio::time::sleep_until(wake.into());
             tokio::select! {
@@ -1194,10 +1196,12 @@ impl Engine {
                     }
                 }
                 _ = tick => {
-                    rep.say_members_left_out(Instant::now(), false);
-                    self.look_at_agents(p, &mut sched, &mut membership, &mut running, rep, &mut journal);
-                    last_sync = Instant::now();
-                    sync_due = None;
+                    if Instant::now() >= look {
+                        rep.say_members_left_out(Instant::now(), false);
+                        self.look_at_agents(p, &mut sched, &mut membership, &mut running, rep, &mut journal);
+                        last_sync = Instant::now();
+                        sync_due = None;
+                    }
                 }
             }
         }
@@ -1524,8 +1528,13 @@ impl Engine {
             }
             StepEvent::Usage(u) => r.usage = Some(u),
             StepEvent::Finished(mut outcome) => {
-                // The agent's own figure: a false one only changes whether it queues a step.
-                sched.handle(Event::Took { attempt_id, elapsed_ms: outcome.elapsed_ms });
+                // The agent's own figure (a false one only changes whether it is sent a step to
+                // queue); an attempt that did not succeed ends its run of quick ones.
+                let ok = matches!(outcome.exit, protocol::StepExit::Exited(0));
+                sched.handle(Event::Took {
+                    attempt_id,
+                    elapsed_ms: if ok { outcome.elapsed_ms } else { u64::MAX },
+                });
                 let r = running.remove(&attempt_id).expect("looked up above");
                 rep.progress.running = rep.progress.running.saturating_sub(1);
                 let step = &p.steps[r.step];
