@@ -640,6 +640,22 @@ outputs = ["a.txt"]
     assert!(fx.p("ran").exists());
 }
 
+/// A pipeline of three quick steps in a row, then `long` and `second` side by side: on one
+/// agent of one slot, `second` is sent to wait behind `long`.
+fn quick_then_two(name: &str, long: &str, second: &str) -> String {
+    let mut text = format!("name = \"{name}\"\n");
+    for (i, after) in [(1, ""), (2, "q1"), (3, "q2")] {
+        text += &format!("[[steps]]\nname = \"q{i}\"\ncommand = \"true\"\n");
+        if !after.is_empty() {
+            text += &format!("after = [\"{after}\"]\n");
+        }
+    }
+    for (step, command) in [("long", long), ("second", second)] {
+        text += &format!("[[steps]]\nname = \"{step}\"\ncommand = \"{command}\"\nafter = [\"q3\"]\n");
+    }
+    text
+}
+
 /// An agent of quick steps is sent one step beyond its single slot: that step waits on the
 /// agent (it never runs beside the other), starts when the slot frees, and a cancel while it
 /// waits ends it without its command ever running.
@@ -648,28 +664,11 @@ fn a_step_queued_behind_a_busy_slot_waits_its_turn_or_is_cancelled_unstarted() {
     let fx = Cluster::new();
     let pipeline = fx.pipeline(
         "p.toml",
-        r#"
-name = "queued"
-[[steps]]
-name = "q1"
-command = "true"
-[[steps]]
-name = "q2"
-command = "true"
-after = ["q1"]
-[[steps]]
-name = "q3"
-command = "true"
-after = ["q2"]
-[[steps]]
-name = "long"
-command = "touch {d}/long.started; sleep 3; touch {d}/long.done"
-after = ["q3"]
-[[steps]]
-name = "second"
-command = "test -e {d}/long.done && touch {d}/second.ran"
-after = ["q3"]
-"#,
+        &quick_then_two(
+            "queued",
+            "touch {d}/long.started; sleep 3; touch {d}/long.done",
+            "test -e {d}/long.done && touch {d}/second.ran",
+        ),
     );
     // Three quick steps, then two at once on the one agent: `second` waits for `long`.
     let (run, p) = fx.run_ok(&[pipeline.to_str().unwrap(), "--agents", "1"]);
@@ -724,28 +723,11 @@ fn a_draining_agent_refuses_the_step_it_held_queued() {
     coord.proc.wait_for(&["agent joined"], LONG);
     let pipeline = fx.pipeline(
         "p.toml",
-        r#"
-name = "drain-queued"
-[[steps]]
-name = "q1"
-command = "true"
-[[steps]]
-name = "q2"
-command = "true"
-after = ["q1"]
-[[steps]]
-name = "q3"
-command = "true"
-after = ["q2"]
-[[steps]]
-name = "long"
-command = "sleep 3; echo run >> {d}/long.count"
-after = ["q3"]
-[[steps]]
-name = "second"
-command = "echo run >> {d}/second.count"
-after = ["q3"]
-"#,
+        &quick_then_two(
+            "drain-queued",
+            "sleep 3; echo run >> {d}/long.count",
+            "echo run >> {d}/second.count",
+        ),
     );
     let mut cmd = fx.command();
     cmd.args(["run", "--coordinator", &coord.addr.to_string()]);
