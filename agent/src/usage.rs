@@ -463,14 +463,11 @@ impl Cgroup {
         self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// A control file's text, through its open file (see [`read`]). Not `cgroup.procs`: v1
-    /// keeps the pid list an open file read first and serves it again, up to a second
-    /// stale, to later reads through that file; a fresh open reads the cgroup as it is.
+    /// A control file's text, through its open file (see [`read`]). Not for `cgroup.procs`,
+    /// which is read with [`read`], through a fresh open: v1 keeps the pid list an open file
+    /// read first and serves it again, up to a second stale, to later reads through that file.
     fn read(&self, path: &Path) -> Option<String> {
         use std::os::unix::fs::FileExt;
-        if path.file_name().is_some_and(|n| n == "cgroup.procs") {
-            return read(path);
-        }
         let f = self.file(path, false)?;
         let mut text = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -509,10 +506,7 @@ impl Cgroup {
 
     /// No process is left in it (or it cannot be read: then [`Cgroup::kill_all`] decides).
     fn is_empty(&self) -> bool {
-        self.dirs
-            .first()
-            .and_then(|d| self.read(&d.join("cgroup.procs")))
-            .is_some_and(|p| p.trim().is_empty())
+        self.dirs.first().and_then(|d| read(&d.join("cgroup.procs"))).is_some_and(|p| p.trim().is_empty())
     }
 
     /// Kills whatever is still in the cgroup (a process that left the attempt's process
@@ -520,12 +514,8 @@ impl Cgroup {
     fn kill_all(&self) {
         let Some(procs) = self.dirs.first().map(|d| d.join("cgroup.procs")) else { return };
         for _ in 0..100 {
-            let pids: Vec<i32> = self
-                .read(&procs)
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect();
+            let pids: Vec<i32> =
+                read(&procs).unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()).collect();
             if pids.is_empty() {
                 return;
             }
@@ -565,7 +555,7 @@ impl Cgroup {
             return;
         }
         let memory = &self.dirs[0];
-        let empty = self.read(&memory.join("cgroup.procs")).is_some_and(|p| p.trim().is_empty());
+        let empty = read(&memory.join("cgroup.procs")).is_some_and(|p| p.trim().is_empty());
         let left = self.read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
         // A cgroup missing one of its directories (removed by hand, or by an agent in another
         // pid namespace) would fail every attempt that took it: not kept. This attempt wrote
