@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -14,6 +15,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::launcher::{self, Launchers};
 use crate::mounts::NsPlan;
 use crate::usage::{Join, Meter};
 use protocol::ResourceUsage;
@@ -37,10 +39,12 @@ pub struct ExecSpec {
     pub record: PathBuf,
     /// How the attempt's resource use is measured (and its memory limited), if at all.
     pub meter: Option<Meter>,
+    /// Warm shells that start the snippet without an exec of bash, when they can.
+    pub launchers: Option<Arc<Launchers>>,
 }
 
 /// `bash` as found on `PATH` once, so each spawn is one `execve` instead of a search.
-fn bash_path() -> &'static std::path::Path {
+pub fn bash_path() -> &'static std::path::Path {
     static BASH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BASH.get_or_init(|| {
         let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
@@ -187,18 +191,131 @@ fn runs_code_before_the_gate(env: &[(String, String)]) -> bool {
 }
 
 async fn run_metered(
-    spec: ExecSpec,
+    mut spec: ExecSpec,
     meter: Option<&Meter>,
     cancel: &CancellationToken,
     lines: mpsc::Sender<LogLine>,
 ) -> Result<ExecEnd> {
     let join = meter.and_then(Meter::join);
+    let mut started = None;
+    if let Some(pool) = &spec.launchers
+        && spec.namespace.is_none()
+        && !runs_code_before_the_gate(&spec.env)
+    {
+        let req = launcher::Request {
+            script: &spec.script,
+            env: &spec.env,
+            cwd: &spec.cwd,
+            cgroups: join.as_ref().map(Join::paths).unwrap_or_default(),
+        };
+        if pool.can_start(&req) {
+            match pool.start(&req).await {
+                Ok(r) => started = Some(r),
+                Err(launcher::Refused(e)) => tracing::debug!("starting with bash -c: {e:#}"),
+            }
+        }
+    }
+    let (mut proc, out, err): (Proc, Option<Pipe>, Option<Pipe>) = match started {
+        Some(mut r) => {
+            let out = r.stdout.take().map(|p| Box::new(p) as Pipe);
+            let err = r.stderr.take().map(|p| Box::new(p) as Pipe);
+            (Proc::Launched(r), out, err)
+        }
+        None => {
+            let mut child = spawn_bash(&mut spec, join).await?;
+            let out = child.stdout.take().map(|p| Box::new(p) as Pipe);
+            let err = child.stderr.take().map(|p| Box::new(p) as Pipe);
+            (Proc::Bash(child), out, err)
+        }
+    };
+    let pgid = proc.pid();
+    if let Some(m) = meter {
+        m.started(pgid);
+    }
+    let header = start_time(pgid).map(|started| record_header(pgid, started)).unwrap_or_default();
+    if let Err(e) = std::fs::write(&spec.record, format!("{header}{}", spec.script)) {
+        tracing::warn!(path = %spec.record.display(), "cannot write the snippet's command.sh: {e}");
+    }
+    let out =
+        out.map(|s| tokio::spawn(pump(s, spec.stdout_log.clone(), OutputStream::Stdout, lines.clone())));
+    let err = err.map(|s| tokio::spawn(pump(s, spec.stderr_log.clone(), OutputStream::Stderr, lines)));
+    let deadline = async {
+        match spec.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let forced = tokio::select! {
+        end = proc.wait() => {
+            // Whatever the snippet left running in its group goes with it.
+            kill_group(pgid, Signal::KILL);
+            finish(out, err).await;
+            proc.release(spec.launchers.as_deref());
+            return end;
+        }
+        _ = cancel.cancelled() => ExecEnd::Cancelled,
+        _ = deadline => ExecEnd::TimedOut,
+    };
+    kill_group(pgid, Signal::TERM);
+    if tokio::time::timeout(KILL_GRACE, proc.wait()).await.is_err() {
+        kill_group(pgid, Signal::KILL);
+        let _ = proc.wait().await;
+    }
+    kill_group(pgid, Signal::KILL);
+    finish(out, err).await;
+    proc.release(spec.launchers.as_deref());
+    Ok(forced)
+}
+
+type Pipe = Box<dyn AsyncRead + Unpin + Send>;
+
+/// The snippet's shell: a `bash -c` of the agent's, or a launcher's fork.
+enum Proc {
+    Bash(tokio::process::Child),
+    Launched(launcher::Running),
+}
+
+impl Proc {
+    /// Its process group (its pid).
+    fn pid(&self) -> i32 {
+        match self {
+            Proc::Bash(c) => c.id().map(|p| p as i32).unwrap_or(0),
+            Proc::Launched(r) => r.pid,
+        }
+    }
+
+    /// How it ended. Cancel-safe.
+    async fn wait(&mut self) -> Result<ExecEnd> {
+        match self {
+            Proc::Bash(c) => {
+                let status = c.wait().await.context("waiting for bash")?;
+                use std::os::unix::process::ExitStatusExt;
+                Ok(match (status.code(), status.signal()) {
+                    (Some(c), _) => ExecEnd::Exited(c),
+                    (None, Some(s)) => ExecEnd::Signalled(s),
+                    (None, None) => ExecEnd::Exited(-1),
+                })
+            }
+            Proc::Launched(r) => Ok(ExecEnd::Exited(r.wait().await?)),
+        }
+    }
+
+    fn release(self, pool: Option<&Launchers>) {
+        if let (Proc::Launched(r), Some(pool)) = (self, pool) {
+            r.release(pool);
+        }
+    }
+}
+
+/// Starts `bash -c` with the snippet, moved into its cgroups (`join`) before it runs.
+async fn spawn_bash(spec: &mut ExecSpec, join: Option<Join>) -> Result<tokio::process::Child> {
     // A child that joins its cgroups itself must do it between `fork` and `exec`, and a fork
     // of the agent (copying its page tables, then copy-on-write faults in the agent until the
     // exec) costs more than the snippet `true`. So when nothing else must happen in the child
     // (no mount namespace), it is spawned without a fork (`posix_spawn`) and waits at a gate
     // while the agent moves it into the cgroups. Before the gate it has started nothing.
-    let gated = join.is_some() && spec.namespace.is_none() && !runs_code_before_the_gate(&spec.env);
+    let plan = spec.namespace.take();
+    let gated = join.is_some() && plan.is_none() && !runs_code_before_the_gate(&spec.env);
     let mut cmd = Command::new(bash_path());
     cmd.arg("-c")
         .arg(format!("{}set -eo pipefail\n{}", if gated { GATE } else { "" }, spec.script))
@@ -210,8 +327,7 @@ async fn run_metered(
         .process_group(0)
         .kill_on_drop(true);
     let (gate_join, join): (Option<Join>, Option<Join>) = if gated { (join, None) } else { (None, join) };
-    if spec.namespace.is_some() || join.is_some() {
-        let plan = spec.namespace;
+    if plan.is_some() || join.is_some() {
         // A mount namespace must be entered by the child alone (entered by the agent, it would
         // hold the agent's own thread), and so must its cgroups then (nothing it starts may
         // run outside them); std has no safe hook between `fork` and `exec`: `process_group`
@@ -255,52 +371,7 @@ async fn run_metered(
             return Err(e).context("moving the snippet into its cgroups");
         }
     }
-    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-    if let Some(m) = meter {
-        m.started(pgid);
-    }
-    let header = start_time(pgid).map(|started| record_header(pgid, started)).unwrap_or_default();
-    if let Err(e) = std::fs::write(&spec.record, format!("{header}{}", spec.script)) {
-        tracing::warn!(path = %spec.record.display(), "cannot write the snippet's command.sh: {e}");
-    }
-    let out = child
-        .stdout
-        .take()
-        .map(|s| tokio::spawn(pump(s, spec.stdout_log.clone(), OutputStream::Stdout, lines.clone())));
-    let err = child
-        .stderr
-        .take()
-        .map(|s| tokio::spawn(pump(s, spec.stderr_log.clone(), OutputStream::Stderr, lines)));
-    let deadline = async {
-        match spec.timeout {
-            Some(t) => tokio::time::sleep(t).await,
-            None => std::future::pending().await,
-        }
-    };
-    let forced = tokio::select! {
-        status = child.wait() => {
-            let status = status.context("waiting for bash")?;
-            // Whatever the snippet left running in its group goes with it.
-            kill_group(pgid, Signal::KILL);
-            finish(out, err).await;
-            use std::os::unix::process::ExitStatusExt;
-            return Ok(match (status.code(), status.signal()) {
-                (Some(c), _) => ExecEnd::Exited(c),
-                (None, Some(s)) => ExecEnd::Signalled(s),
-                (None, None) => ExecEnd::Exited(-1),
-            });
-        }
-        _ = cancel.cancelled() => ExecEnd::Cancelled,
-        _ = deadline => ExecEnd::TimedOut,
-    };
-    kill_group(pgid, Signal::TERM);
-    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
-        kill_group(pgid, Signal::KILL);
-        let _ = child.wait().await;
-    }
-    kill_group(pgid, Signal::KILL);
-    finish(out, err).await;
-    Ok(forced)
+    Ok(child)
 }
 
 async fn finish(out: Option<tokio::task::JoinHandle<()>>, err: Option<tokio::task::JoinHandle<()>>) {
@@ -381,9 +452,45 @@ mod tests {
             namespace,
             record: dir.join("command.sh"),
             meter: None,
+            launchers: None,
         }
     }
 
+    /// `spec`, started by one of `pool`'s launchers when it can be.
+    fn launched(dir: &Path, script: &str, pool: &Arc<Launchers>) -> ExecSpec {
+        ExecSpec { launchers: Some(pool.clone()), ..spec(dir, script, None) }
+    }
+
+    fn pool(dir: &Path) -> Arc<Launchers> {
+        Arc::new(Launchers::new(dir.join("launch"), bash_path().into()).expect("launchers"))
+    }
+
+    /// Runs `s`; its end, stdout and stderr.
+    async fn outcome(s: ExecSpec) -> (ExecEnd, String, String) {
+        let (out, err) = (s.stdout_log.clone(), s.stderr_log.clone());
+        let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(&err);
+        let (tx, _rx) = mpsc::channel(256);
+        let (end, _) = run(s, &CancellationToken::new(), tx).await.unwrap();
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        (end, read(&out), read(&err))
+    }
+
+    /// What a snippet can see of how it was started, apart from pids and what a launcher is
+    /// allowed to change (`$0`, `BASH_SUBSHELL`, the `c` in `$-`, bash's fd 255 on the script).
+    const PROBE: &str = r#"read -r _ _ _ _ pgrp _ < /proc/$$/stat
+[ "$pgrp" = "$$" ] && echo "leads its process group"
+[ "$$" = "$BASHPID" ] && echo "\$\$ is its own pid"
+echo "parent is the agent: $([ "$PPID" = "$AGENT" ] && echo yes || echo no)"
+env -0 | sort -z | tr '\0' '
+' | grep -av '^_='
+for f in /proc/$BASHPID/fd/*; do [ "${f##*/}" = 255 ] || echo "fd ${f##*/} -> $(readlink "$f" | sed 's/[0-9]\+/N/g')"; done
+grep -E '^Sig(Ign|Blk)' /proc/$BASHPID/status
+umask; ulimit -a; set -o; shopt -p; trap -p; declare -F; alias
+echo "SHLVL=$SHLVL PWD=$PWD OLDPWD=${OLDPWD-unset} cwd=$(pwd -P) opts=${-/c/}"
+compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
+' ' '
+"#;
     #[tokio::test]
     async fn a_snippet_in_a_namespace_sees_its_mounts_and_the_host_does_not() {
         let test = "a_snippet_in_a_namespace_sees_its_mounts_and_the_host_does_not";
@@ -653,6 +760,35 @@ mod tests {
             .filter(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == controllers)))
             .collect();
         assert!(!lines.is_empty() && lines.iter().all(|l| l.ends_with(&name)), "ran outside {name}: {seen}");
+    }
+
+    #[tokio::test]
+    async fn a_launched_snippet_sees_what_bash_c_shows_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = pool(tmp.path());
+        let cwd = tmp.path().join("work dir 'quoted'");
+        std::fs::create_dir_all(&cwd).unwrap();
+        let env = vec![
+            ("AGENT".to_string(), std::process::id().to_string()),
+            ("TRICKY".to_string(), "it's \"quoted\" $HOME `date` \\\nsecond line".to_string()),
+            ("EMPTY".to_string(), String::new()),
+        ];
+        let run_one = |launcher: bool| {
+            let mut s =
+                if launcher { launched(tmp.path(), PROBE, &pool) } else { spec(tmp.path(), PROBE, None) };
+            s.cwd = cwd.clone();
+            s.env = env.clone();
+            outcome(s)
+        };
+        let (end, plain, err) = run_one(false).await;
+        assert_eq!(end, ExecEnd::Exited(0), "{err}");
+        let (end, warm, err) = run_one(true).await;
+        assert_eq!(end, ExecEnd::Exited(0), "{err}");
+        assert!(plain.contains("parent is the agent: yes"), "{plain}");
+        assert!(warm.contains("parent is the agent: no"), "not started by a launcher: {warm}");
+        let same = |t: &str| t.replace("parent is the agent: no", "parent is the agent: yes");
+        assert_eq!(same(&warm), plain);
+        assert!(plain.contains("leads its process group") && plain.contains("is its own pid"), "{plain}");
     }
 
     #[test]

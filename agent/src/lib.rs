@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod cache;
 pub mod exec;
 pub mod facts;
+pub mod launcher;
 pub mod metrics;
 pub mod mounts;
 pub mod objects;

@@ -171,7 +171,13 @@ impl Runner {
                 };
                 me.done_with(&run, permits);
                 m.steps.get_or_create(if outcome.succeeded() { &metrics::SUCCEEDED } else { &metrics::FAILED }).inc();
-                if let StepExit::Signalled(sig) = outcome.exit
+                // A launcher's snippet reports a signal as bash does: 128 + the signal.
+                let signalled = match outcome.exit {
+                    StepExit::Signalled(sig) => Some(sig),
+                    StepExit::Exited(c) if c > 128 => Some(c - 128),
+                    _ => None,
+                };
+                if let Some(sig) = signalled
                     && me.draining()
                     && [Signal::TERM, Signal::KILL, Signal::INT, Signal::HUP].iter().any(|s| s.as_raw() == sig)
                 {

@@ -274,6 +274,14 @@ pub async fn run(cfg: AgentConfig, stop: Stop) -> Result<()> {
         cache,
         remote: quic.clone(),
         registry_lock: Default::default(),
+        launchers: cfg
+            .settings
+            .launcher
+            .then(|| {
+                crate::launcher::Launchers::new(cfg.work_dir.join("launch"), crate::exec::bash_path().into())
+            })
+            .flatten()
+            .map(Arc::new),
     };
     if cfg.fetch_registry {
         tokio::spawn(fetch_registry(quic, steps.clone(), shutdown.clone()));

@@ -11,6 +11,8 @@
 //! | `PYPE_CACHE_SIZE_BYTES` | 21474836480 (20 GiB) of restored snapshots kept |
 //! | `PYPE_OVERLAY_MOUNT` | `auto`: mount overlayfs when root; `never`: build views with hardlinks |
 //! | `PYPE_MOUNT_NAMESPACE` | `auto`: present views at the original paths in a private mount namespace when root; `never`: rewrite paths |
+//! | `PYPE_CGROUPS` | `auto`: measure (and limit) each attempt in a cgroup of its own when possible; `never`: sample its process group |
+//! | `PYPE_LAUNCHER` | `auto`: start snippets from a warm bash (a fork, no exec) where that gives them what `bash -c` does; `never`: always `bash -c` |
 //!
 //! Connection keys (also flags of `pype-agent run`): `PYPE_COORDINATOR`, `PYPE_TOKEN`,
 //! `PYPE_CA`, `PYPE_INSTANCE_ID`, `PYPE_AGENT_STATE_DIR`, `PYPE_WORK_DIR`, `PYPE_SLOTS`,
@@ -36,6 +38,8 @@ const KNOWN_KEYS: &[&str] = &[
     "PYPE_CACHE_SIZE_BYTES",
     "PYPE_OVERLAY_MOUNT",
     "PYPE_MOUNT_NAMESPACE",
+    "PYPE_CGROUPS",
+    "PYPE_LAUNCHER",
     "PYPE_COORDINATOR",
     "PYPE_TOKEN",
     "PYPE_INSTANCE_ID",
@@ -62,6 +66,9 @@ pub struct Settings {
     /// `PYPE_CGROUPS`: measure (and limit) each attempt in a cgroup of its own when the agent
     /// can create one (`auto`), or never (`never`: its process group is sampled instead).
     pub cgroups: bool,
+    /// `PYPE_LAUNCHER`: start snippets from a warm bash when that gives them what `bash -c`
+    /// would (`auto`), or always with `bash -c` (`never`). See `launcher.rs`.
+    pub launcher: bool,
     pub work_dir: PathBuf,
 }
 
@@ -139,6 +146,7 @@ impl Settings {
             mount_overlay: policy(cfg, "PYPE_OVERLAY_MOUNT")?,
             mount_namespace: policy(cfg, "PYPE_MOUNT_NAMESPACE")?,
             cgroups: policy(cfg, "PYPE_CGROUPS")?,
+            launcher: policy(cfg, "PYPE_LAUNCHER")?,
             work_dir: work_dir.to_path_buf(),
         })
     }

@@ -39,6 +39,8 @@ pub struct Steps {
     pub remote: Arc<dyn SnapshotRemote>,
     /// Serializes read-modify-write of the agent's registry file.
     pub registry_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Warm shells that start snippets (`None`: every snippet starts with `bash -c`).
+    pub launchers: Option<Arc<crate::launcher::Launchers>>,
 }
 
 /// Called once the snippet is about to start: backend name and how the view is shown.
@@ -300,6 +302,7 @@ impl Steps {
                 namespace,
                 record: self.record(spec),
                 meter: Some(meter),
+                launchers: self.launchers.clone(),
             },
             cancel,
             lines,

@@ -242,6 +242,11 @@ pub struct Join {
 }
 
 impl Join {
+    /// The `cgroup.procs` files to move into.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.procs.iter().map(|p| Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()))).collect()
+    }
+
     /// Moves process `pid` (and its threads) into the cgroups, from the agent.
     pub fn place(&self, pid: u32) -> std::io::Result<()> {
         if self.open.len() == self.procs.len() {
