@@ -690,9 +690,9 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
         assert!(procs.trim().is_empty(), "left in {dir:?}: {procs}");
     }
 
-    /// Both ways into the attempt's cgroups (the gate, and `pre_exec` when `BASH_ENV` would
-    /// run code before the gate) put the shell and what it starts there, and leave the snippet
-    /// an empty stdin.
+    /// All three ways into the attempt's cgroups (a launcher's fork joining them itself, the
+    /// gate, and `pre_exec` when `BASH_ENV` would run code before the gate) put the shell and
+    /// what it starts there, and leave the snippet an empty stdin.
     #[tokio::test]
     async fn a_snippet_and_its_children_run_in_the_attempts_cgroups_gated_or_not() {
         let test = "a_snippet_and_its_children_run_in_the_attempts_cgroups_gated_or_not";
@@ -700,7 +700,11 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
             return;
         }
         let _one_at_a_time = CGROUP_POOL.lock().await;
-        for (i, bash_env) in [false, true].into_iter().enumerate() {
+        let launch = tempfile::tempdir().unwrap();
+        let pool = pool(launch.path());
+        for (i, (bash_env, launcher)) in
+            [(false, false), (true, false), (false, true)].into_iter().enumerate()
+        {
             let attempt = (u64::from(std::process::id()) << 8) + i as u64;
             let meter = Meter::new(true, attempt, None);
             let meter_dir = meter.cgroup_dir().map(Path::to_path_buf).unwrap_or_default();
@@ -710,8 +714,10 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
             }
             let tmp = tempfile::tempdir().unwrap();
             let script = "cat /proc/self/cgroup; (cat /proc/self/cgroup) & wait; \
-                          if read -r line; then echo \"stdin: $line\"; else echo stdin-empty; fi";
-            let mut s = spec(tmp.path(), script, None);
+                          if read -r line; then echo \"stdin: $line\"; else echo stdin-empty; fi; \
+                          echo \"parent $PPID\"";
+            let mut s =
+                if launcher { launched(tmp.path(), script, &pool) } else { spec(tmp.path(), script, None) };
             s.meter = Some(meter);
             if bash_env {
                 std::fs::write(tmp.path().join("env.sh"), "echo sourced\n").unwrap();
@@ -734,6 +740,8 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
             assert!(memory.iter().all(|l| l.ends_with(&name)), "bash_env={bash_env}: not in {name}: {out}");
             assert!(out.contains("stdin-empty"), "bash_env={bash_env}: {out}");
             assert_eq!(out.contains("sourced"), bash_env, "{out}");
+            let agent = format!("parent {}", std::process::id());
+            assert_eq!(!out.contains(&agent), launcher, "launched or not: {out}");
             assert!(usage.is_some_and(|u| u.measured_by.starts_with("cgroup")));
         }
         // An exported function named like the gate's `read` would run before the gate, maybe
@@ -789,6 +797,89 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
         let same = |t: &str| t.replace("parent is the agent: no", "parent is the agent: yes");
         assert_eq!(same(&warm), plain);
         assert!(plain.contains("leads its process group") && plain.contains("is its own pid"), "{plain}");
+    }
+
+    /// The launcher's pid a launched snippet printed first (its `$PPID`).
+    fn parent(out: &str) -> u32 {
+        out.lines().next().and_then(|l| l.parse().ok()).unwrap_or_else(|| panic!("no parent in {out:?}"))
+    }
+
+    /// A launched snippet's exit code and both streams come back; one that times out goes
+    /// with its whole group, and its launcher then starts the next snippet.
+    #[tokio::test]
+    async fn a_launched_snippet_ends_like_bash_c_and_its_launcher_serves_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = pool(tmp.path());
+        let (end, out, err) = outcome(launched(tmp.path(), "echo $PPID; echo oops >&2; exit 3", &pool)).await;
+        assert_eq!((end, err.as_str()), (ExecEnd::Exited(3), "oops\n"));
+        let launcher = parent(&out);
+        assert_ne!(launcher, std::process::id(), "not started by a launcher");
+
+        let mut s = launched(tmp.path(), "echo $PPID; sleep 600 & echo $!; wait", &pool);
+        s.timeout = Some(Duration::from_millis(500));
+        let (end, out, _) = outcome(s).await;
+        assert_eq!(end, ExecEnd::TimedOut);
+        assert_eq!(parent(&out), launcher, "the same launcher again");
+        let sleep: i32 = out.lines().nth(1).unwrap().parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{sleep}/stat"))
+            .is_ok_and(|s| !s.rsplit(") ").next().is_some_and(|r| r.starts_with('Z')))
+        {
+            assert!(std::time::Instant::now() < deadline, "the background sleep outlived the timeout");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let (end, out, _) = outcome(launched(tmp.path(), "echo $PPID; set -o | grep -c 'on$'", &pool)).await;
+        assert_eq!(end, ExecEnd::Exited(0));
+        assert_eq!(parent(&out), launcher, "the launcher was given back after the timeout");
+    }
+
+    /// What a launcher cannot start exactly as `bash -c` would goes to `bash -c`, with the
+    /// same result; the launchers go on serving the snippets they can start.
+    #[tokio::test]
+    async fn a_snippet_a_launcher_cannot_start_goes_to_bash_c() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = pool(tmp.path());
+        let me = std::process::id();
+        // A name bash cannot export.
+        let mut s = launched(tmp.path(), "echo $PPID; env | grep '^odd-name='", &pool);
+        s.env.push(("odd-name".into(), "1".into()));
+        let (end, out, err) = outcome(s).await;
+        assert_eq!(end, ExecEnd::Exited(0), "{err}");
+        assert_eq!((parent(&out), out.lines().nth(1)), (me, Some("odd-name=1")));
+        // A working directory that is not there: the launcher's fork gives up before the
+        // snippet, and `bash -c` fails to start as it always did.
+        let mut s = launched(tmp.path(), "echo ran > ran", &pool);
+        s.cwd = tmp.path().join("missing");
+        let (tx, _rx) = mpsc::channel(16);
+        let failed = run(s, &CancellationToken::new(), tx).await.map(|(end, _)| end);
+        assert!(failed.as_ref().is_err_and(|e| format!("{e:#}").contains("starting bash")), "{failed:?}");
+        assert!(!tmp.path().join("ran").exists());
+        // The launchers are not given up on for that.
+        let (end, out, _) = outcome(launched(tmp.path(), "echo $PPID", &pool)).await;
+        assert_eq!(end, ExecEnd::Exited(0));
+        assert_ne!(parent(&out), me, "launchers were given up on");
+    }
+
+    /// A snippet that kills its launcher fails (its end cannot be known), and the next
+    /// snippet gets a new launcher.
+    #[tokio::test]
+    async fn a_snippet_that_kills_its_launcher_fails_and_the_next_gets_a_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = pool(tmp.path());
+        let (end, out, _) = outcome(launched(tmp.path(), "echo $PPID", &pool)).await;
+        assert_eq!(end, ExecEnd::Exited(0));
+        let first = parent(&out);
+        let (tx, _rx) = mpsc::channel(16);
+        let s = launched(tmp.path(), "kill -9 $PPID; sleep 600", &pool);
+        let started = std::time::Instant::now();
+        let failed = run(s, &CancellationToken::new(), tx).await.map(|(end, _)| end);
+        assert!(failed.as_ref().is_err_and(|e| format!("{e:#}").contains("launcher")), "{failed:?}");
+        assert!(started.elapsed() < Duration::from_secs(30), "waited for the orphaned snippet");
+        let (end, out, _) = outcome(launched(tmp.path(), "echo $PPID", &pool)).await;
+        assert_eq!(end, ExecEnd::Exited(0));
+        let second = parent(&out);
+        assert!(second != first && second != std::process::id(), "{first} then {second}");
     }
 
     #[test]

@@ -55,6 +55,8 @@ const CWD_FAILED: i32 = 122;
 /// The agent's launchers: idle ones wait here between snippets.
 pub struct Launchers {
     dir: PathBuf,
+    /// The agent's pid as `/proc` names it (which may not be the agent's own pid namespace).
+    proc_pid: u32,
     bash: PathBuf,
     idle: Mutex<Vec<Launcher>>,
     next: AtomicU64,
@@ -96,20 +98,24 @@ pub struct Running {
 }
 
 impl Launchers {
-    /// Launchers keeping their files in `dir` (emptied first), or `None` when scripts there
-    /// cannot be executed (a `noexec` mount).
+    /// Launchers keeping their files in `dir` (emptied first; only the agent's user can read
+    /// it: requests hold the snippets' environments), or `None` when scripts there cannot be
+    /// executed (a `noexec` mount) or `/proc` does not show the agent.
     pub fn new(dir: PathBuf, bash: PathBuf) -> Option<Self> {
+        use std::os::unix::fs::DirBuilderExt;
         let _ = std::fs::remove_dir_all(&dir);
         let probe = dir.join("probe");
-        let ok = std::fs::create_dir_all(&dir).is_ok()
+        let ok = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).is_ok()
             && std::fs::OpenOptions::new().write(true).create(true).mode(0o700).open(&probe).is_ok()
             && rustix::fs::access(&probe, rustix::fs::Access::EXEC_OK).is_ok();
         if !ok {
             tracing::warn!(dir = %dir.display(), "cannot execute files here: snippets start with bash -c");
             return None;
         }
+        let proc_pid = std::fs::read_link("/proc/self").ok()?.to_str()?.parse().ok()?;
         Some(Self {
             dir,
+            proc_pid,
             bash,
             idle: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
@@ -134,7 +140,7 @@ impl Launchers {
         };
         let out = std::io::pipe().context("creating the snippet's stdout pipe").map_err(Refused)?;
         let err = std::io::pipe().context("creating the snippet's stderr pipe").map_err(Refused)?;
-        let text = request(req, out.1.as_raw_fd(), err.1.as_raw_fd());
+        let text = request(req, self.proc_pid, out.1.as_raw_fd(), err.1.as_raw_fd());
         let written = std::fs::write(&launcher.script, format!("set -eo pipefail\n{}", req.script))
             .and_then(|()| std::fs::write(&launcher.req, text))
             .with_context(|| format!("writing the snippet's script in {}", self.dir.display()));
@@ -203,6 +209,13 @@ impl Launchers {
             .mode(0o700)
             .open(&script)
             .with_context(|| format!("creating {}", script.display()))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&req)
+            .with_context(|| format!("creating {}", req.display()))?;
         let mut child = Command::new(&self.bash)
             .arg("-c")
             .arg(LOOP)
@@ -292,9 +305,8 @@ fn quote(s: &str) -> String {
 /// The bash a fork sources: output pipes, cgroups, working directory and environment, then
 /// the script. `SHLVL` and `OLDPWD` are set to what `bash -c` would have been given (the
 /// fork's own are the launcher's: one level deeper, and the directory `cd` left).
-fn request(req: &Request, out: i32, err: i32) -> String {
+fn request(req: &Request, agent: u32, out: i32, err: i32) -> String {
     use std::fmt::Write;
-    let agent = std::process::id();
     let mut s = format!("exec 3>&1 </dev/null >/proc/{agent}/fd/{out} 2>/proc/{agent}/fd/{err}\n");
     for p in &req.cgroups {
         let _ = writeln!(s, "echo 0 >{} || exit {CGROUP_FAILED}", quote(p.to_str().unwrap_or_default()));
