@@ -7,8 +7,10 @@
 //! Overhead: a chain of empty steps (`true`, each `after` the previous) on one warm agent; the
 //! time from one step's dispatch to the next one's is a full round trip (dispatch, agent,
 //! bash, result, database, scheduling). Throughput: independent empty steps over 4 agents,
-//! from the first dispatch to the end of the run. Ceiling: the same number of bash spawns from
-//! 4 threads with nothing else running, the most any scheduler could reach on this machine.
+//! from the first dispatch to the end of the run, with snippets started by the agents'
+//! launchers (the default), then again with `bash -c` for each (`PYPE_LAUNCHER=never`).
+//! Ceiling: the same number of bash spawns from 4 threads with nothing else running, the most
+//! any scheduler starting `bash` for each step could reach on this machine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -36,8 +38,9 @@ fn ts_us(line: &str) -> Option<f64> {
     Some(((h * 60.0 + m) * 60.0 + s) * 1e6)
 }
 
-fn run(bin: &Path, state: &Path, pipeline: &Path, agents: usize) -> Vec<String> {
+fn run(bin: &Path, state: &Path, pipeline: &Path, agents: usize, launcher: bool) -> Vec<String> {
     let out = Command::new(bin)
+        .env("PYPE_LAUNCHER", if launcher { "auto" } else { "never" })
         .arg("--state-dir")
         .arg(state)
         .args(["run", "--agents", &agents.to_string(), "--no-materialize"])
@@ -93,7 +96,7 @@ fn main() {
     }
     let p = dir.path().join("chain.toml");
     std::fs::write(&p, text).unwrap();
-    let lines = run(&bin, &dir.path().join("state-chain"), &p, 1);
+    let lines = run(&bin, &dir.path().join("state-chain"), &p, 1, true);
     let dispatches: Vec<f64> = lines
         .iter()
         .filter(|l| l.contains("coordinator::run: step dispatched"))
@@ -112,13 +115,19 @@ fn main() {
     }
     let p = dir.path().join("fan.toml");
     std::fs::write(&p, text).unwrap();
-    let started = Instant::now();
-    let lines = run(&bin, &dir.path().join("state-fan"), &p, 4);
-    let wall = started.elapsed().as_secs_f64();
-    let first = lines.iter().find(|l| l.contains("step dispatched")).and_then(|l| ts_us(l)).unwrap();
-    let last = lines.iter().rev().find(|l| l.contains("run finished")).and_then(|l| ts_us(l)).unwrap();
-    let secs = (last - first) / 1e6;
-    let rate = fan as f64 / secs;
+    let fan_rate = |launcher: bool| {
+        let started = Instant::now();
+        let state = dir.path().join(if launcher { "state-fan" } else { "state-fan-bash-c" });
+        let lines = run(&bin, &state, &p, 4, launcher);
+        let wall = started.elapsed().as_secs_f64();
+        let first = lines.iter().find(|l| l.contains("step dispatched")).and_then(|l| ts_us(l)).unwrap();
+        let last = lines.iter().rev().find(|l| l.contains("run finished")).and_then(|l| ts_us(l)).unwrap();
+        let secs = (last - first) / 1e6;
+        (fan as f64 / secs, secs, wall)
+    };
+    let (rate, secs, wall) = fan_rate(true);
+    // The same fan with every snippet started by `bash -c` (PYPE_LAUNCHER=never).
+    let (bash_c_rate, bash_c_secs, _) = fan_rate(false);
 
     println!("bash -c true spawn:        median {bash_med:.2} ms ({} runs)", bash.len());
     println!(
@@ -137,4 +146,8 @@ fn main() {
         "throughput:                {rate:.0} steps/s ({fan} steps, 4 agents, {secs:.2} s dispatch to finish, {wall:.2} s with startup; target >= 1000)"
     );
     println!("throughput / ceiling:      {:.2}", rate / ceiling);
+    println!(
+        "with bash -c per snippet:  {bash_c_rate:.0} steps/s ({bash_c_secs:.2} s, PYPE_LAUNCHER=never), {:.2} of the ceiling",
+        bash_c_rate / ceiling
+    );
 }
