@@ -219,7 +219,7 @@ async fn run_metered(
         Some(mut r) => {
             let out = r.stdout.take().map(|p| Box::new(p) as Pipe);
             let err = r.stderr.take().map(|p| Box::new(p) as Pipe);
-            (Proc::Launched(r), out, err)
+            (Proc::Launched(Box::new(r)), out, err)
         }
         None => {
             let mut child = spawn_bash(&mut spec, join).await?;
@@ -272,7 +272,7 @@ type Pipe = Box<dyn AsyncRead + Unpin + Send>;
 /// The snippet's shell: a `bash -c` of the agent's, or a launcher's fork.
 enum Proc {
     Bash(tokio::process::Child),
-    Launched(launcher::Running),
+    Launched(Box<launcher::Running>),
 }
 
 impl Proc {

@@ -106,7 +106,13 @@ impl Launchers {
         let _ = std::fs::remove_dir_all(&dir);
         let probe = dir.join("probe");
         let ok = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).is_ok()
-            && std::fs::OpenOptions::new().write(true).create(true).mode(0o700).open(&probe).is_ok()
+            && std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o700)
+                .open(&probe)
+                .is_ok()
             && rustix::fs::access(&probe, rustix::fs::Access::EXEC_OK).is_ok();
         if !ok {
             tracing::warn!(dir = %dir.display(), "cannot execute files here: snippets start with bash -c");
