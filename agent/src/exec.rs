@@ -882,6 +882,25 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
         assert!(second != first && second != std::process::id(), "{first} then {second}");
     }
 
+    /// A snippet that sends its launcher a request of its own (through `/proc`) runs nothing
+    /// again: a request runs only under its own number, and the launcher's answer about a
+    /// number the agent did not send is not taken for the next snippet's.
+    #[tokio::test]
+    async fn a_request_a_snippet_sends_its_launcher_runs_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = pool(tmp.path());
+        let marker = tmp.path().join("ran");
+        let script = format!("echo $PPID; echo once >> '{}'; echo 999 > /proc/$PPID/fd/0", marker.display());
+        let (end, out, err) = outcome(launched(tmp.path(), &script, &pool)).await;
+        assert_eq!(end, ExecEnd::Exited(0), "{err}");
+        let launcher = parent(&out);
+        // The launcher has run the injected request by now or will before the next one.
+        let (end, out, err) = outcome(launched(tmp.path(), "echo $PPID; exit 4", &pool)).await;
+        assert_eq!(end, ExecEnd::Exited(4), "{err}");
+        assert_eq!(parent(&out), launcher);
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "once\n");
+    }
+
     #[test]
     fn the_group_is_read_back_from_command_sh_or_an_older_pid_file() {
         let text = format!("{}true\n", record_header(4242, 987654));

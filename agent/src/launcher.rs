@@ -21,8 +21,9 @@
 //!
 //! The protocol with a launcher (its stdin and stdout are pipes to the agent): the agent
 //! writes the snippet's script and a request (`<n>.req`, bash that sets the fork up) and then
-//! one newline; the fork sources the request and writes `pid N` once set up; the launcher
-//! writes `exit C` when the fork ends. `exit` before `pid` means nothing of the snippet ran.
+//! the request's number on a line; the fork checks the number, empties the request file, and writes
+//! `pid SEQ N` once set up; the launcher writes `exit SEQ C` when the fork ends. `exit` before
+//! `pid` means nothing of the snippet ran; lines about other numbers are ignored.
 //! The fork takes its output pipes by opening the agent's ends (`/proc/<agent>/fd/<fd>`):
 //! bash cannot receive a file descriptor any other way.
 
@@ -38,12 +39,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe::Receiver;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-/// The launcher: forks a subshell per newline on stdin (its own process group under `set -m`)
-/// that sources the request (`$0`), and says how it ended. SIGTERM, SIGINT and SIGHUP sent to
-/// everything (a batch system ending the job) end the snippet, not the launcher: trapped
-/// signals are reset to their defaults in the fork.
+/// The launcher: forks a subshell per request number on stdin (its own process group under
+/// `set -m`) that sources the request (`$0`), and says how it ended, with the number. SIGTERM,
+/// SIGINT and SIGHUP sent to everything (a batch system ending the job) end the snippet, not
+/// the launcher: trapped signals are reset to their defaults in the fork.
 const LOOP: &str =
-    "trap : TERM INT HUP\nset -m\nwhile IFS= read -r _; do ( . \"$0\" ); echo \"exit $?\"; done\n";
+    "trap : TERM INT HUP\nset -m\nwhile IFS= read -r n; do ( . \"$0\" ); echo \"exit $n $?\"; done\n";
 
 /// Launchers kept idle beyond this many are ended.
 const IDLE_MAX: usize = 32;
@@ -71,6 +72,9 @@ struct Launcher {
     status: ChildStdout,
     /// What was read from `status` beyond the last whole line.
     buf: Vec<u8>,
+    /// The number of the last request: lines about any other are not this snippet's (a
+    /// request the launcher was sent by something else finds its request file emptied).
+    seq: u64,
     req: PathBuf,
     script: PathBuf,
 }
@@ -146,7 +150,8 @@ impl Launchers {
         };
         let out = std::io::pipe().context("creating the snippet's stdout pipe").map_err(Refused)?;
         let err = std::io::pipe().context("creating the snippet's stderr pipe").map_err(Refused)?;
-        let text = request(req, self.proc_pid, out.1.as_raw_fd(), err.1.as_raw_fd());
+        launcher.seq += 1;
+        let text = request(req, launcher.seq, self.proc_pid, out.1.as_raw_fd(), err.1.as_raw_fd());
         let written = std::fs::write(&launcher.script, format!("set -eo pipefail\n{}", req.script))
             .and_then(|()| std::fs::write(&launcher.req, text))
             .with_context(|| format!("writing the snippet's script in {}", self.dir.display()));
@@ -154,25 +159,19 @@ impl Launchers {
             self.put(launcher);
             return Err(Refused(e));
         }
-        if let Err(e) = launcher.requests.write_all(b"\n").await {
+        if let Err(e) = launcher.requests.write_all(format!("{}\n", launcher.seq).as_bytes()).await {
             return Err(self.refuse(anyhow!(e).context("sending a request to a launcher")));
         }
-        let line = launcher.line().await;
+        let said = launcher.said().await;
         // The fork holds its own ends now (or is gone).
         drop((out.1, err.1));
-        let line = match line {
-            Ok(l) => l,
-            Err(e) => return Err(self.refuse(e.context("a launcher ended"))),
-        };
-        match line.split_once(' ') {
-            Some(("pid", pid)) => {
-                let pid = pid.parse::<i32>().map_err(|_| self.refuse(anyhow!("a launcher said {line:?}")))?;
+        match said {
+            Ok(Said::Pid(pid)) => {
                 let stdout = Receiver::from_owned_fd(OwnedFd::from(out.0)).ok();
                 let stderr = Receiver::from_owned_fd(OwnedFd::from(err.0)).ok();
                 Ok(Running { pid, stdout, stderr, launcher: Some(launcher), ended: false })
             }
-            Some(("exit", code)) => {
-                let code = code.parse::<i32>().unwrap_or(-1);
+            Ok(Said::Exit(code)) => {
                 let said = read_all(out.0) + &read_all(err.0);
                 let why = anyhow!("a launcher could not set the snippet up (exit {code}): {}", said.trim());
                 self.put(launcher);
@@ -182,7 +181,7 @@ impl Launchers {
                     Err(self.refuse(why))
                 }
             }
-            _ => Err(self.refuse(anyhow!("a launcher said {line:?}"))),
+            Err(e) => Err(self.refuse(e.context("a launcher ended"))),
         }
     }
 
@@ -236,12 +235,38 @@ impl Launchers {
             .context("starting a launcher")?;
         let requests = child.stdin.take().context("a launcher without stdin")?;
         let status = child.stdout.take().context("a launcher without stdout")?;
-        Ok(Launcher { child, requests, status, buf: Vec::new(), req, script })
+        Ok(Launcher { child, requests, status, buf: Vec::new(), seq: 0, req, script })
     }
 }
 
+/// A line from a launcher about the current request.
+enum Said {
+    /// The fork is set up and about to run the snippet, as this process (and group).
+    Pid(i32),
+    /// The fork ended, with bash's exit code for it.
+    Exit(i32),
+}
+
 impl Launcher {
-    /// The next line the launcher wrote; cancel-safe (what was read stays in `buf`).
+    /// The next line about the current request; cancel-safe (what was read stays in `buf`).
+    async fn said(&mut self) -> Result<Said> {
+        loop {
+            let line = self.line().await?;
+            let mut words = line.split(' ');
+            let (kind, seq, value) = (words.next(), words.next(), words.next().and_then(|v| v.parse().ok()));
+            if seq.and_then(|s| s.parse::<u64>().ok()) != Some(self.seq) {
+                tracing::debug!(line, "a launcher's line about another request");
+                continue;
+            }
+            match (kind, value) {
+                (Some("pid"), Some(pid)) if pid > 0 => return Ok(Said::Pid(pid)),
+                (Some("exit"), Some(code)) => return Ok(Said::Exit(code)),
+                _ => bail!("a launcher said {line:?}"),
+            }
+        }
+    }
+
+    /// The next line the launcher wrote; cancel-safe.
     async fn line(&mut self) -> Result<String> {
         loop {
             if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
@@ -267,21 +292,18 @@ impl Running {
     /// Waits for the snippet's end: bash's exit code for it. Cancel-safe.
     pub async fn wait(&mut self) -> Result<i32> {
         let launcher = self.launcher.as_mut().context("the launcher is gone")?;
-        let line = match launcher.line().await {
-            Ok(l) => l,
+        match launcher.said().await {
+            Ok(Said::Exit(code)) => {
+                self.ended = true;
+                Ok(code)
+            }
+            Ok(Said::Pid(_)) => {
+                self.launcher = None;
+                bail!("a launcher said pid twice")
+            }
             Err(e) => {
                 self.launcher = None;
-                return Err(e.context("the launcher of a running snippet"));
-            }
-        };
-        match line.split_once(' ') {
-            Some(("exit", code)) if code.parse::<i32>().is_ok() => {
-                self.ended = true;
-                Ok(code.parse().unwrap_or(-1))
-            }
-            _ => {
-                self.launcher = None;
-                bail!("a launcher said {line:?}")
+                Err(e.context("the launcher of a running snippet"))
             }
         }
     }
@@ -311,9 +333,12 @@ fn quote(s: &str) -> String {
 /// The bash a fork sources: output pipes, cgroups, working directory and environment, then
 /// the script. `SHLVL` and `OLDPWD` are set to what `bash -c` would have been given (the
 /// fork's own are the launcher's: one level deeper, and the directory `cd` left).
-fn request(req: &Request, agent: u32, out: i32, err: i32) -> String {
+fn request(req: &Request, seq: u64, agent: u32, out: i32, err: i32) -> String {
     use std::fmt::Write;
-    let mut s = format!("exec 3>&1 </dev/null >/proc/{agent}/fd/{out} 2>/proc/{agent}/fd/{err}\n");
+    // Only for the request it was sent for (`$n`, the number the launcher read); read whole
+    // already, the file is then emptied so that nothing else sent to the launcher runs it.
+    let mut s = format!("[ \"$n\" = {seq} ] || exit 0\n: >\"$0\"\n");
+    let _ = writeln!(s, "exec 3>&1 </dev/null >/proc/{agent}/fd/{out} 2>/proc/{agent}/fd/{err}");
     for p in &req.cgroups {
         let _ = writeln!(s, "echo 0 >{} || exit {CGROUP_FAILED}", quote(p.to_str().unwrap_or_default()));
     }
@@ -328,7 +353,8 @@ fn request(req: &Request, agent: u32, out: i32, err: i32) -> String {
     for (k, v) in req.env {
         let _ = writeln!(s, "export {}", quote(&format!("{k}={v}")));
     }
-    s += "echo \"pid $BASHPID\" >&3\nexec 3>&-\n";
+    let _ = writeln!(s, "echo \"pid {seq} $BASHPID\" >&3");
+    s += "exec 3>&-\n";
     s += "exec -- \"${0%.req}.sh\"\n";
     s
 }
