@@ -2,6 +2,7 @@
 //! on cancel or timeout: SIGTERM, then SIGKILL after a grace period), optionally inside a
 //! private mount namespace, with stdout and stderr written to log files and sent on as lines.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -78,14 +79,24 @@ fn record_header(pgid: i32, started: u64) -> String {
     format!("# pype: process group {pgid}, started {started} clock ticks after boot\n")
 }
 
+/// The first line of a launched snippet's `command.sh`, its script: bash's options, then the
+/// record as a comment, its numbers padded so that it can be rewritten in place (the same
+/// length) while bash may be reading the file.
+fn launched_header(pgid: i32, started: u64) -> String {
+    format!(
+        "set -eo pipefail # pype: process group {pgid:>10}, started {started:>20} clock ticks after boot\n"
+    )
+}
+
 /// The process group and its leader's start time, from a `command.sh` [`record_header`]
 /// wrote (or the `pid` file of an agent before it: `PGID START`).
 fn recorded_group(text: &str) -> Option<(i32, u64)> {
     let first = text.lines().next()?;
-    let (pgid, started) = match first.strip_prefix("# pype: process group ") {
+    let record = first.strip_prefix("set -eo pipefail ").unwrap_or(first);
+    let (pgid, started) = match record.strip_prefix("# pype: process group ") {
         Some(rest) => {
             let (pgid, rest) = rest.split_once(", started ")?;
-            (pgid, rest.split(' ').next()?)
+            (pgid, rest.trim_start().split(' ').next()?)
         }
         None => first.trim().split_once(' ')?,
     };
@@ -197,24 +208,12 @@ async fn run_metered(
     lines: mpsc::Sender<LogLine>,
 ) -> Result<ExecEnd> {
     let join = meter.and_then(Meter::join);
-    let mut started = None;
-    if let Some(pool) = &spec.launchers
-        && spec.namespace.is_none()
-        && !runs_code_before_the_gate(&spec.env)
-    {
-        let req = launcher::Request {
-            script: &spec.script,
-            env: &spec.env,
-            cwd: &spec.cwd,
-            cgroups: join.as_ref().map(Join::paths).unwrap_or_default(),
-        };
-        if pool.can_start(&req) {
-            match pool.start(&req).await {
-                Ok(r) => started = Some(r),
-                Err(launcher::Refused(e)) => tracing::debug!("starting with bash -c: {e:#}"),
-            }
+    let started = match &spec.launchers {
+        Some(pool) if spec.namespace.is_none() && !runs_code_before_the_gate(&spec.env) => {
+            launch(pool, &spec, join.as_ref()).await
         }
-    }
+        _ => None,
+    };
     let (mut proc, out, err): (Proc, Option<Pipe>, Option<Pipe>) = match started {
         Some(mut r) => {
             let out = r.stdout.take().map(|p| Box::new(p) as Pipe);
@@ -232,8 +231,21 @@ async fn run_metered(
     if let Some(m) = meter {
         m.started(pgid);
     }
-    let header = start_time(pgid).map(|started| record_header(pgid, started)).unwrap_or_default();
-    if let Err(e) = std::fs::write(&spec.record, format!("{header}{}", spec.script)) {
+    let started = start_time(pgid);
+    let recorded = match (&proc, started) {
+        // The script is the record: its first line is rewritten in place, at the same length.
+        (Proc::Launched(_), Some(t)) => {
+            std::fs::OpenOptions::new().write(true).open(&spec.record).and_then(|f| {
+                std::os::unix::fs::FileExt::write_all_at(&f, launched_header(pgid, t).as_bytes(), 0)
+            })
+        }
+        (Proc::Launched(_), None) => Ok(()),
+        (Proc::Bash(_), t) => {
+            let header = t.map(|t| record_header(pgid, t)).unwrap_or_default();
+            std::fs::write(&spec.record, format!("{header}{}", spec.script))
+        }
+    };
+    if let Err(e) = recorded {
         tracing::warn!(path = %spec.record.display(), "cannot write the snippet's command.sh: {e}");
     }
     let out =
@@ -265,6 +277,49 @@ async fn run_metered(
     finish(out, err).await;
     proc.release(spec.launchers.as_deref());
     Ok(forced)
+}
+
+/// Starts the snippet on one of the agent's launchers, its script the attempt's `command.sh`
+/// (written here, executable, with a first line [`launched_header`] rewrites once the process
+/// group is known); `None` when it goes to `bash -c` instead.
+async fn launch(pool: &Launchers, spec: &ExecSpec, join: Option<&Join>) -> Option<launcher::Running> {
+    if spec.script.contains('\0') {
+        return None;
+    }
+    let script = std::path::absolute(&spec.record).ok()?;
+    let req = launcher::Request {
+        env: &spec.env,
+        cwd: &spec.cwd,
+        cgroups: join.map(Join::paths).unwrap_or_default(),
+        script: &script,
+    };
+    if !pool.can_start(&req) {
+        return None;
+    }
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o700)
+        .open(&script)
+        .and_then(|mut f| {
+            // Executable even when an earlier start left the file (the mode is only given to a
+            // new file).
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o700))?;
+            std::io::Write::write_all(&mut f, format!("{}{}", launched_header(0, 0), spec.script).as_bytes())
+        });
+    if let Err(e) = written {
+        tracing::debug!(path = %script.display(), "starting with bash -c: cannot write the script: {e}");
+        return None;
+    }
+    match pool.start(&req).await {
+        Ok(r) => Some(r),
+        Err(launcher::Refused(e)) => {
+            tracing::debug!("starting with bash -c: {e:#}");
+            None
+        }
+    }
 }
 
 type Pipe = Box<dyn AsyncRead + Unpin + Send>;
@@ -487,6 +542,7 @@ env -0 | sort -z | tr '\0' '
 for f in /proc/$BASHPID/fd/*; do [ "${f##*/}" = 255 ] || echo "fd ${f##*/} -> $(readlink "$f" | sed 's/[0-9]\+/N/g')"; done
 grep -E '^Sig(Ign|Blk)' /proc/$BASHPID/status
 umask; ulimit -a; set -o; shopt -p; trap -p; declare -F; alias
+echo "BASH=$BASH source-dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 echo "SHLVL=$SHLVL PWD=$PWD OLDPWD=${OLDPWD-unset} cwd=$(pwd -P) opts=${-/c/}"
 compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
 ' ' '
@@ -784,7 +840,9 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
         let run_one = |launcher: bool| {
             let mut s =
                 if launcher { launched(tmp.path(), PROBE, &pool) } else { spec(tmp.path(), PROBE, None) };
+            // As on an agent: `command.sh` is in the snippet's working directory.
             s.cwd = cwd.clone();
+            s.record = cwd.join("command.sh");
             s.env = env.clone();
             outcome(s)
         };
@@ -847,6 +905,13 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
         let (end, out, err) = outcome(s).await;
         assert_eq!(end, ExecEnd::Exited(0), "{err}");
         assert_eq!((parent(&out), out.lines().nth(1)), (me, Some("odd-name=1")));
+        // A name bash gives a meaning of its own: exported from a shell it would not reach
+        // the snippet's children.
+        let mut s = launched(tmp.path(), "echo $PPID; env | grep '^GROUPS='", &pool);
+        s.env.push(("GROUPS".into(), "case,control".into()));
+        let (end, out, err) = outcome(s).await;
+        assert_eq!(end, ExecEnd::Exited(0), "{err}");
+        assert_eq!((parent(&out), out.lines().nth(1)), (me, Some("GROUPS=case,control")));
         // A working directory that is not there: the launcher's fork gives up before the
         // snippet, and `bash -c` fails to start as it always did.
         let mut s = launched(tmp.path(), "echo ran > ran", &pool);
@@ -859,6 +924,30 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
         let (end, out, _) = outcome(launched(tmp.path(), "echo $PPID", &pool)).await;
         assert_eq!(end, ExecEnd::Exited(0));
         assert_ne!(parent(&out), me, "launchers were given up on");
+    }
+
+    /// A stopped snippet is waited for until it continues and ends (a batch system's suspend
+    /// and resume), launched or not; a snippet that stops its launcher and exits still has
+    /// its end reported.
+    #[tokio::test]
+    async fn a_stopped_snippet_or_launcher_is_waited_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = pool(tmp.path());
+        let script = "( sleep 0.5; kill -CONT $$ ) & kill -STOP $$; echo resumed; exit 6";
+        for launcher in [false, true] {
+            let s =
+                if launcher { launched(tmp.path(), script, &pool) } else { spec(tmp.path(), script, None) };
+            let (end, out, err) = outcome(s).await;
+            assert_eq!((end, out.as_str()), (ExecEnd::Exited(6), "resumed\n"), "launcher={launcher}: {err}");
+        }
+        let started = std::time::Instant::now();
+        let (end, out, err) =
+            outcome(launched(tmp.path(), "echo $PPID; kill -STOP $PPID; exit 5", &pool)).await;
+        assert_eq!(end, ExecEnd::Exited(5), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(20));
+        // The launcher was continued, and serves the next snippet.
+        let (end, again, _) = outcome(launched(tmp.path(), "echo $PPID", &pool)).await;
+        assert_eq!((end, parent(&again)), (ExecEnd::Exited(0), parent(&out)));
     }
 
     /// A snippet that kills its launcher fails (its end cannot be known), and the next
@@ -905,6 +994,11 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
     fn the_group_is_read_back_from_command_sh_or_an_older_pid_file() {
         let text = format!("{}true\n", record_header(4242, 987654));
         assert_eq!(recorded_group(&text), Some((4242, 987654)));
+        // A launched snippet's script: the record is its first line, rewritten in place.
+        let text = format!("{}true\n", launched_header(4242, 987654));
+        assert_eq!(recorded_group(&text), Some((4242, 987654)));
+        assert_eq!(recorded_group(&launched_header(0, 0)), None, "not started yet");
+        assert_eq!(launched_header(0, 0).len(), launched_header(i32::MAX, u64::MAX).len());
         assert_eq!(recorded_group("4242 987654\n"), Some((4242, 987654)), "an older agent's pid file");
         for bad in [
             "",

@@ -9,21 +9,25 @@
 //! POSIX asks of it: it runs the file as a new shell in the same process, with its variables,
 //! functions, aliases, options and traps reset and the exported environment imported afresh.
 //! The snippet gets a process of its own (its own `$$`, its own process group: the launcher
-//! runs with job control, `set -m`), and the start costs a fork instead of an exec.
+//! forks it under job control, `set -m`), and the start costs a fork instead of an exec.
 //!
-//! What differs from `bash -c`: `$0` is the script file's path, `$-` lacks `c`,
-//! `BASH_SUBSHELL` is 1, bash holds the script open on fd 255 (close-on-exec), bash's own
-//! messages name that file instead of `bash`, `ps` shows the launcher's command line, and a
-//! snippet killed by a signal reports bash's exit code for it (128 + the signal). Whatever
-//! the launcher cannot give exactly (a mount namespace, an environment that runs code when
-//! bash starts, a name bash cannot export) goes through `bash -c` instead, as does every
-//! snippet once a launcher failed in a way that is not the snippet's (see [`Refused`]).
+//! The script file is the attempt's `command.sh` (in its working directory), its first line
+//! `set -eo pipefail` and the record of the process group running it. What differs from
+//! `bash -c`: `$0` and `BASH_SOURCE` name that file, `$-` lacks `c`, `BASH_SUBSHELL` is 1,
+//! bash holds the file open on fd 255 (close-on-exec), bash's own messages name it instead of
+//! `bash`, `ps` shows the launcher's command line, and a snippet killed by a signal reports
+//! bash's exit code for it (128 + the signal). A stopped snippet is waited for until it
+//! continues and ends, as the agent waits for `bash -c`. Whatever the launcher cannot give
+//! exactly (a mount namespace, an environment that runs code when bash starts, such as the
+//! exported functions of environment modules, a name bash cannot export or gives a meaning of
+//! its own) goes to `bash -c`, as does every snippet once launchers failed, one after the
+//! other, in ways that are not the snippet's (see [`Refused`]).
 //!
 //! The protocol with a launcher (its stdin and stdout are pipes to the agent): the agent
-//! writes the snippet's script and a request (`<n>.req`, bash that sets the fork up) and then
-//! the request's number on a line; the fork checks the number, empties the request file, and writes
-//! `pid SEQ N` once set up; the launcher writes `exit SEQ C` when the fork ends. `exit` before
-//! `pid` means nothing of the snippet ran; lines about other numbers are ignored.
+//! writes the script and a request (`<n>.req`, bash that sets the fork up) and then the
+//! request's token (random) on a line; the fork checks the token, empties the request file,
+//! and writes `pid TOKEN N` once set up; the launcher writes `exit TOKEN C` when the fork
+//! ends. `exit` before `pid` means nothing of the snippet ran; other lines are ignored.
 //! The fork takes its output pipes by opening the agent's ends (`/proc/<agent>/fd/<fd>`):
 //! bash cannot receive a file descriptor any other way.
 
@@ -32,24 +36,41 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use rustix::process::{Pid, Signal};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe::Receiver;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-/// The launcher: forks a subshell per request number on stdin (its own process group under
-/// `set -m`) that sources the request (`$0`), and says how it ended, with the number. SIGTERM,
-/// SIGINT and SIGHUP sent to everything (a batch system ending the job) end the snippet, not
-/// the launcher: trapped signals are reset to their defaults in the fork.
-const LOOP: &str =
-    "trap : TERM INT HUP\nset -m\nwhile IFS= read -r n; do ( . \"$0\" ); echo \"exit $n $?\"; done\n";
+/// The launcher (`$1`: its request file): forks a subshell per token on stdin that sources
+/// the request, in a process group of its own (started under `set -m`), waits for its end
+/// with job control off again (so a stop is not taken for an end), and says how it ended,
+/// with the token. SIGTERM, SIGINT and SIGHUP sent to everything (a batch system ending the
+/// job) end the snippet, not the launcher: trapped signals are reset to their defaults in the
+/// fork, and a `wait` they interrupt is waited again. `TMOUT` from the environment must not
+/// end the launcher's `read`.
+const LOOP: &str = "trap 'sig=1' TERM INT HUP\n\
+    while IFS= TMOUT= read -r n; do\n\
+    set -m; ( . \"$1\" ) & p=$!; set +m\n\
+    while :; do sig=0; wait $p; c=$?; [ $sig = 1 ] || break; done\n\
+    echo \"exit $n $c\"\n\
+    done\n";
 
 /// Launchers kept idle beyond this many are ended.
 const IDLE_MAX: usize = 32;
 
-/// Exit codes of a request's set-up steps (a redirection that fails ends it with 1).
+/// Launchers that failed to start a snippet, one after the other, before they are given up.
+const FAILURES_MAX: u32 = 3;
+
+/// How long a launcher may take to say its fork ended once the fork is gone.
+const REPORT_GRACE: Duration = Duration::from_secs(5);
+
+/// Exit codes of a request's set-up steps.
+const SETUP_FAILED: i32 = 120;
 const CGROUP_FAILED: i32 = 121;
 const CWD_FAILED: i32 = 122;
 
@@ -61,9 +82,9 @@ pub struct Launchers {
     bash: PathBuf,
     idle: Mutex<Vec<Launcher>>,
     next: AtomicU64,
-    /// Set once a launcher failed in a way that is not the snippet's: every snippet then goes
-    /// through `bash -c`.
-    broken: AtomicBool,
+    /// Launchers that failed one after the other in ways that were not the snippet's; at
+    /// [`FAILURES_MAX`] every snippet goes to `bash -c` from then on.
+    failures: AtomicU32,
 }
 
 struct Launcher {
@@ -72,11 +93,9 @@ struct Launcher {
     status: ChildStdout,
     /// What was read from `status` beyond the last whole line.
     buf: Vec<u8>,
-    /// The number of the last request: lines about any other are not this snippet's (a
-    /// request the launcher was sent by something else finds its request file emptied).
-    seq: u64,
+    /// The current request's token: lines about any other are not this snippet's.
+    token: u64,
     req: PathBuf,
-    script: PathBuf,
 }
 
 /// The launcher did not start the snippet, and nothing of it ran: start it with `bash -c`.
@@ -85,11 +104,12 @@ pub struct Refused(pub anyhow::Error);
 
 /// What a snippet is started with.
 pub struct Request<'a> {
-    pub script: &'a str,
     pub env: &'a [(String, String)],
     pub cwd: &'a Path,
     /// `cgroup.procs` files the snippet moves itself into before it runs anything.
     pub cgroups: Vec<&'a Path>,
+    /// The script to run (written by the caller, executable, without `#!`).
+    pub script: &'a Path,
 }
 
 /// A snippet a launcher started.
@@ -97,6 +117,8 @@ pub struct Running {
     pub pid: i32,
     pub stdout: Option<Receiver>,
     pub stderr: Option<Receiver>,
+    /// Readable once the snippet's process is gone (none on kernels before 5.3).
+    pidfd: Option<AsyncFd<OwnedFd>>,
     launcher: Option<Launcher>,
     ended: bool,
 }
@@ -122,72 +144,94 @@ impl Launchers {
             tracing::warn!(dir = %dir.display(), "cannot execute files here: snippets start with bash -c");
             return None;
         }
-        let proc_pid = std::fs::read_link("/proc/self").ok()?.to_str()?.parse().ok()?;
         Some(Self {
-            dir,
-            proc_pid,
+            dir: std::fs::canonicalize(&dir).ok()?,
+            proc_pid: std::fs::read_link("/proc/self").ok()?.to_str()?.parse().ok()?,
             bash,
             idle: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
-            broken: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
         })
     }
 
-    /// Whether a launcher can start this snippet exactly as `bash -c` would.
+    /// Whether a launcher can start this snippet as `bash -c` would.
     pub fn can_start(&self, req: &Request) -> bool {
-        !self.broken.load(Ordering::Relaxed)
-            && !req.script.contains('\0')
-            && req.env.iter().all(|(k, _)| exportable(k))
-            && req.cwd.to_str().is_some()
-            && req.cgroups.iter().all(|p| p.to_str().is_some())
+        let path = |p: &Path| p.is_absolute() && p.to_str().is_some_and(|s| !s.contains('\0'));
+        self.failures.load(Ordering::Relaxed) < FAILURES_MAX
+            && req.env.iter().all(|(k, v)| exportable(k) && !special(k) && !v.contains('\0'))
+            && path(req.cwd)
+            && path(req.script)
+            && req.cgroups.iter().all(|p| path(p))
+            && std::env::var_os("POSIXLY_CORRECT").is_none()
     }
 
     /// Starts the snippet on an idle launcher (or a new one).
     pub async fn start(&self, req: &Request<'_>) -> Result<Running, Refused> {
         let mut launcher = match self.take() {
             Some(l) => l,
-            None => self.spawn().map_err(|e| self.refuse(e))?,
+            None => self.spawn().map_err(|e| self.failed(e))?,
         };
         let out = std::io::pipe().context("creating the snippet's stdout pipe").map_err(Refused)?;
         let err = std::io::pipe().context("creating the snippet's stderr pipe").map_err(Refused)?;
-        launcher.seq += 1;
-        let text = request(req, launcher.seq, self.proc_pid, out.1.as_raw_fd(), err.1.as_raw_fd());
-        let written = std::fs::write(&launcher.script, format!("set -eo pipefail\n{}", req.script))
-            .and_then(|()| std::fs::write(&launcher.req, text))
-            .with_context(|| format!("writing the snippet's script in {}", self.dir.display()));
-        if let Err(e) = written {
+        launcher.token = rand::random::<u64>() >> 1;
+        let text = request(req, launcher.token, self.proc_pid, out.1.as_raw_fd(), err.1.as_raw_fd());
+        if let Err(e) = std::fs::write(&launcher.req, text) {
+            let e = anyhow!(e).context(format!("writing {}", launcher.req.display()));
             self.put(launcher);
             return Err(Refused(e));
         }
-        if let Err(e) = launcher.requests.write_all(format!("{}\n", launcher.seq).as_bytes()).await {
-            return Err(self.refuse(anyhow!(e).context("sending a request to a launcher")));
+        if let Err(e) = launcher.requests.write_all(format!("{}\n", launcher.token).as_bytes()).await {
+            return Err(self.failed(anyhow!(e).context("sending a request to a launcher")));
         }
         let said = launcher.said().await;
         // The fork holds its own ends now (or is gone).
         drop((out.1, err.1));
         match said {
             Ok(Said::Pid(pid)) => {
-                let stdout = Receiver::from_owned_fd(OwnedFd::from(out.0)).ok();
-                let stderr = Receiver::from_owned_fd(OwnedFd::from(err.0)).ok();
-                Ok(Running { pid, stdout, stderr, launcher: Some(launcher), ended: false })
+                self.failures.store(0, Ordering::Relaxed);
+                let pidfd = Pid::from_raw(pid)
+                    .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+                    // SAFETY: the `OwnedFd` is moved into the `AsyncFd` and stays open, the same
+                    // descriptor, until it is dropped with it.
+                    .and_then(|fd| {
+                        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+                    });
+                Ok(Running {
+                    pid,
+                    stdout: Receiver::from_owned_fd(OwnedFd::from(out.0)).ok(),
+                    stderr: Receiver::from_owned_fd(OwnedFd::from(err.0)).ok(),
+                    pidfd,
+                    launcher: Some(launcher),
+                    ended: false,
+                })
             }
             Ok(Said::Exit(code)) => {
+                // The environment it held is not left on disk.
+                let _ = std::fs::write(&launcher.req, "");
                 let said = read_all(out.0) + &read_all(err.0);
                 let why = anyhow!("a launcher could not set the snippet up (exit {code}): {}", said.trim());
                 self.put(launcher);
-                if code == CGROUP_FAILED || code == CWD_FAILED {
-                    Err(Refused(why))
-                } else {
-                    Err(self.refuse(why))
+                match code {
+                    // The snippet's own directory or cgroup: `bash -c` reports it as before.
+                    CGROUP_FAILED | CWD_FAILED => Err(Refused(why)),
+                    _ => Err(self.failed(why)),
                 }
             }
-            Err(e) => Err(self.refuse(e.context("a launcher ended"))),
+            Err(e) => {
+                let _ = std::fs::write(&launcher.req, "");
+                Err(self.failed(e.context("a launcher ended")))
+            }
         }
     }
 
-    fn refuse(&self, e: anyhow::Error) -> Refused {
-        if !self.broken.swap(true, Ordering::Relaxed) {
+    /// A launcher failed in a way that is not the snippet's; after [`FAILURES_MAX`] in a row,
+    /// launchers are given up.
+    fn failed(&self, e: anyhow::Error) -> Refused {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == FAILURES_MAX {
             tracing::warn!("snippets start with bash -c from now on: {e:#}");
+        } else {
+            tracing::debug!("a launcher failed: {e:#}");
         }
         Refused(e)
     }
@@ -206,14 +250,6 @@ impl Launchers {
     fn spawn(&self) -> Result<Launcher> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let req = self.dir.join(format!("{n}.req"));
-        let script = self.dir.join(format!("{n}.sh"));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o700)
-            .open(&script)
-            .with_context(|| format!("creating {}", script.display()))?;
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -221,9 +257,11 @@ impl Launchers {
             .mode(0o600)
             .open(&req)
             .with_context(|| format!("creating {}", req.display()))?;
+        // `$0` is bash's own path: a snippet's `$BASH` comes from it.
         let mut child = Command::new(&self.bash)
             .arg("-c")
             .arg(LOOP)
+            .arg(&self.bash)
             .arg(&req)
             .current_dir(&self.dir)
             .stdin(Stdio::piped())
@@ -235,7 +273,7 @@ impl Launchers {
             .context("starting a launcher")?;
         let requests = child.stdin.take().context("a launcher without stdin")?;
         let status = child.stdout.take().context("a launcher without stdout")?;
-        Ok(Launcher { child, requests, status, buf: Vec::new(), seq: 0, req, script })
+        Ok(Launcher { child, requests, status, buf: Vec::new(), token: 0, req })
     }
 }
 
@@ -253,8 +291,9 @@ impl Launcher {
         loop {
             let line = self.line().await?;
             let mut words = line.split(' ');
-            let (kind, seq, value) = (words.next(), words.next(), words.next().and_then(|v| v.parse().ok()));
-            if seq.and_then(|s| s.parse::<u64>().ok()) != Some(self.seq) {
+            let (kind, token, value) =
+                (words.next(), words.next(), words.next().and_then(|v| v.parse().ok()));
+            if token.and_then(|s| s.parse::<u64>().ok()) != Some(self.token) {
                 tracing::debug!(line, "a launcher's line about another request");
                 continue;
             }
@@ -289,10 +328,31 @@ impl Launcher {
 }
 
 impl Running {
-    /// Waits for the snippet's end: bash's exit code for it. Cancel-safe.
+    /// Waits for the snippet's end: bash's exit code for it. Cancel-safe. A launcher that does
+    /// not say so within [`REPORT_GRACE`] of the snippet's process being gone (stopped or
+    /// killed by the snippet) is ended, and the snippet's end is unknown.
     pub async fn wait(&mut self) -> Result<i32> {
         let launcher = self.launcher.as_mut().context("the launcher is gone")?;
-        match launcher.said().await {
+        let launcher_pid = launcher.child.id().and_then(|p| Pid::from_raw(p as i32));
+        let said = {
+            let gone = async {
+                match &self.pidfd {
+                    Some(fd) => {
+                        let _ = fd.readable().await;
+                        if let Some(pid) = launcher_pid {
+                            let _ = rustix::process::kill_process(pid, Signal::CONT);
+                        }
+                        tokio::time::sleep(REPORT_GRACE).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                said = launcher.said() => said,
+                () = gone => Err(anyhow!("the launcher did not say how the snippet ended")),
+            }
+        };
+        match said {
             Ok(Said::Exit(code)) => {
                 self.ended = true;
                 Ok(code)
@@ -330,32 +390,84 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// Names bash gives a meaning of its own (or uses itself before the snippet runs): set in the
+/// fork, they would not reach the snippet as `bash -c` gives them.
+fn special(name: &str) -> bool {
+    name.starts_with("BASH")
+        || name.starts_with("COMP_")
+        || name.starts_with("LC_")
+        || name.starts_with("HIST")
+        || matches!(
+            name,
+            "LANG"
+                | "GROUPS"
+                | "DIRSTACK"
+                | "FUNCNAME"
+                | "PIPESTATUS"
+                | "UID"
+                | "EUID"
+                | "PPID"
+                | "SHELLOPTS"
+                | "LINENO"
+                | "RANDOM"
+                | "SRANDOM"
+                | "SECONDS"
+                | "EPOCHREALTIME"
+                | "EPOCHSECONDS"
+                | "OPTIND"
+                | "OPTERR"
+                | "OPTARG"
+                | "IFS"
+                | "PS4"
+                | "PWD"
+                | "OLDPWD"
+                | "SHLVL"
+                | "_"
+                | "POSIXLY_CORRECT"
+                | "ENV"
+                | "CDPATH"
+                | "TMOUT"
+                | "HOSTNAME"
+                | "HOSTTYPE"
+                | "MACHTYPE"
+                | "OSTYPE"
+                | "GLOBIGNORE"
+                | "EXECIGNORE"
+                | "TIMEFORMAT"
+        )
+}
+
 /// The bash a fork sources: output pipes, cgroups, working directory and environment, then
-/// the script. `SHLVL` and `OLDPWD` are set to what `bash -c` would have been given (the
-/// fork's own are the launcher's: one level deeper, and the directory `cd` left).
-fn request(req: &Request, seq: u64, agent: u32, out: i32, err: i32) -> String {
+/// the script. `SHLVL` and `OLDPWD` are the agent's, as `bash -c` would have them (the fork's
+/// own are the launcher's: one level deeper, and the directory `cd` left). A set-up step that
+/// fails ends the fork before the snippet (a failed redirection does not end bash by itself).
+fn request(req: &Request, token: u64, agent: u32, out: i32, err: i32) -> String {
     use std::fmt::Write;
-    // Only for the request it was sent for (`$n`, the number the launcher read); read whole
+    // Only for the request it was sent for (`$n`, the token the launcher read); read whole
     // already, the file is then emptied so that nothing else sent to the launcher runs it.
-    let mut s = format!("[ \"$n\" = {seq} ] || exit 0\n: >\"$0\"\n");
-    let _ = writeln!(s, "exec 3>&1 </dev/null >/proc/{agent}/fd/{out} 2>/proc/{agent}/fd/{err}");
+    let mut s = format!("[ \"$n\" = {token} ] || exit 0\n: >\"$1\"\n");
+    let _ = writeln!(
+        s,
+        "exec 3>&1 </dev/null >/proc/{agent}/fd/{out} 2>/proc/{agent}/fd/{err} || exit {SETUP_FAILED}"
+    );
     for p in &req.cgroups {
         let _ = writeln!(s, "echo 0 >{} || exit {CGROUP_FAILED}", quote(p.to_str().unwrap_or_default()));
     }
-    let _ = writeln!(s, "cd -- {} || exit {CWD_FAILED}", quote(req.cwd.to_str().unwrap_or_default()));
+    let _ = writeln!(s, "cd -P -- {} || exit {CWD_FAILED}", quote(req.cwd.to_str().unwrap_or_default()));
     for name in ["SHLVL", "OLDPWD"] {
-        let given = req.env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        match given.or_else(|| std::env::var(name).ok()) {
-            Some(v) => _ = writeln!(s, "export {}", quote(&format!("{name}={v}"))),
-            None => _ = writeln!(s, "unset {name}"),
+        match std::env::var(name) {
+            Ok(v) => _ = writeln!(s, "export {}", quote(&format!("{name}={v}"))),
+            Err(_) => _ = writeln!(s, "unset {name}"),
         }
     }
     for (k, v) in req.env {
         let _ = writeln!(s, "export {}", quote(&format!("{k}={v}")));
     }
-    let _ = writeln!(s, "echo \"pid {seq} $BASHPID\" >&3");
+    let script = quote(req.script.to_str().unwrap_or_default());
+    let _ = writeln!(s, "[ -x {script} ] || exit {SETUP_FAILED}");
+    let _ = writeln!(s, "echo \"pid {token} $BASHPID\" >&3 || exit {SETUP_FAILED}");
     s += "exec 3>&-\n";
-    s += "exec -- \"${0%.req}.sh\"\n";
+    let _ = writeln!(s, "exec -- {script}");
     s
 }
 

@@ -179,6 +179,7 @@ impl Runner {
                 };
                 if let Some(sig) = signalled
                     && me.draining()
+                    && !usage.as_ref().is_some_and(|u| u.oom_killed)
                     && [Signal::TERM, Signal::KILL, Signal::INT, Signal::HUP].iter().any(|s| s.as_raw() == sig)
                 {
                     // The batch system ended the job (scancel, preemption, time limit) and
