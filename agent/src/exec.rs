@@ -2,7 +2,6 @@
 //! on cancel or timeout: SIGTERM, then SIGKILL after a grace period), optionally inside a
 //! private mount namespace, with stdout and stderr written to log files and sent on as lines.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -77,15 +76,6 @@ fn start_time(pid: i32) -> Option<u64> {
 /// The first line of `command.sh` once its snippet started: what [`recorded_group`] reads.
 fn record_header(pgid: i32, started: u64) -> String {
     format!("# pype: process group {pgid}, started {started} clock ticks after boot\n")
-}
-
-/// The first line of a launched snippet's `command.sh`, its script: bash's options, then the
-/// record as a comment, its numbers padded so that it can be rewritten in place (the same
-/// length) while bash may be reading the file.
-fn launched_header(pgid: i32, started: u64) -> String {
-    format!(
-        "set -eo pipefail # pype: process group {pgid:>10}, started {started:>20} clock ticks after boot\n"
-    )
 }
 
 /// The process group and its leader's start time, from a `command.sh` [`record_header`]
@@ -231,22 +221,12 @@ async fn run_metered(
     if let Some(m) = meter {
         m.started(pgid);
     }
-    let started = start_time(pgid);
-    let recorded = match (&proc, started) {
-        // The script is the record: its first line is rewritten in place, at the same length.
-        (Proc::Launched(_), Some(t)) => {
-            std::fs::OpenOptions::new().write(true).open(&spec.record).and_then(|f| {
-                std::os::unix::fs::FileExt::write_all_at(&f, launched_header(pgid, t).as_bytes(), 0)
-            })
+    // A launcher's fork wrote its own (it runs it).
+    if let Proc::Bash(_) = proc {
+        let header = start_time(pgid).map(|t| record_header(pgid, t)).unwrap_or_default();
+        if let Err(e) = std::fs::write(&spec.record, format!("{header}{}", spec.script)) {
+            tracing::warn!(path = %spec.record.display(), "cannot write the snippet's command.sh: {e}");
         }
-        (Proc::Launched(_), None) => Ok(()),
-        (Proc::Bash(_), t) => {
-            let header = t.map(|t| record_header(pgid, t)).unwrap_or_default();
-            std::fs::write(&spec.record, format!("{header}{}", spec.script))
-        }
-    };
-    if let Err(e) = recorded {
-        tracing::warn!(path = %spec.record.display(), "cannot write the snippet's command.sh: {e}");
     }
     let out =
         out.map(|s| tokio::spawn(pump(s, spec.stdout_log.clone(), OutputStream::Stdout, lines.clone())));
@@ -279,38 +259,29 @@ async fn run_metered(
     Ok(forced)
 }
 
-/// Starts the snippet on one of the agent's launchers, its script the attempt's `command.sh`
-/// (written here, executable, with a first line [`launched_header`] rewrites once the process
-/// group is known); `None` when it goes to `bash -c` instead.
+/// Starts the snippet on one of the agent's launchers, its script the attempt's `command.sh`;
+/// `None` when it goes to `bash -c` instead.
 async fn launch(pool: &Launchers, spec: &ExecSpec, join: Option<&Join>) -> Option<launcher::Running> {
-    if spec.script.contains('\0') {
-        return None;
-    }
-    let script = std::path::absolute(&spec.record).ok()?;
+    let record = std::path::absolute(&spec.record).ok()?;
     let req = launcher::Request {
+        script: &spec.script,
         env: &spec.env,
         cwd: &spec.cwd,
         cgroups: join.map(Join::paths).unwrap_or_default(),
-        script: &script,
+        record: &record,
     };
     if !pool.can_start(&req) {
         return None;
     }
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o700)
-        .open(&script)
-        .and_then(|mut f| {
-            // Executable even when an earlier start left the file (the mode is only given to a
-            // new file).
-            use std::os::unix::fs::PermissionsExt;
-            f.set_permissions(std::fs::Permissions::from_mode(0o700))?;
-            std::io::Write::write_all(&mut f, format!("{}{}", launched_header(0, 0), spec.script).as_bytes())
-        });
-    if let Err(e) = written {
-        tracing::debug!(path = %script.display(), "starting with bash -c: cannot write the script: {e}");
+    // Created executable here, but never opened for writing by the agent: the fork writes it
+    // and then executes it, and a writable descriptor of the agent's (inherited for a moment
+    // by any child it spawns meanwhile) would make that exec fail (`ETXTBSY`).
+    use rustix::fs::{Mode, OFlags};
+    let created =
+        rustix::fs::open(&record, OFlags::CREATE | OFlags::RDONLY | OFlags::CLOEXEC, Mode::from(0o700))
+            .and_then(|fd| rustix::fs::fchmod(&fd, Mode::from(0o700)));
+    if let Err(e) = created {
+        tracing::debug!(path = %record.display(), "starting with bash -c: cannot create the script: {e}");
         return None;
     }
     match pool.start(&req).await {
@@ -872,6 +843,16 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
         assert_eq!((end, err.as_str()), (ExecEnd::Exited(3), "oops\n"));
         let launcher = parent(&out);
         assert_ne!(launcher, std::process::id(), "not started by a launcher");
+        // Its command.sh is the script it ran, after the record of its process group.
+        let (end, out, _) = outcome(launched(tmp.path(), "echo $$", &pool)).await;
+        assert_eq!(end, ExecEnd::Exited(0));
+        let text = std::fs::read_to_string(tmp.path().join("command.sh")).unwrap();
+        let pid: i32 = out.trim().parse().unwrap();
+        assert_eq!(recorded_group(&text).map(|(p, _)| p), Some(pid), "{text}");
+        assert!(
+            text.starts_with("set -eo pipefail # pype: process group ") && text.ends_with("\necho $$"),
+            "{text}"
+        );
 
         let mut s = launched(tmp.path(), "echo $PPID; sleep 600 & echo $!; wait", &pool);
         s.timeout = Some(Duration::from_millis(500));
@@ -994,11 +975,10 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
     fn the_group_is_read_back_from_command_sh_or_an_older_pid_file() {
         let text = format!("{}true\n", record_header(4242, 987654));
         assert_eq!(recorded_group(&text), Some((4242, 987654)));
-        // A launched snippet's script: the record is its first line, rewritten in place.
-        let text = format!("{}true\n", launched_header(4242, 987654));
-        assert_eq!(recorded_group(&text), Some((4242, 987654)));
-        assert_eq!(recorded_group(&launched_header(0, 0)), None, "not started yet");
-        assert_eq!(launched_header(0, 0).len(), launched_header(i32::MAX, u64::MAX).len());
+        // A launched snippet's script: the record follows bash's options on its first line.
+        let text =
+            "set -eo pipefail # pype: process group 4242, started 987654 clock ticks after boot\ntrue\n";
+        assert_eq!(recorded_group(text), Some((4242, 987654)));
         assert_eq!(recorded_group("4242 987654\n"), Some((4242, 987654)), "an older agent's pid file");
         for bad in [
             "",

@@ -12,7 +12,7 @@
 //! forks it under job control, `set -m`), and the start costs a fork instead of an exec.
 //!
 //! The script file is the attempt's `command.sh` (in its working directory), its first line
-//! `set -eo pipefail` and the record of the process group running it. What differs from
+//! `set -eo pipefail` and the record of the process group running it, written by the fork. What differs from
 //! `bash -c`: `$0` and `BASH_SOURCE` name that file, `$-` lacks `c`, `BASH_SUBSHELL` is 1,
 //! bash holds the file open on fd 255 (close-on-exec), bash's own messages name it instead of
 //! `bash`, `ps` shows the launcher's command line, and a snippet killed by a signal reports
@@ -108,8 +108,10 @@ pub struct Request<'a> {
     pub cwd: &'a Path,
     /// `cgroup.procs` files the snippet moves itself into before it runs anything.
     pub cgroups: Vec<&'a Path>,
-    /// The script to run (written by the caller, executable, without `#!`).
-    pub script: &'a Path,
+    pub script: &'a str,
+    /// Where the fork writes the script and runs it from (`command.sh`: created executable
+    /// by the caller, never opened for writing by the agent).
+    pub record: &'a Path,
 }
 
 /// A snippet a launcher started.
@@ -159,8 +161,9 @@ impl Launchers {
         let path = |p: &Path| p.is_absolute() && p.to_str().is_some_and(|s| !s.contains('\0'));
         self.failures.load(Ordering::Relaxed) < FAILURES_MAX
             && req.env.iter().all(|(k, v)| exportable(k) && !special(k) && !v.contains('\0'))
+            && !req.script.contains('\0')
             && path(req.cwd)
-            && path(req.script)
+            && path(req.record)
             && req.cgroups.iter().all(|p| path(p))
             && std::env::var_os("POSIXLY_CORRECT").is_none()
     }
@@ -463,11 +466,21 @@ fn request(req: &Request, token: u64, agent: u32, out: i32, err: i32) -> String 
     for (k, v) in req.env {
         let _ = writeln!(s, "export {}", quote(&format!("{k}={v}")));
     }
-    let script = quote(req.script.to_str().unwrap_or_default());
-    let _ = writeln!(s, "[ -x {script} ] || exit {SETUP_FAILED}");
+    // The script, its first line bash's options and the record of the process group running
+    // it (the start time from `/proc`), written by the fork itself: no other process holds it
+    // open for writing when it is executed.
+    let record = quote(req.record.to_str().unwrap_or_default());
+    let _ = writeln!(s, "read -r stat </proc/$BASHPID/stat || exit {SETUP_FAILED}\nset -- ${{stat##*) }}");
+    let _ = writeln!(
+        s,
+        "{{ echo \"set -eo pipefail # pype: process group $BASHPID, started ${{20}} clock ticks after boot\"; \
+         printf %s {}; }} >{record} || exit {SETUP_FAILED}",
+        quote(req.script)
+    );
+    let _ = writeln!(s, "[ -x {record} ] || exit {SETUP_FAILED}");
     let _ = writeln!(s, "echo \"pid {token} $BASHPID\" >&3 || exit {SETUP_FAILED}");
     s += "exec 3>&-\n";
-    let _ = writeln!(s, "exec -- {script}");
+    let _ = writeln!(s, "exec -- {record}");
     s
 }
 
