@@ -473,8 +473,8 @@ fn request(req: &Request, token: u64, agent: u32, out: i32, err: i32) -> String 
     let _ = writeln!(s, "read -r stat </proc/$BASHPID/stat || exit {SETUP_FAILED}\nset -- ${{stat##*) }}");
     let _ = writeln!(
         s,
-        "{{ echo \"set -eo pipefail # pype: process group $BASHPID, started ${{20}} clock ticks after boot\"; \
-         printf %s {}; }} >{record} || exit {SETUP_FAILED}",
+        "printf '%s\\n%s' \"set -eo pipefail # pype: process group $BASHPID, started ${{20}} clock ticks after boot\" \
+         {} >{record} || exit {SETUP_FAILED}",
         quote(req.script)
     );
     let _ = writeln!(s, "[ -x {record} ] || exit {SETUP_FAILED}");

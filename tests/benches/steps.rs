@@ -10,12 +10,16 @@
 //! from the first dispatch to the end of the run, with snippets started by the agents'
 //! launchers (the default), then again with `bash -c` for each (`PYPE_LAUNCHER=never`).
 //! Ceiling: the same number of bash spawns from 4 threads with nothing else running, the most
-//! any scheduler starting `bash` for each step could reach on this machine.
+//! any scheduler starting `bash` for each step could reach on this machine. Ceiling and fans
+//! are measured in turn, three rounds; the ratios are the medians of each round's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
+
+/// Rounds of (ceiling, fan with launchers, fan with `bash -c`).
+const ROUNDS: usize = 3;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -71,20 +75,23 @@ fn main() {
     let bash_med = median(&mut bash);
 
     // Ceiling: the same bash snippet the agent runs, spawned by 4 threads with nothing else
-    // (no coordinator, no agent). No scheduler can run empty steps faster than this machine
-    // can start bash.
-    let ceiling_started = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..4 {
-            s.spawn(|| {
-                for _ in 0..fan / 4 {
-                    let st = Command::new("bash").args(["-c", "set -eo pipefail\ntrue"]).status().unwrap();
-                    assert!(st.success());
-                }
-            });
-        }
-    });
-    let ceiling = (fan / 4 * 4) as f64 / ceiling_started.elapsed().as_secs_f64();
+    // (no coordinator, no agent). No scheduler that starts bash for each step can run empty
+    // steps faster than this machine can start bash.
+    let ceiling = || {
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..fan / 4 {
+                        let st =
+                            Command::new("bash").args(["-c", "set -eo pipefail\ntrue"]).status().unwrap();
+                        assert!(st.success());
+                    }
+                });
+            }
+        });
+        (fan / 4 * 4) as f64 / started.elapsed().as_secs_f64()
+    };
 
     // Chain on one agent.
     let mut text = String::from("name = \"chain\"\n");
@@ -115,9 +122,11 @@ fn main() {
     }
     let p = dir.path().join("fan.toml");
     std::fs::write(&p, text).unwrap();
+    let fans = std::cell::Cell::new(0);
     let fan_rate = |launcher: bool| {
         let started = Instant::now();
-        let state = dir.path().join(if launcher { "state-fan" } else { "state-fan-bash-c" });
+        fans.set(fans.get() + 1);
+        let state = dir.path().join(format!("state-fan-{}", fans.get()));
         let lines = run(&bin, &state, &p, 4, launcher);
         let wall = started.elapsed().as_secs_f64();
         let first = lines.iter().find(|l| l.contains("step dispatched")).and_then(|l| ts_us(l)).unwrap();
@@ -125,9 +134,26 @@ fn main() {
         let secs = (last - first) / 1e6;
         (fan as f64 / secs, secs, wall)
     };
-    let (rate, secs, wall) = fan_rate(true);
-    // The same fan with every snippet started by `bash -c` (PYPE_LAUNCHER=never).
-    let (bash_c_rate, bash_c_secs, _) = fan_rate(false);
+    // This machine's speed drifts by 10% and more within minutes: the ceiling and both fans
+    // are measured in turn, ROUNDS times, and each fan is compared with the ceiling measured
+    // just before it.
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let c = ceiling();
+        let (rate, secs, wall) = fan_rate(true);
+        // The same fan with every snippet started by `bash -c` (PYPE_LAUNCHER=never).
+        let (bash_c_rate, _, _) = fan_rate(false);
+        rounds.push((c, rate, secs, wall, bash_c_rate));
+    }
+    let mut ratios: Vec<f64> = rounds.iter().map(|r| r.1 / r.0).collect();
+    let mut bash_c_ratios: Vec<f64> = rounds.iter().map(|r| r.4 / r.0).collect();
+    let ratio = median(&mut ratios);
+    let bash_c_ratio = median(&mut bash_c_ratios);
+    let mut ceilings: Vec<f64> = rounds.iter().map(|r| r.0).collect();
+    let mut rates: Vec<f64> = rounds.iter().map(|r| r.1).collect();
+    let mut bash_c_rates: Vec<f64> = rounds.iter().map(|r| r.4).collect();
+    let (ceiling, rate, bash_c_rate) = (median(&mut ceilings), median(&mut rates), median(&mut bash_c_rates));
+    let (secs, wall) = (rounds[0].2, rounds[0].3);
 
     println!("bash -c true spawn:        median {bash_med:.2} ms ({} runs)", bash.len());
     println!(
@@ -139,15 +165,25 @@ fn main() {
         step_med / bash_med
     );
     println!(
-        "bash-only ceiling:         {ceiling:.0} spawns/s ({} bash -c spawns from 4 threads, nothing else running)",
+        "bash-only ceiling:         {ceiling:.0} spawns/s, median of {ROUNDS} ({} bash -c spawns from 4 threads, nothing else running)",
         fan / 4 * 4
     );
     println!(
-        "throughput:                {rate:.0} steps/s ({fan} steps, 4 agents, {secs:.2} s dispatch to finish, {wall:.2} s with startup; target >= 1000)"
+        "throughput:                {rate:.0} steps/s, median of {ROUNDS} ({fan} steps, 4 agents; first: {secs:.2} s dispatch to finish, {wall:.2} s with startup; target >= 1000)"
     );
-    println!("throughput / ceiling:      {:.2}", rate / ceiling);
+    for (i, r) in rounds.iter().enumerate() {
+        println!(
+            "  round {}: ceiling {:.0}/s, launchers {:.0}/s ({:.2}), bash -c {:.0}/s ({:.2})",
+            i + 1,
+            r.0,
+            r.1,
+            r.1 / r.0,
+            r.4,
+            r.4 / r.0
+        );
+    }
+    println!("throughput / ceiling:      {ratio:.2} (median of the rounds' ratios)");
     println!(
-        "with bash -c per snippet:  {bash_c_rate:.0} steps/s ({bash_c_secs:.2} s, PYPE_LAUNCHER=never), {:.2} of the ceiling",
-        bash_c_rate / ceiling
+        "with bash -c per snippet:  {bash_c_rate:.0} steps/s (PYPE_LAUNCHER=never), {bash_c_ratio:.2} of the ceiling"
     );
 }
