@@ -262,11 +262,14 @@ async fn run_metered(
 /// Starts the snippet on one of the agent's launchers, its script the attempt's `command.sh`;
 /// `None` when it goes to `bash -c` instead.
 async fn launch(pool: &Launchers, spec: &ExecSpec, join: Option<&Join>) -> Option<launcher::Running> {
+    // Absolute: the fork changes directory before it writes the script (a relative work dir
+    // is the agent's own working directory's).
     let record = std::path::absolute(&spec.record).ok()?;
+    let cwd = std::path::absolute(&spec.cwd).ok()?;
     let req = launcher::Request {
         script: &spec.script,
         env: &spec.env,
-        cwd: &spec.cwd,
+        cwd: &cwd,
         cgroups: join.map(Join::paths).unwrap_or_default(),
         record: &record,
     };
@@ -880,19 +883,16 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
         let tmp = tempfile::tempdir().unwrap();
         let pool = pool(tmp.path());
         let me = std::process::id();
-        // A name bash cannot export.
-        let mut s = launched(tmp.path(), "echo $PPID; env | grep '^odd-name='", &pool);
-        s.env.push(("odd-name".into(), "1".into()));
-        let (end, out, err) = outcome(s).await;
-        assert_eq!(end, ExecEnd::Exited(0), "{err}");
-        assert_eq!((parent(&out), out.lines().nth(1)), (me, Some("odd-name=1")));
-        // A name bash gives a meaning of its own: exported from a shell it would not reach
-        // the snippet's children.
-        let mut s = launched(tmp.path(), "echo $PPID; env | grep '^GROUPS='", &pool);
-        s.env.push(("GROUPS".into(), "case,control".into()));
-        let (end, out, err) = outcome(s).await;
-        assert_eq!(end, ExecEnd::Exited(0), "{err}");
-        assert_eq!((parent(&out), out.lines().nth(1)), (me, Some("GROUPS=case,control")));
+        // A name bash cannot export, and one it gives a meaning of its own (exported from a
+        // shell, it would not reach the snippet's children).
+        for (name, value) in [("odd-name", "1"), ("GROUPS", "case,control")] {
+            let mut s = launched(tmp.path(), &format!("echo $PPID; env | grep '^{name}='"), &pool);
+            s.env.push((name.into(), value.into()));
+            let (end, out, err) = outcome(s).await;
+            assert_eq!(end, ExecEnd::Exited(0), "{err}");
+            let seen = format!("{name}={value}");
+            assert_eq!((parent(&out), out.lines().nth(1)), (me, Some(seen.as_str())));
+        }
         // A working directory that is not there: the launcher's fork gives up before the
         // snippet, and `bash -c` fails to start as it always did.
         let mut s = launched(tmp.path(), "echo ran > ran", &pool);
