@@ -511,16 +511,15 @@ mod tests {
 [ "$pgrp" = "$$" ] && echo "leads its process group"
 [ "$$" = "$BASHPID" ] && echo "\$\$ is its own pid"
 echo "parent is the agent: $([ "$PPID" = "$AGENT" ] && echo yes || echo no)"
-env -0 | sort -z | tr '\0' '
-' | grep -av '^_='
+env -0 | sort -z | tr '\0' '\n' | grep -av '^_='
 for f in /proc/$BASHPID/fd/*; do [ "${f##*/}" = 255 ] || echo "fd ${f##*/} -> $(readlink "$f" | sed 's/[0-9]\+/N/g')"; done
 grep -E '^Sig(Ign|Blk)' /proc/$BASHPID/status
 umask; ulimit -a; set -o; shopt -p; trap -p; declare -F; alias
 echo "BASH=$BASH source-dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 echo "SHLVL=$SHLVL PWD=$PWD OLDPWD=${OLDPWD-unset} cwd=$(pwd -P) opts=${-/c/}"
-compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '
-' ' '
+compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n' ' '
 "#;
+
     #[tokio::test]
     async fn a_snippet_in_a_namespace_sees_its_mounts_and_the_host_does_not() {
         let test = "a_snippet_in_a_namespace_sees_its_mounts_and_the_host_does_not";

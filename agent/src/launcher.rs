@@ -128,7 +128,8 @@ pub struct Running {
 impl Launchers {
     /// Launchers keeping their files in `dir` (emptied first; only the agent's user can read
     /// it: requests hold the snippets' environments), or `None` when scripts there cannot be
-    /// executed (a `noexec` mount) or `/proc` does not show the agent.
+    /// executed (a `noexec` mount), `/proc` does not show the agent, or the agent's environment
+    /// has `POSIXLY_CORRECT`.
     pub fn new(dir: PathBuf, bash: PathBuf) -> Option<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let _ = std::fs::remove_dir_all(&dir);
@@ -144,6 +145,11 @@ impl Launchers {
             && rustix::fs::access(&probe, rustix::fs::Access::EXEC_OK).is_ok();
         if !ok {
             tracing::warn!(dir = %dir.display(), "cannot execute files here: snippets start with bash -c");
+            return None;
+        }
+        // A launcher in POSIX mode would refuse some of the exports a step asks for.
+        if std::env::var_os("POSIXLY_CORRECT").is_some() {
+            tracing::warn!("POSIXLY_CORRECT is set: snippets start with bash -c");
             return None;
         }
         Some(Self {
@@ -165,7 +171,6 @@ impl Launchers {
             && path(req.cwd)
             && path(req.record)
             && req.cgroups.iter().all(|p| path(p))
-            && std::env::var_os("POSIXLY_CORRECT").is_none()
     }
 
     /// Starts the snippet on an idle launcher (or a new one).

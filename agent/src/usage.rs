@@ -241,10 +241,15 @@ pub struct Join {
     open: Vec<Arc<std::fs::File>>,
 }
 
+/// A path kept as a C string (for use between `fork` and `exec`) as a `Path` again.
+fn c_path(p: &CString) -> &Path {
+    Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()))
+}
+
 impl Join {
     /// The `cgroup.procs` files to move into.
     pub fn paths(&self) -> Vec<&Path> {
-        self.procs.iter().map(|p| Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()))).collect()
+        self.procs.iter().map(|p| c_path(p)).collect()
     }
 
     /// Moves process `pid` (and its threads) into the cgroups, from the agent.
@@ -254,14 +259,14 @@ impl Join {
             let pid = pid.to_string();
             for (f, p) in self.open.iter().zip(&self.procs) {
                 f.write_at(pid.as_bytes(), 0).map_err(|e| {
-                    let path = Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()));
+                    let path = c_path(p);
                     std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
                 })?;
             }
             return Ok(());
         }
         for p in &self.procs {
-            let path = Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()));
+            let path = c_path(p);
             std::fs::write(path, pid.to_string())
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         }
