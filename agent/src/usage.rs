@@ -249,7 +249,7 @@ fn c_path(p: &CString) -> &Path {
 impl Join {
     /// The `cgroup.procs` files to move into.
     pub fn paths(&self) -> Vec<&Path> {
-        self.procs.iter().map(|p| c_path(p)).collect()
+        self.procs.iter().map(c_path).collect()
     }
 
     /// Moves process `pid` (and its threads) into the cgroups, from the agent.
