@@ -266,11 +266,15 @@ async fn launch(pool: &Launchers, spec: &ExecSpec, join: Option<&Join>) -> Optio
     // is the agent's own working directory's).
     let record = std::path::absolute(&spec.record).ok()?;
     let cwd = std::path::absolute(&spec.cwd).ok()?;
+    let settle = |pid: u32| join.map_or(Err(std::io::ErrorKind::Unsupported.into()), |j| j.settle(pid));
     let req = launcher::Request {
         script: &spec.script,
         env: &spec.env,
         cwd: &cwd,
         cgroups: join.map(Join::paths).unwrap_or_default(),
+        settle: join
+            .is_some_and(Join::takes_residents)
+            .then_some(&settle as &(dyn Fn(u32) -> std::io::Result<()> + Sync)),
         record: &record,
     };
     if !pool.can_start(&req) {
@@ -680,6 +684,148 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
             "{test}: no usable cgroup hierarchy, and PYPE_REQUIRE_ALL=1 forbids skipping"
         );
         eprintln!("\n!!! SKIPPED {test}: no cgroup hierarchy this process can create cgroups in\n");
+    }
+
+    /// Whether process `pid` is gone (or a zombie), waiting up to 5 s for it.
+    fn gone_soon(pid: i32) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('Z')) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A launcher lives in a kept cgroup: moved there once, it starts the later attempts that
+    /// hold that cgroup, and its forks are born in it (no move per snippet). The attempt's end
+    /// spares it while it kills what the snippet left there, and removing the cgroup ends it.
+    #[tokio::test]
+    async fn a_launcher_lives_in_a_kept_cgroup_and_its_forks_are_born_there() {
+        let test = "a_launcher_lives_in_a_kept_cgroup_and_its_forks_are_born_there";
+        if !mounts::tests::root_or_skip(test) {
+            return;
+        }
+        if Hierarchies::get().v2.is_some() {
+            eprintln!("\n!!! {test}: cgroup v2 here, whose cgroups are not kept; nothing to test\n");
+            return;
+        }
+        let _one_at_a_time = CGROUP_POOL.lock().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = pool(tmp.path());
+        let memory_cgroup = |pid: i32| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            text.lines().find(|l| l.split(':').nth(1) == Some("memory")).unwrap_or_default().to_string()
+        };
+        let mut launcher = None;
+        let mut dir = None;
+        for round in 0..3 {
+            let meter = Meter::new(true, 1, None);
+            let Some(this) = meter.cgroup_dir().map(Path::to_path_buf) else {
+                skip_without_cgroups(test);
+                return;
+            };
+            assert_eq!(
+                dir.get_or_insert(this.clone()),
+                &this,
+                "round {round}: the kept cgroup was not reused"
+            );
+            let name = this.file_name().unwrap().to_string_lossy().into_owned();
+            // A busy loop (CPU to count), and a process leaving the group for the cgroup's
+            // end to kill.
+            let script = "echo $PPID; grep ':memory:' /proc/self/cgroup; \
+                          setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!; \
+                          i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done";
+            let mut s = launched(tmp.path(), script, &pool);
+            s.meter = Some(meter);
+            let (tx, _rx) = mpsc::channel(64);
+            let (end, usage) = run(s, &CancellationToken::new(), tx).await.unwrap();
+            let out = std::fs::read_to_string(tmp.path().join("stdout")).unwrap();
+            assert_eq!(end, ExecEnd::Exited(0), "round {round}: {out}");
+            let mut lines = out.lines();
+            let parent: i32 = lines.next().unwrap().parse().unwrap();
+            assert!(
+                lines.next().unwrap().ends_with(&name),
+                "round {round}: the snippet is not in {name}: {out}"
+            );
+            let escaped: i32 = lines.next().unwrap().parse().unwrap();
+            assert_ne!(parent, std::process::id() as i32, "round {round}: not launched");
+            assert_eq!(*launcher.get_or_insert(parent), parent, "round {round}: another launcher");
+            assert!(
+                memory_cgroup(parent).ends_with(&name),
+                "round {round}: the launcher does not live in {name}"
+            );
+            assert!(gone_soon(escaped), "round {round}: what left the group outlived the attempt");
+            assert!(!gone_soon_within(parent, Duration::ZERO), "round {round}: the launcher was killed");
+            let usage = usage.unwrap();
+            assert!(usage.measured_by.starts_with("cgroup"), "{usage:?}");
+            assert!(usage.cpu_user_ms + usage.cpu_system_ms > 0, "round {round}: {usage:?}");
+        }
+        // An attempt that leaves more page cache charged than a kept cgroup may hold: the
+        // cgroup is removed, and its launcher ends with it.
+        let meter = Meter::new(true, 1, None);
+        let dir = dir.unwrap();
+        assert_eq!(meter.cgroup_dir(), Some(dir.as_path()));
+        let mut s = launched(tmp.path(), "echo $PPID; head -c 8000000 /dev/urandom > big", &pool);
+        s.meter = Some(meter);
+        let (tx, _rx) = mpsc::channel(64);
+        let (end, _) = run(s, &CancellationToken::new(), tx).await.unwrap();
+        assert_eq!(end, ExecEnd::Exited(0));
+        assert!(gone_soon(launcher.unwrap()), "the launcher outlived its cgroup");
+        assert!(!dir.exists(), "{dir:?} is still there");
+    }
+
+    /// Whether process `pid` is gone (or a zombie) within `limit`.
+    fn gone_soon_within(pid: i32, limit: Duration) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let gone = stat.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('Z'));
+        gone || (!limit.is_zero() && gone_soon(pid))
+    }
+
+    /// Only a child of the agent's is spared as a cgroup's resident: a pid settled there that
+    /// is not (another process, or one the kernel gave the pid since) is killed with the rest.
+    #[tokio::test]
+    async fn only_a_child_of_the_agent_lives_in_a_cgroup_past_its_attempt() {
+        let test = "only_a_child_of_the_agent_lives_in_a_cgroup_past_its_attempt";
+        if !mounts::tests::root_or_skip(test) {
+            return;
+        }
+        if Hierarchies::get().v2.is_some() {
+            eprintln!("\n!!! {test}: cgroup v2 here, whose cgroups are not kept; nothing to test\n");
+            return;
+        }
+        let _one_at_a_time = CGROUP_POOL.lock().await;
+        if Meter::new(true, 1, None).join().is_none() {
+            skip_without_cgroups(test);
+            return;
+        }
+        // A grandchild (its parent is a bash of ours), then a child.
+        let mut outer = std::process::Command::new("bash")
+            .args(["-c", "sleep 600 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(outer.stdout.take().unwrap()), &mut line)
+            .unwrap();
+        let grandchild: u32 = line.trim().parse().unwrap();
+        let mut child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        for (pid, spared) in [(grandchild, false), (child.id(), true)] {
+            let meter = Meter::new(true, 1, None);
+            let join = meter.join().unwrap();
+            assert!(join.takes_residents());
+            join.settle(pid).unwrap();
+            let _ = tokio::task::spawn_blocking(move || meter.finish()).await.unwrap();
+            assert_eq!(!gone_soon_within(pid as i32, Duration::from_millis(500)), spared, "pid {pid}");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = outer.kill();
+        let _ = outer.wait();
     }
 
     /// A process that left the snippet's process group (`setsid`) is still in the attempt's

@@ -23,6 +23,12 @@
 //! its own) goes to `bash -c`, as does every snippet once launchers failed, one after the
 //! other, in ways that are not the snippet's (see [`Refused`]).
 //!
+//! A launcher that serves a kept cgroup (see `usage.rs`) lives in it: moved there once it
+//! has started ([`Request::settle`]), it starts the snippets of the later attempts that hold
+//! that cgroup, and its forks are born in it instead of moving there one by one. Moving a
+//! process between cgroups takes a lock that every `fork` and `exit` on the host waits for;
+//! three moves per empty step cost a sixth of their throughput.
+//!
 //! The protocol with a launcher (its stdin and stdout are pipes to the agent): the agent
 //! writes the script and a request (`<n>.req`, bash that sets the fork up) and then the
 //! request's token (random) on a line; the fork checks the token, empties the request file,
@@ -46,14 +52,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe::Receiver;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-/// The launcher (`$1`: its request file): forks a subshell per token on stdin that sources
+/// The launcher (`$1`: its request file), once it says it is ready: forks a subshell per
+/// token on stdin that sources
 /// the request, in a process group of its own (started under `set -m`), waits for its end
 /// with job control off again (so a stop is not taken for an end), and says how it ended,
 /// with the token. SIGTERM, SIGINT and SIGHUP sent to everything (a batch system ending the
 /// job) end the snippet, not the launcher: trapped signals are reset to their defaults in the
 /// fork, and a `wait` they interrupt is waited again. `TMOUT` from the environment must not
 /// end the launcher's `read`.
-const LOOP: &str = "trap 'sig=1' TERM INT HUP\n\
+const LOOP: &str = "echo ready\n\
+    trap 'sig=1' TERM INT HUP\n\
     while IFS= TMOUT= read -r n; do\n\
     set -m; ( . \"$1\" ) & p=$!; set +m\n\
     while :; do sig=0; wait $p; c=$?; [ $sig = 1 ] || break; done\n\
@@ -80,6 +88,9 @@ pub struct Launchers {
     /// The agent's pid as `/proc` names it (which may not be the agent's own pid namespace).
     proc_pid: u32,
     bash: PathBuf,
+    /// The launchers' process name (bash's file name) has no `)`: the first `) ` in a fork's
+    /// `/proc/PID/stat` ends it, and the shorter pattern finds it sooner.
+    plain_name: bool,
     idle: Mutex<Vec<Launcher>>,
     next: AtomicU64,
     /// Launchers that failed one after the other in ways that were not the snippet's; at
@@ -89,6 +100,9 @@ pub struct Launchers {
 
 struct Launcher {
     child: Child,
+    /// The `cgroup.procs` files of the kept cgroups it lives in ([`Request::settle`]), whose
+    /// snippets it forks without joining; empty: the agent's own, and each fork joins.
+    home: Vec<PathBuf>,
     requests: ChildStdin,
     status: ChildStdout,
     /// What was read from `status` beyond the last whole line.
@@ -108,6 +122,10 @@ pub struct Request<'a> {
     pub cwd: &'a Path,
     /// `cgroup.procs` files the snippet moves itself into before it runs anything.
     pub cgroups: Vec<&'a Path>,
+    /// Moves a launcher (its pid) into `cgroups` to stay, when they are kept from one attempt
+    /// to the next: the snippets of later attempts in them are then started by that launcher,
+    /// and its forks are born there (moving a process between cgroups is costly).
+    pub settle: Option<&'a (dyn Fn(u32) -> std::io::Result<()> + Sync)>,
     pub script: &'a str,
     /// Where the fork writes the script and runs it from (`command.sh`: created executable
     /// by the caller, never opened for writing by the agent).
@@ -155,6 +173,7 @@ impl Launchers {
         Some(Self {
             dir: std::fs::canonicalize(&dir).ok()?,
             proc_pid: std::fs::read_link("/proc/self").ok()?.to_str()?.parse().ok()?,
+            plain_name: bash.file_name().is_some_and(|n| !n.as_encoded_bytes().contains(&b')')),
             bash,
             idle: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
@@ -175,14 +194,35 @@ impl Launchers {
 
     /// Starts the snippet on an idle launcher (or a new one).
     pub async fn start(&self, req: &Request<'_>) -> Result<Running, Refused> {
-        let mut launcher = match self.take() {
+        // A launcher living in the snippet's cgroups, or a new one settled there.
+        let home: &[&Path] = if req.settle.is_some() { &req.cgroups } else { &[] };
+        let mut launcher = match self.take(home) {
             Some(l) => l,
-            None => self.spawn().map_err(|e| self.failed(e))?,
+            None => {
+                let mut l = self.spawn().map_err(|e| self.failed(e))?;
+                if let (Some(settle), Some(pid)) = (req.settle, l.child.id()) {
+                    // Moved once started: the memory it touched starting stays charged to the
+                    // agent's cgroup, not to the kept one, whose leftover decides its keeping.
+                    match l.line().await {
+                        Ok(line) if line == "ready" => {}
+                        Ok(line) => return Err(self.failed(anyhow!("a new launcher said {line:?}"))),
+                        Err(e) => return Err(self.failed(e.context("a new launcher"))),
+                    }
+                    match settle(pid) {
+                        Ok(()) => l.home = home.iter().map(|p| p.to_path_buf()).collect(),
+                        // It stays in the agent's cgroups, and its forks join the snippets'.
+                        Err(e) => tracing::debug!("a launcher stays out of the attempt's cgroups: {e}"),
+                    }
+                }
+                l
+            }
         };
+        let joins: &[&Path] = if launcher.lives_in(home) && !home.is_empty() { &[] } else { &req.cgroups };
         let out = std::io::pipe().context("creating the snippet's stdout pipe").map_err(Refused)?;
         let err = std::io::pipe().context("creating the snippet's stderr pipe").map_err(Refused)?;
         launcher.token = rand::random::<u64>() >> 1;
-        let text = request(req, launcher.token, self.proc_pid, out.1.as_raw_fd(), err.1.as_raw_fd());
+        let fds = (out.1.as_raw_fd(), err.1.as_raw_fd());
+        let text = request(req, joins, launcher.token, self.proc_pid, fds, self.plain_name);
         if let Err(e) = std::fs::write(&launcher.req, text) {
             let e = anyhow!(e).context(format!("writing {}", launcher.req.display()));
             self.put(launcher);
@@ -244,15 +284,24 @@ impl Launchers {
         Refused(e)
     }
 
-    fn take(&self) -> Option<Launcher> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    /// An idle launcher living in `home` (the agent's own cgroups when empty).
+    fn take(&self, home: &[&Path]) -> Option<Launcher> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let i = idle.iter().rposition(|l| l.lives_in(home))?;
+        Some(idle.remove(i))
     }
 
+    /// Keeps an idle launcher; with [`IDLE_MAX`] idle already, those that ended (their
+    /// cgroup was removed) go first, then the one idle the longest.
     fn put(&self, launcher: Launcher) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < IDLE_MAX {
-            idle.push(launcher);
+        if idle.len() >= IDLE_MAX {
+            idle.retain_mut(|l| matches!(l.child.try_wait(), Ok(None)));
         }
+        if idle.len() >= IDLE_MAX {
+            idle.remove(0);
+        }
+        idle.push(launcher);
     }
 
     fn spawn(&self) -> Result<Launcher> {
@@ -281,7 +330,7 @@ impl Launchers {
             .context("starting a launcher")?;
         let requests = child.stdin.take().context("a launcher without stdin")?;
         let status = child.stdout.take().context("a launcher without stdout")?;
-        Ok(Launcher { child, requests, status, buf: Vec::new(), token: 0, req })
+        Ok(Launcher { child, home: Vec::new(), requests, status, buf: Vec::new(), token: 0, req })
     }
 }
 
@@ -294,6 +343,10 @@ enum Said {
 }
 
 impl Launcher {
+    fn lives_in(&self, home: &[&Path]) -> bool {
+        self.home.iter().map(PathBuf::as_path).eq(home.iter().copied())
+    }
+
     /// The next line about the current request; cancel-safe (what was read stays in `buf`).
     async fn said(&mut self) -> Result<Said> {
         loop {
@@ -449,7 +502,14 @@ fn special(name: &str) -> bool {
 /// the script. `SHLVL` and `OLDPWD` are the agent's, as `bash -c` would have them (the fork's
 /// own are the launcher's: one level deeper, and the directory `cd` left). A set-up step that
 /// fails ends the fork before the snippet (a failed redirection does not end bash by itself).
-fn request(req: &Request, token: u64, agent: u32, out: i32, err: i32) -> String {
+fn request(
+    req: &Request,
+    joins: &[&Path],
+    token: u64,
+    agent: u32,
+    (out, err): (i32, i32),
+    plain_name: bool,
+) -> String {
     use std::fmt::Write;
     // Only for the request it was sent for (`$n`, the token the launcher read); read whole
     // already, the file is then emptied so that nothing else sent to the launcher runs it.
@@ -458,7 +518,7 @@ fn request(req: &Request, token: u64, agent: u32, out: i32, err: i32) -> String 
         s,
         "exec 3>&1 </dev/null >/proc/{agent}/fd/{out} 2>/proc/{agent}/fd/{err} || exit {SETUP_FAILED}"
     );
-    for p in &req.cgroups {
+    for p in joins {
         let _ = writeln!(s, "echo 0 >{} || exit {CGROUP_FAILED}", quote(p.to_str().unwrap_or_default()));
     }
     let _ = writeln!(s, "cd -P -- {} || exit {CWD_FAILED}", quote(req.cwd.to_str().unwrap_or_default()));
@@ -475,7 +535,10 @@ fn request(req: &Request, token: u64, agent: u32, out: i32, err: i32) -> String 
     // it (the start time from `/proc`), written by the fork itself: no other process holds it
     // open for writing when it is executed.
     let record = quote(req.record.to_str().unwrap_or_default());
-    let _ = writeln!(s, "read -r stat </proc/$BASHPID/stat || exit {SETUP_FAILED}\nset -- ${{stat##*) }}");
+    // The fields after the process name, which ends at the last `) ` (the first, when the
+    // name has no `)`).
+    let cut = if plain_name { "#" } else { "##" };
+    let _ = writeln!(s, "read -r stat </proc/$BASHPID/stat || exit {SETUP_FAILED}\nset -- ${{stat{cut}*) }}");
     let _ = writeln!(
         s,
         "printf '%s\\n%s' \"set -eo pipefail # pype: process group $BASHPID, started ${{20}} clock ticks after boot\" \

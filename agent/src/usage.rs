@@ -9,11 +9,14 @@
 //!
 //! The child joins its cgroups before the snippet runs, so nothing it starts escapes them:
 //! moved there by the agent while it waits at a gate ([`Join::place`]), or, when it must
-//! enter a mount namespace too, between `fork` and `exec` ([`Join::enter`]).
+//! enter a mount namespace too, between `fork` and `exec` ([`Join::enter`]), or it writes
+//! its own pid there first thing (a launcher's fork), or it is born there: a kept cgroup's
+//! resident launcher forks it ([`Join::settle`]).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,8 +37,9 @@ const SLOT_PREFIX: &str = "pype-slot-";
 /// At most this many cgroups kept per agent.
 const POOL_MAX: usize = 64;
 /// A cgroup whose ended attempt left this much memory charged to it (page cache of the files
-/// it wrote) is removed rather than kept: the next attempt's peak could be off by as much.
-const POOL_LEFTOVER: u64 = 1 << 20;
+/// it wrote, kernel memory, and what the kernel charged ahead per CPU) beyond its resident's
+/// pages is removed rather than kept: the next attempt's peak could be off by as much.
+const POOL_LEFTOVER: u64 = 2 << 20;
 
 /// The agent's kept cgroups.
 static POOL: Mutex<Vec<Cgroup>> = Mutex::new(Vec::new());
@@ -239,6 +243,8 @@ pub struct Join {
     procs: Vec<CString>,
     /// The same files held open by the cgroup, for [`Join::place`].
     open: Vec<Arc<std::fs::File>>,
+    /// A kept cgroup's resident (see [`Join::settle`]).
+    resident: Option<Arc<AtomicI32>>,
 }
 
 /// A path kept as a C string (for use between `fork` and `exec`) as a `Path` again.
@@ -273,6 +279,25 @@ impl Join {
         Ok(())
     }
 
+    /// Whether a process of the agent's may live in these cgroups from one attempt to the
+    /// next (a kept cgroup): see [`Join::settle`].
+    pub fn takes_residents(&self) -> bool {
+        self.resident.is_some()
+    }
+
+    /// Moves process `pid`, a child of the agent's, into the cgroups to stay: a launcher,
+    /// whose forks are then born in them and need not join. Moving a process between
+    /// cgroups takes a lock every `fork` and `exit` on the host waits for, which cost empty
+    /// steps a sixth of their throughput. The cgroup spares its resident when it kills what
+    /// an attempt left behind, leaves it out of its emptiness, and kills it when removed.
+    pub fn settle(&self, pid: u32) -> std::io::Result<()> {
+        let resident = self.resident.as_ref().ok_or(std::io::ErrorKind::Unsupported)?;
+        let pid = i32::try_from(pid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        self.place(pid as u32)?;
+        resident.store(pid, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Moves the calling process into the cgroups. Only system calls on C strings prepared
     /// before the fork: sound between `fork` and `exec`.
     pub fn enter(&self) -> std::io::Result<()> {
@@ -299,6 +324,8 @@ pub struct Cgroup {
     open: Mutex<std::collections::HashMap<(PathBuf, bool), Arc<std::fs::File>>>,
     /// A control file of it failed to read or write during this attempt.
     failed: std::sync::atomic::AtomicBool,
+    /// The pid of the agent's child living in it between attempts ([`Join::settle`]), or 0.
+    resident: Arc<AtomicI32>,
 }
 
 /// What a cgroup counts from its creation on.
@@ -394,6 +421,7 @@ impl Cgroup {
             base: Counters::default(),
             open: Default::default(),
             failed: Default::default(),
+            resident: Default::default(),
         };
         for parent in parents {
             let dir = parent.join(&name);
@@ -436,7 +464,30 @@ impl Cgroup {
             .into_iter()
             .filter_map(|p| CString::new(p.into_os_string().into_encoded_bytes()).ok())
             .collect();
-        Join { procs, open }
+        Join { procs, open, resident: self.kept.then(|| self.resident.clone()) }
+    }
+
+    /// Its resident's pid ([`Join::settle`]) while that is still a child of the agent's (a
+    /// pid the kernel gave another process since is not spared).
+    fn resident(&self) -> Option<i32> {
+        let pid = self.resident.load(Ordering::Relaxed);
+        if pid <= 0 {
+            return None;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
+        (ppid == std::process::id()).then_some(pid)
+    }
+
+    /// The processes in it other than its resident; `None` when `cgroup.procs` cannot be read.
+    fn others(&self) -> Option<Vec<i32>> {
+        let text = read(&self.dirs.first()?.join("cgroup.procs"))?;
+        let mut pids: Vec<i32> = text.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let resident = self.resident.load(Ordering::Relaxed);
+        if resident > 0 && pids.contains(&resident) && self.resident() == Some(resident) {
+            pids.retain(|p| *p != resident);
+        }
+        Some(pids)
     }
 
     /// `path` held open ([`Cgroup::open`]) for reading or for writing. `None` when it cannot
@@ -514,18 +565,17 @@ impl Cgroup {
         f.write_at(text.as_bytes(), 0).map(drop).inspect_err(|_| self.forget(path, true))
     }
 
-    /// No process is left in it (or it cannot be read: then [`Cgroup::kill_all`] decides).
+    /// No process but its resident is left in it (or it cannot be read: then
+    /// [`Cgroup::kill_all`] decides).
     fn is_empty(&self) -> bool {
-        self.dirs.first().and_then(|d| read(&d.join("cgroup.procs"))).is_some_and(|p| p.trim().is_empty())
+        self.others().is_some_and(|p| p.is_empty())
     }
 
-    /// Kills whatever is still in the cgroup (a process that left the attempt's process
-    /// group with `setsid` is still here), for at most a second.
+    /// Kills whatever is still in the cgroup but its resident (a process that left the
+    /// attempt's process group with `setsid` is still here), for at most a second.
     fn kill_all(&self) {
-        let Some(procs) = self.dirs.first().map(|d| d.join("cgroup.procs")) else { return };
         for _ in 0..100 {
-            let pids: Vec<i32> =
-                read(&procs).unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()).collect();
+            let pids = self.others().unwrap_or_default();
             if pids.is_empty() {
                 return;
             }
@@ -565,8 +615,12 @@ impl Cgroup {
             return;
         }
         let memory = &self.dirs[0];
-        let empty = read(&memory.join("cgroup.procs")).is_some_and(|p| p.trim().is_empty());
-        let left = self.read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
+        let empty = self.is_empty();
+        let charged = self.read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
+        // Less the anonymous memory of its processes: none is left but its resident, a
+        // launcher, whose own pages came to be charged here as it forked.
+        let anon = || keyed(&self.read(&memory.join("memory.stat")).unwrap_or_default(), "rss");
+        let left = charged.saturating_sub(anon().unwrap_or(0));
         // A cgroup missing one of its directories (removed by hand, or by an agent in another
         // pid namespace) would fail every attempt that took it: not kept. This attempt wrote
         // and read a file in each through files held open, which fail once it is gone.
@@ -656,8 +710,11 @@ impl Drop for Cgroup {
     /// Removes the cgroup. Its processes are gone by now (the group was killed); a cgroup
     /// still busy for a moment is tried again briefly, then left (the next start sweeps it).
     fn drop(&mut self) {
-        // Closed before the directories go.
+        // Closed before the directories go, and the resident ended (it leaves as it exits).
         self.open.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
+        if let Some(pid) = self.resident().and_then(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
         for d in &self.dirs {
             for _ in 0..20 {
                 match std::fs::remove_dir(d) {
