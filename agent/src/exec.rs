@@ -721,7 +721,9 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
             let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
             text.lines().find(|l| l.split(':').nth(1) == Some("memory")).unwrap_or_default().to_string()
         };
-        let mut launcher = None;
+        let hierarchies = Hierarchies::get();
+        let agents_memory = hierarchies.memory.clone().unwrap();
+        let mut launchers = Vec::new();
         let mut dir = None;
         for round in 0..3 {
             let meter = Meter::new(true, 1, None);
@@ -736,16 +738,25 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
             );
             let name = this.file_name().unwrap().to_string_lossy().into_owned();
             // A busy loop (CPU to count), and a process leaving the group for the cgroup's
-            // end to kill.
-            let script = "echo $PPID; grep ':memory:' /proc/self/cgroup; \
-                          setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!; \
-                          i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done";
-            let mut s = launched(tmp.path(), script, &pool);
+            // end to kill. In round 1 the snippet also moves its launcher out of the cgroup.
+            let move_out = if round == 1 {
+                format!("echo $PPID > {}/cgroup.procs;", agents_memory.display())
+            } else {
+                String::new()
+            };
+            let script = format!(
+                "echo $PPID; grep ':memory:' /proc/self/cgroup; \
+                 setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!; \
+                 i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; {move_out}"
+            );
+            let work = tempfile::tempdir().unwrap();
+            let mut s = launched(work.path(), &script, &pool);
             s.meter = Some(meter);
             let (tx, _rx) = mpsc::channel(64);
             let (end, usage) = run(s, &CancellationToken::new(), tx).await.unwrap();
-            let out = std::fs::read_to_string(tmp.path().join("stdout")).unwrap();
-            assert_eq!(end, ExecEnd::Exited(0), "round {round}: {out}");
+            let out = std::fs::read_to_string(work.path().join("stdout")).unwrap();
+            let err = std::fs::read_to_string(work.path().join("stderr")).unwrap_or_default();
+            assert_eq!(end, ExecEnd::Exited(0), "round {round}: {out}{err}");
             let mut lines = out.lines();
             let parent: i32 = lines.next().unwrap().parse().unwrap();
             assert!(
@@ -754,17 +765,52 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
             );
             let escaped: i32 = lines.next().unwrap().parse().unwrap();
             assert_ne!(parent, std::process::id() as i32, "round {round}: not launched");
-            assert_eq!(*launcher.get_or_insert(parent), parent, "round {round}: another launcher");
-            assert!(
-                memory_cgroup(parent).ends_with(&name),
-                "round {round}: the launcher does not live in {name}"
-            );
             assert!(gone_soon(escaped), "round {round}: what left the group outlived the attempt");
-            assert!(!gone_soon_within(parent, Duration::ZERO), "round {round}: the launcher was killed");
             let usage = usage.unwrap();
             assert!(usage.measured_by.starts_with("cgroup"), "{usage:?}");
             assert!(usage.cpu_user_ms + usage.cpu_system_ms > 0, "round {round}: {usage:?}");
+            launchers.push(parent);
+            if round == 1 {
+                // Moved out, it would start the next attempts outside the cgroup: ended.
+                assert_eq!(launchers[1], launchers[0], "round 1 got another launcher");
+                assert!(gone_soon(parent), "a launcher moved out of its cgroup still serves it");
+                continue;
+            }
+            // It lives in the cgroup, in each hierarchy, and outlived the attempt.
+            assert!(!gone_soon_within(parent, Duration::ZERO), "round {round}: the launcher was killed");
+            let procs = |h: &Option<PathBuf>| {
+                h.as_ref()
+                    .map(|h| std::fs::read_to_string(h.join(&name).join("cgroup.procs")).unwrap_or_default())
+            };
+            for h in [&hierarchies.memory, &hierarchies.cpuacct, &hierarchies.blkio] {
+                if let Some(procs) = procs(h) {
+                    assert!(
+                        procs.lines().any(|p| p == parent.to_string()),
+                        "round {round}: not in {h:?}/{name}"
+                    );
+                }
+            }
         }
+        assert_ne!(launchers[2], launchers[1], "round 2 was started by the launcher moved out");
+
+        // An attempt with a memory limit has a cgroup of its own: started by a launcher that
+        // does not live in a kept one, its fork moves itself there.
+        let meter = Meter::new(true, u64::from(std::process::id()) << 8 | 9, Some(512 << 20));
+        let limited = meter.cgroup_dir().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+        assert!(limited.starts_with("pype-attempt-"), "{limited}");
+        let work = tempfile::tempdir().unwrap();
+        let mut s = launched(work.path(), "echo $PPID; grep ':memory:' /proc/self/cgroup", &pool);
+        s.meter = Some(meter);
+        let (tx, _rx) = mpsc::channel(64);
+        let (end, _) = run(s, &CancellationToken::new(), tx).await.unwrap();
+        let out = std::fs::read_to_string(work.path().join("stdout")).unwrap();
+        assert_eq!(end, ExecEnd::Exited(0), "{out}");
+        let mut lines = out.lines();
+        let parent: i32 = lines.next().unwrap().parse().unwrap();
+        assert!(lines.next().unwrap().ends_with(&limited), "not in its limited cgroup: {out}");
+        assert!(!launchers.contains(&parent), "a kept cgroup's launcher started a limited attempt");
+        assert!(!memory_cgroup(parent).contains("pype-"), "its launcher lives in an attempt's cgroup");
+
         // An attempt that leaves more page cache charged than a kept cgroup may hold: the
         // cgroup is removed, and its launcher ends with it.
         let meter = Meter::new(true, 1, None);
@@ -775,7 +821,7 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
         let (tx, _rx) = mpsc::channel(64);
         let (end, _) = run(s, &CancellationToken::new(), tx).await.unwrap();
         assert_eq!(end, ExecEnd::Exited(0));
-        assert!(gone_soon(launcher.unwrap()), "the launcher outlived its cgroup");
+        assert!(gone_soon(launchers[2]), "the launcher outlived its cgroup");
         assert!(!dir.exists(), "{dir:?} is still there");
     }
 
@@ -786,11 +832,11 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
         gone || (!limit.is_zero() && gone_soon(pid))
     }
 
-    /// Only a child of the agent's is spared as a cgroup's resident: a pid settled there that
-    /// is not (another process, or one the kernel gave the pid since) is killed with the rest.
+    /// A cgroup spares its resident only while that lives: once it has exited, a process the
+    /// kernel gives its pid (forced here through `ns_last_pid`) is killed with the rest.
     #[tokio::test]
-    async fn only_a_child_of_the_agent_lives_in_a_cgroup_past_its_attempt() {
-        let test = "only_a_child_of_the_agent_lives_in_a_cgroup_past_its_attempt";
+    async fn a_cgroup_spares_its_resident_only_while_it_lives() {
+        let test = "a_cgroup_spares_its_resident_only_while_it_lives";
         if !mounts::tests::root_or_skip(test) {
             return;
         }
@@ -799,33 +845,48 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
             return;
         }
         let _one_at_a_time = CGROUP_POOL.lock().await;
-        if Meter::new(true, 1, None).join().is_none() {
+        let meter = Meter::new(true, 1, None);
+        let Some(join) = meter.join() else {
             skip_without_cgroups(test);
             return;
+        };
+        assert!(join.takes_residents());
+        let dir = meter.cgroup_dir().unwrap().to_path_buf();
+        let mut resident = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        let pid = resident.id();
+        join.settle(pid).unwrap();
+        let meter = tokio::task::spawn_blocking(move || {
+            let _ = meter.finish();
+        });
+        meter.await.unwrap();
+        assert!(!gone_soon_within(pid as i32, Duration::ZERO), "the live resident was killed");
+
+        // It exits; a new process with its pid is placed in the cgroup, which the next
+        // attempt holds.
+        let _ = resident.kill();
+        let _ = resident.wait();
+        let mut reused = None;
+        for _ in 0..200 {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+            let child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+            if child.id() == pid {
+                reused = Some(child);
+                break;
+            }
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        // A grandchild (its parent is a bash of ours), then a child.
-        let mut outer = std::process::Command::new("bash")
-            .args(["-c", "sleep 600 & echo $!; wait"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(outer.stdout.take().unwrap()), &mut line)
-            .unwrap();
-        let grandchild: u32 = line.trim().parse().unwrap();
-        let mut child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
-        for (pid, spared) in [(grandchild, false), (child.id(), true)] {
-            let meter = Meter::new(true, 1, None);
-            let join = meter.join().unwrap();
-            assert!(join.takes_residents());
-            join.settle(pid).unwrap();
-            let _ = tokio::task::spawn_blocking(move || meter.finish()).await.unwrap();
-            assert_eq!(!gone_soon_within(pid as i32, Duration::from_millis(500)), spared, "pid {pid}");
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        let _ = outer.kill();
-        let _ = outer.wait();
+        let mut reused = reused.expect("no process got the resident's pid again in 200 tries");
+        let meter = Meter::new(true, 1, None);
+        assert_eq!(meter.cgroup_dir(), Some(dir.as_path()), "the kept cgroup was not reused");
+        meter.join().unwrap().place(pid).unwrap();
+        let meter = tokio::task::spawn_blocking(move || {
+            let _ = meter.finish();
+        });
+        meter.await.unwrap();
+        assert!(gone_soon(pid as i32), "a process with the dead resident's pid was spared");
+        let _ = reused.wait();
     }
 
     /// A process that left the snippet's process group (`setsid`) is still in the attempt's

@@ -42,7 +42,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -68,8 +68,9 @@ const LOOP: &str = "echo ready\n\
     echo \"exit $n $c\"\n\
     done\n";
 
-/// Launchers kept idle beyond this many are ended.
-const IDLE_MAX: usize = 32;
+/// Launchers kept idle beyond this many are ended (as many as the cgroups an agent keeps,
+/// each of which may have one living in it).
+const IDLE_MAX: usize = 64;
 
 /// Launchers that failed to start a snippet, one after the other, before they are given up.
 const FAILURES_MAX: u32 = 3;
@@ -96,6 +97,8 @@ pub struct Launchers {
     /// Launchers that failed one after the other in ways that were not the snippet's; at
     /// [`FAILURES_MAX`] every snippet goes to `bash -c` from then on.
     failures: AtomicU32,
+    /// A launcher could not be moved into a kept cgroup: they stay in the agent's.
+    unsettled: AtomicBool,
 }
 
 struct Launcher {
@@ -178,6 +181,7 @@ impl Launchers {
             idle: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
             failures: AtomicU32::new(0),
+            unsettled: AtomicBool::new(false),
         })
     }
 
@@ -195,27 +199,12 @@ impl Launchers {
     /// Starts the snippet on an idle launcher (or a new one).
     pub async fn start(&self, req: &Request<'_>) -> Result<Running, Refused> {
         // A launcher living in the snippet's cgroups, or a new one settled there.
-        let home: &[&Path] = if req.settle.is_some() { &req.cgroups } else { &[] };
-        let mut launcher = match self.take(home) {
-            Some(l) => l,
-            None => {
-                let mut l = self.spawn().map_err(|e| self.failed(e))?;
-                if let (Some(settle), Some(pid)) = (req.settle, l.child.id()) {
-                    // Moved once started: the memory it touched starting stays charged to the
-                    // agent's cgroup, not to the kept one, whose leftover decides its keeping.
-                    match l.line().await {
-                        Ok(line) if line == "ready" => {}
-                        Ok(line) => return Err(self.failed(anyhow!("a new launcher said {line:?}"))),
-                        Err(e) => return Err(self.failed(e.context("a new launcher"))),
-                    }
-                    match settle(pid) {
-                        Ok(()) => l.home = home.iter().map(|p| p.to_path_buf()).collect(),
-                        // It stays in the agent's cgroups, and its forks join the snippets'.
-                        Err(e) => tracing::debug!("a launcher stays out of the attempt's cgroups: {e}"),
-                    }
-                }
-                l
-            }
+        let settle = req.settle.filter(|_| !self.unsettled.load(Ordering::Relaxed));
+        let home: &[&Path] = if settle.is_some() { &req.cgroups } else { &[] };
+        let mut launcher = match (self.take(home), settle) {
+            (Some(l), _) => l,
+            (None, None) => self.spawn().map_err(|e| self.failed(e))?,
+            (None, Some(settle)) => self.settled(home, settle).await?,
         };
         let joins: &[&Path] = if launcher.lives_in(home) && !home.is_empty() { &[] } else { &req.cgroups };
         let out = std::io::pipe().context("creating the snippet's stdout pipe").map_err(Refused)?;
@@ -272,6 +261,42 @@ impl Launchers {
         }
     }
 
+    /// A launcher moved into the kept cgroups `home` to live there: an idle one of the agent's
+    /// own cgroups, or a new one once it has started (the memory it touches starting stays
+    /// charged to the agent's cgroup, not to the kept one, whose leftover decides its
+    /// keeping). One that cannot be moved is ended (part of it may have been), launchers stay
+    /// in the agent's cgroups from then on, and a new one starts the snippet.
+    async fn settled(
+        &self,
+        home: &[&Path],
+        settle: &(dyn Fn(u32) -> std::io::Result<()> + Sync),
+    ) -> Result<Launcher, Refused> {
+        let mut l = match self.take(&[]) {
+            Some(l) => l,
+            None => {
+                let mut l = self.spawn().map_err(|e| self.failed(e))?;
+                match l.line().await {
+                    Ok(line) if line == "ready" => {}
+                    Ok(line) => return Err(self.failed(anyhow!("a new launcher said {line:?}"))),
+                    Err(e) => return Err(self.failed(e.context("a new launcher"))),
+                }
+                l
+            }
+        };
+        match l.child.id().context("a launcher without a pid").and_then(|pid| Ok(settle(pid)?)) {
+            Ok(()) => l.home = home.iter().map(|p| p.to_path_buf()).collect(),
+            Err(e) => {
+                tracing::warn!(
+                    "launchers stay in the agent's cgroups: cannot move one into an attempt's: {e:#}"
+                );
+                self.unsettled.store(true, Ordering::Relaxed);
+                drop(l);
+                l = self.spawn().map_err(|e| self.failed(e))?;
+            }
+        }
+        Ok(l)
+    }
+
     /// A launcher failed in a way that is not the snippet's; after [`FAILURES_MAX`] in a row,
     /// launchers are given up.
     fn failed(&self, e: anyhow::Error) -> Refused {
@@ -287,17 +312,21 @@ impl Launchers {
     /// An idle launcher living in `home` (the agent's own cgroups when empty).
     fn take(&self, home: &[&Path]) -> Option<Launcher> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let i = idle.iter().rposition(|l| l.lives_in(home))?;
-        Some(idle.remove(i))
+        loop {
+            let i = idle.iter().rposition(|l| l.lives_in(home))?;
+            let mut l = idle.remove(i);
+            // Not one its cgroup ended since (see `usage.rs`).
+            if matches!(l.child.try_wait(), Ok(None)) {
+                return Some(l);
+            }
+        }
     }
 
-    /// Keeps an idle launcher; with [`IDLE_MAX`] idle already, those that ended (their
-    /// cgroup was removed) go first, then the one idle the longest.
+    /// Keeps an idle launcher. Those that ended (their cgroup was removed) are let go (and
+    /// reaped); with [`IDLE_MAX`] idle, so is the one idle the longest.
     fn put(&self, launcher: Launcher) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() >= IDLE_MAX {
-            idle.retain_mut(|l| matches!(l.child.try_wait(), Ok(None)));
-        }
+        idle.retain_mut(|l| matches!(l.child.try_wait(), Ok(None)));
         if idle.len() >= IDLE_MAX {
             idle.remove(0);
         }

@@ -16,7 +16,6 @@
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -244,7 +243,40 @@ pub struct Join {
     /// The same files held open by the cgroup, for [`Join::place`].
     open: Vec<Arc<std::fs::File>>,
     /// A kept cgroup's resident (see [`Join::settle`]).
-    resident: Option<Arc<AtomicI32>>,
+    resident: Option<Arc<Mutex<Option<Resident>>>>,
+}
+
+/// The process living in a kept cgroup between attempts (a launcher), held by a pidfd: once
+/// it has exited, a process the kernel gives its pid is not taken for it.
+struct Resident {
+    /// In the agent's pid namespace, as `cgroup.procs` lists it to the agent.
+    pid: i32,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Resident {
+    /// Whether it has not exited, waiting up to `limit` for it to.
+    fn alive_after(&self, limit: Duration) -> bool {
+        let mut fds = [rustix::event::PollFd::new(&self.fd, rustix::event::PollFlags::IN)];
+        let limit = rustix::event::Timespec {
+            tv_sec: limit.as_secs() as i64,
+            tv_nsec: i64::from(limit.subsec_nanos()),
+        };
+        // The pidfd turns readable when the process exits.
+        matches!(rustix::event::poll(&mut fds, Some(&limit)), Ok(0))
+    }
+
+    fn alive(&self) -> bool {
+        self.alive_after(Duration::ZERO)
+    }
+
+    /// Kills it and waits (at most a second) for it to leave the cgroup.
+    fn end(&self) {
+        if self.alive() {
+            let _ = rustix::process::pidfd_send_signal(&self.fd, rustix::process::Signal::KILL);
+            self.alive_after(Duration::from_secs(1));
+        }
+    }
 }
 
 /// A path kept as a C string (for use between `fork` and `exec`) as a `Path` again.
@@ -288,13 +320,18 @@ impl Join {
     /// Moves process `pid`, a child of the agent's, into the cgroups to stay: a launcher,
     /// whose forks are then born in them and need not join. Moving a process between
     /// cgroups takes a lock every `fork` and `exit` on the host waits for, which cost empty
-    /// steps a sixth of their throughput. The cgroup spares its resident when it kills what
-    /// an attempt left behind, leaves it out of its emptiness, and kills it when removed.
+    /// steps a sixth of their throughput. The cgroup holds its resident by a pidfd (no pid the
+    /// kernel reuses is taken for it), spares it while it has not exited when it kills what
+    /// an attempt left behind and when it judges itself empty, leaves its anonymous memory
+    /// out of the leftover that decides its keeping, ends it when it finds it moved out of
+    /// any of its directories, and kills it (and waits for it) when removed.
     pub fn settle(&self, pid: u32) -> std::io::Result<()> {
-        let resident = self.resident.as_ref().ok_or(std::io::ErrorKind::Unsupported)?;
-        let pid = i32::try_from(pid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        self.place(pid as u32)?;
-        resident.store(pid, Ordering::Relaxed);
+        let slot = self.resident.as_ref().ok_or(std::io::ErrorKind::Unsupported)?;
+        let raw = i32::try_from(pid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        let id = rustix::process::Pid::from_raw(raw).ok_or(std::io::ErrorKind::InvalidInput)?;
+        let fd = rustix::process::pidfd_open(id, rustix::process::PidfdFlags::empty())?;
+        self.place(pid)?;
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Resident { pid: raw, fd });
         Ok(())
     }
 
@@ -324,8 +361,8 @@ pub struct Cgroup {
     open: Mutex<std::collections::HashMap<(PathBuf, bool), Arc<std::fs::File>>>,
     /// A control file of it failed to read or write during this attempt.
     failed: std::sync::atomic::AtomicBool,
-    /// The pid of the agent's child living in it between attempts ([`Join::settle`]), or 0.
-    resident: Arc<AtomicI32>,
+    /// The agent's child living in it between attempts ([`Join::settle`]).
+    resident: Arc<Mutex<Option<Resident>>>,
 }
 
 /// What a cgroup counts from its creation on.
@@ -467,27 +504,69 @@ impl Cgroup {
         Join { procs, open, resident: self.kept.then(|| self.resident.clone()) }
     }
 
-    /// Its resident's pid ([`Join::settle`]) while that is still a child of the agent's (a
-    /// pid the kernel gave another process since is not spared).
-    fn resident(&self) -> Option<i32> {
-        let pid = self.resident.load(Ordering::Relaxed);
-        if pid <= 0 {
-            return None;
-        }
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let ppid: u32 = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
-        (ppid == std::process::id()).then_some(pid)
+    fn resident(&self) -> std::sync::MutexGuard<'_, Option<Resident>> {
+        self.resident.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The processes in it other than its resident; `None` when `cgroup.procs` cannot be read.
+    /// The pids in a `cgroup.procs` of it; `None` when it cannot be read.
+    fn procs(dir: &Path) -> Option<Vec<i32>> {
+        let text = read(&dir.join("cgroup.procs"))?;
+        Some(text.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+    }
+
+    /// The processes in it other than its resident (while that has not exited); `None` when
+    /// `cgroup.procs` cannot be read.
     fn others(&self) -> Option<Vec<i32>> {
-        let text = read(&self.dirs.first()?.join("cgroup.procs"))?;
-        let mut pids: Vec<i32> = text.split_whitespace().filter_map(|p| p.parse().ok()).collect();
-        let resident = self.resident.load(Ordering::Relaxed);
-        if resident > 0 && pids.contains(&resident) && self.resident() == Some(resident) {
-            pids.retain(|p| *p != resident);
+        let mut pids = Self::procs(self.dirs.first()?)?;
+        if let Some(r) = self.resident().as_ref().filter(|r| pids.contains(&r.pid) && r.alive()) {
+            pids.retain(|p| *p != r.pid);
         }
         Some(pids)
+    }
+
+    /// Ends a resident that is no longer in each of its directories (moved out, by a snippet
+    /// or by hand): its forks would be born outside the cgroup. The next attempt settles
+    /// another.
+    fn check_resident(&self) {
+        let mut resident = self.resident();
+        let Some(r) = resident.as_ref() else { return };
+        if r.alive() && self.dirs.iter().all(|d| Self::procs(d).is_some_and(|p| p.contains(&r.pid))) {
+            return;
+        }
+        // Not waited for: it is not in the cgroup (or gone).
+        let _ = rustix::process::pidfd_send_signal(&r.fd, rustix::process::Signal::KILL);
+        *resident = None;
+    }
+
+    /// Whether it has a resident that has not exited.
+    fn has_resident(&self) -> bool {
+        self.resident().as_ref().is_some_and(Resident::alive)
+    }
+
+    /// The anonymous memory of its resident, in bytes (`/proc/PID/statm`: resident less
+    /// shared pages), 0 without one.
+    fn resident_anon(&self) -> u64 {
+        let Some(r) = self.resident().as_ref().filter(|r| r.alive()).map(|r| r.pid) else { return 0 };
+        let statm = std::fs::read_to_string(format!("/proc/{r}/statm")).unwrap_or_default();
+        let mut pages = statm.split(' ').skip(1).map(|v| v.parse::<u64>().unwrap_or(0));
+        let (rss, shared) = (pages.next().unwrap_or(0), pages.next().unwrap_or(0));
+        rss.saturating_sub(shared).saturating_mul(rustix::param::page_size() as u64)
+    }
+
+    /// Whether [`Cgroup::release`] will keep it (given that it holds no process but its
+    /// resident): whole, and little left charged to it.
+    fn keepable(&self) -> bool {
+        let memory = &self.dirs[0];
+        let charged = self.read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
+        // Less the anonymous memory of its resident, a launcher, whose own pages came to be
+        // charged here as it forked (no more than the anonymous memory charged here at all).
+        let anon = keyed(&self.read(&memory.join("memory.stat")).unwrap_or_default(), "rss").unwrap_or(0);
+        let left = charged.saturating_sub(anon.min(self.resident_anon()));
+        // A cgroup missing one of its directories (removed by hand, or by an agent in another
+        // pid namespace) would fail every attempt that took it: not kept. This attempt wrote
+        // and read a file in each through files held open, which fail once it is gone.
+        let whole = !self.failed.load(std::sync::atomic::Ordering::Relaxed);
+        self.kept && whole && left < POOL_LEFTOVER
     }
 
     /// `path` held open ([`Cgroup::open`]) for reading or for writing. `None` when it cannot
@@ -614,18 +693,8 @@ impl Cgroup {
         if !self.kept {
             return;
         }
-        let memory = &self.dirs[0];
-        let empty = self.is_empty();
-        let charged = self.read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
-        // Less the anonymous memory of its processes: none is left but its resident, a
-        // launcher, whose own pages came to be charged here as it forked.
-        let anon = || keyed(&self.read(&memory.join("memory.stat")).unwrap_or_default(), "rss");
-        let left = charged.saturating_sub(anon().unwrap_or(0));
-        // A cgroup missing one of its directories (removed by hand, or by an agent in another
-        // pid namespace) would fail every attempt that took it: not kept. This attempt wrote
-        // and read a file in each through files held open, which fail once it is gone.
-        let whole = !self.failed.load(std::sync::atomic::Ordering::Relaxed);
-        if empty && whole && left < POOL_LEFTOVER {
+        if self.is_empty() && self.keepable() {
+            self.check_resident();
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
             if pool.len() < POOL_MAX {
                 pool.push(self);
@@ -712,8 +781,8 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         // Closed before the directories go, and the resident ended (it leaves as it exits).
         self.open.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
-        if let Some(pid) = self.resident().and_then(rustix::process::Pid::from_raw) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        if let Some(r) = self.resident().take() {
+            r.end();
         }
         for d in &self.dirs {
             for _ in 0..20 {
@@ -903,7 +972,8 @@ impl Meter {
     /// for); sampling's, and an empty cgroup's (the common end), do not.
     pub fn finish_may_block(&self) -> bool {
         match self {
-            Meter::Cgroup(cg) => !cg.is_empty(),
+            // A cgroup to be removed waits for its resident to exit.
+            Meter::Cgroup(cg) => !cg.is_empty() || (cg.has_resident() && !cg.keepable()),
             Meter::Procfs { .. } => false,
         }
     }
