@@ -42,7 +42,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -97,8 +97,9 @@ pub struct Launchers {
     /// Launchers that failed one after the other in ways that were not the snippet's; at
     /// [`FAILURES_MAX`] every snippet goes to `bash -c` from then on.
     failures: AtomicU32,
-    /// A launcher could not be moved into a kept cgroup: they stay in the agent's.
-    unsettled: AtomicBool,
+    /// Launchers that could not be moved into a kept cgroup; at [`FAILURES_MAX`] they stay
+    /// in the agent's.
+    unsettled: AtomicU32,
 }
 
 struct Launcher {
@@ -181,7 +182,7 @@ impl Launchers {
             idle: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
             failures: AtomicU32::new(0),
-            unsettled: AtomicBool::new(false),
+            unsettled: AtomicU32::new(0),
         })
     }
 
@@ -199,7 +200,7 @@ impl Launchers {
     /// Starts the snippet on an idle launcher (or a new one).
     pub async fn start(&self, req: &Request<'_>) -> Result<Running, Refused> {
         // A launcher living in the snippet's cgroups, or a new one settled there.
-        let settle = req.settle.filter(|_| !self.unsettled.load(Ordering::Relaxed));
+        let settle = req.settle.filter(|_| self.unsettled.load(Ordering::Relaxed) < FAILURES_MAX);
         let home: &[&Path] = if settle.is_some() { &req.cgroups } else { &[] };
         let mut launcher = match (self.take(home), settle) {
             (Some(l), _) => l,
@@ -264,8 +265,8 @@ impl Launchers {
     /// A launcher moved into the kept cgroups `home` to live there: an idle one of the agent's
     /// own cgroups, or a new one once it has started (the memory it touches starting stays
     /// charged to the agent's cgroup, not to the kept one, whose leftover decides its
-    /// keeping). One that cannot be moved is ended (part of it may have been), launchers stay
-    /// in the agent's cgroups from then on, and a new one starts the snippet.
+    /// keeping). One that cannot be moved is ended (part of it may have been), and a new one
+    /// starts the snippet; after [`FAILURES_MAX`] such, launchers stay in the agent's cgroups.
     async fn settled(
         &self,
         home: &[&Path],
@@ -286,10 +287,13 @@ impl Launchers {
         match l.child.id().context("a launcher without a pid").and_then(|pid| Ok(settle(pid)?)) {
             Ok(()) => l.home = home.iter().map(|p| p.to_path_buf()).collect(),
             Err(e) => {
-                tracing::warn!(
-                    "launchers stay in the agent's cgroups: cannot move one into an attempt's: {e:#}"
-                );
-                self.unsettled.store(true, Ordering::Relaxed);
+                if self.unsettled.fetch_add(1, Ordering::Relaxed) + 1 == FAILURES_MAX {
+                    tracing::warn!(
+                        "launchers stay in the agent's cgroups: cannot move one into an attempt's: {e:#}"
+                    );
+                } else {
+                    tracing::debug!("cannot move a launcher into an attempt's cgroups: {e:#}");
+                }
                 drop(l);
                 l = self.spawn().map_err(|e| self.failed(e))?;
             }
@@ -369,6 +373,13 @@ enum Said {
     Pid(i32),
     /// The fork ended, with bash's exit code for it.
     Exit(i32),
+}
+
+impl Drop for Launcher {
+    /// Its request file goes with it.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.req);
+    }
 }
 
 impl Launcher {

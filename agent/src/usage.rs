@@ -262,8 +262,15 @@ impl Resident {
             tv_sec: limit.as_secs() as i64,
             tv_nsec: i64::from(limit.subsec_nanos()),
         };
-        // The pidfd turns readable when the process exits.
-        matches!(rustix::event::poll(&mut fds, Some(&limit)), Ok(0))
+        // The pidfd turns readable when the process exits. A poll that fails (but for a
+        // signal, which is waited again) says nothing: taken as alive, it is spared.
+        loop {
+            match rustix::event::poll(&mut fds, Some(&limit)) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Ok(n) => return n == 0,
+                Err(_) => return true,
+            }
+        }
     }
 
     fn alive(&self) -> bool {
@@ -323,8 +330,9 @@ impl Join {
     /// steps a sixth of their throughput. The cgroup holds its resident by a pidfd (no pid the
     /// kernel reuses is taken for it), spares it while it has not exited when it kills what
     /// an attempt left behind and when it judges itself empty, leaves its anonymous memory
-    /// out of the leftover that decides its keeping, ends it when it finds it moved out of
-    /// any of its directories, and kills it (and waits for it) when removed.
+    /// out of the leftover that decides its keeping, is not kept when it finds it moved out
+    /// of any of its directories, and kills it when removed (then removed on a thread of its
+    /// own once the resident has exited).
     pub fn settle(&self, pid: u32) -> std::io::Result<()> {
         let slot = self.resident.as_ref().ok_or(std::io::ErrorKind::Unsupported)?;
         let raw = i32::try_from(pid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
@@ -524,29 +532,27 @@ impl Cgroup {
         Some(pids)
     }
 
-    /// Ends a resident that is no longer in each of its directories (moved out, by a snippet
-    /// or by hand): its forks would be born outside the cgroup. The next attempt settles
-    /// another.
-    fn check_resident(&self) {
-        let mut resident = self.resident();
-        let Some(r) = resident.as_ref() else { return };
-        if r.alive() && self.dirs.iter().all(|d| Self::procs(d).is_some_and(|p| p.contains(&r.pid))) {
-            return;
-        }
-        // Not waited for: it is not in the cgroup (or gone).
-        let _ = rustix::process::pidfd_send_signal(&r.fd, rustix::process::Signal::KILL);
-        *resident = None;
-    }
-
-    /// Whether it has a resident that has not exited.
-    fn has_resident(&self) -> bool {
-        self.resident().as_ref().is_some_and(Resident::alive)
+    /// Whether its resident, if it has a live one, is in each of its directories. One moved
+    /// out (by a snippet, or by hand) would start the next attempts outside the cgroup: the
+    /// cgroup is then not kept, and its removal ends the resident.
+    fn resident_in_place(&self) -> bool {
+        let resident = self.resident();
+        let Some(r) = resident.as_ref().filter(|r| r.alive()) else { return true };
+        self.dirs.iter().all(|d| Self::procs(d).is_some_and(|p| p.contains(&r.pid)))
     }
 
     /// The anonymous memory of its resident, in bytes (`/proc/PID/statm`: resident less
     /// shared pages), 0 without one.
     fn resident_anon(&self) -> u64 {
-        let Some(r) = self.resident().as_ref().filter(|r| r.alive()).map(|r| r.pid) else { return 0 };
+        // Only where `/proc` names processes as the agent's pid namespace does.
+        static PROC_IS_OURS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let ours = PROC_IS_OURS.get_or_init(|| {
+            std::fs::read_link("/proc/self")
+                .is_ok_and(|p| p.to_str() == Some(&std::process::id().to_string()))
+        });
+        let Some(r) = self.resident().as_ref().filter(|r| *ours && r.alive()).map(|r| r.pid) else {
+            return 0;
+        };
         let statm = std::fs::read_to_string(format!("/proc/{r}/statm")).unwrap_or_default();
         let mut pages = statm.split(' ').skip(1).map(|v| v.parse::<u64>().unwrap_or(0));
         let (rss, shared) = (pages.next().unwrap_or(0), pages.next().unwrap_or(0));
@@ -693,8 +699,7 @@ impl Cgroup {
         if !self.kept {
             return;
         }
-        if self.is_empty() && self.keepable() {
-            self.check_resident();
+        if self.is_empty() && self.keepable() && self.resident_in_place() {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
             if pool.len() < POOL_MAX {
                 pool.push(self);
@@ -778,20 +783,36 @@ impl Cgroup {
 impl Drop for Cgroup {
     /// Removes the cgroup. Its processes are gone by now (the group was killed); a cgroup
     /// still busy for a moment is tried again briefly, then left (the next start sweeps it).
+    /// One with a live resident is removed on a thread of its own, once the resident (killed)
+    /// has exited: the async threads do not wait for it.
     fn drop(&mut self) {
-        // Closed before the directories go, and the resident ended (it leaves as it exits).
+        // Closed before the directories go.
         self.open.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
-        if let Some(r) = self.resident().take() {
-            r.end();
-        }
-        for d in &self.dirs {
-            for _ in 0..20 {
-                match std::fs::remove_dir(d) {
-                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    _ => break,
+        let dirs = std::mem::take(&mut self.dirs);
+        match self.resident().take().filter(Resident::alive) {
+            None => remove_dirs(&dirs),
+            Some(r) => {
+                let removal = std::thread::Builder::new().name("cgroup-removal".into()).spawn(move || {
+                    r.end();
+                    remove_dirs(&dirs);
+                });
+                if let Err(e) = removal {
+                    warn!("cannot remove a cgroup with its launcher: {e}");
                 }
+            }
+        }
+    }
+}
+
+/// Removes a cgroup's directories, each tried again for a moment while busy.
+fn remove_dirs(dirs: &[PathBuf]) {
+    for d in dirs {
+        for _ in 0..20 {
+            match std::fs::remove_dir(d) {
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => break,
             }
         }
     }
@@ -972,8 +993,7 @@ impl Meter {
     /// for); sampling's, and an empty cgroup's (the common end), do not.
     pub fn finish_may_block(&self) -> bool {
         match self {
-            // A cgroup to be removed waits for its resident to exit.
-            Meter::Cgroup(cg) => !cg.is_empty() || (cg.has_resident() && !cg.keepable()),
+            Meter::Cgroup(cg) => !cg.is_empty(),
             Meter::Procfs { .. } => false,
         }
     }
