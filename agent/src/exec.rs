@@ -266,15 +266,14 @@ async fn launch(pool: &Launchers, spec: &ExecSpec, join: Option<&Join>) -> Optio
     // is the agent's own working directory's).
     let record = std::path::absolute(&spec.record).ok()?;
     let cwd = std::path::absolute(&spec.cwd).ok()?;
-    let settle = |pid: u32| join.map_or(Err(std::io::ErrorKind::Unsupported.into()), |j| j.settle(pid));
+    // A kept cgroup's launcher may live in it.
+    let settle = join.filter(|j| j.takes_residents()).map(|j| move |pid: u32| j.settle(pid));
     let req = launcher::Request {
         script: &spec.script,
         env: &spec.env,
         cwd: &cwd,
         cgroups: join.map(Join::paths).unwrap_or_default(),
-        settle: join
-            .is_some_and(Join::takes_residents)
-            .then_some(&settle as &(dyn Fn(u32) -> std::io::Result<()> + Sync)),
+        settle: settle.as_ref().map(|f| f as &(dyn Fn(u32) -> std::io::Result<()> + Sync)),
         record: &record,
     };
     if !pool.can_start(&req) {
@@ -692,19 +691,27 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
         eprintln!("\n!!! SKIPPED {test}: no cgroup hierarchy this process can create cgroups in\n");
     }
 
-    /// Whether process `pid` is gone (or a zombie), waiting up to 5 s for it.
-    fn gone_soon(pid: i32) -> bool {
+    /// Whether process `pid` is gone (or a zombie).
+    fn gone(pid: i32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('Z'))
+    }
+
+    /// Whether `done` comes true within 5 s.
+    fn soon(done: impl Fn() -> bool) -> bool {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            if stat.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('Z')) {
-                return true;
-            }
+        while !done() {
             if std::time::Instant::now() > deadline {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        true
+    }
+
+    /// Whether process `pid` is gone (or a zombie) within 5 s.
+    fn gone_soon(pid: i32) -> bool {
+        soon(|| gone(pid))
     }
 
     /// A launcher lives in a kept cgroup: moved there once, it starts the later attempts that
@@ -778,16 +785,12 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
                 // is removed, and the launcher ended.
                 assert_eq!(launchers[1], launchers[0], "round 1 got another launcher");
                 assert!(gone_soon(parent), "a launcher moved out of its cgroup still serves it");
-                let deadline = std::time::Instant::now() + Duration::from_secs(5);
-                while this.exists() {
-                    assert!(std::time::Instant::now() < deadline, "{this:?} was kept");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                assert!(soon(|| !this.exists()), "{this:?} was kept");
                 dir = None;
                 continue;
             }
             // It lives in the cgroup, in each hierarchy, and outlived the attempt.
-            assert!(!gone_soon_within(parent, Duration::ZERO), "round {round}: the launcher was killed");
+            assert!(!gone(parent), "round {round}: the launcher was killed");
             let procs = |h: &Option<PathBuf>| {
                 h.as_ref()
                     .map(|h| std::fs::read_to_string(h.join(&name).join("cgroup.procs")).unwrap_or_default())
@@ -833,18 +836,7 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
         assert_eq!(end, ExecEnd::Exited(0));
         assert!(gone_soon(launchers[2]), "the launcher outlived its cgroup");
         // Removed on a thread of its own once the launcher has exited.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while dir.exists() {
-            assert!(std::time::Instant::now() < deadline, "{dir:?} is still there");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Whether process `pid` is gone (or a zombie) within `limit`.
-    fn gone_soon_within(pid: i32, limit: Duration) -> bool {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let gone = stat.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('Z'));
-        gone || (!limit.is_zero() && gone_soon(pid))
+        assert!(soon(|| !dir.exists()), "{dir:?} is still there");
     }
 
     /// A cgroup spares its resident only while that lives: once it has exited, a process the
@@ -867,7 +859,7 @@ compgen -v | grep -v -e '^BASH_EXECUTION_STRING$' -e '^BASH_SUBSHELL$' | tr '\n'
             let _ = meter.finish();
         });
         meter.await.unwrap();
-        assert!(!gone_soon_within(pid as i32, Duration::ZERO), "the live resident was killed");
+        assert!(!gone(pid as i32), "the live resident was killed");
 
         // It exits; a new process with its pid is placed in the cgroup, which the next
         // attempt holds.

@@ -559,8 +559,8 @@ impl Cgroup {
         rss.saturating_sub(shared).saturating_mul(rustix::param::page_size() as u64)
     }
 
-    /// Whether [`Cgroup::release`] will keep it (given that it holds no process but its
-    /// resident): whole, and little left charged to it.
+    /// Whether a kept cgroup that holds no process but its resident can be kept for the next
+    /// attempt: whole, and little left charged to it.
     fn keepable(&self) -> bool {
         let memory = &self.dirs[0];
         let charged = self.read_u64(&memory.join("memory.usage_in_bytes")).unwrap_or(u64::MAX);
@@ -572,7 +572,7 @@ impl Cgroup {
         // pid namespace) would fail every attempt that took it: not kept. This attempt wrote
         // and read a file in each through files held open, which fail once it is gone.
         let whole = !self.failed.load(std::sync::atomic::Ordering::Relaxed);
-        self.kept && whole && left < POOL_LEFTOVER
+        whole && left < POOL_LEFTOVER
     }
 
     /// `path` held open ([`Cgroup::open`]) for reading or for writing. `None` when it cannot
